@@ -1,0 +1,136 @@
+"""
+Every refusal monedge makes, as a JSON body with a stable code.
+
+    {"status": 404, "code": "route_not_found", "message": "...", "request_id": "..."}
+
+The catalogue below is the contract: docs/errors.md lists it, and a test
+checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from twisted.web.http import RESPONSES
+from twisted.web.resource import Resource
+
+if TYPE_CHECKING:
+    from twisted.web.server import Request
+
+#: code -> (status, default message)
+CATALOGUE: dict[str, tuple[int, str]] = {
+    "bad_request": (400, "the request is malformed"),
+    "missing_host": (400, "an HTTP/1.1 request needs exactly one Host header"),
+    "host_mismatch": (400, "the absolute-form target's authority differs from Host"),
+    "path_not_absolute": (400, "the request target must start with '/'"),
+    "path_invalid_escape": (400, "the path has a malformed %-escape"),
+    "path_dot_segment": (400, "the path has a '.' or '..' segment"),
+    "path_encoded_separator": (400, "the path has an encoded '/' or '\\'"),
+    "path_control_character": (400, "the path has a NUL or control character"),
+    "path_invalid_utf8": (400, "the path is not valid UTF-8"),
+    "path_double_encoding": (400, "the path has a doubly encoded separator or dot"),
+    "route_not_found": (404, "no service serves this path"),
+    "unknown_host": (404, "this host serves no services"),
+    "method_not_allowed": (405, "this method is not proxied"),
+    "request_timeout": (408, "the request headers did not arrive in time"),
+    "body_too_large": (413, "the request body is larger than this service accepts"),
+    "uri_too_long": (414, "the request line is too long"),
+    "headers_too_large": (431, "the request headers are too large or too many"),
+    "internal_error": (500, "monedge failed to handle the request"),
+    "upstream_connect_failed": (502, "the upstream refused the connection"),
+    "upstream_reset": (502, "the upstream closed the connection without a response"),
+    "no_ready_endpoint": (503, "the service has no ready endpoint"),
+    "upstream_timeout": (504, "the upstream did not answer in time"),
+    "upstream_connect_timeout": (
+        504,
+        "the upstream did not accept the connection in time",
+    ),
+}
+
+
+class ProxyError(Exception):
+    """
+    A refusal, raised anywhere on the request path and rendered by
+    L{renderError}.
+    """
+
+    def __init__(self, code: str, message: str | None = None) -> None:
+        status, default = CATALOGUE[code]
+        super().__init__(message or default)
+        self.code = code
+        self.status = status
+        self.message = message or default
+
+
+def errorBody(status: int, code: str, message: str, requestId: bytes) -> bytes:
+    """
+    The JSON body for an error.
+    """
+    return (
+        json.dumps(
+            {
+                "status": status,
+                "code": code,
+                "message": message,
+                "request_id": requestId.decode("ascii"),
+            },
+            separators=(",", ":"),
+        ).encode("utf-8")
+        + b"\n"
+    )
+
+
+def rawErrorResponse(code: str, requestId: bytes, message: str | None = None) -> bytes:
+    """
+    A complete HTTP/1.1 error response that closes the connection, for
+    refusals made before there is a request object to answer through
+    (malformed framing, header limits and deadlines).
+    """
+    status, default = CATALOGUE[code]
+    body = errorBody(status, code, message or default, requestId)
+    reason = RESPONSES.get(status, b"Error")
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            b"Content-Type: application/json\r\n",
+            b"Content-Length: %d\r\n" % (len(body),),
+            b"Connection: close\r\n",
+            b"X-Request-Id: ",
+            requestId,
+            b"\r\n\r\n",
+            body,
+        ]
+    )
+
+
+def renderError(request: Request, error: ProxyError, requestId: bytes) -> bytes:
+    """
+    Set C{request}'s status and headers for C{error}; return the body.
+    """
+    body = errorBody(error.status, error.code, error.message, requestId)
+    request.setResponseCode(error.status)
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"content-type", [b"application/json"])
+    headers.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
+    headers.setRawHeaders(b"cache-control", [b"no-store"])
+    headers.setRawHeaders(b"x-request-id", [requestId])
+    if hasattr(request, "errorCode"):
+        request.errorCode = error.code
+    return body
+
+
+class ErrorResource(Resource):
+    """
+    A leaf that answers every request with one error.
+    """
+
+    isLeaf = True
+
+    def __init__(self, error: ProxyError) -> None:
+        super().__init__()
+        self.error = error
+
+    def render(self, request: Request) -> bytes:
+        requestId: bytes = getattr(request, "requestId", b"-")
+        return renderError(request, self.error, requestId)

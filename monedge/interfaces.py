@@ -1,0 +1,62 @@
+"""
+Every interface monedge defines.  Implementations are found by these names;
+the Resource tree, the admin site and the hooks depend only on what is
+declared here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from monedge.registry import ServiceEntry
+
+
+class IServiceRegistry(Interface):
+    """
+    A source of services, keyed by registry name (C{service.<tier>.<name>}).
+
+    All methods are called on the reactor thread and must not block: an
+    implementation that talks to something slow keeps its own table and
+    answers from it.
+    """
+
+    reloadsSucceeded: int = Attribute(
+        "How many times the registry's source was (re)read successfully."
+    )
+    reloadsFailed: int = Attribute(
+        "How many times re-reading the source failed, keeping the old table."
+    )
+
+    def lookup(name: str) -> ServiceEntry | None:
+        """
+        The service called C{name}, or L{None} if there is none.
+        """
+
+    def services() -> Mapping[str, ServiceEntry]:
+        """
+        A snapshot of every service, by name.
+        """
+
+    def subscribe(listener: Callable[[frozenset[str]], None]) -> Callable[[], None]:
+        """
+        Call C{listener} with the names of the services that changed (added,
+        removed or modified), after every change.
+
+        @return: a callable that unsubscribes C{listener}.
+        """
+
+    def isReady() -> bool:
+        """
+        Has the registry completed its first full sync?  Until then the
+        proxy reports itself not ready.
+        """
+
+    def describe() -> Mapping[str, Any]:
+        """
+        The registry's own state (its kind, its source, how its last syncs
+        or reloads went), as JSON-able data for the admin C{/routes} page.
+        """

@@ -1,0 +1,147 @@
+"""
+Prometheus metrics, on a registry of monedge's own (so that several proxies
+in one test process do not collide).
+
+Label children are looked up once per service and cached on the route, not
+per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from monedge.interfaces import IServiceRegistry
+
+#: Latency buckets, in seconds, from 1 ms to a minute.
+BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
+
+#: The service label for requests that reached no service.
+NO_SERVICE = "-"
+
+
+class _RegistryCollector(Collector):
+    """
+    Registry size and reloads, read from the registry at scrape time.
+    """
+
+    def __init__(self, registry: IServiceRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        size = GaugeMetricFamily(
+            "monedge_registry_services", "Services in the registry."
+        )
+        size.add_metric([], len(self._registry.services()))
+        yield size
+        reloads = CounterMetricFamily(
+            "monedge_registry_reloads",
+            "Registry (re)loads, by result.",
+            labels=["result"],
+        )
+        reloads.add_metric(["ok"], self._registry.reloadsSucceeded)
+        reloads.add_metric(["failed"], self._registry.reloadsFailed)
+        yield reloads
+
+
+class ServiceMetrics:
+    """
+    One service's metric children, cached.
+    """
+
+    __slots__ = ("_requests", "_latency", "_metrics", "_service")
+
+    def __init__(self, metrics: Metrics, service: str) -> None:
+        self._metrics = metrics
+        self._service = service
+        self._requests: dict[int, Counter] = {}
+        self._latency = metrics.latency.labels(service)
+
+    def observe(self, status: int, seconds: float) -> None:
+        """
+        Count one finished request.
+        """
+        statusClass = status // 100
+        child = self._requests.get(statusClass)
+        if child is None:
+            child = self._requests[statusClass] = self._metrics.requests.labels(
+                self._service, f"{statusClass}xx"
+            )
+        child.inc()
+        self._latency.observe(seconds)
+
+    def upstreamError(self, kind: str) -> None:
+        """
+        Count an upstream failure of C{kind}.
+        """
+        self._metrics.upstreamErrors.labels(kind).inc()
+
+
+class Metrics:
+    """
+    Every metric monedge exports.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "monedge_requests",
+            "Requests answered, by service and status class.",
+            ["service", "code_class"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "monedge_request_duration_seconds",
+            "Time from the request's arrival to its last byte, by service.",
+            ["service"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.upstreamErrors = Counter(
+            "monedge_upstream_errors",
+            "Upstream failures, by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.inFlight = Gauge(
+            "monedge_requests_in_flight",
+            "Requests received and not yet answered.",
+            registry=self.registry,
+        )
+        self._services: dict[str, ServiceMetrics] = {}
+
+    def forService(self, service: str) -> ServiceMetrics:
+        """
+        The cached metric children for C{service}.
+        """
+        children = self._services.get(service)
+        if children is None:
+            children = self._services[service] = ServiceMetrics(self, service)
+        return children
+
+    def watchRegistry(self, registry: IServiceRegistry) -> None:
+        """
+        Export C{registry}'s size and reload counts.
+        """
+        self.registry.register(_RegistryCollector(registry))

@@ -1,0 +1,322 @@
+"""
+One proxied exchange: choose an endpoint, send the request, stream the
+response back with backpressure, and turn every failure into the right
+status.
+
+Retry rule: a request whose connection could not be opened is retried once
+on another endpoint.  Once any byte may have reached an upstream, nothing is
+retried here (Twisted's pool alone replays an idempotent, bodiless request
+whose pooled connection turned out to be closed before it was used).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from monedge.balancer import Balancer, EndpointState
+from monedge.errors import ProxyError, renderError
+from monedge.headers import downstreamHeaders
+
+if TYPE_CHECKING:
+    from monedge.metrics import ServiceMetrics
+    from monedge.policy import Policy
+    from monedge.server import ProxyRequest
+    from monedge.upstream import UpstreamClient
+
+
+class ProxyContext:
+    """
+    What every exchange shares: the upstream client, the balancer and the
+    clock.
+    """
+
+    def __init__(
+        self, client: UpstreamClient, balancer: Balancer, clock: IReactorTime
+    ) -> None:
+        self.client = client
+        self.balancer = balancer
+        self.clock = clock
+
+
+_DONE = Failure(ResponseDone())
+
+
+@implementer(IPushProducer)
+class _BodyRelay(Protocol):
+    """
+    Streams an upstream response body to the client.  It is the client
+    connection's producer: when the client stops reading, it pauses the
+    upstream socket, so no more than a socket buffer is held in memory.
+    """
+
+    def __init__(self, exchange: ProxyExchange, idleTimeout: float) -> None:
+        self._exchange = exchange
+        self._request = exchange.request
+        self._clock = exchange.context.clock
+        self._idleTimeout = idleTimeout
+        self._last = 0.0
+        self._paused = False
+        self._idleCall: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._last = self._clock.seconds()
+        self._request.registerProducer(self, True)
+        self._idleCall = self._clock.callLater(self._idleTimeout, self._checkIdle)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last = self._clock.seconds()
+        self._request.write(data)
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.cancel()
+        self._idleCall = None
+        self._request.unregisterProducer()
+        self._exchange.bodyDone(reason)
+
+    def _checkIdle(self) -> None:
+        now = self._clock.seconds()
+        idle = now - self._last
+        if self._paused or idle < self._idleTimeout:
+            wait = self._idleTimeout if self._paused else self._idleTimeout - idle
+            self._idleCall = self._clock.callLater(wait, self._checkIdle)
+            return
+        self._idleCall = None
+        self._exchange.bodyStalled()
+        self.stopProducing()
+
+    # IPushProducer, for the client connection
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        assert self.transport is not None
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._last = self._clock.seconds()
+        assert self.transport is not None
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+class ProxyExchange:
+    """
+    The life of one proxied request.
+
+    @ivar request: the client request.
+    @ivar url: the path and query to send upstream.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        request: ProxyRequest,
+        context: ProxyContext,
+        candidates: list[EndpointState],
+        policy: Policy,
+        metrics: ServiceMetrics,
+        headers: Any,
+        target: bytes,
+    ) -> None:
+        self.request = request
+        self.context = context
+        self._candidates = candidates
+        self._policy = policy
+        self._metrics = metrics
+        self._headers = headers
+        self._target = target
+        self._state: EndpointState | None = None
+        self._pending: Deferred[IResponse] | None = None
+        self._timeoutCall: IDelayedCall | None = None
+        self._timedOut = False
+        self._relay: _BodyRelay | None = None
+        self._clientGone = False
+        self._sentAt = 0.0
+
+    def start(self) -> None:
+        """
+        Choose an endpoint and send.
+        """
+        self.request.notifyFinish().addErrback(self._clientLost)
+        state = self.context.balancer.pick(self._candidates)
+        if state is None:
+            self._fail(ProxyError("no_ready_endpoint"))
+            return
+        self._send(state, canRetry=True)
+
+    def _body(self) -> IBodyProducer | None:
+        request = self.request
+        if not request.hasBody:
+            return None
+        content = request.content
+        assert content is not None
+        content.seek(0, 0)
+        return FileBodyProducer(content)
+
+    def _send(self, state: EndpointState, canRetry: bool) -> None:
+        self._state = state
+        state.outstanding += 1
+        self.request.endpoint = state.endpoint.authority
+        clock = self.context.clock
+        self._sentAt = clock.seconds()
+        d = self.context.client.request(
+            self.request.method,
+            state.base + self._target,
+            self._headers,
+            self._body(),
+            self._policy.connectTimeout,
+        )
+        self._pending = d
+        self._timeoutCall = clock.callLater(self._policy.timeout, self._headersTimedOut)
+        d.addCallbacks(self._gotResponse, self._failed, errbackArgs=(state, canRetry))
+
+    def _release(self) -> None:
+        if self._state is not None:
+            self._state.outstanding -= 1
+            self._state = None
+
+    def _cancelTimeout(self) -> None:
+        if self._timeoutCall is not None and self._timeoutCall.active():
+            self._timeoutCall.cancel()
+        self._timeoutCall = None
+
+    def _headersTimedOut(self) -> None:
+        self._timeoutCall = None
+        self._timedOut = True
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def _clientLost(self, reason: Failure) -> None:
+        self._clientGone = True
+        if self._pending is not None:
+            self._pending.cancel()
+        elif self._relay is not None:
+            self._relay.stopProducing()
+
+    def _gotResponse(self, response: IResponse) -> None:
+        self._pending = None
+        self._cancelTimeout()
+        state = self._state
+        assert state is not None
+        self.context.balancer.connected(state)
+        request = self.request
+        request.upstreamLatency = self.context.clock.seconds() - self._sentAt
+        if self._clientGone:
+            response.deliverBody(_Discard())
+            self._release()
+            return
+        request.setResponseCode(response.code)
+        out = request.responseHeaders
+        downstreamHeaders(
+            response.headers, getattr(response, "monedgeConnection", None), out
+        )
+        if (
+            response.length is not UNKNOWN_LENGTH
+            and request.method != b"HEAD"
+            and response.code not in NO_BODY_CODES
+        ):
+            out.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
+        out.setRawHeaders(b"x-request-id", [request.requestId])
+        self._relay = _BodyRelay(self, self._policy.idleTimeout)
+        response.deliverBody(self._relay)
+
+    def bodyDone(self, reason: Failure) -> None:
+        """
+        The upstream body ended, completely or not.
+        """
+        self._relay = None
+        self._release()
+        request = self.request
+        if self._clientGone:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            request.finish()
+            return
+        # The upstream failed mid-body: the client must see a cut-off
+        # response, never one that looks complete.
+        if not self._timedOut:
+            self._metrics.upstreamError("reset_mid_body")
+        request.errorCode = "reset_mid_body"
+        request.loseConnection()
+
+    def bodyStalled(self) -> None:
+        """
+        The upstream body made no progress for the idle timeout.
+        """
+        self._timedOut = True
+        self._metrics.upstreamError("body_idle_timeout")
+        self.request.errorCode = "body_idle_timeout"
+
+    def _failed(self, failure: Failure, state: EndpointState, canRetry: bool) -> None:
+        self._pending = None
+        self._cancelTimeout()
+        self._release()
+        if self._clientGone:
+            return
+        if self._timedOut:
+            self._metrics.upstreamError("timeout")
+            self._fail(ProxyError("upstream_timeout"))
+            return
+        if failure.check(ConnectTimeoutError):
+            self.context.balancer.connectFailed(state)
+            kind, error = "connect_timeout", "upstream_connect_timeout"
+        elif failure.check(ConnectError):
+            self.context.balancer.connectFailed(state)
+            kind, error = "connect_refused", "upstream_connect_failed"
+        elif failure.check(CancelledError):
+            return
+        else:
+            kind, error = "reset", "upstream_reset"
+            self._log.debug(
+                "upstream {endpoint} failed: {failure}",
+                endpoint=state.endpoint.authority,
+                failure=failure.getErrorMessage(),
+            )
+        self._metrics.upstreamError(kind)
+        if kind.startswith("connect") and canRetry:
+            other = self.context.balancer.pick(self._candidates, exclude=state)
+            if other is not None:
+                self._send(other, canRetry=False)
+                return
+        self._fail(ProxyError(error))
+
+    def _fail(self, error: ProxyError) -> None:
+        request = self.request
+        request.errorCode = error.code
+        if request.startedWriting:
+            request.loseConnection()
+            return
+        body = renderError(request, error, request.requestId)
+        request.write(body)
+        request.finish()
+
+
+class _Discard(Protocol):
+    """
+    Reads and drops a body nobody wants, so its connection can go back to
+    the pool or close.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.stopProducing()  # type: ignore[attr-defined]

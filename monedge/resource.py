@@ -1,0 +1,195 @@
+"""
+The Resource tree: a root whose children resolve lazily through the naming
+convention, and a proxy leaf per service.
+
+    RootResource.getChild  ->  convention + registry  ->  ServiceResource
+                                                     or  ErrorResource (400/404/405)
+
+Route objects are cached, bounded, and dropped as soon as the registry
+reports a change to their service.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
+
+from monedge.balancer import eligible
+from monedge.convention import HostTiers, isValidName, normaliseHost, serviceName
+from monedge.errors import ErrorResource, ProxyError
+from monedge.headers import upstreamHeaders
+from monedge.interfaces import IServiceRegistry
+from monedge.metrics import Metrics, ServiceMetrics
+from monedge.paths import PathError, RoutedPath, normalise, splitAbsoluteForm
+from monedge.proxy import ProxyContext, ProxyExchange
+from monedge.registry import ServiceEntry
+
+if TYPE_CHECKING:
+    from monedge.server import ProxyRequest
+
+#: Methods that are never proxied: CONNECT would open a tunnel, TRACE
+#: reflects headers (cookies, auth) back to scripts.
+_REFUSED_METHODS = frozenset([b"CONNECT", b"TRACE"])
+
+#: The most routes kept at once.
+ROUTE_CACHE_SIZE = 10_000
+
+
+class ServiceResource(Resource):
+    """
+    The leaf for one service: proxies every request to it.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self, entry: ServiceEntry, context: ProxyContext, metrics: ServiceMetrics
+    ) -> None:
+        super().__init__()
+        self.entry = entry
+        self.policy = entry.policy
+        self.metrics = metrics
+        self._context = context
+        self._candidates = context.balancer.states(eligible(entry.endpoints))
+        self._prefix = b"/" + entry.name.rsplit(".", 1)[1].encode("ascii")
+
+    def render(self, request: ProxyRequest) -> int:
+        routed = request.routedPath
+        assert routed is not None
+        policy = self.policy
+        if policy.stripPrefix:
+            target = routed.rest + routed.query
+            prefix: bytes | None = self._prefix
+        else:
+            target = routed.path + routed.query
+            prefix = None
+        headers = upstreamHeaders(
+            request.requestHeaders,
+            host=request.hostHeader,
+            peer=request.peerAddress,
+            proto=b"https" if request.isSecure() else b"http",
+            port=request.listenerPort,
+            prefix=prefix,
+            requestId=request.requestId,
+            trustedHops=request.site.trustedHops,
+        )
+        ProxyExchange(
+            request,
+            self._context,
+            self._candidates,
+            policy,
+            self.metrics,
+            headers,
+            target,
+        ).start()
+        return NOT_DONE_YET
+
+
+class RootResource(Resource):
+    """
+    The root of the proxy's tree.  It has no static children: every child
+    is resolved in L{getChild} from the request's Host and first path
+    segment.
+    """
+
+    def __init__(
+        self,
+        registry: IServiceRegistry,
+        context: ProxyContext,
+        metrics: Metrics,
+        hostTiers: HostTiers | None = None,
+        cacheSize: int = ROUTE_CACHE_SIZE,
+    ) -> None:
+        super().__init__()
+        self._registry = registry
+        self._context = context
+        self._metrics = metrics
+        self.hostTiers = hostTiers or HostTiers({})
+        self._cache: OrderedDict[str, ServiceResource] = OrderedDict()
+        self._cacheSize = cacheSize
+        self._unsubscribe = registry.subscribe(self._registryChanged)
+
+    def _registryChanged(self, names: frozenset[str]) -> None:
+        for name in names:
+            self._cache.pop(name, None)
+        self._context.balancer.retain(
+            e for entry in self._registry.services().values() for e in entry.endpoints
+        )
+
+    def route(self, service: str) -> ServiceResource | None:
+        """
+        The leaf for C{service}, from the cache or built from the registry;
+        L{None} if the registry has no such exposed service.
+        """
+        cache = self._cache
+        leaf = cache.get(service)
+        if leaf is not None:
+            cache.move_to_end(service)
+            return leaf
+        entry = self._registry.lookup(service)
+        if entry is None or not entry.policy.expose:
+            return None
+        leaf = ServiceResource(entry, self._context, self._metrics.forService(service))
+        cache[service] = leaf
+        if len(cache) > self._cacheSize:
+            cache.popitem(last=False)
+        return leaf
+
+    def decide(
+        self, method: bytes, target: bytes, version: bytes, request: ProxyRequest
+    ) -> IResource:
+        """
+        Work out which leaf answers a request, from its method, raw target
+        and headers.  Sets C{request.routedPath} and C{request.hostHeader}.
+        """
+        try:
+            return self._decide(method, target, version, request)
+        except ProxyError as e:
+            return ErrorResource(e)
+        except PathError as e:
+            return ErrorResource(ProxyError(e.code, e.message))
+
+    def _decide(
+        self, method: bytes, target: bytes, version: bytes, request: ProxyRequest
+    ) -> IResource:
+        if method in _REFUSED_METHODS:
+            raise ProxyError("method_not_allowed")
+        hosts = request.requestHeaders.getRawHeaders(b"host")
+        if hosts is not None and len(hosts) != 1:
+            raise ProxyError("missing_host")
+        host = hosts[0] if hosts else None
+        authority, target = splitAbsoluteForm(target)
+        if authority is not None:
+            if host is None:
+                host = authority
+            elif normaliseHost(authority) != normaliseHost(host):
+                raise ProxyError("host_mismatch")
+        if host is None and version == b"HTTP/1.1":
+            raise ProxyError("missing_host")
+        request.hostHeader = host
+        routed: RoutedPath = normalise(target)
+        request.routedPath = routed
+        if host is not None and normaliseHost(host) is None:
+            raise ProxyError("bad_request", "the Host header is malformed")
+        tier = self.hostTiers.tierFor(normaliseHost(host))
+        if tier is None:
+            raise ProxyError("unknown_host")
+        if not isValidName(routed.name):
+            raise ProxyError("route_not_found")
+        service = serviceName(tier, routed.name)
+        leaf = self.route(service)
+        if leaf is None:
+            raise ProxyError("route_not_found")
+        request.service = service
+        return leaf
+
+    def getChild(self, path: bytes, request: ProxyRequest) -> IResource:
+        decision = request.decision
+        if decision is None:
+            decision = request.decision = self.decide(
+                request.method, request.uri, request.clientproto, request
+            )
+        return decision

@@ -1,0 +1,483 @@
+"""
+The client side of the wire: monedge's L{Site}, its HTTP/1.1 channel and
+its request class.
+
+The channel enforces the limits that must be checked before there is a
+request to answer through: the request line and header sizes (414, 431),
+the header deadline (408) and malformed framing (400), each answered with
+the JSON error body and a closed connection.  The request routes itself as
+soon as its headers are in, so that an oversized body is refused (413)
+before it is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.resource import IResource
+
+from monedge.accesslog import AccessLog
+from monedge.errors import CATALOGUE, ProxyError, rawErrorResponse, renderError
+from monedge.headers import newRequestId, requestIdFor
+from monedge.metrics import NO_SERVICE, Metrics
+from monedge.paths import RoutedPath
+
+#: The status logged for a request whose client went away first.
+CLIENT_CLOSED = 499
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    Client-side limits, each documented in docs/configuration.md.
+    """
+
+    maxRequestLine: int = 8192
+    maxHeaderLine: int = 8192
+    maxHeadersSize: int = 32768
+    maxHeaderCount: int = 100
+    headerTimeout: float = 10.0
+    keepAliveTimeout: float = 75.0
+
+
+class ProxyRequest(server.Request):
+    """
+    A request to the proxy.  It routes itself as soon as its headers
+    arrive, and accounts for itself (access log, metrics, in-flight count)
+    exactly once, however it ends.
+    """
+
+    defaultContentType = None
+    site: ProxySite
+
+    def __init__(self, channel: Any, queued: object = None) -> None:
+        if queued is None:
+            super().__init__(channel)
+        else:
+            super().__init__(channel, queued)
+        site: ProxySite = channel.site
+        self.site = site
+        self.startTime = site.reactor.seconds()
+        self.decision: IResource | None = None
+        self.routedPath: RoutedPath | None = None
+        self.hostHeader: bytes | None = None
+        self.service: str | None = None
+        self.endpoint: str | None = None
+        self.upstreamLatency: float | None = None
+        self.errorCode: str | None = None
+        self.hasBody = False
+        self.bytesIn = 0
+        self._bodyLimit: int | None = None
+        self._refused = False
+        self._accounted = False
+        self._inFlight = False
+        self._requestId: bytes | None = None
+
+    @property
+    def requestId(self) -> bytes:
+        """
+        This request's id: a trusted hop's valid C{X-Request-Id}, or a new
+        one.
+        """
+        rid = self._requestId
+        if rid is None:
+            rid = self._requestId = requestIdFor(
+                self.requestHeaders, self.site.trustedHops
+            )
+        return rid
+
+    @property
+    def peerAddress(self) -> bytes:
+        """
+        The client's address, for C{X-Forwarded-For} and the log.
+        """
+        peer = self.client
+        host = getattr(peer, "host", None)
+        if host is None:
+            return b"unknown"
+        return host.encode("ascii") if isinstance(host, str) else bytes(host)
+
+    @property
+    def listenerPort(self) -> bytes:
+        """
+        The port the request arrived on.
+        """
+        return str(getattr(self.host, "port", 0)).encode("ascii")
+
+    # Receiving
+
+    def gotLength(self, length: int | None) -> None:
+        self.hasBody = length is None or length > 0
+        channel = self.channel
+        decision = self.site.resource.decide(
+            channel._command, channel._path, channel._version, self
+        )
+        self.decision = decision
+        policy = getattr(decision, "policy", None)
+        if policy is not None:
+            limit = policy.maxBodySize
+            if length is not None and length > limit:
+                self._refuse("body_too_large")
+                return
+            if length is None:
+                self._bodyLimit = limit
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self.bytesIn += len(data)
+        if self._bodyLimit is not None and self.bytesIn > self._bodyLimit:
+            self._refuse("body_too_large")
+            return
+        content = self.content
+        assert content is not None
+        content.write(data)
+
+    def _refuse(self, code: str) -> None:
+        self._refused = True
+        self._accounted = True
+        channel = cast(ProxyChannel, self.channel)
+        channel.refuse(code, self.requestId, request=self)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        The whole request is in.  Unlike Twisted's, this does not parse the
+        query string or form bodies: a proxy forwards them untouched.
+        """
+        if self._refused:
+            return
+        content = self.content
+        assert content is not None
+        content.seek(0, 0)
+        self.args = {}
+        self.method, self.uri = command, path
+        self.clientproto = version
+        self.path = path.partition(b"?")[0]
+        self.process()
+
+    def process(self) -> None:
+        site = self.site
+        self._inFlight = True
+        site.inFlight += 1
+        if site.draining:
+            self._closeAfterResponse()
+        self.prepath = []
+        self.postpath = [b""]
+        try:
+            resource = site.getResourceFor(self)
+            self.render(resource)
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def _closeAfterResponse(self) -> None:
+        self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        if hasattr(self.channel, "persistent"):
+            self.channel.persistent = False
+
+    def processingFailed(self, reason: Failure) -> None:
+        """
+        An internal error: log the traceback, never show it.
+        """
+        self._log.failure(
+            "internal error handling {method} {uri}",
+            failure=reason,
+            method=self.method,
+            uri=self.uri,
+        )
+        self.errorCode = "internal_error"
+        if self._disconnected or self.finished:
+            return
+        if self.startedWriting:
+            self.loseConnection()
+            return
+        self.responseHeaders = type(self.responseHeaders)()
+        body = renderError(self, ProxyError("internal_error"), self.requestId)
+        self.write(body)
+        self.finish()
+
+    # Ending
+
+    def finish(self) -> None:
+        super().finish()
+        self._account(self.code)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if not self.finished:
+            self._account(CLIENT_CLOSED if not self.errorCode else self.code)
+
+    def _account(self, status: int) -> None:
+        if self._accounted:
+            return
+        self._accounted = True
+        site = self.site
+        if self._inFlight:
+            self._inFlight = False
+            site.inFlight -= 1
+        site.requestDone(self, status)
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and self.site.draining:
+            self._closeAfterResponse()
+        super().write(data)
+
+
+class ProxyChannel(HTTPChannel):
+    """
+    An HTTP/1.1 connection from a client, with monedge's limits.
+
+    Twisted's own limits are set above monedge's, so that monedge's checks
+    answer first, with the right status and a JSON body.
+    """
+
+    site: ProxySite
+    maxHeaders = 10_000
+    totalHeadersSize = 1 << 20
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._inRequestLine = True
+        self._headerBytes = 0
+        self._headerCount = 0
+        self._deadline: IDelayedCall | None = None
+        self._refused = False
+
+    @property
+    def limits(self) -> Limits:
+        return self.site.limits
+
+    def connectionMade(self) -> None:
+        self.MAX_LENGTH = max(self.limits.maxRequestLine, self.limits.maxHeaderLine)
+        super().connectionMade()
+        self.site.channels.add(self)
+        self._startDeadline()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._stopDeadline()
+        self.site.channels.discard(self)
+        super().connectionLost(reason)
+
+    # The header deadline
+
+    def _startDeadline(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.callLater(
+                self.limits.headerTimeout, self._deadlineMissed
+            )
+
+    def _stopDeadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _deadlineMissed(self) -> None:
+        self._deadline = None
+        request = self.requests[-1] if self.requests else None
+        self.refuse(
+            "request_timeout",
+            request.requestId if request is not None else None,
+            request=request,
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._inRequestLine and not self._handlingRequest:
+            self._startDeadline()
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._stopDeadline()
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        self._inRequestLine = True
+        self._headerBytes = 0
+        self._headerCount = 0
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        if self.site.draining:
+            self.persistent = False
+        super().requestDone(request)
+        if self.persistent and self._buffer:
+            # A pipelined request is partly here: its deadline runs now.
+            self._startDeadline()
+
+    # Limits
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            return
+        if self._inRequestLine:
+            if line:
+                self._inRequestLine = False
+        elif line:
+            if line[0] in b" \t":
+                self.refuse("bad_request", message="obsolete line folding is refused")
+                return
+            self._headerCount += 1
+            self._headerBytes += len(line)
+            limits = self.limits
+            if (
+                self._headerCount > limits.maxHeaderCount
+                or self._headerBytes > limits.maxHeadersSize
+            ):
+                self._refuseForRequest("headers_too_large")
+                return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._inRequestLine:
+            self.refuse("uri_too_long")
+        else:
+            self._refuseForRequest("headers_too_large")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self._refuseForRequest("bad_request")
+
+    def _refuseForRequest(self, code: str) -> None:
+        request = self.requests[-1] if self.requests else None
+        self.refuse(code, None, request=request)
+
+    def refuse(
+        self,
+        code: str,
+        requestId: bytes | None = None,
+        message: str | None = None,
+        request: ProxyRequest | None = None,
+    ) -> None:
+        """
+        Answer with an error and close the connection, without reading
+        anything more from it.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        self._stopDeadline()
+        rid = requestId or newRequestId()
+        if request is not None:
+            request._accounted = True
+        assert self.transport is not None
+        self.transport.write(rawErrorResponse(code, rid, message))
+        self.site.refusalLogged(self, code, rid, request)
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
+        self.loseConnection()
+
+    def isIdle(self) -> bool:
+        """
+        Is the connection between requests, with nothing in progress?
+        """
+        return not self._handlingRequest and not self.requests and not self._buffer
+
+
+class ProxySite(server.Site):
+    """
+    The proxy's site: its resource is a L{monedge.resource.RootResource}.
+
+    @ivar draining: set on SIGTERM; responses then close their connection.
+    @ivar inFlight: requests received and not yet answered.
+    @ivar channels: open client connections.
+    """
+
+    requestFactory = ProxyRequest  # type: ignore[assignment]
+    displayTracebacks = False
+
+    def __init__(
+        self,
+        resource: Any,
+        *,
+        reactor: Any,
+        metrics: Metrics,
+        accessLog: AccessLog,
+        trustedHops: int = 0,
+        limits: Limits = Limits(),
+    ) -> None:
+        super().__init__(resource, timeout=limits.keepAliveTimeout, reactor=reactor)
+        self.reactor = reactor
+        self.metrics = metrics
+        self.accessLog = accessLog
+        self.trustedHops = trustedHops
+        self.limits = limits
+        self.draining = False
+        self.inFlight = 0
+        self.channels: set[ProxyChannel] = set()
+        self._idleWaiters: list[Deferred[None]] = []
+        self._unrouted = metrics.forService(NO_SERVICE)
+        metrics.inFlight.set_function(lambda: self.inFlight)
+
+    def protocol(self) -> _GenericHTTPChannelProtocol:
+        return _GenericHTTPChannelProtocol(ProxyChannel())
+
+    def log(self, request: Any) -> None:
+        """
+        Twisted's access log is replaced by L{requestDone}.
+        """
+
+    def requestDone(self, request: ProxyRequest, status: int) -> None:
+        """
+        Account for a finished request: metrics and the access log.
+        """
+        now = self.reactor.seconds()
+        total = now - request.startTime
+        leaf = request.decision
+        serviceMetrics = getattr(leaf, "metrics", None) or self._unrouted
+        serviceMetrics.observe(status, total)
+        self.accessLog.request(request, status, now, total)
+        if self.inFlight == 0 and self._idleWaiters:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def refusalLogged(
+        self,
+        channel: ProxyChannel,
+        code: str,
+        requestId: bytes,
+        request: ProxyRequest | None,
+    ) -> None:
+        """
+        Account for a request refused by the channel.
+        """
+        status = CATALOGUE[code][0]
+        self._unrouted.observe(status, 0.0)
+        self.accessLog.refusal(
+            channel, code, status, requestId, request, self.reactor.seconds()
+        )
+
+    def whenIdle(self) -> Deferred[None]:
+        """
+        A L{Deferred} that fires when no request is in flight.
+        """
+        d: Deferred[None] = Deferred()
+        if self.inFlight == 0:
+            d.callback(None)
+        else:
+            self._idleWaiters.append(d)
+        return d
+
+    def startDraining(self) -> None:
+        """
+        From now on, every response closes its connection.
+        """
+        self.draining = True
+
+    def closeIdleConnections(self) -> int:
+        """
+        Close every connection that is between requests.
+
+        @return: how many were closed.
+        """
+        idle = [channel for channel in self.channels if channel.isIdle()]
+        for channel in idle:
+            channel.loseConnection()
+        return len(idle)

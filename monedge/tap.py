@@ -1,0 +1,311 @@
+"""
+The C{twistd monedge} plugin: command-line options and the service they
+build.
+
+    twistd -n --pidfile= monedge --port 30080 --registry static:services.yaml
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from monedge.accesslog import AccessLog
+from monedge.admin import adminSite
+from monedge.balancer import Balancer
+from monedge.convention import HostTiers
+from monedge.interfaces import IServiceRegistry
+from monedge.lifecycle import ProxyService
+from monedge.metrics import Metrics
+from monedge.policy import parseDuration
+from monedge.proxy import ProxyContext
+from monedge.registry.static import RegistryFileError, StaticRegistry
+from monedge.resource import RootResource
+from monedge.server import Limits, ProxySite
+from monedge.upstream import DEFAULT_MAX_PER_HOST, DEFAULT_POOL_IDLE, UpstreamClient
+
+#: The listen backlog for a bare port number: large enough for bursts.
+BACKLOG = 1024
+
+
+def endpointDescription(value: str) -> str:
+    """
+    A port number becomes a TCP endpoint on every interface with a large
+    backlog; anything else is taken as an endpoint string.
+    """
+    if value.isdigit():
+        port = int(value)
+        if not 0 < port < 65536:
+            raise usage.UsageError(f"port out of range: {value}")
+        return f"tcp:{port}:backlog={BACKLOG}"
+    return value
+
+
+def _checkEndpoint(option: str, description: str) -> None:
+    from twisted.internet import reactor
+
+    try:
+        serverFromString(reactor, description)
+    except (ValueError, KeyError, TypeError) as e:
+        raise usage.UsageError(
+            f"--{option}: invalid endpoint {description!r}: {e}"
+        ) from None
+
+
+def _positive(option: str, value: str, parse: Any = float) -> Any:
+    try:
+        number = parse(value)
+    except ValueError:
+        raise usage.UsageError(
+            f"--{option}: expected a number, got {value!r}"
+        ) from None
+    if number < 0:
+        raise usage.UsageError(f"--{option}: must not be negative, got {value!r}")
+    return number
+
+
+def _duration(option: str, value: str) -> float:
+    if value.strip() in ("0", "0s"):
+        return 0.0
+    try:
+        return parseDuration(value)
+    except ValueError as e:
+        raise usage.UsageError(f"--{option}: {e}") from None
+
+
+class Options(usage.Options):
+    """
+    Options for C{twistd monedge}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "monedge routes a request for <host>/<name>/<rest> to the service "
+        "service.<tier>.<name>, with no per-service routing configuration. "
+        "The tier is 'api' unless --host-tier maps the request's host."
+    )
+
+    optParameters = [
+        [
+            "port",
+            "p",
+            "30080",
+            "Proxy listener: a port number (all interfaces) or an endpoint string.",
+        ],
+        [
+            "admin-port",
+            None,
+            "30081",
+            "Admin listener (/healthz, /readyz, /metrics, /routes).",
+        ],
+        [
+            "registry",
+            "r",
+            "static:services.yaml",
+            "Service registry: static:PATH (a YAML file, reloaded on change and SIGHUP).",
+        ],
+        [
+            "trusted-hops",
+            None,
+            "0",
+            "Proxies in front of monedge whose X-Forwarded-* and X-Request-Id are"
+            " trusted (0: replace the client's).",
+        ],
+        ["drain-delay", None, "5s", "On SIGTERM, keep serving (not ready) this long."],
+        ["drain-timeout", None, "25s", "Then wait this long for requests in flight."],
+        [
+            "header-timeout",
+            None,
+            "10s",
+            "Deadline for a client's request headers (408).",
+        ],
+        [
+            "keepalive-timeout",
+            None,
+            "75s",
+            "Idle time before a client connection is closed.",
+        ],
+        ["max-header-count", None, "100", "Most request headers (431 beyond)."],
+        [
+            "max-headers-size",
+            None,
+            "32768",
+            "Most bytes of request headers (431 beyond).",
+        ],
+        ["max-request-line", None, "8192", "Longest request line (414 beyond)."],
+        [
+            "max-header-line",
+            None,
+            "8192",
+            "Longest single request header (431 beyond).",
+        ],
+        [
+            "upstream-idle-timeout",
+            None,
+            f"{DEFAULT_POOL_IDLE:g}s",
+            "Idle time before a pooled upstream connection is closed; keep it below"
+            " the upstreams' keep-alive.",
+        ],
+        [
+            "upstream-pool-size",
+            None,
+            str(DEFAULT_MAX_PER_HOST),
+            "Idle connections kept per upstream endpoint.",
+        ],
+        [
+            "access-log",
+            None,
+            "-",
+            "Access log: '-' for stdout, 'none', or a file path.",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["host-tier"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """An extra proxy listener: an endpoint string (tcp:, ssl:, unix:). Repeatable."""
+        self["listen"].append(endpoint)
+
+    def opt_host_tier(self, mapping: str) -> None:
+        """HOST=TIER: HOST routes to service.TIER.<name>; unmapped hosts then 404. Repeatable."""
+        host, sep, tier = mapping.partition("=")
+        if not sep:
+            raise usage.UsageError(f"--host-tier: expected HOST=TIER, got {mapping!r}")
+        self["host-tier"].append((host.strip(), tier.strip()))
+
+    def postOptions(self) -> None:
+        self["port"] = endpointDescription(self["port"])
+        self["admin-port"] = endpointDescription(self["admin-port"])
+        for option in ("port", "admin-port"):
+            _checkEndpoint(option, self[option])
+        for description in self["listen"]:
+            _checkEndpoint("listen", description)
+        try:
+            self["host-tiers"] = HostTiers.fromPairs(self["host-tier"])
+        except ValueError as e:
+            raise usage.UsageError(f"--host-tier: {e}") from None
+        self["trusted-hops"] = _positive("trusted-hops", self["trusted-hops"], int)
+        for option in (
+            "drain-delay",
+            "drain-timeout",
+            "header-timeout",
+            "keepalive-timeout",
+            "upstream-idle-timeout",
+        ):
+            self[option] = _duration(option, self[option])
+        for option in (
+            "max-header-count",
+            "max-headers-size",
+            "max-request-line",
+            "max-header-line",
+        ):
+            self[option] = _positive(option, self[option], int)
+            if self[option] == 0:
+                raise usage.UsageError(f"--{option}: must be at least 1")
+        self["upstream-pool-size"] = _positive(
+            "upstream-pool-size", self["upstream-pool-size"], int
+        )
+        self["registry-object"] = self._registry(self["registry"])
+
+    def _registry(self, spec: str) -> IServiceRegistry:
+        kind, sep, argument = spec.partition(":")
+        if kind == "static" and sep and argument:
+            try:
+                return StaticRegistry(argument)
+            except RegistryFileError as e:
+                raise usage.UsageError(f"--registry: {e}") from None
+        raise usage.UsageError(
+            f"--registry: unknown registry {spec!r} (expected static:PATH)"
+        )
+
+
+class ReloadOnHangup(Service):
+    """
+    Calls C{reload} on the reactor thread when SIGHUP arrives, while running.
+    """
+
+    def __init__(self, reload: Callable[[], object], reactor: Any) -> None:
+        self._reload = reload
+        self._reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(
+            signal.SIGHUP, lambda *_: self._reactor.callFromThread(self._reload)
+        )
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    Build the proxy from parsed options.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    registry: IServiceRegistry = options["registry-object"]
+    hostTiers: HostTiers = options["host-tiers"]
+    metrics = Metrics()
+    metrics.watchRegistry(registry)
+    balancer = Balancer(reactor)
+    client = UpstreamClient(
+        reactor,
+        maxPerHost=options["upstream-pool-size"],
+        poolIdle=options["upstream-idle-timeout"],
+    )
+    context = ProxyContext(client, balancer, reactor)
+    root = RootResource(registry, context, metrics, hostTiers)
+    limits = Limits(
+        maxRequestLine=options["max-request-line"],
+        maxHeaderLine=options["max-header-line"],
+        maxHeadersSize=options["max-headers-size"],
+        maxHeaderCount=options["max-header-count"],
+        headerTimeout=options["header-timeout"],
+        keepAliveTimeout=options["keepalive-timeout"],
+    )
+    site = ProxySite(
+        root,
+        reactor=reactor,
+        metrics=metrics,
+        accessLog=AccessLog.fromOption(options["access-log"]),
+        trustedHops=options["trusted-hops"],
+        limits=limits,
+    )
+    top = ProxyService(
+        site,
+        registry,
+        client,
+        reactor,
+        drainDelay=options["drain-delay"],
+        drainTimeout=options["drain-timeout"],
+    )
+    if IService.providedBy(registry):
+        registry.setServiceParent(top)
+    reload = getattr(registry, "reload", None)
+    if reload is not None:
+        ReloadOnHangup(reload, reactor).setServiceParent(top)
+    for description in [options["port"], *options["listen"]]:
+        top.addListener(
+            StreamServerEndpointService(serverFromString(reactor, description), site)
+        )
+    admin = adminSite(top.readiness, metrics, registry, hostTiers, balancer, reactor)
+    StreamServerEndpointService(
+        serverFromString(reactor, options["admin-port"]), admin
+    ).setServiceParent(top)
+    return top

@@ -1,0 +1,424 @@
+"""
+Test support for monedge and for people who extend it.
+
+- L{MemoryRegistry}: an in-memory L{IServiceRegistry}, the fake the
+  registry contract tests run against beside the real ones.
+- L{RecordingUpstream}: a real HTTP upstream on 127.0.0.1 that records what
+  it receives and answers as told.
+- L{ProxyProcess}: a real C{twistd monedge} child process on loopback, with
+  its ports, logs and lifecycle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+from zope.interface import implementer
+
+from monedge.interfaces import IServiceRegistry
+from monedge.registry import Endpoint, RegistryTable, ServiceEntry
+
+
+@implementer(IServiceRegistry)
+class MemoryRegistry:
+    """
+    A registry whose table the test sets directly.
+
+    @param ready: what L{isReady} answers until L{markReady} is called.
+    """
+
+    def __init__(self, ready: bool = True) -> None:
+        self._table = RegistryTable()
+        self._ready = ready
+        self.reloadsSucceeded = 0
+        self.reloadsFailed = 0
+
+    def lookup(self, name: str) -> ServiceEntry | None:
+        return self._table.lookup(name)
+
+    def services(self) -> Mapping[str, ServiceEntry]:
+        return self._table.services()
+
+    def subscribe(
+        self, listener: Callable[[frozenset[str]], None]
+    ) -> Callable[[], None]:
+        return self._table.subscribe(listener)
+
+    def isReady(self) -> bool:
+        return self._ready
+
+    def describe(self) -> Mapping[str, Any]:
+        return {"kind": "memory"}
+
+    def markReady(self) -> None:
+        """
+        The first sync is done.
+        """
+        self._ready = True
+
+    def put(self, entry: ServiceEntry) -> None:
+        """
+        Add or replace a service.
+        """
+        self._table.put(entry)
+        self.reloadsSucceeded += 1
+
+    def remove(self, name: str) -> None:
+        """
+        Remove a service.
+        """
+        self._table.remove(name)
+        self.reloadsSucceeded += 1
+
+    def replaceAll(self, entries: Sequence[ServiceEntry]) -> None:
+        """
+        Make C{entries} the whole table.
+        """
+        self._table.replaceAll({e.name: e for e in entries})
+        self.reloadsSucceeded += 1
+
+
+def freePort() -> int:
+    """
+    A TCP port on 127.0.0.1 that was free a moment ago.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Received:
+    """
+    One request as an upstream saw it.
+    """
+
+    method: bytes
+    uri: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header(self, name: bytes) -> list[bytes]:
+        """
+        Every value of header C{name} (case-insensitive), in order.
+        """
+        lowered = name.lower()
+        return [v for n, v in self.headers if n.lower() == lowered]
+
+
+Responder = Callable[[Request, Received], bytes | int | None]
+
+
+class _Recorder(Resource):
+    isLeaf = True
+
+    def __init__(self, responder: Responder | None) -> None:
+        super().__init__()
+        self.responder = responder
+        self.received: list[Received] = []
+
+    def render(self, request: Request) -> bytes | int:
+        content = request.content
+        body = content.read() if content is not None else b""
+        seen = Received(
+            method=request.method,
+            uri=request.uri,
+            headers=[
+                (name, value)
+                for name, values in request.requestHeaders.getAllRawHeaders()
+                for value in values
+            ],
+            body=body,
+        )
+        self.received.append(seen)
+        if self.responder is not None:
+            result = self.responder(request, seen)
+            if result is not None:
+                return result
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(
+            {"method": seen.method.decode(), "uri": seen.uri.decode("latin-1")}
+        ).encode()
+
+
+class RecordingUpstream:
+    """
+    A real HTTP/1.1 upstream on 127.0.0.1 (on the running reactor) that
+    records every request and, by default, answers 200 with a JSON echo.
+    C{responder(request, received)} may answer instead: return bytes,
+    C{NOT_DONE_YET}, or L{None} for the default.
+    """
+
+    def __init__(self, responder: Responder | None = None) -> None:
+        self._recorder = _Recorder(responder)
+        self.port: IListeningPort | None = None
+
+    @property
+    def received(self) -> list[Received]:
+        """
+        Every request received so far.
+        """
+        return self._recorder.received
+
+    def start(self, reactor: Any = None) -> int:
+        """
+        Listen; return the port number.
+        """
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+
+            reactor = globalReactor
+        site = Site(self._recorder)
+        site.log = lambda request: None  # type: ignore[method-assign]
+        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        return self.portNumber
+
+    @property
+    def portNumber(self) -> int:
+        """
+        The port listened on.
+        """
+        assert self.port is not None
+        number: int = getattr(self.port.getHost(), "port")  # noqa: B009
+        return number
+
+    @property
+    def address(self) -> str:
+        """
+        C{127.0.0.1:port}.
+        """
+        return f"127.0.0.1:{self.portNumber}"
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop listening.
+        """
+        assert self.port is not None
+        result = self.port.stopListening()
+        if isinstance(result, Deferred):
+            return result
+        return defer.succeed(None)
+
+
+def writeRegistry(path: str, services: Mapping[str, Mapping[str, Any]]) -> None:
+    """
+    Write a static registry file atomically (write, then rename), as a
+    config-management tool or a Kubernetes ConfigMap update would.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=directory, suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump({"services": dict(services)}, f)
+    os.replace(temporary, path)
+
+
+def _twistd() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+class ProxyProcess:
+    """
+    A real C{twistd -n monedge} child process listening on 127.0.0.1.
+
+    @param registryPath: the static registry file.
+    @param args: extra C{twistd monedge} options.
+    @param directory: where its logs go.
+    """
+
+    def __init__(
+        self,
+        registryPath: str,
+        directory: str,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.registryPath = registryPath
+        self.directory = directory
+        self.args = list(args)
+        self.env = env
+        self.port = freePort()
+        self.adminPort = freePort()
+        self.logPath = os.path.join(directory, f"monedge-{self.port}.log")
+        self.accessLogPath = os.path.join(directory, f"access-{self.port}.log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """
+        The proxy's base URL.
+        """
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def adminURL(self) -> str:
+        """
+        The admin site's base URL.
+        """
+        return f"http://127.0.0.1:{self.adminPort}"
+
+    def command(self) -> list[str]:
+        """
+        The command line that starts the proxy.
+        """
+        return [
+            _twistd(),
+            "-n",
+            "--pidfile=",
+            "--logfile",
+            self.logPath,
+            "monedge",
+            "--port",
+            f"tcp:{self.port}:interface=127.0.0.1:backlog=1024",
+            "--admin-port",
+            f"tcp:{self.adminPort}:interface=127.0.0.1",
+            "--registry",
+            f"static:{self.registryPath}",
+            "--access-log",
+            self.accessLogPath,
+            *self.args,
+        ]
+
+    def start(self) -> Deferred[None]:
+        """
+        Start the process; fire when C{/healthz} answers.
+        """
+        environment = dict(os.environ)
+        if self.env:
+            environment.update(self.env)
+        self.process = subprocess.Popen(
+            self.command(),
+            cwd=self.directory,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(os.path.join(self.directory, f"stderr-{self.port}.log"), "wb"),
+        )
+        return self.waitFor(self._listening, 20.0, "monedge to start")
+
+    def _listening(self) -> bool:
+        for port in (self.port, self.adminPort):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            except OSError:
+                return False
+        return True
+
+    def waitFor(
+        self, condition: Callable[[], bool], timeout: float, what: str
+    ) -> Deferred[None]:
+        """
+        Poll C{condition} every 20 ms until it holds; fail after
+        C{timeout} seconds, or at once if the process has exited.
+        """
+        return Deferred.fromCoroutine(self._waitFor(condition, timeout, what))
+
+    async def _waitFor(
+        self, condition: Callable[[], bool], timeout: float, what: str
+    ) -> None:
+        from twisted.internet import reactor
+
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"monedge exited ({self.process.returncode}) waiting for {what}:\n"
+                    + self.log()[-3000:]
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"timed out waiting for {what}:\n" + self.log()[-3000:]
+                )
+            await task.deferLater(reactor, 0.02, lambda: None)
+
+    def log(self) -> str:
+        """
+        The process's operational log so far.
+        """
+        text = ""
+        for path in (
+            self.logPath,
+            os.path.join(self.directory, f"stderr-{self.port}.log"),
+        ):
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    text += f.read()
+            except OSError:
+                pass
+        return text
+
+    def accessLog(self) -> list[dict[str, Any]]:
+        """
+        Every access-log record so far.
+        """
+        try:
+            with open(self.accessLogPath, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        except OSError:
+            return []
+
+    def rss(self) -> int:
+        """
+        The process's resident set size, in bytes.
+        """
+        assert self.process is not None
+        with open(f"/proc/{self.process.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def signal(self, signum: int) -> None:
+        """
+        Send C{signum} to the process.
+        """
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 40.0) -> Deferred[None]:
+        """
+        SIGTERM the process and fire when it has exited (SIGKILL after
+        C{timeout}).
+        """
+        process = self.process
+        if process is None or process.poll() is not None:
+            return defer.succeed(None)
+        process.send_signal(signal.SIGTERM)
+        d = self.waitFor(lambda: process.poll() is not None, timeout, "monedge to exit")
+
+        def kill(failure: Any) -> Any:
+            process.kill()
+            process.wait()
+            return failure
+
+        return d.addErrback(kill)
+
+    def exited(self) -> bool:
+        """
+        Has the process exited?
+        """
+        return self.process is not None and self.process.poll() is not None
+
+
+def endpoint(address: str) -> Endpoint:
+    """
+    An L{Endpoint} from C{host:port}.
+    """
+    host, _, port = address.rpartition(":")
+    return Endpoint(host=host, port=int(port))

@@ -1,0 +1,15 @@
+#!/bin/sh
+# Installs the Debian packages monedge's tests and demo need, if missing.
+# Runs as root on CI and the project's machines; elsewhere, it says what to
+# install instead of failing half way.
+set -eu
+missing=""
+command -v curl >/dev/null 2>&1 || missing="$missing curl"
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+    echo "monedge needs these Debian packages:$missing (run: sudo apt-get install$missing)" >&2
+    exit 1
+fi
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
