@@ -31,6 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+import monedge
 from monedge.interfaces import IServiceRegistry
 from monedge.registry import Endpoint, RegistryTable, ServiceEntry
 
@@ -300,6 +301,12 @@ class ProxyProcess:
         Start the process; fire when C{/healthz} answers.
         """
         environment = dict(os.environ)
+        # The child imports monedge (and its twisted.plugins dropin) from
+        # wherever this process did: the source tree under test, or the
+        # installed package.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(monedge.__file__)))
+        existing = environment.get("PYTHONPATH")
+        environment["PYTHONPATH"] = root + (os.pathsep + existing if existing else "")
         if self.env:
             environment.update(self.env)
         self.process = subprocess.Popen(

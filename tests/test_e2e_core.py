@@ -105,7 +105,9 @@ class StatusTests(ProxyTestCase):
     Every refusal is a documented status with a JSON body.
     """
 
-    def assertError(self, response: object, body: bytes, status: int, code: str) -> None:
+    def assertError(
+        self, response: object, body: bytes, status: int, code: str
+    ) -> None:
         document = _error(body)
         self.assertEqual(getattr(response, "code", None), status, body)
         self.assertEqual(document["status"], status)
@@ -130,7 +132,8 @@ class StatusTests(ProxyTestCase):
             {"service.api.echo": {"endpoints": [upstream.address]}}
         )
         raw = await deferRaw(
-            proxy.port, b"GET /echo/../x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            proxy.port,
+            b"GET /echo/../x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
         )
         head, _, body = raw.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 400 "), raw)
@@ -218,7 +221,9 @@ class StatusTests(ProxyTestCase):
         """
         proxy = await self.startProxy({})
         headers = b"".join(b"X-H%d: v\r\n" % i for i in range(101))
-        raw = await deferRaw(proxy.port, b"GET / HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n")
+        raw = await deferRaw(
+            proxy.port, b"GET / HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n"
+        )
         head, _, body = raw.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 431 "), raw)
         self.assertEqual(_error(body)["code"], "headers_too_large")
@@ -238,11 +243,13 @@ class PackagingTests(ProxyTestCase):
         import sys
 
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         result = await threads.deferToThread(
             subprocess.run,
             [twistd, "--help"],
             capture_output=True,
             cwd=self.directory,
+            env=environment,
             timeout=60,
         )
         self.assertIn(b"monedge", result.stdout)
