@@ -190,7 +190,7 @@ class StatusTests(ProxyTestCase):
         from twisted.web.server import NOT_DONE_YET
 
         def never(request: Request, seen: Received) -> int:
-            return NOT_DONE_YET  # type: ignore[no-any-return]
+            return NOT_DONE_YET
 
         upstream = self.startUpstream(never)
         proxy = await self.startProxy(
