@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING, Any
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+    from twisted.web.http_headers import Headers
+    from twisted.web.iweb import IBodyProducer, IResponse
+
     from monedge.registry import ServiceEntry
 
 
@@ -59,4 +63,31 @@ class IServiceRegistry(Interface):
         """
         The registry's own state (its kind, its source, how its last syncs
         or reloads went), as JSON-able data for the admin C{/routes} page.
+        """
+
+
+class IUpstreamClient(Interface):
+    """
+    Sends requests to upstream endpoints.  The proxy leaf depends only on
+    this; the real one is L{monedge.upstream.UpstreamClient}.
+    """
+
+    def request(
+        method: bytes,
+        url: bytes,
+        headers: Headers,
+        body: IBodyProducer | None,
+        connectTimeout: float,
+    ) -> Deferred[IResponse]:
+        """
+        Send one request to C{url} (C{scheme://host:port/path?query}).
+
+        @return: a L{Deferred} that fires with the response once its
+            headers arrive, or fails with the connection error.  Cancelling
+            it aborts the request and its connection.
+        """
+
+    def close() -> Deferred[None]:
+        """
+        Close every idle pooled connection.
         """

@@ -21,9 +21,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from monedge.interfaces import IServiceRegistry
+from monedge.interfaces import IServiceRegistry, IUpstreamClient
 from monedge.server import ProxySite
-from monedge.upstream import UpstreamClient
 
 
 class ProxyService(MultiService):
@@ -40,7 +39,7 @@ class ProxyService(MultiService):
         self,
         site: ProxySite,
         registry: IServiceRegistry,
-        client: UpstreamClient,
+        client: IUpstreamClient,
         clock: IReactorTime,
         drainDelay: float = 5.0,
         drainTimeout: float = 25.0,

@@ -28,12 +28,12 @@ from zope.interface import implementer
 from monedge.balancer import Balancer, EndpointState
 from monedge.errors import ProxyError, renderError
 from monedge.headers import downstreamHeaders
+from monedge.interfaces import IUpstreamClient
 
 if TYPE_CHECKING:
     from monedge.metrics import ServiceMetrics
     from monedge.policy import Policy
     from monedge.server import ProxyRequest
-    from monedge.upstream import UpstreamClient
 
 
 class ProxyContext:
@@ -43,7 +43,7 @@ class ProxyContext:
     """
 
     def __init__(
-        self, client: UpstreamClient, balancer: Balancer, clock: IReactorTime
+        self, client: IUpstreamClient, balancer: Balancer, clock: IReactorTime
     ) -> None:
         self.client = client
         self.balancer = balancer
@@ -234,6 +234,9 @@ class ProxyExchange:
         ):
             out.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
         out.setRawHeaders(b"x-request-id", [request.requestId])
+        # Send the headers now: a client waiting on a long poll or an event
+        # stream must not wait for the first body byte to see them.
+        request.write(b"")
         self._relay = _BodyRelay(self, self._policy.idleTimeout)
         response.deliverBody(self._relay)
 

@@ -3,6 +3,8 @@ Test support for monedge and for people who extend it.
 
 - L{MemoryRegistry}: an in-memory L{IServiceRegistry}, the fake the
   registry contract tests run against beside the real ones.
+- L{FakeUpstreamClient} and L{FakeResponse}: an L{IUpstreamClient} the
+  test answers by hand, for unit tests of the proxy path on a fake clock.
 - L{RecordingUpstream}: a real HTTP upstream on 127.0.0.1 that records what
   it receives and answers as told.
 - L{ProxyProcess}: a real C{twistd monedge} child process on loopback, with
@@ -26,13 +28,17 @@ from typing import Any
 import yaml
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IProtocol, IPushProducer
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 import monedge
-from monedge.interfaces import IServiceRegistry
+from monedge.interfaces import IServiceRegistry, IUpstreamClient
 from monedge.registry import Endpoint, RegistryTable, ServiceEntry
 
 
@@ -93,6 +99,122 @@ class MemoryRegistry:
         """
         self._table.replaceAll({e.name: e for e in entries})
         self.reloadsSucceeded += 1
+
+
+@dataclass
+class UpstreamCall:
+    """
+    One request made through a L{FakeUpstreamClient}.
+    """
+
+    method: bytes
+    url: bytes
+    headers: Headers
+    body: IBodyProducer | None
+    connectTimeout: float
+    result: Deferred[IResponse]
+    cancelled: bool = False
+
+
+@implementer(IPushProducer)
+class FakeBodyTransport:
+    """
+    The transport a L{FakeResponse} body is delivered over: records whether
+    the consumer paused or stopped it.
+    """
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+@implementer(IResponse)
+class FakeResponse:
+    """
+    An upstream response whose body the test delivers by hand: after
+    L{FakeUpstreamClient} fires with it, call L{deliver} and L{end}.
+    """
+
+    version = (b"HTTP", 1, 1)
+    request = None
+    previousResponse = None
+
+    def __init__(
+        self,
+        code: int = 200,
+        headers: Headers | None = None,
+        length: int | object = UNKNOWN_LENGTH,
+    ) -> None:
+        self.code = code
+        self.phrase = b"OK"
+        self.headers = headers if headers is not None else Headers()
+        self.length = length
+        self.protocol: IProtocol | None = None
+        self.transport = FakeBodyTransport()
+
+    def deliverBody(self, protocol: IProtocol) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)  # type: ignore[arg-type]
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        self.previousResponse = response
+
+    def deliver(self, data: bytes) -> None:
+        """
+        Deliver part of the body.
+        """
+        assert self.protocol is not None
+        self.protocol.dataReceived(data)
+
+    def end(self, reason: Failure | None = None) -> None:
+        """
+        End the body: completely by default, else with C{reason}.
+        """
+        assert self.protocol is not None
+        self.protocol.connectionLost(reason or Failure(ResponseDone()))
+
+
+@implementer(IUpstreamClient)
+class FakeUpstreamClient:
+    """
+    An upstream client that records each request and lets the test answer
+    it (C{calls[i].result.callback(FakeResponse(...))}) or fail it.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[UpstreamCall] = []
+        self.closed = False
+
+    def request(
+        self,
+        method: bytes,
+        url: bytes,
+        headers: Headers,
+        body: IBodyProducer | None,
+        connectTimeout: float,
+    ) -> Deferred[IResponse]:
+        call: UpstreamCall
+
+        def cancel(d: Deferred[IResponse]) -> None:
+            call.cancelled = True
+
+        result: Deferred[IResponse] = Deferred(cancel)
+        call = UpstreamCall(method, url, headers, body, connectTimeout, result)
+        self.calls.append(call)
+        return result
+
+    def close(self) -> Deferred[None]:
+        self.closed = True
+        return defer.succeed(None)
 
 
 def freePort() -> int:

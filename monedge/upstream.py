@@ -33,6 +33,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from monedge.interfaces import IUpstreamClient
+
 #: Upstream keep-alive idle: below the keep-alive of common upstream
 #: servers (Node.js 5 s, nginx 75 s, Go 90 s), so monedge, not the
 #: upstream, closes an idle pooled connection and never races its close.
@@ -102,6 +104,7 @@ class _EndpointFactory:
         return endpoint
 
 
+@implementer(IUpstreamClient)
 class UpstreamClient:
     """
     Sends requests upstream over one shared, persistent connection pool.

@@ -1,0 +1,458 @@
+"""
+The proxy path in memory: a real L{ProxySite} and channel over a
+L{StringTransport}, a L{MemoryReactorClock}, and a L{FakeUpstreamClient}
+the tests answer by hand.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionRefusedError, TimeoutError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from zope.interface.verify import verifyObject
+
+from monedge.accesslog import AccessLog
+from monedge.balancer import Balancer
+from monedge.interfaces import IServiceRegistry, IUpstreamClient
+from monedge.metrics import Metrics
+from monedge.policy import Policy
+from monedge.proxy import ProxyContext
+from monedge.registry import Endpoint, ServiceEntry
+from monedge.resource import RootResource
+from monedge.server import Limits, ProxySite
+from monedge.testing import (
+    FakeResponse,
+    FakeUpstreamClient,
+    MemoryRegistry,
+    UpstreamCall,
+    endpoint,
+)
+from monedge.upstream import UpstreamClient
+
+
+class Harness:
+    """
+    One proxy wired to fakes, with helpers to open client connections.
+    """
+
+    def __init__(self, entries: list[ServiceEntry], limits: Limits = Limits()) -> None:
+        self.clock = MemoryReactorClock()
+        self.registry = MemoryRegistry()
+        self.registry.replaceAll(entries)
+        self.client = FakeUpstreamClient()
+        self.balancer = Balancer(self.clock, rng=random.Random(7))
+        self.metrics = Metrics()
+        self.metrics.watchRegistry(self.registry)
+        self.log = io.StringIO()
+        self.root = RootResource(
+            self.registry,
+            ProxyContext(self.client, self.balancer, self.clock),
+            self.metrics,
+        )
+        self.site = ProxySite(
+            self.root,
+            reactor=self.clock,
+            metrics=self.metrics,
+            accessLog=AccessLog(self.log),
+            limits=limits,
+        )
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        """
+        A new client connection.
+        """
+        protocol = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+        transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 30080),
+            peerAddress=IPv4Address("TCP", "192.0.2.7", 40000),
+        )
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def send(self, data: bytes) -> tuple[Any, StringTransport]:
+        """
+        Open a connection and send C{data} on it.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(data)
+        return protocol, transport
+
+    def records(self) -> list[dict[str, Any]]:
+        """
+        The access log so far.
+        """
+        return [json.loads(line) for line in self.log.getvalue().splitlines()]
+
+
+def _service(
+    name: str = "service.api.echo", *addresses: str, **policy: Any
+) -> ServiceEntry:
+    return ServiceEntry(
+        name=name,
+        endpoints=tuple(endpoint(a) for a in addresses or ("10.0.0.1:80",)),
+        policy=Policy(**policy),
+    )
+
+
+def _status(transport: StringTransport) -> int:
+    return int(transport.value().split(b" ", 2)[1])
+
+
+def _jsonBody(transport: StringTransport) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(transport.value().partition(b"\r\n\r\n")[2])
+    return document
+
+
+GET = b"GET /echo/x?q=1 HTTP/1.1\r\nHost: api.example.com\r\n\r\n"
+
+
+class ProxyPathTests(SynchronousTestCase):
+    """
+    Requests go upstream and responses come back, as the proxy leaf and
+    exchange define.
+    """
+
+    def test_providers(self) -> None:
+        """
+        The fakes and the real client provide the interfaces they claim.
+        """
+        verifyObject(IUpstreamClient, FakeUpstreamClient())
+        verifyObject(IUpstreamClient, UpstreamClient(MemoryReactorClock()))
+        verifyObject(IServiceRegistry, MemoryRegistry())
+        verifyObject(IResponse, FakeResponse())
+
+    def test_forwardsAndStreams(self) -> None:
+        """
+        The request goes to the endpoint with the prefix stripped; the
+        response's headers and body chunks reach the client as they arrive.
+        """
+        h = Harness([_service()])
+        _, transport = h.send(GET)
+        [call] = h.client.calls
+        self.assertEqual(call.url, b"http://10.0.0.1:80/x?q=1")
+        self.assertEqual(call.connectTimeout, 5.0)
+        headers = Headers({b"content-type": [b"text/plain"]})
+        response = FakeResponse(200, headers)
+        call.result.callback(response)
+        # The headers go out as soon as the upstream's arrive.
+        self.assertIn(b"Transfer-Encoding: chunked", transport.value())
+        response.deliver(b"first")
+        self.assertTrue(transport.value().endswith(b"5\r\nfirst\r\n"))
+        response.deliver(b"second")
+        response.end()
+        self.assertTrue(transport.value().endswith(b"0\r\n\r\n"))
+        [record] = h.records()
+        self.assertEqual(record["status"], 200)
+        self.assertEqual(record["service"], "service.api.echo")
+        self.assertEqual(record["endpoint"], "10.0.0.1:80")
+        self.assertEqual(record["bytes_out"], 11)
+        self.assertEqual(h.site.inFlight, 0)
+
+    def test_contentLengthPassedThrough(self) -> None:
+        """
+        A response with a known length is sent with Content-Length, not
+        chunked.
+        """
+        h = Harness([_service()])
+        _, transport = h.send(GET)
+        response = FakeResponse(200, length=4)
+        h.client.calls[0].result.callback(response)
+        response.deliver(b"abcd")
+        response.end()
+        self.assertIn(b"Content-Length: 4\r\n", transport.value())
+        self.assertNotIn(b"chunked", transport.value())
+
+    def test_slowClientPausesUpstream(self) -> None:
+        """
+        When the client connection stops taking data, the upstream body is
+        paused; when it drains, the upstream resumes.
+        """
+        h = Harness([_service()])
+        _, transport = h.send(GET)
+        response = FakeResponse()
+        h.client.calls[0].result.callback(response)
+        response.deliver(b"x" * 100)
+        # What a TCP transport does when its send buffer fills, and drains.
+        assert transport.producer is not None
+        transport.producer.pauseProducing()
+        self.assertTrue(response.transport.paused)
+        transport.producer.resumeProducing()
+        self.assertFalse(response.transport.paused)
+
+    def test_responseHeaderTimeout(self) -> None:
+        """
+        No response headers within the service's timeout: the upstream
+        request is cancelled and the client gets 504.
+        """
+        h = Harness([_service(timeout=2.0)])
+        _, transport = h.send(GET)
+        call = h.client.calls[0]
+        h.clock.advance(1.9)
+        self.assertEqual(transport.value(), b"")
+        h.clock.advance(0.2)
+        self.assertTrue(call.cancelled)
+        self.assertEqual(_status(transport), 504)
+        self.assertEqual(_jsonBody(transport)["code"], "upstream_timeout")
+
+    def test_bodyIdleTimeout(self) -> None:
+        """
+        A body that stalls for the idle timeout is cut: the upstream is
+        stopped and the client connection closed without a final chunk.
+        """
+        h = Harness([_service(idleTimeout=3.0)])
+        _, transport = h.send(GET)
+        response = FakeResponse()
+        h.client.calls[0].result.callback(response)
+        for _ in range(5):
+            h.clock.advance(2.0)
+            response.deliver(b"tick")
+        self.assertFalse(response.transport.stopped)
+        h.clock.advance(3.1)
+        self.assertTrue(response.transport.stopped)
+        response.end(Failure(ResponseFailed([Failure(CancelledError())])))
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.value().endswith(b"0\r\n\r\n"))
+
+    def test_connectFailureRetriesAnotherEndpoint(self) -> None:
+        """
+        A refused connection is retried once on another endpoint, and the
+        refusing endpoint is backed off.
+        """
+        h = Harness([_service("service.api.echo", "10.0.0.1:80", "10.0.0.2:80")])
+        _, transport = h.send(GET)
+        first = h.client.calls[0]
+        first.result.errback(ConnectionRefusedError())
+        second = h.client.calls[1]
+        self.assertNotEqual(first.url, second.url)
+        response = FakeResponse(204, length=0)
+        second.result.callback(response)
+        response.end()
+        self.assertEqual(_status(transport), 204)
+        refused = [
+            s
+            for s in h.balancer.states(
+                h.registry.services()["service.api.echo"].endpoints
+            )
+            if s.failures
+        ]
+        self.assertEqual(len(refused), 1)
+
+    def test_connectFailureTwiceIs502(self) -> None:
+        """
+        Only one retry: a second refusal is a 502.
+        """
+        h = Harness([_service("service.api.echo", "10.0.0.1:80", "10.0.0.2:80")])
+        _, transport = h.send(GET)
+        h.client.calls[0].result.errback(ConnectionRefusedError())
+        h.client.calls[1].result.errback(ConnectionRefusedError())
+        self.assertEqual(len(h.client.calls), 2)
+        self.assertEqual(_status(transport), 502)
+        self.assertEqual(_jsonBody(transport)["code"], "upstream_connect_failed")
+
+    def test_connectTimeoutIs504(self) -> None:
+        """
+        A connection that times out on the only endpoint is a 504.
+        """
+        h = Harness([_service()])
+        _, transport = h.send(GET)
+        h.client.calls[0].result.errback(TimeoutError())
+        self.assertEqual(_status(transport), 504)
+        self.assertEqual(_jsonBody(transport)["code"], "upstream_connect_timeout")
+
+    def test_resetBeforeResponseIs502(self) -> None:
+        """
+        An upstream that drops the connection before answering is a 502,
+        and is not retried (its bytes may have been acted on).
+        """
+        h = Harness([_service("service.api.echo", "10.0.0.1:80", "10.0.0.2:80")])
+        _, transport = h.send(
+            b"POST /echo/ HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"
+        )
+        h.client.calls[0].result.errback(ResponseFailed([Failure(ConnectionError())]))
+        self.assertEqual(len(h.client.calls), 1)
+        self.assertEqual(_status(transport), 502)
+        self.assertEqual(_jsonBody(transport)["code"], "upstream_reset")
+
+    def test_resetMidBodyCutsClient(self) -> None:
+        """
+        An upstream that fails mid-body leaves the client with a response
+        that is visibly incomplete: no final chunk, connection closed.
+        """
+        h = Harness([_service()])
+        _, transport = h.send(GET)
+        response = FakeResponse()
+        h.client.calls[0].result.callback(response)
+        response.deliver(b"partial")
+        response.end(Failure(ResponseFailed([Failure(ConnectionError())])))
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.value().endswith(b"0\r\n\r\n"))
+
+    def test_clientGoneCancelsUpstream(self) -> None:
+        """
+        A client that disconnects before the response cancels the upstream
+        request; one that disconnects mid-body stops the upstream body.
+        """
+        h = Harness([_service()])
+        protocol, _ = h.send(GET)
+        call = h.client.calls[0]
+        protocol.connectionLost(Failure(ConnectionError()))
+        self.assertTrue(call.cancelled)
+
+        protocol, _ = h.send(GET)
+        response = FakeResponse()
+        h.client.calls[1].result.callback(response)
+        response.deliver(b"some")
+        protocol.connectionLost(Failure(ConnectionError()))
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual([r["status"] for r in h.records()], [499, 499])
+
+    def test_noReadyEndpointIs503(self) -> None:
+        """
+        No ready endpoint and none serving while terminating is a 503;
+        serving terminating endpoints are used when nothing is ready.
+        """
+        notReady = Endpoint("10.0.0.1", 80, ready=False, serving=False)
+        h = Harness([ServiceEntry("service.api.echo", (notReady,))])
+        _, transport = h.send(GET)
+        self.assertEqual(h.client.calls, [])
+        self.assertEqual(_status(transport), 503)
+        self.assertEqual(_jsonBody(transport)["code"], "no_ready_endpoint")
+
+        terminating = Endpoint(
+            "10.0.0.9", 80, ready=False, serving=True, terminating=True
+        )
+        h.registry.put(ServiceEntry("service.api.echo", (notReady, terminating)))
+        h.send(GET)
+        self.assertEqual(h.client.calls[0].url, b"http://10.0.0.9:80/x?q=1")
+
+    def test_registryChangesApplyOnNextRequest(self) -> None:
+        """
+        A service added to the registry is routable on the next request,
+        and one removed is gone on the next request.
+        """
+        h = Harness([])
+        _, transport = h.send(GET)
+        self.assertEqual(_status(transport), 404)
+        h.registry.put(_service())
+        h.send(GET)
+        self.assertEqual(len(h.client.calls), 1)
+        h.registry.put(_service("service.api.echo", "10.0.0.5:8080"))
+        h.send(GET)
+        self.assertEqual(h.client.calls[1].url, b"http://10.0.0.5:8080/x?q=1")
+        h.registry.remove("service.api.echo")
+        _, transport = h.send(GET)
+        self.assertEqual(_status(transport), 404)
+
+    def test_unexposedServiceIs404(self) -> None:
+        """
+        A service with expose false is unreachable.
+        """
+        h = Harness([_service(expose=False)])
+        _, transport = h.send(GET)
+        self.assertEqual(_status(transport), 404)
+        self.assertEqual(h.client.calls, [])
+
+    def test_internalErrorHidesTraceback(self) -> None:
+        """
+        An unexpected exception is a JSON 500 with no traceback; the
+        traceback is logged.
+        """
+        h = Harness([_service()])
+
+        def explode(*args: object) -> UpstreamCall:
+            raise RuntimeError("secret internals")
+
+        h.client.request = explode  # type: ignore[assignment,method-assign]
+        _, transport = h.send(GET)
+        self.assertEqual(_status(transport), 500)
+        self.assertEqual(_jsonBody(transport)["code"], "internal_error")
+        self.assertNotIn(b"secret", transport.value())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_chunkedBodyOverLimitIs413(self) -> None:
+        """
+        A chunked body that grows past max-body-size is refused with 413
+        as soon as it does, and never sent upstream.
+        """
+        h = Harness([_service(maxBodySize=10)])
+        _, transport = h.send(
+            b"POST /echo/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"8\r\n12345678\r\n8\r\n12345678\r\n"
+        )
+        self.assertEqual(_status(transport), 413)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(h.client.calls, [])
+
+    def test_requestBodyStreamedUpstream(self) -> None:
+        """
+        The spooled body goes upstream through a body producer with its
+        length.
+        """
+        h = Harness([_service()])
+        h.send(b"POST /echo/ HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello")
+        body = h.client.calls[0].body
+        assert body is not None
+        self.assertEqual(body.length, 5)
+
+    def test_drainingClosesConnections(self) -> None:
+        """
+        While draining, responses carry Connection: close.
+        """
+        h = Harness([_service()])
+        h.site.startDraining()
+        _, transport = h.send(GET)
+        response = FakeResponse(204, length=0)
+        h.client.calls[0].result.callback(response)
+        response.end()
+        self.assertIn(b"Connection: close", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_headerDeadline(self) -> None:
+        """
+        Headers that do not complete within the header timeout get a 408;
+        the clock starts at the connection's first byte.
+        """
+        h = Harness([_service()], Limits(headerTimeout=10.0))
+        protocol, transport = h.connect()
+        protocol.dataReceived(b"GET /echo/ HTTP/1.1\r\n")
+        h.clock.advance(9.9)
+        self.assertEqual(transport.value(), b"")
+        h.clock.advance(0.2)
+        self.assertEqual(_status(transport), 408)
+        self.assertEqual(_jsonBody(transport)["code"], "request_timeout")
+
+    def test_metrics(self) -> None:
+        """
+        Requests are counted by service and status class, and upstream
+        errors by kind.
+        """
+        h = Harness([_service()])
+        h.send(GET)
+        response = FakeResponse(204, length=0)
+        h.client.calls[0].result.callback(response)
+        response.end()
+        h.send(b"GET /nope/ HTTP/1.1\r\nHost: a\r\n\r\n")
+        h.send(GET)
+        h.client.calls[1].result.errback(ConnectionRefusedError())
+        from prometheus_client import generate_latest
+
+        text = generate_latest(h.metrics.registry).decode()
+        self.assertIn(
+            'monedge_requests_total{code_class="2xx",service="service.api.echo"} 1.0',
+            text,
+        )
+        self.assertIn('monedge_requests_total{code_class="4xx",service="-"} 1.0', text)
+        self.assertIn('monedge_upstream_errors_total{kind="connect_refused"} 1.0', text)
+        self.assertIn("monedge_registry_services 1.0", text)
+        self.assertIn("monedge_requests_in_flight 0.0", text)
