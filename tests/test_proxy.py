@@ -46,7 +46,9 @@ class Harness:
     One proxy wired to fakes, with helpers to open client connections.
     """
 
-    def __init__(self, entries: list[ServiceEntry], limits: Limits = Limits()) -> None:
+    def __init__(
+        self, entries: list[ServiceEntry], limits: Limits | None = None
+    ) -> None:
         self.clock = MemoryReactorClock()
         self.registry = MemoryRegistry()
         self.registry.replaceAll(entries)
@@ -65,7 +67,7 @@ class Harness:
             reactor=self.clock,
             metrics=self.metrics,
             accessLog=AccessLog(self.log),
-            limits=limits,
+            limits=limits or Limits(),
         )
 
     def connect(self) -> tuple[Any, StringTransport]:
