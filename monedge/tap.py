@@ -70,8 +70,8 @@ def _positive(option: str, value: str, parse: Any = float) -> Any:
     return number
 
 
-def _duration(option: str, value: str) -> float:
-    if value.strip() in ("0", "0s"):
+def _duration(option: str, value: str, allowZero: bool = False) -> float:
+    if allowZero and value.strip() in ("0", "0s"):
         return 0.0
     try:
         return parseDuration(value)
@@ -117,7 +117,12 @@ class Options(usage.Options):
             "Proxies in front of monedge whose X-Forwarded-* and X-Request-Id are"
             " trusted (0: replace the client's).",
         ],
-        ["drain-delay", None, "5s", "On SIGTERM, keep serving (not ready) this long."],
+        [
+            "drain-delay",
+            None,
+            "5s",
+            "On SIGTERM, keep serving (not ready) this long; 0s for none.",
+        ],
         ["drain-timeout", None, "25s", "Then wait this long for requests in flight."],
         [
             "header-timeout",
@@ -194,8 +199,8 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--host-tier: {e}") from None
         self["trusted-hops"] = _positive("trusted-hops", self["trusted-hops"], int)
+        self["drain-delay"] = _duration("drain-delay", self["drain-delay"], True)
         for option in (
-            "drain-delay",
             "drain-timeout",
             "header-timeout",
             "keepalive-timeout",

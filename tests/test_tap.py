@@ -1,0 +1,200 @@
+"""
+The twistd plugin: options, their validation, and the service they build.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from twisted.application.service import IServiceCollection
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from monedge.tap import Options, makeService
+from monedge.testing import writeRegistry
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    Options parse, default and validate as documented in --help.
+    """
+
+    def setUp(self) -> None:
+        self.registry = os.path.abspath(self.mktemp())
+        writeRegistry(
+            self.registry, {"service.api.echo": {"endpoints": ["127.0.0.1:1"]}}
+        )
+
+    def parse(self, *args: str) -> Options:
+        options = Options()
+        options.parseOptions(["--registry", f"static:{self.registry}", *args])
+        return options
+
+    def assertUsageError(self, args: list[str], *fragments: str) -> None:
+        """
+        Parsing C{args} is a UsageError whose one-line message contains
+        every fragment.
+        """
+        with self.assertRaises(UsageError) as caught:
+            self.parse(*args)
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+
+    def test_defaults(self) -> None:
+        """
+        With no options: port 30080 and admin 30081 on every interface with
+        a large backlog, no trusted hops, the documented timeouts.
+        """
+        options = self.parse()
+        self.assertEqual(options["port"], "tcp:30080:backlog=1024")
+        self.assertEqual(options["admin-port"], "tcp:30081:backlog=1024")
+        self.assertEqual(options["trusted-hops"], 0)
+        self.assertEqual(options["drain-delay"], 5.0)
+        self.assertEqual(options["drain-timeout"], 25.0)
+        self.assertEqual(options["header-timeout"], 10.0)
+        self.assertEqual(options["keepalive-timeout"], 75.0)
+        self.assertEqual(options["listen"], [])
+
+    def test_endpointStrings(self) -> None:
+        """
+        --port takes a number or an endpoint string; --listen repeats.
+        """
+        options = self.parse(
+            "--port",
+            "tcp:0:interface=127.0.0.1",
+            "--listen",
+            "tcp:8081",
+            "--listen",
+            "unix:/tmp/monedge.sock",
+        )
+        self.assertEqual(options["port"], "tcp:0:interface=127.0.0.1")
+        self.assertEqual(options["listen"], ["tcp:8081", "unix:/tmp/monedge.sock"])
+
+    def test_hostTiers(self) -> None:
+        """
+        --host-tier maps hosts to tiers, compared lowercased.
+        """
+        options = self.parse("--host-tier", "Webhooks.Example.com=webhooks")
+        self.assertEqual(
+            options["host-tiers"].tierFor("webhooks.example.com"), "webhooks"
+        )
+        self.assertIsNone(options["host-tiers"].tierFor("api.example.com"))
+
+    def test_badValues(self) -> None:
+        """
+        Every bad value is a one-line UsageError naming the option.
+        """
+        self.assertUsageError(["--port", "99999"], "port out of range")
+        self.assertUsageError(["--listen", "nonsense:1"], "--listen")
+        self.assertUsageError(["--trusted-hops", "-1"], "--trusted-hops")
+        self.assertUsageError(["--trusted-hops", "two"], "--trusted-hops")
+        self.assertUsageError(["--drain-delay", "soon"], "--drain-delay")
+        self.assertEqual(self.parse("--drain-delay", "0s")["drain-delay"], 0.0)
+        self.assertUsageError(["--header-timeout", "0"], "--header-timeout")
+        self.assertUsageError(["--max-header-count", "0"], "--max-header-count")
+        self.assertUsageError(["--host-tier", "example.com"], "HOST=TIER")
+        self.assertUsageError(["--host-tier", "example.com=we-b"], "invalid tier")
+        self.assertUsageError(["--host-tier", "example.com:80=api"], "invalid host")
+
+    def test_badRegistry(self) -> None:
+        """
+        An unknown registry kind, a missing file and an invalid file are
+        UsageErrors that name the file and the bad field.
+        """
+        with self.assertRaises(UsageError) as caught:
+            Options().parseOptions(["--registry", "zookeeper"])
+        self.assertIn("unknown registry", str(caught.exception))
+        with self.assertRaises(UsageError) as caught:
+            Options().parseOptions(["--registry", "static:/nonexistent/services.yaml"])
+        self.assertIn("/nonexistent/services.yaml", str(caught.exception))
+        with open(self.registry, "w") as f:
+            f.write("services:\n  service.api.x:\n    endpoints: ['127.0.0.1:1']\n")
+            f.write("    policy: {timeout: forever}\n")
+        self.assertUsageError(
+            [], self.registry, "services.service.api.x.policy.timeout", "forever"
+        )
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """
+    makeService builds a MultiService listening through endpoint strings.
+    """
+
+    def test_listens(self) -> None:
+        """
+        Starting the service listens on the proxy port, each --listen and
+        the admin port, with the large backlog for bare port numbers.
+        """
+        registry = os.path.abspath(self.mktemp())
+        writeRegistry(registry, {})
+        options = Options()
+        options.parseOptions(
+            [
+                "--registry",
+                f"static:{registry}",
+                "--port",
+                "30080",
+                "--listen",
+                "tcp:30090:interface=127.0.0.1",
+                "--admin-port",
+                "tcp:30081:interface=127.0.0.1",
+            ]
+        )
+        reactor = MemoryReactorClock()
+        service = makeService(options, reactor)
+        self.assertTrue(IServiceCollection.providedBy(service))
+        service.startService()
+        self.addCleanup(service.stopService)
+        listening = {
+            (port, backlog, interface)
+            for port, _, backlog, interface in reactor.tcpServers
+        }
+        self.assertEqual(
+            listening,
+            {(30080, 1024, ""), (30090, 50, "127.0.0.1"), (30081, 50, "127.0.0.1")},
+        )
+
+
+class CommandLineTests(SynchronousTestCase):
+    """
+    The real command line reports bad options without a traceback.
+    """
+
+    def twistd(self, *args: str) -> subprocess.CompletedProcess[str]:
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        return subprocess.run(
+            [twistd, "-n", "--pidfile=", "monedge", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+
+    def test_badOptionIsOneLine(self) -> None:
+        """
+        twistd monedge with a bad value exits non-zero, says what is
+        wrong, and prints no traceback.
+        """
+        result = self.twistd(
+            "--registry", "static:examples/services.yaml", "--drain-delay", "x"
+        )
+        self.assertNotEqual(result.returncode, 0)
+        output = result.stdout + result.stderr
+        self.assertIn("--drain-delay", output)
+        self.assertNotIn("Traceback", output)
+
+    def test_helpDocumentsOptions(self) -> None:
+        """
+        --help lists every option with its default.
+        """
+        result = self.twistd("--help")
+        for option, _, default, _ in Options.optParameters:
+            self.assertIn(f"--{option}=", result.stdout)
+            self.assertIn(f"[default: {default}]", " ".join(result.stdout.split()))
+        self.assertIn("--listen=", result.stdout)
+        self.assertIn("--host-tier=", result.stdout)
