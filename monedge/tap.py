@@ -91,7 +91,7 @@ class Options(usage.Options):
         "The tier is 'api' unless --host-tier maps the request's host."
     )
 
-    optParameters = [
+    optParameters: list[list[str | None]] = [
         [
             "port",
             "p",

@@ -194,6 +194,7 @@ class CommandLineTests(SynchronousTestCase):
         """
         result = self.twistd("--help")
         for option, _, default, _ in Options.optParameters:
+            assert option is not None
             self.assertIn(f"--{option}=", result.stdout)
             self.assertIn(f"[default: {default}]", " ".join(result.stdout.split()))
         self.assertIn("--listen=", result.stdout)
