@@ -299,6 +299,12 @@ class ProxyChannel(HTTPChannel):
         self._stopDeadline()
         super().allHeadersReceived()
 
+    def _send100Continue(self) -> None:
+        # A request refused on its headers (413) gets its refusal, not an
+        # invitation to send the body after it.
+        if not self._refused:
+            super()._send100Continue()
+
     def allContentReceived(self) -> None:
         self._inRequestLine = True
         self._headerBytes = 0

@@ -396,6 +396,34 @@ class ProxyPathTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(h.client.calls, [])
 
+    def test_expectContinueRefusedBody(self) -> None:
+        """
+        A request with Expect: 100-continue and a Content-Length over the
+        limit gets a 413 alone: no 100 Continue after it.
+        """
+        h = Harness([_service(maxBodySize=10)])
+        _, transport = h.send(
+            b"POST /echo/ HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 11\r\n\r\n"
+        )
+        self.assertEqual(_status(transport), 413)
+        self.assertNotIn(b"100 Continue", transport.value())
+
+    def test_expectContinueAccepted(self) -> None:
+        """
+        Within the limit, the client is told to continue, and Expect is not
+        forwarded (the body is already here when the upstream is called).
+        """
+        h = Harness([_service(maxBodySize=10)])
+        protocol, transport = h.send(
+            b"POST /echo/ HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 3\r\n\r\n"
+        )
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        protocol.dataReceived(b"abc")
+        [call] = h.client.calls
+        self.assertFalse(call.headers.hasHeader(b"expect"))
+
     def test_requestBodyStreamedUpstream(self) -> None:
         """
         The spooled body goes upstream through a body producer with its
