@@ -253,3 +253,132 @@ class PackagingTests(ProxyTestCase):
             timeout=60,
         )
         self.assertIn(b"monedge", result.stdout)
+
+
+class AdminTests(ProxyTestCase):
+    """
+    The admin site reports health, readiness, metrics and routes.
+    """
+
+    async def test_adminEndpoints(self) -> None:
+        """
+        /healthz and /readyz answer 200; /metrics is Prometheus text with
+        monedge's metrics; /routes lists each service with its endpoints
+        and effective policy; unknown admin paths are 404.
+        """
+        upstream = self.startUpstream()
+        proxy = await self.startProxy(
+            {
+                "service.api.echo": {
+                    "endpoints": [upstream.address],
+                    "policy": {"timeout": "30s", "max-body-size": "1MiB"},
+                },
+                "service.internal.ledger": {"endpoints": [upstream.address]},
+            }
+        )
+        await self.get(proxy.url + "/echo/x")
+        for path in ("/healthz", "/readyz"):
+            response, _ = await self.get(proxy.adminURL + path)
+            self.assertEqual(response.code, 200, path)
+        response, body = await self.get(proxy.adminURL + "/metrics")
+        text = body.decode()
+        self.assertIn(
+            'monedge_requests_total{code_class="2xx",service="service.api.echo"} 1.0',
+            text,
+        )
+        self.assertIn("monedge_request_duration_seconds_bucket", text)
+        self.assertIn("monedge_registry_services 2.0", text)
+        self.assertIn('monedge_registry_reloads_total{result="ok"} 1.0', text)
+        self.assertIn("monedge_requests_in_flight", text)
+        response, body = await self.get(proxy.adminURL + "/routes")
+        routes = json.loads(body)
+        byName = {s["name"]: s for s in routes["services"]}
+        echo = byName["service.api.echo"]
+        self.assertTrue(echo["routable"])
+        self.assertEqual(echo["path"], "/echo/")
+        self.assertEqual(echo["policy"]["timeout"], 30.0)
+        self.assertEqual(echo["policy"]["max-body-size"], 1 << 20)
+        self.assertEqual(echo["endpoints"][0]["address"], upstream.address)
+        self.assertFalse(byName["service.internal.ledger"]["routable"])
+        response, _ = await self.get(proxy.adminURL + "/nothing")
+        self.assertEqual(response.code, 404)
+
+    async def test_accessLogRecord(self) -> None:
+        """
+        Each request writes one JSON access-log line with every documented
+        field.
+        """
+        upstream = self.startUpstream()
+        proxy = await self.startProxy(
+            {"service.api.echo": {"endpoints": [upstream.address]}}
+        )
+        response, body = await self.get(proxy.url + "/echo/x", data=b"12345")
+        self.assertEqual(response.code, 200)
+        records: list[dict[str, object]] = []
+
+        def logged() -> bool:
+            records[:] = proxy.accessLog()
+            return bool(records)
+
+        await proxy.waitFor(logged, 5, "the access log")
+        [record] = records
+        self.assertEqual(
+            set(record),
+            {
+                "time",
+                "request_id",
+                "client",
+                "method",
+                "path",
+                "status",
+                "service",
+                "endpoint",
+                "upstream_latency",
+                "total_latency",
+                "bytes_in",
+                "bytes_out",
+                "error",
+            },
+        )
+        self.assertEqual(record["status"], 200)
+        self.assertEqual(record["service"], "service.api.echo")
+        self.assertEqual(record["endpoint"], upstream.address)
+        self.assertEqual(record["bytes_in"], 5)
+        self.assertEqual(record["bytes_out"], len(body))
+        self.assertEqual(
+            record["request_id"],
+            response.headers.getRawHeaders(b"x-request-id")[0].decode(),
+        )
+
+
+class BalancingTests(ProxyTestCase):
+    """
+    Traffic spreads over endpoints and avoids dead ones.
+    """
+
+    async def test_deadEndpointRetried(self) -> None:
+        """
+        With one live and one refusing endpoint, every request succeeds
+        (a refused connection is retried on the other endpoint), and both
+        live upstreams of a healthy service get traffic.
+        """
+        from monedge.testing import freePort
+
+        live = self.startUpstream()
+        other = self.startUpstream()
+        proxy = await self.startProxy(
+            {
+                "service.api.half": {
+                    "endpoints": [f"127.0.0.1:{freePort()}", live.address]
+                },
+                "service.api.pair": {"endpoints": [live.address, other.address]},
+            }
+        )
+        for _ in range(20):
+            response, body = await self.get(proxy.url + "/half/")
+            self.assertEqual(response.code, 200, body)
+        self.assertEqual(len(live.received), 20)
+        for _ in range(20):
+            await self.get(proxy.url + "/pair/")
+        self.assertGreater(len(other.received), 0)
+        self.assertGreater(len(live.received), 20)
