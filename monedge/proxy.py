@@ -222,6 +222,17 @@ class ProxyExchange:
             response.deliverBody(_Discard())
             self._release()
             return
+        if response.code < 200:
+            # monedge strips Upgrade and answers Expect itself, so an
+            # interim or 101 answer here is an upstream error, never the
+            # start of a tunnel.
+            response.deliverBody(_Discard())
+            self._release()
+            self._metrics.upstreamError("invalid_response")
+            self._fail(
+                ProxyError("upstream_reset", "the upstream sent an interim response")
+            )
+            return
         request.setResponseCode(response.code)
         out = request.responseHeaders
         downstreamHeaders(

@@ -286,6 +286,19 @@ class ProxyPathTests(SynchronousTestCase):
         self.assertEqual(_status(transport), 502)
         self.assertEqual(_jsonBody(transport)["code"], "upstream_reset")
 
+    def test_switchingProtocolsIsNotATunnel(self) -> None:
+        """
+        A 101 from the upstream to a request that asked for no upgrade is a
+        502, and the upstream connection is dropped.
+        """
+        h = Harness([_service()])
+        _, transport = h.send(GET)
+        response = FakeResponse(101, Headers({b"upgrade": [b"websocket"]}))
+        h.client.calls[0].result.callback(response)
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual(_status(transport), 502)
+        self.assertNotIn(b"101", transport.value().split(b"\r\n")[0])
+
     def test_resetMidBodyCutsClient(self) -> None:
         """
         An upstream that fails mid-body leaves the client with a response
