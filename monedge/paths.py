@@ -64,7 +64,8 @@ class RoutedPath:
     @ivar path: the full canonical path, always starting with C{/}.
     @ivar rest: the canonical path after the first segment, always starting
         with C{/}: what the upstream receives when the prefix is stripped.
-    @ivar query: the query string with its C{?}, or C{b""}.
+    @ivar query: the query string with its C{?}, or C{b""} (also for an
+        empty query).
     """
 
     name: str
@@ -156,7 +157,9 @@ def normalise(target: bytes) -> RoutedPath:
         raise PathError(
             "path_control_character", "the query has a space or control character"
         )
-    fullQuery = b"?" + query if sep else b""
+    # An empty query ("/x?") is dropped: Twisted's client would drop it on
+    # the way upstream anyway, and the router must see what is forwarded.
+    fullQuery = b"?" + query if query else b""
 
     p = path + b"/"
     if (

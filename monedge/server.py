@@ -25,7 +25,7 @@ from twisted.web.resource import IResource
 
 from monedge.accesslog import AccessLog
 from monedge.errors import CATALOGUE, ProxyError, rawErrorResponse, renderError
-from monedge.headers import newRequestId, requestIdFor
+from monedge.headers import connectionTokens, newRequestId, requestIdFor
 from monedge.metrics import NO_SERVICE, Metrics
 from monedge.paths import RoutedPath
 
@@ -341,6 +341,36 @@ class ProxyChannel(HTTPChannel):
                 self._refuseForRequest("headers_too_large")
                 return
         super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        """
+        Refuse framing Twisted would accept but other hops may read
+        differently: any transfer coding but C{chunked} (C{identity}
+        included), and any transfer coding on an HTTP/1.0 request.
+        """
+        name, sep, value = line.partition(b":")
+        if sep and name.strip(b" \t").lower() == b"transfer-encoding":
+            if getattr(self, "_version", None) != b"HTTP/1.1":
+                self._refuseForRequest("bad_request")
+                return False
+            if value.strip(b" \t").lower() != b"chunked":
+                self._refuseForRequest("bad_request")
+                return False
+        ok: bool = super().headerReceived(line)
+        return ok
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """
+        Like Twisted's, but reads every C{Connection} header as the
+        comma-separated token list it is (C{Connection: close, X-Foo}
+        closes).
+        """
+        tokens = connectionTokens(request.requestHeaders.getRawHeaders(b"connection"))
+        if version == b"HTTP/1.1" and b"close" not in tokens:
+            return True
+        if version == b"HTTP/1.1":
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        return False
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self._inRequestLine:
