@@ -123,7 +123,10 @@ class Balancer:
         Record a refused or timed-out connection: back off from C{state}.
         """
         state.failures += 1
-        delay = min(self._maxBackoff, self._backoff * 2 ** (state.failures - 1))
+        # The exponent is capped so the delay stays a small float however
+        # long an endpoint keeps refusing.
+        exponent = min(state.failures - 1, 32)
+        delay = min(self._maxBackoff, self._backoff * 2.0**exponent)
         state.downUntil = self._clock.seconds() + delay
 
     def connected(self, state: EndpointState) -> None:

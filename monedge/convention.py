@@ -12,6 +12,7 @@ service a request may reach lives here, so that one table in
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,11 @@ _LABEL = re.compile(r"[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 #: A tier is a single label with no ``-``, so that ``service-<tier>-<name>``
 #: splits back into exactly one (tier, name) pair.
 _TIER = re.compile(r"[a-z][a-z0-9]{0,62}\Z")
+
+#: A Host's name part: RFC 3986 reg-name characters (no userinfo, no
+#: delimiters, no controls), or an IPv4 address, which fits the same set.
+_REG_NAME = re.compile(r"[a-z0-9._~!$&'()*+,;=%-]+\Z")
+_PORT = re.compile(r":[0-9]{1,5}\Z")
 
 DEFAULT_TIER = "api"
 SERVICE_PREFIX = "service"
@@ -104,7 +110,9 @@ def serviceFromKubernetesName(kname: str) -> str | None:
 def normaliseHost(host: bytes | None) -> str | None:
     """
     The comparable form of a Host header value: lowercased, without the port
-    or a trailing dot.  L{None} if the value cannot be a host name.
+    or a trailing dot.  L{None} if the value cannot be a host name: anything
+    but RFC 3986 reg-name characters (so no userinfo, C{/}, C{?}, C{#},
+    space or control character), or brackets around no IPv6 address.
 
     IPv6 literals keep their brackets: C{[::1]:80} is C{[::1]}.
     """
@@ -114,21 +122,23 @@ def normaliseHost(host: bytes | None) -> str | None:
         text = host.decode("ascii").lower()
     except UnicodeDecodeError:
         return None
-    if "@" in text or "/" in text or "\\" in text or " " in text:
-        return None
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
             return None
         rest = text[end + 1 :]
-        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+        if rest and not _PORT.match(rest):
+            return None
+        try:
+            ipaddress.IPv6Address(text[1:end])
+        except ValueError:
             return None
         return text[: end + 1]
     hostname, sep, port = text.partition(":")
-    if sep and not (port.isdigit() and port.isascii()):
+    if sep and not _PORT.match(sep + port):
         return None
-    hostname = hostname.rstrip(".") if hostname.endswith(".") else hostname
-    if not hostname:
+    hostname = hostname.removesuffix(".")
+    if not _REG_NAME.match(hostname) or hostname.startswith(".") or ".." in hostname:
         return None
     return hostname
 

@@ -48,6 +48,18 @@ _OWNED_UP = frozenset(
     ]
 )
 
+
+def _canonical(names: Iterable[bytes]) -> frozenset[bytes]:
+    """
+    The names as Twisted's L{Headers} stores them (C{X-Forwarded-For}).
+    """
+    headers = Headers({name: [b""] for name in names})
+    return frozenset(name for name, _ in headers.getAllRawHeaders())
+
+
+_DROP_UP = _canonical(HOP_BY_HOP | _OWNED_UP)
+_DROP_DOWN = _canonical(HOP_BY_HOP)
+
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}\Z")
 _PORT = re.compile(rb"\d{1,5}\Z")
 
@@ -124,16 +136,19 @@ def upstreamHeaders(
     @param port: the listener's port.
     @param prefix: C{/<name>} when the prefix is stripped, else L{None}.
     """
-    drop = (
-        HOP_BY_HOP | _OWNED_UP | connectionTokens(incoming.getRawHeaders(b"connection"))
-    )
+    tokens = connectionTokens(incoming.getRawHeaders(b"connection"))
     out = Headers()
+    # Names from Twisted's parser are canonical and values already refused
+    # CR, LF and NUL, so they are copied into the new table directly
+    # instead of being re-validated one by one: this runs per request.
+    raw = out._rawHeaders
     for name, values in incoming.getAllRawHeaders():
-        if name.lower() not in drop:
-            out.setRawHeaders(name, values)
+        if name in _DROP_UP or (tokens and name.lower() in tokens):
+            continue
+        raw[name] = list(values)
     if host is not None:
-        out.setRawHeaders(b"host", [host])
-    out.setRawHeaders(b"x-forwarded-for", [forwardedFor(incoming, peer, trustedHops)])
+        raw[b"Host"] = [host]
+    raw[b"X-Forwarded-For"] = [forwardedFor(incoming, peer, trustedHops)]
     if trustedHops > 0:
         sentProto = incoming.getRawHeaders(b"x-forwarded-proto")
         if sentProto and len(sentProto) == 1 and sentProto[0] in (b"http", b"https"):
@@ -141,13 +156,13 @@ def upstreamHeaders(
         sentPort = incoming.getRawHeaders(b"x-forwarded-port")
         if sentPort and len(sentPort) == 1 and _PORT.match(sentPort[0]):
             port = sentPort[0]
-    out.setRawHeaders(b"x-forwarded-proto", [proto])
+    raw[b"X-Forwarded-Proto"] = [proto]
     if host is not None:
-        out.setRawHeaders(b"x-forwarded-host", [host])
-    out.setRawHeaders(b"x-forwarded-port", [port])
+        raw[b"X-Forwarded-Host"] = [host]
+    raw[b"X-Forwarded-Port"] = [port]
     if prefix is not None:
-        out.setRawHeaders(b"x-forwarded-prefix", [prefix])
-    out.setRawHeaders(b"x-request-id", [requestId])
+        raw[b"X-Forwarded-Prefix"] = [prefix]
+    raw[b"X-Request-Id"] = [requestId]
     return out
 
 
@@ -162,7 +177,10 @@ def downstreamHeaders(
 
     @param connection: the upstream's C{Connection} header values.
     """
-    drop = HOP_BY_HOP | connectionTokens(connection)
+    tokens = connectionTokens(connection)
     for name, values in upstream.getAllRawHeaders():
-        if name.lower() not in drop:
-            out.setRawHeaders(name, values)
+        if name in _DROP_DOWN or (tokens and name.lower() in tokens):
+            continue
+        # setRawHeaders re-validates: an upstream is not trusted to send
+        # clean values.
+        out.setRawHeaders(name, values)

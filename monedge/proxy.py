@@ -61,19 +61,28 @@ class _BodyRelay(Protocol):
     upstream socket, so no more than a socket buffer is held in memory.
     """
 
-    def __init__(self, exchange: ProxyExchange, idleTimeout: float) -> None:
+    def __init__(
+        self, exchange: ProxyExchange, idleTimeout: float, timer: IDelayedCall | None
+    ) -> None:
         self._exchange = exchange
         self._request = exchange.request
         self._clock = exchange.context.clock
         self._idleTimeout = idleTimeout
         self._last = 0.0
         self._paused = False
-        self._idleCall: IDelayedCall | None = None
+        #: The exchange's response-header timer, re-armed as the idle timer
+        #: (one timer per exchange: this runs per request).
+        self._idleCall = timer
 
     def connectionMade(self) -> None:
         self._last = self._clock.seconds()
         self._request.registerProducer(self, True)
-        self._idleCall = self._clock.callLater(self._idleTimeout, self._checkIdle)
+        timer = self._idleCall
+        if timer is not None and timer.active():
+            timer.reset(self._idleTimeout)
+            timer.func = self._checkIdle  # type: ignore[attr-defined]
+        else:
+            self._idleCall = self._clock.callLater(self._idleTimeout, self._checkIdle)
 
     def dataReceived(self, data: bytes) -> None:
         self._last = self._clock.seconds()
@@ -212,12 +221,13 @@ class ProxyExchange:
 
     def _gotResponse(self, response: IResponse) -> None:
         self._pending = None
-        self._cancelTimeout()
         state = self._state
         assert state is not None
         self.context.balancer.connected(state)
         request = self.request
         request.upstreamLatency = self.context.clock.seconds() - self._sentAt
+        if self._clientGone or response.code < 200:
+            self._cancelTimeout()
         if self._clientGone:
             response.deliverBody(_Discard())
             self._release()
@@ -248,7 +258,8 @@ class ProxyExchange:
         # Send the headers now: a client waiting on a long poll or an event
         # stream must not wait for the first body byte to see them.
         request.write(b"")
-        self._relay = _BodyRelay(self, self._policy.idleTimeout)
+        timer, self._timeoutCall = self._timeoutCall, None
+        self._relay = _BodyRelay(self, self._policy.idleTimeout, timer)
         response.deliverBody(self._relay)
 
     def bodyDone(self, reason: Failure) -> None:

@@ -37,6 +37,9 @@ _REFUSED_METHODS = frozenset([b"CONNECT", b"TRACE"])
 #: The most routes kept at once.
 ROUTE_CACHE_SIZE = 10_000
 
+#: The most normalised Host values remembered at once.
+HOST_CACHE_SIZE = 1024
+
 
 class ServiceResource(Resource):
     """
@@ -110,6 +113,7 @@ class RootResource(Resource):
         self.hostTiers = hostTiers or HostTiers({})
         self._cache: OrderedDict[str, ServiceResource] = OrderedDict()
         self._cacheSize = cacheSize
+        self._hosts: dict[bytes, str | None] = {}
         self._unsubscribe = registry.subscribe(self._registryChanged)
 
     def _registryChanged(self, names: frozenset[str]) -> None:
@@ -118,6 +122,20 @@ class RootResource(Resource):
         self._context.balancer.retain(
             e for entry in self._registry.services().values() for e in entry.endpoints
         )
+
+    def _hostname(self, host: bytes) -> str | None:
+        """
+        L{normaliseHost}, remembered: a proxy sees few distinct Hosts.  The
+        memory is bounded, so many distinct Hosts only cost recomputation.
+        """
+        cache = self._hosts
+        try:
+            return cache[host]
+        except KeyError:
+            if len(cache) >= HOST_CACHE_SIZE:
+                cache.clear()
+            hostname = cache[host] = normaliseHost(host)
+            return hostname
 
     def route(self, service: str) -> ServiceResource | None:
         """
@@ -172,9 +190,10 @@ class RootResource(Resource):
         request.hostHeader = host
         routed: RoutedPath = normalise(target)
         request.routedPath = routed
-        if host is not None and normaliseHost(host) is None:
+        hostname = self._hostname(host) if host is not None else None
+        if host is not None and hostname is None:
             raise ProxyError("bad_request", "the Host header is malformed")
-        tier = self.hostTiers.tierFor(normaliseHost(host))
+        tier = self.hostTiers.tierFor(hostname)
         if tier is None:
             raise ProxyError("unknown_host")
         if not isValidName(routed.name):

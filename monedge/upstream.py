@@ -40,6 +40,8 @@ from monedge.interfaces import IUpstreamClient
 #: upstream, closes an idle pooled connection and never races its close.
 DEFAULT_POOL_IDLE = 4.0
 DEFAULT_MAX_PER_HOST = 256
+#: Endpoint objects kept for reuse (more are rebuilt, not leaked).
+MAX_ENDPOINTS = 4096
 
 
 class _ConnectionHeaderProtocol(HTTP11ClientProtocol):
@@ -80,8 +82,20 @@ class _EndpointFactory:
     def __init__(self, reactor: Any, connectTimeout: float) -> None:
         self._reactor = reactor
         self._timeout = connectTimeout
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        # Agent asks for an endpoint on every request, even when a pooled
+        # connection will serve it: build each one once.
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) >= MAX_ENDPOINTS:
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = self._newEndpoint(uri)
+        return endpoint
+
+    def _newEndpoint(self, uri: URI) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii")
         endpoint: IStreamClientEndpoint
         try:

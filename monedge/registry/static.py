@@ -77,7 +77,9 @@ def parseRegistry(document: object, where: str) -> dict[str, ServiceEntry]:
     unknown = set(document) - {"services"}
     if unknown:
         raise fail(str(sorted(map(str, unknown))[0]), "unknown top-level key")
-    services = document.get("services") or {}
+    services = document.get("services")
+    if services is None:
+        services = {}
     if not isinstance(services, dict):
         raise fail("services", "expected a mapping of service name to service")
     table: dict[str, ServiceEntry] = {}
@@ -99,7 +101,9 @@ def parseRegistry(document: object, where: str) -> dict[str, ServiceEntry]:
                 parsed.append(parseEndpoint(value))
             except ValueError as e:
                 raise fail(f"{field}.endpoints[{index}]", str(e)) from None
-        policySpec = spec.get("policy") or {}
+        policySpec = spec.get("policy")
+        if policySpec is None:
+            policySpec = {}
         if not isinstance(policySpec, dict):
             raise fail(f"{field}.policy", "expected a mapping")
         try:
