@@ -46,6 +46,14 @@ def _text(value: bytes | None, limit: int = _MAX_PATH) -> str | None:
     return value[:limit].decode("utf-8", "backslashreplace")
 
 
+def _received(value: bytes) -> bytes | None:
+    """
+    C{value}, or L{None} for Twisted's placeholders for a request line that
+    never arrived (C{(no method yet)}).
+    """
+    return None if value.startswith(b"(no ") else value
+
+
 def _timestamp(when: float) -> str:
     return datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")
 
@@ -89,8 +97,8 @@ class AccessLog:
             "time": _timestamp(now),
             "request_id": request.requestId.decode("ascii"),
             "client": request.peerAddress.decode("ascii", "replace"),
-            "method": _text(request.method, 32),
-            "path": _text(request.uri),
+            "method": _text(_received(request.method), 32),
+            "path": _text(_received(request.uri)),
             "status": status,
             "service": request.service,
             "endpoint": request.endpoint,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 #: code -> (status, default message)
 CATALOGUE: dict[str, tuple[int, str]] = {
     "bad_request": (400, "the request is malformed"),
-    "missing_host": (400, "an HTTP/1.1 request needs exactly one Host header"),
+    "missing_host": (400, "the Host header is missing or repeated"),
     "host_mismatch": (400, "the absolute-form target's authority differs from Host"),
     "path_not_absolute": (400, "the request target must start with '/'"),
     "path_invalid_escape": (400, "the path has a malformed %-escape"),
@@ -47,6 +47,10 @@ CATALOGUE: dict[str, tuple[int, str]] = {
         "the upstream did not accept the connection in time",
     ),
 }
+
+
+#: Reason phrases Twisted does not know.
+_REASONS = {431: b"Request Header Fields Too Large"}
 
 
 class ProxyError(Exception):
@@ -89,7 +93,7 @@ def rawErrorResponse(code: str, requestId: bytes, message: str | None = None) ->
     """
     status, default = CATALOGUE[code]
     body = errorBody(status, code, message or default, requestId)
-    reason = RESPONSES.get(status, b"Error")
+    reason = _REASONS.get(status) or RESPONSES.get(status, b"Error")
     return b"".join(
         [
             b"HTTP/1.1 %d %s\r\n" % (status, reason),

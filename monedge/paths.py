@@ -5,8 +5,10 @@ both routed on and forwarded, or refuse it.
 The router and the upstream must never disagree about what a path means, so
 monedge decodes every segment once, refuses anything whose meaning depends
 on who decodes it (dot segments, encoded separators, control characters,
-invalid UTF-8, double encoding), and forwards a canonical re-encoding of
-exactly the segments it routed on.  Every rule is listed in
+invalid UTF-8, double encoding), and forwards the segments it routed on in
+canonical form: escaped unreserved characters decoded, every other escape
+kept (uppercase).  Raw bytes above 0x7F never get here: Twisted's
+request-line parser refuses them first.  Every rule is listed in
 ``docs/convention.md``; each refusal is a L{PathError} with a stable code.
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import unquote_to_bytes
 
 #: Characters a canonical segment keeps unencoded: RFC 3986 unreserved,
 #: sub-delims, ``:`` and ``@``.
@@ -131,7 +133,40 @@ def _decodeSegment(raw: bytes) -> bytes:
                 "the path has a character that normalises to '/' or '\\'",
             )
         _refuseDotSegment(folded)
-    return quote(decoded, safe=_SEGMENT_SAFE).encode("ascii")
+    return _canonical(raw)
+
+
+_UNRESERVED = frozenset(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
+)
+_RAW_SAFE = _UNRESERVED | frozenset(_SEGMENT_SAFE.encode("ascii"))
+
+
+def _canonical(raw: bytes) -> bytes:
+    """
+    The canonical form of a validated raw segment (RFC 3986 6.2.2): an
+    escaped unreserved character is decoded, every other escape is kept
+    with uppercase hex (C{%3b} stays an escaped C{;}, never a parameter
+    delimiter), and any other unsafe raw byte is escaped.
+    """
+    out = bytearray()
+    index, length = 0, len(raw)
+    while index < length:
+        byte = raw[index]
+        if byte == 0x25:
+            value = int(raw[index + 1 : index + 3], 16)
+            if value in _UNRESERVED:
+                out.append(value)
+            else:
+                out += b"%%%02X" % (value,)
+            index += 3
+            continue
+        if byte in _RAW_SAFE:
+            out.append(byte)
+        else:
+            out += b"%%%02X" % (byte,)
+        index += 1
+    return bytes(out)
 
 
 def _refuseDotSegment(text: str) -> None:

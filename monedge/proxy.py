@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -278,7 +278,7 @@ class ProxyExchange:
         # response, never one that looks complete.
         if not self._timedOut:
             self._metrics.upstreamError("reset_mid_body")
-        request.errorCode = "reset_mid_body"
+            request.errorCode = "reset_mid_body"
         request.loseConnection()
 
     def bodyStalled(self) -> None:
@@ -302,7 +302,7 @@ class ProxyExchange:
         if failure.check(ConnectTimeoutError):
             self.context.balancer.connectFailed(state)
             kind, error = "connect_timeout", "upstream_connect_timeout"
-        elif failure.check(ConnectError):
+        elif failure.check(ConnectError, DNSLookupError):
             self.context.balancer.connectFailed(state)
             kind, error = "connect_refused", "upstream_connect_failed"
         elif failure.check(CancelledError):

@@ -32,6 +32,10 @@ from monedge.paths import RoutedPath
 #: The status logged for a request whose client went away first.
 CLIENT_CLOSED = 499
 
+#: Seconds a refused connection is kept half-open, discarding input, so the
+#: client reads the refusal instead of a reset.
+LINGER = 2.0
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -120,6 +124,16 @@ class ProxyRequest(server.Request):
             channel._command, channel._path, channel._version, self
         )
         self.decision = decision
+        error = getattr(decision, "error", None)
+        if error is not None and self.hasBody:
+            # The answer is already known: give it now rather than read a
+            # body nobody will use, and close, since the body is not read.
+            self._refused = True
+            self._accounted = True
+            cast(ProxyChannel, channel).refuse(
+                error.code, self.requestId, error.message, request=self
+            )
+            return
         policy = getattr(decision, "policy", None)
         if policy is not None:
             limit = policy.maxBodySize
@@ -250,6 +264,7 @@ class ProxyChannel(HTTPChannel):
         self._headerBytes = 0
         self._headerCount = 0
         self._deadline: IDelayedCall | None = None
+        self._lingering: IDelayedCall | None = None
         self._refused = False
 
     @property
@@ -264,6 +279,8 @@ class ProxyChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._stopDeadline()
+        if self._lingering is not None and self._lingering.active():
+            self._lingering.cancel()
         self.site.channels.discard(self)
         super().connectionLost(reason)
 
@@ -325,9 +342,15 @@ class ProxyChannel(HTTPChannel):
         if self._refused:
             return
         if self._inRequestLine:
+            if len(line) > self.limits.maxRequestLine:
+                self.refuse("uri_too_long")
+                return
             if line:
                 self._inRequestLine = False
         elif line:
+            if len(line) > self.limits.maxHeaderLine:
+                self._refuseForRequest("headers_too_large")
+                return
             if line[0] in b" \t":
                 self.refuse("bad_request", message="obsolete line folding is refused")
                 return
@@ -393,21 +416,36 @@ class ProxyChannel(HTTPChannel):
         request: ProxyRequest | None = None,
     ) -> None:
         """
-        Answer with an error and close the connection, without reading
-        anything more from it.
+        Answer with an error and close the connection, parsing nothing
+        more from it.
+
+        The close lingers: monedge half-closes after the response and
+        discards what the client still sends for up to L{LINGER} seconds.
+        Closing at once with unread data would make the kernel reset the
+        connection, and a client still uploading would see the reset
+        instead of the answer.
         """
         if self._refused:
             return
         self._refused = True
         self._stopDeadline()
+        self.setTimeout(None)
         rid = requestId or newRequestId()
         if request is not None:
             request._accounted = True
-        assert self.transport is not None
-        self.transport.write(rawErrorResponse(code, rid, message))
+        transport = self.transport
+        assert transport is not None
+        transport.write(rawErrorResponse(code, rid, message))
         self.site.refusalLogged(self, code, rid, request)
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
-        self.loseConnection()
+        self._networkProducer.unregisterProducer()  # type: ignore[attr-defined]
+        halfClose = getattr(transport, "loseWriteConnection", None)
+        if halfClose is None:
+            transport.loseConnection()
+            return
+        halfClose()
+        abort = getattr(transport, "abortConnection", transport.loseConnection)
+        self._lingering = self.callLater(LINGER, abort)
 
     def isIdle(self) -> bool:
         """

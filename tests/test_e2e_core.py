@@ -154,9 +154,12 @@ class StatusTests(ProxyTestCase):
                 }
             }
         )
+        # The client sends its whole body regardless: it must still read
+        # the 413, not a connection reset.
         raw = await deferRaw(
             proxy.port,
-            b"POST /up/ HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n",
+            b"POST /up/ HTTP/1.1\r\nHost: a\r\nContent-Length: 4000000\r\n\r\n"
+            + b"x" * 4000000,
         )
         head, _, body = raw.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 413 "), raw)

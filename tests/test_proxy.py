@@ -13,7 +13,12 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError
-from twisted.internet.error import ConnectionRefusedError, TimeoutError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionRefusedError,
+    DNSLookupError,
+    TimeoutError,
+)
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -213,7 +218,7 @@ class ProxyPathTests(SynchronousTestCase):
         stopped and the client connection closed without a final chunk.
         """
         h = Harness([_service(idleTimeout=3.0)])
-        _, transport = h.send(GET)
+        protocol, transport = h.send(GET)
         response = FakeResponse()
         h.client.calls[0].result.callback(response)
         for _ in range(5):
@@ -225,6 +230,9 @@ class ProxyPathTests(SynchronousTestCase):
         response.end(Failure(ResponseFailed([Failure(CancelledError())])))
         self.assertTrue(transport.disconnecting)
         self.assertFalse(transport.value().endswith(b"0\r\n\r\n"))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        [record] = h.records()
+        self.assertEqual(record["error"], "body_idle_timeout")
 
     def test_connectFailureRetriesAnotherEndpoint(self) -> None:
         """
@@ -261,6 +269,50 @@ class ProxyPathTests(SynchronousTestCase):
         self.assertEqual(len(h.client.calls), 2)
         self.assertEqual(_status(transport), 502)
         self.assertEqual(_jsonBody(transport)["code"], "upstream_connect_failed")
+
+    def test_dnsFailureIsAConnectFailure(self) -> None:
+        """
+        An endpoint whose name does not resolve is treated like one that
+        refuses connections: retried elsewhere, then 502.
+        """
+        h = Harness([_service("service.api.echo", "10.0.0.1:80", "10.0.0.2:80")])
+        _, transport = h.send(GET)
+        h.client.calls[0].result.errback(DNSLookupError("nope"))
+        h.client.calls[1].result.errback(DNSLookupError("nope"))
+        self.assertEqual(_status(transport), 502)
+        self.assertEqual(_jsonBody(transport)["code"], "upstream_connect_failed")
+
+    def test_refusedRouteWithBodyAnsweredAtOnce(self) -> None:
+        """
+        A request with a body to no route is answered 404 as soon as its
+        headers arrive; the body is not read and the connection closes.
+        """
+        h = Harness([_service()])
+        protocol, transport = h.send(
+            b"POST /nothing/ HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n"
+        )
+        self.assertEqual(_status(transport), 404)
+        self.assertEqual(_jsonBody(transport)["code"], "route_not_found")
+        self.assertTrue(transport.disconnecting)
+        protocol.dataReceived(b"x" * 100000)
+        self.assertEqual(h.client.calls, [])
+
+    def test_requestLineLimitExact(self) -> None:
+        """
+        The request-line limit applies on its own even when the header-line
+        limit is larger.
+        """
+        h = Harness([_service()], Limits(maxRequestLine=100, maxHeaderLine=1000))
+        _, transport = h.send(
+            b"GET /echo/" + b"a" * 100 + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        self.assertEqual(_status(transport), 414)
+        _, transport = h.send(
+            b"GET /echo/ HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 900 + b"\r\n\r\n"
+        )
+        self.assertEqual(
+            h.client.calls[0].headers.getRawHeaders(b"x-big"), [b"b" * 900]
+        )
 
     def test_connectTimeoutIs504(self) -> None:
         """
