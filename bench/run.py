@@ -1,0 +1,806 @@
+"""
+monedge's throughput benchmark: one command, loopback only, a few minutes.
+
+    .venv/bin/python bench/run.py          (or: make bench)
+
+It starts a tiny Twisted upstream (bench/upstream.py) that answers every
+request with C{hello\\n}, then loads it with wrk through:
+
+  - monedge, with C{--access-log none};
+  - monedge with its access log on, written to a file (the default is on);
+  - Twisted's own C{ReverseProxyResource} (bench/rpr.py);
+  - nothing at all ("direct": wrk at the upstream itself).
+
+The proxy under test runs pinned to one CPU, the upstream and wrk to another.
+Every target is run once per round, after a short warm-up; the table shows
+the median over rounds, the server's CPU and peak RSS, and monedge's req/s
+as a multiple of each target's.  See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+SERVICE = "service.api.bench"
+BODY = b"hello\n"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SAMPLE_INTERVAL = 0.25
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+MONEDGE = "monedge"
+MONEDGE_LOGGED = "monedge (access log on)"
+RPR = "ReverseProxyResource"
+DIRECT = "direct"
+
+
+class BenchError(Exception):
+    """
+    The benchmark cannot run; the message says why.
+    """
+
+
+# -- the machine -------------------------------------------------------------
+
+
+def run(command: Sequence[str]) -> str:
+    """
+    Run a short command; its stdout and stderr, or an empty string.
+    """
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return (done.stdout + done.stderr).strip()
+
+
+def ensureWrk() -> str:
+    """
+    The path of wrk, installing Debian's package first if it is missing.
+    """
+    found = shutil.which("wrk")
+    if found:
+        return found
+    apt = shutil.which("apt-get")
+    if apt is None or os.geteuid() != 0:
+        raise BenchError(
+            "wrk is not installed, and it cannot be installed from here "
+            "(installing needs apt-get, as root): install it with "
+            "`sudo apt-get install wrk`, then run this again."
+        )
+    print("wrk is not installed: installing it with apt-get ...", flush=True)
+    environment = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for command in (
+        [apt, "update", "-qq"],
+        [apt, "install", "-y", "-qq", "wrk"],
+    ):
+        done = subprocess.run(
+            command,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise BenchError(
+                f"could not install wrk: `{shlex.join(command)}` exited "
+                f"{done.returncode}:\n{(done.stdout + done.stderr).strip()[-2000:]}"
+            )
+    found = shutil.which("wrk")
+    if found is None:
+        raise BenchError("apt-get installed wrk, but it is not on PATH")
+    return found
+
+
+def pinning(enabled: bool) -> tuple[list[str], list[str]]:
+    """
+    Command prefixes that pin the proxy under test to one CPU, and the
+    upstream and wrk to another.
+    """
+    if not enabled:
+        return [], []
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise BenchError(
+            "taskset is missing (Debian: apt-get install util-linux); "
+            "or run with --no-pin"
+        )
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise BenchError(
+            f"pinning needs two CPUs and only {cpus} are available; run with --no-pin"
+        )
+    return [taskset, "-c", str(cpus[0])], [taskset, "-c", str(cpus[1])]
+
+
+def cpuModel() -> str:
+    """
+    The CPU's model name, from /proc/cpuinfo.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() in ("model name", "Model", "Hardware"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(wrk: str) -> dict[str, str]:
+    """
+    What the figures were measured on.
+    """
+    import twisted
+
+    memory = "unknown"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    version = run([wrk, "-v"])
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "nproc": run(["nproc"]) or str(len(os.sched_getaffinity(0))),
+        "cpu": cpuModel(),
+        "memory": memory,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "wrk": version.splitlines()[0] if version else "unknown",
+        "commit": run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+        or "unknown",
+    }
+
+
+# -- processes ---------------------------------------------------------------
+
+
+def freePort() -> int:
+    """
+    A TCP port on 127.0.0.1 that was free a moment ago.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def cpuSeconds(pid: int) -> float:
+    """
+    User plus system CPU time used so far by process C{pid}.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        # Fields after the command name (which may hold spaces) start at
+        # field 3, state; utime and stime are fields 14 and 15.
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rssBytes(pid: int) -> int:
+    """
+    The resident set size of process C{pid}.
+    """
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass
+class Server:
+    """
+    A server child process listening on 127.0.0.1.
+    """
+
+    name: str
+    command: list[str]
+    port: int
+    logPath: Path
+    process: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> None:
+        """
+        Start the process in its own session (so a Ctrl-C reaches only the
+        benchmark, which then stops it).
+        """
+        self._log = open(self.logPath, "wb")
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=self.logPath.parent,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def waitUntilListening(self) -> None:
+        """
+        Return once the port accepts connections.
+        """
+        assert self.process is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                pass
+            if self.process.poll() is not None:
+                raise BenchError(
+                    f"{self.name} exited ({self.process.returncode}) before "
+                    f"listening:\n{self.logTail()}"
+                )
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"{self.name} did not listen on port {self.port} within "
+                    f"{START_TIMEOUT:g} s:\n{self.logTail()}"
+                )
+            time.sleep(0.05)
+
+    def checkAlive(self) -> None:
+        """
+        Fail if the process has exited.
+        """
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise BenchError(
+                f"{self.name} exited ({self.process.returncode}) during the "
+                f"benchmark:\n{self.logTail()}"
+            )
+
+    def logTail(self, size: int = 3000) -> str:
+        """
+        The end of the process's output.
+        """
+        try:
+            return self.logPath.read_text(errors="replace")[-size:]
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def stopAll(servers: Sequence[Server]) -> None:
+    """
+    SIGTERM every server still running, then SIGKILL any that outlive
+    L{STOP_TIMEOUT}.
+    """
+    running = [s for s in servers if s.process and s.process.poll() is None]
+    for server in running:
+        assert server.process is not None
+        server.process.terminate()
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for server in running:
+        assert server.process is not None
+        try:
+            server.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+    for server in servers:
+        server.close()
+
+
+def fetch(port: int, path: str) -> tuple[int, bytes]:
+    """
+    One GET to 127.0.0.1:C{port}; its status and body.
+    """
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+# -- wrk ---------------------------------------------------------------------
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_NUMBER = r"([\d.]+)"
+_PERCENTILE = re.compile(
+    r"^\s*(50|99)(?:\.0+)?%\s+" + _NUMBER + r"(us|ms|s|m|h)\s*$", re.M
+)
+_RATE = re.compile(r"^Requests/sec:\s+" + _NUMBER, re.M)
+_TOTAL = re.compile(r"^\s*(\d+) requests in", re.M)
+_SOCKET = re.compile(
+    r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"
+)
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+
+
+@dataclass
+class WrkResult:
+    """
+    What one wrk run reported.
+    """
+
+    requestsPerSecond: float
+    requests: int
+    p50ms: float
+    p99ms: float
+    non2xx: int
+    socketErrors: dict[str, int]
+
+    @property
+    def errors(self) -> int:
+        return self.non2xx + sum(self.socketErrors.values())
+
+
+def parseWrk(output: str) -> WrkResult:
+    """
+    Parse wrk's report (run with C{--latency}).
+    """
+    rate = _RATE.search(output)
+    total = _TOTAL.search(output)
+    percentiles = {
+        int(m.group(1)): float(m.group(2)) * _UNITS_MS[m.group(3)]
+        for m in _PERCENTILE.finditer(output)
+    }
+    if rate is None or total is None or set(percentiles) != {50, 99}:
+        raise BenchError(f"could not parse wrk's output:\n{output}")
+    socketErrors = dict.fromkeys(("connect", "read", "write", "timeout"), 0)
+    found = _SOCKET.search(output)
+    if found is not None:
+        socketErrors = dict(zip(socketErrors, map(int, found.groups()), strict=True))
+    non2xx = _NON_2XX.search(output)
+    return WrkResult(
+        requestsPerSecond=float(rate.group(1)),
+        requests=int(total.group(1)),
+        p50ms=percentiles[50],
+        p99ms=percentiles[99],
+        non2xx=int(non2xx.group(1)) if non2xx else 0,
+        socketErrors=socketErrors,
+    )
+
+
+@dataclass
+class Wrk:
+    """
+    How to run wrk.
+    """
+
+    path: str
+    prefix: list[str]
+    threads: int
+    connections: int
+
+    def command(self, url: str, seconds: float) -> list[str]:
+        return [
+            *self.prefix,
+            self.path,
+            f"-t{self.threads}",
+            f"-c{self.connections}",
+            f"-d{seconds:g}s",
+            "--latency",
+            url,
+        ]
+
+    def run(
+        self, url: str, seconds: float, watch: Sequence[int] = ()
+    ) -> tuple[str, dict[int, float], dict[int, int]]:
+        """
+        Run wrk against C{url}; its output, and for each process in
+        C{watch} its CPU use in percent of one CPU and its peak RSS.
+        """
+        before = {pid: cpuSeconds(pid) for pid in watch}
+        peak = {pid: rssBytes(pid) for pid in watch}
+        started = time.monotonic()
+        process = subprocess.Popen(
+            self.command(url, seconds),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = started + seconds + 30
+            while process.poll() is None:
+                for pid in watch:
+                    peak[pid] = max(peak[pid], rssBytes(pid))
+                if time.monotonic() > deadline:
+                    raise BenchError(f"wrk ran past {seconds + 30:g} s on {url}")
+                time.sleep(SAMPLE_INTERVAL)
+            elapsed = time.monotonic() - started
+            assert process.stdout is not None
+            output = process.stdout.read().decode(errors="replace")
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+        if process.returncode != 0:
+            raise BenchError(f"wrk exited {process.returncode} on {url}:\n{output}")
+        cpu = {pid: 100.0 * (cpuSeconds(pid) - before[pid]) / elapsed for pid in watch}
+        return output, cpu, peak
+
+
+# -- the benchmark -----------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """
+    One thing to load: a URL and the server process that answers it.
+    """
+
+    label: str
+    server: Server
+    path: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}{self.path}"
+
+
+@dataclass
+class Summary:
+    """
+    One target over every round.
+    """
+
+    target: str
+    url: str
+    requestsPerSecond: float
+    rounds: list[float]
+    p50ms: float
+    p99ms: float
+    errors: int
+    cpuPercent: float
+    upstreamCpuPercent: float
+    rssMiB: float
+
+    @classmethod
+    def of(cls, target: Target) -> Summary:
+        def median(key: str) -> float:
+            return statistics.median(run[key] for run in target.runs)
+
+        return cls(
+            target=target.label,
+            url=target.url,
+            requestsPerSecond=median("requestsPerSecond"),
+            rounds=[run["requestsPerSecond"] for run in target.runs],
+            p50ms=median("p50ms"),
+            p99ms=median("p99ms"),
+            errors=sum(run["errors"] for run in target.runs),
+            cpuPercent=median("cpuPercent"),
+            upstreamCpuPercent=median("upstreamCpuPercent"),
+            rssMiB=max(run["rssBytes"] for run in target.runs) / 2**20,
+        )
+
+
+def table(summaries: Sequence[Summary]) -> str:
+    """
+    The results, as a Markdown table aligned for a terminal.
+    """
+    base = next(s for s in summaries if s.target == MONEDGE)
+    header = [
+        "target",
+        "req/s (median)",
+        "req/s per round",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "server CPU %",
+        "upstream CPU %",
+        "server RSS MiB",
+        "monedge ÷ target",
+    ]
+    rows = [
+        [
+            s.target,
+            f"{s.requestsPerSecond:,.0f}",
+            " / ".join(f"{r:,.0f}" for r in s.rounds),
+            f"{s.p50ms:.2f}",
+            f"{s.p99ms:.2f}",
+            str(s.errors),
+            f"{s.cpuPercent:.0f}",
+            f"{s.upstreamCpuPercent:.0f}",
+            f"{s.rssMiB:.1f}",
+            f"{base.requestsPerSecond / s.requestsPerSecond:.2f}x",
+        ]
+        for s in summaries
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|".join(
+        "-" * (w + 1) + ":" if i else ":" + "-" * (w + 1) for i, w in enumerate(widths)
+    )
+    return "\n".join([line(header), f"|{rule}|", *map(line, rows)])
+
+
+def ratios(summaries: Sequence[Summary]) -> list[str]:
+    base = next(s for s in summaries if s.target == MONEDGE)
+    return [
+        f"monedge / {s.target} = {base.requestsPerSecond / s.requestsPerSecond:.2f}x"
+        for s in summaries
+        if s is not base
+    ]
+
+
+def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Load monedge, ReverseProxyResource and the bare upstream "
+        "with wrk on loopback, and compare them."
+    )
+    parser.add_argument(
+        "--duration", type=float, default=10, help="seconds per measured run (10)"
+    )
+    parser.add_argument(
+        "--connections", type=int, default=50, help="wrk connections (50)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads (1)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds (2)")
+    parser.add_argument(
+        "--warmup", type=float, default=2, help="warm-up seconds before each run (2)"
+    )
+    parser.add_argument(
+        "--no-pin", action="store_true", help="do not pin processes to CPUs"
+    )
+    parser.add_argument(
+        "--no-json", action="store_true", help="do not write bench/results/*.json"
+    )
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--duration and --rounds must be positive, --warmup not negative")
+    if args.connections < args.threads or args.threads < 1:
+        parser.error("--connections must be at least --threads, which must be >= 1")
+    return args
+
+
+def writeRegistry(path: Path, upstreamPort: int) -> None:
+    import yaml
+
+    document = {"services": {SERVICE: {"endpoints": [f"127.0.0.1:{upstreamPort}"]}}}
+    path.write_text(yaml.safe_dump(document))
+
+
+def monedgeCommand(
+    prefix: list[str], port: int, adminPort: int, registry: Path, accessLog: str
+) -> list[str]:
+    twistd = str(Path(sys.executable).parent / "twistd")
+    return [
+        *prefix,
+        "env",
+        f"PYTHONPATH={ROOT}",
+        twistd,
+        "-n",
+        "--pidfile=",
+        "monedge",
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1:backlog=1024",
+        "--admin-port",
+        f"tcp:{adminPort}:interface=127.0.0.1",
+        "--registry",
+        f"static:{registry}",
+        "--access-log",
+        accessLog,
+        # Nothing is in flight when the bench stops it: no drain delay.
+        "--drain-delay",
+        "0s",
+    ]
+
+
+def benchmark(args: argparse.Namespace, directory: Path) -> None:
+    wrkPath = ensureWrk()
+    proxyPin, loadPin = pinning(not args.no_pin)
+    about = machine(wrkPath)
+    invocation = shlex.join([sys.executable, *sys.argv])
+
+    upstreamPort = freePort()
+    registry = directory / "services.yaml"
+    writeRegistry(registry, upstreamPort)
+    upstream = Server(
+        "upstream",
+        [
+            *loadPin,
+            sys.executable,
+            str(BENCH / "upstream.py"),
+            "--port",
+            str(upstreamPort),
+        ],
+        upstreamPort,
+        directory / "upstream.log",
+    )
+    servers = [upstream]
+    targets: list[Target] = []
+    for label, accessLog in (
+        (MONEDGE, "none"),
+        (MONEDGE_LOGGED, str(directory / "access.log")),
+    ):
+        port = freePort()
+        server = Server(
+            label,
+            monedgeCommand(proxyPin, port, freePort(), registry, accessLog),
+            port,
+            directory / f"monedge-{port}.log",
+        )
+        servers.append(server)
+        targets.append(Target(label, server, "/bench/"))
+    rprPort = freePort()
+    rpr = Server(
+        RPR,
+        [
+            *proxyPin,
+            sys.executable,
+            str(BENCH / "rpr.py"),
+            "--port",
+            str(rprPort),
+            "--upstream-port",
+            str(upstreamPort),
+        ],
+        rprPort,
+        directory / "rpr.log",
+    )
+    servers.append(rpr)
+    targets.append(Target(RPR, rpr, "/bench/"))
+    targets.append(Target(DIRECT, upstream, "/"))
+    wrk = Wrk(wrkPath, loadPin, args.threads, args.connections)
+
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.waitUntilListening()
+        for target in targets:
+            status, body = fetch(target.server.port, target.path)
+            if status != 200 or body != BODY:
+                raise BenchError(
+                    f"{target.label}: GET {target.url} answered {status} "
+                    f"{body[:200]!r}, not 200 {BODY!r}"
+                )
+
+        print("monedge benchmark")
+        print(f"  command:  {invocation}")
+        for key, value in about.items():
+            print(f"  {key + ':':9} {value}")
+        print(
+            f"  load:     {shlex.join(wrk.command('URL', args.duration))} "
+            f"(after a {args.warmup:g} s warm-up), {args.rounds} round(s)"
+        )
+        print(
+            "  pinning:  "
+            + (
+                f"proxy on CPU {proxyPin[-1]}, upstream and wrk on CPU {loadPin[-1]}"
+                if proxyPin
+                else "none"
+            )
+        )
+        for server in servers:
+            print(f"  {server.name}: {shlex.join(server.command)}")
+        print(flush=True)
+
+        for number in range(1, args.rounds + 1):
+            for target in targets:
+                for server in servers:
+                    server.checkAlive()
+                if args.warmup:
+                    wrk.run(target.url, args.warmup)
+                watch = sorted({target.server.pid, upstream.pid})
+                output, cpu, peak = wrk.run(target.url, args.duration, watch)
+                result = parseWrk(output)
+                target.runs.append(
+                    {
+                        **asdict(result),
+                        "errors": result.errors,
+                        "cpuPercent": cpu[target.server.pid],
+                        "upstreamCpuPercent": cpu[upstream.pid],
+                        "rssBytes": peak[target.server.pid],
+                        "wrkOutput": output,
+                    }
+                )
+                print(
+                    f"round {number}/{args.rounds}  {target.label:24} "
+                    f"{result.requestsPerSecond:10,.0f} req/s  "
+                    f"p50 {result.p50ms:6.2f} ms  p99 {result.p99ms:6.2f} ms  "
+                    f"errors {result.errors}",
+                    flush=True,
+                )
+        for server in servers:
+            server.checkAlive()
+    finally:
+        stopAll(servers)
+
+    summaries = [Summary.of(target) for target in targets]
+    print()
+    print(table(summaries))
+    print()
+    for line in ratios(summaries):
+        print(line)
+
+    if not args.no_json:
+        RESULTS.mkdir(exist_ok=True)
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        path = RESULTS / f"{stamp}.json"
+        document = {
+            "command": invocation,
+            "machine": about,
+            "settings": {
+                "duration": args.duration,
+                "warmup": args.warmup,
+                "rounds": args.rounds,
+                "connections": args.connections,
+                "threads": args.threads,
+                "pinned": not args.no_pin,
+            },
+            "servers": {server.name: server.command for server in servers},
+            "summary": [asdict(s) for s in summaries],
+            "runs": {target.label: target.runs for target in targets},
+        }
+        path.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"\nresults: {path.relative_to(ROOT)}")
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parseArguments(argv)
+    signal.signal(signal.SIGTERM, _terminated)
+    # Even when started in the background with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with tempfile.TemporaryDirectory(prefix="monedge-bench-") as directory:
+            benchmark(args, Path(directory))
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
