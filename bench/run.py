@@ -43,6 +43,10 @@ from typing import IO, Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+# The tree's monedge, as for the servers it starts (PYTHONPATH=ROOT).
+sys.path.insert(0, str(ROOT))
+
+from monedge.testing import freePort  # noqa: E402
 RESULTS = BENCH / "results"
 SERVICE = "service.api.bench"
 BODY = b"hello\n"
@@ -184,16 +188,6 @@ def machine(wrk: str) -> dict[str, str]:
 
 
 # -- processes ---------------------------------------------------------------
-
-
-def freePort() -> int:
-    """
-    A TCP port on 127.0.0.1 that was free a moment ago.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def cpuSeconds(pid: int) -> float:

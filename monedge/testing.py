@@ -39,11 +39,11 @@ from zope.interface import implementer
 
 import monedge
 from monedge.interfaces import IServiceRegistry, IUpstreamClient
-from monedge.registry import Endpoint, RegistryTable, ServiceEntry
+from monedge.registry import Endpoint, RegistryTable, ServiceEntry, TableRegistry
 
 
 @implementer(IServiceRegistry)
-class MemoryRegistry:
+class MemoryRegistry(TableRegistry):
     """
     A registry whose table the test sets directly.
 
@@ -55,17 +55,6 @@ class MemoryRegistry:
         self._ready = ready
         self.reloadsSucceeded = 0
         self.reloadsFailed = 0
-
-    def lookup(self, name: str) -> ServiceEntry | None:
-        return self._table.lookup(name)
-
-    def services(self) -> Mapping[str, ServiceEntry]:
-        return self._table.services()
-
-    def subscribe(
-        self, listener: Callable[[frozenset[str]], None]
-    ) -> Callable[[], None]:
-        return self._table.subscribe(listener)
 
     def isReady(self) -> bool:
         return self._ready

@@ -139,3 +139,22 @@ class RegistryTable:
                 listener(changed)
             except Exception:
                 self._log.failure("registry listener failed")
+
+
+class TableRegistry:
+    """
+    The query half of L{IServiceRegistry} (lookup, snapshot, subscribe),
+    answered from the L{RegistryTable} in C{self._table}: registries differ
+    in how they fill the table, not in how they answer.
+    """
+
+    _table: RegistryTable
+
+    def lookup(self, name: str) -> ServiceEntry | None:
+        return self._table.lookup(name)
+
+    def services(self) -> Mapping[str, ServiceEntry]:
+        return self._table.services()
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        return self._table.subscribe(listener)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from monedge.interfaces import IServiceRegistry
 from monedge.policy import PolicyError, parsePolicy
-from monedge.registry import Endpoint, RegistryTable, ServiceEntry
+from monedge.registry import Endpoint, RegistryTable, ServiceEntry, TableRegistry
 
 _ADDRESS = re.compile(
     r"(?:(?P<scheme>https?)://)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d{1,5})/?\Z"
@@ -146,7 +146,7 @@ def _fileIdentity(path: str) -> tuple[int, int, int, int] | None:
 
 
 @implementer(IServiceRegistry)
-class StaticRegistry(Service):
+class StaticRegistry(TableRegistry, Service):
     """
     Services from a YAML file, polled for changes every C{interval} seconds
     and re-read on L{reload} (wired to SIGHUP by the tap).
@@ -172,18 +172,7 @@ class StaticRegistry(Service):
         self.reloadsSucceeded += 1
         self._poll: LoopingCall | None = None
 
-    # IServiceRegistry
-
-    def lookup(self, name: str) -> ServiceEntry | None:
-        return self._table.lookup(name)
-
-    def services(self) -> Mapping[str, ServiceEntry]:
-        return self._table.services()
-
-    def subscribe(
-        self, listener: Callable[[frozenset[str]], None]
-    ) -> Callable[[], None]:
-        return self._table.subscribe(listener)
+    # IServiceRegistry (lookup, services, subscribe: from TableRegistry)
 
     def isReady(self) -> bool:
         return True
