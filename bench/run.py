@@ -47,6 +47,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
 from monedge.testing import freePort  # noqa: E402
+
 RESULTS = BENCH / "results"
 SERVICE = "service.api.bench"
 BODY = b"hello\n"
