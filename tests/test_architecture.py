@@ -92,7 +92,8 @@ class LayeringTests(SynchronousTestCase):
         Every module is placed in a layer (or declared outside them), so a
         new module cannot dodge the rule.
         """
-        self.assertEqual(set(_modules()) - OUTSIDE, set(LAYERS))
+        placed = {m for m in _modules() if m.split(".")[0] not in OUTSIDE}
+        self.assertEqual(placed, set(LAYERS))
 
     def test_importsPointDown(self) -> None:
         """
@@ -100,7 +101,7 @@ class LayeringTests(SynchronousTestCase):
         """
         violations = []
         for module, path in _modules().items():
-            if module in OUTSIDE:
+            if module.split(".")[0] in OUTSIDE:
                 continue
             for imported in _runtimeImports(path):
                 if LAYERS[imported] >= LAYERS[module]:
