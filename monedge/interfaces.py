@@ -34,6 +34,14 @@ class IServiceRegistry(Interface):
     reloadsFailed: int = Attribute(
         "How many times re-reading the source failed, keeping the old table."
     )
+    lastSync: float | None = Attribute(
+        "The clock time the registry last heard from its source successfully"
+        " (a good reload, a list, a watch event), or None if never."
+    )
+    invalidConfig: int = Attribute(
+        "How many invalid per-service settings were seen and replaced by"
+        " defaults (each counted once)."
+    )
 
     def lookup(name: str) -> ServiceEntry | None:
         """

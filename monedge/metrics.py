@@ -8,7 +8,8 @@ per request.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -46,8 +47,9 @@ class _RegistryCollector(Collector):
     Registry size and reloads, read from the registry at scrape time.
     """
 
-    def __init__(self, registry: IServiceRegistry) -> None:
+    def __init__(self, registry: IServiceRegistry, clock: Callable[[], float]) -> None:
         self._registry = registry
+        self._clock = clock
 
     def collect(self) -> Iterator[Metric]:
         size = GaugeMetricFamily(
@@ -63,6 +65,19 @@ class _RegistryCollector(Collector):
         reloads.add_metric(["ok"], self._registry.reloadsSucceeded)
         reloads.add_metric(["failed"], self._registry.reloadsFailed)
         yield reloads
+        invalid = CounterMetricFamily(
+            "monedge_registry_invalid_config",
+            "Invalid per-service settings replaced by defaults.",
+        )
+        invalid.add_metric([], self._registry.invalidConfig)
+        yield invalid
+        age = GaugeMetricFamily(
+            "monedge_registry_last_sync_age_seconds",
+            "Seconds since the registry last heard from its source (-1: never).",
+        )
+        lastSync = self._registry.lastSync
+        age.add_metric([], -1.0 if lastSync is None else self._clock() - lastSync)
+        yield age
 
 
 class ServiceMetrics:
@@ -140,8 +155,11 @@ class Metrics:
             children = self._services[service] = ServiceMetrics(self, service)
         return children
 
-    def watchRegistry(self, registry: IServiceRegistry) -> None:
+    def watchRegistry(
+        self, registry: IServiceRegistry, clock: Callable[[], float] | None = None
+    ) -> None:
         """
-        Export C{registry}'s size and reload counts.
+        Export C{registry}'s size, reload counts and sync age (measured with
+        C{clock}, by default the wall clock, as the reactor's is).
         """
-        self.registry.register(_RegistryCollector(registry))
+        self.registry.register(_RegistryCollector(registry, clock or time.time))

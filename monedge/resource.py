@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from twisted.internet.interfaces import IDelayedCall
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -114,11 +115,19 @@ class RootResource(Resource):
         self._cache: OrderedDict[str, ServiceResource] = OrderedDict()
         self._cacheSize = cacheSize
         self._hosts: dict[bytes, str | None] = {}
+        self._retainCall: IDelayedCall | None = None
         self._unsubscribe = registry.subscribe(self._registryChanged)
 
     def _registryChanged(self, names: frozenset[str]) -> None:
         for name in names:
             self._cache.pop(name, None)
+        # Forgetting departed endpoints walks the whole registry: do it at
+        # most once a second, however fast a watch delivers changes.
+        if self._retainCall is None:
+            self._retainCall = self._context.clock.callLater(1.0, self._retain)
+
+    def _retain(self) -> None:
+        self._retainCall = None
         self._context.balancer.retain(
             e for entry in self._registry.services().values() for e in entry.endpoints
         )

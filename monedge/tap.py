@@ -7,6 +7,7 @@ build.
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,7 @@ from monedge.lifecycle import ProxyService
 from monedge.metrics import Metrics
 from monedge.policy import parseDuration
 from monedge.proxy import ProxyContext
+from monedge.registry.kubernetes import KubernetesRegistry, apiClientFromConfig
 from monedge.registry.static import RegistryFileError, StaticRegistry
 from monedge.resource import RootResource
 from monedge.server import Limits, ProxySite
@@ -32,6 +34,8 @@ from monedge.upstream import DEFAULT_MAX_PER_HOST, DEFAULT_POOL_IDLE, UpstreamCl
 
 #: The listen backlog for a bare port number: large enough for bursts.
 BACKLOG = 1024
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 
 
 def endpointDescription(value: str) -> str:
@@ -108,7 +112,22 @@ class Options(usage.Options):
             "registry",
             "r",
             "static:services.yaml",
-            "Service registry: static:PATH (a YAML file, reloaded on change and SIGHUP).",
+            "Service registry: static:PATH (a YAML file, reloaded on change and"
+            " SIGHUP) or kubernetes (Services and EndpointSlices, watched).",
+        ],
+        [
+            "kubeconfig",
+            None,
+            None,
+            "With --registry kubernetes: a kubeconfig file (default: in-cluster"
+            " configuration in a pod, else ~/.kube/config).",
+        ],
+        [
+            "initial-sync-timeout",
+            None,
+            "30s",
+            "With --registry kubernetes: report ready after this long even"
+            " without a first full sync.",
         ],
         [
             "trusted-hops",
@@ -175,6 +194,13 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["host-tier"] = []
+        self["namespace"] = []
+
+    def opt_namespace(self, namespace: str) -> None:
+        """With --registry kubernetes: a namespace to watch (default: all). Repeatable."""
+        if not _DNS_LABEL.match(namespace):
+            raise usage.UsageError(f"--namespace: invalid namespace {namespace!r}")
+        self["namespace"].append(namespace)
 
     def opt_listen(self, endpoint: str) -> None:
         """An extra proxy listener: an endpoint string (tcp:, ssl:, unix:). Repeatable."""
@@ -205,6 +231,7 @@ class Options(usage.Options):
             "header-timeout",
             "keepalive-timeout",
             "upstream-idle-timeout",
+            "initial-sync-timeout",
         ):
             self[option] = _duration(option, self[option])
         for option in (
@@ -228,8 +255,19 @@ class Options(usage.Options):
                 return StaticRegistry(argument)
             except RegistryFileError as e:
                 raise usage.UsageError(f"--registry: {e}") from None
+        if spec == "kubernetes":
+            try:
+                apiClient = apiClientFromConfig(self["kubeconfig"])
+            except ValueError as e:
+                raise usage.UsageError(f"--registry kubernetes: {e}") from None
+            return KubernetesRegistry(
+                apiClient,
+                tiers=self["host-tiers"].tiers(),
+                namespaces=self["namespace"],
+                initialSyncTimeout=self["initial-sync-timeout"],
+            )
         raise usage.UsageError(
-            f"--registry: unknown registry {spec!r} (expected static:PATH)"
+            f"--registry: unknown registry {spec!r} (expected static:PATH or kubernetes)"
         )
 
 
@@ -267,7 +305,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     registry: IServiceRegistry = options["registry-object"]
     hostTiers: HostTiers = options["host-tiers"]
     metrics = Metrics()
-    metrics.watchRegistry(registry)
+    metrics.watchRegistry(registry, reactor.seconds)
     balancer = Balancer(reactor)
     client = UpstreamClient(
         reactor,

@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "registry": 1,
     "interfaces": 1,
     "registry.static": 2,
+    "registry.kubernetes": 2,
     "balancer": 2,
     "metrics": 2,
     "upstream": 2,

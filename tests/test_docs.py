@@ -668,7 +668,10 @@ class ConfigurationDocTests(SynchronousTestCase):
         for name, short, default, _ in Options.optParameters:
             self.assertIn(f"--{name}", text)
             row = rows.pop(f"--{name}")
-            self.assertEqual(span(row["Default"]), default, name)
+            if default is None:
+                self.assertEqual(row["Default"], "none", name)
+            else:
+                self.assertEqual(span(row["Default"]), default, name)
             if short is not None:
                 self.assertIn(f"`-{short}`", row["Option"])
         methods = [
@@ -676,7 +679,7 @@ class ConfigurationDocTests(SynchronousTestCase):
             for attribute in vars(Options)
             if attribute.startswith("opt_")
         ]
-        self.assertEqual(sorted(methods), ["host-tier", "listen"])
+        self.assertEqual(sorted(methods), ["host-tier", "listen", "namespace"])
         for name in methods:
             self.assertIn(f"--{name}", text)
             self.assertEqual(rows.pop(f"--{name}")["Default"], "none")

@@ -421,6 +421,22 @@ class ProxyPathTests(SynchronousTestCase):
         _, transport = h.send(GET)
         self.assertEqual(_status(transport), 404)
 
+    def test_departedEndpointsForgotten(self) -> None:
+        """
+        Once a service leaves the registry, the balancer forgets its idle
+        endpoints within a second, so memory follows the registry.
+        """
+        h = Harness([_service("service.api.echo", "10.0.0.1:80")])
+        h.send(GET)
+        response = FakeResponse(204, length=0)
+        h.client.calls[0].result.callback(response)
+        response.end()
+        self.assertEqual(len(h.balancer._states), 1)
+        h.registry.remove("service.api.echo")
+        self.assertEqual(len(h.balancer._states), 1)
+        h.clock.advance(1.0)
+        self.assertEqual(len(h.balancer._states), 0)
+
     def test_unexposedServiceIs404(self) -> None:
         """
         A service with expose false is unreachable.

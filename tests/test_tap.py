@@ -196,6 +196,9 @@ class CommandLineTests(SynchronousTestCase):
         for option, _, default, _ in Options.optParameters:
             assert option is not None
             self.assertIn(f"--{option}=", result.stdout)
-            self.assertIn(f"[default: {default}]", " ".join(result.stdout.split()))
+            if default is not None:
+                words = " ".join(result.stdout.split())
+                self.assertIn(f"[default: {default}]", words)
         self.assertIn("--listen=", result.stdout)
         self.assertIn("--host-tier=", result.stdout)
+        self.assertIn("--namespace=", result.stdout)

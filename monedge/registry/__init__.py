@@ -116,6 +116,25 @@ class RegistryTable:
         self._notify(changed)
         return changed
 
+    def update(self, entries: Mapping[str, ServiceEntry | None]) -> frozenset[str]:
+        """
+        Put or (for L{None}) remove several entries; notify once of every
+        name that changed.
+        """
+        table = self._table
+        changed = []
+        for name, entry in entries.items():
+            if table.get(name) == entry:
+                continue
+            if entry is None:
+                del table[name]
+            else:
+                table[name] = entry
+            changed.append(name)
+        result = frozenset(changed)
+        self._notify(result)
+        return result
+
     def put(self, entry: ServiceEntry) -> None:
         """
         Add or replace one entry.

@@ -163,6 +163,9 @@ class StaticRegistry(TableRegistry, Service):
         self.path = path
         self.reloadsSucceeded = 0
         self.reloadsFailed = 0
+        #: A bad static file is refused whole, never partly defaulted.
+        self.invalidConfig = 0
+        self.lastSync: float | None = None
         self.lastError: str | None = None
         self._clock = clock
         self._interval = interval
@@ -170,12 +173,20 @@ class StaticRegistry(TableRegistry, Service):
         self._identity = _fileIdentity(path)
         self._table.replaceAll(loadRegistryFile(path))
         self.reloadsSucceeded += 1
+        self.lastSync = self._now()
         self._poll: LoopingCall | None = None
 
     # IServiceRegistry (lookup, services, subscribe: from TableRegistry)
 
     def isReady(self) -> bool:
         return True
+
+    def _now(self) -> float:
+        if self._clock is not None:
+            return self._clock.seconds()
+        import time
+
+        return time.time()
 
     # Reloading
 
@@ -197,6 +208,7 @@ class StaticRegistry(TableRegistry, Service):
             )
             return False
         self.reloadsSucceeded += 1
+        self.lastSync = self._now()
         self.lastError = None
         changed = self._table.replaceAll(table)
         self._log.info(

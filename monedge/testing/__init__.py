@@ -55,6 +55,8 @@ class MemoryRegistry(TableRegistry):
         self._ready = ready
         self.reloadsSucceeded = 0
         self.reloadsFailed = 0
+        self.invalidConfig = 0
+        self.lastSync: float | None = None
 
     def isReady(self) -> bool:
         return self._ready
