@@ -1069,3 +1069,24 @@ class ConfigurationDocTests(SynchronousTestCase):
             self.assertFalse(admin.running)
             self.assertTrue(client.closed)
             self.successResultOf(stopped)
+
+
+class AnnotationsDocTests(SynchronousTestCase):
+    """
+    docs/annotations.md lists exactly the annotations monedge reads.
+    """
+
+    def test_everyPolicyKeyIsAnAnnotation(self) -> None:
+        """
+        The annotation table has one row per policy key, with the policy's
+        default, and an annotation with each default value parses to the
+        default policy.
+        """
+        from monedge.registry.kubernetes import policyFromAnnotations
+
+        rows = table(readDoc("annotations.md"), "annotations")
+        documented = {span(row["Annotation"]): span(row["Default"]) for row in rows}
+        self.assertEqual(set(documented), {f"monedge.io/{key}" for key in POLICY_KEYS})
+        policy, problems = policyFromAnnotations(documented)
+        self.assertEqual(problems, [])
+        self.assertEqual(policy, Policy())
