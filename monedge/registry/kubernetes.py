@@ -400,6 +400,8 @@ class _Watcher:
         from kubernetes import watch
 
         self._watch = stream = watch.Watch()
+        if self._stopped.is_set():
+            return
         try:
             for event in stream.stream(
                 self._listFunction(),
@@ -408,12 +410,14 @@ class _Watcher:
                 allow_watch_bookmarks=True,
                 timeout_seconds=int(self.registry.watchTimeout),
                 _request_timeout=self.registry.watchRequestTimeout,
-                deserialize=False,
             ):
+                # (The client's deserialize=False mode cannot report a 410
+                # ERROR event: it looks for raw_object, which only the
+                # deserializing mode sets.  The raw dict is used here.)
                 if self._stopped.is_set():
                     return
                 type_ = event.get("type")
-                obj = event.get("object") or {}
+                obj = event.get("raw_object") or {}
                 version = _meta(obj).get("resourceVersion")
                 if version:
                     self.resourceVersion = str(version)
@@ -665,15 +669,13 @@ class KubernetesRegistry(TableRegistry, Service):
             self._timeoutCall.cancel()
         for watcher in self._watchers:
             watcher.stop()
-        pool, self._pool = self._pool, None
-        if pool is None:
-            d: Deferred[None] = Deferred()
-            d.callback(None)
-            return d
-        stopped: Deferred[None] = deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), pool.stop
-        )
-        return stopped.addTimeout(5, self._reactor, onTimeoutCancel=lambda *a: None)
+        # The pool is not joined: a thread in the middle of a blocking read
+        # ends when its socket is shut down or its timeout passes, and its
+        # threads are daemons, so none keeps the process alive meanwhile.
+        self._pool = None
+        d: Deferred[None] = Deferred()
+        d.callback(None)
+        return d
 
 
 def _daemonThread(*args: Any, **kwargs: Any) -> threading.Thread:

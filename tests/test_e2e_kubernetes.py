@@ -1,0 +1,351 @@
+"""
+End-to-end Kubernetes scenarios: a real twistd monedge process running the
+real kubernetes client against monedge.testing.kubernetes.FakeKubernetes,
+with real upstreams, all on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.defer import Deferred
+
+from monedge.testing import ProxyProcess, RecordingUpstream, freePort
+from monedge.testing.kubernetes import FakeKubernetes
+from tests.e2e import ProxyTestCase
+
+
+def _later(seconds: float) -> Deferred[None]:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+def kService(
+    name: str, namespace: str = "shop", annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """
+    A Service with an http port.
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "annotations": annotations or {},
+        },
+        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }
+
+
+def kSlice(
+    name: str,
+    service: str,
+    endpoints: Sequence[tuple[RecordingUpstream, dict[str, bool]]],
+    namespace: str = "shop",
+) -> dict[str, Any]:
+    """
+    An EndpointSlice for C{service}: each upstream with its conditions.
+    All the upstreams must share one port, as a slice's pods do; use one
+    slice per upstream otherwise.
+    """
+    ports = {upstream.portNumber for upstream, _ in endpoints}
+    assert len(ports) <= 1, "one port per slice"
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port} for port in ports],
+        "endpoints": [
+            {"addresses": ["127.0.0.1"], "conditions": conditions}
+            for _, conditions in endpoints
+        ],
+    }
+
+
+READY = {"ready": True, "serving": True, "terminating": False}
+TERMINATING = {"ready": False, "serving": True, "terminating": True}
+
+
+class KubernetesTestCase(ProxyTestCase):
+    """
+    Starts a fake API server and a proxy watching it.
+    """
+
+    def startFake(self, port: int = 0) -> FakeKubernetes:
+        fake = FakeKubernetes(reactor)
+        fake.start(port)
+        self.addCleanup(fake.stop)
+        return fake
+
+    async def startKubernetesProxy(
+        self, fake: FakeKubernetes, args: Sequence[str] = ()
+    ) -> ProxyProcess:
+        """
+        A proxy on the Kubernetes registry, with the fake's kubeconfig (the
+        fake may not be listening yet, if its port is set).
+        """
+        kubeconfig = fake.writeKubeconfig(os.path.join(self.directory, "kubeconfig"))
+        proxy = ProxyProcess(
+            "unused",
+            self.directory,
+            ["--drain-delay", "0s", "--drain-timeout", "5s", *args],
+        )
+        command = proxy.command()
+        index = command.index("--registry")
+        command[index + 1 : index + 2] = ["kubernetes", "--kubeconfig", kubeconfig]
+        proxy.command = lambda: command  # type: ignore[method-assign]
+        self.addCleanup(proxy.stop)
+        await proxy.start()
+        return proxy
+
+    async def status(self, proxy: ProxyProcess, path: str) -> int:
+        response, _ = await self.get(proxy.url + path)
+        code: int = response.code
+        return code
+
+    async def waitForStatus(
+        self, proxy: ProxyProcess, path: str, status: int, within: float
+    ) -> float:
+        """
+        Poll C{path} until it answers C{status}; return how long it took.
+        """
+        started = time.monotonic()
+        while True:
+            if await self.status(proxy, path) == status:
+                return time.monotonic() - started
+            self.assertLess(
+                time.monotonic() - started, within, f"{path} never answered {status}"
+            )
+            await _later(0.05)
+
+    async def waitForReady(self, proxy: ProxyProcess, within: float = 10) -> None:
+        """
+        Poll /readyz until it answers 200.
+        """
+        started = time.monotonic()
+        while (await self.get(proxy.adminURL + "/readyz"))[0].code != 200:
+            self.assertLess(time.monotonic() - started, within, "never ready")
+            await _later(0.05)
+
+    async def routes(self, proxy: ProxyProcess) -> dict[str, Any]:
+        document: dict[str, Any] = json.loads(
+            (await self.get(proxy.adminURL + "/routes"))[1]
+        )
+        return document
+
+
+class DiscoveryTests(KubernetesTestCase):
+    """
+    Services appear and disappear with the API.
+    """
+
+    async def test_serviceAppearsWithinASecond(self) -> None:
+        """
+        A Service and its slice added after start are routable within 1 s;
+        deleting the Service gives 404 again.  Services not named by the
+        convention are never routable.
+        """
+        fake = self.startFake()
+        upstream = self.startUpstream()
+        proxy = await self.startKubernetesProxy(fake)
+        await self.waitForReady(proxy)
+        self.assertEqual(await self.status(proxy, "/foo/"), 404)
+        fake.apply(kService("service-api-foo"))
+        fake.apply(kSlice("service-api-foo-1", "service-api-foo", [(upstream, READY)]))
+        fake.apply(kService("foo"))
+        took = await self.waitForStatus(proxy, "/foo/x", 200, within=5)
+        self.assertLess(took, 1.0)
+        self.assertEqual(upstream.received[-1].uri, b"/x")
+        routes = await self.routes(proxy)
+        [service] = routes["services"]
+        self.assertEqual(service["source"]["namespace"], "shop")
+        self.assertEqual(service["source"]["name"], "service-api-foo")
+        self.assertTrue(service["source"]["resourceVersion"])
+        self.assertEqual(service["endpoints"][0]["ready"], True)
+        fake.delete("Service", "shop", "service-api-foo")
+        await self.waitForStatus(proxy, "/foo/x", 404, within=5)
+
+    async def test_invalidAnnotationServedWithDefaults(self) -> None:
+        """
+        An invalid annotation is logged and counted, the service is served
+        with that setting's default, and valid annotations still apply.
+        """
+        fake = self.startFake()
+        upstream = self.startUpstream()
+        fake.apply(
+            kService(
+                "service-api-ann",
+                annotations={
+                    "monedge.io/timeout": "whenever",
+                    "monedge.io/strip-prefix": "false",
+                },
+            )
+        )
+        fake.apply(kSlice("ann-1", "service-api-ann", [(upstream, READY)]))
+        proxy = await self.startKubernetesProxy(fake)
+        await self.waitForStatus(proxy, "/ann/x", 200, within=5)
+        self.assertEqual(upstream.received[-1].uri, b"/ann/x")
+        [service] = (await self.routes(proxy))["services"]
+        self.assertEqual(service["policy"]["timeout"], 60.0)
+        self.assertEqual(len(service["source"]["annotation_errors"]), 1)
+        metrics = (await self.get(proxy.adminURL + "/metrics"))[1].decode()
+        self.assertIn("monedge_registry_invalid_config_total 1.0", metrics)
+        self.assertIn("monedge.io/timeout", proxy.log())
+
+
+class RollingDeployTests(KubernetesTestCase):
+    """
+    A rolling deploy of an upstream service fails no request.
+    """
+
+    async def test_rollingEndpointsUnderLoad(self) -> None:
+        """
+        Under steady GET load, endpoints roll one by one (new ready, old
+        terminating, old removed, old upstream stopped) and every request
+        succeeds.
+        """
+        fake = self.startFake()
+        old = [self.startUpstream() for _ in range(2)]
+        new = [self.startUpstream() for _ in range(2)]
+        fake.apply(kService("service-api-roll"))
+        slices = {
+            f"old-{i}": kSlice(f"old-{i}", "service-api-roll", [(u, READY)])
+            for i, u in enumerate(old)
+        }
+        for obj in slices.values():
+            fake.apply(obj)
+        proxy = await self.startKubernetesProxy(fake)
+        await self.waitForStatus(proxy, "/roll/", 200, within=5)
+        failures: list[str] = []
+        sent = [0]
+        running = [True]
+
+        async def client() -> None:
+            while running[0]:
+                response, body = await self.get(proxy.url + "/roll/")
+                sent[0] += 1
+                if response.code != 200:
+                    failures.append(f"{response.code} {body[:200]!r}")
+
+        clients = [Deferred.fromCoroutine(client()) for _ in range(8)]
+        for i, (before, after) in enumerate(zip(old, new, strict=True)):
+            fake.apply(kSlice(f"new-{i}", "service-api-roll", [(after, READY)]))
+            await _later(0.4)
+            fake.apply(kSlice(f"old-{i}", "service-api-roll", [(before, TERMINATING)]))
+            await _later(0.4)
+            fake.delete("EndpointSlice", "shop", f"old-{i}")
+            await _later(0.4)
+            await before.stop()
+        await _later(0.5)
+        running[0] = False
+        await defer.gatherResults(clients)
+        self.assertEqual(failures, [])
+        self.assertGreater(sent[0], 200)
+        # Both generations served: the old before the roll, the new after.
+        self.assertTrue(all(u.received for u in new))
+        self.assertTrue(all(u.received for u in old))
+
+
+class WatchFailureTests(KubernetesTestCase):
+    """
+    Expired watches, dead API servers and late API servers.
+    """
+
+    async def test_goneMidWatchRelists(self) -> None:
+        """
+        A 410 Gone mid-watch makes the registry relist, and the table is
+        right afterwards, changes made while the watch was expiring
+        included.
+        """
+        fake = self.startFake()
+        first = self.startUpstream()
+        second = self.startUpstream()
+        fake.apply(kService("service-api-a"))
+        fake.apply(kSlice("a-1", "service-api-a", [(first, READY)]))
+        proxy = await self.startKubernetesProxy(fake)
+        await self.waitForStatus(proxy, "/a/", 200, within=5)
+        fake.compact()
+        fake.apply(kService("service-api-b"))
+        fake.apply(kSlice("b-1", "service-api-b", [(second, READY)]))
+        fake.delete("Service", "shop", "service-api-a")
+        fake.compact()
+        fake.expireWatches()
+        await self.waitForStatus(proxy, "/b/", 200, within=5)
+        await self.waitForStatus(proxy, "/a/", 404, within=5)
+        watches = (await self.routes(proxy))["registry"]["watches"]
+        self.assertGreaterEqual(sum(w["relists"] for w in watches), 1)
+
+    async def test_droppedWatchReconnects(self) -> None:
+        """
+        Watch streams cut by the server are reopened (from the last
+        resourceVersion, so nothing is missed), and later changes arrive.
+        """
+        fake = self.startFake()
+        upstream = self.startUpstream()
+        proxy = await self.startKubernetesProxy(fake)
+        await self.waitForReady(proxy)
+        fake.dropWatches()
+        fake.apply(kService("service-api-after"))
+        fake.apply(kSlice("after-1", "service-api-after", [(upstream, READY)]))
+        await self.waitForStatus(proxy, "/after/", 200, within=10)
+
+    async def test_apiDownAtStartup(self) -> None:
+        """
+        With the API unreachable at start the proxy still starts, /readyz
+        stays 503; once the API comes up, readiness flips and routes
+        appear.
+        """
+        fake = FakeKubernetes(reactor)
+        fake.port = freePort()
+        self.addCleanup(fake.stop)
+        upstream = self.startUpstream()
+        proxy = await self.startKubernetesProxy(fake)
+        await _later(1.0)
+        ready, body = await self.get(proxy.adminURL + "/readyz")
+        self.assertEqual(ready.code, 503, body)
+        self.assertFalse(proxy.exited())
+        fake.start(fake.port)
+        fake.apply(kService("service-api-late"))
+        fake.apply(kSlice("late-1", "service-api-late", [(upstream, READY)]))
+        await self.waitForReady(proxy, within=15)
+        await self.waitForStatus(proxy, "/late/", 200, within=5)
+
+    async def test_apiLostMidRun(self) -> None:
+        """
+        When the API server dies, traffic keeps flowing on the last table,
+        the sync age grows; when it returns, changes made meanwhile arrive.
+        """
+        fake = self.startFake()
+        upstream = self.startUpstream()
+        fake.apply(kService("service-api-keep"))
+        fake.apply(kSlice("keep-1", "service-api-keep", [(upstream, READY)]))
+        proxy = await self.startKubernetesProxy(fake)
+        await self.waitForStatus(proxy, "/keep/", 200, within=5)
+        port = fake.port
+        await fake.stop()
+        for _ in range(10):
+            self.assertEqual(await self.status(proxy, "/keep/"), 200)
+            await _later(0.1)
+        await _later(1.0)
+        metrics = (await self.get(proxy.adminURL + "/metrics"))[1].decode()
+        [age] = [
+            float(line.split()[1])
+            for line in metrics.splitlines()
+            if line.startswith("monedge_registry_last_sync_age_seconds ")
+        ]
+        self.assertGreater(age, 1.0)
+        fake.apply(kService("service-api-new"))
+        fake.apply(kSlice("new-1", "service-api-new", [(upstream, READY)]))
+        fake.start(port)
+        await self.waitForStatus(proxy, "/new/", 200, within=15)
+        self.assertEqual(await self.status(proxy, "/keep/"), 200)
