@@ -421,24 +421,29 @@ class _APIResource(Resource):
         return self._fake._render(request)
 
 
-def _encodeContinue(rv: int, start: str) -> str:
+def _encodeContinue(rv: int, last: _Key) -> str:
+    """
+    An opaque continue token: the snapshot's version and the last key sent,
+    shaped like the real server's.
+    """
+    start = f"{last[1]}/{last[2]}"
     token = json.dumps({"v": "meta.k8s.io/v1", "rv": rv, "start": start})
     return base64.urlsafe_b64encode(token.encode()).decode()
 
 
-def _decodeContinue(token: str) -> tuple[int, str]:
+def _decodeContinue(token: str) -> tuple[int, tuple[str, str]]:
+    """
+    The snapshot version and (namespace, name) after which to go on.
+    """
     try:
         decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
         rv, start = decoded["rv"], decoded["start"]
-    except (ValueError, KeyError, TypeError, binascii.Error):
+        namespace, name = start.split("/")
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
         raise _badRequest("continue key is not valid") from None
-    if not isinstance(rv, int) or not isinstance(start, str):
+    if not isinstance(rv, int):
         raise _badRequest("continue key is not valid")
-    return rv, start
-
-
-def _listKey(key: _Key) -> str:
-    return f"{key[1]}/{key[2]}"
+    return rv, (namespace, name)
 
 
 class FakeKubernetes:
@@ -628,6 +633,7 @@ class FakeKubernetes:
         with its last state and the deletion's new resourceVersion.
 
         @raise KeyError: if there is no such object.
+        @raise ValueError: for another kind.
         """
         key = (_kindNamed(kind).plural, namespace, name)
         old = self._objects.pop(key)
@@ -652,8 +658,6 @@ class FakeKubernetes:
         while len(self._events) > self._retainEvents:
             forgotten = self._events.popleft()
             self._oldestResumable = forgotten.rv
-        if not self._retainEvents:
-            self._oldestResumable = event.rv
         for watch in list(self._watches):
             self._send(watch, event)
 
@@ -891,18 +895,18 @@ class FakeKubernetes:
                 )
             state = self._stateAt(rv)
         else:
-            rv, start = self._rv, ""
+            rv, start = self._rv, ("", "")
             state = self._objects
         matching = [
             (key, obj)
             for key, obj in sorted(state.items())
             if selector.selectsKey(key)
-            and _listKey(key) > start
+            and (key[1], key[2]) > start
             and selector.matches(obj)
         ]
         metadata: dict[str, Any] = {"resourceVersion": str(rv)}
         if limit and len(matching) > limit:
-            metadata["continue"] = _encodeContinue(rv, _listKey(matching[limit - 1][0]))
+            metadata["continue"] = _encodeContinue(rv, matching[limit - 1][0])
             if not selector.requirements:
                 metadata["remainingItemCount"] = len(matching) - limit
             matching = matching[:limit]
