@@ -272,6 +272,34 @@ class ClusterStateTests(SynchronousTestCase):
         state.event(SERVICES, "DELETED", service("service-api-foo"))
         self.assertIsNone(state.entry("service.api.foo"))
 
+    def test_sliceMovesToAnotherService(self) -> None:
+        """
+        A slice whose service-name label changes leaves its old service and
+        joins the new one; both are reported as changed.
+        """
+        state = ClusterState(tiers=frozenset(["api"]))
+        state.event(SERVICES, "ADDED", service("service-api-a"))
+        state.event(SERVICES, "ADDED", service("service-api-b"))
+        state.event(
+            ENDPOINT_SLICES,
+            "ADDED",
+            endpointSlice("s", "service-api-a", [ep("10.0.0.1")]),
+        )
+        touched = state.event(
+            ENDPOINT_SLICES,
+            "MODIFIED",
+            endpointSlice("s", "service-api-b", [ep("10.0.0.1")]),
+        )
+        self.assertEqual(touched, {"service.api.a", "service.api.b"})
+        a, b = state.entry("service.api.a"), state.entry("service.api.b")
+        assert a is not None and b is not None
+        self.assertEqual((len(a.endpoints), len(b.endpoints)), (0, 1))
+        touched = state.event(
+            ENDPOINT_SLICES, "MODIFIED", endpointSlice("s", "ledger", [ep("10.0.0.1")])
+        )
+        self.assertEqual(touched, {"service.api.b"})
+        self.assertEqual(state.slices, {})
+
     def test_namespaceConflict(self) -> None:
         """
         The same Service name in two namespaces: the first namespace in

@@ -170,6 +170,9 @@ class ClusterState:
     slices: dict[ObjectKey, dict[str, Any]] = field(default_factory=dict)
     invalidAnnotations: int = 0
     _problems: dict[ObjectKey, tuple[str, list[str]]] = field(default_factory=dict)
+    #: (kind, key) -> registry name, and registry name -> kind -> keys.
+    _names: dict[tuple[str, ObjectKey], str] = field(default_factory=dict)
+    _index: dict[str, dict[str, set[ObjectKey]]] = field(default_factory=dict)
     _log = Logger()
 
     def registryName(self, kind: str, obj: Mapping[str, Any]) -> str | None:
@@ -195,6 +198,25 @@ class ClusterState:
     def _store(self, kind: str) -> dict[ObjectKey, dict[str, Any]]:
         return self.services if kind == SERVICES else self.slices
 
+    def _put(self, kind: str, obj: dict[str, Any], name: str) -> None:
+        key = _key(obj)
+        self._drop(kind, key)
+        self._store(kind)[key] = obj
+        self._names[(kind, key)] = name
+        self._index.setdefault(name, {}).setdefault(kind, set()).add(key)
+
+    def _drop(self, kind: str, key: ObjectKey) -> str | None:
+        name = self._names.pop((kind, key), None)
+        self._store(kind).pop(key, None)
+        if name is not None:
+            keys = self._index[name][kind]
+            keys.discard(key)
+            if not keys:
+                del self._index[name][kind]
+                if not self._index[name]:
+                    del self._index[name]
+        return name
+
     def replace(
         self, kind: str, namespace: str | None, items: Iterable[dict[str, Any]]
     ) -> set[str]:
@@ -202,33 +224,32 @@ class ClusterState:
         A fresh list of C{kind} (in C{namespace}, or everywhere): replace
         what was known.  Returns the registry names that may have changed.
         """
-        store = self._store(kind)
         touched: set[str] = set()
-        for key, obj in list(store.items()):
+        for key in list(self._store(kind)):
             if namespace is None or key[0] == namespace:
-                touched.add(self.registryName(kind, obj) or "")
-                del store[key]
+                name = self._drop(kind, key)
+                if name is not None:
+                    touched.add(name)
         for obj in items:
             name = self.registryName(kind, obj)
             if name is not None:
-                store[_key(obj)] = obj
+                self._put(kind, obj, name)
                 touched.add(name)
-        touched.discard("")
         return touched
 
     def event(self, kind: str, type_: str, obj: dict[str, Any]) -> set[str]:
         """
         Apply one watch event; return the registry names it may change.
         """
+        touched = set()
+        previous = self._drop(kind, _key(obj))
+        if previous is not None:
+            touched.add(previous)
         name = self.registryName(kind, obj)
-        if name is None:
-            return set()
-        store = self._store(kind)
-        if type_ == "DELETED":
-            store.pop(_key(obj), None)
-        else:
-            store[_key(obj)] = obj
-        return {name}
+        if name is not None and type_ != "DELETED":
+            self._put(kind, obj, name)
+            touched.add(name)
+        return touched
 
     def entry(self, name: str) -> ServiceEntry | None:
         """
@@ -238,11 +259,8 @@ class ClusterState:
         registry name: the namespace first in sort order wins, and the
         conflict is logged.
         """
-        parsed = parseServiceName(name)
-        if parsed is None:
-            return None
-        kname = f"service-{parsed[0]}-{parsed[1]}"
-        owners = sorted(key for key in self.services if key[1] == kname)
+        index = self._index.get(name, {})
+        owners = sorted(index.get(SERVICES, ()))
         if not owners:
             return None
         if len(owners) > 1:
@@ -255,10 +273,9 @@ class ClusterState:
         namespace = owners[0][0]
         service = self.services[owners[0]]
         slices = [
-            obj
-            for (ns, _), obj in self.slices.items()
-            if ns == namespace
-            and (_meta(obj).get("labels") or {}).get(SERVICE_NAME_LABEL) == kname
+            self.slices[key]
+            for key in index.get(ENDPOINT_SLICES, ())
+            if key[0] == namespace
         ]
         meta = _meta(service)
         policy, problems = policyFromAnnotations(meta.get("annotations"))
@@ -270,7 +287,7 @@ class ClusterState:
             source={
                 "kind": "kubernetes",
                 "namespace": namespace,
-                "name": kname,
+                "name": owners[0][1],
                 "resourceVersion": meta.get("resourceVersion"),
                 "annotation_errors": problems,
             },
@@ -294,16 +311,6 @@ class ClusterState:
                 name=key[1],
                 problem=problem,
             )
-
-    def names(self) -> set[str]:
-        """
-        Every registry name some kept Service makes.
-        """
-        return {
-            name
-            for obj in self.services.values()
-            if (name := self.registryName(SERVICES, obj)) is not None
-        }
 
 
 class _Watcher:
