@@ -127,7 +127,7 @@ class Options(usage.Options):
             None,
             "30s",
             "With --registry kubernetes: report ready after this long even"
-            " without a first full sync.",
+            " without a first full sync; 0s to wait for the sync however long.",
         ],
         [
             "trusted-hops",
@@ -231,9 +231,11 @@ class Options(usage.Options):
             "header-timeout",
             "keepalive-timeout",
             "upstream-idle-timeout",
-            "initial-sync-timeout",
         ):
             self[option] = _duration(option, self[option])
+        self["initial-sync-timeout"] = _duration(
+            "initial-sync-timeout", self["initial-sync-timeout"], True
+        )
         for option in (
             "max-header-count",
             "max-headers-size",

@@ -339,12 +339,8 @@ class _Quiet(KubernetesRegistry):
     watchers would.
     """
 
-    def startService(self) -> None:
-        self.running = 1
-        self._startedAt = self._reactor.seconds()
-        self._timeoutCall = self._reactor.callLater(
-            self.initialSyncTimeout, self._initialSyncTimedOut
-        )
+    def _startWatchers(self) -> None:
+        pass
 
 
 def _objects(
@@ -433,6 +429,19 @@ class ReadinessTests(SynchronousTestCase):
         self.assertFalse(registry.isReady())
         clock.advance(2)
         self.assertTrue(registry.isReady())
+
+    def test_zeroTimeoutWaitsForSync(self) -> None:
+        """
+        With an initial sync timeout of 0 the registry never reports ready
+        without a full sync.
+        """
+        clock = MemoryReactorClock()
+        registry = _Quiet(
+            None, tiers=frozenset(["api"]), reactor=clock, initialSyncTimeout=0
+        )
+        registry.startService()
+        clock.advance(3600)
+        self.assertFalse(registry.isReady())
 
     def test_perNamespaceWatchers(self) -> None:
         """

@@ -492,7 +492,8 @@ class KubernetesRegistry(TableRegistry, Service):
     @param tiers: the tiers some host serves.
     @param namespaces: the namespaces to watch; all if empty.
     @param initialSyncTimeout: seconds after start after which the registry
-        reports itself ready even without a full sync.
+        reports itself ready even without a full sync; 0 to wait for the
+        sync however long it takes.
     """
 
     _log = Logger()
@@ -647,9 +648,16 @@ class KubernetesRegistry(TableRegistry, Service):
     def startService(self) -> None:
         super().startService()
         self._startedAt = self._reactor.seconds()
-        self._timeoutCall = self._reactor.callLater(
-            self.initialSyncTimeout, self._initialSyncTimedOut
-        )
+        if self.initialSyncTimeout > 0:
+            self._timeoutCall = self._reactor.callLater(
+                self.initialSyncTimeout, self._initialSyncTimedOut
+            )
+        self._startWatchers()
+
+    def _startWatchers(self) -> None:
+        """
+        Run every watcher in a pool thread of its own.
+        """
         pool = ThreadPool(
             minthreads=0, maxthreads=len(self._watchers), name="monedge-kubernetes"
         )
