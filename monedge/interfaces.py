@@ -99,3 +99,88 @@ class IUpstreamClient(Interface):
         """
         Close every idle pooled connection.
         """
+
+
+class IHookRequest(Interface):
+    """
+    What a hook sees of a request: a small, stable view, not twisted.web's
+    request object.  Request hooks may change L{upstreamHeaders}; everything
+    else is read-only.
+    """
+
+    method: bytes = Attribute("The request method, e.g. C{b'GET'}.")
+    path: bytes = Attribute(
+        "The canonical path as routed, first segment included (C{/orders/42})."
+    )
+    query: bytes = Attribute("The query string with its C{?}, or C{b''}.")
+    headers: Headers = Attribute("The request headers as the client sent them.")
+    upstreamHeaders: Headers = Attribute(
+        "The headers that will be sent upstream (hop-by-hop headers already"
+        " removed, forwarding headers already set); request hooks may change"
+        " them."
+    )
+    clientAddress: str = Attribute("The client's address (the TCP peer).")
+    service: str = Attribute("The registry name of the matched service.")
+    requestId: str = Attribute("The request's id, as in X-Request-Id.")
+
+
+class IHookResponse(Interface):
+    """
+    The head of an upstream response, as response hooks see it.
+    """
+
+    status: int = Attribute("The upstream's status code.")
+    headers: Headers = Attribute(
+        "The response headers that will be sent to the client (hop-by-hop"
+        " headers already removed); response hooks may change them."
+    )
+
+
+class IRequestHook(Interface):
+    """
+    Runs before a request is sent upstream.
+    """
+
+    def onRequest(request: IHookRequest) -> object:
+        """
+        Let the request pass (return L{None}, possibly after changing
+        C{request.upstreamHeaders}), or answer the client instead (return a
+        L{monedge.hooks.HookResponse}).  May return a L{Deferred} of either.
+        """
+
+
+class IResponseHook(Interface):
+    """
+    Runs when the upstream's response headers arrive, before they are sent
+    to the client.
+    """
+
+    def onResponse(request: IHookRequest, response: IHookResponse) -> object:
+        """
+        Change C{response.headers} if need be.  May return a L{Deferred}
+        (of L{None}).
+        """
+
+
+class IHookFactory(Interface):
+    """
+    A named maker of hooks, found with
+    C{twisted.plugin.getPlugins(IHookFactory, monedge.plugins)}.  Plugin
+    objects provide L{twisted.plugin.IPlugin} too.
+    """
+
+    name: str = Attribute("The name hooks are configured by (C{auth}).")
+    description: str = Attribute("One line saying what the hook does.")
+
+    def build(options: Mapping[str, Any], context: Any) -> object:
+        """
+        Make a hook from its configuration.
+
+        @param options: the hook's options, as configured (parsed YAML/JSON).
+        @param context: a L{monedge.hooks.HookContext}: the reactor, the
+            service registry and an HTTP client, for hooks that need them.
+        @return: an object providing L{IRequestHook}, L{IResponseHook} or
+            both.
+        @raise monedge.hooks.HookConfigError: for invalid options, with a
+            one-line reason.
+        """

@@ -144,7 +144,27 @@ class Metrics:
             "Requests received and not yet answered.",
             registry=self.registry,
         )
+        self.hookDecisions = Counter(
+            "monedge_hook_decisions",
+            "Hook runs, by hook and decision (pass, respond, error).",
+            ["hook", "decision"],
+            registry=self.registry,
+        )
+        self.hookDuration = Histogram(
+            "monedge_hook_duration_seconds",
+            "Time each hook took, by hook.",
+            ["hook"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
         self._services: dict[str, ServiceMetrics] = {}
+
+    def observeHook(self, hook: str, decision: str, seconds: float) -> None:
+        """
+        Count one hook run.
+        """
+        self.hookDecisions.labels(hook, decision).inc()
+        self.hookDuration.labels(hook).observe(seconds)
 
     def forService(self, service: str) -> ServiceMetrics:
         """

@@ -8,10 +8,13 @@ L{parsePolicy}.  Values may be YAML scalars or strings.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+import yaml
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*\Z", re.ASCII)
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -106,6 +109,57 @@ def parseBool(value: object) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class HookSpec:
+    """
+    One configured hook: its plugin name and its options (kept as canonical
+    JSON, so that policies compare and hash by value).
+    """
+
+    name: str
+    options: str = "{}"
+
+    def asJSON(self) -> dict[str, Any]:
+        return {"name": self.name, "options": json.loads(self.options)}
+
+
+def parseHooks(value: object) -> tuple[HookSpec, ...]:
+    """
+    Parse a hooks setting: a list whose items are a hook name or a mapping
+    with C{name} and optional C{options}.  A string is read as YAML (or
+    JSON) first, as an annotation or command-line value is.
+
+    @raise ValueError: with a one-line reason.
+    """
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError("hooks: not valid YAML or JSON") from None
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of hooks, got {value!r}")
+    specs = []
+    for index, item in enumerate(value):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ValueError(f"[{index}]: expected a hook name or {{name, options}}")
+        extra = set(item) - {"name", "options"}
+        if extra:
+            raise ValueError(f"[{index}]: unknown key {sorted(map(str, extra))[0]!r}")
+        options = item.get("options") or {}
+        if not isinstance(options, dict):
+            raise ValueError(f"[{index}].options: expected a mapping")
+        try:
+            canonical = json.dumps(options, sort_keys=True)
+        except (TypeError, ValueError):
+            raise ValueError(f"[{index}].options: not plain data") from None
+        specs.append(HookSpec(item["name"], canonical))
+    return tuple(specs)
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """
     How monedge treats one service.
@@ -116,6 +170,7 @@ class Policy:
     @ivar stripPrefix: forward C{/<rest>} rather than C{/<name>/<rest>}.
     @ivar maxBodySize: the largest request body accepted, in bytes.
     @ivar expose: whether the service is reachable at all.
+    @ivar hooks: the service's own hooks, run after the global ones.
     """
 
     connectTimeout: float = 5.0
@@ -124,12 +179,14 @@ class Policy:
     stripPrefix: bool = True
     maxBodySize: int = 10 * MIB
     expose: bool = True
+    hooks: tuple[HookSpec, ...] = ()
 
     def asJSON(self) -> dict[str, Any]:
         """
         The policy under its documented key names, for C{/routes}.
         """
         fields = asdict(self)
+        fields["hooks"] = [spec.asJSON() for spec in self.hooks]
         return {key: fields[attr] for key, (attr, _) in POLICY_KEYS.items()}
 
 
@@ -141,6 +198,7 @@ POLICY_KEYS: dict[str, tuple[str, Any]] = {
     "strip-prefix": ("stripPrefix", parseBool),
     "max-body-size": ("maxBodySize", parseSize),
     "expose": ("expose", parseBool),
+    "hooks": ("hooks", parseHooks),
 }
 
 DEFAULT_POLICY = Policy()

@@ -11,6 +11,7 @@ whose pooled connection turned out to be closed before it was used).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -22,12 +23,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from monedge.balancer import Balancer, EndpointState
-from monedge.errors import ProxyError, renderError
+from monedge.errors import ProxyError, errorBody, renderError
 from monedge.headers import downstreamHeaders
+from monedge.hooks import HookFailed, HookResponse, HookResponseHead, HookSet
 from monedge.interfaces import IUpstreamClient
 
 if TYPE_CHECKING:
@@ -38,16 +41,21 @@ if TYPE_CHECKING:
 
 class ProxyContext:
     """
-    What every exchange shares: the upstream client, the balancer and the
-    clock.
+    What every exchange shares: the upstream client, the balancer, the
+    clock and the hooks.
     """
 
     def __init__(
-        self, client: IUpstreamClient, balancer: Balancer, clock: IReactorTime
+        self,
+        client: IUpstreamClient,
+        balancer: Balancer,
+        clock: IReactorTime,
+        hooks: HookSet | None = None,
     ) -> None:
         self.client = client
         self.balancer = balancer
         self.clock = clock
+        self.hooks = hooks
 
 
 _DONE = Failure(ResponseDone())
@@ -158,6 +166,8 @@ class ProxyExchange:
         self._relay: _BodyRelay | None = None
         self._clientGone = False
         self._sentAt = 0.0
+        #: Runs the response hooks on the response's head, if there are any.
+        self.responseHooks: Callable[[HookResponseHead], Deferred[None]] | None = None
 
     def start(self) -> None:
         """
@@ -255,6 +265,48 @@ class ProxyExchange:
         ):
             out.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
         out.setRawHeaders(b"x-request-id", [request.requestId])
+        if self.responseHooks is not None:
+            done = self.responseHooks(HookResponseHead(response.code, out))
+            if not done.called:
+                done.addCallbacks(
+                    lambda _: self._relayBody(response),
+                    lambda failure: self._responseHookFailed(response, failure),
+                )
+                return
+            failed: list[Failure] = []
+            done.addErrback(failed.append)
+            if failed:
+                self._responseHookFailed(response, failed[0])
+                return
+        self._relayBody(response)
+
+    def _responseHookFailed(self, response: IResponse, failure: Failure) -> None:
+        response.deliverBody(_Discard())
+        self._release()
+        self._cancelTimeout()
+        if self._clientGone:
+            return
+        self.request.responseHeaders = Headers()
+        self.hookFailed(failure)
+
+    def hookFailed(self, failure: Failure) -> None:
+        """
+        A hook raised or timed out: the request fails closed, with 500.
+        """
+        error = failure.value
+        hook = error.hook if isinstance(error, HookFailed) else "?"
+        self._metrics.upstreamError("hook_failed")
+        if self._clientGone or self.request._disconnected:
+            return
+        self._fail(ProxyError("hook_failed", f"the {hook} hook failed"))
+
+    def _relayBody(self, response: IResponse) -> None:
+        request = self.request
+        if self._clientGone:
+            response.deliverBody(_Discard())
+            self._release()
+            self._cancelTimeout()
+            return
         # Send the headers now: a client waiting on a long poll or an event
         # stream must not wait for the first body byte to see them.
         request.write(b"")
@@ -331,6 +383,30 @@ class ProxyExchange:
         body = renderError(request, error, request.requestId)
         request.write(body)
         request.finish()
+
+
+def writeHookResponse(request: ProxyRequest, answer: HookResponse) -> None:
+    """
+    Answer C{request} with a request hook's response.
+    """
+    body = answer.body
+    if body is None:
+        body = errorBody(
+            answer.status,
+            answer.code or "hook_response",
+            answer.message or "",
+            request.requestId,
+        )
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+    request.setResponseCode(answer.status)
+    for name, value in answer.headers:
+        request.responseHeaders.addRawHeader(name, value)
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
+    request.responseHeaders.setRawHeaders(b"x-request-id", [request.requestId])
+    request.errorCode = answer.code
+    request.write(body)
+    request.finish()
 
 
 class _Discard(Protocol):

@@ -15,17 +15,19 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
 from monedge.balancer import eligible
 from monedge.convention import HostTiers, isValidName, normaliseHost, serviceName
-from monedge.errors import ErrorResource, ProxyError
+from monedge.errors import ErrorResource, ProxyError, renderError
 from monedge.headers import upstreamHeaders
+from monedge.hooks import HookChain, HookConfigError, HookRequest, HookResponse
 from monedge.interfaces import IServiceRegistry
 from monedge.metrics import Metrics, ServiceMetrics
 from monedge.paths import PathError, RoutedPath, normalise, splitAbsoluteForm
-from monedge.proxy import ProxyContext, ProxyExchange
+from monedge.proxy import ProxyContext, ProxyExchange, writeHookResponse
 from monedge.registry import ServiceEntry
 
 if TYPE_CHECKING:
@@ -49,6 +51,8 @@ class ServiceResource(Resource):
 
     isLeaf = True
 
+    _log = Logger()
+
     def __init__(
         self, entry: ServiceEntry, context: ProxyContext, metrics: ServiceMetrics
     ) -> None:
@@ -59,8 +63,27 @@ class ServiceResource(Resource):
         self._context = context
         self._candidates = context.balancer.states(eligible(entry.endpoints))
         self._prefix = b"/" + entry.name.rsplit(".", 1)[1].encode("ascii")
+        self.hooks: HookChain | None = None
+        self.hookError: str | None = None
+        if context.hooks is not None:
+            try:
+                self.hooks = context.hooks.chain(entry.policy.hooks)
+            except HookConfigError as e:
+                # Never a silent pass: the service is refused until fixed.
+                self.hookError = str(e)
+                self._log.error(
+                    "{service}: invalid hook configuration, answering 503: {error}",
+                    service=entry.name,
+                    error=self.hookError,
+                )
 
-    def render(self, request: ProxyRequest) -> int:
+    def render(self, request: ProxyRequest) -> int | bytes:
+        if self.hookError is not None:
+            return renderError(
+                request,
+                ProxyError("hook_config_invalid", self.hookError),
+                request.requestId,
+            )
         routed = request.routedPath
         assert routed is not None
         policy = self.policy
@@ -80,7 +103,7 @@ class ServiceResource(Resource):
             requestId=request.requestId,
             trustedHops=request.site.trustedHops,
         )
-        ProxyExchange(
+        exchange = ProxyExchange(
             request,
             self._context,
             self._candidates,
@@ -88,8 +111,41 @@ class ServiceResource(Resource):
             self.metrics,
             headers,
             target,
-        ).start()
+        )
+        chain = self.hooks
+        if chain is None:
+            exchange.start()
+            return NOT_DONE_YET
+        hookRequest = HookRequest(
+            method=request.method,
+            path=routed.path,
+            query=routed.query,
+            headers=request.requestHeaders,
+            upstreamHeaders=headers,
+            clientAddress=request.peerAddress.decode("ascii", "replace"),
+            service=self.entry.name,
+            requestId=request.requestId.decode("ascii"),
+        )
+        if chain.hasResponseHooks:
+            exchange.responseHooks = lambda head: chain.runResponse(hookRequest, head)
+        chain.runRequest(hookRequest).addCallbacks(
+            lambda answer: self._hooksDone(request, exchange, answer),
+            lambda failure: exchange.hookFailed(failure),
+        )
         return NOT_DONE_YET
+
+    def _hooksDone(
+        self,
+        request: ProxyRequest,
+        exchange: ProxyExchange,
+        answer: HookResponse | None,
+    ) -> None:
+        if request._disconnected:
+            return
+        if answer is None:
+            exchange.start()
+        else:
+            writeHookResponse(request, answer)
 
 
 class RootResource(Resource):

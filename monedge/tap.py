@@ -7,11 +7,13 @@ build.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 from collections.abc import Callable
 from typing import Any
 
+import yaml
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, Service
 from twisted.internet.endpoints import serverFromString
@@ -21,10 +23,11 @@ from monedge.accesslog import AccessLog
 from monedge.admin import adminSite
 from monedge.balancer import Balancer
 from monedge.convention import HostTiers
+from monedge.hooks import HookConfigError, HookContext, HookSet
 from monedge.interfaces import IServiceRegistry
 from monedge.lifecycle import ProxyService
 from monedge.metrics import Metrics
-from monedge.policy import parseDuration
+from monedge.policy import parseDuration, parseHooks
 from monedge.proxy import ProxyContext
 from monedge.registry.kubernetes import KubernetesRegistry, apiClientFromConfig
 from monedge.registry.static import RegistryFileError, StaticRegistry
@@ -188,6 +191,19 @@ class Options(usage.Options):
             "-",
             "Access log: '-' for stdout, 'none', or a file path.",
         ],
+        [
+            "hooks",
+            None,
+            None,
+            "A YAML file listing global hooks ([{name, options}]), run before"
+            " each service's own.",
+        ],
+        [
+            "hook-timeout",
+            None,
+            "5s",
+            "How long a hook may take (500 hook_failed beyond).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -195,6 +211,15 @@ class Options(usage.Options):
         self["listen"] = []
         self["host-tier"] = []
         self["namespace"] = []
+        self["hook"] = []
+
+    def opt_hook(self, spec: str) -> None:
+        """A global hook: NAME, or YAML/JSON {name: NAME, options: {...}}. Repeatable."""
+        text = spec if spec.lstrip().startswith("{") else json.dumps(spec.strip())
+        try:
+            self["hook"].extend(parseHooks(f"[{text}]"))
+        except ValueError as e:
+            raise usage.UsageError(f"--hook: {e}") from None
 
     def opt_namespace(self, namespace: str) -> None:
         """With --registry kubernetes: a namespace to watch (default: all). Repeatable."""
@@ -248,6 +273,23 @@ class Options(usage.Options):
         self["upstream-pool-size"] = _positive(
             "upstream-pool-size", self["upstream-pool-size"], int
         )
+        self["hook-timeout"] = _duration("hook-timeout", self["hook-timeout"])
+        specs = list(self["hook"])
+        if self["hooks"]:
+            try:
+                with open(self["hooks"], encoding="utf-8") as f:
+                    document = yaml.safe_load(f)
+            except (OSError, yaml.YAMLError) as e:
+                raise usage.UsageError(
+                    f"--hooks: cannot read {self['hooks']}: {e}"
+                ) from None
+            if isinstance(document, dict):
+                document = document.get("hooks")
+            try:
+                specs[:0] = parseHooks(document)
+            except ValueError as e:
+                raise usage.UsageError(f"--hooks: {self['hooks']}: {e}") from None
+        self["hook-specs"] = tuple(specs)
         self["registry-object"] = self._registry(self["registry"])
 
     def _registry(self, spec: str) -> IServiceRegistry:
@@ -296,6 +338,40 @@ class ReloadOnHangup(Service):
             self._previous = None
 
 
+def hookHTTPClient(reactor: Any) -> Any:
+    """
+    The HTTP client hooks call out with (JWKS, external auth): treq's API on
+    a persistent pool, keeping no cookies.
+    """
+    from http.cookiejar import CookieJar, DefaultCookiePolicy
+
+    import treq
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.cachedConnectionTimeout = 4
+    jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    return treq.client.HTTPClient(Agent(reactor, pool=pool), cookiejar=jar)  # type: ignore[arg-type]
+
+
+def checkHooks(hooks: HookSet, registry: IServiceRegistry) -> None:
+    """
+    Build the global hooks and every registered service's hooks now, so
+    that an unknown name or bad options stop monedge at startup.
+
+    @raise usage.UsageError: naming the hook and what is wrong.
+    """
+    try:
+        hooks.chain(())
+    except HookConfigError as e:
+        raise usage.UsageError(f"--hook: {e}") from None
+    for name, entry in sorted(registry.services().items()):
+        try:
+            hooks.chain(entry.policy.hooks)
+        except HookConfigError as e:
+            raise usage.UsageError(f"{name}: {e}") from None
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Build the proxy from parsed options.
@@ -314,7 +390,18 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         maxPerHost=options["upstream-pool-size"],
         poolIdle=options["upstream-idle-timeout"],
     )
-    context = ProxyContext(client, balancer, reactor)
+    hooks = HookSet(
+        HookContext(
+            reactor=reactor,
+            registry=registry,
+            http=hookHTTPClient(reactor),
+            timeout=options["hook-timeout"],
+        ),
+        globalSpecs=options["hook-specs"],
+        observe=metrics.observeHook,
+    )
+    checkHooks(hooks, registry)
+    context = ProxyContext(client, balancer, reactor, hooks)
     root = RootResource(registry, context, metrics, hostTiers)
     limits = Limits(
         maxRequestLine=options["max-request-line"],

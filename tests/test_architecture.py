@@ -26,6 +26,9 @@ LAYERS: dict[str, int] = {
     "metrics": 2,
     "upstream": 2,
     "accesslog": 2,
+    "hooks": 2,
+    "builtin": 3,
+    "builtin.headers": 3,
     "proxy": 3,
     "resource": 4,
     "server": 4,
@@ -35,7 +38,7 @@ LAYERS: dict[str, int] = {
 }
 
 #: Modules outside the layering, free to import anything.
-OUTSIDE = {"testing", "demo"}
+OUTSIDE = {"testing", "demo", "plugins"}
 
 
 def _runtimeImports(path: str) -> set[str]:

@@ -378,6 +378,7 @@ class PolicyJSONTests(SynchronousTestCase):
                 "strip-prefix": False,
                 "max-body-size": 4,
                 "expose": False,
+                "hooks": [],
             },
         )
         self.assertEqual(parsePolicy(policy.asJSON()), policy)

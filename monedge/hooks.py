@@ -1,0 +1,310 @@
+"""
+Hooks: code that runs before a request goes upstream and after its
+response comes back, found as plugins and configured per proxy and per
+service.
+
+    global hooks (--hook, in order)  then  the service's hooks (policy order)
+    request hooks run in that order; response hooks in the reverse order
+
+A hook that raises, or does not answer within the hook timeout, fails the
+request with 500 C{hook_failed}: hooks always fail closed.  A service whose
+hook configuration is invalid answers 503 C{hook_config_invalid} until it is
+fixed.  See docs/hooks.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.plugin import getPlugins
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from monedge.interfaces import (
+    IHookFactory,
+    IHookRequest,
+    IHookResponse,
+    IRequestHook,
+    IResponseHook,
+)
+from monedge.policy import HookSpec
+
+#: Seconds a hook may take before the request fails with hook_failed.
+DEFAULT_HOOK_TIMEOUT = 5.0
+
+
+class HookConfigError(ValueError):
+    """
+    Invalid hook configuration: an unknown name or bad options.
+    """
+
+
+class HookFailed(Exception):
+    """
+    A hook raised or timed out.
+
+    @ivar hook: the hook's name.
+    """
+
+    def __init__(self, hook: str, reason: Failure) -> None:
+        super().__init__(f"hook {hook} failed: {reason.getErrorMessage()}")
+        self.hook = hook
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class HookResponse:
+    """
+    A request hook's answer to the client, instead of the upstream's.
+
+    With C{body} L{None} and a C{code}, the body is monedge's JSON error
+    (C{status}, C{code}, C{message}, C{request_id}).
+    """
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes | None = None
+    code: str | None = None
+    message: str | None = None
+
+    @classmethod
+    def error(
+        cls,
+        status: int,
+        code: str,
+        message: str,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> HookResponse:
+        """
+        A JSON error answer, like monedge's own refusals.
+        """
+        return cls(status=status, headers=tuple(headers), code=code, message=message)
+
+
+@implementer(IHookRequest)
+@dataclass
+class HookRequest:
+    """
+    The request as hooks see it (see L{IHookRequest}).
+    """
+
+    method: bytes
+    path: bytes
+    query: bytes
+    headers: Headers
+    upstreamHeaders: Headers
+    clientAddress: str
+    service: str
+    requestId: str
+
+
+@implementer(IHookResponse)
+@dataclass
+class HookResponseHead:
+    """
+    An upstream response's status and headers, as response hooks see them.
+    """
+
+    status: int
+    headers: Headers
+
+
+@dataclass
+class HookContext:
+    """
+    What hooks may use: the reactor, the service registry, an HTTP client
+    for hooks that call out (treq's API over monedge's own agent, no cookie
+    jar), and the hook timeout.
+    """
+
+    reactor: Any
+    registry: Any = None
+    http: Any = None
+    timeout: float = DEFAULT_HOOK_TIMEOUT
+
+
+def availableFactories() -> dict[str, IHookFactory]:
+    """
+    Every hook factory on the plugin path, by name: the built-in ones and
+    any module dropped into a C{monedge/plugins/} directory on C{sys.path}.
+    """
+    import monedge.plugins
+
+    found: dict[str, IHookFactory] = {}
+    for factory in getPlugins(IHookFactory, monedge.plugins):
+        found.setdefault(factory.name, factory)
+    return found
+
+
+def _invoke(call: Callable[[], object]) -> Deferred[Any]:
+    """
+    C{call()}'s result as a L{Deferred}, an exception as a failed one.
+    """
+    try:
+        result = call()
+    except BaseException:
+        return fail()
+    if isinstance(result, Deferred):
+        return result
+    return succeed(result)
+
+
+@dataclass
+class _Step:
+    name: str
+    hook: object
+
+
+class HookChain:
+    """
+    The hooks one service runs, in order, with timeouts, metrics and the
+    fail-closed rule.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        steps: Sequence[tuple[str, object]],
+        reactor: Any,
+        timeout: float,
+        observe: Callable[[str, str, float], None],
+    ) -> None:
+        self._request = [_Step(n, h) for n, h in steps if IRequestHook.providedBy(h)]
+        self._response = [
+            _Step(n, h) for n, h in reversed(steps) if IResponseHook.providedBy(h)
+        ]
+        self.names = [n for n, _ in steps]
+        self._reactor = reactor
+        self._timeout = timeout
+        self._observe = observe
+
+    @property
+    def hasResponseHooks(self) -> bool:
+        return bool(self._response)
+
+    def _call(self, step: _Step, call: Callable[[], object]) -> Deferred[Any]:
+        started = self._reactor.seconds()
+        d = _invoke(call)
+        if not d.called:
+            d.addTimeout(self._timeout, self._reactor)
+
+        def done(result: object) -> object:
+            decision = "respond" if isinstance(result, HookResponse) else "pass"
+            self._observe(step.name, decision, self._reactor.seconds() - started)
+            return result
+
+        def failed(reason: Failure) -> Failure:
+            self._observe(step.name, "error", self._reactor.seconds() - started)
+            self._log.failure(
+                "hook {hook} failed; the request fails closed",
+                failure=reason,
+                hook=step.name,
+            )
+            return Failure(HookFailed(step.name, reason))
+
+        return d.addCallbacks(done, failed)
+
+    def runRequest(self, request: IHookRequest) -> Deferred[HookResponse | None]:
+        """
+        Run the request hooks in order until one answers.
+        """
+        steps = iter(self._request)
+
+        def next_(result: Any) -> Any:
+            if isinstance(result, HookResponse):
+                return result
+            step = next(steps, None)
+            if step is None:
+                return None
+            hook = step.hook
+            return self._call(step, lambda: hook.onRequest(request)).addCallback(  # type: ignore[attr-defined]
+                next_
+            )
+
+        d: Deferred[Any] = succeed(None)
+        d.addCallback(next_)
+        return d
+
+    def runResponse(
+        self, request: IHookRequest, response: IHookResponse
+    ) -> Deferred[None]:
+        """
+        Run the response hooks, last configured first.
+        """
+        steps = iter(self._response)
+
+        def next_(result: Any) -> Any:
+            step = next(steps, None)
+            if step is None:
+                return None
+            hook = step.hook
+            return self._call(
+                step,
+                lambda: hook.onResponse(request, response),  # type: ignore[attr-defined]
+            ).addCallback(next_)
+
+        d: Deferred[Any] = succeed(None)
+        d.addCallback(next_)
+        return d
+
+
+@dataclass
+class HookSet:
+    """
+    Builds and caches hooks from their specs, and the chain for each
+    service: the global hooks, then the service's own.
+
+    @ivar globalSpecs: the hooks every service runs first.
+    """
+
+    context: HookContext
+    globalSpecs: tuple[HookSpec, ...] = ()
+    observe: Callable[[str, str, float], None] = lambda hook, decision, seconds: None
+    factories: Mapping[str, IHookFactory] = field(default_factory=availableFactories)
+    _built: dict[HookSpec, object] = field(default_factory=dict)
+
+    def build(self, spec: HookSpec) -> object:
+        """
+        The hook for C{spec}, built once.
+
+        @raise HookConfigError: for an unknown name or invalid options.
+        """
+        hook = self._built.get(spec)
+        if hook is None:
+            factory = self.factories.get(spec.name)
+            if factory is None:
+                known = ", ".join(sorted(self.factories)) or "none"
+                raise HookConfigError(f"unknown hook {spec.name!r} (known: {known})")
+            try:
+                hook = factory.build(json.loads(spec.options), self.context)
+            except HookConfigError as e:
+                raise HookConfigError(f"hook {spec.name}: {e}") from None
+            if not (IRequestHook.providedBy(hook) or IResponseHook.providedBy(hook)):
+                raise HookConfigError(
+                    f"hook {spec.name}: its factory built neither a request"
+                    " nor a response hook"
+                )
+            self._built[spec] = hook
+        return hook
+
+    def chain(self, specs: Sequence[HookSpec]) -> HookChain | None:
+        """
+        The chain for a service with hooks C{specs}, or L{None} if there is
+        nothing to run.
+
+        @raise HookConfigError: if any hook cannot be built.
+        """
+        allSpecs = [*self.globalSpecs, *specs]
+        if not allSpecs:
+            return None
+        steps = [(spec.name, self.build(spec)) for spec in allSpecs]
+        return HookChain(
+            steps, self.context.reactor, self.context.timeout, self.observe
+        )

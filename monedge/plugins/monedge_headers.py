@@ -1,0 +1,3 @@
+from monedge.builtin.headers import HeadersHookFactory
+
+headers = HeadersHookFactory()
