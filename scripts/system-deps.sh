@@ -5,6 +5,8 @@
 set -eu
 missing=""
 command -v curl >/dev/null 2>&1 || missing="$missing curl"
+# The rate-limit hook's tests run a real Redis.
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then

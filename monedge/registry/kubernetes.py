@@ -22,7 +22,7 @@ import json
 import random
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from twisted.application.service import Service
@@ -34,11 +34,15 @@ from zope.interface import implementer
 
 from monedge.convention import parseServiceName, serviceFromKubernetesName
 from monedge.interfaces import IServiceRegistry
-from monedge.policy import POLICY_KEYS, Policy, PolicyError, parsePolicy
+from monedge.policy import POLICY_KEYS, HookSpec, Policy, PolicyError, parsePolicy
 from monedge.registry import Endpoint, RegistryTable, ServiceEntry, TableRegistry
 
 #: Annotation prefix for per-service policy: C{monedge.io/timeout: 30s}.
 ANNOTATION_PREFIX = "monedge.io/"
+
+#: The hook name an invalid monedge.io/hooks annotation is replaced by: no
+#: such hook exists, so the service answers 503 rather than skip its hooks.
+INVALID_HOOKS = "invalid-monedge.io/hooks-annotation"
 
 #: The label an EndpointSlice names its Service with.
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
@@ -65,10 +69,12 @@ def policyFromAnnotations(
     """
     The policy a Service's C{monedge.io/<key>} annotations give, and a
     message for each annotation that is invalid.  Each invalid annotation
-    falls back to its default; the valid ones still apply.
+    falls back to its default and the valid ones still apply, except an
+    invalid C{monedge.io/hooks}, which fails closed (see L{INVALID_HOOKS}).
     """
     values: dict[str, str] = {}
     problems: list[str] = []
+    hooksInvalid = False
     for name, value in (annotations or {}).items():
         if not name.startswith(ANNOTATION_PREFIX):
             continue
@@ -80,9 +86,16 @@ def policyFromAnnotations(
             parsePolicy({key: value})
         except PolicyError as e:
             problems.append(f"{name}: {str(e).split(': ', 1)[1]}")
+            hooksInvalid = hooksInvalid or key == "hooks"
             continue
         values[key] = value
-    return parsePolicy(values), problems
+    policy = parsePolicy(values)
+    if hooksInvalid:
+        # Hooks may be security (auth): an unreadable setting fails closed.
+        # This hook name is never registered, so the service answers 503
+        # hook_config_invalid until the annotation is fixed.
+        policy = replace(policy, hooks=(HookSpec(INVALID_HOOKS, "{}"),))
+    return policy, problems
 
 
 def _conditions(endpoint: Mapping[str, Any]) -> tuple[bool, bool, bool]:
