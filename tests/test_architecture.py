@@ -29,6 +29,8 @@ LAYERS: dict[str, int] = {
     "hooks": 2,
     "builtin": 3,
     "builtin.headers": 3,
+    "builtin.auth": 3,
+    "builtin.ratelimit": 3,
     "proxy": 3,
     "resource": 4,
     "server": 4,
