@@ -1,0 +1,442 @@
+"""
+The hook machinery: chains, ordering, timeouts, failure semantics,
+configuration, the headers hook, and hooks on the proxy path.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.plugin import IPlugin
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from monedge.hooks import (
+    HookChain,
+    HookConfigError,
+    HookContext,
+    HookFailed,
+    HookResponse,
+    HookResponseHead,
+    HookSet,
+    availableFactories,
+)
+from monedge.interfaces import (
+    IHookFactory,
+    IHookRequest,
+    IHookResponse,
+    IRequestHook,
+    IResponseHook,
+)
+from monedge.policy import HookSpec, Policy
+from monedge.registry import ServiceEntry
+from monedge.testing import FakeResponse, endpoint
+from monedge.testing.hooks import buildHook, hookRequest, runHooks
+from tests.test_proxy import GET, Harness, _jsonBody, _status
+
+
+@implementer(IRequestHook, IResponseHook)
+class Recorder:
+    """
+    A hook that records its calls in a shared log, and answers as told.
+    """
+
+    def __init__(self, name: str, log: list[str], answer: object = None) -> None:
+        self.name = name
+        self.log = log
+        self.answer = answer
+
+    def onRequest(self, request: IHookRequest) -> object:
+        self.log.append(f"request:{self.name}")
+        request.upstreamHeaders.addRawHeader(b"x-seen", self.name.encode())
+        return self.answer
+
+    def onResponse(self, request: IHookRequest, response: IHookResponse) -> None:
+        self.log.append(f"response:{self.name}")
+        response.headers.addRawHeader(b"x-response", self.name.encode())
+
+
+@implementer(IHookFactory, IPlugin)
+class RecorderFactory:
+    """
+    Builds L{Recorder}s; C{answer} in the options makes it answer 403.
+    """
+
+    name = "recorder"
+    description = "test hook"
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def build(self, options: Any, context: Any) -> Recorder:
+        if "bad" in options:
+            raise HookConfigError("bad option")
+        answer = (
+            HookResponse.error(403, "forbidden", "no")
+            if options.get("answer")
+            else None
+        )
+        return Recorder(options.get("label", "r"), self.log, answer)
+
+
+class ChainTests(SynchronousTestCase):
+    """
+    A chain runs request hooks in order and response hooks in reverse.
+    """
+
+    def chain(
+        self, hooks: list[object], clock: Clock | None = None
+    ) -> tuple[HookChain, list[tuple[str, str]]]:
+        observed: list[tuple[str, str]] = []
+        chain = HookChain(
+            [(f"h{i}", h) for i, h in enumerate(hooks)],
+            clock or Clock(),
+            5.0,
+            lambda hook, decision, seconds: observed.append((hook, decision)),
+        )
+        return chain, observed
+
+    def test_order(self) -> None:
+        """
+        Request hooks run first to last; response hooks last to first;
+        each sees the others' changes.
+        """
+        log: list[str] = []
+        chain, observed = self.chain([Recorder("a", log), Recorder("b", log)])
+        request = hookRequest()
+        self.assertIsNone(self.successResultOf(chain.runRequest(request)))
+        head = HookResponseHead(200, Headers())
+        self.successResultOf(chain.runResponse(request, head))
+        self.assertEqual(log, ["request:a", "request:b", "response:b", "response:a"])
+        self.assertEqual(request.upstreamHeaders.getRawHeaders(b"x-seen"), [b"a", b"b"])
+        self.assertEqual(head.headers.getRawHeaders(b"x-response"), [b"b", b"a"])
+        self.assertEqual(
+            observed, [("h0", "pass"), ("h1", "pass"), ("h1", "pass"), ("h0", "pass")]
+        )
+
+    def test_answerStopsTheChain(self) -> None:
+        """
+        A request hook that answers stops the later ones.
+        """
+        log: list[str] = []
+        answer = HookResponse.error(401, "unauthorized", "no token")
+        chain, observed = self.chain([Recorder("a", log, answer), Recorder("b", log)])
+        self.assertEqual(self.successResultOf(chain.runRequest(hookRequest())), answer)
+        self.assertEqual(log, ["request:a"])
+        self.assertEqual(observed, [("h0", "respond")])
+
+    def test_raisingHookFails(self) -> None:
+        """
+        A hook that raises fails the chain with HookFailed naming it.
+        """
+
+        @implementer(IRequestHook)
+        class Broken:
+            def onRequest(self, request: IHookRequest) -> None:
+                raise RuntimeError("boom")
+
+        chain, observed = self.chain([Broken()])
+        failure = self.failureResultOf(chain.runRequest(hookRequest()), HookFailed)
+        self.assertEqual(failure.value.hook, "h0")
+        self.assertEqual(observed, [("h0", "error")])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_slowHookTimesOut(self) -> None:
+        """
+        A hook whose Deferred does not fire within the timeout fails the
+        chain; one that fires in time passes.
+        """
+        waiting: Deferred[None] = Deferred()
+
+        @implementer(IRequestHook)
+        class Slow:
+            def onRequest(self, request: IHookRequest) -> Deferred[None]:
+                return waiting
+
+        clock = Clock()
+        chain, _ = self.chain([Slow()], clock)
+        d = chain.runRequest(hookRequest())
+        self.assertNoResult(d)
+        clock.advance(5.1)
+        self.failureResultOf(d, HookFailed)
+        self.flushLoggedErrors()
+
+        waiting = Deferred()
+        d = chain.runRequest(hookRequest())
+        clock.advance(1)
+        waiting.callback(None)
+        self.assertIsNone(self.successResultOf(d))
+
+
+class HookSetTests(SynchronousTestCase):
+    """
+    Configured hooks are built once, global ones first.
+    """
+
+    def hookSet(
+        self, log: list[str], globalSpecs: tuple[HookSpec, ...] = ()
+    ) -> HookSet:
+        return HookSet(
+            HookContext(reactor=Clock()),
+            globalSpecs=globalSpecs,
+            factories={"recorder": RecorderFactory(log)},
+        )
+
+    def test_globalThenService(self) -> None:
+        """
+        Global hooks run before the service's own.
+        """
+        log: list[str] = []
+        hooks = self.hookSet(
+            log, (HookSpec("recorder", json.dumps({"label": "global"})),)
+        )
+        chain = hooks.chain((HookSpec("recorder", json.dumps({"label": "service"})),))
+        assert chain is not None
+        self.successResultOf(chain.runRequest(hookRequest()))
+        self.assertEqual(log, ["request:global", "request:service"])
+
+    def test_noHooksNoChain(self) -> None:
+        """
+        With no hooks at all there is no chain, so the proxy path pays
+        nothing.
+        """
+        self.assertIsNone(self.hookSet([]).chain(()))
+
+    def test_builtOnce(self) -> None:
+        """
+        The same spec builds one hook object, shared by every service.
+        """
+        hooks = self.hookSet([])
+        spec = HookSpec("recorder", "{}")
+        self.assertIs(hooks.build(spec), hooks.build(spec))
+
+    def test_configErrors(self) -> None:
+        """
+        An unknown name lists the known ones; bad options name the hook.
+        """
+        hooks = self.hookSet([])
+        with self.assertRaises(HookConfigError) as caught:
+            hooks.chain((HookSpec("nosuch", "{}"),))
+        self.assertIn("known: recorder", str(caught.exception))
+        with self.assertRaises(HookConfigError) as caught:
+            hooks.chain((HookSpec("recorder", json.dumps({"bad": 1})),))
+        self.assertIn("hook recorder: bad option", str(caught.exception))
+
+    def test_builtinsDiscovered(self) -> None:
+        """
+        The built-in headers hook is found as a plugin and provides the
+        interfaces.
+        """
+        factory = availableFactories()["headers"]
+        verifyObject(IHookFactory, factory)
+        hook = factory.build({}, HookContext(reactor=Clock()))
+        verifyObject(IRequestHook, hook)
+        verifyObject(IResponseHook, hook)
+        verifyObject(IHookRequest, hookRequest())
+        verifyObject(IHookResponse, HookResponseHead(200, Headers()))
+
+
+class HeadersHookTests(SynchronousTestCase):
+    """
+    The headers hook sets, adds and removes headers, with placeholders.
+    """
+
+    def test_rules(self) -> None:
+        """
+        Request and response rules apply, placeholders are filled, and
+        removal comes before set and add.
+        """
+        hook = buildHook(
+            "headers",
+            {
+                "request": {
+                    "remove": ["X-Debug"],
+                    "set": {"X-Client": "{client_address}"},
+                    "add": {"X-Trace": "{request_id}/{service}"},
+                },
+                "response": {"set": {"Strict-Transport-Security": "max-age=60"}},
+            },
+        )
+        request = hookRequest(headers={b"x-debug": [b"1"], b"x-trace": [b"up"]})
+        head = HookResponseHead(200, Headers())
+        outcome = self.successResultOf(runHooks([hook], request, head))
+        upstream = outcome.upstreamHeaders
+        self.assertIsNone(upstream.getRawHeaders(b"x-debug"))
+        self.assertEqual(upstream.getRawHeaders(b"x-client"), [b"192.0.2.10"])
+        self.assertEqual(
+            upstream.getRawHeaders(b"x-trace"),
+            [b"up", b"0123456789abcdef0123456789abcdef/service.api.orders"],
+        )
+        assert outcome.responseHeaders is not None
+        self.assertEqual(
+            outcome.responseHeaders.getRawHeaders(b"strict-transport-security"),
+            [b"max-age=60"],
+        )
+
+    def test_invalidOptions(self) -> None:
+        """
+        Unknown placeholders, bad header names, control characters and
+        unknown keys are configuration errors.
+        """
+        for options in [
+            {"request": {"set": {"X-A": "{nope}"}}},
+            {"request": {"set": {"Bad Name": "x"}}},
+            {"request": {"set": {"X-A": "a\nb"}}},
+            {"request": {"rename": {}}},
+            {"upstream": {}},
+            {"request": {"remove": "X-A"}},
+        ]:
+            with self.assertRaises(HookConfigError, msg=repr(options)):
+                buildHook("headers", options)
+
+    def test_placeholderValuesCannotSplitHeaders(self) -> None:
+        """
+        A placeholder whose value holds CR or LF cannot start a new header.
+        """
+        hook = buildHook("headers", {"request": {"set": {"X-Path": "{path}"}}})
+        request = hookRequest(path=b"/a\r\nX-Evil: 1")
+        outcome = self.successResultOf(runHooks([hook], request))
+        [value] = outcome.upstreamHeaders.getRawHeaders(b"x-path")
+        self.assertNotIn(b"\n", value)
+
+
+def _withHooks(
+    h: Harness, log: list[str], *specs: HookSpec, service: tuple[HookSpec, ...] = ()
+) -> None:
+    """
+    Give the harness's proxy a hook set with the recorder plugin.
+    """
+    h.root._context.hooks = HookSet(
+        HookContext(reactor=h.clock),
+        globalSpecs=specs,
+        factories={"recorder": RecorderFactory(log), **availableFactories()},
+        observe=h.metrics.observeHook,
+    )
+    h.registry.replaceAll(
+        [
+            ServiceEntry(
+                "service.api.echo",
+                (endpoint("10.0.0.1:80"),),
+                Policy(hooks=service),
+            )
+        ]
+    )
+
+
+class ProxyHookTests(SynchronousTestCase):
+    """
+    Hooks on the real proxy path (in memory).
+    """
+
+    def test_requestAndResponseHooks(self) -> None:
+        """
+        Request hooks change what goes upstream; response hooks change
+        what reaches the client; both are counted.
+        """
+        log: list[str] = []
+        h = Harness([])
+        _withHooks(h, log, HookSpec("recorder", '{"label": "g"}'))
+        _, transport = h.send(GET)
+        [call] = h.client.calls
+        self.assertEqual(call.headers.getRawHeaders(b"x-seen"), [b"g"])
+        response = FakeResponse(200, length=0)
+        call.result.callback(response)
+        response.end()
+        self.assertIn(b"X-Response: g", transport.value())
+        from prometheus_client import generate_latest
+
+        text = generate_latest(h.metrics.registry).decode()
+        self.assertIn(
+            'monedge_hook_decisions_total{decision="pass",hook="recorder"} 2.0', text
+        )
+
+    def test_hookAnswersClient(self) -> None:
+        """
+        A request hook's answer goes to the client as a JSON error with the
+        request id, and nothing goes upstream.
+        """
+        log: list[str] = []
+        h = Harness([])
+        _withHooks(h, log, service=(HookSpec("recorder", '{"answer": true}'),))
+        _, transport = h.send(GET)
+        self.assertEqual(h.client.calls, [])
+        self.assertEqual(_status(transport), 403)
+        body = _jsonBody(transport)
+        self.assertEqual(body["code"], "forbidden")
+        self.assertTrue(body["request_id"])
+
+    def test_failingHookIs500(self) -> None:
+        """
+        A hook that raises gives 500 hook_failed and nothing goes upstream.
+        """
+        h = Harness([])
+        log: list[str] = []
+        _withHooks(h, log)
+
+        @implementer(IRequestHook)
+        class Broken:
+            def onRequest(self, request: IHookRequest) -> None:
+                raise RuntimeError("boom")
+
+        hooks = h.root._context.hooks
+        assert hooks is not None
+        hooks._built[HookSpec("recorder", '{"label": "x"}')] = Broken()
+        h.registry.replaceAll(
+            [
+                ServiceEntry(
+                    "service.api.echo",
+                    (endpoint("10.0.0.1:80"),),
+                    Policy(hooks=(HookSpec("recorder", '{"label": "x"}'),)),
+                )
+            ]
+        )
+        _, transport = h.send(GET)
+        self.assertEqual(_status(transport), 500)
+        self.assertEqual(_jsonBody(transport)["code"], "hook_failed")
+        self.assertEqual(h.client.calls, [])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_invalidServiceHooksIs503(self) -> None:
+        """
+        A service whose hooks cannot be built answers 503
+        hook_config_invalid: never a silent pass.
+        """
+        h = Harness([])
+        _withHooks(h, [], service=(HookSpec("nosuch", "{}"),))
+        _, transport = h.send(GET)
+        self.assertEqual(_status(transport), 503)
+        self.assertEqual(_jsonBody(transport)["code"], "hook_config_invalid")
+        self.assertEqual(h.client.calls, [])
+        self.flushLoggedErrors()
+
+    def test_failingResponseHookIs500(self) -> None:
+        """
+        A response hook that raises gives 500 hook_failed instead of the
+        upstream's response, and the upstream body is dropped.
+        """
+
+        @implementer(IResponseHook)
+        class Broken:
+            def onResponse(
+                self, request: IHookRequest, response: IHookResponse
+            ) -> None:
+                raise RuntimeError("boom")
+
+        h = Harness([])
+        _withHooks(h, [], service=(HookSpec("recorder", '{"label": "y"}'),))
+        hooks = h.root._context.hooks
+        assert hooks is not None
+        hooks._built[HookSpec("recorder", '{"label": "y"}')] = Broken()
+        h.root._cache.clear()
+        _, transport = h.send(GET)
+        response = FakeResponse(200, Headers({b"x-secret": [b"1"]}))
+        h.client.calls[0].result.callback(response)
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual(_status(transport), 500)
+        self.assertNotIn(b"X-Secret", transport.value())
+        self.flushLoggedErrors()
