@@ -283,14 +283,15 @@ class HeadersHookTests(SynchronousTestCase):
         Unknown placeholders, bad header names, control characters and
         unknown keys are configuration errors.
         """
-        for options in [
+        cases: list[dict[str, Any]] = [
             {"request": {"set": {"X-A": "{nope}"}}},
             {"request": {"set": {"Bad Name": "x"}}},
             {"request": {"set": {"X-A": "a\nb"}}},
             {"request": {"rename": {}}},
             {"upstream": {}},
             {"request": {"remove": "X-A"}},
-        ]:
+        ]
+        for options in cases:
             with self.assertRaises(HookConfigError, msg=repr(options)):
                 buildHook("headers", options)
 
@@ -301,7 +302,7 @@ class HeadersHookTests(SynchronousTestCase):
         hook = buildHook("headers", {"request": {"set": {"X-Path": "{path}"}}})
         request = hookRequest(path=b"/a\r\nX-Evil: 1")
         outcome = self.successResultOf(runHooks([hook], request))
-        [value] = outcome.upstreamHeaders.getRawHeaders(b"x-path")
+        [value] = outcome.upstreamHeaders.getRawHeaders(b"x-path", [])
         self.assertNotIn(b"\n", value)
 
 
