@@ -385,3 +385,74 @@ class BalancingTests(ProxyTestCase):
             await self.get(proxy.url + "/pair/")
         self.assertGreater(len(other.received), 0)
         self.assertGreater(len(live.received), 20)
+
+
+class HeadersHookTests(ProxyTestCase):
+    """
+    The built-in headers hook, through a real twistd monedge process.
+    """
+
+    async def test_globalAndServiceHeaders(self) -> None:
+        """
+        A global --hook and a service's own hooks both apply, on the way up
+        and on the way back, with placeholders filled in.
+        """
+
+        def answer(request: Request, seen: Received) -> bytes:
+            request.setHeader(b"server", b"upstream/1.0")
+            return b"ok"
+
+        upstream = self.startUpstream(answer)
+        proxy = await self.startProxy(
+            {
+                "service.api.echo": {
+                    "endpoints": [upstream.address],
+                    "policy": {
+                        "hooks": [
+                            {
+                                "name": "headers",
+                                "options": {
+                                    "request": {"set": {"X-Service": "{service}"}},
+                                    "response": {"remove": ["Server"]},
+                                },
+                            }
+                        ]
+                    },
+                }
+            },
+            [
+                "--hook",
+                '{"name": "headers", "options": {"request": {"remove": ["X-Debug"]},'
+                ' "response": {"set": {"X-Frame-Options": "DENY"}}}}',
+            ],
+        )
+        response, body = await self.get(
+            proxy.url + "/echo/x", headers={b"x-debug": [b"1"]}
+        )
+        self.assertEqual(response.code, 200)
+        [seen] = upstream.received
+        self.assertEqual(seen.header(b"x-service"), [b"service.api.echo"])
+        self.assertEqual(seen.header(b"x-debug"), [])
+        self.assertEqual(response.headers.getRawHeaders(b"x-frame-options"), [b"DENY"])
+        self.assertIsNone(response.headers.getRawHeaders(b"server"))
+
+    async def test_unknownHookStopsStartup(self) -> None:
+        """
+        An unknown hook in the static registry stops monedge at startup,
+        naming the service and listing the known hooks.
+        """
+        from monedge.testing import ProxyProcess
+
+        self.writeServices(
+            {
+                "service.api.echo": {
+                    "endpoints": ["127.0.0.1:1"],
+                    "policy": {"hooks": ["nosuch"]},
+                }
+            }
+        )
+        proxy = ProxyProcess(self.registryPath, self.directory)
+        with self.assertRaises(RuntimeError):
+            await proxy.start()
+        self.assertIn("unknown hook 'nosuch'", proxy.log())
+        self.assertIn("headers", proxy.log())
