@@ -16,7 +16,11 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred
 
 from monedge.testing import ProxyProcess, RecordingUpstream, freePort
-from monedge.testing.kubernetes import FakeKubernetes
+from monedge.testing.kubernetes import (
+    FakeKubernetes,
+    endpointSliceObject,
+    serviceObject,
+)
 from tests.e2e import ProxyTestCase
 
 
@@ -30,16 +34,7 @@ def kService(
     """
     A Service with an http port.
     """
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "annotations": annotations or {},
-        },
-        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
-    }
+    return serviceObject(name, namespace, annotations=annotations)
 
 
 def kSlice(
@@ -55,21 +50,13 @@ def kSlice(
     """
     ports = {upstream.portNumber for upstream, _ in endpoints}
     assert len(ports) <= 1, "one port per slice"
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {"kubernetes.io/service-name": service},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": port} for port in ports],
-        "endpoints": [
-            {"addresses": ["127.0.0.1"], "conditions": conditions}
-            for _, conditions in endpoints
-        ],
-    }
+    return endpointSliceObject(
+        name,
+        service,
+        [{"addresses": ["127.0.0.1"], "conditions": c} for _, c in endpoints],
+        namespace,
+        [{"name": "http", "port": port} for port in ports],
+    )
 
 
 READY = {"ready": True, "serving": True, "terminating": False}

@@ -22,6 +22,7 @@ from monedge.registry.kubernetes import (
     policyFromAnnotations,
 )
 from monedge.registry.static import parseRegistry
+from monedge.testing.kubernetes import endpointSliceObject, serviceObject
 from tests.test_registry import RegistryContractMixin
 
 
@@ -33,21 +34,9 @@ def service(
     version: str = "1",
 ) -> dict[str, Any]:
     """
-    A v1 Service object as the API serves it.
+    A Service as the API serves it (with a resourceVersion).
     """
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "resourceVersion": version,
-            "annotations": annotations or {},
-        },
-        "spec": {
-            "ports": ports if ports is not None else [{"name": "http", "port": 80}]
-        },
-    }
+    return serviceObject(name, namespace, ports, annotations, version)
 
 
 def endpointSlice(
@@ -59,20 +48,11 @@ def endpointSlice(
     addressType: str = "IPv4",
 ) -> dict[str, Any]:
     """
-    A discovery.k8s.io/v1 EndpointSlice object.
+    An EndpointSlice, in the namespace these tests use.
     """
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {"kubernetes.io/service-name": serviceName},
-        },
-        "addressType": addressType,
-        "ports": ports if ports is not None else [{"name": "http", "port": 8080}],
-        "endpoints": endpoints,
-    }
+    return endpointSliceObject(
+        name, serviceName, endpoints, namespace, ports, addressType
+    )
 
 
 def ep(address: str, **conditions: bool | None) -> dict[str, Any]:

@@ -1002,3 +1002,59 @@ class FakeKubernetes:
         if watch.timeout is not None and watch.timeout.active():
             watch.timeout.cancel()
         watch.timeout = None
+
+
+def serviceObject(
+    name: str,
+    namespace: str = "default",
+    ports: list[dict[str, Any]] | None = None,
+    annotations: dict[str, str] | None = None,
+    resourceVersion: str | None = None,
+) -> dict[str, Any]:
+    """
+    A v1 Service, as tests (and L{FakeKubernetes.apply}) want it: by
+    default with one port named C{http}.
+    """
+    metadata: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "annotations": dict(annotations or {}),
+    }
+    if resourceVersion is not None:
+        metadata["resourceVersion"] = resourceVersion
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "ports": ports
+            if ports is not None
+            else [{"name": "http", "port": 80, "targetPort": 8080}]
+        },
+    }
+
+
+def endpointSliceObject(
+    name: str,
+    serviceName: str,
+    endpoints: list[dict[str, Any]],
+    namespace: str = "default",
+    ports: list[dict[str, Any]] | None = None,
+    addressType: str = "IPv4",
+) -> dict[str, Any]:
+    """
+    A discovery.k8s.io/v1 EndpointSlice for C{serviceName}: by default one
+    port named C{http} (8080).
+    """
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": serviceName},
+        },
+        "addressType": addressType,
+        "ports": ports if ports is not None else [{"name": "http", "port": 8080}],
+        "endpoints": endpoints,
+    }
