@@ -33,7 +33,8 @@ RUN pip install --no-cache-dir . \
  && rm -rf /src
 WORKDIR /
 
-# Write twisted/plugins/dropin.cache into site-packages now, as root.
+# Write twisted/plugins/dropin.cache (and monedge/plugins/dropin.cache, for
+# the hook plugins) into site-packages now, as root.
 # twistd finds the monedge plugin through this cache, and rewrites it when
 # a plugin module is newer than the cache. At run time the root filesystem
 # is read-only (and the user is not root), so it cannot be written then:
@@ -41,6 +42,7 @@ WORKDIR /
 # write to plugin cache". The second command fails the build if twistd
 # cannot find the monedge plugin.
 RUN python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
+ && python -c "import monedge.plugins; from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin, monedge.plugins))" \
  && twistd monedge --help > /dev/null
 
 USER 10001:10001
