@@ -38,6 +38,13 @@ from monedge.policy import HookSpec
 #: Seconds a hook may take before the request fails with hook_failed.
 DEFAULT_HOOK_TIMEOUT = 5.0
 
+#: A failing hook's traceback is logged at most once in this many seconds.
+TRACEBACK_INTERVAL = 60.0
+
+#: The most built hooks kept; beyond, the cache starts afresh (hooks still
+#: in use stay alive in their chains).
+MAX_BUILT_HOOKS = 1024
+
 
 class HookConfigError(ValueError):
     """
@@ -184,6 +191,7 @@ class HookChain:
         self._reactor = reactor
         self._timeout = timeout
         self._observe = observe
+        self._lastTraceback: dict[str, float] = {}
 
     @property
     def hasResponseHooks(self) -> bool:
@@ -201,12 +209,24 @@ class HookChain:
             return result
 
         def failed(reason: Failure) -> Failure:
-            self._observe(step.name, "error", self._reactor.seconds() - started)
-            self._log.failure(
-                "hook {hook} failed; the request fails closed",
-                failure=reason,
-                hook=step.name,
-            )
+            now = self._reactor.seconds()
+            self._observe(step.name, "error", now - started)
+            # One traceback per hook per minute: an identity provider that
+            # is down must not write one per request.
+            last = self._lastTraceback.get(step.name)
+            if last is None or now - last >= TRACEBACK_INTERVAL:
+                self._lastTraceback[step.name] = now
+                self._log.failure(
+                    "hook {hook} failed; the request fails closed",
+                    failure=reason,
+                    hook=step.name,
+                )
+            else:
+                self._log.warn(
+                    "hook {hook} failed ({error}); the request fails closed",
+                    hook=step.name,
+                    error=reason.getErrorMessage(),
+                )
             return Failure(HookFailed(step.name, reason))
 
         return d.addCallbacks(done, failed)
@@ -291,6 +311,8 @@ class HookSet:
                     f"hook {spec.name}: its factory built neither a request"
                     " nor a response hook"
                 )
+            if len(self._built) >= MAX_BUILT_HOOKS:
+                self._built.clear()
             self._built[spec] = hook
         return hook
 

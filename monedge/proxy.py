@@ -400,8 +400,12 @@ def writeHookResponse(request: ProxyRequest, answer: HookResponse) -> None:
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
     request.setResponseCode(answer.status)
+    headers = request.responseHeaders
+    for name in {name for name, _ in answer.headers}:
+        # The hook's own Date or Server replaces Twisted's, never doubles it.
+        headers.removeHeader(name)
     for name, value in answer.headers:
-        request.responseHeaders.addRawHeader(name, value)
+        headers.addRawHeader(name, value)
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
     request.responseHeaders.setRawHeaders(b"x-request-id", [request.requestId])
     request.errorCode = answer.code

@@ -132,7 +132,8 @@ class ChainTests(SynchronousTestCase):
 
     def test_raisingHookFails(self) -> None:
         """
-        A hook that raises fails the chain with HookFailed naming it.
+        A hook that raises fails the chain with HookFailed naming it; its
+        traceback is logged at most once a minute.
         """
 
         @implementer(IRequestHook)
@@ -140,10 +141,16 @@ class ChainTests(SynchronousTestCase):
             def onRequest(self, request: IHookRequest) -> None:
                 raise RuntimeError("boom")
 
-        chain, observed = self.chain([Broken()])
+        clock = Clock()
+        chain, observed = self.chain([Broken()], clock)
         failure = self.failureResultOf(chain.runRequest(hookRequest()), HookFailed)
         self.assertEqual(failure.value.hook, "h0")
         self.assertEqual(observed, [("h0", "error")])
+        # Within a minute, further failures log a line, not a traceback.
+        self.failureResultOf(chain.runRequest(hookRequest()), HookFailed)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        clock.advance(61)
+        self.failureResultOf(chain.runRequest(hookRequest()), HookFailed)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_slowHookTimesOut(self) -> None:
