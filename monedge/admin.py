@@ -12,7 +12,7 @@ and the route table.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,6 +24,7 @@ from monedge.balancer import Balancer, eligible
 from monedge.convention import HostTiers, parseServiceName
 from monedge.interfaces import IServiceRegistry
 from monedge.metrics import Metrics
+from monedge.policy import HookSpec
 
 
 def _json(request: Request, status: int, document: object) -> bytes:
@@ -84,12 +85,17 @@ class Routes(_Leaf):
     """
 
     def __init__(
-        self, registry: IServiceRegistry, hostTiers: HostTiers, balancer: Balancer
+        self,
+        registry: IServiceRegistry,
+        hostTiers: HostTiers,
+        balancer: Balancer,
+        globalHooks: Sequence[HookSpec] = (),
     ) -> None:
         super().__init__()
         self._registry = registry
         self._hostTiers = hostTiers
         self._balancer = balancer
+        self._globalHooks = tuple(globalHooks)
 
     def render_GET(self, request: Request) -> bytes:
         return _json(request, 200, self.document())
@@ -133,6 +139,7 @@ class Routes(_Leaf):
             )
         return {
             "registry": dict(self._registry.describe()),
+            "global_hooks": [spec.asJSON() for spec in self._globalHooks],
             "tiers": sorted(tiers),
             "services": services,
         }
@@ -154,6 +161,7 @@ def adminSite(
     hostTiers: HostTiers,
     balancer: Balancer,
     reactor: Any,
+    globalHooks: Sequence[HookSpec] = (),
 ) -> Site:
     """
     Build the admin site.
@@ -162,7 +170,7 @@ def adminSite(
     root.putChild(b"healthz", Health())
     root.putChild(b"readyz", Ready(readiness))
     root.putChild(b"metrics", PrometheusMetrics(metrics))
-    root.putChild(b"routes", Routes(registry, hostTiers, balancer))
+    root.putChild(b"routes", Routes(registry, hostTiers, balancer, globalHooks))
     site = Site(root, reactor=reactor)
     site.displayTracebacks = False
     site.log = lambda request: None  # type: ignore[method-assign]

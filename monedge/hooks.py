@@ -15,11 +15,11 @@ fixed.  See docs/hooks.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
@@ -109,6 +109,7 @@ class HookRequest:
     clientAddress: str
     service: str
     requestId: str
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 @implementer(IHookResponse)
@@ -127,13 +128,16 @@ class HookContext:
     """
     What hooks may use: the reactor, the service registry, an HTTP client
     for hooks that call out (treq's API over monedge's own agent, no cookie
-    jar), and the hook timeout.
+    jar), the hook timeout and the metrics.
     """
 
     reactor: Any
     registry: Any = None
     http: Any = None
     timeout: float = DEFAULT_HOOK_TIMEOUT
+    #: monedge's L{monedge.metrics.Metrics}: a hook may register its own
+    #: collectors on C{metrics.registry}.
+    metrics: Any = None
 
 
 def availableFactories() -> dict[str, IHookFactory]:
@@ -159,6 +163,8 @@ def _invoke(call: Callable[[], object]) -> Deferred[Any]:
         return fail()
     if isinstance(result, Deferred):
         return result
+    if isinstance(result, Coroutine):
+        return Deferred.fromCoroutine(result)
     return succeed(result)
 
 
@@ -197,13 +203,25 @@ class HookChain:
     def hasResponseHooks(self) -> bool:
         return bool(self._response)
 
-    def _call(self, step: _Step, call: Callable[[], object]) -> Deferred[Any]:
+    def _call(
+        self, step: _Step, call: Callable[[], object], answers: bool
+    ) -> Deferred[Any]:
         started = self._reactor.seconds()
         d = _invoke(call)
         if not d.called:
             d.addTimeout(self._timeout, self._reactor)
 
         def done(result: object) -> object:
+            if result is not None and not (
+                answers and isinstance(result, HookResponse)
+            ):
+                # A hook that returns anything else has a bug: fail closed
+                # rather than guess whether it meant to refuse.
+                what = "a request" if answers else "a response"
+                raise TypeError(
+                    f"{what} hook returned {type(result).__name__}; expected None"
+                    + (" or a HookResponse" if answers else "")
+                )
             decision = "respond" if isinstance(result, HookResponse) else "pass"
             self._observe(step.name, decision, self._reactor.seconds() - started)
             return result
@@ -229,7 +247,7 @@ class HookChain:
                 )
             return Failure(HookFailed(step.name, reason))
 
-        return d.addCallbacks(done, failed)
+        return d.addCallback(done).addErrback(failed)
 
     def runRequest(self, request: IHookRequest) -> Deferred[HookResponse | None]:
         """
@@ -244,9 +262,11 @@ class HookChain:
             if step is None:
                 return None
             hook = step.hook
-            return self._call(step, lambda: hook.onRequest(request)).addCallback(  # type: ignore[attr-defined]
-                next_
-            )
+            return self._call(
+                step,
+                lambda: hook.onRequest(request),  # type: ignore[attr-defined]
+                True,
+            ).addCallback(next_)
 
         d: Deferred[Any] = succeed(None)
         d.addCallback(next_)
@@ -268,6 +288,7 @@ class HookChain:
             return self._call(
                 step,
                 lambda: hook.onResponse(request, response),  # type: ignore[attr-defined]
+                False,
             ).addCallback(next_)
 
         d: Deferred[Any] = succeed(None)
@@ -315,6 +336,18 @@ class HookSet:
                 self._built.clear()
             self._built[spec] = hook
         return hook
+
+    def close(self) -> Deferred[Any]:
+        """
+        At shutdown: call C{close()} on every built hook that has one
+        (connection pools, timers), and wait for them.
+        """
+        closing = [
+            _invoke(close)
+            for hook in self._built.values()
+            if callable(close := getattr(hook, "close", None))
+        ]
+        return DeferredList(closing, consumeErrors=True)
 
     def chain(self, specs: Sequence[HookSpec]) -> HookChain | None:
         """

@@ -119,9 +119,18 @@ class IHookRequest(Interface):
         " removed, forwarding headers already set); request hooks may change"
         " them."
     )
-    clientAddress: str = Attribute("The client's address (the TCP peer).")
+    clientAddress: str = Attribute(
+        "The client's address: the TCP peer, or with --trusted-hops N the"
+        " address the trusted hops reported (the first X-Forwarded-For entry"
+        " monedge sends upstream)."
+    )
     service: str = Attribute("The registry name of the matched service.")
     requestId: str = Attribute("The request's id, as in X-Request-Id.")
+    state: dict[str, Any] = Attribute(
+        "A per-request scratch mapping, empty at first, for a hook to carry"
+        " its own state from onRequest to onResponse.  Key it by something"
+        " unique to the hook object."
+    )
 
 
 class IHookResponse(Interface):

@@ -8,7 +8,7 @@ On SIGTERM twistd stops the application, which here means:
    time a load balancer needs to notice);
 2. the proxy stops accepting connections and closes idle keep-alive ones;
 3. it waits up to C{drainTimeout} seconds for requests in flight;
-4. the admin site, the registry and the upstream pool stop.
+4. the admin site, the registry, the upstream pool and the hooks stop.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from monedge.hooks import HookSet
 from monedge.interfaces import IServiceRegistry, IUpstreamClient
 from monedge.server import ProxySite
 
@@ -43,6 +44,7 @@ class ProxyService(MultiService):
         clock: IReactorTime,
         drainDelay: float = 5.0,
         drainTimeout: float = 25.0,
+        hooks: HookSet | None = None,
     ) -> None:
         super().__init__()
         self.site = site
@@ -51,6 +53,7 @@ class ProxyService(MultiService):
         self.clock = clock
         self.drainDelay = drainDelay
         self.drainTimeout = drainTimeout
+        self.hooks = hooks
         self.listeners = MultiService()
         self.draining = False
 
@@ -126,4 +129,7 @@ class ProxyService(MultiService):
 
     def _stopRest(self) -> Deferred[Any]:
         stopped = MultiService.stopService(self)
-        return DeferredList([stopped, self.client.close()], consumeErrors=True)
+        closing = [stopped, self.client.close()]
+        if self.hooks is not None:
+            closing.append(self.hooks.close())
+        return DeferredList(closing, consumeErrors=True)

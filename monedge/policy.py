@@ -119,7 +119,29 @@ class HookSpec:
     options: str = "{}"
 
     def asJSON(self) -> dict[str, Any]:
-        return {"name": self.name, "options": json.loads(self.options)}
+        """
+        The spec for C{/routes}, with secrets redacted: any option whose
+        name mentions a password, secret, token or key material, and the
+        password in any URL.
+        """
+        return {"name": self.name, "options": _redact(json.loads(self.options))}
+
+
+_SECRET_NAME = re.compile(r"pass|secret|token|credential|private", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"(://[^/:@]*:)[^/@]*@")
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: "***" if _SECRET_NAME.search(str(k)) else _redact(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1***@", value)
+    return value
 
 
 def parseHooks(value: object) -> tuple[HookSpec, ...]:

@@ -390,6 +390,8 @@ def writeHookResponse(request: ProxyRequest, answer: HookResponse) -> None:
     Answer C{request} with a request hook's response.
     """
     body = answer.body
+    if body is None and answer.code is None:
+        body = b""
     if body is None:
         body = errorBody(
             answer.status,

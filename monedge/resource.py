@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -42,6 +43,16 @@ ROUTE_CACHE_SIZE = 10_000
 
 #: The most normalised Host values remembered at once.
 HOST_CACHE_SIZE = 1024
+
+
+def _resolvedClient(upstream: Headers, peer: bytes) -> str:
+    """
+    The client as monedge resolved it: the first X-Forwarded-For entry it
+    sends upstream (the peer itself with no trusted hops).
+    """
+    forwarded = upstream.getRawHeaders(b"x-forwarded-for")
+    first = forwarded[0].split(b",", 1)[0].strip() if forwarded else peer
+    return first.decode("ascii", "replace")
 
 
 class ServiceResource(Resource):
@@ -79,10 +90,9 @@ class ServiceResource(Resource):
 
     def render(self, request: ProxyRequest) -> int | bytes:
         if self.hookError is not None:
+            # The detail is in the log; the client gets the generic message.
             return renderError(
-                request,
-                ProxyError("hook_config_invalid", self.hookError),
-                request.requestId,
+                request, ProxyError("hook_config_invalid"), request.requestId
             )
         routed = request.routedPath
         assert routed is not None
@@ -122,7 +132,7 @@ class ServiceResource(Resource):
             query=routed.query,
             headers=request.requestHeaders,
             upstreamHeaders=headers,
-            clientAddress=request.peerAddress.decode("ascii", "replace"),
+            clientAddress=_resolvedClient(headers, request.peerAddress),
             service=self.entry.name,
             requestId=request.requestId.decode("ascii"),
         )

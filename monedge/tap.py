@@ -284,13 +284,35 @@ class Options(usage.Options):
                     f"--hooks: cannot read {self['hooks']}: {e}"
                 ) from None
             if isinstance(document, dict):
-                document = document.get("hooks")
+                if "hooks" not in document:
+                    raise usage.UsageError(
+                        f"--hooks: {self['hooks']}: expected a list, or a mapping"
+                        " with a 'hooks' key"
+                    )
+                document = document["hooks"]
             try:
                 specs[:0] = parseHooks(document)
             except ValueError as e:
                 raise usage.UsageError(f"--hooks: {self['hooks']}: {e}") from None
         self["hook-specs"] = tuple(specs)
-        self["registry-object"] = self._registry(self["registry"])
+        self["registry-object"] = registry = self._registry(self["registry"])
+        # Hooks are built here, not in makeService, so that a bad one is a
+        # one-line usage error rather than a traceback.
+        from twisted.internet import reactor
+
+        self["metrics"] = metrics = Metrics()
+        self["hook-set"] = hooks = HookSet(
+            HookContext(
+                reactor=reactor,
+                registry=registry,
+                http=hookHTTPClient(reactor),
+                timeout=self["hook-timeout"],
+                metrics=metrics,
+            ),
+            globalSpecs=self["hook-specs"],
+            observe=metrics.observeHook,
+        )
+        checkHooks(hooks, registry)
 
     def _registry(self, spec: str) -> IServiceRegistry:
         kind, sep, argument = spec.partition(":")
@@ -382,7 +404,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = globalReactor
     registry: IServiceRegistry = options["registry-object"]
     hostTiers: HostTiers = options["host-tiers"]
-    metrics = Metrics()
+    metrics: Metrics = options["metrics"]
     metrics.watchRegistry(registry, reactor.seconds)
     balancer = Balancer(reactor)
     client = UpstreamClient(
@@ -390,17 +412,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         maxPerHost=options["upstream-pool-size"],
         poolIdle=options["upstream-idle-timeout"],
     )
-    hooks = HookSet(
-        HookContext(
-            reactor=reactor,
-            registry=registry,
-            http=hookHTTPClient(reactor),
-            timeout=options["hook-timeout"],
-        ),
-        globalSpecs=options["hook-specs"],
-        observe=metrics.observeHook,
-    )
-    checkHooks(hooks, registry)
+    hooks: HookSet = options["hook-set"]
+    hooks.context.reactor = reactor
     context = ProxyContext(client, balancer, reactor, hooks)
     root = RootResource(registry, context, metrics, hostTiers)
     limits = Limits(
@@ -426,6 +439,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor,
         drainDelay=options["drain-delay"],
         drainTimeout=options["drain-timeout"],
+        hooks=hooks,
     )
     if IService.providedBy(registry):
         registry.setServiceParent(top)
@@ -436,7 +450,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         top.addListener(
             StreamServerEndpointService(serverFromString(reactor, description), site)
         )
-    admin = adminSite(top.readiness, metrics, registry, hostTiers, balancer, reactor)
+    admin = adminSite(
+        top.readiness,
+        metrics,
+        registry,
+        hostTiers,
+        balancer,
+        reactor,
+        options["hook-specs"],
+    )
     StreamServerEndpointService(
         serverFromString(reactor, options["admin-port"]), admin
     ).setServiceParent(top)

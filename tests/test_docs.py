@@ -1,7 +1,8 @@
 """
 The operator docs stay true: every example table and example block in
-docs/convention.md, docs/errors.md and docs/configuration.md is checked
-against the code it describes.
+docs/convention.md, docs/errors.md, docs/configuration.md and
+docs/annotations.md is checked against the code it describes (docs/hooks.md
+is checked by tests/test_examples.py).
 
 Tables and blocks are found by the HTML comment just before them:
 C{<!-- table: NAME -->} before a Markdown table, C{<!-- example: NAME -->}
@@ -23,6 +24,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
@@ -39,12 +41,14 @@ from monedge.headers import (
     requestIdFor,
     upstreamHeaders,
 )
+from monedge.hooks import HookConfigError, HookContext, HookSet, availableFactories
 from monedge.lifecycle import ProxyService
 from monedge.metrics import Metrics
 from monedge.paths import RoutedPath
 from monedge.policy import (
     DEFAULT_POLICY,
     POLICY_KEYS,
+    HookSpec,
     Policy,
     parseBool,
     parseDuration,
@@ -60,7 +64,7 @@ from monedge.registry.static import (
 )
 from monedge.resource import RootResource, ServiceResource
 from monedge.server import CLIENT_CLOSED, Limits, ProxyChannel, ProxyRequest, ProxySite
-from monedge.tap import Options
+from monedge.tap import Options, checkHooks
 from monedge.testing import FakeUpstreamClient, MemoryRegistry
 from monedge.upstream import DEFAULT_POOL_IDLE, UpstreamClient
 
@@ -679,7 +683,7 @@ class ConfigurationDocTests(SynchronousTestCase):
             for attribute in vars(Options)
             if attribute.startswith("opt_")
         ]
-        self.assertEqual(sorted(methods), ["host-tier", "listen", "namespace"])
+        self.assertEqual(sorted(methods), ["hook", "host-tier", "listen", "namespace"])
         for name in methods:
             self.assertIn(f"--{name}", text)
             self.assertEqual(rows.pop(f"--{name}")["Default"], "none")
@@ -900,6 +904,7 @@ class ConfigurationDocTests(SynchronousTestCase):
         children = metrics.forService("service.api.foo")
         children.observe(200, 0.1)
         children.upstreamError("reset")
+        metrics.observeHook("headers", "pass", 0.001)
         families = {
             family.name: (
                 family.type,
@@ -1028,6 +1033,49 @@ class ConfigurationDocTests(SynchronousTestCase):
         rendered = json.dumps(document, sort_keys=True).replace(path, "services.yaml")
         self.assertEqual(json.loads(rendered), json.loads(block(text, "routes")))
 
+    def test_hooksPolicyExample(self) -> None:
+        """
+        The hooks policy example loads: the service gets the listed hook
+        with its options, next to its other policy keys, and the built-in
+        headers hook accepts those options.
+        """
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(block(readDoc("configuration.md"), "hooks-policy"))
+        entry = loadRegistryFile(path)["service.api.orders"]
+        options = {
+            "request": {"set": {"X-Client": "{client_address}"}},
+            "response": {"set": {"Strict-Transport-Security": "max-age=63072000"}},
+        }
+        self.assertEqual(
+            entry.policy,
+            Policy(
+                timeout=30.0,
+                hooks=(HookSpec("headers", json.dumps(options, sort_keys=True)),),
+            ),
+        )
+        hooks = HookSet(HookContext(reactor=Clock()))
+        self.assertIsNotNone(hooks.chain(entry.policy.hooks))
+
+    def test_unknownHookError(self) -> None:
+        """
+        An unknown --hook name stops startup with the documented message,
+        whose list is every hook found, sorted; a malformed --hook value is
+        refused while the options are parsed.
+        """
+        options = Options()
+        options.opt_hook("nosuchhook")
+        hooks = HookSet(HookContext(reactor=Clock()), globalSpecs=options["hook"])
+        error = self.assertRaises(UsageError, checkHooks, hooks, MemoryRegistry())
+        known = ", ".join(sorted(availableFactories()))
+        self.assertEqual(
+            str(error),
+            block(readDoc("configuration.md"), "unknown-hook-error").replace(
+                "(known: ...)", f"(known: {known})"
+            ),
+        )
+        self.assertRaises(UsageError, Options().opt_hook, "{name: headers")
+
     def test_drainSequence(self) -> None:
         """
         On stop: not ready and draining at once while still listening; the
@@ -1090,3 +1138,54 @@ class AnnotationsDocTests(SynchronousTestCase):
         policy, problems = policyFromAnnotations(documented)
         self.assertEqual(problems, [])
         self.assertEqual(policy, Policy())
+
+    def test_hooksAnnotationExample(self) -> None:
+        """
+        The monedge.io/hooks example annotation parses, with no problem, to
+        the two hooks it lists, with their options.
+        """
+        from monedge.registry.kubernetes import policyFromAnnotations
+
+        service = yaml.safe_load(block(readDoc("annotations.md"), "hooks-annotation"))
+        policy, problems = policyFromAnnotations(service["metadata"]["annotations"])
+        self.assertEqual(problems, [])
+        self.assertEqual(
+            [spec.asJSON() for spec in policy.hooks],
+            [
+                {
+                    "name": "headers",
+                    "options": {
+                        "response": {
+                            "set": {"Strict-Transport-Security": "max-age=63072000"}
+                        }
+                    },
+                },
+                {"name": "block-paths", "options": {"prefixes": ["/orders/internal"]}},
+            ],
+        )
+
+    def test_invalidHooksAnnotationFailsClosed(self) -> None:
+        """
+        An unreadable monedge.io/hooks is reported like any invalid
+        annotation, but instead of no hooks the service gets a hook that
+        does not exist, so that it answers 503 hook_config_invalid with the
+        documented message.
+        """
+        from monedge.registry.kubernetes import policyFromAnnotations
+
+        text = readDoc("annotations.md")
+        self.assertIn("503 `hook_config_invalid`", text)
+        policy, problems = policyFromAnnotations({"monedge.io/hooks": "{name: x"})
+        self.assertEqual(len(problems), 1)
+        self.assertTrue(problems[0].startswith("monedge.io/hooks: "))
+        hooks = HookSet(HookContext(reactor=Clock()))
+        error = self.assertRaises(HookConfigError, hooks.chain, policy.hooks)
+        self.assertTrue(
+            str(error).startswith(
+                "unknown hook 'invalid-monedge.io/hooks-annotation' (known: "
+            )
+        )
+        self.assertIn(
+            "`unknown hook 'invalid-monedge.io/hooks-annotation' (known: ...)`",
+            " ".join(text.split()),
+        )

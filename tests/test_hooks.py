@@ -153,6 +153,44 @@ class ChainTests(SynchronousTestCase):
         self.failureResultOf(chain.runRequest(hookRequest()), HookFailed)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_coroutineHooksRun(self) -> None:
+        """
+        An async def hook is run, and its answer counts.
+        """
+
+        @implementer(IRequestHook)
+        class Async:
+            async def onRequest(self, request: IHookRequest) -> HookResponse:
+                return HookResponse.error(403, "forbidden", "no")
+
+        chain, observed = self.chain([Async()])
+        answer = self.successResultOf(chain.runRequest(hookRequest()))
+        assert answer is not None
+        self.assertEqual(answer.status, 403)
+        self.assertEqual(observed, [("h0", "respond")])
+
+    def test_wrongReturnFailsClosed(self) -> None:
+        """
+        A request hook that returns something other than None or a
+        HookResponse, or a response hook that returns anything, fails.
+        """
+
+        @implementer(IRequestHook, IResponseHook)
+        class Confused:
+            def onRequest(self, request: IHookRequest) -> object:
+                return 403
+
+            def onResponse(
+                self, request: IHookRequest, response: IHookResponse
+            ) -> object:
+                return HookResponse.error(403, "forbidden", "no")
+
+        chain, _ = self.chain([Confused()])
+        self.failureResultOf(chain.runRequest(hookRequest()), HookFailed)
+        head = HookResponseHead(200, Headers())
+        self.failureResultOf(chain.runResponse(hookRequest(), head), HookFailed)
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+
     def test_slowHookTimesOut(self) -> None:
         """
         A hook whose Deferred does not fire within the timeout fails the

@@ -427,7 +427,7 @@ class ProxyProcess:
             cwd=self.directory,
             env=environment,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout=open(os.path.join(self.directory, f"stdout-{self.port}.log"), "wb"),
             stderr=open(os.path.join(self.directory, f"stderr-{self.port}.log"), "wb"),
         )
         return self.waitFor(self._listening, 20.0, "monedge to start")
@@ -474,6 +474,7 @@ class ProxyProcess:
         text = ""
         for path in (
             self.logPath,
+            os.path.join(self.directory, f"stdout-{self.port}.log"),
             os.path.join(self.directory, f"stderr-{self.port}.log"),
         ):
             try:

@@ -24,6 +24,7 @@ from twisted.web.http_headers import Headers
 from monedge.hooks import (
     DEFAULT_HOOK_TIMEOUT,
     HookChain,
+    HookConfigError,
     HookContext,
     HookRequest,
     HookResponse,
@@ -69,7 +70,11 @@ def buildHook(
 
     @raise monedge.hooks.HookConfigError: for bad options.
     """
-    factory = availableFactories()[name]
+    factories = availableFactories()
+    factory = factories.get(name)
+    if factory is None:
+        known = ", ".join(sorted(factories))
+        raise HookConfigError(f"unknown hook {name!r} (known: {known})")
     return factory.build(dict(options or {}), context or HookContext(reactor=Clock()))
 
 
