@@ -486,3 +486,38 @@ class ProxyHookTests(SynchronousTestCase):
         self.assertEqual(_status(transport), 500)
         self.assertNotIn(b"X-Secret", transport.value())
         self.flushLoggedErrors()
+
+
+class RateLimitMetricsTests(SynchronousTestCase):
+    """
+    The ratelimit hook's counters reach monedge's /metrics.
+    """
+
+    def test_decisionsExported(self) -> None:
+        """
+        Allowed and limited requests are counted under the policy's name,
+        with the bucket count and the Redis error counters.
+        """
+        from prometheus_client import generate_latest
+
+        from monedge.metrics import Metrics
+
+        metrics = Metrics()
+        hook = buildHook(
+            "ratelimit",
+            {"rate": "2/s", "burst": 2, "name": "api"},
+            HookContext(reactor=Clock(), metrics=metrics),
+        )
+        for _ in range(3):
+            self.successResultOf(runHooks([hook], hookRequest()))
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn(
+            'monedge_ratelimit_decisions_total{decision="allowed",policy="api"} 2.0',
+            text,
+        )
+        self.assertIn(
+            'monedge_ratelimit_decisions_total{decision="limited",policy="api"} 1.0',
+            text,
+        )
+        self.assertIn('monedge_ratelimit_buckets{policy="api"} 1.0', text)
+        self.assertIn('monedge_ratelimit_redis_outages_total{policy="api"} 0.0', text)
