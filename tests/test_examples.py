@@ -451,6 +451,29 @@ class TutorialConfigurationTests(SynchronousTestCase):
         for name in ["headers", "auth", "ratelimit"]:
             self.assertIn(f"monedge/builtin/{name}.py", section(text, f"## {name}"))
 
+    def test_builtinOptionTables(self) -> None:
+        """
+        Every option in the auth and ratelimit reference tables is one the
+        hook reads, and the YAML examples under them build.
+        """
+        from monedge.hooks import HookContext, availableFactories
+
+        text = hooksDoc()
+        for name in ["auth", "ratelimit"]:
+            with open(os.path.join(ROOT, "monedge", "builtin", f"{name}.py")) as f:
+                source = f.read()
+            rows = table(text, f"{name}-options")
+            self.assertGreater(len(rows), 5)
+            for row in rows:
+                option = row["Option"].strip("`")
+                self.assertIn(f'"{option}"', source, f"{name}: {option}")
+        factories = availableFactories()
+        ratelimit = yaml.safe_load(
+            section(text, "## ratelimit").split("```yaml\n")[1].split("```")[0]
+        )
+        [spec] = ratelimit["hooks"]
+        factories["ratelimit"].build(spec["options"], HookContext(reactor=Clock()))
+
 
 class TutorialEndToEndTests(ProxyTestCase):
     """
