@@ -112,7 +112,7 @@ class ProxyService(MultiService):
         return result
 
     def _waitForRequests(self) -> Deferred[None]:
-        idle = self.site.whenIdle()
+        idle = self.site.whenDrained()
         timer = self.clock.callLater(self.drainTimeout, lambda: idle.cancel())
 
         def done(result: object) -> None:

@@ -283,6 +283,7 @@ class ProxyChannel(HTTPChannel):
             self._lingering.cancel()
         self.site.channels.discard(self)
         super().connectionLost(reason)
+        self.site.checkDrained()
 
     # The header deadline
 
@@ -486,6 +487,7 @@ class ProxySite(server.Site):
         self.inFlight = 0
         self.channels: set[ProxyChannel] = set()
         self._idleWaiters: list[Deferred[None]] = []
+        self._drainWaiters: list[Deferred[None]] = []
         self._unrouted = metrics.forService(NO_SERVICE)
         metrics.inFlight.set_function(lambda: self.inFlight)
 
@@ -511,6 +513,7 @@ class ProxySite(server.Site):
             waiters, self._idleWaiters = self._idleWaiters, []
             for d in waiters:
                 d.callback(None)
+        self.checkDrained()
 
     def refusalLogged(
         self,
@@ -538,6 +541,27 @@ class ProxySite(server.Site):
         else:
             self._idleWaiters.append(d)
         return d
+
+    def whenDrained(self) -> Deferred[None]:
+        """
+        A L{Deferred} that fires when no request is in flight and every
+        client connection is closed: every response has left the process,
+        not merely been handed to a transport.
+        """
+        d: Deferred[None] = Deferred()
+        self._drainWaiters.append(d)
+        self.checkDrained()
+        return d
+
+    def checkDrained(self) -> None:
+        """
+        Fire the L{whenDrained} waiters if there is nothing left.
+        """
+        if self._drainWaiters and self.inFlight == 0 and not self.channels:
+            waiters, self._drainWaiters = self._drainWaiters, []
+            for d in waiters:
+                if not d.called:
+                    d.callback(None)
 
     def startDraining(self) -> None:
         """

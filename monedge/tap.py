@@ -22,6 +22,7 @@ from twisted.python import usage
 from monedge.accesslog import AccessLog
 from monedge.admin import adminSite
 from monedge.balancer import Balancer
+from monedge.client import FastUpstreamClient
 from monedge.convention import HostTiers
 from monedge.hooks import HookConfigError, HookContext, HookSet
 from monedge.interfaces import IServiceRegistry
@@ -180,6 +181,13 @@ class Options(usage.Options):
             " the upstreams' keep-alive.",
         ],
         [
+            "upstream-client",
+            None,
+            "fast",
+            "The upstream HTTP client: fast (monedge's, on httptools) or agent"
+            " (Twisted's Agent).",
+        ],
+        [
             "upstream-pool-size",
             None,
             str(DEFAULT_MAX_PER_HOST),
@@ -273,6 +281,10 @@ class Options(usage.Options):
         self["upstream-pool-size"] = _positive(
             "upstream-pool-size", self["upstream-pool-size"], int
         )
+        if self["upstream-client"] not in ("fast", "agent"):
+            raise usage.UsageError(
+                f"--upstream-client: expected fast or agent, got {self['upstream-client']!r}"
+            )
         self["hook-timeout"] = _duration("hook-timeout", self["hook-timeout"])
         specs = list(self["hook"])
         if self["hooks"]:
@@ -407,7 +419,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     metrics: Metrics = options["metrics"]
     metrics.watchRegistry(registry, reactor.seconds)
     balancer = Balancer(reactor)
-    client = UpstreamClient(
+    clientClass = (
+        FastUpstreamClient if options["upstream-client"] == "fast" else UpstreamClient
+    )
+    client = clientClass(
         reactor,
         maxPerHost=options["upstream-pool-size"],
         poolIdle=options["upstream-idle-timeout"],

@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "balancer": 2,
     "metrics": 2,
     "upstream": 2,
+    "client": 2,
     "accesslog": 2,
     "hooks": 2,
     "builtin": 3,

@@ -648,7 +648,7 @@ class _DrainingSite:
         self.idleClosed += 1
         return 0
 
-    def whenIdle(self) -> Deferred[None]:
+    def whenDrained(self) -> Deferred[None]:
         return self.idle
 
 

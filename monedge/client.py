@@ -1,0 +1,550 @@
+"""
+A lean HTTP/1.1 upstream client: one persistent connection pool, requests
+written in one piece, responses parsed by C{httptools} (llhttp, the parser
+Node.js uses), bodies streamed with backpressure.
+
+It provides the same L{IUpstreamClient} as L{monedge.upstream.UpstreamClient}
+(Twisted's C{Agent}) and is what monedge uses by default: the profile in
+docs/performance.md shows C{Agent}'s machinery (its pool bookkeeping,
+Deferred chains and line-by-line parser) as the largest single cost on the
+proxy path.  Its contract, kept by the same end-to-end tests:
+
+- a response is an L{IResponse}: C{headers} without the connection-control
+  headers (C{Content-Length}, C{Transfer-Encoding}, C{Connection}, ...,
+  except C{Content-Length} in answer to C{HEAD}), C{length} from
+  C{Content-Length} or L{UNKNOWN_LENGTH}, and C{monedgeConnection}, the
+  upstream's C{Connection} header values;
+- a malformed response (llhttp is strict: bare LF, bad chunk sizes, two
+  Content-Lengths) fails the request, as a reset would;
+- a pooled connection found closed before any byte of the response is
+  replaced by a new one, once, for a request without a body;
+- cancelling the result aborts the request and its connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from monedge.interfaces import IUpstreamClient
+
+#: Response headers that frame the connection, not the entity: kept out of
+#: C{response.headers}, as Twisted's client does.
+_CONNECTION_CONTROL = frozenset(
+    [
+        b"content-length",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    ]
+)
+
+_IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
+
+#: Endpoint objects kept for reuse (more are rebuilt, not leaked).
+MAX_ENDPOINTS = 4096
+
+Key = tuple[bytes, bytes, int]
+
+
+class UpstreamProtocolError(Exception):
+    """
+    The upstream's response could not be parsed.
+    """
+
+
+class StaleConnection(Exception):
+    """
+    A pooled connection was closed before any of the response arrived: the
+    request may be sent again on a new connection if it is safe to.
+    """
+
+
+def parseURL(url: bytes) -> tuple[bytes, bytes, int, bytes]:
+    """
+    Split C{scheme://host:port/target} into its parts (IPv6 hosts without
+    brackets).
+
+    @raise ValueError: for anything else.
+    """
+    scheme, sep, rest = url.partition(b"://")
+    if not sep or scheme not in (b"http", b"https"):
+        raise ValueError(f"unsupported URL {url!r}")
+    slash = rest.find(b"/")
+    if slash < 0:
+        authority, target = rest, b"/"
+    else:
+        authority, target = rest[:slash], rest[slash:]
+    if authority.startswith(b"["):
+        end = authority.index(b"]")
+        host, port = authority[1:end], authority[end + 2 :]
+    else:
+        host, _, port = authority.rpartition(b":")
+    if not port:
+        return scheme, host, 443 if scheme == b"https" else 80, target
+    return scheme, host, int(port), target
+
+
+@implementer(IPushProducer)
+class _BodyTransport:
+    """
+    What a body protocol sees as its transport: flow control over the
+    upstream connection.
+    """
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+
+    def pauseProducing(self) -> None:
+        transport = self._connection.transport
+        if transport is not None:
+            transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self._connection._resumeBody()
+
+    def stopProducing(self) -> None:
+        self._connection.abort()
+
+
+@implementer(IResponse)
+class _Response:
+    """
+    An upstream response, its body delivered by L{deliverBody}.
+    """
+
+    version = (b"HTTP", 1, 1)
+    phrase = b""
+    request = None
+    previousResponse = None
+
+    def __init__(
+        self,
+        connection: _Connection,
+        code: int,
+        headers: Headers,
+        length: int | object,
+        connectionHeader: list[bytes] | None,
+    ) -> None:
+        self._connection = connection
+        self.code = code
+        self.headers = headers
+        self.length = length
+        self.monedgeConnection = connectionHeader
+
+    def deliverBody(self, protocol: Any) -> None:
+        self._connection._deliver(protocol)
+
+    def setPreviousResponse(self, response: IResponse) -> None:
+        pass
+
+
+class _Connection(Protocol):
+    """
+    One connection to an upstream endpoint, carrying one request at a time.
+    """
+
+    def __init__(self, client: FastUpstreamClient, key: Key) -> None:
+        self._client = client
+        self.key = key
+        self.reused = False
+        self._idleCall: IDelayedCall | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._result: Deferred[IResponse] | None = None
+        self._parser: Any = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head = False
+        self._received = False
+        self._interim = False
+        self._response: _Response | None = None
+        self._protocol: Any = None
+        self._buffered: list[bytes] = []
+        self._complete = False
+        self._keepAlive = False
+        self._chunked = False
+        self._bodyWriter: Deferred[None] | None = None
+
+    # Sending
+
+    def send(
+        self, method: bytes, target: bytes, headers: Headers, body: IBodyProducer | None
+    ) -> Deferred[IResponse]:
+        """
+        Write one request; the result fires with the response's head.
+        """
+        self._reset()
+        self._head = method == b"HEAD"
+        self._parser = httptools.HttpResponseParser(self)
+
+        def cancel(d: Deferred[IResponse]) -> None:
+            self._result = None
+            self.abort()
+
+        result: Deferred[IResponse] = Deferred(cancel)
+        self._result = result
+        lines = [method, b" ", target, b" HTTP/1.1\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines += [name, b": ", value, b"\r\n"]
+        if body is not None:
+            lines.append(b"Content-Length: %d\r\n" % (body.length,))
+        elif method in (b"POST", b"PUT", b"PATCH"):
+            lines.append(b"Content-Length: 0\r\n")
+        lines.append(b"\r\n")
+        transport = self.transport
+        assert transport is not None
+        # A connection back from the pool may have been paused by the last
+        # response's slow reader: read again.
+        transport.resumeProducing()  # type: ignore[attr-defined]
+        transport.writeSequence(lines)
+        if body is not None:
+            writing = body.startProducing(transport)
+            self._bodyWriter = writing
+            writing.addErrback(self._bodyFailed)
+        return result
+
+    def _bodyFailed(self, reason: Failure) -> None:
+        if not reason.check(CancelledError):
+            self._fail(ResponseNeverReceived([reason]))
+        self.abort()
+
+    # Parsing (httptools callbacks)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        code = parser.get_status_code()
+        if 100 <= code < 200 and code != 101:
+            # An interim response: wait for the real one.
+            self._interim = True
+            self._headers = []
+            return
+        headers = Headers()
+        connection: list[bytes] | None = None
+        length: int | object = UNKNOWN_LENGTH
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered in _CONNECTION_CONTROL:
+                if lowered == b"content-length":
+                    length = int(value)
+                    if self._head:
+                        headers.addRawHeader(name, value)
+                elif lowered == b"connection":
+                    connection = [*(connection or []), value]
+                elif lowered == b"transfer-encoding":
+                    self._chunked = True
+                    length = UNKNOWN_LENGTH
+                continue
+            headers.addRawHeader(name, value)
+        if self._head or code in (204, 304):
+            length = 0
+        self._keepAlive = bool(parser.should_keep_alive()) and code != 101
+        response = self._response = _Response(self, code, headers, length, connection)
+        if self._head or code in (204, 304, 101):
+            self._complete = True
+        result, self._result = self._result, None
+        if result is not None:
+            result.callback(response)
+
+    def on_body(self, body: bytes) -> None:
+        protocol = self._protocol
+        if protocol is not None:
+            protocol.dataReceived(body)
+        else:
+            # Nobody reads yet (a response hook is running): hold what came
+            # with the head, and read no more until someone does.
+            self._buffered.append(body)
+            transport = self.transport
+            if transport is not None:
+                transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self._complete = True
+        self._finishBody()
+
+    # Receiving
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received = True
+        parser = self._parser
+        if parser is None or (self._complete and self._head):
+            # Nothing asked for this (or a HEAD response's would-be body):
+            # the connection cannot be trusted any more.
+            self.abort()
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError as e:
+            self._fail(ResponseFailed([Failure(UpstreamProtocolError(str(e)))]))
+            self.abort()
+
+    def _deliver(self, protocol: Any) -> None:
+        self._protocol = protocol
+        protocol.makeConnection(_BodyTransport(self))
+        buffered, self._buffered = self._buffered, []
+        for chunk in buffered:
+            if self._protocol is None:
+                return
+            protocol.dataReceived(chunk)
+        if self._complete:
+            self._finishBody()
+        elif buffered:
+            self._resumeBody()
+
+    def _resumeBody(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _finishBody(self) -> None:
+        protocol = self._protocol
+        if protocol is None:
+            if self._response is not None and self._complete and not self._buffered:
+                # Nobody reads it yet: it is delivered, ended, on deliverBody.
+                pass
+            return
+        self._protocol = None
+        keep = self._keepAlive and self.transport is not None
+        parser = self._parser
+        self._parser = None
+        protocol.connectionLost(Failure(ResponseDone()))
+        if keep and parser is not None:
+            self._client._release(self)
+        else:
+            self.abort()
+
+    def _fail(self, error: Exception) -> None:
+        result, self._result = self._result, None
+        if result is not None:
+            result.errback(Failure(error))
+            return
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.connectionLost(Failure(error))
+
+    def abort(self) -> None:
+        """
+        Drop the connection now.
+        """
+        transport = self.transport
+        if transport is not None:
+            transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        self._client._forget(self)
+        writer = self._bodyWriter
+        if writer is not None and not writer.called:
+            writer.cancel()
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.cancel()
+        self._idleCall = None
+        self.transport = None
+        if self._result is not None:
+            if self.reused and not self._received:
+                self._fail(StaleConnection())
+            else:
+                self._fail(ResponseNeverReceived([reason]))
+            return
+        if self._response is not None and not self._complete:
+            if self._response.length is UNKNOWN_LENGTH and not self._chunked:
+                # A body delimited by the connection's close: this is its
+                # end, as far as anyone can tell.
+                self._complete = True
+                protocol, self._protocol = self._protocol, None
+                if protocol is not None:
+                    protocol.connectionLost(Failure(PotentialDataLoss()))
+                return
+            self._fail(ResponseFailed([reason]))
+
+
+class _ConnectionFactory(Factory):
+    noisy = False
+
+    def __init__(self, client: FastUpstreamClient, key: Key) -> None:
+        self._client = client
+        self._key = key
+
+    def buildProtocol(self, addr: Any) -> _Connection:
+        return _Connection(self._client, self._key)
+
+
+@implementer(IUpstreamClient)
+class FastUpstreamClient:
+    """
+    Sends requests upstream over one persistent pool of L{_Connection}s.
+
+    @param maxPerHost: idle connections kept per endpoint.
+    @param poolIdle: seconds an idle connection is kept.
+    """
+
+    def __init__(
+        self, reactor: Any, maxPerHost: int = 256, poolIdle: float = 4.0
+    ) -> None:
+        self._reactor = reactor
+        self._maxPerHost = maxPerHost
+        self._poolIdle = poolIdle
+        self._idle: dict[Key, list[_Connection]] = {}
+        self._open: set[_Connection] = set()
+        self._endpoints: dict[tuple[Key, float], IStreamClientEndpoint] = {}
+
+    def _endpoint(self, key: Key, timeout: float) -> IStreamClientEndpoint:
+        cacheKey = (key, timeout)
+        endpoint = self._endpoints.get(cacheKey)
+        if endpoint is not None:
+            return endpoint
+        if len(self._endpoints) >= MAX_ENDPOINTS:
+            self._endpoints.clear()
+        scheme, host, port = key
+        text = host.decode("ascii")
+        try:
+            version = ipaddress.ip_address(text).version
+        except ValueError:
+            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+        else:
+            kind = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
+            endpoint = kind(self._reactor, text, port, timeout=timeout)
+        if scheme == b"https":
+            endpoint = wrapClientTLS(optionsForClientTLS(text), endpoint)
+        self._endpoints[cacheKey] = endpoint
+        return endpoint
+
+    def _take(self, key: Key) -> _Connection | None:
+        idle = self._idle.get(key)
+        while idle:
+            connection = idle.pop()
+            if connection._idleCall is not None and connection._idleCall.active():
+                connection._idleCall.cancel()
+            connection._idleCall = None
+            if connection.transport is not None:
+                connection.reused = True
+                return connection
+        return None
+
+    def _release(self, connection: _Connection) -> None:
+        connection._reset()
+        idle = self._idle.setdefault(connection.key, [])
+        if len(idle) >= self._maxPerHost:
+            connection.abort()
+            return
+        idle.append(connection)
+        connection._idleCall = self._reactor.callLater(self._poolIdle, connection.abort)
+
+    def _forget(self, connection: _Connection) -> None:
+        self._open.discard(connection)
+        idle = self._idle.get(connection.key)
+        if idle and connection in idle:
+            idle.remove(connection)
+
+    def request(
+        self,
+        method: bytes,
+        url: bytes,
+        headers: Headers,
+        body: IBodyProducer | None,
+        connectTimeout: float,
+    ) -> Deferred[IResponse]:
+        scheme, host, port, target = parseURL(url)
+        key = (scheme, host, port)
+        if not headers.hasHeader(b"host"):
+            headers.setRawHeaders(b"host", [url.split(b"/")[2]])
+        connection = self._take(key)
+        if connection is not None:
+            d = connection.send(method, target, headers, body)
+            if body is None and method in _IDEMPOTENT:
+                return d.addErrback(
+                    self._retryStale, key, method, target, headers, connectTimeout
+                )
+            return d
+        return self._connectAndSend(key, method, target, headers, body, connectTimeout)
+
+    def _retryStale(
+        self,
+        failure: Failure,
+        key: Key,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        connectTimeout: float,
+    ) -> Deferred[IResponse]:
+        failure.trap(StaleConnection)
+        return self._connectAndSend(key, method, target, headers, None, connectTimeout)
+
+    def _connectAndSend(
+        self,
+        key: Key,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: IBodyProducer | None,
+        connectTimeout: float,
+    ) -> Deferred[IResponse]:
+        connecting = self._endpoint(key, connectTimeout).connect(
+            _ConnectionFactory(self, key)
+        )
+        sending: list[Deferred[IResponse]] = []
+
+        def connected(protocol: Any) -> Deferred[IResponse]:
+            connection: _Connection = protocol
+            self._open.add(connection)
+            d = connection.send(method, target, headers, body)
+            sending.append(d)
+            return d
+
+        def cancel(result: Deferred[IResponse]) -> None:
+            if sending:
+                sending[0].cancel()
+            else:
+                connecting.cancel()
+
+        result: Deferred[IResponse] = Deferred(cancel)
+        connecting.addCallback(connected).chainDeferred(result)
+        return result
+
+    def close(self) -> Deferred[None]:
+        """
+        Close every idle connection.
+        """
+        for idle in list(self._idle.values()):
+            for connection in list(idle):
+                connection.abort()
+        self._idle.clear()
+        return succeed(None)
+
+
+ClientFactory = Callable[..., IUpstreamClient]
