@@ -105,8 +105,10 @@ def parseURL(url: bytes) -> tuple[bytes, bytes, int, bytes]:
     if authority.startswith(b"["):
         end = authority.index(b"]")
         host, port = authority[1:end], authority[end + 2 :]
-    else:
+    elif b":" in authority:
         host, _, port = authority.rpartition(b":")
+    else:
+        host, port = authority, b""
     if not port:
         return scheme, host, 443 if scheme == b"https" else 80, target
     return scheme, host, int(port), target
@@ -192,6 +194,7 @@ class _Connection(Protocol):
         self._keepAlive = False
         self._chunked = False
         self._bodyWriter: Deferred[None] | None = None
+        self._bufferPaused = False
 
     # Sending
 
@@ -286,7 +289,8 @@ class _Connection(Protocol):
             # with the head, and read no more until someone does.
             self._buffered.append(body)
             transport = self.transport
-            if transport is not None:
+            if transport is not None and not self._bufferPaused:
+                self._bufferPaused = True
                 transport.pauseProducing()  # type: ignore[attr-defined]
 
     def on_message_complete(self) -> None:
@@ -316,6 +320,11 @@ class _Connection(Protocol):
 
     def _deliver(self, protocol: Any) -> None:
         self._protocol = protocol
+        if self._bufferPaused:
+            # Undo the pause made while nobody read, before the reader can
+            # pause for its own reasons.
+            self._bufferPaused = False
+            self._resumeBody()
         protocol.makeConnection(_BodyTransport(self))
         buffered, self._buffered = self._buffered, []
         for chunk in buffered:
@@ -324,8 +333,6 @@ class _Connection(Protocol):
             protocol.dataReceived(chunk)
         if self._complete:
             self._finishBody()
-        elif buffered:
-            self._resumeBody()
 
     def _resumeBody(self) -> None:
         transport = self.transport

@@ -1,0 +1,302 @@
+"""
+The lean upstream client, over in-memory transports: what it writes, how
+it parses, pools, retries and fails.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from zope.interface.verify import verifyObject
+
+from monedge.client import FastUpstreamClient, StaleConnection, parseURL
+from monedge.interfaces import IUpstreamClient
+
+
+class Body(Protocol):
+    """
+    Collects a response body and how it ended.
+    """
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.reason: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        self.reason = reason
+
+
+class ClientTests(SynchronousTestCase):
+    """
+    Requests and responses on the wire.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.client = FastUpstreamClient(self.reactor, poolIdle=4.0)
+
+    def connect(self, index: int = -1) -> tuple[Any, StringTransport]:
+        """
+        Complete the pending connection attempt C{index}.
+        """
+        host, port, factory, timeout, bind = self.reactor.tcpClients[index]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def request(self, method: bytes = b"GET", body: bytes | None = None) -> Any:
+        producer = None
+        if body is not None:
+            from io import BytesIO
+
+            producer = FileBodyProducer(BytesIO(body))
+        return self.client.request(
+            method,
+            b"http://10.0.0.1:8080/a/b?c=1",
+            Headers({b"host": [b"api.example.com"], b"x-multi": [b"1", b"2"]}),
+            producer,
+            5.0,
+        )
+
+    def test_provides(self) -> None:
+        """
+        The client provides IUpstreamClient.
+        """
+        verifyObject(IUpstreamClient, self.client)
+
+    def test_parseURL(self) -> None:
+        """
+        URLs split into scheme, host, port and target, IPv6 included.
+        """
+        self.assertEqual(
+            parseURL(b"http://10.0.0.1:80/x?y"), (b"http", b"10.0.0.1", 80, b"/x?y")
+        )
+        self.assertEqual(
+            parseURL(b"https://[::1]:8443/"), (b"https", b"::1", 8443, b"/")
+        )
+        self.assertEqual(parseURL(b"http://h"), (b"http", b"h", 80, b"/"))
+        with self.assertRaises(ValueError):
+            parseURL(b"ftp://h/")
+
+    def test_writesRequestAndParsesResponse(self) -> None:
+        """
+        The request goes out in one piece with repeated headers kept; the
+        response's head becomes an IResponse without connection-control
+        headers; the body streams; the connection returns to the pool.
+        """
+        d = self.request()
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("10.0.0.1", 8080))
+        protocol, transport = self.connect()
+        self.assertEqual(
+            transport.value(),
+            b"GET /a/b?c=1 HTTP/1.1\r\nHost: api.example.com\r\nX-Multi: 1\r\nX-Multi: 2\r\n\r\n",
+        )
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, X-Secret\r\n"
+            b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\nhel"
+        )
+        response: IResponse = self.successResultOf(d)
+        verifyObject(IResponse, response)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.length, 5)
+        self.assertIsNone(response.headers.getRawHeaders(b"content-length"))
+        self.assertIsNone(response.headers.getRawHeaders(b"connection"))
+        self.assertEqual(
+            response.headers.getRawHeaders(b"set-cookie"), [b"a=1", b"b=2"]
+        )
+        self.assertEqual(response.monedgeConnection, [b"keep-alive, X-Secret"])  # type: ignore[attr-defined]
+        body = Body()
+        response.deliverBody(body)
+        protocol.dataReceived(b"lo")
+        self.assertEqual(body.data, b"hello")
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(ResponseDone))
+        # Reused for the next request: no new connection.
+        self.request()
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_chunkedAndBodyUpstream(self) -> None:
+        """
+        A request body goes with its Content-Length; a chunked response is
+        decoded and has no known length.
+        """
+        d = self.request(b"POST", b"payload")
+        protocol, transport = self.connect()
+        self.assertIn(b"Content-Length: 7\r\n", transport.value())
+        self.reactor.advance(0)
+        protocol.dataReceived(
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        response = self.successResultOf(d)
+        self.assertIs(response.length, UNKNOWN_LENGTH)
+        body = Body()
+        response.deliverBody(body)
+        self.assertEqual(body.data, b"abc")
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(ResponseDone))
+
+    def test_headKeepsContentLength(self) -> None:
+        """
+        The answer to HEAD has no body, keeps its Content-Length header,
+        and the connection is reusable.
+        """
+        d = self.request(b"HEAD")
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        response = self.successResultOf(d)
+        self.assertEqual(response.length, 0)
+        self.assertEqual(response.headers.getRawHeaders(b"content-length"), [b"1000"])
+        body = Body()
+        response.deliverBody(body)
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(ResponseDone))
+        self.request()
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_interimResponsesSkipped(self) -> None:
+        """
+        A 1xx interim response is skipped; the final one is returned.
+        """
+        d = self.request()
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+        self.assertNoResult(d)
+        protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).code, 204)
+
+    def test_malformedResponseFails(self) -> None:
+        """
+        A response llhttp refuses (two different Content-Lengths) fails
+        the request and drops the connection.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"
+        )
+        self.failureResultOf(d, ResponseFailed)
+        self.assertTrue(transport.disconnecting or transport.disconnected)
+
+    def test_closeDelimitedBody(self) -> None:
+        """
+        A body with no length ends when the connection closes, reported as
+        possible data loss, not as a failure.
+        """
+        d = self.request()
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nsome")
+        body = Body()
+        self.successResultOf(d).deliverBody(body)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(body.data, b"some")
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(PotentialDataLoss))
+
+    def test_truncatedBodyFails(self) -> None:
+        """
+        A connection lost before a Content-Length body is complete fails
+        the body.
+        """
+        d = self.request()
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        body = Body()
+        self.successResultOf(d).deliverBody(body)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(ResponseFailed))
+
+    def test_staleConnectionRetriedOnce(self) -> None:
+        """
+        A bodiless GET on a pooled connection that turns out closed is sent
+        again, once, on a new connection.
+        """
+        d = self.request()
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        body = Body()
+        self.successResultOf(d).deliverBody(body)
+        d = self.request()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        fresh, _ = self.connect()
+        fresh.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).code, 200)
+
+    def test_staleErrorForUnsafeRequest(self) -> None:
+        """
+        A POST on a pooled connection that turns out closed fails with
+        StaleConnection rather than being sent twice.
+        """
+        d = self.request()
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.successResultOf(d).deliverBody(Body())
+        post = self.request(b"POST", b"x")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(post, StaleConnection)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_idleConnectionsExpire(self) -> None:
+        """
+        An idle pooled connection is closed after the pool idle time.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.successResultOf(d).deliverBody(Body())
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(4.1)
+        self.assertTrue(transport.disconnecting or transport.disconnected)
+
+    def test_cancelAborts(self) -> None:
+        """
+        Cancelling while waiting for the response aborts the connection;
+        cancelling while connecting cancels the connection attempt.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(transport.disconnecting or transport.disconnected)
+
+        d = self.request()
+        d.cancel()
+        self.failureResultOf(d, CancelledError, ConnectingCancelledError)
+
+    def test_slowReaderPausesThenPoolResumes(self) -> None:
+        """
+        A reader that pauses the body pauses the socket; the connection is
+        reading again when it serves the next request.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\na")
+        response = self.successResultOf(d)
+
+        class Pausing(Body):
+            def connectionMade(self) -> None:
+                assert self.transport is not None
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+        body = Pausing()
+        response.deliverBody(body)
+        self.assertEqual(transport.producerState, "paused")
+        protocol.dataReceived(b"b")
+        self.request()
+        self.assertEqual(transport.producerState, "producing")
