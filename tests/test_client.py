@@ -55,6 +55,7 @@ class ClientTests(SynchronousTestCase):
         """
         host, port, factory, timeout, bind = self.reactor.tcpClients[index]
         protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        assert protocol is not None
         transport = StringTransport()
         protocol.makeConnection(transport)
         return protocol, transport
