@@ -58,6 +58,7 @@ STOP_TIMEOUT = 10.0
 
 MONEDGE = "monedge"
 MONEDGE_LOGGED = "monedge (access log on)"
+MONEDGE_AGENT = "monedge (Agent client)"
 RPR = "ReverseProxyResource"
 DIRECT = "direct"
 
@@ -649,14 +650,15 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
     )
     servers = [upstream]
     targets: list[Target] = []
-    for label, accessLog in (
-        (MONEDGE, "none"),
-        (MONEDGE_LOGGED, str(directory / "access.log")),
+    for label, accessLog, extra in (
+        (MONEDGE, "none", []),
+        (MONEDGE_LOGGED, str(directory / "access.log"), []),
+        (MONEDGE_AGENT, "none", ["--upstream-client", "agent"]),
     ):
         port = freePort()
         server = Server(
             label,
-            monedgeCommand(proxyPin, port, freePort(), registry, accessLog),
+            monedgeCommand(proxyPin, port, freePort(), registry, accessLog) + extra,
             port,
             directory / f"monedge-{port}.log",
         )
