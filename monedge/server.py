@@ -317,6 +317,22 @@ class ProxyChannel(HTTPChannel):
         self._stopDeadline()
         super().allHeadersReceived()
 
+    def writeHeaders(
+        self, version: bytes, code: bytes, reason: bytes, headers: Any
+    ) -> None:
+        """
+        Write the response head as one piece (Twisted's own writes a
+        sequence of small pieces, each checked): this runs per response.
+        Names and values come from L{Headers}, which validated them.
+        """
+        lines = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines += (name, b": ", value, b"\r\n")
+        lines.append(b"\r\n")
+        assert self.transport is not None
+        self.transport.write(b"".join(lines))
+
     def _send100Continue(self) -> None:
         # A request refused on its headers (413) gets its refusal, not an
         # invitation to send the body after it.
