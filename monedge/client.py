@@ -23,25 +23,16 @@ proxy path.  Its contract, kept by the same end-to-end tests:
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from typing import Any
 
 import httptools
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
 from twisted.internet.interfaces import (
     IDelayedCall,
     IPushProducer,
-    IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
@@ -49,6 +40,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from monedge.endpoints import EndpointCache
 from monedge.interfaces import IUpstreamClient
 
 #: Response headers that frame the connection, not the entity: kept out of
@@ -68,8 +60,6 @@ _CONNECTION_CONTROL = frozenset(
 
 _IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 
-#: Endpoint objects kept for reuse (more are rebuilt, not leaked).
-MAX_ENDPOINTS = 4096
 
 Key = tuple[bytes, bytes, int]
 
@@ -429,28 +419,7 @@ class FastUpstreamClient:
         self._poolIdle = poolIdle
         self._idle: dict[Key, list[_Connection]] = {}
         self._open: set[_Connection] = set()
-        self._endpoints: dict[tuple[Key, float], IStreamClientEndpoint] = {}
-
-    def _endpoint(self, key: Key, timeout: float) -> IStreamClientEndpoint:
-        cacheKey = (key, timeout)
-        endpoint = self._endpoints.get(cacheKey)
-        if endpoint is not None:
-            return endpoint
-        if len(self._endpoints) >= MAX_ENDPOINTS:
-            self._endpoints.clear()
-        scheme, host, port = key
-        text = host.decode("ascii")
-        try:
-            version = ipaddress.ip_address(text).version
-        except ValueError:
-            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
-        else:
-            kind = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
-            endpoint = kind(self._reactor, text, port, timeout=timeout)
-        if scheme == b"https":
-            endpoint = wrapClientTLS(optionsForClientTLS(text), endpoint)
-        self._endpoints[cacheKey] = endpoint
-        return endpoint
+        self._endpoints = EndpointCache(reactor)
 
     def _take(self, key: Key) -> _Connection | None:
         idle = self._idle.get(key)
@@ -522,7 +491,7 @@ class FastUpstreamClient:
         body: IBodyProducer | None,
         connectTimeout: float,
     ) -> Deferred[IResponse]:
-        connecting = self._endpoint(key, connectTimeout).connect(
+        connecting = self._endpoints.get(*key, connectTimeout).connect(
             _ConnectionFactory(self, key)
         )
         sending: list[Deferred[IResponse]] = []

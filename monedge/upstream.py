@@ -10,18 +10,10 @@ redirects, no decoding, no buffering.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     URI,
@@ -33,6 +25,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from monedge.endpoints import EndpointCache
 from monedge.interfaces import IUpstreamClient
 
 #: Upstream keep-alive idle: below the keep-alive of common upstream
@@ -40,8 +33,6 @@ from monedge.interfaces import IUpstreamClient
 #: upstream, closes an idle pooled connection and never races its close.
 DEFAULT_POOL_IDLE = 4.0
 DEFAULT_MAX_PER_HOST = 256
-#: Endpoint objects kept for reuse (more are rebuilt, not leaked).
-MAX_ENDPOINTS = 4096
 
 
 class _ConnectionHeaderProtocol(HTTP11ClientProtocol):
@@ -75,47 +66,16 @@ class _ClientFactory(_HTTP11ClientFactory):
 @implementer(IAgentEndpointFactory)
 class _EndpointFactory:
     """
-    Endpoints for upstream URIs: IP literals connect directly, names go
-    through L{HostnameEndpoint}; C{https} wraps TLS.
+    Endpoints for upstream URIs, from a shared L{EndpointCache}: Agent asks
+    for one on every request, even when a pooled connection will serve it.
     """
 
-    def __init__(self, reactor: Any, connectTimeout: float) -> None:
-        self._reactor = reactor
+    def __init__(self, cache: EndpointCache, connectTimeout: float) -> None:
+        self._cache = cache
         self._timeout = connectTimeout
-        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        # Agent asks for an endpoint on every request, even when a pooled
-        # connection will serve it: build each one once.
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            if len(self._endpoints) >= MAX_ENDPOINTS:
-                self._endpoints.clear()
-            endpoint = self._endpoints[key] = self._newEndpoint(uri)
-        return endpoint
-
-    def _newEndpoint(self, uri: URI) -> IStreamClientEndpoint:
-        host = uri.host.decode("ascii")
-        endpoint: IStreamClientEndpoint
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            endpoint = HostnameEndpoint(
-                self._reactor, uri.host, uri.port, timeout=self._timeout
-            )
-        else:
-            if address.version == 4:
-                endpoint = TCP4ClientEndpoint(
-                    self._reactor, host, uri.port, timeout=self._timeout
-                )
-            else:
-                endpoint = TCP6ClientEndpoint(
-                    self._reactor, host, uri.port, timeout=self._timeout
-                )
-        if uri.scheme == b"https":
-            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
-        return endpoint
+        return self._cache.get(uri.scheme, uri.host, uri.port, self._timeout)
 
 
 @implementer(IUpstreamClient)
@@ -140,13 +100,14 @@ class UpstreamClient:
         self.pool.cachedConnectionTimeout = poolIdle  # type: ignore[assignment]
         self.pool._factory = _ClientFactory
         self._agents: dict[float, Agent] = {}
+        self._endpoints = EndpointCache(reactor)
 
     def _agent(self, connectTimeout: float) -> Agent:
         agent = self._agents.get(connectTimeout)
         if agent is None:
             agent = self._agents[connectTimeout] = Agent.usingEndpointFactory(
                 self._reactor,
-                _EndpointFactory(self._reactor, connectTimeout),
+                _EndpointFactory(self._endpoints, connectTimeout),
                 pool=self.pool,
             )
         return agent

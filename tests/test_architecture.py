@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "headers": 0,
     "registry": 1,
+    "endpoints": 1,
     "interfaces": 1,
     "registry.static": 2,
     "registry.kubernetes": 2,
