@@ -406,6 +406,29 @@ def checkHooks(hooks: HookSet, registry: IServiceRegistry) -> None:
             raise usage.UsageError(f"{name}: {e}") from None
 
 
+def raiseFileLimit() -> tuple[int, int]:
+    """
+    Raise the soft limit on open files to the hard limit (as nginx's
+    worker_rlimit_nofile would): every client and upstream connection is a
+    file, and a container's default soft limit (often 1024) caps the
+    connections far below what memory allows.
+
+    @return: the soft limit before and after.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, hard
+    return soft, soft
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Build the proxy from parsed options.
@@ -416,6 +439,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor = globalReactor
     registry: IServiceRegistry = options["registry-object"]
     hostTiers: HostTiers = options["host-tiers"]
+    raiseFileLimit()
     metrics: Metrics = options["metrics"]
     metrics.watchRegistry(registry, reactor.seconds)
     balancer = Balancer(reactor)

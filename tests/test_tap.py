@@ -202,3 +202,28 @@ class CommandLineTests(SynchronousTestCase):
         self.assertIn("--listen=", result.stdout)
         self.assertIn("--host-tier=", result.stdout)
         self.assertIn("--namespace=", result.stdout)
+
+
+class FileLimitTests(SynchronousTestCase):
+    """
+    monedge raises its open-files limit to the hard limit.
+    """
+
+    def test_raisesSoftToHard(self) -> None:
+        """
+        With a soft limit below the hard one, the soft limit is raised to
+        the hard limit.
+        """
+        import resource
+
+        from monedge.tap import raiseFileLimit
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        lower = min(soft, 512)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lower, hard))
+        before, after = raiseFileLimit()
+        self.assertEqual(before, lower)
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], after)
+        if hard != resource.RLIM_INFINITY:
+            self.assertEqual(after, hard)
