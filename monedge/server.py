@@ -264,6 +264,7 @@ class ProxyChannel(HTTPChannel):
         self._headerBytes = 0
         self._headerCount = 0
         self._deadline: IDelayedCall | None = None
+        self._deadlineAt: float | None = None
         self._lingering: IDelayedCall | None = None
         self._refused = False
 
@@ -278,7 +279,7 @@ class ProxyChannel(HTTPChannel):
         self._startDeadline()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self._stopDeadline()
+        self._cancelDeadline()
         if self._lingering is not None and self._lingering.active():
             self._lingering.cancel()
         self.site.channels.discard(self)
@@ -287,20 +288,39 @@ class ProxyChannel(HTTPChannel):
 
     # The header deadline
 
+    # One timer serves many requests on a keep-alive connection: stopping
+    # the deadline only clears _deadlineAt, and the timer, when it fires,
+    # re-arms itself for a later deadline or lapses.  A request then costs
+    # no timer of its own.
+
     def _startDeadline(self) -> None:
+        if self._deadlineAt is not None:
+            return
+        timeout = self.limits.headerTimeout
+        self._deadlineAt = self.site.reactor.seconds() + timeout
         if self._deadline is None:
-            self._deadline = self.callLater(
-                self.limits.headerTimeout, self._deadlineMissed
-            )
+            self._deadline = self.callLater(timeout, self._deadlineFired)
 
     def _stopDeadline(self) -> None:
+        self._deadlineAt = None
+
+    def _cancelDeadline(self) -> None:
+        self._deadlineAt = None
         if self._deadline is not None:
             if self._deadline.active():
                 self._deadline.cancel()
             self._deadline = None
 
-    def _deadlineMissed(self) -> None:
+    def _deadlineFired(self) -> None:
         self._deadline = None
+        at = self._deadlineAt
+        if at is None:
+            return
+        remaining = at - self.site.reactor.seconds()
+        if remaining > 0:
+            self._deadline = self.callLater(remaining, self._deadlineFired)
+            return
+        self._deadlineAt = None
         request = self.requests[-1] if self.requests else None
         self.refuse(
             "request_timeout",
@@ -445,7 +465,7 @@ class ProxyChannel(HTTPChannel):
         if self._refused:
             return
         self._refused = True
-        self._stopDeadline()
+        self._cancelDeadline()
         self.setTimeout(None)
         rid = requestId or newRequestId()
         if request is not None:

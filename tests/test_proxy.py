@@ -543,6 +543,24 @@ class ProxyPathTests(SynchronousTestCase):
         self.assertEqual(_status(transport), 408)
         self.assertEqual(_jsonBody(transport)["code"], "request_timeout")
 
+    def test_headerDeadlinePerRequest(self) -> None:
+        """
+        On a keep-alive connection each request gets the full header
+        timeout from its own first byte, however the timer is shared.
+        """
+        h = Harness([_service()], Limits(headerTimeout=10.0))
+        protocol, transport = h.connect()
+        protocol.dataReceived(GET)
+        response = FakeResponse(204, length=0)
+        h.client.calls[0].result.callback(response)
+        response.end()
+        h.clock.advance(9.0)
+        protocol.dataReceived(b"GET /echo/ HTTP/1.1\r\n")
+        h.clock.advance(9.9)
+        self.assertNotIn(b"408", transport.value())
+        h.clock.advance(0.2)
+        self.assertIn(b"HTTP/1.1 408 ", transport.value())
+
     def test_metrics(self) -> None:
         """
         Requests are counted by service and status class, and upstream
