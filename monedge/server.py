@@ -363,12 +363,29 @@ class ProxyChannel(HTTPChannel):
         self._inRequestLine = True
         self._headerBytes = 0
         self._headerCount = 0
-        super().allContentReceived()
+        # Twisted cancels the idle timer here and makes a new one when the
+        # response is done: a timer per request.  Instead the timer stays,
+        # and timeoutConnection ignores it while a request is answered.
+        idle, self.timeOut = self.timeOut, None
+        try:
+            super().allContentReceived()
+        finally:
+            self.timeOut = idle
+
+    def timeoutConnection(self) -> None:
+        if self._handlingRequest:
+            # Answering a request is not idleness: look again later (the
+            # fired timer is spent, so arm a new one).
+            self.setTimeout(self.timeOut)
+            return
+        super().timeoutConnection()
 
     def requestDone(self, request: Any) -> None:
         if self.site.draining:
             self.persistent = False
         super().requestDone(request)
+        # Idleness is measured from the end of the response.
+        self.resetTimeout()
         if self.persistent and self._buffer:
             # A pipelined request is partly here: its deadline runs now.
             self._startDeadline()

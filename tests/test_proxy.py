@@ -561,6 +561,25 @@ class ProxyPathTests(SynchronousTestCase):
         h.clock.advance(0.2)
         self.assertIn(b"HTTP/1.1 408 ", transport.value())
 
+    def test_keepAliveIdleFromResponseEnd(self) -> None:
+        """
+        A connection is closed after the keep-alive timeout of idleness,
+        counted from the end of its last response; a slow response does
+        not count as idle.
+        """
+        h = Harness([_service(timeout=600.0)], Limits(keepAliveTimeout=75.0))
+        protocol, transport = h.connect()
+        protocol.dataReceived(GET)
+        h.clock.advance(100)
+        self.assertFalse(transport.disconnecting)
+        response = FakeResponse(204, length=0)
+        h.client.calls[0].result.callback(response)
+        response.end()
+        h.clock.advance(74)
+        self.assertFalse(transport.disconnecting)
+        h.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+
     def test_metrics(self) -> None:
         """
         Requests are counted by service and status class, and upstream
