@@ -9,12 +9,21 @@ request with C{hello\\n}, then loads it with wrk through:
   - monedge, with C{--access-log none};
   - monedge with its access log on, written to a file (the default is on);
   - Twisted's own C{ReverseProxyResource} (bench/rpr.py);
+  - nginx, one worker, with a keep-alive upstream pool (installed with
+    apt-get if missing; C{--no-nginx} leaves it out);
+  - HAProxy, one thread, with C{http-reuse always} (installed with apt-get
+    if missing; C{--no-haproxy} leaves it out);
   - nothing at all ("direct": wrk at the upstream itself).
+
+nginx and HAProxy run as the bench's own foreground instances, with
+configurations written to its temporary directory; their system services
+are neither enabled nor started.
 
 The proxy under test runs pinned to one CPU, the upstream and wrk to another.
 Every target is run once per round, after a short warm-up; the table shows
-the median over rounds, the server's CPU and peak RSS, and monedge's req/s
-as a multiple of each target's.  See docs/performance.md.
+the median over rounds, the server's CPU (all its processes: nginx's master
+and worker) and peak RSS, its req/s per CPU second, and monedge's req/s as
+a multiple of each target's.  See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -60,6 +69,9 @@ MONEDGE = "monedge"
 MONEDGE_LOGGED = "monedge (access log on)"
 MONEDGE_AGENT = "monedge (Agent client)"
 RPR = "ReverseProxyResource"
+MINIMAL = "minimal Agent proxy"
+NGINX = "nginx"
+HAPROXY = "HAProxy"
 DIRECT = "direct"
 
 
@@ -85,43 +97,109 @@ def run(command: Sequence[str]) -> str:
     return (done.stdout + done.stderr).strip()
 
 
+class _Apt:
+    """
+    Installs Debian packages, running C{apt-get update} at most once.
+    """
+
+    updated = False
+
+    @classmethod
+    def install(cls, packages: Sequence[str]) -> str | None:
+        """
+        Install C{packages} non-interactively; C{None}, or why it failed.
+        """
+        apt = shutil.which("apt-get")
+        if apt is None or os.geteuid() != 0:
+            return "installing needs apt-get, as root"
+        environment = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        commands = [] if cls.updated else [[apt, "update", "-qq"]]
+        commands.append([apt, "install", "-y", "-qq", *packages])
+        for command in commands:
+            done = subprocess.run(
+                command,
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if done.returncode != 0:
+                return (
+                    f"`{shlex.join(command)}` exited {done.returncode}:\n"
+                    f"{(done.stdout + done.stderr).strip()[-2000:]}"
+                )
+            if command[1] == "update":
+                cls.updated = True
+        return None
+
+
+def which(command: str) -> str | None:
+    """
+    The path of C{command}, looking in the sbin directories too (Debian
+    installs nginx and haproxy there, off an ordinary user's PATH).
+    """
+    path = os.pathsep.join(
+        [os.environ.get("PATH", os.defpath), "/usr/local/sbin", "/usr/sbin", "/sbin"]
+    )
+    return shutil.which(command, path=path)
+
+
+def ensureCommand(command: str, choices: Sequence[str], skip: str = "") -> str:
+    """
+    The path of C{command}, installing the first of the Debian packages
+    C{choices} that installs if it is missing.  C{skip} names the option
+    that leaves it out, for the message when it cannot be installed.
+    """
+    found = which(command)
+    if found:
+        return found
+    otherwise = f" (or run with {skip} to leave it out)" if skip else ""
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise BenchError(
+            f"{command} is not installed, and it cannot be installed from here "
+            "(installing needs apt-get, as root): install it with "
+            f"`sudo apt-get install {choices[0]}`, then run this again{otherwise}."
+        )
+    failures = []
+    for package in choices:
+        print(
+            f"{command} is not installed: installing {package} with apt-get ...",
+            flush=True,
+        )
+        failure = _Apt.install([package])
+        found = which(command)
+        if failure is None and found:
+            return found
+        failures.append(
+            f"{package}: {failure or f'installed, but {command} is not on PATH'}"
+        )
+    raise BenchError(f"could not install {command}{otherwise}:\n" + "\n".join(failures))
+
+
 def ensureWrk() -> str:
     """
     The path of wrk, installing Debian's package first if it is missing.
     """
-    found = shutil.which("wrk")
-    if found:
-        return found
-    apt = shutil.which("apt-get")
-    if apt is None or os.geteuid() != 0:
-        raise BenchError(
-            "wrk is not installed, and it cannot be installed from here "
-            "(installing needs apt-get, as root): install it with "
-            "`sudo apt-get install wrk`, then run this again."
-        )
-    print("wrk is not installed: installing it with apt-get ...", flush=True)
-    environment = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for command in (
-        [apt, "update", "-qq"],
-        [apt, "install", "-y", "-qq", "wrk"],
-    ):
-        done = subprocess.run(
-            command,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise BenchError(
-                f"could not install wrk: `{shlex.join(command)}` exited "
-                f"{done.returncode}:\n{(done.stdout + done.stderr).strip()[-2000:]}"
-            )
-    found = shutil.which("wrk")
-    if found is None:
-        raise BenchError("apt-get installed wrk, but it is not on PATH")
-    return found
+    return ensureCommand("wrk", ["wrk"])
+
+
+def ensureNginx() -> str:
+    """
+    The path of nginx, installing Debian's C{nginx-light} (or C{nginx})
+    first if it is missing.  The bench runs its own instance: it neither
+    enables nor starts the system service.
+    """
+    return ensureCommand("nginx", ["nginx-light", "nginx"], "--no-nginx")
+
+
+def ensureHaproxy() -> str:
+    """
+    The path of haproxy, installing Debian's package first if it is
+    missing.  The bench runs its own instance: it neither enables nor
+    starts the system service.
+    """
+    return ensureCommand("haproxy", ["haproxy"], "--no-haproxy")
 
 
 def pinning(enabled: bool) -> tuple[list[str], list[str]]:
@@ -160,7 +238,31 @@ def cpuModel() -> str:
     return platform.processor() or "unknown"
 
 
-def machine(wrk: str) -> dict[str, str]:
+def treeState() -> str:
+    """
+    The commit of the tree measured, and how many tracked files differ from
+    it (read-only: no index refresh is written).
+    """
+    commit = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    if not commit or " " in commit:
+        return "unknown"
+    changed = run(
+        [
+            "git",
+            "--no-optional-locks",
+            "-C",
+            str(ROOT),
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+        ]
+    ).splitlines()
+    if changed:
+        return f"{commit} with uncommitted changes to {len(changed)} tracked file(s)"
+    return commit
+
+
+def machine(wrk: str, nginx: str | None, haproxy: str | None) -> dict[str, str]:
     """
     What the figures were measured on.
     """
@@ -175,6 +277,11 @@ def machine(wrk: str) -> dict[str, str]:
     except OSError:
         pass
     version = run([wrk, "-v"])
+    others = {}
+    if nginx is not None:
+        others["nginx"] = run([nginx, "-v"]).removeprefix("nginx version: ")
+    if haproxy is not None:
+        others["haproxy"] = (run([haproxy, "-v"]).splitlines() or ["unknown"])[0]
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "nproc": run(["nproc"]) or str(len(os.sched_getaffinity(0))),
@@ -184,8 +291,8 @@ def machine(wrk: str) -> dict[str, str]:
         "python": platform.python_version(),
         "twisted": twisted.__version__,
         "wrk": version.splitlines()[0] if version else "unknown",
-        "commit": run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-        or "unknown",
+        **others,
+        "commit": treeState(),
     }
 
 
@@ -212,6 +319,28 @@ def rssBytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def processTree(pid: int) -> list[int]:
+    """
+    C{pid} and its descendants (nginx's master and its worker, say).
+    """
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                parent = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(children.get(current, []))
+    return sorted(tree)
 
 
 @dataclass
@@ -314,6 +443,12 @@ def stopAll(servers: Sequence[Server]) -> None:
         except subprocess.TimeoutExpired:
             server.process.kill()
             server.process.wait()
+        # Each server leads its own session and process group: kill what
+        # may be left of it (an nginx worker whose master was killed).
+        try:
+            os.killpg(server.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     for server in servers:
         server.close()
 
@@ -414,14 +549,26 @@ class Wrk:
         ]
 
     def run(
-        self, url: str, seconds: float, watch: Sequence[int] = ()
-    ) -> tuple[str, dict[int, float], dict[int, int]]:
+        self,
+        url: str,
+        seconds: float,
+        watch: Mapping[str, Sequence[int]] | None = None,
+    ) -> tuple[str, dict[str, float], dict[str, int]]:
         """
-        Run wrk against C{url}; its output, and for each process in
-        C{watch} its CPU use in percent of one CPU and its peak RSS.
+        Run wrk against C{url}; its output, and for each named group of
+        processes in C{watch} their CPU use in percent of one CPU and the
+        peak of their summed RSS.
         """
-        before = {pid: cpuSeconds(pid) for pid in watch}
-        peak = {pid: rssBytes(pid) for pid in watch}
+
+        def cpu(pids: Sequence[int]) -> float:
+            return sum(cpuSeconds(pid) for pid in pids)
+
+        def rss(pids: Sequence[int]) -> int:
+            return sum(rssBytes(pid) for pid in pids)
+
+        watch = watch or {}
+        before = {name: cpu(pids) for name, pids in watch.items()}
+        peak = {name: rss(pids) for name, pids in watch.items()}
         started = time.monotonic()
         process = subprocess.Popen(
             self.command(url, seconds),
@@ -433,8 +580,8 @@ class Wrk:
         try:
             deadline = started + seconds + 30
             while process.poll() is None:
-                for pid in watch:
-                    peak[pid] = max(peak[pid], rssBytes(pid))
+                for name, pids in watch.items():
+                    peak[name] = max(peak[name], rss(pids))
                 if time.monotonic() > deadline:
                     raise BenchError(f"wrk ran past {seconds + 30:g} s on {url}")
                 time.sleep(SAMPLE_INTERVAL)
@@ -449,8 +596,11 @@ class Wrk:
                 process.stdout.close()
         if process.returncode != 0:
             raise BenchError(f"wrk exited {process.returncode} on {url}:\n{output}")
-        cpu = {pid: 100.0 * (cpuSeconds(pid) - before[pid]) / elapsed for pid in watch}
-        return output, cpu, peak
+        used = {
+            name: 100.0 * (cpu(pids) - before[name]) / elapsed
+            for name, pids in watch.items()
+        }
+        return output, used, peak
 
 
 # -- the benchmark -----------------------------------------------------------
@@ -486,13 +636,14 @@ class Summary:
     p99ms: float
     errors: int
     cpuPercent: float
+    requestsPerCpuSecond: float
     upstreamCpuPercent: float
     rssMiB: float
 
     @classmethod
     def of(cls, target: Target) -> Summary:
         def median(key: str) -> float:
-            return statistics.median(run[key] for run in target.runs)
+            return float(statistics.median(run[key] for run in target.runs))
 
         return cls(
             target=target.label,
@@ -503,6 +654,7 @@ class Summary:
             p99ms=median("p99ms"),
             errors=sum(run["errors"] for run in target.runs),
             cpuPercent=median("cpuPercent"),
+            requestsPerCpuSecond=median("requestsPerCpuSecond"),
             upstreamCpuPercent=median("upstreamCpuPercent"),
             rssMiB=max(run["rssBytes"] for run in target.runs) / 2**20,
         )
@@ -521,6 +673,7 @@ def table(summaries: Sequence[Summary]) -> str:
         "p99 ms",
         "errors",
         "server CPU %",
+        "req per server CPU s",
         "upstream CPU %",
         "server RSS MiB",
         "monedge ÷ target",
@@ -534,6 +687,7 @@ def table(summaries: Sequence[Summary]) -> str:
             f"{s.p99ms:.2f}",
             str(s.errors),
             f"{s.cpuPercent:.0f}",
+            f"{s.requestsPerCpuSecond:,.0f}",
             f"{s.upstreamCpuPercent:.0f}",
             f"{s.rssMiB:.1f}",
             f"{base.requestsPerSecond / s.requestsPerSecond:.2f}x",
@@ -556,9 +710,19 @@ def table(summaries: Sequence[Summary]) -> str:
 
 
 def ratios(summaries: Sequence[Summary]) -> list[str]:
+    """
+    monedge's req/s as a multiple of every other target's, and its requests
+    per server CPU second as a multiple of theirs (which still compares the
+    proxies when a fast one is held back by the upstream or wrk, not by its
+    own CPU).
+    """
     base = next(s for s in summaries if s.target == MONEDGE)
+    width = max(len(s.target) for s in summaries)
     return [
-        f"monedge / {s.target} = {base.requestsPerSecond / s.requestsPerSecond:.2f}x"
+        f"monedge / {s.target:{width}} = "
+        f"{base.requestsPerSecond / s.requestsPerSecond:5.2f}x req/s, "
+        f"{base.requestsPerCpuSecond / s.requestsPerCpuSecond:5.2f}x "
+        "requests per server CPU second"
         for s in summaries
         if s is not base
     ]
@@ -566,8 +730,8 @@ def ratios(summaries: Sequence[Summary]) -> list[str]:
 
 def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Load monedge, ReverseProxyResource and the bare upstream "
-        "with wrk on loopback, and compare them."
+        description="Load monedge, ReverseProxyResource, nginx, HAProxy and the "
+        "bare upstream with wrk on loopback, and compare them."
     )
     parser.add_argument(
         "--duration", type=float, default=10, help="seconds per measured run (10)"
@@ -579,6 +743,14 @@ def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="rounds (2)")
     parser.add_argument(
         "--warmup", type=float, default=2, help="warm-up seconds before each run (2)"
+    )
+    parser.add_argument(
+        "--no-nginx", action="store_true", help="leave nginx out of the comparison"
+    )
+    parser.add_argument(
+        "--no-haproxy",
+        action="store_true",
+        help="leave HAProxy out of the comparison",
     )
     parser.add_argument(
         "--no-pin", action="store_true", help="do not pin processes to CPUs"
@@ -599,6 +771,123 @@ def writeRegistry(path: Path, upstreamPort: int) -> None:
 
     document = {"services": {SERVICE: {"endpoints": [f"127.0.0.1:{upstreamPort}"]}}}
     path.write_text(yaml.safe_dump(document))
+
+
+_NGINX_TEMP_PATHS = {
+    # directive: the module without which nginx does not know it
+    "client_body_temp_path": None,
+    "proxy_temp_path": "proxy",
+    "fastcgi_temp_path": "fastcgi",
+    "uwsgi_temp_path": "uwsgi",
+    "scgi_temp_path": "scgi",
+}
+
+
+def writeNginxConfig(nginx: str, directory: Path, port: int, upstreamPort: int) -> Path:
+    """
+    An nginx configuration for one worker proxying C{/bench/} to the
+    upstream's C{/} over pooled keep-alive connections, with every path it
+    writes (pid, error log, temporary files) inside C{directory}.
+    """
+    directory.mkdir()
+    built = run([nginx, "-V"])
+    temp = "\n".join(
+        f"    {directive} {directory / directive.removesuffix('_temp_path')};"
+        for directive, module in _NGINX_TEMP_PATHS.items()
+        if module is None or f"--without-http_{module}_module" not in built
+    )
+    # As root, the worker would otherwise run as nobody, which cannot
+    # reach the temporary directory.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    path = directory / "nginx.conf"
+    path.write_text(
+        f"""\
+# Written by bench/run.py.
+{user}worker_processes 1;
+pid {directory / "nginx.pid"};
+error_log {directory / "error.log"} warn;
+
+events {{
+    worker_connections 4096;
+}}
+
+http {{
+    access_log off;
+{temp}
+
+    upstream upstream {{
+        server 127.0.0.1:{upstreamPort};
+        keepalive 64;
+    }}
+
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+
+        location /bench/ {{
+            proxy_pass http://upstream/;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+    )
+    return path
+
+
+def nginxCommand(prefix: list[str], nginx: str, config: Path) -> list[str]:
+    return [
+        *prefix,
+        nginx,
+        "-p",
+        str(config.parent),
+        "-e",
+        str(config.parent / "error.log"),
+        "-c",
+        str(config),
+        "-g",
+        "daemon off;",
+    ]
+
+
+def writeHaproxyConfig(directory: Path, port: int, upstreamPort: int) -> Path:
+    """
+    An HAProxy configuration for one thread proxying C{/bench/} to the
+    upstream's C{/}, reusing idle upstream connections across clients
+    (C{http-reuse always}), with no logging.
+    """
+    directory.mkdir()
+    path = directory / "haproxy.cfg"
+    path.write_text(
+        f"""\
+# Written by bench/run.py.
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    timeout connect 10s
+    timeout client 60s
+    timeout server 60s
+    timeout http-request 10s
+    timeout http-keep-alive 75s
+
+frontend bench
+    bind 127.0.0.1:{port}
+    http-request set-path %[path,regsub(^/bench/,/)]
+    default_backend upstream
+
+backend upstream
+    http-reuse always
+    server upstream 127.0.0.1:{upstreamPort}
+"""
+    )
+    return path
+
+
+def haproxyCommand(prefix: list[str], haproxy: str, config: Path) -> list[str]:
+    return [*prefix, haproxy, "-f", str(config), "-db"]
 
 
 def monedgeCommand(
@@ -629,8 +918,10 @@ def monedgeCommand(
 
 def benchmark(args: argparse.Namespace, directory: Path) -> None:
     wrkPath = ensureWrk()
+    nginxPath = None if args.no_nginx else ensureNginx()
+    haproxyPath = None if args.no_haproxy else ensureHaproxy()
     proxyPin, loadPin = pinning(not args.no_pin)
-    about = machine(wrkPath)
+    about = machine(wrkPath, nginxPath, haproxyPath)
     invocation = shlex.join([sys.executable, *sys.argv])
 
     upstreamPort = freePort()
@@ -650,6 +941,7 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
     )
     servers = [upstream]
     targets: list[Target] = []
+    configs: list[Path] = []
     for label, accessLog, extra in (
         (MONEDGE, "none", []),
         (MONEDGE_LOGGED, str(directory / "access.log"), []),
@@ -681,6 +973,49 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
     )
     servers.append(rpr)
     targets.append(Target(RPR, rpr, "/bench/"))
+    minimalPort = freePort()
+    minimal = Server(
+        MINIMAL,
+        [
+            *proxyPin,
+            sys.executable,
+            str(BENCH / "minimal.py"),
+            "--port",
+            str(minimalPort),
+            "--upstream-port",
+            str(upstreamPort),
+        ],
+        minimalPort,
+        directory / "minimal.log",
+    )
+    servers.append(minimal)
+    targets.append(Target(MINIMAL, minimal, "/bench/"))
+    if nginxPath is not None:
+        nginxPort = freePort()
+        config = writeNginxConfig(
+            nginxPath, directory / "nginx", nginxPort, upstreamPort
+        )
+        nginx = Server(
+            NGINX,
+            nginxCommand(proxyPin, nginxPath, config),
+            nginxPort,
+            directory / "nginx.log",
+        )
+        servers.append(nginx)
+        configs.append(config)
+        targets.append(Target(NGINX, nginx, "/bench/"))
+    if haproxyPath is not None:
+        haproxyPort = freePort()
+        config = writeHaproxyConfig(directory / "haproxy", haproxyPort, upstreamPort)
+        haproxy = Server(
+            HAPROXY,
+            haproxyCommand(proxyPin, haproxyPath, config),
+            haproxyPort,
+            directory / "haproxy.log",
+        )
+        servers.append(haproxy)
+        configs.append(config)
+        targets.append(Target(HAPROXY, haproxy, "/bench/"))
     targets.append(Target(DIRECT, upstream, "/"))
     wrk = Wrk(wrkPath, loadPin, args.threads, args.connections)
 
@@ -715,6 +1050,10 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
         )
         for server in servers:
             print(f"  {server.name}: {shlex.join(server.command)}")
+        for config in configs:
+            print(f"\n  {config.name}:")
+            for line in config.read_text().splitlines():
+                print(f"    {line}".rstrip())
         print(flush=True)
 
         for number in range(1, args.rounds + 1):
@@ -723,16 +1062,22 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
                     server.checkAlive()
                 if args.warmup:
                     wrk.run(target.url, args.warmup)
-                watch = sorted({target.server.pid, upstream.pid})
+                watch = {
+                    "server": processTree(target.server.pid),
+                    "upstream": [upstream.pid],
+                }
                 output, cpu, peak = wrk.run(target.url, args.duration, watch)
                 result = parseWrk(output)
                 target.runs.append(
                     {
                         **asdict(result),
                         "errors": result.errors,
-                        "cpuPercent": cpu[target.server.pid],
-                        "upstreamCpuPercent": cpu[upstream.pid],
-                        "rssBytes": peak[target.server.pid],
+                        "cpuPercent": cpu["server"],
+                        "requestsPerCpuSecond": result.requestsPerSecond
+                        / max(cpu["server"] / 100.0, 1e-9),
+                        "upstreamCpuPercent": cpu["upstream"],
+                        "rssBytes": peak["server"],
+                        "serverPids": watch["server"],
                         "wrkOutput": output,
                     }
                 )
@@ -770,6 +1115,7 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
                 "threads": args.threads,
                 "pinned": not args.no_pin,
             },
+            "configs": {config.name: config.read_text() for config in configs},
             "servers": {server.name: server.command for server in servers},
             "summary": [asdict(s) for s in summaries],
             "runs": {target.label: target.runs for target in targets},
