@@ -5,8 +5,9 @@ status.
 
 Retry rule: a request whose connection could not be opened is retried once
 on another endpoint.  Once any byte may have reached an upstream, nothing is
-retried here (Twisted's pool alone replays an idempotent, bodiless request
-whose pooled connection turned out to be closed before it was used).
+retried here (the upstream client alone replays an idempotent, bodiless
+request whose pooled connection turned out to be closed before it was
+used).
 """
 
 from __future__ import annotations
