@@ -19,11 +19,9 @@ is stopped on exit.  It exits 1 if the body is short or wrong.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,11 +29,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
+
+from run import BenchError, Server, monedgeCommand, stopAll  # noqa: E402
 
 from monedge.testing import freePort  # noqa: E402
 
@@ -46,14 +46,6 @@ PATTERN = bytes(range(256))
 CHUNK = PATTERN * 256
 SMALL = b"hello\n"
 SAMPLE_INTERVAL = 0.1
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
-
-
-class BenchError(Exception):
-    """
-    The measurement failed; the message says why.
-    """
 
 
 # -- the upstream (run as a child: large_response.py --serve-upstream) -------
@@ -127,79 +119,6 @@ def rssBytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise BenchError(f"no VmRSS for process {pid}")
-
-
-@dataclass
-class Child:
-    """
-    A server child process, in its own session (so a Ctrl-C reaches only
-    this script, which then stops it), its output in a file.
-    """
-
-    name: str
-    command: list[str]
-    port: int
-    logPath: Path
-    process: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self) -> None:
-        self._log = open(self.logPath, "wb")
-        self.process = subprocess.Popen(
-            self.command,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            cwd=self.logPath.parent,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def logTail(self) -> str:
-        try:
-            return self.logPath.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
-
-    def checkAlive(self) -> None:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise BenchError(
-                f"{self.name} exited ({self.process.returncode}):\n{self.logTail()}"
-            )
-
-    def waitUntilListening(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                pass
-            self.checkAlive()
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"{self.name} did not listen on port {self.port} within "
-                    f"{START_TIMEOUT:g} s:\n{self.logTail()}"
-                )
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 # -- sampling and the client -------------------------------------------------
@@ -346,8 +265,7 @@ def measure(args: argparse.Namespace, directory: Path) -> bool:
     registry.write_text(
         f'services:\n  {SERVICE}:\n    endpoints: ["127.0.0.1:{upstreamPort}"]\n'
     )
-    twistd = str(Path(sys.executable).parent / "twistd")
-    upstream = Child(
+    upstream = Server(
         "upstream",
         [
             sys.executable,
@@ -360,24 +278,9 @@ def measure(args: argparse.Namespace, directory: Path) -> bool:
         upstreamPort,
         directory / "upstream.log",
     )
-    monedge = Child(
+    monedge = Server(
         "monedge",
-        [
-            twistd,
-            "-n",
-            "--pidfile=",
-            "monedge",
-            "--port",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--admin-port",
-            f"tcp:{adminPort}:interface=127.0.0.1",
-            "--registry",
-            f"static:{registry}",
-            "--access-log",
-            "none",
-            "--drain-delay",
-            "0s",
-        ],
+        monedgeCommand([], port, adminPort, registry, "none"),
         port,
         directory / "monedge.log",
     )
@@ -417,8 +320,7 @@ def measure(args: argparse.Namespace, directory: Path) -> bool:
         for child in children:
             child.checkAlive()
     finally:
-        for child in children:
-            child.stop()
+        stopAll(children)
 
     peak = sampler.peak["monedge"]
     grown = peak - before["monedge"]
