@@ -360,12 +360,15 @@ class _Connection(Protocol):
     def _finishBody(self) -> None:
         protocol = self._protocol
         if protocol is None:
-            if self._response is not None and self._complete and not self._buffered:
-                # Nobody reads it yet: it is delivered, ended, on deliverBody.
-                pass
+            # Nobody reads it yet: it is delivered, ended, on deliverBody.
             return
         self._protocol = None
-        keep = self._keepAlive and self.transport is not None
+        writer = self._bodyWriter
+        # An upstream may answer before it has read the whole request body
+        # (an early 413, say): the connection is then mid-request and can
+        # never carry another one.
+        bodySent = writer is None or writer.called
+        keep = self._keepAlive and bodySent and self.transport is not None
         parser = self._parser
         self._parser = None
         protocol.connectionLost(Failure(ResponseDone()))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -150,6 +150,44 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(body.data, b"abc")
         assert body.reason is not None
         self.assertTrue(body.reason.check(ResponseDone))
+
+    def test_earlyAnswerDoesNotReuseConnection(self) -> None:
+        """
+        A response that completes before the request body has been sent is
+        relayed, but its connection is closed, not pooled: it is still in
+        the middle of a request.
+        """
+        from twisted.web.iweb import IBodyProducer
+        from zope.interface import implementer
+
+        @implementer(IBodyProducer)
+        class Slow:
+            length = 10
+
+            def startProducing(self, consumer: object) -> Deferred[None]:
+                self.done: Deferred[None] = Deferred()
+                return self.done
+
+            def pauseProducing(self) -> None:
+                pass
+
+            def resumeProducing(self) -> None:
+                pass
+
+            def stopProducing(self) -> None:
+                pass
+
+        d = self.client.request(
+            b"POST", b"http://10.0.0.1:8080/up", Headers({b"host": [b"h"]}), Slow(), 5.0
+        )
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 413)
+        response.deliverBody(Body())
+        self.assertTrue(transport.disconnecting or transport.disconnected)
+        self.request()
+        self.assertEqual(len(self.reactor.tcpClients), 2)
 
     def test_headKeepsContentLength(self) -> None:
         """
