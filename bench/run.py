@@ -956,40 +956,25 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
         )
         servers.append(server)
         targets.append(Target(label, server, "/bench/"))
-    rprPort = freePort()
-    rpr = Server(
-        RPR,
-        [
-            *proxyPin,
-            sys.executable,
-            str(BENCH / "rpr.py"),
-            "--port",
-            str(rprPort),
-            "--upstream-port",
-            str(upstreamPort),
-        ],
-        rprPort,
-        directory / "rpr.log",
-    )
-    servers.append(rpr)
-    targets.append(Target(RPR, rpr, "/bench/"))
-    minimalPort = freePort()
-    minimal = Server(
-        MINIMAL,
-        [
-            *proxyPin,
-            sys.executable,
-            str(BENCH / "minimal.py"),
-            "--port",
-            str(minimalPort),
-            "--upstream-port",
-            str(upstreamPort),
-        ],
-        minimalPort,
-        directory / "minimal.log",
-    )
-    servers.append(minimal)
-    targets.append(Target(MINIMAL, minimal, "/bench/"))
+    # The two Twisted baselines: a script each, taking the same options.
+    for label, script in ((RPR, "rpr.py"), (MINIMAL, "minimal.py")):
+        port = freePort()
+        server = Server(
+            label,
+            [
+                *proxyPin,
+                sys.executable,
+                str(BENCH / script),
+                "--port",
+                str(port),
+                "--upstream-port",
+                str(upstreamPort),
+            ],
+            port,
+            directory / f"{script.removesuffix('.py')}.log",
+        )
+        servers.append(server)
+        targets.append(Target(label, server, "/bench/"))
     if nginxPath is not None:
         nginxPort = freePort()
         config = writeNginxConfig(

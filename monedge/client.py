@@ -23,7 +23,6 @@ proxy path.  Its contract, kept by the same end-to-end tests:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -41,6 +40,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from monedge.endpoints import EndpointCache
+from monedge.headers import canonicalName
 from monedge.interfaces import IUpstreamClient
 
 #: Response headers that frame the connection, not the entity: kept out of
@@ -62,21 +62,6 @@ _IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE
 
 
 Key = tuple[bytes, bytes, int]
-
-
-_CANONICAL: dict[bytes, bytes] = {}
-
-
-def _canonicalName(name: bytes) -> bytes:
-    """
-    C{name} as Twisted's L{Headers} stores it (C{Content-Type}), validated
-    as a token, and remembered (boundedly): a response's header names are
-    few and repeat.
-    """
-    canonical = next(iter(Headers({name: [b""]}).getAllRawHeaders()))[0]
-    if len(_CANONICAL) < 10_000:
-        _CANONICAL[name] = canonical
-    return canonical
 
 
 class UpstreamProtocolError(Exception):
@@ -280,9 +265,7 @@ class _Connection(Protocol):
                 # Never expected from llhttp; the slow path sanitises.
                 headers.addRawHeader(name, value)
                 continue
-            canonical = _CANONICAL.get(name)
-            if canonical is None:
-                canonical = _canonicalName(name)
+            canonical = canonicalName(name)
             values = raw.get(canonical)
             if values is None:
                 raw[canonical] = [value]
@@ -448,7 +431,6 @@ class FastUpstreamClient:
         self._maxPerHost = maxPerHost
         self._poolIdle = poolIdle
         self._idle: dict[Key, list[_Connection]] = {}
-        self._open: set[_Connection] = set()
         self._endpoints = EndpointCache(reactor)
 
     def _take(self, key: Key) -> _Connection | None:
@@ -473,7 +455,6 @@ class FastUpstreamClient:
         connection._idleCall = self._reactor.callLater(self._poolIdle, connection.abort)
 
     def _forget(self, connection: _Connection) -> None:
-        self._open.discard(connection)
         idle = self._idle.get(connection.key)
         if idle and connection in idle:
             idle.remove(connection)
@@ -528,7 +509,6 @@ class FastUpstreamClient:
 
         def connected(protocol: Any) -> Deferred[IResponse]:
             connection: _Connection = protocol
-            self._open.add(connection)
             d = connection.send(method, target, headers, body)
             sending.append(d)
             return d
@@ -552,6 +532,3 @@ class FastUpstreamClient:
                 connection.abort()
         self._idle.clear()
         return succeed(None)
-
-
-ClientFactory = Callable[..., IUpstreamClient]

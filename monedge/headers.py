@@ -49,16 +49,27 @@ _OWNED_UP = frozenset(
 )
 
 
-def _canonical(names: Iterable[bytes]) -> frozenset[bytes]:
-    """
-    The names as Twisted's L{Headers} stores them (C{X-Forwarded-For}).
-    """
-    headers = Headers({name: [b""] for name in names})
-    return frozenset(name for name, _ in headers.getAllRawHeaders())
+_CANONICAL: dict[bytes, bytes] = {}
 
 
-_DROP_UP = _canonical(HOP_BY_HOP | _OWNED_UP)
-_DROP_DOWN = _canonical(HOP_BY_HOP)
+def canonicalName(name: bytes) -> bytes:
+    """
+    C{name} as Twisted's L{Headers} stores it (C{X-Forwarded-For}),
+    validated as a token, and remembered (boundedly): header names are few
+    and repeat.
+
+    @raise twisted.web.http_headers.InvalidHeaderName: for a non-token.
+    """
+    canonical = _CANONICAL.get(name)
+    if canonical is None:
+        canonical = next(iter(Headers({name: [b""]}).getAllRawHeaders()))[0]
+        if len(_CANONICAL) < 10_000:
+            _CANONICAL[name] = canonical
+    return canonical
+
+
+_DROP_UP = frozenset(map(canonicalName, HOP_BY_HOP | _OWNED_UP))
+_DROP_DOWN = frozenset(map(canonicalName, HOP_BY_HOP))
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}\Z")
 _PORT = re.compile(rb"\d{1,5}\Z")

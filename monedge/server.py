@@ -539,7 +539,6 @@ class ProxySite(server.Site):
         self.draining = False
         self.inFlight = 0
         self.channels: set[ProxyChannel] = set()
-        self._idleWaiters: list[Deferred[None]] = []
         self._drainWaiters: list[Deferred[None]] = []
         self._unrouted = metrics.forService(NO_SERVICE)
         metrics.inFlight.set_function(lambda: self.inFlight)
@@ -562,10 +561,6 @@ class ProxySite(server.Site):
         serviceMetrics = getattr(leaf, "metrics", None) or self._unrouted
         serviceMetrics.observe(status, total)
         self.accessLog.request(request, status, now, total)
-        if self.inFlight == 0 and self._idleWaiters:
-            waiters, self._idleWaiters = self._idleWaiters, []
-            for d in waiters:
-                d.callback(None)
         self.checkDrained()
 
     def refusalLogged(
@@ -583,17 +578,6 @@ class ProxySite(server.Site):
         self.accessLog.refusal(
             channel, code, status, requestId, request, self.reactor.seconds()
         )
-
-    def whenIdle(self) -> Deferred[None]:
-        """
-        A L{Deferred} that fires when no request is in flight.
-        """
-        d: Deferred[None] = Deferred()
-        if self.inFlight == 0:
-            d.callback(None)
-        else:
-            self._idleWaiters.append(d)
-        return d
 
     def whenDrained(self) -> Deferred[None]:
         """

@@ -541,7 +541,6 @@ class KubernetesRegistry(TableRegistry, Service):
         self.reloadsSucceeded = 0
         self.reloadsFailed = 0
         self.lastSync: float | None = None
-        self._startedAt: float | None = None
         self._syncedAll = False
         self._gaveUpWaiting = False
         self._timeoutCall: Any = None
@@ -660,7 +659,6 @@ class KubernetesRegistry(TableRegistry, Service):
 
     def startService(self) -> None:
         super().startService()
-        self._startedAt = self._reactor.seconds()
         if self.initialSyncTimeout > 0:
             self._timeoutCall = self._reactor.callLater(
                 self.initialSyncTimeout, self._initialSyncTimedOut
