@@ -7,24 +7,37 @@ and the route table.
                    registry's first sync
     GET /metrics   Prometheus text format
     GET /routes    every service, its endpoints and effective policy (JSON)
+
+With C{--workers N}, the supervisor serves the same paths for the whole
+group (L{groupAdminSite}), built from each worker's private admin socket.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import pages
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from monedge.balancer import Balancer, eligible
 from monedge.convention import HostTiers, parseServiceName
 from monedge.interfaces import IServiceRegistry
-from monedge.metrics import Metrics
+from monedge.metrics import Metrics, StaticCollector, mergeExpositions
 from monedge.policy import HookSpec
+
+if TYPE_CHECKING:
+    from monedge.workers import Worker, WorkerGroup
+
+#: GETs a path from one worker's admin site: (status, body).
+Fetch = Callable[["Worker", str], Deferred[tuple[int, bytes]]]
 
 
 def _json(request: Request, status: int, document: object) -> bytes:
@@ -171,6 +184,205 @@ def adminSite(
     root.putChild(b"readyz", Ready(readiness))
     root.putChild(b"metrics", PrometheusMetrics(metrics))
     root.putChild(b"routes", Routes(registry, hostTiers, balancer, globalHooks))
+    site = Site(root, reactor=reactor)
+    site.displayTracebacks = False
+    site.log = lambda request: None  # type: ignore[method-assign]
+    return site
+
+
+class _GroupLeaf(_Leaf):
+    """
+    A group admin page built from the workers' answers, asynchronously.
+    """
+
+    def __init__(self, group: WorkerGroup, fetch: Fetch) -> None:
+        super().__init__()
+        self._group = group
+        self._fetch = fetch
+
+    def _ask(
+        self, path: str
+    ) -> Deferred[list[tuple[Worker, tuple[int, bytes] | None]]]:
+        """
+        GET C{path} from every running worker; L{None} for one that failed.
+        """
+        workers = [worker for worker in self._group.workers if worker.alive]
+
+        def answered(results: list[tuple[bool, Any]]) -> list[Any]:
+            return [
+                (worker, value if ok else None)
+                for worker, (ok, value) in zip(workers, results, strict=True)
+            ]
+
+        asked = [self._fetch(worker, path) for worker in workers]
+        return DeferredList(asked, consumeErrors=True).addCallback(answered)
+
+    def render_GET(self, request: Request) -> int:
+        d = self.build(request)
+
+        def write(body: bytes) -> None:
+            if not request.finished and not request._disconnected:
+                request.write(body)
+                request.finish()
+
+        def failed(reason: Failure) -> None:
+            self._log.failure("group admin page failed", reason)
+            write(_json(request, 500, {"error": "internal"}))
+
+        d.addCallback(write).addErrback(failed)
+        return NOT_DONE_YET
+
+    _log = Logger()
+
+    def build(self, request: Request) -> Deferred[bytes]:
+        raise NotImplementedError()
+
+
+class GroupReady(_GroupLeaf):
+    """
+    C{/readyz} for a group: ready when every worker runs and is ready.
+    """
+
+    def build(self, request: Request) -> Deferred[bytes]:
+        group = self._group
+
+        def decide(answers: list[tuple[Worker, tuple[int, bytes] | None]]) -> bytes:
+            reasons = []
+            if group.draining:
+                reasons.append("draining")
+            for worker in group.workers:
+                if not worker.alive:
+                    reasons.append(f"worker {worker.number}: not running")
+            for worker, answer in answers:
+                if answer is None:
+                    reasons.append(f"worker {worker.number}: admin did not answer")
+                elif answer[0] != 200:
+                    try:
+                        reason = json.loads(answer[1])["reason"]
+                    except (ValueError, KeyError, TypeError):
+                        reason = f"status {answer[0]}"
+                    reasons.append(f"worker {worker.number}: {reason}")
+            ready = not reasons
+            document = {
+                "ready": ready,
+                "reason": "; ".join(reasons) if reasons else "serving",
+                "workers": len(group.workers),
+            }
+            return _json(request, 200 if ready else 503, document)
+
+        return self._ask("/readyz").addCallback(decide)
+
+
+class GroupCollector:
+    """
+    The group's own metrics: workers configured and alive, restarts, and
+    workers whose metrics a scrape missed.
+    """
+
+    def __init__(self, group: WorkerGroup, unanswered: int) -> None:
+        self._group = group
+        self._unanswered = unanswered
+
+    def collect(self) -> Iterator[Metric]:
+        workers = GaugeMetricFamily(
+            "monedge_workers", "Worker processes configured (--workers)."
+        )
+        workers.add_metric([], len(self._group.workers))
+        yield workers
+        alive = GaugeMetricFamily("monedge_workers_alive", "Worker processes running.")
+        alive.add_metric([], self._group.alive())
+        yield alive
+        restarts = CounterMetricFamily(
+            "monedge_worker_restarts",
+            "Times each worker was restarted after it died.",
+            labels=["worker"],
+        )
+        for worker in self._group.workers:
+            restarts.add_metric([str(worker.number)], worker.restarts)
+        yield restarts
+        unanswered = GaugeMetricFamily(
+            "monedge_worker_scrape_failures",
+            "Running workers whose metrics this scrape could not read.",
+        )
+        unanswered.add_metric([], self._unanswered)
+        yield unanswered
+
+
+class GroupMetrics(_GroupLeaf):
+    """
+    C{/metrics} for a group: the workers' metrics merged (see
+    L{mergeExpositions}), and the group's own.
+    """
+
+    def build(self, request: Request) -> Deferred[bytes]:
+        def merge(answers: list[tuple[Worker, tuple[int, bytes] | None]]) -> bytes:
+            texts = [
+                answer[1].decode("utf-8")
+                for _, answer in answers
+                if answer is not None and answer[0] == 200
+            ]
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(StaticCollector(mergeExpositions(texts)))
+            registry.register(GroupCollector(self._group, len(answers) - len(texts)))
+            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+            return generate_latest(registry)
+
+        return self._ask("/metrics").addCallback(merge)
+
+
+class GroupRoutes(_GroupLeaf):
+    """
+    C{/routes} for a group: the first running worker's table (they share
+    one configuration), and every worker's state.
+    """
+
+    def build(self, request: Request) -> Deferred[bytes]:
+        def pick(answers: list[tuple[Worker, tuple[int, bytes] | None]]) -> bytes:
+            workers = [worker.asJSON() for worker in self._group.workers]
+            for worker, answer in answers:
+                if answer is not None and answer[0] == 200:
+                    document = json.loads(answer[1])
+                    document["workers"] = workers
+                    document["answered_by"] = worker.number
+                    return _json(request, 200, document)
+            return _json(
+                request,
+                503,
+                {"error": "no worker answered", "workers": workers},
+            )
+
+        return self._ask("/routes").addCallback(pick)
+
+
+class GroupHealth(_Leaf):
+    """
+    C{/healthz} for a group: the supervisor lives.
+    """
+
+    def __init__(self, group: WorkerGroup) -> None:
+        super().__init__()
+        self._group = group
+
+    def render_GET(self, request: Request) -> bytes:
+        document = {
+            "status": "ok",
+            "workers": len(self._group.workers),
+            "workers_alive": self._group.alive(),
+        }
+        return _json(request, 200, document)
+
+
+def groupAdminSite(group: WorkerGroup, fetch: Fetch, reactor: Any) -> Site:
+    """
+    The admin site of a C{--workers} group, answering for every worker.
+
+    @param fetch: GETs a path from a worker's own admin site.
+    """
+    root = AdminRoot()
+    root.putChild(b"healthz", GroupHealth(group))
+    root.putChild(b"readyz", GroupReady(group, fetch))
+    root.putChild(b"metrics", GroupMetrics(group, fetch))
+    root.putChild(b"routes", GroupRoutes(group, fetch))
     site = Site(root, reactor=reactor)
     site.displayTracebacks = False
     site.log = lambda request: None  # type: ignore[method-assign]

@@ -9,11 +9,12 @@ per request.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -183,3 +184,58 @@ class Metrics:
         C{clock}, by default the wall clock, as the reactor's is).
         """
         self.registry.register(_RegistryCollector(registry, clock or time.time))
+
+
+#: Gauges that describe shared state rather than a share of the work: a
+#: group reports the largest worker's value instead of the sum.
+GROUP_MAX_GAUGES = frozenset(
+    {"monedge_registry_services", "monedge_registry_last_sync_age_seconds"}
+)
+
+
+def mergeExpositions(texts: Sequence[str]) -> list[Metric]:
+    """
+    Merge several processes' Prometheus text expositions into one group's.
+
+    Counters, histograms and gauges are summed per label set, except the
+    gauges in L{GROUP_MAX_GAUGES} (the largest value wins) and C{_created}
+    timestamps (the earliest wins).
+    """
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
+                values[family.name] = {}
+            samples = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                previous = samples.get(key)
+                if previous is None:
+                    samples[key] = sample.value
+                elif sample.name.endswith("_created"):
+                    samples[key] = min(previous, sample.value)
+                elif family.name in GROUP_MAX_GAUGES:
+                    samples[key] = max(previous, sample.value)
+                else:
+                    samples[key] = previous + sample.value
+    for name, merged in families.items():
+        for (sampleName, labels), value in values[name].items():
+            merged.add_sample(sampleName, dict(labels), value)
+    return list(families.values())
+
+
+class StaticCollector(Collector):
+    """
+    Yields metric families built elsewhere (a group's merged metrics).
+    """
+
+    def __init__(self, families: Sequence[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families

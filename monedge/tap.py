@@ -8,9 +8,12 @@ build.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
-from collections.abc import Callable
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
@@ -20,7 +23,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from monedge.accesslog import AccessLog
-from monedge.admin import adminSite
+from monedge.admin import adminSite, groupAdminSite
 from monedge.balancer import Balancer
 from monedge.client import FastUpstreamClient
 from monedge.convention import HostTiers
@@ -35,6 +38,16 @@ from monedge.registry.static import RegistryFileError, StaticRegistry
 from monedge.resource import RootResource
 from monedge.server import Limits, ProxySite
 from monedge.upstream import DEFAULT_MAX_PER_HOST, DEFAULT_POOL_IDLE, UpstreamClient
+from monedge.workers import (
+    ADOPTABLE,
+    AdoptedListener,
+    OrphanWatch,
+    WorkerAdminClient,
+    WorkerGroup,
+    listenerKind,
+    parseInherited,
+    twistdCommand,
+)
 
 #: The listen backlog for a bare port number: large enough for bursts.
 BACKLOG = 1024
@@ -212,6 +225,16 @@ class Options(usage.Options):
             "5s",
             "How long a hook may take (500 hook_failed beyond).",
         ],
+        [
+            "workers",
+            None,
+            "1",
+            "Proxy processes sharing the listeners (one per core), supervised by"
+            " this one; 'auto' for one per usable CPU.",
+        ],
+        ["worker-id", None, None, "Internal: set by --workers for each worker."],
+        ["worker-parent", None, None, "Internal: set by --workers."],
+        ["worker-admin", None, None, "Internal: set by --workers."],
     ]
 
     def __init__(self) -> None:
@@ -220,6 +243,20 @@ class Options(usage.Options):
         self["host-tier"] = []
         self["namespace"] = []
         self["hook"] = []
+        self["worker-fd"] = []
+        self.rawArgs: list[str] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        # Workers are started with the same options, so keep them.
+        self.rawArgs = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
+
+    def opt_worker_fd(self, value: str) -> None:
+        """Internal: an inherited listening socket, FD:FAMILY, set by --workers."""
+        try:
+            self["worker-fd"].append(parseInherited(value))
+        except ValueError as e:
+            raise usage.UsageError(f"--worker-fd: {e}") from None
 
     def opt_hook(self, spec: str) -> None:
         """A global hook: NAME, or YAML/JSON {name: NAME, options: {...}}. Repeatable."""
@@ -286,6 +323,7 @@ class Options(usage.Options):
                 f"--upstream-client: expected fast or agent, got {self['upstream-client']!r}"
             )
         self["hook-timeout"] = _duration("hook-timeout", self["hook-timeout"])
+        self._workerOptions()
         specs = list(self["hook"])
         if self["hooks"]:
             try:
@@ -325,6 +363,34 @@ class Options(usage.Options):
             observe=metrics.observeHook,
         )
         checkHooks(hooks, registry)
+
+    def _workerOptions(self) -> None:
+        workers = self["workers"]
+        if workers == "auto":
+            self["workers"] = len(os.sched_getaffinity(0))
+        else:
+            self["workers"] = _positive("workers", workers, int)
+            if self["workers"] == 0:
+                raise usage.UsageError("--workers: must be at least 1")
+        if self["worker-id"] is not None:
+            # A worker of a group: it adopts its supervisor's sockets.
+            if not self["worker-fd"] or self["worker-admin"] is None:
+                raise usage.UsageError(
+                    "--worker-id: also needs --worker-fd and --worker-admin"
+                )
+            self["worker-id"] = _positive("worker-id", self["worker-id"], int)
+            self["worker-parent"] = _positive(
+                "worker-parent", self["worker-parent"] or "0", int
+            )
+            self["workers"] = 1
+            return
+        if self["workers"] > 1:
+            for description in [self["port"], *self["listen"]]:
+                if listenerKind(description) not in ADOPTABLE:
+                    raise usage.UsageError(
+                        f"--workers: cannot share the listener {description!r};"
+                        f" with --workers, listeners must be {', '.join(ADOPTABLE)}"
+                    )
 
     def _registry(self, spec: str) -> IServiceRegistry:
         kind, sep, argument = spec.partition(":")
@@ -431,12 +497,15 @@ def raiseFileLimit() -> tuple[int, int]:
 
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
-    Build the proxy from parsed options.
+    Build the proxy from parsed options: one proxy process, or with
+    C{--workers N} a supervisor of N of them.
     """
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    if options["workers"] > 1:
+        return makeGroup(options, reactor)
     registry: IServiceRegistry = options["registry-object"]
     hostTiers: HostTiers = options["host-tiers"]
     raiseFileLimit()
@@ -485,10 +554,19 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     reload = getattr(registry, "reload", None)
     if reload is not None:
         ReloadOnHangup(reload, reactor).setServiceParent(top)
-    for description in [options["port"], *options["listen"]]:
-        top.addListener(
-            StreamServerEndpointService(serverFromString(reactor, description), site)
-        )
+    if options["worker-id"] is not None:
+        for fd, family in options["worker-fd"]:
+            top.addListener(AdoptedListener(reactor, fd, family, site))
+        OrphanWatch(reactor, options["worker-parent"]).setServiceParent(top)
+        adminPort = options["worker-admin"]
+    else:
+        for description in [options["port"], *options["listen"]]:
+            top.addListener(
+                StreamServerEndpointService(
+                    serverFromString(reactor, description), site
+                )
+            )
+        adminPort = options["admin-port"]
     admin = adminSite(
         top.readiness,
         metrics,
@@ -499,6 +577,28 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         options["hook-specs"],
     )
     StreamServerEndpointService(
-        serverFromString(reactor, options["admin-port"]), admin
+        serverFromString(reactor, adminPort), admin
     ).setServiceParent(top)
     return top
+
+
+def makeGroup(options: Options, reactor: Any) -> IService:
+    """
+    The C{--workers N} supervisor: it binds the listeners, runs N workers
+    with this process's options, and serves the group's admin site.
+    """
+    raiseFileLimit()
+    group = WorkerGroup(
+        reactor,
+        options["workers"],
+        [options["port"], *options["listen"]],
+        twistdCommand(options.rawArgs),
+        tempfile.mkdtemp(prefix="monedge-workers-"),
+        drainDelay=options["drain-delay"],
+        drainTimeout=options["drain-timeout"],
+    )
+    admin = groupAdminSite(group, WorkerAdminClient(reactor, group).fetch, reactor)
+    StreamServerEndpointService(
+        serverFromString(reactor, options["admin-port"]), admin
+    ).setServiceParent(group)
+    return group

@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "server": 4,
     "admin": 5,
     "lifecycle": 5,
+    "workers": 5,
     "tap": 6,
 }
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import yaml
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 import tests
 from monedge import paths, proxy
 from monedge.accesslog import AccessLog
-from monedge.admin import Routes, adminSite
+from monedge.admin import GroupCollector, Routes, adminSite
 from monedge.balancer import Balancer
 from monedge.convention import HostTiers, kubernetesName, serviceFromKubernetesName
 from monedge.errors import CATALOGUE, ErrorResource, errorBody, rawErrorResponse
@@ -67,6 +67,7 @@ from monedge.server import CLIENT_CLOSED, Limits, ProxyChannel, ProxyRequest, Pr
 from monedge.tap import Options, checkHooks
 from monedge.testing import FakeUpstreamClient, MemoryRegistry
 from monedge.upstream import DEFAULT_POOL_IDLE, UpstreamClient
+from monedge.workers import WorkerGroup
 
 #: The repository root: the parent of the tests package.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tests.__file__)))
@@ -683,7 +684,9 @@ class ConfigurationDocTests(SynchronousTestCase):
             for attribute in vars(Options)
             if attribute.startswith("opt_")
         ]
-        self.assertEqual(sorted(methods), ["hook", "host-tier", "listen", "namespace"])
+        self.assertEqual(
+            sorted(methods), ["hook", "host-tier", "listen", "namespace", "worker-fd"]
+        )
         for name in methods:
             self.assertIn(f"--{name}", text)
             self.assertEqual(rows.pop(f"--{name}")["Default"], "none")
@@ -915,6 +918,37 @@ class ConfigurationDocTests(SynchronousTestCase):
         exposition = generate_latest(metrics.registry).decode("utf-8")
         exposed = {line.split("{")[0].split(" ")[0] for line in exposition.splitlines()}
         rows = table(readDoc("configuration.md"), "metrics")
+        documented = {
+            span(row["Metric"]): (row["Type"], set(spans(row["Labels"])))
+            for row in rows
+        }
+        self.assertEqual(documented, families)
+        for row in rows:
+            for name in spans(row["Exposed as"]):
+                self.assertIn(name, exposed)
+
+    def test_groupMetrics(self) -> None:
+        """
+        The group-metrics table lists exactly the families a --workers
+        supervisor adds to the merged metrics, with types and labels, and
+        each exposed name appears in its exposition.
+        """
+        group = WorkerGroup(
+            MemoryReactorClock(), 2, [], lambda *_: [], self.mktemp(), 0, 0
+        )
+        collector = GroupCollector(group, 0)
+        families = {
+            family.name: (
+                family.type,
+                {label for s in family.samples for label in s.labels},
+            )
+            for family in collector.collect()
+        }
+        registry = CollectorRegistry()
+        registry.register(collector)
+        exposition = generate_latest(registry).decode("utf-8")
+        exposed = {line.split("{")[0].split(" ")[0] for line in exposition.splitlines()}
+        rows = table(readDoc("configuration.md"), "group-metrics")
         documented = {
             span(row["Metric"]): (row["Type"], set(spans(row["Labels"])))
             for row in rows
