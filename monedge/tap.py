@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
+from OpenSSL import SSL
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, Service
 from twisted.internet.endpoints import serverFromString
@@ -73,7 +74,7 @@ def _checkEndpoint(option: str, description: str) -> None:
 
     try:
         serverFromString(reactor, description)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OSError, SSL.Error) as e:
         raise usage.UsageError(
             f"--{option}: invalid endpoint {description!r}: {e}"
         ) from None
@@ -374,13 +375,18 @@ class Options(usage.Options):
                 raise usage.UsageError("--workers: must be at least 1")
         if self["worker-id"] is not None:
             # A worker of a group: it adopts its supervisor's sockets.
-            if not self["worker-fd"] or self["worker-admin"] is None:
+            if (
+                not self["worker-fd"]
+                or self["worker-admin"] is None
+                or self["worker-parent"] is None
+            ):
                 raise usage.UsageError(
-                    "--worker-id: also needs --worker-fd and --worker-admin"
+                    "--worker-id: also needs --worker-fd, --worker-admin and"
+                    " --worker-parent"
                 )
             self["worker-id"] = _positive("worker-id", self["worker-id"], int)
             self["worker-parent"] = _positive(
-                "worker-parent", self["worker-parent"] or "0", int
+                "worker-parent", self["worker-parent"], int
             )
             self["workers"] = 1
             return

@@ -35,6 +35,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import UNIXClientEndpoint, serverFromString
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -293,6 +294,7 @@ class WorkerGroup(MultiService):
         self.draining = False
         self._youngExits = 0
         self._restartCalls: dict[int, Any] = {}
+        self._devnullFd: int | None = None
 
     def adminEndpoint(self, worker: Worker) -> str:
         """
@@ -325,18 +327,27 @@ class WorkerGroup(MultiService):
     def startService(self) -> None:
         if not self.ports:
             self._bind()
+        self.draining = False
         super().startService()
         for worker in self.workers:
             self._spawn(worker)
 
     def _inherited(self) -> tuple[list[str], dict[int, Any]]:
         values = []
-        childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        # Workers share this process's stdout and stderr. Their stdin is
+        # /dev/null, not a pipe: a pipe would delay processEnded (and so the
+        # restart) for as long as anything the worker started held it.
+        childFDs: dict[int, Any] = {0: self._devnull(), 1: 1, 2: 2}
         for offset, port in enumerate(self.ports):
             fd = FIRST_FD + offset
             childFDs[fd] = port.fileno()  # type: ignore[attr-defined]
             values.append(f"{fd}:{familyName(port)}")
         return values, childFDs
+
+    def _devnull(self) -> int:
+        if self._devnullFd is None:
+            self._devnullFd = os.open(os.devnull, os.O_RDONLY)
+        return self._devnullFd
 
     def _spawn(self, worker: Worker) -> None:
         self._restartCalls.pop(worker.number, None)
@@ -415,7 +426,7 @@ class WorkerGroup(MultiService):
             if worker.transport is not None:
                 try:
                     worker.transport.signalProcess(number)
-                except OSError:
+                except (OSError, ProcessExitedAlready):
                     # Already gone; processEnded will follow.
                     pass
 
@@ -447,6 +458,9 @@ class WorkerGroup(MultiService):
             self._closePorts()
             self._log.info("all workers stopped")
             shutil.rmtree(self.runtimeDirectory, ignore_errors=True)
+            if self._devnullFd is not None:
+                os.close(self._devnullFd)
+                self._devnullFd = None
             stopped: Deferred[None] | None = MultiService.stopService(self)
             return stopped
 
