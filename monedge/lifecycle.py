@@ -128,6 +128,7 @@ class ProxyService(MultiService):
         return idle.addBoth(done)
 
     def _stopRest(self) -> Deferred[Any]:
+        self.site.accessLog.flush()
         stopped = MultiService.stopService(self)
         closing = [stopped, self.client.close()]
         if self.hooks is not None:

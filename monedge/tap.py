@@ -542,7 +542,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         root,
         reactor=reactor,
         metrics=metrics,
-        accessLog=AccessLog.fromOption(options["access-log"]),
+        accessLog=AccessLog.fromOption(options["access-log"], reactor),
         trustedHops=options["trusted-hops"],
         limits=limits,
     )

@@ -641,6 +641,7 @@ class _DrainingSite:
         self.inFlight = 1
         self.idleClosed = 0
         self.idle: Deferred[None] = Deferred()
+        self.accessLog = AccessLog(None)
 
     def startDraining(self) -> None:
         self.draining = True
