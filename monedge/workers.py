@@ -100,6 +100,26 @@ def parseInherited(value: str) -> tuple[int, int]:
     return int(fd), _FAMILIES[family]
 
 
+def acceptOneAtATime(port: Any) -> None:
+    """
+    Make a listening port accept one connection each time it is readable,
+    as nginx's C{multi_accept off} does.
+
+    Twisted's ports accept up to 100 connections (and more, adaptively) per
+    readiness event. Workers sharing one socket are all woken by a burst of
+    new connections, and the first awake would take the whole burst; one
+    at a time, they take turns, and the connections spread over the
+    workers.
+    """
+    doRead = port.doRead
+
+    def fairDoRead() -> None:
+        port.numberAccepts = 1
+        doRead()
+
+    port.doRead = fairDoRead
+
+
 class AdoptedListener(Service):
     """
     Listens on an inherited listening socket (in a worker).
@@ -114,9 +134,10 @@ class AdoptedListener(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._port = self._reactor.adoptStreamPort(
+        self._port = port = self._reactor.adoptStreamPort(
             self._fd, self._family, self._factory
         )
+        acceptOneAtATime(port)
         # adoptStreamPort works on its own duplicate of the descriptor.
         os.close(self._fd)
 

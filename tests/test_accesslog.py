@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from monedge.accesslog import AccessLog, _Clock, formatRecord
@@ -210,18 +210,16 @@ class WriteTests(SynchronousTestCase):
         reaches the request path as an exception; it is logged at most
         once a minute.
         """
-        events: list[LogEvent] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         clock = Clock()
         log = AccessLog(_Broken(), clock)
         clock.advance(100)
-        for _ in range(3):
-            log._emit("a\n")
+        with capturedLogs() as events:
+            for _ in range(3):
+                log._emit("a\n")
+                clock.advance(0)
+            clock.advance(61)
+            log._emit("b\n")
             clock.advance(0)
-        clock.advance(61)
-        log._emit("b\n")
-        clock.advance(0)
         errors = [e for e in events if "access log" in e.get("log_format", "")]
         self.assertEqual(len(errors), 2)
         self.assertEqual(log._pending, [])

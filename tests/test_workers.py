@@ -760,6 +760,12 @@ class FakeAdoptedPort:
 
     def __init__(self) -> None:
         self.stopping: list[Deferred[None]] = []
+        self.numberAccepts = 100
+        self.reads: list[int] = []
+
+    def doRead(self) -> None:
+        self.reads.append(self.numberAccepts)
+        self.numberAccepts += 20
 
     def stopListening(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -817,6 +823,22 @@ class AdoptedListenerTests(SynchronousTestCase):
         listener.startService()
         self.assertEqual(reactor.adopted, [(fd, socket.AF_INET, factory)])
         self.assertRaises(OSError, os.fstat, fd)
+
+    def test_acceptsOneAtATime(self) -> None:
+        """
+        The adopted port accepts one connection per readiness event,
+        whatever its own accounting raised the batch to, so that workers
+        sharing the socket take turns.
+        """
+        reactor = FakeAdoptingReactor()
+        listener = AdoptedListener(
+            reactor, self.openDescriptor(), socket.AF_INET, Factory()
+        )
+        listener.startService()
+        port = reactor.ports[0]
+        port.doRead()
+        port.doRead()
+        self.assertEqual(port.reads, [1, 1])
 
     def test_stopStopsListening(self) -> None:
         """
