@@ -267,10 +267,28 @@ class ProxyChannel(HTTPChannel):
         self._deadlineAt: float | None = None
         self._lingering: IDelayedCall | None = None
         self._refused = False
+        self._host: Any = None
+        self._secure: bool | None = None
 
     @property
     def limits(self) -> Limits:
         return self.site.limits
+
+    # A connection's local address and security do not change: each request
+    # asked the transport again (a getsockname system call, an interface
+    # adaptation).
+
+    def getHost(self) -> Any:
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
+
+    def isSecure(self) -> bool:
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = super().isSecure()
+        return secure
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = max(self.limits.maxRequestLine, self.limits.maxHeaderLine)
