@@ -29,6 +29,7 @@ import httptools
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
+    IHalfCloseableProtocol,
     IPushProducer,
 )
 from twisted.internet.protocol import Factory, Protocol
@@ -41,7 +42,7 @@ from zope.interface import implementer
 
 from monedge.endpoints import EndpointCache
 from monedge.headers import canonicalName
-from monedge.interfaces import IUpstreamClient
+from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
 
 #: Response headers that frame the connection, not the entity: kept out of
 #: C{response.headers}, as Twisted's client does.
@@ -277,9 +278,15 @@ class _Connection(Protocol):
         response = self._response = _Response(self, code, headers, length, connection)
         if self._head or code in (204, 304, 101):
             self._complete = True
+        self._completeResponse(response)
         result, self._result = self._result, None
         if result is not None:
             result.callback(response)
+
+    def _completeResponse(self, response: _Response) -> None:
+        """
+        Add to a response before it is delivered (nothing, here).
+        """
 
     def on_body(self, body: bytes) -> None:
         protocol = self._protocol
@@ -404,18 +411,114 @@ class _Connection(Protocol):
             self._fail(ResponseFailed([reason]))
 
 
+@implementer(IHalfCloseableProtocol)
+class _UpgradeConnection(_Connection):
+    """
+    A connection of its own for a request that asks to switch protocols.
+    It is never pooled. If the answer is a 101, the response's
+    C{monedgeTakeOver} hands the connection's bytes to a tunnel.
+    """
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._leftover = b""
+        self._side: Any = None
+
+    def _completeResponse(self, response: _Response) -> None:
+        self._keepAlive = False
+        if response.code != 101:
+            return
+        # A 101 is checked on its Upgrade and Connection headers, which the
+        # response's headers leave out: keep them all.
+        handshake = Headers()
+        for name, value in self._headers:
+            handshake.addRawHeader(name, value)
+        response.monedgeHandshake = handshake  # type: ignore[attr-defined]
+        response.monedgeTakeOver = self.takeOver  # type: ignore[attr-defined]
+
+    def takeOver(self, side: Any) -> tuple[Any, bytes]:
+        """
+        From now on every byte and close goes to C{side} (a
+        L{monedge.tunnel.TunnelSide}).
+
+        @return: the connection's transport, and the bytes that came after
+            the 101's head.
+        """
+        self._side = side
+        self._parser = None
+        leftover, self._leftover = self._leftover, b""
+        return self.transport, leftover
+
+    def dataReceived(self, data: bytes) -> None:
+        side = self._side
+        if side is not None:
+            side.received(data)
+            return
+        if self._response is not None and self._response.code == 101:
+            # After the 101, before the tunnel takes over.
+            self._leftover += data
+            return
+        self._received = True
+        parser = self._parser
+        if parser is None:
+            self.abort()
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            rest = data[e.args[0] :]
+            side = self._side
+            if side is not None:
+                # The tunnel took over while the 101 was being parsed
+                # (its head came in this very read): these bytes follow it.
+                if rest:
+                    side.received(rest)
+            else:
+                self._leftover += rest
+        except httptools.HttpParserError as e:
+            self._fail(ResponseFailed([Failure(UpstreamProtocolError(str(e)))]))
+            self.abort()
+
+    def readConnectionLost(self) -> None:
+        side = self._side
+        if side is not None:
+            side.readClosed()
+            return
+        transport = self.transport
+        if transport is not None:
+            transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
+        side = self._side
+        if side is not None:
+            self._client._forget(self)
+            self.transport = None
+            side.lost(reason)
+            return
+        super().connectionLost(reason)
+
+
 class _ConnectionFactory(Factory):
     noisy = False
 
-    def __init__(self, client: FastUpstreamClient, key: Key) -> None:
+    def __init__(
+        self,
+        client: FastUpstreamClient,
+        key: Key,
+        protocol: type[_Connection] = _Connection,
+    ) -> None:
         self._client = client
         self._key = key
+        self._protocol = protocol
 
     def buildProtocol(self, addr: Any) -> _Connection:
-        return _Connection(self._client, self._key)
+        return self._protocol(self._client, self._key)
 
 
-@implementer(IUpstreamClient)
+@implementer(IUpstreamClient, IUpstreamUpgrader)
 class FastUpstreamClient:
     """
     Sends requests upstream over one persistent pool of L{_Connection}s.
@@ -493,6 +596,17 @@ class FastUpstreamClient:
         failure.trap(StaleConnection)
         return self._connectAndSend(key, method, target, headers, None, connectTimeout)
 
+    def upgrade(
+        self, url: bytes, headers: Headers, connectTimeout: float
+    ) -> Deferred[IResponse]:
+        scheme, host, port, target = parseURL(url)
+        key = (scheme, host, port)
+        if not headers.hasHeader(b"host"):
+            headers.setRawHeaders(b"host", [url.split(b"/")[2]])
+        return self._connectAndSend(
+            key, b"GET", target, headers, None, connectTimeout, _UpgradeConnection
+        )
+
     def _connectAndSend(
         self,
         key: Key,
@@ -501,9 +615,10 @@ class FastUpstreamClient:
         headers: Headers,
         body: IBodyProducer | None,
         connectTimeout: float,
+        protocol: type[_Connection] = _Connection,
     ) -> Deferred[IResponse]:
         connecting = self._endpoints.get(*key, connectTimeout).connect(
-            _ConnectionFactory(self, key)
+            _ConnectionFactory(self, key, protocol)
         )
         sending: list[Deferred[IResponse]] = []
 

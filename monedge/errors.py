@@ -30,12 +30,14 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "path_control_character": (400, "the path has a NUL or control character"),
     "path_invalid_utf8": (400, "the path is not valid UTF-8"),
     "path_double_encoding": (400, "the path has a doubly encoded separator or dot"),
+    "bad_upgrade": (400, "the WebSocket handshake is malformed"),
     "route_not_found": (404, "no service serves this path"),
     "unknown_host": (404, "this host serves no services"),
     "method_not_allowed": (405, "this method is not proxied"),
     "request_timeout": (408, "the request headers did not arrive in time"),
     "body_too_large": (413, "the request body is larger than this service accepts"),
     "uri_too_long": (414, "the request line is too long"),
+    "websocket_version": (426, "only WebSocket version 13 is supported"),
     "headers_too_large": (431, "the request headers are too large or too many"),
     "unauthorized": (401, "the request lacks valid credentials"),
     "forbidden": (403, "the request is not allowed"),
@@ -124,6 +126,9 @@ def renderError(request: Request, error: ProxyError, requestId: bytes) -> bytes:
     headers.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
     headers.setRawHeaders(b"cache-control", [b"no-store"])
     headers.setRawHeaders(b"x-request-id", [requestId])
+    if error.code == "websocket_version":
+        # RFC 6455 section 4.4: say which version would do.
+        headers.setRawHeaders(b"sec-websocket-version", [b"13"])
     if hasattr(request, "errorCode"):
         request.errorCode = error.code
     return body

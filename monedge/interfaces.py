@@ -101,6 +101,29 @@ class IUpstreamClient(Interface):
         """
 
 
+class IUpstreamUpgrader(Interface):
+    """
+    Sends requests that ask to switch protocols (WebSocket), each on a
+    connection of its own.
+    """
+
+    def upgrade(
+        url: bytes, headers: Headers, connectTimeout: float
+    ) -> Deferred[IResponse]:
+        """
+        Send a C{GET} to C{url} with C{headers} (which carry the C{Upgrade}
+        request) on a new connection.
+
+        @return: a L{Deferred} that fires with the response once its
+            headers arrive. A 101 response also has C{monedgeHandshake},
+            all its headers (C{Upgrade} and C{Connection} included), and
+            C{monedgeTakeOver(side)}, which hands the connection to a
+            L{monedge.tunnel.TunnelSide} and returns the connection's
+            transport and any bytes that followed the 101. Any other response is an ordinary one, and
+            its connection is never reused.
+        """
+
+
 class IHookRequest(Interface):
     """
     What a hook sees of a request: a small, stable view, not twisted.web's

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from monedge.hooks import HookSet
 from monedge.interfaces import IServiceRegistry, IUpstreamClient
 from monedge.server import ProxySite
+from monedge.tunnel import TunnelSet
 
 
 class ProxyService(MultiService):
@@ -45,6 +46,7 @@ class ProxyService(MultiService):
         drainDelay: float = 5.0,
         drainTimeout: float = 25.0,
         hooks: HookSet | None = None,
+        tunnels: TunnelSet | None = None,
     ) -> None:
         super().__init__()
         self.site = site
@@ -54,6 +56,7 @@ class ProxyService(MultiService):
         self.drainDelay = drainDelay
         self.drainTimeout = drainTimeout
         self.hooks = hooks
+        self.tunnels = tunnels
         self.listeners = MultiService()
         self.draining = False
 
@@ -128,6 +131,12 @@ class ProxyService(MultiService):
         return idle.addBoth(done)
 
     def _stopRest(self) -> Deferred[Any]:
+        if self.tunnels is not None and self.tunnels.open:
+            # Tunnels (WebSockets) count as requests in flight: those still
+            # open after the drain timeout are closed now.
+            self._log.info(
+                "closing {count} open tunnels", count=self.tunnels.closeAll()
+            )
         self.site.accessLog.flush()
         stopped = MultiService.stopService(self)
         closing = [stopped, self.client.close()]

@@ -113,6 +113,12 @@ class ServiceMetrics:
         """
         self._metrics.upstreamErrors.labels(kind).inc()
 
+    def tunnelOpened(self) -> None:
+        """
+        Count an upgraded connection that became a tunnel.
+        """
+        self._metrics.tunnelsOpened.labels(self._service).inc()
+
 
 class Metrics:
     """
@@ -156,6 +162,17 @@ class Metrics:
             "Time each hook took, by hook.",
             ["hook"],
             buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.tunnelsOpen = Gauge(
+            "monedge_tunnels_open",
+            "Upgraded (WebSocket) connections open now.",
+            registry=self.registry,
+        )
+        self.tunnelsOpened = Counter(
+            "monedge_tunnels_opened",
+            "Upgraded (WebSocket) connections opened, by service.",
+            ["service"],
             registry=self.registry,
         )
         self._services: dict[str, ServiceMetrics] = {}

@@ -193,6 +193,8 @@ class Policy:
     @ivar maxBodySize: the largest request body accepted, in bytes.
     @ivar expose: whether the service is reachable at all.
     @ivar hooks: the service's own hooks, run after the global ones.
+    @ivar tunnelIdleTimeout: seconds an upgraded (WebSocket) connection may
+        carry no byte in either direction.
     """
 
     connectTimeout: float = 5.0
@@ -202,6 +204,7 @@ class Policy:
     maxBodySize: int = 10 * MIB
     expose: bool = True
     hooks: tuple[HookSpec, ...] = ()
+    tunnelIdleTimeout: float = 3600.0
 
     def asJSON(self) -> dict[str, Any]:
         """
@@ -221,6 +224,7 @@ POLICY_KEYS: dict[str, tuple[str, Any]] = {
     "max-body-size": ("maxBodySize", parseSize),
     "expose": ("expose", parseBool),
     "hooks": ("hooks", parseHooks),
+    "tunnel-idle-timeout": ("tunnelIdleTimeout", parseDuration),
 }
 
 DEFAULT_POLICY = Policy()

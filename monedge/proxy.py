@@ -13,7 +13,7 @@ used).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError
@@ -32,12 +32,14 @@ from monedge.balancer import Balancer, EndpointState
 from monedge.errors import ProxyError, errorBody, renderError
 from monedge.headers import downstreamHeaders
 from monedge.hooks import HookFailed, HookResponse, HookResponseHead, HookSet
-from monedge.interfaces import IUpstreamClient
+from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
+from monedge.tunnel import Tunnel, TunnelSet
+from monedge.upgrade import isWebSocketAccept
 
 if TYPE_CHECKING:
     from monedge.metrics import ServiceMetrics
     from monedge.policy import Policy
-    from monedge.server import ProxyRequest
+    from monedge.server import ProxyChannel, ProxyRequest
 
 
 class ProxyContext:
@@ -52,11 +54,16 @@ class ProxyContext:
         balancer: Balancer,
         clock: IReactorTime,
         hooks: HookSet | None = None,
+        upgrader: IUpstreamUpgrader | None = None,
+        tunnels: TunnelSet | None = None,
     ) -> None:
         self.client = client
         self.balancer = balancer
         self.clock = clock
         self.hooks = hooks
+        #: Sends WebSocket handshakes; None refuses them (502).
+        self.upgrader = upgrader
+        self.tunnels = tunnels if tunnels is not None else TunnelSet()
 
 
 _DONE = Failure(ResponseDone())
@@ -165,10 +172,13 @@ class ProxyExchange:
         self._timeoutCall: IDelayedCall | None = None
         self._timedOut = False
         self._relay: _BodyRelay | None = None
+        self._tunnel: Tunnel | None = None
         self._clientGone = False
         self._sentAt = 0.0
         #: Runs the response hooks on the response's head, if there are any.
         self.responseHooks: Callable[[HookResponseHead], Deferred[None]] | None = None
+        #: The Sec-WebSocket-Key of a WebSocket handshake, else None.
+        self.upgradeKey: bytes | None = None
 
     def start(self) -> None:
         """
@@ -196,13 +206,19 @@ class ProxyExchange:
         self.request.endpoint = state.endpoint.authority
         clock = self.context.clock
         self._sentAt = clock.seconds()
-        d = self.context.client.request(
-            self.request.method,
-            state.base + self._target,
-            self._headers,
-            self._body(),
-            self._policy.connectTimeout,
-        )
+        upgrader = self.context.upgrader
+        if self.upgradeKey is not None and upgrader is not None:
+            d = upgrader.upgrade(
+                state.base + self._target, self._headers, self._policy.connectTimeout
+            )
+        else:
+            d = self.context.client.request(
+                self.request.method,
+                state.base + self._target,
+                self._headers,
+                self._body(),
+                self._policy.connectTimeout,
+            )
         self._pending = d
         self._timeoutCall = clock.callLater(self._policy.timeout, self._headersTimedOut)
         d.addCallbacks(self._gotResponse, self._failed, errbackArgs=(state, canRetry))
@@ -243,10 +259,14 @@ class ProxyExchange:
             response.deliverBody(_Discard())
             self._release()
             return
+        if response.code == 101 and self.upgradeKey is not None:
+            self._cancelTimeout()
+            self._switch(response)
+            return
         if response.code < 200:
-            # monedge strips Upgrade and answers Expect itself, so an
-            # interim or 101 answer here is an upstream error, never the
-            # start of a tunnel.
+            # monedge answers Expect itself and strips every Upgrade but a
+            # checked WebSocket handshake's, so an interim or unasked-for
+            # 101 answer here is an upstream error, never a tunnel.
             response.deliverBody(_Discard())
             self._release()
             self._metrics.upstreamError("invalid_response")
@@ -280,6 +300,70 @@ class ProxyExchange:
                 self._responseHookFailed(response, failed[0])
                 return
         self._relayBody(response)
+
+    def _switch(self, response: IResponse) -> None:
+        """
+        The upstream answered a WebSocket handshake with 101: check it, send
+        the 101 on, and join the two connections in a tunnel.
+        """
+        key = self.upgradeKey
+        assert key is not None
+        takeOver = getattr(response, "monedgeTakeOver", None)
+        handshake = getattr(response, "monedgeHandshake", None)
+        if (
+            takeOver is None
+            or handshake is None
+            or not isWebSocketAccept(handshake, key)
+        ):
+            # Not a valid completion of this handshake: never a tunnel.
+            response.deliverBody(_Discard())
+            self._release()
+            self._metrics.upstreamError("invalid_response")
+            self._fail(
+                ProxyError(
+                    "upstream_reset", "the upstream sent an invalid WebSocket 101"
+                )
+            )
+            return
+        request = self.request
+        channel = cast("ProxyChannel", request.channel)
+        transport = channel.transport
+        assert transport is not None
+        out = Headers()
+        downstreamHeaders(
+            response.headers, getattr(response, "monedgeConnection", None), out
+        )
+        out.setRawHeaders(b"x-request-id", [request.requestId])
+        lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        lines.append(b"Upgrade: websocket\r\nConnection: Upgrade\r\n")
+        for name, values in out.getAllRawHeaders():
+            for value in values:
+                lines += [name, b": ", value, b"\r\n"]
+        lines.append(b"\r\n")
+        tunnels = self.context.tunnels
+        tunnel = Tunnel(
+            self.context.clock, self._policy.tunnelIdleTimeout, self._tunnelClosed
+        )
+        upstreamTransport, fromUpstream = takeOver(tunnel.upstream)
+        fromClient = channel.startTunnel(tunnel.client)
+        request.tunnelled = True
+        request.code = 101
+        request.startedWriting = True
+        transport.write(b"".join(lines))
+        tunnels.add(tunnel)
+        self._tunnel = tunnel
+        self._metrics.tunnelOpened()
+        tunnel.start(transport, upstreamTransport, fromClient, fromUpstream)
+
+    def _tunnelClosed(self, tunnel: Tunnel) -> None:
+        self.context.tunnels.remove(tunnel)
+        self._release()
+        request = self.request
+        request.bytesIn = tunnel.client.bytes
+        request.sentLength = tunnel.upstream.bytes
+        if tunnel.timedOut:
+            request.errorCode = "tunnel_idle_timeout"
+        request.tunnelDone()
 
     def _responseHookFailed(self, response: IResponse, failure: Failure) -> None:
         response.deliverBody(_Discard())

@@ -30,6 +30,7 @@ from monedge.metrics import Metrics, ServiceMetrics
 from monedge.paths import PathError, RoutedPath, normalise, splitAbsoluteForm
 from monedge.proxy import ProxyContext, ProxyExchange, writeHookResponse
 from monedge.registry import ServiceEntry
+from monedge.upgrade import checkWebSocketRequest, wantsWebSocket
 
 if TYPE_CHECKING:
     from monedge.server import ProxyRequest
@@ -96,6 +97,16 @@ class ServiceResource(Resource):
             )
         routed = request.routedPath
         assert routed is not None
+        upgradeKey = None
+        if wantsWebSocket(request.requestHeaders):
+            try:
+                if request.hasBody:
+                    raise ProxyError("bad_upgrade", "a WebSocket handshake has no body")
+                upgradeKey = checkWebSocketRequest(
+                    request.method, request.clientproto, request.requestHeaders
+                )
+            except ProxyError as e:
+                return renderError(request, e, request.requestId)
         policy = self.policy
         if policy.stripPrefix:
             target = routed.rest + routed.query
@@ -113,6 +124,10 @@ class ServiceResource(Resource):
             requestId=request.requestId,
             trustedHops=request.site.trustedHops,
         )
+        if upgradeKey is not None:
+            # The one upgrade monedge carries, on a connection of its own.
+            headers.setRawHeaders(b"connection", [b"Upgrade"])
+            headers.setRawHeaders(b"upgrade", [b"websocket"])
         exchange = ProxyExchange(
             request,
             self._context,
@@ -122,6 +137,7 @@ class ServiceResource(Resource):
             headers,
             target,
         )
+        exchange.upgradeKey = upgradeKey
         chain = self.hooks
         if chain is None:
             exchange.start()

@@ -16,18 +16,20 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
+from zope.interface import implementer
 
 from monedge.accesslog import AccessLog
 from monedge.errors import CATALOGUE, ProxyError, rawErrorResponse, renderError
 from monedge.headers import connectionTokens, newRequestId, requestIdFor
 from monedge.metrics import NO_SERVICE, Metrics
 from monedge.paths import RoutedPath
+from monedge.tunnel import TunnelSide
 
 #: The status logged for a request whose client went away first.
 CLIENT_CLOSED = 499
@@ -83,6 +85,8 @@ class ProxyRequest(server.Request):
         self._accounted = False
         self._inFlight = False
         self._requestId: bytes | None = None
+        #: Whether the connection became a tunnel (a WebSocket).
+        self.tunnelled = False
 
     @property
     def requestId(self) -> bytes:
@@ -225,8 +229,17 @@ class ProxyRequest(server.Request):
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
+        if self.tunnelled:
+            # Accounted for when the tunnel, both its connections, ends.
+            return
         if not self.finished:
             self._account(CLIENT_CLOSED if not self.errorCode else self.code)
+
+    def tunnelDone(self) -> None:
+        """
+        The tunnel this request opened has closed: log it, as a 101.
+        """
+        self._account(101)
 
     def _account(self, status: int) -> None:
         if self._accounted:
@@ -269,6 +282,8 @@ class ProxyChannel(HTTPChannel):
         self._refused = False
         self._host: Any = None
         self._secure: bool | None = None
+        #: Once the connection is a tunnel: where its bytes go.
+        self.tunnelSide: TunnelSide | None = None
 
     @property
     def limits(self) -> Limits:
@@ -296,7 +311,30 @@ class ProxyChannel(HTTPChannel):
         self.site.channels.add(self)
         self._startDeadline()
 
+    def startTunnel(self, side: TunnelSide) -> bytes:
+        """
+        Stop speaking HTTP: every byte from now on goes to C{side}, and
+        nothing here times the connection out any more (the tunnel has its
+        own idle timeout).
+
+        @return: the bytes that arrived after the request and were held.
+        """
+        self.tunnelSide = side
+        self.setTimeout(None)
+        self._cancelDeadline()
+        held = b"".join(self._dataBuffer)
+        self._dataBuffer = []
+        transport = self.transport
+        assert transport is not None
+        # The channel stops being the producer the connection pauses; the
+        # tunnel's other side becomes it.
+        transport.unregisterProducer()  # type: ignore[attr-defined]
+        return held
+
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        side = self.tunnelSide
+        if side is not None:
+            side.lost(reason)
         self._cancelDeadline()
         if self._lingering is not None and self._lingering.active():
             self._lingering.cancel()
@@ -347,6 +385,10 @@ class ProxyChannel(HTTPChannel):
         )
 
     def dataReceived(self, data: bytes) -> None:
+        side = self.tunnelSide
+        if side is not None:
+            side.received(data)
+            return
         if self._inRequestLine and not self._handlingRequest:
             self._startDeadline()
         super().dataReceived(data)
@@ -526,6 +568,28 @@ class ProxyChannel(HTTPChannel):
         return not self._handlingRequest and not self.requests and not self._buffer
 
 
+@implementer(IHalfCloseableProtocol)
+class _ProxyChannelProtocol(_GenericHTTPChannelProtocol):
+    """
+    The protocol on a client connection (Twisted's switch between HTTP/1.1
+    and HTTP/2), told of half-closes so that a tunnel can pass them on.
+    """
+
+    def readConnectionLost(self) -> None:
+        side = getattr(self._channel, "tunnelSide", None)
+        if side is not None:
+            side.readClosed()
+            return
+        # An HTTP client that stops sending has gone, as before half-closes
+        # were reported.
+        transport = self._channel.transport
+        if transport is not None:
+            transport.abortConnection()  # type: ignore[attr-defined]
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
 class ProxySite(server.Site):
     """
     The proxy's site: its resource is a L{monedge.resource.RootResource}.
@@ -562,7 +626,7 @@ class ProxySite(server.Site):
         metrics.inFlight.set_function(lambda: self.inFlight)
 
     def protocol(self) -> _GenericHTTPChannelProtocol:
-        return _GenericHTTPChannelProtocol(ProxyChannel())
+        return _ProxyChannelProtocol(ProxyChannel())
 
     def log(self, request: Any) -> None:
         """

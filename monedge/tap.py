@@ -38,6 +38,7 @@ from monedge.registry.kubernetes import KubernetesRegistry, apiClientFromConfig
 from monedge.registry.static import RegistryFileError, StaticRegistry
 from monedge.resource import RootResource
 from monedge.server import Limits, ProxySite
+from monedge.tunnel import TunnelSet
 from monedge.upstream import DEFAULT_MAX_PER_HOST, DEFAULT_POOL_IDLE, UpstreamClient
 from monedge.workers import (
     ADOPTABLE,
@@ -528,7 +529,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     hooks: HookSet = options["hook-set"]
     hooks.context.reactor = reactor
-    context = ProxyContext(client, balancer, reactor, hooks)
+    # WebSocket handshakes always go through monedge's own client, which
+    # can hand an upgraded connection to a tunnel (Agent cannot).
+    upgrader = (
+        client
+        if isinstance(client, FastUpstreamClient)
+        else FastUpstreamClient(reactor, maxPerHost=0)
+    )
+    tunnels = TunnelSet()
+    metrics.tunnelsOpen.set_function(lambda: len(tunnels.open))
+    context = ProxyContext(client, balancer, reactor, hooks, upgrader, tunnels)
     root = RootResource(registry, context, metrics, hostTiers)
     limits = Limits(
         maxRequestLine=options["max-request-line"],
@@ -554,6 +564,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         drainDelay=options["drain-delay"],
         drainTimeout=options["drain-timeout"],
         hooks=hooks,
+        tunnels=tunnels,
     )
     if IService.providedBy(registry):
         registry.setServiceParent(top)

@@ -60,15 +60,17 @@ class ProxyTestCase(TestCase):
         self,
         services: Mapping[str, Mapping[str, Any]],
         args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> ProxyProcess:
         """
-        Write the registry and start a proxy on it; stopped after the test.
+        Write the registry and start a proxy on it (with C{env} added to its
+        environment); stopped after the test.
         """
         self.writeServices(services)
         # Tests stop their proxy at once unless they test draining.
         quick = ["--drain-delay", "0s", "--drain-timeout", "10s"]
         proxy = ProxyProcess(
-            self.registryPath, self.directory, [*quick, *self.proxyArgs, *args]
+            self.registryPath, self.directory, [*quick, *self.proxyArgs, *args], env
         )
         self.addCleanup(proxy.stop)
         await proxy.start()

@@ -339,3 +339,141 @@ class ClientTests(SynchronousTestCase):
         protocol.dataReceived(b"b")
         self.request()
         self.assertEqual(transport.producerState, "producing")
+
+
+class Side:
+    """
+    A stand-in tunnel side that records what the upgraded connection
+    hands it.
+    """
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.readClosedCalls = 0
+        self.lostReasons: list[Failure | None] = []
+
+    def received(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def readClosed(self) -> None:
+        self.readClosedCalls += 1
+
+    def lost(self, reason: Failure | None = None) -> None:
+        self.lostReasons.append(reason)
+
+
+class UpgradeTests(SynchronousTestCase):
+    """
+    Requests that ask to switch protocols: a connection of their own, and a
+    101 handed to a tunnel with every byte that follows it.
+    """
+
+    SWITCH = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: abc=\r\n\r\n"
+    )
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.client = FastUpstreamClient(self.reactor)
+
+    def upgrade(self) -> tuple[Deferred[IResponse], Any, StringTransport]:
+        d = self.client.upgrade(
+            b"http://10.0.0.1:8080/chat",
+            Headers({b"connection": [b"Upgrade"], b"upgrade": [b"websocket"]}),
+            5.0,
+        )
+        host, port, factory, timeout, bind = self.reactor.tcpClients[-1]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return d, protocol, transport
+
+    def test_providesUpgrader(self) -> None:
+        """
+        The client provides IUpstreamUpgrader.
+        """
+        from monedge.interfaces import IUpstreamUpgrader
+
+        self.assertTrue(verifyObject(IUpstreamUpgrader, self.client))
+
+    def test_sendsOnANewConnection(self) -> None:
+        """
+        The handshake is a GET with the headers given, on a connection of
+        its own even when an idle pooled one exists.
+        """
+        d, protocol, transport = self.upgrade()
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertTrue(transport.value().startswith(b"GET /chat HTTP/1.1\r\n"))
+        self.assertIn(b"\r\nUpgrade: websocket\r\n", transport.value())
+        self.assertNoResult(d)
+
+    def test_bytesInTheSameReadAsThe101(self) -> None:
+        """
+        A tunnel that takes over while the 101 is parsed (as the proxy does,
+        synchronously) gets the bytes that came in the same read, and then
+        everything after, in order.
+        """
+        d, protocol, transport = self.upgrade()
+        side = Side()
+        taken: list[tuple[Any, bytes]] = []
+
+        def takeOver(response: Any) -> None:
+            self.assertEqual(response.code, 101)
+            self.assertEqual(
+                response.monedgeHandshake.getRawHeaders(b"upgrade"), [b"websocket"]
+            )
+            taken.append(response.monedgeTakeOver(side))
+
+        d.addCallback(takeOver)
+        protocol.dataReceived(self.SWITCH + b"frame 1")
+        protocol.dataReceived(b"frame 2")
+        self.assertEqual(taken, [(transport, b"")])
+        self.assertEqual(side.data, [b"frame 1", b"frame 2"])
+
+    def test_bytesBeforeTheTakeOver(self) -> None:
+        """
+        Bytes that follow the 101 before anyone takes the connection over
+        are returned by the take-over, not lost.
+        """
+        d, protocol, transport = self.upgrade()
+        protocol.dataReceived(self.SWITCH + b"early")
+        protocol.dataReceived(b" and later")
+        response: Any = self.successResultOf(d)
+        side = Side()
+        self.assertEqual(
+            response.monedgeTakeOver(side), (transport, b"early and later")
+        )
+        protocol.dataReceived(b"then")
+        self.assertEqual(side.data, [b"then"])
+
+    def test_closesGoToTheSide(self) -> None:
+        """
+        After the take-over, a half-close and the connection's loss are the
+        tunnel side's.
+        """
+        d, protocol, transport = self.upgrade()
+        protocol.dataReceived(self.SWITCH)
+        side = Side()
+        response: Any = self.successResultOf(d)
+        response.monedgeTakeOver(side)
+        protocol.readConnectionLost()
+        self.assertEqual(side.readClosedCalls, 1)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(side.lostReasons), 1)
+
+    def test_otherAnswersAreOrdinary(self) -> None:
+        """
+        A 403 to a handshake is an ordinary response, with no take-over, and
+        its connection is closed rather than pooled.
+        """
+        d, protocol, transport = self.upgrade()
+        protocol.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 403)
+        self.assertFalse(hasattr(response, "monedgeTakeOver"))
+        body = Body()
+        response.deliverBody(body)
+        self.assertEqual(body.data, b"no")
+        self.assertTrue(transport.disconnecting or transport.disconnected)

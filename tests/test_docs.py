@@ -908,6 +908,7 @@ class ConfigurationDocTests(SynchronousTestCase):
         children = metrics.forService("service.api.foo")
         children.observe(200, 0.1)
         children.upstreamError("reset")
+        children.tunnelOpened()
         metrics.observeHook("headers", "pass", 0.001)
         families = {
             family.name: (

@@ -368,6 +368,7 @@ class PolicyJSONTests(SynchronousTestCase):
             stripPrefix=False,
             maxBodySize=4,
             expose=False,
+            tunnelIdleTimeout=5.0,
         )
         self.assertEqual(
             policy.asJSON(),
@@ -378,6 +379,7 @@ class PolicyJSONTests(SynchronousTestCase):
                 "strip-prefix": False,
                 "max-body-size": 4,
                 "expose": False,
+                "tunnel-idle-timeout": 5.0,
                 "hooks": [],
             },
         )
