@@ -554,7 +554,9 @@ class ProxyChannel(HTTPChannel):
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         self._networkProducer.unregisterProducer()  # type: ignore[attr-defined]
         halfClose = getattr(transport, "loseWriteConnection", None)
-        if halfClose is None:
+        if halfClose is None or self.isSecure():
+            # Over TLS a half-close would end the session before Twisted's
+            # TLS layer has sent the answer: close it whole, answer first.
             transport.loseConnection()
             return
         halfClose()
@@ -627,6 +629,14 @@ class ProxySite(server.Site):
 
     def protocol(self) -> _GenericHTTPChannelProtocol:
         return _ProxyChannelProtocol(ProxyChannel())
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        What ALPN offers on a TLS listener: HTTP/1.1 only. (Twisted's Site
+        would offer h2 too, but monedge's limits, routing and header rules
+        are built and tested for HTTP/1.1 requests.)
+        """
+        return [b"http/1.1"]
 
     def log(self, request: Any) -> None:
         """

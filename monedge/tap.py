@@ -21,6 +21,7 @@ from OpenSSL import SSL
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, Service
 from twisted.internet.endpoints import serverFromString
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from monedge.accesslog import AccessLog
@@ -38,6 +39,7 @@ from monedge.registry.kubernetes import KubernetesRegistry, apiClientFromConfig
 from monedge.registry.static import RegistryFileError, StaticRegistry
 from monedge.resource import RootResource
 from monedge.server import Limits, ProxySite
+from monedge.tls import CertificateFileError, CertificateStore
 from monedge.tunnel import TunnelSet
 from monedge.upstream import DEFAULT_MAX_PER_HOST, DEFAULT_POOL_IDLE, UpstreamClient
 from monedge.workers import (
@@ -196,6 +198,21 @@ class Options(usage.Options):
             " the upstreams' keep-alive.",
         ],
         [
+            "tls-port",
+            None,
+            None,
+            "A TLS proxy listener (a port number or a tcp: endpoint string),"
+            " serving the certificates in --tls-dir by SNI.",
+        ],
+        [
+            "tls-dir",
+            None,
+            None,
+            "A directory of PEM files (key, certificate, chain), each serving"
+            " the names in its certificate; default.pem for clients without SNI."
+            " Reloaded when it changes.",
+        ],
+        [
             "upstream-client",
             None,
             "fast",
@@ -325,6 +342,7 @@ class Options(usage.Options):
                 f"--upstream-client: expected fast or agent, got {self['upstream-client']!r}"
             )
         self["hook-timeout"] = _duration("hook-timeout", self["hook-timeout"])
+        self._tlsOptions()
         self._workerOptions()
         specs = list(self["hook"])
         if self["hooks"]:
@@ -365,6 +383,26 @@ class Options(usage.Options):
             observe=metrics.observeHook,
         )
         checkHooks(hooks, registry)
+
+    def _tlsOptions(self) -> None:
+        port, directory = self["tls-port"], self["tls-dir"]
+        self["tls-store"] = None
+        if port is None and directory is None:
+            return
+        if port is None or directory is None:
+            raise usage.UsageError("--tls-port and --tls-dir go together")
+        port = self["tls-port"] = endpointDescription(port)
+        if listenerKind(port) not in ("tcp", "tcp6"):
+            raise usage.UsageError(
+                f"--tls-port: expected a port number or a tcp: endpoint, got {port!r}"
+            )
+        _checkEndpoint("tls-port", port)
+        from twisted.internet import reactor
+
+        try:
+            self["tls-store"] = CertificateStore(directory, reactor)
+        except CertificateFileError as e:
+            raise usage.UsageError(f"--tls-dir: {e}") from None
 
     def _workerOptions(self) -> None:
         workers = self["workers"]
@@ -443,6 +481,23 @@ class ReloadOnHangup(Service):
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None
+
+
+class CertificatePolling(Service):
+    """
+    Polls the C{--tls-dir} while running.
+    """
+
+    def __init__(self, store: CertificateStore) -> None:
+        self._store = store
+
+    def startService(self) -> None:
+        super().startService()
+        self._store.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._store.stop()
 
 
 def hookHTTPClient(reactor: Any) -> Any:
@@ -568,19 +623,29 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     if IService.providedBy(registry):
         registry.setServiceParent(top)
-    reload = getattr(registry, "reload", None)
-    if reload is not None:
-        ReloadOnHangup(reload, reactor).setServiceParent(top)
+    store: CertificateStore | None = options["tls-store"]
+    reloads = [r for r in [getattr(registry, "reload", None)] if r is not None]
+    if store is not None:
+        CertificatePolling(store).setServiceParent(top)
+        reloads.append(store.reload)
+    if reloads:
+        ReloadOnHangup(lambda: [r() for r in reloads], reactor).setServiceParent(top)
+    # The plain listeners serve the site; the TLS one, last, wraps it.
+    factories: list[Any] = [site for _ in [options["port"], *options["listen"]]]
+    descriptions = [options["port"], *options["listen"]]
+    if store is not None:
+        factories.append(TLSMemoryBIOFactory(store.contextFactory(), False, site))
+        descriptions.append(options["tls-port"])
     if options["worker-id"] is not None:
-        for fd, family in options["worker-fd"]:
-            top.addListener(AdoptedListener(reactor, fd, family, site))
+        for (fd, family), factory in zip(options["worker-fd"], factories, strict=True):
+            top.addListener(AdoptedListener(reactor, fd, family, factory))
         OrphanWatch(reactor, options["worker-parent"]).setServiceParent(top)
         adminPort = options["worker-admin"]
     else:
-        for description in [options["port"], *options["listen"]]:
+        for description, factory in zip(descriptions, factories, strict=True):
             top.addListener(
                 StreamServerEndpointService(
-                    serverFromString(reactor, description), site
+                    serverFromString(reactor, description), factory
                 )
             )
         adminPort = options["admin-port"]
@@ -608,7 +673,11 @@ def makeGroup(options: Options, reactor: Any) -> IService:
     group = WorkerGroup(
         reactor,
         options["workers"],
-        [options["port"], *options["listen"]],
+        [
+            options["port"],
+            *options["listen"],
+            *([options["tls-port"]] if options["tls-port"] else []),
+        ],
         twistdCommand(options.rawArgs),
         tempfile.mkdtemp(prefix="monedge-workers-"),
         drainDelay=options["drain-delay"],

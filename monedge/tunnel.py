@@ -14,7 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -55,10 +60,12 @@ class TunnelSide:
         self.reading = False
         peer = self.peer
         if peer.connected:
-            if peer.reading:
+            if peer.reading and not ISSLTransport.providedBy(peer.transport):
                 peer.transport.loseWriteConnection()
             else:
-                # Both directions are finished: close both.
+                # Both directions are finished (or the other side is TLS,
+                # where a half-close would end the session before what is
+                # buffered is sent): close both.
                 peer.transport.loseConnection()
                 self.transport.loseConnection()
 

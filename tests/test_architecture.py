@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "accesslog": 2,
     "hooks": 2,
     "tunnel": 2,
+    "tls": 2,
     "builtin": 3,
     "builtin.headers": 3,
     "builtin.auth": 3,

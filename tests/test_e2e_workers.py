@@ -199,3 +199,43 @@ class WorkersTests(ProxyTestCase):
             await _later(0.1)
             deadline -= 1
         self.assertTrue(gone(), f"workers {pids} outlived their supervisor")
+
+    async def test_tlsListenerShared(self) -> None:
+        """
+        With --workers 2 and --tls-port, the workers terminate TLS on the
+        supervisor's socket: a verified TLS request through the group
+        reaches the upstream as https.
+        """
+        from monedge.testing import freePort
+        from monedge.testing.tls import CertificateAuthority
+
+        ca = CertificateAuthority()
+        tlsDir = os.path.join(self.directory, "tls")
+        os.makedirs(tlsDir)
+        with open(os.path.join(tlsDir, "default.pem"), "wb") as f:
+            f.write(ca.issue(["api.example.com"]))
+        caFile = os.path.join(self.directory, "ca.pem")
+        with open(caFile, "wb") as f:
+            f.write(ca.certificatePEM)
+        tlsPort = freePort()
+        upstream = self.startUpstream()
+        await self.startGroup(
+            upstream.address,
+            "--tls-port",
+            f"tcp:{tlsPort}:interface=127.0.0.1",
+            "--tls-dir",
+            tlsDir,
+        )
+        result = await self.curl(
+            "--cacert",
+            caFile,
+            "--resolve",
+            f"api.example.com:{tlsPort}:127.0.0.1",
+            "--write-out",
+            "\n%{http_code}",
+            f"https://api.example.com:{tlsPort}/svc/x",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.endswith(b"\n200"), result.stdout)
+        [seen] = upstream.received
+        self.assertEqual(seen.header(b"x-forwarded-proto"), [b"https"])
