@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import httptools
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
@@ -40,7 +40,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from monedge.endpoints import EndpointCache
+from monedge.endpoints import EndpointCache, UpstreamTLS, UpstreamTLSError
 from monedge.headers import canonicalName
 from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
 
@@ -62,7 +62,8 @@ _CONNECTION_CONTROL = frozenset(
 _IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
 
 
-Key = tuple[bytes, bytes, int]
+#: scheme, host, port and TLS settings: connections are pooled by all four.
+Key = tuple[bytes, bytes, int, "UpstreamTLS | None"]
 
 
 class UpstreamProtocolError(Exception):
@@ -569,9 +570,10 @@ class FastUpstreamClient:
         headers: Headers,
         body: IBodyProducer | None,
         connectTimeout: float,
+        tls: UpstreamTLS | None = None,
     ) -> Deferred[IResponse]:
         scheme, host, port, target = parseURL(url)
-        key = (scheme, host, port)
+        key = (scheme, host, port, tls if scheme == b"https" else None)
         if not headers.hasHeader(b"host"):
             headers.setRawHeaders(b"host", [url.split(b"/")[2]])
         connection = self._take(key)
@@ -597,10 +599,14 @@ class FastUpstreamClient:
         return self._connectAndSend(key, method, target, headers, None, connectTimeout)
 
     def upgrade(
-        self, url: bytes, headers: Headers, connectTimeout: float
+        self,
+        url: bytes,
+        headers: Headers,
+        connectTimeout: float,
+        tls: UpstreamTLS | None = None,
     ) -> Deferred[IResponse]:
         scheme, host, port, target = parseURL(url)
-        key = (scheme, host, port)
+        key = (scheme, host, port, tls if scheme == b"https" else None)
         if not headers.hasHeader(b"host"):
             headers.setRawHeaders(b"host", [url.split(b"/")[2]])
         return self._connectAndSend(
@@ -617,9 +623,12 @@ class FastUpstreamClient:
         connectTimeout: float,
         protocol: type[_Connection] = _Connection,
     ) -> Deferred[IResponse]:
-        connecting = self._endpoints.get(*key, connectTimeout).connect(
-            _ConnectionFactory(self, key, protocol)
-        )
+        scheme, host, port, tls = key
+        try:
+            endpoint = self._endpoints.get(scheme, host, port, connectTimeout, tls)
+        except UpstreamTLSError as e:
+            return fail(e)
+        connecting = endpoint.connect(_ConnectionFactory(self, key, protocol))
         sending: list[Deferred[IResponse]] = []
 
         def connected(protocol: Any) -> Deferred[IResponse]:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from twisted.web.http_headers import Headers
     from twisted.web.iweb import IBodyProducer, IResponse
 
+    from monedge.endpoints import UpstreamTLS
     from monedge.registry import ServiceEntry
 
 
@@ -86,9 +87,12 @@ class IUpstreamClient(Interface):
         headers: Headers,
         body: IBodyProducer | None,
         connectTimeout: float,
+        tls: UpstreamTLS | None = None,
     ) -> Deferred[IResponse]:
         """
-        Send one request to C{url} (C{scheme://host:port/path?query}).
+        Send one request to C{url} (C{scheme://host:port/path?query}); for
+        C{https}, with the TLS settings C{tls} (None: verify the host
+        against the system's trust store).
 
         @return: a L{Deferred} that fires with the response once its
             headers arrive, or fails with the connection error.  Cancelling
@@ -108,7 +112,10 @@ class IUpstreamUpgrader(Interface):
     """
 
     def upgrade(
-        url: bytes, headers: Headers, connectTimeout: float
+        url: bytes,
+        headers: Headers,
+        connectTimeout: float,
+        tls: UpstreamTLS | None = None,
     ) -> Deferred[IResponse]:
         """
         Send a C{GET} to C{url} with C{headers} (which carry the C{Upgrade}

@@ -108,6 +108,39 @@ def parseBool(value: object) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+_SERVER_NAME = re.compile(
+    r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z"
+)
+
+
+def parsePath(value: object) -> str | None:
+    """
+    Parse a file path: a non-empty string without NUL; L{None} (YAML
+    C{null}) for none.
+
+    @raise ValueError: for anything else.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise ValueError(f"expected a file path, got {value!r}")
+    return value.strip()
+
+
+def parseServerName(value: object) -> str | None:
+    """
+    Parse a DNS name to verify an upstream's certificate against; L{None}
+    (YAML C{null}) for none.
+
+    @raise ValueError: for anything else.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _SERVER_NAME.match(value.strip().lower()):
+        raise ValueError(f"expected a DNS name, got {value!r}")
+    return value.strip().lower()
+
+
 @dataclass(frozen=True, slots=True)
 class HookSpec:
     """
@@ -195,6 +228,12 @@ class Policy:
     @ivar hooks: the service's own hooks, run after the global ones.
     @ivar tunnelIdleTimeout: seconds an upgraded (WebSocket) connection may
         carry no byte in either direction.
+    @ivar upstreamCA: for C{https} endpoints, a PEM bundle of the
+        authorities to trust (None: the system's).
+    @ivar upstreamServerName: for C{https} endpoints, the name to send as
+        SNI and verify (None: the endpoint's host).
+    @ivar upstreamClientCertificate: for C{https} endpoints, a PEM file
+        (key and certificate) to present (None: none).
     """
 
     connectTimeout: float = 5.0
@@ -205,6 +244,9 @@ class Policy:
     expose: bool = True
     hooks: tuple[HookSpec, ...] = ()
     tunnelIdleTimeout: float = 3600.0
+    upstreamCA: str | None = None
+    upstreamServerName: str | None = None
+    upstreamClientCertificate: str | None = None
 
     def asJSON(self) -> dict[str, Any]:
         """
@@ -225,6 +267,9 @@ POLICY_KEYS: dict[str, tuple[str, Any]] = {
     "expose": ("expose", parseBool),
     "hooks": ("hooks", parseHooks),
     "tunnel-idle-timeout": ("tunnelIdleTimeout", parseDuration),
+    "upstream-ca": ("upstreamCA", parsePath),
+    "upstream-server-name": ("upstreamServerName", parseServerName),
+    "upstream-client-certificate": ("upstreamClientCertificate", parsePath),
 }
 
 DEFAULT_POLICY = Policy()

@@ -29,6 +29,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from monedge.balancer import Balancer, EndpointState
+from monedge.endpoints import UpstreamTLS, UpstreamTLSError
 from monedge.errors import ProxyError, errorBody, renderError
 from monedge.headers import downstreamHeaders
 from monedge.hooks import HookFailed, HookResponse, HookResponseHead, HookSet
@@ -179,6 +180,8 @@ class ProxyExchange:
         self.responseHooks: Callable[[HookResponseHead], Deferred[None]] | None = None
         #: The Sec-WebSocket-Key of a WebSocket handshake, else None.
         self.upgradeKey: bytes | None = None
+        #: TLS settings for https endpoints (the service's policy).
+        self.tls: UpstreamTLS | None = None
 
     def start(self) -> None:
         """
@@ -209,7 +212,10 @@ class ProxyExchange:
         upgrader = self.context.upgrader
         if self.upgradeKey is not None and upgrader is not None:
             d = upgrader.upgrade(
-                state.base + self._target, self._headers, self._policy.connectTimeout
+                state.base + self._target,
+                self._headers,
+                self._policy.connectTimeout,
+                self.tls,
             )
         else:
             d = self.context.client.request(
@@ -218,6 +224,7 @@ class ProxyExchange:
                 self._headers,
                 self._body(),
                 self._policy.connectTimeout,
+                self.tls,
             )
         self._pending = d
         self._timeoutCall = clock.callLater(self._policy.timeout, self._headersTimedOut)
@@ -444,6 +451,15 @@ class ProxyExchange:
             kind, error = "connect_refused", "upstream_connect_failed"
         elif failure.check(CancelledError):
             return
+        elif failure.check(UpstreamTLSError):
+            self._log.error(
+                "{service}: cannot connect to {endpoint}: {error}",
+                service=self.request.service,
+                endpoint=state.endpoint.authority,
+                error=failure.getErrorMessage(),
+            )
+            kind, error = "connect_refused", "upstream_connect_failed"
+            canRetry = False
         else:
             kind, error = "reset", "upstream_reset"
             self._log.debug(

@@ -22,6 +22,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from monedge.balancer import eligible
 from monedge.convention import HostTiers, isValidName, normaliseHost, serviceName
+from monedge.endpoints import UpstreamTLS
 from monedge.errors import ErrorResource, ProxyError, renderError
 from monedge.headers import upstreamHeaders
 from monedge.hooks import HookChain, HookConfigError, HookRequest, HookResponse
@@ -75,6 +76,12 @@ class ServiceResource(Resource):
         self._context = context
         self._candidates = context.balancer.states(eligible(entry.endpoints))
         self._prefix = b"/" + entry.name.rsplit(".", 1)[1].encode("ascii")
+        policy = entry.policy
+        self._tls = UpstreamTLS(
+            policy.upstreamCA,
+            policy.upstreamServerName,
+            policy.upstreamClientCertificate,
+        )
         self.hooks: HookChain | None = None
         self.hookError: str | None = None
         if context.hooks is not None:
@@ -138,6 +145,7 @@ class ServiceResource(Resource):
             target,
         )
         exchange.upgradeKey = upgradeKey
+        exchange.tls = self._tls
         chain = self.hooks
         if chain is None:
             exchange.start()

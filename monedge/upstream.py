@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
@@ -25,7 +25,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from monedge.endpoints import EndpointCache
+from monedge.endpoints import EndpointCache, UpstreamTLS, UpstreamTLSError
 from monedge.interfaces import IUpstreamClient
 
 #: Upstream keep-alive idle: below the keep-alive of common upstream
@@ -70,12 +70,15 @@ class _EndpointFactory:
     for one on every request, even when a pooled connection will serve it.
     """
 
-    def __init__(self, cache: EndpointCache, connectTimeout: float) -> None:
+    def __init__(
+        self, cache: EndpointCache, connectTimeout: float, tls: UpstreamTLS | None
+    ) -> None:
         self._cache = cache
         self._timeout = connectTimeout
+        self._tls = tls
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        return self._cache.get(uri.scheme, uri.host, uri.port, self._timeout)
+        return self._cache.get(uri.scheme, uri.host, uri.port, self._timeout, self._tls)
 
 
 @implementer(IUpstreamClient)
@@ -99,15 +102,16 @@ class UpstreamClient:
         self.pool.maxPersistentPerHost = maxPerHost
         self.pool.cachedConnectionTimeout = poolIdle  # type: ignore[assignment]
         self.pool._factory = _ClientFactory
-        self._agents: dict[float, Agent] = {}
+        self._agents: dict[tuple[float, UpstreamTLS | None], Agent] = {}
         self._endpoints = EndpointCache(reactor)
 
-    def _agent(self, connectTimeout: float) -> Agent:
-        agent = self._agents.get(connectTimeout)
+    def _agent(self, connectTimeout: float, tls: UpstreamTLS | None) -> Agent:
+        key = (connectTimeout, tls)
+        agent = self._agents.get(key)
         if agent is None:
-            agent = self._agents[connectTimeout] = Agent.usingEndpointFactory(
+            agent = self._agents[key] = Agent.usingEndpointFactory(
                 self._reactor,
-                _EndpointFactory(self._endpoints, connectTimeout),
+                _EndpointFactory(self._endpoints, connectTimeout, tls),
                 pool=self.pool,
             )
         return agent
@@ -119,12 +123,19 @@ class UpstreamClient:
         headers: Headers,
         body: IBodyProducer | None,
         connectTimeout: float,
+        tls: UpstreamTLS | None = None,
     ) -> Deferred[IResponse]:
         """
         Send one request; the result fires with the response once its
         headers arrive.  Cancelling it aborts the upstream connection.
+        Connections are pooled by address: two services with different
+        TLS settings for one address would share them.
         """
-        return self._agent(connectTimeout).request(method, url, headers, body)
+        try:
+            agent = self._agent(connectTimeout, tls)
+            return agent.request(method, url, headers, body)
+        except UpstreamTLSError as e:
+            return fail(e)
 
     def close(self) -> Deferred[None]:
         """

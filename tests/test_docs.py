@@ -601,6 +601,8 @@ def parsePolicyDefault(key: str, value: str) -> Any:
     """
     A policy value written in the docs, parsed by the key's own parser.
     """
+    if value == "none":
+        return None
     parser = POLICY_KEYS[key][1]
     return parser(value)
 
@@ -1171,7 +1173,9 @@ class AnnotationsDocTests(SynchronousTestCase):
         rows = table(readDoc("annotations.md"), "annotations")
         documented = {span(row["Annotation"]): span(row["Default"]) for row in rows}
         self.assertEqual(set(documented), {f"monedge.io/{key}" for key in POLICY_KEYS})
-        policy, problems = policyFromAnnotations(documented)
+        # A key with no default ("none") is simply not annotated.
+        annotations = {k: v for k, v in documented.items() if v != "none"}
+        policy, problems = policyFromAnnotations(annotations)
         self.assertEqual(problems, [])
         self.assertEqual(policy, Policy())
 

@@ -137,9 +137,46 @@ class EndpointsTests(SynchronousTestCase):
         )
         self.assertEqual(endpointsFor(svc, [slice_])[0].port, 3000)
 
+    def test_httpsPort(self) -> None:
+        """
+        Without an http port, the port named https is used, and its
+        endpoints are https; so is a single port whose appProtocol is
+        https. An http port wins over an https one.
+        """
+        slice_ = endpointSlice(
+            "s1",
+            "service-api-foo",
+            [ep("10.0.0.1")],
+            ports=[{"name": "https", "port": 8443}, {"name": "http", "port": 8080}],
+        )
+        https = service(
+            "service-api-foo",
+            ports=[{"name": "metrics", "port": 9090}, {"name": "https", "port": 443}],
+        )
+        self.assertEqual(
+            endpointsFor(https, [slice_]),
+            (Endpoint("10.0.0.1", 8443, scheme="https"),),
+        )
+        both = service(
+            "service-api-foo",
+            ports=[{"name": "https", "port": 443}, {"name": "http", "port": 80}],
+        )
+        self.assertEqual(endpointsFor(both, [slice_]), (Endpoint("10.0.0.1", 8080),))
+        single = service(
+            "service-api-foo",
+            ports=[{"name": "web", "port": 443, "appProtocol": "https"}],
+        )
+        webSlice = endpointSlice(
+            "s1",
+            "service-api-foo",
+            [ep("10.0.0.1")],
+            ports=[{"name": "web", "port": 8443}],
+        )
+        self.assertEqual(endpointsFor(single, [webSlice])[0].scheme, "https")
+
     def test_noUsablePort(self) -> None:
         """
-        Several ports, none named http: no endpoints.
+        Several ports, none named http or https: no endpoints.
         """
         svc = service(
             "service-api-foo",

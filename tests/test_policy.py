@@ -380,7 +380,48 @@ class PolicyJSONTests(SynchronousTestCase):
                 "max-body-size": 4,
                 "expose": False,
                 "tunnel-idle-timeout": 5.0,
+                "upstream-ca": None,
+                "upstream-server-name": None,
+                "upstream-client-certificate": None,
                 "hooks": [],
             },
         )
         self.assertEqual(parsePolicy(policy.asJSON()), policy)
+
+
+class UpstreamTLSKeyTests(SynchronousTestCase):
+    """
+    The upstream TLS keys: paths and a DNS name, null for none.
+    """
+
+    def test_values(self) -> None:
+        """
+        Paths are stripped strings; names are lowercased DNS names; null
+        means unset; anything else is refused naming the key.
+        """
+        policy = parsePolicy(
+            {
+                "upstream-ca": " /etc/ca.pem ",
+                "upstream-server-name": "Orders.Payments.SVC",
+                "upstream-client-certificate": "client.pem",
+            }
+        )
+        self.assertEqual(
+            (
+                policy.upstreamCA,
+                policy.upstreamServerName,
+                policy.upstreamClientCertificate,
+            ),
+            ("/etc/ca.pem", "orders.payments.svc", "client.pem"),
+        )
+        self.assertIsNone(parsePolicy({"upstream-ca": None}).upstreamCA)
+        for key, bad in [
+            ("upstream-ca", ""),
+            ("upstream-ca", 3),
+            ("upstream-client-certificate", "a\x00b"),
+            ("upstream-server-name", "bad_name"),
+            ("upstream-server-name", "10.0.0.1:443"),
+            ("upstream-server-name", "-x.example"),
+        ]:
+            error = self.assertRaises(PolicyError, parsePolicy, {key: bad})
+            self.assertEqual(error.field, key)

@@ -110,18 +110,29 @@ def _conditions(endpoint: Mapping[str, Any]) -> tuple[bool, bool, bool]:
     return ready, (ready if serving is None else bool(serving)), terminating
 
 
-def _servicePortName(service: Mapping[str, Any]) -> str | None:
+def _servicePort(service: Mapping[str, Any]) -> tuple[str, str] | None:
     """
-    The name of the port traffic goes to: the one named C{http}, else the
-    only one (C{""} if it has no name); L{None} if there is no such port.
+    The name of the port traffic goes to, and its scheme: the port named
+    C{http}, else the one named C{https}, else the only one (C{""} if it
+    has no name); L{None} if there is no such port. The scheme is C{https}
+    for a port named C{https} or whose C{appProtocol} is C{https}.
     """
     ports = (service.get("spec") or {}).get("ports") or []
-    for port in ports:
-        if port.get("name") == "http":
-            return "http"
-    if len(ports) == 1:
-        return str(ports[0].get("name") or "")
-    return None
+    chosen = None
+    for wanted in ("http", "https"):
+        for port in ports:
+            if port.get("name") == wanted:
+                chosen = port
+                break
+        if chosen is not None:
+            break
+    if chosen is None:
+        if len(ports) != 1:
+            return None
+        chosen = ports[0]
+    name = str(chosen.get("name") or "")
+    secure = name == "https" or chosen.get("appProtocol") == "https"
+    return name, "https" if secure else "http"
 
 
 def endpointsFor(
@@ -129,12 +140,13 @@ def endpointsFor(
 ) -> tuple[Endpoint, ...]:
     """
     The endpoints of C{service} from its EndpointSlices: the Service port
-    (see L{_servicePortName}) resolved to each slice's port of that name,
+    (see L{_servicePort}) resolved to each slice's port of that name,
     one address per endpoint, with its conditions.
     """
-    portName = _servicePortName(service)
-    if portName is None:
+    chosen = _servicePort(service)
+    if chosen is None:
         return ()
+    portName, scheme = chosen
     found: dict[tuple[str, int], Endpoint] = {}
     for slice_ in slices:
         if slice_.get("addressType") not in ("IPv4", "IPv6"):
@@ -153,6 +165,7 @@ def endpointsFor(
             endpoint = Endpoint(
                 host=str(addresses[0]),
                 port=port,
+                scheme=scheme,
                 ready=ready,
                 serving=serving,
                 terminating=terminating,

@@ -38,6 +38,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 import monedge
+from monedge.endpoints import UpstreamTLS
 from monedge.interfaces import IServiceRegistry, IUpstreamClient
 from monedge.registry import Endpoint, RegistryTable, ServiceEntry, TableRegistry
 
@@ -105,6 +106,7 @@ class UpstreamCall:
     connectTimeout: float
     result: Deferred[IResponse]
     cancelled: bool = False
+    tls: UpstreamTLS | None = None
 
 
 @implementer(IPushProducer)
@@ -192,6 +194,7 @@ class FakeUpstreamClient:
         headers: Headers,
         body: IBodyProducer | None,
         connectTimeout: float,
+        tls: UpstreamTLS | None = None,
     ) -> Deferred[IResponse]:
         call: UpstreamCall
 
@@ -199,7 +202,7 @@ class FakeUpstreamClient:
             call.cancelled = True
 
         result: Deferred[IResponse] = Deferred(cancel)
-        call = UpstreamCall(method, url, headers, body, connectTimeout, result)
+        call = UpstreamCall(method, url, headers, body, connectTimeout, result, tls=tls)
         self.calls.append(call)
         return result
 
