@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http import H2_ENABLED, HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
@@ -87,6 +87,8 @@ class ProxyRequest(server.Request):
         self._requestId: bytes | None = None
         #: Whether the connection became a tunnel (a WebSocket).
         self.tunnelled = False
+        #: An HTTP/2 refusal waiting for the request to be received.
+        self._deferredRefusal: ProxyError | None = None
 
     @property
     def requestId(self) -> bytes:
@@ -121,22 +123,29 @@ class ProxyRequest(server.Request):
 
     # Receiving
 
+    @property
+    def isHTTP2(self) -> bool:
+        """
+        Whether this request came on an HTTP/2 stream.
+        """
+        return not isinstance(self.channel, ProxyChannel)
+
     def gotLength(self, length: int | None) -> None:
         self.hasBody = length is None or length > 0
-        channel = self.channel
-        decision = self.site.resource.decide(
-            channel._command, channel._path, channel._version, self
-        )
+        channel: Any = self.channel
+        if self.isHTTP2:
+            # An H2Stream: its pseudo-headers (method, path, authority) come
+            # before any other header, so they are known here.
+            command, path, version = channel.command, channel.path, b"HTTP/2"
+        else:
+            command, path, version = channel._command, channel._path, channel._version
+        decision = self.site.resource.decide(command, path, version, self)
         self.decision = decision
         error = getattr(decision, "error", None)
         if error is not None and self.hasBody:
             # The answer is already known: give it now rather than read a
             # body nobody will use, and close, since the body is not read.
-            self._refused = True
-            self._accounted = True
-            cast(ProxyChannel, channel).refuse(
-                error.code, self.requestId, error.message, request=self
-            )
+            self._refuse(error.code, error.message)
             return
         policy = getattr(decision, "policy", None)
         if policy is not None:
@@ -159,11 +168,18 @@ class ProxyRequest(server.Request):
         assert content is not None
         content.write(data)
 
-    def _refuse(self, code: str) -> None:
+    def _refuse(self, code: str, message: str | None = None) -> None:
         self._refused = True
+        if self.isHTTP2:
+            # Only this stream is refused, and the connection carries on.
+            # Twisted's HTTP/2 stream cannot answer before the request has
+            # been received: the rest of the body is read, dropped, and the
+            # refusal sent then (see requestReceived).
+            self._deferredRefusal = ProxyError(code, message)
+            return
         self._accounted = True
         channel = cast(ProxyChannel, self.channel)
-        channel.refuse(code, self.requestId, request=self)
+        channel.refuse(code, self.requestId, message, request=self)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """
@@ -171,6 +187,10 @@ class ProxyRequest(server.Request):
         query string or form bodies: a proxy forwards them untouched.
         """
         if self._refused:
+            refusal, self._deferredRefusal = self._deferredRefusal, None
+            if refusal is not None:
+                self.write(renderError(self, refusal, self.requestId))
+                self.finish()
             return
         content = self.content
         assert content is not None
@@ -196,9 +216,12 @@ class ProxyRequest(server.Request):
             self.processingFailed(Failure())
 
     def _closeAfterResponse(self) -> None:
+        if self.isHTTP2:
+            # HTTP/2 has no Connection header; the connection is closed
+            # when the drain stops the listener's connections.
+            return
         self.responseHeaders.setRawHeaders(b"connection", [b"close"])
-        if hasattr(self.channel, "persistent"):
-            self.channel.persistent = False
+        self.channel.persistent = False
 
     def processingFailed(self, reason: Failure) -> None:
         """
@@ -310,6 +333,15 @@ class ProxyChannel(HTTPChannel):
         super().connectionMade()
         self.site.channels.add(self)
         self._startDeadline()
+
+    def abandon(self) -> None:
+        """
+        Another protocol (HTTP/2) took the connection: stop timing it and
+        stop counting it as an HTTP/1.1 connection.
+        """
+        self._cancelDeadline()
+        self.setTimeout(None)
+        self.site.channels.discard(self)
 
     def startTunnel(self, side: TunnelSide) -> bytes:
         """
@@ -577,6 +609,14 @@ class _ProxyChannelProtocol(_GenericHTTPChannelProtocol):
     and HTTP/2), told of half-closes so that a tunnel can pass them on.
     """
 
+    def dataReceived(self, data: bytes) -> None:
+        channel = self._channel
+        super().dataReceived(data)
+        if self._channel is not channel and isinstance(channel, ProxyChannel):
+            # ALPN chose HTTP/2: the HTTP/1.1 channel made for the
+            # connection is replaced, and must not time it out.
+            channel.abandon()
+
     def readConnectionLost(self) -> None:
         side = getattr(self._channel, "tunnelSide", None)
         if side is not None:
@@ -632,11 +672,10 @@ class ProxySite(server.Site):
 
     def acceptableProtocols(self) -> list[bytes]:
         """
-        What ALPN offers on a TLS listener: HTTP/1.1 only. (Twisted's Site
-        would offer h2 too, but monedge's limits, routing and header rules
-        are built and tested for HTTP/1.1 requests.)
+        What ALPN offers on a TLS listener: HTTP/2 (when the C{h2} package
+        is installed) and HTTP/1.1.
         """
-        return [b"http/1.1"]
+        return [b"h2", b"http/1.1"] if H2_ENABLED else [b"http/1.1"]
 
     def log(self, request: Any) -> None:
         """

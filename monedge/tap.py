@@ -23,6 +23,7 @@ from twisted.application.service import IService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.web.http import H2_ENABLED
 
 from monedge.accesslog import AccessLog
 from monedge.admin import adminSite, groupAdminSite
@@ -400,7 +401,11 @@ class Options(usage.Options):
         from twisted.internet import reactor
 
         try:
-            self["tls-store"] = CertificateStore(directory, reactor)
+            self["tls-store"] = CertificateStore(
+                directory,
+                reactor,
+                protocols=(b"h2", b"http/1.1") if H2_ENABLED else (b"http/1.1",),
+            )
         except CertificateFileError as e:
             raise usage.UsageError(f"--tls-dir: {e}") from None
 

@@ -12,9 +12,9 @@ monedge. The directory is then polled: a file added, changed or removed is
 picked up within the poll interval, and a file that no longer loads keeps
 serving its last good certificate (logged and counted).
 
-Every context has the same settings: TLS 1.2 at least, Twisted's default
-cipher list (forward-secret AEAD suites only), no session tickets, and the
-ALPN protocols given (C{http/1.1}).
+Every context has the same settings: TLS 1.2 at least, forward-secret AEAD
+suites only for TLS 1.2 (L{CIPHERS}), no session tickets, and the ALPN
+protocols given.
 """
 
 from __future__ import annotations
@@ -28,12 +28,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.ssl import (
+    AcceptableCiphers,
+    CertificateOptions,
+    TLSVersion,
+)
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 #: The file that serves clients without SNI, if present.
 DEFAULT_FILE = "default.pem"
+
+#: TLS 1.2 suites offered: forward-secret key exchange and AEAD only (TLS 1.3
+#: suites are OpenSSL's, all of which qualify).
+CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(
+    "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!SHA1"
+)
 
 
 class CertificateFileError(Exception):
@@ -110,6 +120,7 @@ def loadCertificate(
             extraCertChain=[crypto.X509.from_cryptography(c) for c in chain],
             raiseMinimumTo=TLSVersion.TLSv1_2,
             acceptableProtocols=list(protocols),
+            acceptableCiphers=CIPHERS,
         )
         # Builds the context now: a key that does not match its
         # certificate fails here, not in a client's handshake.
@@ -220,6 +231,7 @@ class CertificateStore:
             extraCertChain=default.options.extraCertChain,
             raiseMinimumTo=TLSVersion.TLSv1_2,
             acceptableProtocols=list(self._protocols),
+            acceptableCiphers=CIPHERS,
             contextForServerName=self.contextFor,
         )
 

@@ -8,6 +8,8 @@ command -v curl >/dev/null 2>&1 || missing="$missing curl"
 # The rate-limit hook's tests run a real Redis.
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
+# The HTTP/2 tests load monedge with h2load.
+command -v h2load >/dev/null 2>&1 || missing="$missing nghttp2-client"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "monedge needs these Debian packages:$missing (run: sudo apt-get install$missing)" >&2

@@ -152,3 +152,20 @@ class StoreTests(SynchronousTestCase):
             ["api.example.com", "www.example.com"],
         )
         self.assertEqual(store.reloadsFailed, 1)
+
+    def test_strongCiphersOnly(self) -> None:
+        """
+        The TLS 1.2 suites offered all have forward-secret key exchange and
+        AEAD encryption.
+        """
+        from OpenSSL import SSL
+
+        store = CertificateStore(self.directory, self.clock)
+        context = store.contextFor(b"api.example.com")
+        assert context is not None
+        suites = SSL.Connection(context, None).get_cipher_list()
+        tls12 = [s for s in suites if not s.startswith("TLS_")]
+        self.assertTrue(tls12)
+        for suite in tls12:
+            self.assertTrue(suite.startswith(("ECDHE-", "DHE-")), suite)
+            self.assertTrue("GCM" in suite or "CHACHA20" in suite, suite)

@@ -1,0 +1,280 @@
+"""
+End-to-end HTTP/2 to clients: the same cases over HTTP/1.1 and HTTP/2
+(curl, through a real C{twistd monedge}'s TLS listener), the stream limit
+and h2load under load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import h2.connection
+import h2.events
+import h2.settings
+from twisted.internet import threads
+from twisted.web.server import Request
+
+from monedge.testing import ProxyProcess, Received, freePort
+from monedge.testing.tls import CertificateAuthority
+from tests.e2e import ProxyTestCase
+
+HOST = "api.example.com"
+
+
+@dataclass
+class Case:
+    """
+    One request, and what must come of it whichever the protocol.
+    """
+
+    name: str
+    path: str
+    status: int
+    curl: Sequence[str] = ()
+    code: str | None = None
+    upstreamPath: str | None = None
+    upstreamHeaders: dict[str, list[str]] = field(default_factory=dict)
+    responseHeaders: dict[str, str | None] = field(default_factory=dict)
+
+
+CASES = [
+    Case("routed", "/svc/a/b?x=1", 200, upstreamPath="/a/b?x=1"),
+    Case("unknown service", "/nope/a", 404, code="route_not_found"),
+    Case("invalid name", "/Bad_Name/a", 404, code="route_not_found"),
+    Case(
+        "dot segment",
+        "/svc/a/%2e%2e/b",
+        400,
+        curl=["--path-as-is"],
+        code="path_dot_segment",
+    ),
+    Case("encoded slash", "/svc/a%2Fb", 400, code="path_encoded_separator"),
+    Case(
+        "forwarding headers",
+        "/svc/h",
+        200,
+        curl=["-H", "X-Forwarded-For: 6.6.6.6", "-H", "X-Request-Id: forged"],
+        upstreamPath="/h",
+        upstreamHeaders={
+            "x-forwarded-for": ["127.0.0.1"],
+            "x-forwarded-proto": ["https"],
+            "x-forwarded-prefix": ["/svc"],
+        },
+    ),
+    Case(
+        "hop-by-hop request headers",
+        "/svc/h",
+        200,
+        curl=["-H", "Proxy-Authorization: Basic eDp5", "-H", "TE: trailers"],
+        upstreamPath="/h",
+        upstreamHeaders={"proxy-authorization": [], "te": []},
+    ),
+    Case(
+        "body forwarded",
+        "/svc/post",
+        200,
+        curl=["--data-binary", "hello"],
+        upstreamPath="/post",
+        upstreamHeaders={"content-length": ["5"]},
+    ),
+    Case(
+        "body too large",
+        "/small/post",
+        413,
+        curl=["--data-binary", "x" * 2000],
+        code="body_too_large",
+    ),
+    Case("blocked by a hook", "/svc/secret/x", 403, code="forbidden"),
+    Case(
+        "hook adds a response header",
+        "/svc/h",
+        200,
+        upstreamPath="/h",
+        responseHeaders={"x-edge": "monedge", "x-hop": None},
+    ),
+    Case(
+        "TRACE refused", "/svc/h", 405, curl=["-X", "TRACE"], code="method_not_allowed"
+    ),
+]
+
+
+def _responder(request: Request, seen: Received) -> bytes | None:
+    # A hop-by-hop response header the client must never see.
+    request.setHeader(b"x-hop", b"1")
+    request.setHeader(b"connection", b"x-hop")
+    return None
+
+
+class HTTP2Tests(ProxyTestCase):
+    """
+    HTTP/2 and HTTP/1.1 clients get the same answers from monedge.
+    """
+
+    timeout = 240
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.ca = CertificateAuthority()
+        self.caFile = os.path.join(self.directory, "ca.pem")
+        with open(self.caFile, "wb") as f:
+            f.write(self.ca.certificatePEM)
+        self.tlsDir = os.path.join(self.directory, "tls")
+        os.makedirs(self.tlsDir)
+        with open(os.path.join(self.tlsDir, "default.pem"), "wb") as f:
+            f.write(self.ca.issue([HOST]))
+        self.tlsPort = freePort()
+
+    async def startTLS(self, *args: str) -> tuple[ProxyProcess, Any]:
+        upstream = self.startUpstream(_responder)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        proxy = await self.startProxy(
+            {
+                "service.api.svc": {"endpoints": [upstream.address]},
+                "service.api.small": {
+                    "endpoints": [upstream.address],
+                    "policy": {"max-body-size": "1KiB"},
+                },
+            },
+            [
+                "--tls-port",
+                f"tcp:{self.tlsPort}:interface=127.0.0.1",
+                "--tls-dir",
+                self.tlsDir,
+                "--hook",
+                '{name: block-paths, options: {prefixes: ["/svc/secret"]}}',
+                "--hook",
+                "{name: headers, options: {response: {set: {X-Edge: monedge}}}}",
+                *args,
+            ],
+            env={"PYTHONPATH": f"{root}:{os.path.join(root, 'examples', 'hooks')}"},
+        )
+        return proxy, upstream
+
+    async def fetch(self, case: Case, protocol: str) -> tuple[int, str, bytes, bytes]:
+        result = await self.curl(
+            protocol,
+            "--cacert",
+            self.caFile,
+            "--resolve",
+            f"{HOST}:{self.tlsPort}:127.0.0.1",
+            "--dump-header",
+            "-",
+            "--write-out",
+            "\n%{http_code} %{http_version}",
+            *case.curl,
+            f"https://{HOST}:{self.tlsPort}{case.path}",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        output, _, tail = result.stdout.rpartition(b"\n")
+        status, version = tail.decode().split()
+        head, _, body = output.partition(b"\r\n\r\n")
+        return int(status), version, head, body
+
+    async def test_sameCasesOverBoth(self) -> None:
+        """
+        Every case gets the same status, error code, upstream request and
+        response headers over HTTP/1.1 and over HTTP/2 (which curl really
+        negotiated).
+        """
+        proxy, upstream = await self.startTLS()
+        problems = []
+        for case in CASES:
+            for protocol, version in (("--http1.1", "1.1"), ("--http2", "2")):
+                before = len(upstream.received)
+                status, used, head, body = await self.fetch(case, protocol)
+                label = f"{case.name} over HTTP/{version}"
+                if used != version:
+                    problems.append(f"{label}: curl used HTTP/{used}")
+                if status != case.status:
+                    problems.append(f"{label}: status {status}, body {body[:200]!r}")
+                    continue
+                if case.code is not None:
+                    if json.loads(body).get("code") != case.code:
+                        problems.append(f"{label}: body {body[:200]!r}")
+                    if len(upstream.received) != before:
+                        problems.append(f"{label}: reached the upstream")
+                lowered = head.lower()
+                for name, value in case.responseHeaders.items():
+                    line = f"\r\n{name}: ".encode()
+                    if value is None and line in lowered:
+                        problems.append(f"{label}: response has {name}")
+                    if value is not None and line + value.encode() not in lowered:
+                        problems.append(f"{label}: response lacks {name}: {value}")
+                if case.upstreamPath is not None:
+                    seen = upstream.received[-1]
+                    if seen.uri.decode() != case.upstreamPath:
+                        problems.append(f"{label}: upstream got {seen.uri!r}")
+                    for name, values in case.upstreamHeaders.items():
+                        got = [v.decode() for v in seen.header(name.encode())]
+                        if got != values:
+                            problems.append(f"{label}: upstream {name} {got}")
+        self.assertEqual(problems, [])
+
+    async def test_streamLimit(self) -> None:
+        """
+        The server's SETTINGS allow at most 100 concurrent streams.
+        """
+        await self.startTLS()
+
+        def settings() -> int | None:
+            context = ssl.create_default_context(cafile=self.caFile)
+            context.set_alpn_protocols(["h2"])
+            with socket.create_connection(
+                ("127.0.0.1", self.tlsPort), timeout=10
+            ) as raw:
+                with context.wrap_socket(raw, server_hostname=HOST) as tls:
+                    connection = h2.connection.H2Connection()
+                    connection.initiate_connection()
+                    tls.sendall(connection.data_to_send())
+                    for _ in range(10):
+                        for event in connection.receive_data(tls.recv(65536)):
+                            if isinstance(event, h2.events.RemoteSettingsChanged):
+                                changed = event.changed_settings.get(
+                                    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+                                )
+                                return None if changed is None else changed.new_value
+            return None
+
+        self.assertEqual(await threads.deferToThread(settings), 100)
+
+    async def test_h2load(self) -> None:
+        """
+        h2load, 2 connections with up to 100 streams each, gets 2,000
+        answers and no failure.
+        """
+        h2load = shutil.which("h2load")
+        if h2load is None:
+            self.fail(
+                "h2load is missing: scripts/system-deps.sh installs nghttp2-client"
+            )
+        await self.startTLS("--access-log", "none")
+        result = await threads.deferToThread(
+            subprocess.run,
+            [
+                h2load,
+                "-n",
+                "2000",
+                "-c",
+                "2",
+                "-m",
+                "100",
+                f"https://127.0.0.1:{self.tlsPort}/svc/load",
+            ],
+            capture_output=True,
+            timeout=120,
+        )
+        output = result.stdout.decode()
+        self.assertEqual(result.returncode, 0, output)
+        self.assertIn(
+            "requests: 2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed",
+            output,
+        )
+        self.assertIn("Application protocol: h2", output)
