@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import h2.connection
+import h2.errors
 import h2.events
+import h2.exceptions
 import h2.settings
 from twisted.internet import threads
 from twisted.web.server import Request
@@ -244,6 +246,58 @@ class HTTP2Tests(ProxyTestCase):
             return None
 
         self.assertEqual(await threads.deferToThread(settings), 100)
+
+    async def test_resetFloodIsCut(self) -> None:
+        """
+        A client that opens and resets streams as fast as it can (the
+        Rapid Reset attack) gets a GOAWAY with ENHANCE_YOUR_CALM and is
+        disconnected, and monedge keeps serving others.
+        """
+        proxy, _ = await self.startTLS()
+
+        def flood() -> tuple[int | None, int]:
+            context = ssl.create_default_context(cafile=self.caFile)
+            context.set_alpn_protocols(["h2"])
+            with socket.create_connection(
+                ("127.0.0.1", self.tlsPort), timeout=10
+            ) as raw:
+                with context.wrap_socket(raw, server_hostname=HOST) as tls:
+                    connection = h2.connection.H2Connection()
+                    connection.initiate_connection()
+                    tls.sendall(connection.data_to_send())
+                    headers = [
+                        (":method", "GET"),
+                        (":path", "/svc/x"),
+                        (":scheme", "https"),
+                        (":authority", HOST),
+                    ]
+                    sent = 0
+                    try:
+                        for _ in range(1500):
+                            stream = connection.get_next_available_stream_id()
+                            connection.send_headers(stream, headers)
+                            connection.reset_stream(stream)
+                            tls.sendall(connection.data_to_send())
+                            sent += 1
+                    except (OSError, h2.exceptions.ProtocolError):
+                        pass
+                    tls.settimeout(5)
+                    try:
+                        while True:
+                            data = tls.recv(65536)
+                            if not data:
+                                break
+                            for event in connection.receive_data(data):
+                                if isinstance(event, h2.events.ConnectionTerminated):
+                                    return event.error_code, sent
+                    except (OSError, h2.exceptions.ProtocolError):
+                        pass
+            return None, sent
+
+        code, sent = await threads.deferToThread(flood)
+        self.assertEqual(code, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, sent)
+        response, _ = await self.get(proxy.url + "/svc/after")
+        self.assertEqual(response.code, 200)
 
     async def test_h2load(self) -> None:
         """

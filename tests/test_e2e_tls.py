@@ -301,3 +301,33 @@ class TLSTests(ProxyTestCase):
         while not server.closes and time.monotonic() < deadline:
             await threads.deferToThread(time.sleep, 0.05)
         self.assertEqual(server.closes, [(1000, "done")])
+
+    async def test_sslEndpointListener(self) -> None:
+        """
+        --listen ssl:... with one key and certificate (Twisted's endpoint
+        syntax) terminates TLS too: curl verifies it and the upstream sees
+        https.
+        """
+        upstream = self.startUpstream()
+        pem = os.path.join(self.tlsDir, "api.pem")
+        port = freePort()
+        await self.startProxy(
+            {"service.api.svc": {"endpoints": [upstream.address]}},
+            [
+                "--listen",
+                f"ssl:{port}:interface=127.0.0.1:privateKey={pem}:certKey={pem}",
+            ],
+        )
+        result = await self.curl(
+            "--cacert",
+            self.caFile,
+            "--resolve",
+            f"api.example.com:{port}:127.0.0.1",
+            "--write-out",
+            "\n%{http_code}",
+            f"https://api.example.com:{port}/svc/x",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.endswith(b"\n200"), result.stdout)
+        [seen] = upstream.received
+        self.assertEqual(seen.header(b"x-forwarded-proto"), [b"https"])
