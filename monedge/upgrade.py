@@ -38,6 +38,9 @@ def wantsWebSocket(headers: Headers) -> bool:
     C{upgrade} and C{Upgrade} names C{websocket}. Anything else, an
     C{Upgrade: h2c} included, is an ordinary request.
     """
+    if not headers.hasHeader(b"upgrade"):
+        # The common case, answered with one lookup.
+        return False
     return b"upgrade" in _tokens(headers, b"connection") and any(
         protocol.split(b"/")[0] == b"websocket"
         for protocol in _tokens(headers, b"upgrade")
