@@ -47,6 +47,7 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "upstream_connect_failed": (502, "the upstream refused the connection"),
     "upstream_reset": (502, "the upstream closed the connection without a response"),
     "no_ready_endpoint": (503, "the service has no ready endpoint"),
+    "too_many_connections": (503, "this listener has too many connections open"),
     "hook_config_invalid": (503, "the service's hook configuration is invalid"),
     "upstream_timeout": (504, "the upstream did not answer in time"),
     "upstream_connect_timeout": (

@@ -164,6 +164,11 @@ class Metrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
+        self.connectionsRefused = Counter(
+            "monedge_connections_refused",
+            "Client connections refused because their listener had too many.",
+            registry=self.registry,
+        )
         self.tunnelsOpen = Gauge(
             "monedge_tunnels_open",
             "Upgraded (WebSocket) connections open now.",

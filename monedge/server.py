@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProtocolNegotiationFactory,
+)
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -51,6 +56,8 @@ class Limits:
     maxHeaderCount: int = 100
     headerTimeout: float = 10.0
     keepAliveTimeout: float = 75.0
+    bodyTimeout: float = 30.0
+    maxConnections: int = 20000
 
 
 class ProxyRequest(server.Request):
@@ -303,6 +310,7 @@ class ProxyChannel(HTTPChannel):
         self._deadlineAt: float | None = None
         self._lingering: IDelayedCall | None = None
         self._refused = False
+        self._inBody = False
         self._host: Any = None
         self._secure: bool | None = None
         #: Once the connection is a tunnel: where its bytes go.
@@ -381,13 +389,18 @@ class ProxyChannel(HTTPChannel):
     # re-arms itself for a later deadline or lapses.  A request then costs
     # no timer of its own.
 
-    def _startDeadline(self) -> None:
+    def _startDeadline(self, timeout: float | None = None) -> None:
         if self._deadlineAt is not None:
             return
-        timeout = self.limits.headerTimeout
+        if timeout is None:
+            timeout = self.limits.headerTimeout
         self._deadlineAt = self.site.reactor.seconds() + timeout
         if self._deadline is None:
             self._deadline = self.callLater(timeout, self._deadlineFired)
+        elif self._deadline.getTime() > self._deadlineAt:
+            # A shorter deadline than the timer's (a body timeout below the
+            # header timeout): bring the timer forward.
+            self._deadline.reset(timeout)
 
     def _stopDeadline(self) -> None:
         self._deadlineAt = None
@@ -410,9 +423,13 @@ class ProxyChannel(HTTPChannel):
             return
         self._deadlineAt = None
         request = self.requests[-1] if self.requests else None
+        message = None
+        if self._inBody:
+            message = f"the request body stalled for {self.limits.bodyTimeout:g} s"
         self.refuse(
             "request_timeout",
             request.requestId if request is not None else None,
+            message,
             request=request,
         )
 
@@ -421,13 +438,20 @@ class ProxyChannel(HTTPChannel):
         if side is not None:
             side.received(data)
             return
-        if self._inRequestLine and not self._handlingRequest:
+        if self._inBody:
+            # The body moved: its idle deadline starts again.
+            self._deadlineAt = self.site.reactor.seconds() + self.limits.bodyTimeout
+        elif self._inRequestLine and not self._handlingRequest:
             self._startDeadline()
         super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
         self._stopDeadline()
         super().allHeadersReceived()
+        # Until the body is in (at once, for a request without one), the
+        # same timer is the body's idle deadline, pushed back by each read.
+        self._inBody = True
+        self._startDeadline(self.limits.bodyTimeout)
 
     def writeHeaders(
         self, version: bytes, code: bytes, reason: bytes, headers: Any
@@ -452,6 +476,8 @@ class ProxyChannel(HTTPChannel):
             super()._send100Continue()
 
     def allContentReceived(self) -> None:
+        self._inBody = False
+        self._stopDeadline()
         self._inRequestLine = True
         self._headerBytes = 0
         self._headerCount = 0
@@ -631,6 +657,13 @@ class _ProxyChannelProtocol(_GenericHTTPChannelProtocol):
     def writeConnectionLost(self) -> None:
         pass
 
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        listener = getattr(self, "listener", None)
+        if listener is not None:
+            self.listener = None
+            listener.connectionClosed()
+
 
 class ProxySite(server.Site):
     """
@@ -747,3 +780,59 @@ class ProxySite(server.Site):
         for channel in idle:
             channel.loseConnection()
         return len(idle)
+
+
+class _TooManyConnections(Protocol):
+    """
+    What a connection past a listener's limit gets: a 503 JSON answer at
+    once, then the connection closes (its request is never read).
+    """
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        transport.write(rawErrorResponse("too_many_connections", newRequestId()))
+        transport.loseConnection()
+
+
+@implementer(IProtocolNegotiationFactory)
+class ListenerFactory(ServerFactory):
+    """
+    One listener's connections to a L{ProxySite}, at most C{limit} at a
+    time (0: no limit); the ones past it are refused with a 503.
+    """
+
+    noisy = False
+
+    def __init__(self, site: ProxySite, limit: int) -> None:
+        self.site = site
+        self.limit = limit
+        self.open = 0
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        What ALPN offers: the site's protocols.
+        """
+        return self.site.acceptableProtocols()
+
+    def startFactory(self) -> None:
+        self.site.doStart()
+
+    def stopFactory(self) -> None:
+        self.site.doStop()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.limit and self.open >= self.limit:
+            self.site.metrics.connectionsRefused.inc()
+            return _TooManyConnections()
+        protocol: Any = self.site.buildProtocol(addr)
+        if protocol is not None:
+            self.open += 1
+            protocol.listener = self
+        return protocol
+
+    def connectionClosed(self) -> None:
+        """
+        One of this listener's connections has closed.
+        """
+        self.open -= 1

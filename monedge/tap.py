@@ -39,7 +39,7 @@ from monedge.proxy import ProxyContext
 from monedge.registry.kubernetes import KubernetesRegistry, apiClientFromConfig
 from monedge.registry.static import RegistryFileError, StaticRegistry
 from monedge.resource import RootResource
-from monedge.server import Limits, ProxySite
+from monedge.server import Limits, ListenerFactory, ProxySite
 from monedge.tls import CertificateFileError, CertificateStore
 from monedge.tunnel import TunnelSet
 from monedge.upstream import DEFAULT_MAX_PER_HOST, DEFAULT_POOL_IDLE, UpstreamClient
@@ -186,6 +186,18 @@ class Options(usage.Options):
         ],
         ["max-request-line", None, "8192", "Longest request line (414 beyond)."],
         [
+            "body-timeout",
+            None,
+            "30s",
+            "Deadline for each read of a request body (408 when it stalls).",
+        ],
+        [
+            "max-connections",
+            None,
+            "20000",
+            "Most open client connections per listener (503 beyond); 0 for no limit.",
+        ],
+        [
             "max-header-line",
             None,
             "8192",
@@ -316,9 +328,13 @@ class Options(usage.Options):
             raise usage.UsageError(f"--host-tier: {e}") from None
         self["trusted-hops"] = _positive("trusted-hops", self["trusted-hops"], int)
         self["drain-delay"] = _duration("drain-delay", self["drain-delay"], True)
+        self["max-connections"] = _positive(
+            "max-connections", self["max-connections"], int
+        )
         for option in (
             "drain-timeout",
             "header-timeout",
+            "body-timeout",
             "keepalive-timeout",
             "upstream-idle-timeout",
         ):
@@ -607,6 +623,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         maxHeaderCount=options["max-header-count"],
         headerTimeout=options["header-timeout"],
         keepAliveTimeout=options["keepalive-timeout"],
+        bodyTimeout=options["body-timeout"],
+        maxConnections=options["max-connections"],
     )
     site = ProxySite(
         root,
@@ -636,10 +654,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if reloads:
         ReloadOnHangup(lambda: [r() for r in reloads], reactor).setServiceParent(top)
     # The plain listeners serve the site; the TLS one, last, wraps it.
-    factories: list[Any] = [site for _ in [options["port"], *options["listen"]]]
+    # Each listener counts its own connections against --max-connections.
+    limit = options["max-connections"]
     descriptions = [options["port"], *options["listen"]]
+    factories: list[Any] = [ListenerFactory(site, limit) for _ in descriptions]
     if store is not None:
-        factories.append(TLSMemoryBIOFactory(store.contextFactory(), False, site))
+        factories.append(
+            TLSMemoryBIOFactory(
+                store.contextFactory(), False, ListenerFactory(site, limit)
+            )
+        )
         descriptions.append(options["tls-port"])
     if options["worker-id"] is not None:
         for (fd, family), factory in zip(options["worker-fd"], factories, strict=True):

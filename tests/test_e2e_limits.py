@@ -1,0 +1,153 @@
+"""
+End-to-end limits on slow bodies and on connections per listener, through
+a real C{twistd monedge} and raw sockets on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import threads
+
+from tests.e2e import ProxyTestCase
+
+
+def _readAll(s: socket.socket) -> bytes:
+    data = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data
+
+
+class BodyTimeoutTests(ProxyTestCase):
+    """
+    A request body that stalls is refused; one that trickles steadily is
+    not.
+    """
+
+    async def test_stalledBody(self) -> None:
+        """
+        Three bytes of a declared ten, then nothing: 408 request_timeout,
+        saying the body stalled, about --body-timeout later; the upstream
+        never sees the request.
+        """
+        upstream = self.startUpstream()
+        proxy = await self.startProxy(
+            {"service.api.svc": {"endpoints": [upstream.address]}},
+            ["--body-timeout", "1s"],
+        )
+
+        def run() -> tuple[float, bytes]:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+                s.sendall(
+                    b"POST /svc/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
+                )
+                started = time.monotonic()
+                data = _readAll(s)
+                return time.monotonic() - started, data
+
+        waited, raw = await threads.deferToThread(run)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 408"), raw)
+        error = json.loads(body)
+        self.assertEqual(error["code"], "request_timeout")
+        self.assertIn("body stalled", error["message"])
+        self.assertGreater(waited, 0.8)
+        self.assertLess(waited, 4)
+        self.assertEqual(upstream.received, [])
+
+    async def test_steadyBody(self) -> None:
+        """
+        A body sent a byte every 0.4 s, four seconds in all, is never idle
+        for the 1 s --body-timeout, and reaches the upstream whole.
+        """
+        upstream = self.startUpstream()
+        proxy = await self.startProxy(
+            {"service.api.svc": {"endpoints": [upstream.address]}},
+            ["--body-timeout", "1s"],
+        )
+
+        def run() -> bytes:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+                s.sendall(
+                    b"POST /svc/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+                for byte in b"0123456789":
+                    time.sleep(0.4)
+                    s.sendall(bytes([byte]))
+                return _readAll(s)
+
+        raw = await threads.deferToThread(run)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200"), raw)
+        [seen] = upstream.received
+        self.assertEqual(seen.body, b"0123456789")
+
+
+class ConnectionLimitTests(ProxyTestCase):
+    """
+    A listener holds at most --max-connections client connections.
+    """
+
+    async def test_limit(self) -> None:
+        """
+        With a limit of 3 and three connections open, a fourth gets 503
+        too_many_connections at once and is closed, and is counted; once
+        one of the three closes, a new connection is served.
+        """
+        upstream = self.startUpstream()
+        proxy = await self.startProxy(
+            {"service.api.svc": {"endpoints": [upstream.address]}},
+            ["--max-connections", "3"],
+        )
+
+        def run() -> tuple[bytes, bytes]:
+            held = [
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+                for _ in range(3)
+            ]
+            try:
+                # Each is served: the three are open and counted.
+                for s in held:
+                    s.sendall(b"GET /svc/x HTTP/1.1\r\nHost: a\r\n\r\n")
+                    assert s.recv(65536).startswith(b"HTTP/1.1 200")
+                with socket.create_connection(
+                    ("127.0.0.1", proxy.port), timeout=10
+                ) as extra:
+                    refused = _readAll(extra)
+                held.pop().close()
+                time.sleep(0.3)
+                with socket.create_connection(
+                    ("127.0.0.1", proxy.port), timeout=10
+                ) as later:
+                    later.sendall(
+                        b"GET /svc/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                    )
+                    served = _readAll(later)
+                return refused, served
+            finally:
+                for s in held:
+                    s.close()
+
+        refused, served = await threads.deferToThread(run)
+        head, _, body = refused.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 503"), refused)
+        self.assertEqual(json.loads(body)["code"], "too_many_connections")
+        self.assertTrue(served.startswith(b"HTTP/1.1 200"), served)
+        _, metrics = await self.get(proxy.adminURL + "/metrics")
+        values = [
+            sample.value
+            for family in text_string_to_metric_families(metrics.decode())
+            for sample in family.samples
+            if sample.name == "monedge_connections_refused_total"
+        ]
+        self.assertEqual(values, [1.0])
