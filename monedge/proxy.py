@@ -85,8 +85,12 @@ class _BodyRelay(Protocol):
         self._request = exchange.request
         self._clock = exchange.context.clock
         self._idleTimeout = idleTimeout
+        #: How long the client may leave the response unread (--send-timeout).
+        limits = getattr(getattr(self._request, "site", None), "limits", None)
+        self._sendTimeout: float = getattr(limits, "sendTimeout", 60.0)
         self._last = 0.0
         self._paused = False
+        self._pausedAt = 0.0
         #: The exchange's response-header timer, re-armed as the idle timer
         #: (one timer per exchange: this runs per request).
         self._idleCall = timer
@@ -114,10 +118,22 @@ class _BodyRelay(Protocol):
 
     def _checkIdle(self) -> None:
         now = self._clock.seconds()
-        idle = now - self._last
-        if self._paused or idle < self._idleTimeout:
-            wait = self._idleTimeout if self._paused else self._idleTimeout - idle
+        if self._paused:
+            # The client is not reading: that is not the upstream's
+            # idleness, but a client may only stall so long.
+            stalled = now - self._pausedAt
+            if stalled >= self._sendTimeout:
+                self._idleCall = None
+                self._exchange.clientStalled()
+                return
+            wait = min(self._idleTimeout, self._sendTimeout - stalled)
             self._idleCall = self._clock.callLater(wait, self._checkIdle)
+            return
+        idle = now - self._last
+        if idle < self._idleTimeout:
+            self._idleCall = self._clock.callLater(
+                self._idleTimeout - idle, self._checkIdle
+            )
             return
         self._idleCall = None
         self._exchange.bodyStalled()
@@ -127,6 +143,12 @@ class _BodyRelay(Protocol):
 
     def pauseProducing(self) -> None:
         self._paused = True
+        self._pausedAt = self._clock.seconds()
+        timer = self._idleCall
+        if timer is not None and timer.active():
+            wait = timer.getTime() - self._pausedAt
+            if wait > self._sendTimeout:
+                timer.reset(self._sendTimeout)
         assert self.transport is not None
         self.transport.pauseProducing()  # type: ignore[attr-defined]
 
@@ -424,6 +446,20 @@ class ProxyExchange:
             self._metrics.upstreamError("reset_mid_body")
             request.errorCode = "reset_mid_body"
         request.loseConnection()
+
+    def clientStalled(self) -> None:
+        """
+        The client read none of the response for --send-timeout: drop its
+        connection (a slow-read attack holds no connection for ever), and
+        with it the upstream's.
+        """
+        request = self.request
+        request.errorCode = "client_send_timeout"
+        transport = request.channel.transport
+        if transport is not None:
+            transport.abortConnection()  # type: ignore[attr-defined]
+        if self._relay is not None:
+            self._relay.stopProducing()
 
     def bodyStalled(self) -> None:
         """

@@ -57,6 +57,7 @@ class Limits:
     headerTimeout: float = 10.0
     keepAliveTimeout: float = 75.0
     bodyTimeout: float = 30.0
+    sendTimeout: float = 60.0
     maxConnections: int = 20000
 
 

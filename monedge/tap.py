@@ -192,6 +192,12 @@ class Options(usage.Options):
             "Deadline for each read of a request body (408 when it stalls).",
         ],
         [
+            "send-timeout",
+            None,
+            "60s",
+            "How long a client may leave a response unread before it is dropped.",
+        ],
+        [
             "max-connections",
             None,
             "20000",
@@ -335,6 +341,7 @@ class Options(usage.Options):
             "drain-timeout",
             "header-timeout",
             "body-timeout",
+            "send-timeout",
             "keepalive-timeout",
             "upstream-idle-timeout",
         ):
@@ -624,6 +631,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         headerTimeout=options["header-timeout"],
         keepAliveTimeout=options["keepalive-timeout"],
         bodyTimeout=options["body-timeout"],
+        sendTimeout=options["send-timeout"],
         maxConnections=options["max-connections"],
     )
     site = ProxySite(

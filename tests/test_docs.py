@@ -862,12 +862,18 @@ class ConfigurationDocTests(SynchronousTestCase):
                 limits.maxHeaderLine,
                 limits.maxHeadersSize,
                 limits.maxHeaderCount,
+                limits.maxConnections,
+                limits.bodyTimeout,
+                limits.sendTimeout,
             ),
             (
                 int(defaults["max-request-line"]),
                 int(defaults["max-header-line"]),
                 int(defaults["max-headers-size"]),
                 int(defaults["max-header-count"]),
+                int(defaults["max-connections"]),
+                parseDuration(defaults["body-timeout"]),
+                parseDuration(defaults["send-timeout"]),
             ),
         )
         self.assertEqual(

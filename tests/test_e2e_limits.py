@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import socket
 import time
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import threads
+from twisted.web.server import NOT_DONE_YET
 
 from tests.e2e import ProxyTestCase
 
@@ -151,3 +153,70 @@ class ConnectionLimitTests(ProxyTestCase):
             if sample.name == "monedge_connections_refused_total"
         ]
         self.assertEqual(values, [1.0])
+
+
+class SlowReadTests(ProxyTestCase):
+    """
+    A client that stops reading a response is dropped after
+    --send-timeout, while other clients are served.
+    """
+
+    async def test_slowReaderDropped(self) -> None:
+        """
+        A client that reads only the head of a 64 MiB response, with a
+        small receive buffer, is cut off within a few seconds of a 1 s
+        --send-timeout (logged with client_send_timeout); meanwhile other
+        requests succeed.
+        """
+        from tests.test_e2e_streaming import _PatternProducer
+
+        def big(request: Any, seen: Any) -> int:
+            request.setHeader(b"content-length", b"%d" % (64 << 20))
+            request.registerProducer(_PatternProducer(request, 64 << 20), False)
+            return NOT_DONE_YET
+
+        bulk = self.startUpstream(big)
+        small = self.startUpstream()
+        proxy = await self.startProxy(
+            {
+                "service.api.big": {"endpoints": [bulk.address]},
+                "service.api.svc": {"endpoints": [small.address]},
+            },
+            ["--send-timeout", "1s"],
+        )
+
+        def stall() -> float:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(20)
+            s.connect(("127.0.0.1", proxy.port))
+            try:
+                s.sendall(b"GET /big/ HTTP/1.1\r\nHost: a\r\n\r\n")
+                s.recv(1024)
+                started = time.monotonic()
+                time.sleep(4)
+                # Whatever is buffered drains, then the connection is gone.
+                try:
+                    while s.recv(1 << 20):
+                        pass
+                except (ConnectionResetError, TimeoutError):
+                    pass
+                return time.monotonic() - started
+            finally:
+                s.close()
+
+        stalled = threads.deferToThread(stall)
+        codes = []
+        for _ in range(10):
+            response, _ = await self.get(proxy.url + "/svc/x")
+            codes.append(response.code)
+        self.assertEqual(codes, [200] * 10)
+        elapsed = await stalled
+        self.assertLess(elapsed, 15)
+        await proxy.waitFor(
+            lambda: any(
+                r.get("error") == "client_send_timeout" for r in proxy.accessLog()
+            ),
+            10,
+            "the slow reader's access-log line",
+        )
