@@ -10,6 +10,8 @@ command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
 # The HTTP/2 tests load monedge with h2load.
 command -v h2load >/dev/null 2>&1 || missing="$missing nghttp2-client"
+# The slow-client tests attack monedge with slowhttptest.
+command -v slowhttptest >/dev/null 2>&1 || missing="$missing slowhttptest"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "monedge needs these Debian packages:$missing (run: sudo apt-get install$missing)" >&2
