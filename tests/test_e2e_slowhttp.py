@@ -1,8 +1,7 @@
 """
-slowhttptest (Debian's) against a real C{twistd monedge}: slowloris and slow
-body, each cut within its deadline while normal requests keep succeeding.
-(Its slow-read mode is not cut yet: see docs/protocols.md; a client that
-stops reading is, in tests/test_e2e_limits.py.)
+slowhttptest (Debian's) against a real C{twistd monedge}: slowloris, slow
+body and slow read, each cut within its deadline while normal requests keep
+succeeding.
 """
 
 from __future__ import annotations
@@ -13,14 +12,27 @@ import subprocess
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
+from twisted.web.server import NOT_DONE_YET, Request
 
-from monedge.testing import ProxyProcess
+from monedge.testing import ProxyProcess, Received
 from tests.e2e import ProxyTestCase
 
 #: Every deadline is set to this many seconds for the attacks.
 DEADLINE = 2
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _big(request: Request, seen: Received) -> int:
+    """
+    A 64 MiB response (more than the kernel buffers hold), written as fast
+    as the proxy takes it.
+    """
+    from tests.test_e2e_streaming import _PatternProducer
+
+    request.setHeader(b"content-length", b"%d" % (64 << 20))
+    request.registerProducer(_PatternProducer(request, 64 << 20), False)
+    return NOT_DONE_YET
 
 
 class SlowHTTPTests(ProxyTestCase):
@@ -33,9 +45,13 @@ class SlowHTTPTests(ProxyTestCase):
     async def startTarget(self) -> ProxyProcess:
         if shutil.which("slowhttptest") is None:
             self.fail("slowhttptest is missing: scripts/system-deps.sh installs it")
+        big = self.startUpstream(_big)
         small = self.startUpstream()
         return await self.startProxy(
-            {"service.api.svc": {"endpoints": [small.address]}},
+            {
+                "service.api.big": {"endpoints": [big.address]},
+                "service.api.svc": {"endpoints": [small.address]},
+            },
             [
                 "--header-timeout",
                 f"{DEADLINE}s",
@@ -43,8 +59,6 @@ class SlowHTTPTests(ProxyTestCase):
                 f"{DEADLINE}s",
                 "--send-timeout",
                 f"{DEADLINE}s",
-                "--access-log",
-                "none",
             ],
         )
 
@@ -114,3 +128,41 @@ class SlowHTTPTests(ProxyTestCase):
         )
         self.assertEqual(codes, [200] * 8)
         self.assertCut(report, DEADLINE + 3)
+
+    async def test_slowRead(self) -> None:
+        """
+        20 connections asking for 64 MiB and reading 32 bytes every 3 s
+        through a tiny window are each dropped at the send deadline (the
+        access log says client_send_timeout, about 2 s after the request),
+        while normal requests succeed. (slowhttptest itself cannot see the
+        close: what monedge had sent before it sits in the client's receive
+        buffer, read 32 bytes at a time.)
+        """
+        proxy = await self.startTarget()
+        _, codes = await self.attack(
+            proxy,
+            "-X",
+            "-c",
+            "20",
+            "-r",
+            "20",
+            "-n",
+            "3",
+            "-z",
+            "32",
+            "-w",
+            "512",
+            "-y",
+            "1024",
+            "-u",
+            proxy.url + "/big/",
+        )
+        self.assertEqual(codes, [200] * 8)
+        stalled = [
+            record
+            for record in proxy.accessLog()
+            if record["path"] == "/big/" and record["error"] == "client_send_timeout"
+        ]
+        self.assertGreaterEqual(len(stalled), 20, proxy.accessLog()[-5:])
+        for record in stalled:
+            self.assertLess(record["total_latency"], DEADLINE + 3, record)
