@@ -106,6 +106,19 @@ def parseURL(url: bytes) -> tuple[bytes, bytes, int, bytes]:
     return scheme, host, int(port), target
 
 
+def _address(
+    url: bytes, headers: Headers, tls: UpstreamTLS | None
+) -> tuple[Key, bytes]:
+    """
+    The pool key and request target for C{url}; C{headers} get a C{Host}
+    from it if they have none.
+    """
+    scheme, host, port, target = parseURL(url)
+    if not headers.hasHeader(b"host"):
+        headers.setRawHeaders(b"host", [url.split(b"/")[2]])
+    return (scheme, host, port, tls if scheme == b"https" else None), target
+
+
 @implementer(IPushProducer)
 class _BodyTransport:
     """
@@ -321,11 +334,17 @@ class _Connection(Protocol):
             return
         try:
             parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass
+        except httptools.HttpParserUpgrade as e:
+            self._afterSwitch(data[e.args[0] :])
         except httptools.HttpParserError as e:
             self._fail(ResponseFailed([Failure(UpstreamProtocolError(str(e)))]))
             self.abort()
+
+    def _afterSwitch(self, rest: bytes) -> None:
+        """
+        Bytes that followed a 101's head in the same read: nothing here
+        asked for a switch, so they are dropped.
+        """
 
     def _deliver(self, protocol: Any) -> None:
         self._protocol = protocol
@@ -459,26 +478,17 @@ class _UpgradeConnection(_Connection):
             # After the 101, before the tunnel takes over.
             self._leftover += data
             return
-        self._received = True
-        parser = self._parser
-        if parser is None:
-            self.abort()
-            return
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            rest = data[e.args[0] :]
-            side = self._side
-            if side is not None:
-                # The tunnel took over while the 101 was being parsed
-                # (its head came in this very read): these bytes follow it.
-                if rest:
-                    side.received(rest)
-            else:
-                self._leftover += rest
-        except httptools.HttpParserError as e:
-            self._fail(ResponseFailed([Failure(UpstreamProtocolError(str(e)))]))
-            self.abort()
+        super().dataReceived(data)
+
+    def _afterSwitch(self, rest: bytes) -> None:
+        side = self._side
+        if side is not None:
+            # The tunnel took over while the 101 was being parsed (its head
+            # came in this very read): these bytes follow it.
+            if rest:
+                side.received(rest)
+        else:
+            self._leftover += rest
 
     def readConnectionLost(self) -> None:
         side = self._side
@@ -572,10 +582,7 @@ class FastUpstreamClient:
         connectTimeout: float,
         tls: UpstreamTLS | None = None,
     ) -> Deferred[IResponse]:
-        scheme, host, port, target = parseURL(url)
-        key = (scheme, host, port, tls if scheme == b"https" else None)
-        if not headers.hasHeader(b"host"):
-            headers.setRawHeaders(b"host", [url.split(b"/")[2]])
+        key, target = _address(url, headers, tls)
         connection = self._take(key)
         if connection is not None:
             d = connection.send(method, target, headers, body)
@@ -605,10 +612,7 @@ class FastUpstreamClient:
         connectTimeout: float,
         tls: UpstreamTLS | None = None,
     ) -> Deferred[IResponse]:
-        scheme, host, port, target = parseURL(url)
-        key = (scheme, host, port, tls if scheme == b"https" else None)
-        if not headers.hasHeader(b"host"):
-            headers.setRawHeaders(b"host", [url.split(b"/")[2]])
+        key, target = _address(url, headers, tls)
         return self._connectAndSend(
             key, b"GET", target, headers, None, connectTimeout, _UpgradeConnection
         )

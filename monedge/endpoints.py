@@ -60,13 +60,20 @@ class UpstreamTLS:
 _files: dict[str, tuple[tuple[float, int], bytes]] = {}
 
 
+def _stamp(path: str) -> tuple[float, int]:
+    """
+    What tells a file's versions apart: its modification time and size.
+    """
+    info = os.stat(path)
+    return info.st_mtime, info.st_size
+
+
 def _read(path: str) -> bytes:
     """
     A file's bytes, cached until it changes.
     """
     try:
-        info = os.stat(path)
-        stamp = (info.st_mtime, info.st_size)
+        stamp = _stamp(path)
         cached = _files.get(path)
         if cached is not None and cached[0] == stamp:
             return cached[1]
@@ -181,9 +188,9 @@ class EndpointCache:
                 continue
             cached = _files.get(path)
             try:
-                info = os.stat(path)
+                stamp = _stamp(path)
             except OSError:
                 return True
-            if cached is None or cached[0] != (info.st_mtime, info.st_size):
+            if cached is None or cached[0] != stamp:
                 return True
         return False

@@ -195,7 +195,6 @@ class ProxyExchange:
         self._timeoutCall: IDelayedCall | None = None
         self._timedOut = False
         self._relay: _BodyRelay | None = None
-        self._tunnel: Tunnel | None = None
         self._clientGone = False
         self._sentAt = 0.0
         #: Runs the response hooks on the response's head, if there are any.
@@ -380,7 +379,6 @@ class ProxyExchange:
         request.startedWriting = True
         transport.write(b"".join(lines))
         tunnels.add(tunnel)
-        self._tunnel = tunnel
         self._metrics.tunnelOpened()
         tunnel.start(transport, upstreamTransport, fromClient, fromUpstream)
 

@@ -19,7 +19,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from monedge.testing import ProxyProcess, RecordingUpstream, Responder, writeRegistry
 
-__all__ = ["ProxyTestCase", "deferRaw", "rawExchange"]
+__all__ = ["ProxyTestCase", "deferRaw", "rawExchange", "readUntilClosed"]
 
 
 class ProxyTestCase(TestCase):
@@ -103,16 +103,24 @@ def rawExchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
     """
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        chunks = []
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        except (TimeoutError, ConnectionResetError):
-            pass
-        return b"".join(chunks)
+        return readUntilClosed(s)
+
+
+def readUntilClosed(s: socket.socket) -> bytes:
+    """
+    Read from C{s} until the server closes it, resets it, or the socket's
+    timeout passes with nothing more.  Blocking: call it in a thread.
+    """
+    chunks = []
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return b"".join(chunks)
 
 
 def deferRaw(port: int, data: bytes, timeout: float = 5.0) -> Deferred[bytes]:

@@ -14,20 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import threads
 from twisted.web.server import NOT_DONE_YET
 
-from tests.e2e import ProxyTestCase
-
-
-def _readAll(s: socket.socket) -> bytes:
-    data = b""
-    try:
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except (TimeoutError, ConnectionResetError):
-        pass
-    return data
+from tests.e2e import ProxyTestCase, readUntilClosed
 
 
 class BodyTimeoutTests(ProxyTestCase):
@@ -54,7 +41,7 @@ class BodyTimeoutTests(ProxyTestCase):
                     b"POST /svc/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
                 )
                 started = time.monotonic()
-                data = _readAll(s)
+                data = readUntilClosed(s)
                 return time.monotonic() - started, data
 
         waited, raw = await threads.deferToThread(run)
@@ -87,7 +74,7 @@ class BodyTimeoutTests(ProxyTestCase):
                 for byte in b"0123456789":
                     time.sleep(0.4)
                     s.sendall(bytes([byte]))
-                return _readAll(s)
+                return readUntilClosed(s)
 
         raw = await threads.deferToThread(run)
         self.assertTrue(raw.startswith(b"HTTP/1.1 200"), raw)
@@ -125,7 +112,7 @@ class ConnectionLimitTests(ProxyTestCase):
                 with socket.create_connection(
                     ("127.0.0.1", proxy.port), timeout=10
                 ) as extra:
-                    refused = _readAll(extra)
+                    refused = readUntilClosed(extra)
                 held.pop().close()
                 time.sleep(0.3)
                 with socket.create_connection(
@@ -134,7 +121,7 @@ class ConnectionLimitTests(ProxyTestCase):
                     later.sendall(
                         b"GET /svc/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
                     )
-                    served = _readAll(later)
+                    served = readUntilClosed(later)
                 return refused, served
             finally:
                 for s in held:

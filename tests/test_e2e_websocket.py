@@ -25,7 +25,7 @@ from websockets.sync.client import ClientConnection, connect
 from websockets.sync.server import Server, ServerConnection, serve
 
 from monedge.testing import ProxyProcess, Received
-from tests.e2e import ProxyTestCase, deferRaw
+from tests.e2e import ProxyTestCase, deferRaw, readUntilClosed
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -178,19 +178,6 @@ def _exchange(port: int, data: bytes, then: Callable[[socket.socket], bytes]) ->
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(data)
         return then(s)
-
-
-def _readUntilClosed(s: socket.socket) -> bytes:
-    chunks = []
-    try:
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    except (TimeoutError, ConnectionResetError):
-        pass
-    return b"".join(chunks)
 
 
 def _samples(text: str, name: str) -> Iterator[tuple[dict[str, str], float]]:
@@ -464,7 +451,7 @@ class WebSocketTests(ProxyTestCase):
                     break
                 head += chunk
             s.shutdown(socket.SHUT_WR)
-            return head + _readUntilClosed(s)
+            return head + readUntilClosed(s)
 
         raw = await threads.deferToThread(
             _exchange, proxy.port, handshake(b"/ws/x"), then
