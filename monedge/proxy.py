@@ -5,9 +5,9 @@ status.
 
 Retry rule: a request whose connection could not be opened is retried once
 on another endpoint.  Once any byte may have reached an upstream, nothing is
-retried here (the upstream client alone replays an idempotent, bodiless
-request whose pooled connection turned out to be closed before it was
-used).
+retried here (the upstream client alone replays an idempotent request,
+its body included, whose pooled connection turned out to be closed before
+any response byte came back).
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTim
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from monedge.balancer import Balancer, EndpointState
+from monedge.client import BufferedBody
 from monedge.endpoints import UpstreamTLS, UpstreamTLSError
 from monedge.errors import ProxyError, errorBody, renderError
 from monedge.headers import downstreamHeaders
@@ -221,8 +222,7 @@ class ProxyExchange:
             return None
         content = request.content
         assert content is not None
-        content.seek(0, 0)
-        return FileBodyProducer(content)
+        return BufferedBody(content)
 
     def _send(self, state: EndpointState, canRetry: bool) -> None:
         self._state = state

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone
@@ -20,7 +21,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface.verify import verifyObject
 
-from monedge.client import FastUpstreamClient, StaleConnection, parseURL
+from monedge.client import (
+    BufferedBody,
+    FastUpstreamClient,
+    StaleConnection,
+    parseURL,
+)
 from monedge.interfaces import IUpstreamClient
 
 
@@ -290,6 +296,37 @@ class ClientTests(SynchronousTestCase):
         protocol.connectionLost(Failure(ConnectionDone()))
         self.failureResultOf(post, StaleConnection)
         self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_staleIdempotentBodyResent(self) -> None:
+        """
+        A PUT whose body monedge holds in full (a L{BufferedBody}) on a
+        pooled connection that turns out closed is sent again, body and
+        all, on a new connection: PUT is idempotent.
+        """
+        from io import BytesIO
+
+        d = self.request()
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.successResultOf(d).deliverBody(Body())
+        now = task.Cooperator(scheduler=lambda f: f(), started=True)  # type: ignore[arg-type,return-value]
+        body = BufferedBody(BytesIO(b"payload"), now)
+        put = self.client.request(
+            b"PUT",
+            b"http://10.0.0.1:8080/a",
+            Headers({b"host": [b"api.example.com"]}),
+            body,
+            5.0,
+        )
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        fresh, transport = self.connect()
+        sent = transport.value()
+        self.assertTrue(sent.startswith(b"PUT /a HTTP/1.1\r\n"), sent)
+        self.assertIn(b"\r\nContent-Length: 7\r\n", sent)
+        self.assertTrue(sent.endswith(b"\r\n\r\npayload"), sent)
+        fresh.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(put).code, 200)
 
     def test_idleConnectionsExpire(self) -> None:
         """
