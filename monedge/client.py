@@ -51,6 +51,7 @@ from zope.interface import implementer
 from monedge.endpoints import EndpointCache, UpstreamTLS, UpstreamTLSError
 from monedge.headers import canonicalName
 from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
+from monedge.sockets import sendAtOnce
 
 #: Response headers that frame the connection, not the entity: kept out of
 #: C{response.headers}, as Twisted's client does.
@@ -250,6 +251,9 @@ class _Connection(Protocol):
         self._chunked = False
         self._bodyWriter: Deferred[None] | None = None
         self._bufferPaused = False
+
+    def connectionMade(self) -> None:
+        sendAtOnce(self.transport)
 
     # Sending
 

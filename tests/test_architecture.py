@@ -18,6 +18,7 @@ LAYERS: dict[str, int] = {
     "policy": 0,
     "errors": 0,
     "headers": 0,
+    "sockets": 0,
     "registry": 1,
     "endpoints": 1,
     "upgrade": 1,
