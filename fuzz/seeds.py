@@ -1,0 +1,58 @@
+"""
+Write the fuzz target's seed corpus, generated from the raw-socket
+regression corpus in C{tests/corpus_cases.py} at run time (so it can never
+drift from it), plus a few well-formed requests and every crash reproducer
+checked into C{fuzz/regressions/}.
+
+    .venv/bin/python fuzz/seeds.py OUTPUT_DIR [DICTIONARY_FILE]
+
+prints how many seeds it wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from monedge.testing.fuzz import LISTENER_PORT, writeDictionary, writeSeeds  # noqa: E402
+from tests import corpus_cases  # noqa: E402
+
+#: Crash reproducers found by the fuzzer, each also a named test.
+REGRESSIONS = os.path.join(ROOT, "fuzz", "regressions")
+
+
+def corpusCases() -> list[tuple[str, bytes]]:
+    """
+    Every case of the raw-socket corpus, as (name, raw bytes).
+    """
+    cases = [
+        *corpus_cases.pathCases(),
+        *corpus_cases.hopByHopRequestCases(),
+        *corpus_cases.hopByHopResponseCases(),
+        *corpus_cases.untrustedForwardingCases(LISTENER_PORT),
+        *corpus_cases.trustedForwardingCases(LISTENER_PORT),
+        *corpus_cases.framingCases(),
+    ]
+    return [(case.name, case.raw) for case in cases]
+
+
+def main(argv: list[str]) -> int:
+    """
+    Write the seeds (and the dictionary, if a path is given).
+    """
+    if len(argv) not in (2, 3):
+        sys.stderr.write(f"usage: {argv[0]} OUTPUT_DIR [DICTIONARY_FILE]\n")
+        return 2
+    written = writeSeeds(argv[1], corpusCases(), REGRESSIONS)
+    if len(argv) == 3:
+        writeDictionary(argv[2])
+    sys.stdout.write(f"{len(written)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
