@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 
 from monedge.testing import ProxyProcess, RecordingUpstream, freePort
@@ -22,6 +22,7 @@ from monedge.testing.kubernetes import (
     serviceObject,
 )
 from tests.e2e import ProxyTestCase
+from tests.load import Load
 
 
 def _later(seconds: float) -> Deferred[None]:
@@ -213,31 +214,28 @@ class RollingDeployTests(KubernetesTestCase):
             fake.apply(obj)
         proxy = await self.startKubernetesProxy(fake)
         await self.waitForStatus(proxy, "/roll/", 200, within=5)
-        failures: list[str] = []
-        sent = [0]
-        running = [True]
-
-        async def client() -> None:
-            while running[0]:
-                response, body = await self.get(proxy.url + "/roll/")
-                sent[0] += 1
-                if response.code != 200:
-                    failures.append(f"{response.code} {body[:200]!r}")
-
-        clients = [Deferred.fromCoroutine(client()) for _ in range(8)]
-        for i, (before, after) in enumerate(zip(old, new, strict=True)):
-            fake.apply(kSlice(f"new-{i}", "service-api-roll", [(after, READY)]))
-            await _later(0.4)
-            fake.apply(kSlice(f"old-{i}", "service-api-roll", [(before, TERMINATING)]))
-            await _later(0.4)
-            fake.delete("EndpointSlice", "shop", f"old-{i}")
-            await _later(0.4)
-            await before.stop()
-        await _later(0.5)
-        running[0] = False
-        await defer.gatherResults(clients)
-        self.assertEqual(failures, [])
-        self.assertGreater(sent[0], 200)
+        load = Load(proxy.url + "/roll/", concurrency=8)
+        load.start()
+        try:
+            load.eventStarted()
+            for i, (before, after) in enumerate(zip(old, new, strict=True)):
+                fake.apply(kSlice(f"new-{i}", "service-api-roll", [(after, READY)]))
+                await _later(0.4)
+                fake.apply(
+                    kSlice(f"old-{i}", "service-api-roll", [(before, TERMINATING)])
+                )
+                await _later(0.4)
+                fake.delete("EndpointSlice", "shop", f"old-{i}")
+                await _later(0.4)
+                await before.stop()
+            load.eventEnded()
+            await _later(0.5)
+        finally:
+            await load.stop()
+        figures = json.dumps(load.report("kubernetes rolling endpoints"))
+        whole = load.figures()
+        self.assertEqual(whole.failed, 0, figures)
+        self.assertGreater(whole.sent, 200, figures)
         # Both generations served: the old before the roll, the new after.
         self.assertTrue(all(u.received for u in new))
         self.assertTrue(all(u.received for u in old))
