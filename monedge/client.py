@@ -17,18 +17,16 @@ proxy path.  Its contract, kept by the same end-to-end tests:
 - a malformed response (llhttp is strict: bare LF, bad chunk sizes, two
   Content-Lengths) fails the request, as a reset would;
 - a pooled connection found closed before any byte of the response is
-  replaced by a new one, once, for an idempotent request (RFC 9110,
-  section 9.2.2) without a body or with a L{BufferedBody}, which can be
-  sent again;
+  replaced by a new one, once, for a request L{monedge.replay.mayReplay}
+  allows;
 - cancelling the result aborts the request and its connection.
 """
 
 from __future__ import annotations
 
-from typing import IO, Any
+from typing import Any
 
 import httptools
-from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -38,7 +36,6 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import (
-    FileBodyProducer,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
@@ -51,6 +48,7 @@ from zope.interface import implementer
 from monedge.endpoints import EndpointCache, UpstreamTLS, UpstreamTLSError
 from monedge.headers import canonicalName
 from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
+from monedge.replay import BufferedBody, mayReplay
 from monedge.sockets import sendAtOnce
 
 #: Response headers that frame the connection, not the entity: kept out of
@@ -67,51 +65,6 @@ _CONNECTION_CONTROL = frozenset(
         b"proxy-connection",
     ]
 )
-
-_IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
-
-
-class _KeptOpen:
-    """
-    A file whose C{close} is ignored: L{FileBodyProducer} closes its input
-    when done, and a body that may be sent again must stay readable.
-    """
-
-    def __init__(self, content: IO[bytes]) -> None:
-        self._content = content
-
-    def read(self, size: int = -1) -> bytes:
-        return self._content.read(size)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._content.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._content.tell()
-
-    def close(self) -> None:
-        pass
-
-
-class BufferedBody(FileBodyProducer):
-    """
-    A request body held in full before it is sent (twisted.web reads the
-    whole body before a resource renders), which can therefore be sent
-    again: see L{again}.
-    """
-
-    def __init__(self, content: IO[bytes], cooperator: Any = task) -> None:
-        content.seek(0, 0)
-        super().__init__(_KeptOpen(content), cooperator)
-        self._content = content
-        self._cooperator = cooperator
-
-    def again(self) -> BufferedBody:
-        """
-        A new producer of the same body, from its first byte.
-        """
-        return BufferedBody(self._content, self._cooperator)
-
 
 #: scheme, host, port and TLS settings: connections are pooled by all four.
 Key = tuple[bytes, bytes, int, "UpstreamTLS | None"]
@@ -640,9 +593,7 @@ class FastUpstreamClient:
         connection = self._take(key)
         if connection is not None:
             d = connection.send(method, target, headers, body)
-            if method in _IDEMPOTENT and (
-                body is None or isinstance(body, BufferedBody)
-            ):
+            if mayReplay(method, body):
                 return d.addErrback(
                     self._retryStale, key, method, target, headers, body, connectTimeout
                 )
@@ -656,11 +607,12 @@ class FastUpstreamClient:
         method: bytes,
         target: bytes,
         headers: Headers,
-        body: BufferedBody | None,
+        body: IBodyProducer | None,
         connectTimeout: float,
     ) -> Deferred[IResponse]:
         failure.trap(StaleConnection)
-        again = None if body is None else body.again()
+        # mayReplay allowed it: no body, or one that can be sent again.
+        again = body.again() if isinstance(body, BufferedBody) else None
         return self._connectAndSend(key, method, target, headers, again, connectTimeout)
 
     def upgrade(

@@ -29,12 +29,12 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from monedge.balancer import Balancer, EndpointState
-from monedge.client import BufferedBody
 from monedge.endpoints import UpstreamTLS, UpstreamTLSError
 from monedge.errors import ProxyError, errorBody, renderError
 from monedge.headers import downstreamHeaders
 from monedge.hooks import HookFailed, HookResponse, HookResponseHead, HookSet
 from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
+from monedge.replay import BufferedBody
 from monedge.tunnel import Tunnel, TunnelSet
 from monedge.upgrade import isWebSocketAccept
 

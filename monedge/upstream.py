@@ -6,20 +6,29 @@ it names can be stripped.
 
 This is deliberately not treq and not L{twisted.web.proxy}: no cookies, no
 redirects, no decoding, no buffering.
+
+Twisted's pool sends a request again on a new connection when its pooled
+one was found closed, but only for C{GET}, C{HEAD}, C{OPTIONS}, C{DELETE}
+and C{TRACE} without a body.  monedge's rule (L{monedge.replay}) also
+allows C{PUT} and a body it holds in full, and both clients keep it: the
+pool here wraps cached connections in L{_Replaying} instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.python.failure import Failure
+from twisted.web._newclient import HTTP11ClientProtocol, Request
 from twisted.web.client import (
     URI,
     Agent,
     HTTPConnectionPool,
     _HTTP11ClientFactory,
+    _RetryingHTTP11ClientProtocol,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
@@ -27,6 +36,7 @@ from zope.interface import implementer
 
 from monedge.endpoints import EndpointCache, UpstreamTLS, UpstreamTLSError
 from monedge.interfaces import IUpstreamClient
+from monedge.replay import BufferedBody, mayReplay
 
 #: Upstream keep-alive idle: below the keep-alive of common upstream
 #: servers (Node.js 5 s, nginx 75 s, Go 90 s), so monedge, not the
@@ -61,6 +71,54 @@ class _ClientFactory(_HTTP11ClientFactory):
 
     def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
         return _ConnectionHeaderProtocol(self._quiescentCallback)
+
+
+class _Replaying(_RetryingHTTP11ClientProtocol):
+    """
+    A cached connection that sends its request again, once, on a new
+    connection if it fails before any of the response and
+    L{monedge.replay.mayReplay} allows it; a L{BufferedBody} is sent again
+    from its first byte.
+    """
+
+    def request(self, request: Request) -> Deferred[IResponse]:
+        d: Deferred[IResponse] = self._clientProtocol.request(request)
+
+        def failed(reason: Failure) -> Any:
+            body = request.bodyProducer
+            if not (
+                mayReplay(request.method, body)
+                and self._shouldRetry(b"GET", reason.value, None)
+            ):
+                return reason
+            if isinstance(body, BufferedBody):
+                request.bodyProducer = body.again()
+            new: Callable[[], Deferred[HTTP11ClientProtocol]] = self._newConnection
+            return new().addCallback(lambda connection: connection.request(request))
+
+        return d.addErrback(failed)
+
+
+class _Pool(HTTPConnectionPool):
+    """
+    Twisted's pool, with cached connections wrapped in L{_Replaying}.
+    """
+
+    retryAutomatically = False
+    _factory = _ClientFactory
+
+    def getConnection(
+        self, key: Hashable, endpoint: IStreamClientEndpoint
+    ) -> Deferred[HTTP11ClientProtocol]:
+        cached = any(c.state == "QUIESCENT" for c in self._connections.get(key, ()))
+        d = super().getConnection(key, endpoint)
+        if not cached:
+            return d
+
+        def wrap(connection: HTTP11ClientProtocol) -> Any:
+            return _Replaying(connection, lambda: self._newConnection(key, endpoint))
+
+        return d.addCallback(wrap)
 
 
 @implementer(IAgentEndpointFactory)
@@ -98,10 +156,9 @@ class UpstreamClient:
         poolIdle: float = DEFAULT_POOL_IDLE,
     ) -> None:
         self._reactor = reactor
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool = _Pool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = maxPerHost
         self.pool.cachedConnectionTimeout = poolIdle  # type: ignore[assignment]
-        self.pool._factory = _ClientFactory
         self._agents: dict[tuple[float, UpstreamTLS | None], Agent] = {}
         self._endpoints = EndpointCache(reactor)
 

@@ -21,13 +21,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface.verify import verifyObject
 
-from monedge.client import (
-    BufferedBody,
-    FastUpstreamClient,
-    StaleConnection,
-    parseURL,
-)
+from monedge.client import FastUpstreamClient, StaleConnection, parseURL
 from monedge.interfaces import IUpstreamClient
+from monedge.replay import BufferedBody
 
 
 class Body(Protocol):

@@ -932,41 +932,10 @@ class StalePoolTests(FaultTestCase):
 class AgentStalePoolTests(StalePoolTests):
     """
     The stale-connection tests again, with Twisted's Agent as the upstream
-    client, which replays only requests without a body (docs/errors.md).
+    client: both clients keep one replay rule (L{monedge.replay}).
     """
 
     proxyArgs = ["--upstream-client", "agent"]
-
-    async def test_bodilessPutRetried(self) -> None:
-        await super().test_bodilessPutRetried()
-
-    test_bodilessPutRetried.skip = (  # type: ignore[attr-defined]
-        "BUG: with --upstream-client agent a bodiless PUT on a stale pooled"
-        " connection is 502: Twisted's _RetryingHTTP11ClientProtocol._shouldRetry"
-        " leaves PUT out of its idempotent methods, unlike docs/errors.md"
-    )
-
-    async def test_idempotentWithBodyRetried(self) -> None:
-        """
-        With the Agent client, a PUT or DELETE with a body on a stale pooled
-        connection is not sent again: 502 upstream_reset, as docs/errors.md
-        says ("Twisted's pool replays only idempotent requests without a
-        body"), the upstream having seen it once.
-        """
-        upstream, proxy = await self.startPool()
-        expected = []
-        for number, method in enumerate(["PUT", "DELETE"], start=1):
-            code, _ = await self.send(proxy, "GET", f"/prime{number}")
-            self.assertEqual(code, 200)
-            path = f"/{method.lower()}"
-            code, body = await self.send(proxy, method, path, b"the payload")
-            self.assertEqual(code, 502, body)
-            self.assertEqual(json.loads(body)["code"], "upstream_reset")
-            expected += [
-                (number, 0, f"GET /prime{number}"),
-                (number, 1, f"{method} {path}"),
-            ]
-        self.assertEqual(upstream.seen(), expected)
 
 
 # 5. Names that do not resolve
