@@ -37,6 +37,10 @@ from monedge.paths import RoutedPath
 from monedge.sockets import sendAtOnce
 from monedge.tunnel import TunnelSide
 
+#: The message of the 400 for a header name with an underscore, with
+#: C{--underscore-headers reject}.
+UNDERSCORE_REFUSED = "header names with underscores are refused"
+
 #: The status logged for a request whose client went away first.
 CLIENT_CLOSED = 499
 
@@ -60,6 +64,9 @@ class Limits:
     bodyTimeout: float = 30.0
     sendTimeout: float = 60.0
     maxConnections: int = 20000
+    #: What to do with a request header whose name has an underscore:
+    #: C{"drop"} it, C{"reject"} the request (400), or C{"allow"} it.
+    underscoreHeaders: str = "drop"
 
 
 class ProxyRequest(server.Request):
@@ -146,6 +153,8 @@ class ProxyRequest(server.Request):
             # An H2Stream: its pseudo-headers (method, path, authority) come
             # before any other header, so they are known here.
             command, path, version = channel.command, channel.path, b"HTTP/2"
+            if self._underscoreNames():
+                return
         else:
             command, path, version = channel._command, channel._path, channel._version
         decision = self.site.resource.decide(command, path, version, self)
@@ -165,6 +174,26 @@ class ProxyRequest(server.Request):
             if length is None:
                 self._bodyLimit = limit
         super().gotLength(length)
+
+    def _underscoreNames(self) -> bool:
+        """
+        Over HTTP/2, apply C{--underscore-headers} to the request's header
+        names at once (HTTP/1.1 does as each line is read); whether the
+        request was refused.
+        """
+        action = self.site.limits.underscoreHeaders
+        if action == "allow":
+            return False
+        headers = self.requestHeaders
+        names = [name for name, _ in headers.getAllRawHeaders() if b"_" in name]
+        if not names:
+            return False
+        if action == "reject":
+            self._refuse("bad_request", UNDERSCORE_REFUSED)
+            return True
+        for name in names:
+            headers.removeHeader(name)
+        return False
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -589,6 +618,8 @@ class ProxyChannel(HTTPChannel):
         included), and any transfer coding on an HTTP/1.0 request.
         """
         name, sep, value = line.partition(b":")
+        if b"_" in name and self.limits.underscoreHeaders != "allow":
+            return self._underscoreHeader(line, name)
         if sep and name.strip(b" \t").lower() == b"transfer-encoding":
             if getattr(self, "_version", None) != b"HTTP/1.1":
                 self._refuseForRequest("bad_request")
@@ -598,6 +629,22 @@ class ProxyChannel(HTTPChannel):
                 return False
         ok: bool = super().headerReceived(line)
         return ok
+
+    def _underscoreHeader(self, line: bytes, name: bytes) -> bool:
+        """
+        A header whose name has an underscore: checked like any other, then
+        dropped, or, with C{--underscore-headers reject}, refused.  An
+        upstream that reads C{-} and C{_} as one (CGI, WSGI) cannot then
+        take it for a header monedge sets or strips.
+        """
+        ok: bool = super().headerReceived(line)
+        if not ok:
+            return False
+        if self.limits.underscoreHeaders == "reject":
+            self._refuseForRequest("bad_request", UNDERSCORE_REFUSED)
+            return False
+        self.requests[-1].requestHeaders.removeHeader(name)
+        return True
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         """
@@ -621,9 +668,9 @@ class ProxyChannel(HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         self._refuseForRequest("bad_request")
 
-    def _refuseForRequest(self, code: str) -> None:
+    def _refuseForRequest(self, code: str, message: str | None = None) -> None:
         request = self.requests[-1] if self.requests else None
-        self.refuse(code, None, request=request)
+        self.refuse(code, None, message, request=request)
 
     def refuse(
         self,

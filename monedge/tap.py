@@ -186,6 +186,13 @@ class Options(usage.Options):
         ],
         ["max-request-line", None, "8192", "Longest request line (414 beyond)."],
         [
+            "underscore-headers",
+            None,
+            "drop",
+            "Request headers whose names have an underscore: drop, reject (400)"
+            " or allow.",
+        ],
+        [
             "body-timeout",
             None,
             "30s",
@@ -361,6 +368,11 @@ class Options(usage.Options):
         self["upstream-pool-size"] = _positive(
             "upstream-pool-size", self["upstream-pool-size"], int
         )
+        if self["underscore-headers"] not in ("drop", "reject", "allow"):
+            raise usage.UsageError(
+                "--underscore-headers: expected drop, reject or allow, got"
+                f" {self['underscore-headers']!r}"
+            )
         if self["upstream-client"] not in ("fast", "agent"):
             raise usage.UsageError(
                 f"--upstream-client: expected fast or agent, got {self['upstream-client']!r}"
@@ -633,6 +645,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         bodyTimeout=options["body-timeout"],
         sendTimeout=options["send-timeout"],
         maxConnections=options["max-connections"],
+        underscoreHeaders=options["underscore-headers"],
     )
     site = ProxySite(
         root,

@@ -801,3 +801,267 @@ def framingCases() -> list[Case]:
             body=b"abc",
         ),
     ]
+
+
+#: What a smuggled request looks like once it is a body or trailing bytes.
+SMUGGLED = request(b"/echo/smuggled")
+
+
+def transferEncodingCases() -> list[Case]:
+    """
+    C{Transfer-Encoding} obfuscations (TE.TE, and CL.TE or TE.CL with each
+    of them): every whitespace, case and control-byte variant of the name
+    and of the value.  A variant monedge reads as C{chunked} is decoded (and
+    refused beside a C{Content-Length}); every other one is refused: none is
+    ever ignored, so no variant can leave the body to be framed by another
+    hop.
+    """
+    bad = "bad_request"
+    chunked = b"3\r\nabc\r\n0\r\n\r\n" + SMUGGLED
+    names = [
+        (b"Transfer-Encoding", True),
+        (b"transfer-encoding", True),
+        (b"TRANSFER-ENCODING", True),
+        (b"tRaNsFeR-eNcOdInG", True),
+        (b"Transfer-Encoding ", False),
+        (b"Transfer-Encoding\t", False),
+        (b"Transfer-Encoding\x00", False),
+        (b"Transfer-Encoding\x0b", False),
+        (b"Transfer-Encoding\x0c", False),
+        (b"Transfer-Encoding\r", False),
+        (b"Transfer-Encoding\x7f", False),
+        (b"Transfer-\x00Encoding", False),
+        (b"Transfer Encoding", False),
+        (b"\x0bTransfer-Encoding", False),
+    ]
+    values = [
+        (b"chunked", True),
+        (b"CHUNKED", True),
+        (b"Chunked", True),
+        (b"  chunked", True),
+        (b"\tchunked", True),
+        (b"chunked ", True),
+        (b"chunked\t", True),
+        (b"\x0bchunked", False),
+        (b"chunked\x0b", False),
+        (b"\x0cchunked", False),
+        (b"chunked\x0c", False),
+        (b"chunked\x00", False),
+        (b"chunked\r", False),
+        (b"\x85chunked", False),
+        (b"\xa0chunked", False),
+        (b'"chunked"', False),
+        (b"xchunked", False),
+        (b"chunk", False),
+        (b"chunked;q=1", False),
+        (b"chunked, identity", False),
+        (b"identity, chunked", False),
+        (b"chunked,", False),
+        (b",chunked", False),
+        (b"", False),
+    ]
+
+    def post(*headers: bytes) -> bytes:
+        return request(b"/echo/up", *headers, method=b"POST", body=chunked)
+
+    def spelt(kind: str, raw: bytes) -> str:
+        return f"{kind} {raw.decode('latin-1')!r}"
+
+    variants = [(name + b": chunked", ok, spelt("name", name)) for name, ok in names]
+    variants += [
+        (b"Transfer-Encoding:" + value, ok, spelt("value", value))
+        for value, ok in values[1:]
+    ]
+    cases = []
+    for header, ok, label in variants:
+        # TE.TE: the variant alone.  Decoded as chunked, or refused.
+        if ok:
+            cases.append(
+                Case(
+                    f"TE {label}",
+                    post(header),
+                    200,
+                    uri=b"/up",
+                    upstream={b"content-length": [b"3"], b"transfer-encoding": ()},
+                    body=b"abc",
+                )
+            )
+        else:
+            cases.append(Case(f"TE {label}", post(header), 400, bad))
+        # CL.TE and TE.CL: with a Content-Length, always refused.
+        cases.append(
+            Case(
+                f"CL.TE {label}",
+                post(b"Content-Length: 5", header),
+                400,
+                bad,
+            )
+        )
+        cases.append(
+            Case(
+                f"TE.CL {label}",
+                post(header, b"Content-Length: 5"),
+                400,
+                bad,
+            )
+        )
+    return cases
+
+
+def smugglingCases() -> list[Case]:
+    """
+    The framing rules beyond C{Transfer-Encoding}: HTTP/1.0 bodies, bare
+    CR, LF and NUL, chunk syntax, bodies that look like requests, bytes
+    after C{Connection: close}, and header names with underscores (dropped
+    by default).
+    """
+    bad = "bad_request"
+
+    def post(*headers: bytes, body: bytes, version: bytes = b"HTTP/1.1") -> bytes:
+        return request(
+            b"/echo/up", *headers, method=b"POST", version=version, body=body
+        )
+
+    def chunkedPost(body: bytes) -> bytes:
+        return post(b"Transfer-Encoding: chunked", body=body)
+
+    return [
+        Case(
+            "HTTP/1.0 with chunked",
+            post(
+                b"Transfer-Encoding: chunked",
+                body=b"3\r\nabc\r\n0\r\n\r\n",
+                version=b"HTTP/1.0",
+            ),
+            400,
+            bad,
+        ),
+        Case(
+            "HTTP/1.0 with Content-Length",
+            post(b"Content-Length: 3", body=b"abc", version=b"HTTP/1.0"),
+            200,
+            uri=b"/up",
+            upstream={b"content-length": [b"3"], b"transfer-encoding": ()},
+            body=b"abc",
+        ),
+        Case(
+            "HTTP/1.0 body then a request",
+            post(b"Content-Length: 3", body=b"abc" + SMUGGLED, version=b"HTTP/1.0"),
+            200,
+            uri=b"/up",
+            body=b"abc",
+        ),
+        Case("bare CR in a value", request(b"/echo/x", b"X-A: a\rb"), 400, bad),
+        Case("bare LF in a value", request(b"/echo/x", b"X-A: a\nX-B: b"), 400, bad),
+        Case("bare CR in a name", request(b"/echo/x", b"X\r-A: b"), 400, bad),
+        Case("NUL in a name", request(b"/echo/x", b"X-\x00A: b"), 400, bad),
+        Case(
+            "bare CR in the request line",
+            b"GET /echo/x\rGET /echo/y HTTP/1.1\r\nHost: h.example\r\n\r\n",
+            400,
+            bad,
+        ),
+        Case(
+            "bare LF line ends",
+            b"GET /echo/x HTTP/1.1\nHost: h.example\n\nGET /echo/y HTTP/1.1\r\n\r\n",
+            400,
+            bad,
+        ),
+        Case("empty Content-Length", post(b"Content-Length:", body=b""), 400, bad),
+        Case(
+            "Content-Length: 0x10",
+            post(b"Content-Length: 0x10", body=b"a" * 16),
+            400,
+            bad,
+        ),
+        Case(
+            "Content-Length: 1 0",
+            post(b"Content-Length: 1 0", body=b"a" * 10),
+            400,
+            bad,
+        ),
+        Case(
+            "chunk-size line over 1024 bytes",
+            chunkedPost(b"3;" + b"x" * 1100 + b"\r\nabc\r\n0\r\n\r\n"),
+            400,
+            bad,
+        ),
+        Case(
+            "control character in a chunk extension",
+            chunkedPost(b"3;a\x01b\r\nabc\r\n0\r\n\r\n"),
+            400,
+            bad,
+        ),
+        Case(
+            "chunk data not followed by CRLF",
+            chunkedPost(b"3\r\nabcXX0\r\n\r\n"),
+            400,
+            bad,
+        ),
+        Case(
+            "chunk size with a bare LF",
+            chunkedPost(b"3\nabc\r\n0\r\n\r\n"),
+            400,
+            bad,
+        ),
+        Case(
+            "negative chunk size",
+            chunkedPost(b"-3\r\nabc\r\n0\r\n\r\n"),
+            400,
+            bad,
+        ),
+        Case(
+            "body is a request",
+            request(
+                b"/echo/get",
+                b"Content-Length: %d" % (len(SMUGGLED),),
+                body=SMUGGLED,
+            ),
+            200,
+            uri=b"/get",
+            body=SMUGGLED,
+        ),
+        Case(
+            "bytes after Connection: close",
+            request(b"/echo/first") + SMUGGLED,
+            200,
+            uri=b"/first",
+        ),
+        Case(
+            "underscore header dropped",
+            request(b"/echo/x", b"X_Forwarded_For: 6.6.6.6", b"X_User_Id: admin"),
+            200,
+            uri=b"/x",
+            upstream={
+                b"x_forwarded_for": (),
+                b"x_user_id": (),
+                b"x-forwarded-for": [b"127.0.0.1"],
+            },
+        ),
+        Case(
+            "Transfer_Encoding dropped, Content-Length frames",
+            post(
+                b"Transfer_Encoding: chunked",
+                b"Content-Length: 3",
+                body=b"abc",
+            ),
+            200,
+            uri=b"/up",
+            upstream={b"transfer_encoding": (), b"content-length": [b"3"]},
+            body=b"abc",
+        ),
+        Case(
+            "Content_Length dropped",
+            request(b"/echo/x", b"Content_Length: 10"),
+            200,
+            uri=b"/x",
+            upstream={b"content_length": ()},
+            body=b"",
+        ),
+        Case(
+            "underscore header with a NUL still refused",
+            request(b"/echo/x", b"X_A: a\x00b"),
+            400,
+            bad,
+        ),
+    ]

@@ -513,6 +513,59 @@ class FramingTests(CorpusTestCase):
         await self.runCases(proxy, corpus_cases.framingCases(), [upstream])
 
 
+class SmugglingTests(CorpusTestCase):
+    """
+    Request smuggling: C{Transfer-Encoding} obfuscations, and every other
+    framing trick that could make monedge and an upstream disagree on where
+    a request ends.
+    """
+
+    async def test_transferEncodingObfuscations(self) -> None:
+        """
+        Each whitespace, case and control-byte variant of
+        C{Transfer-Encoding}, alone (TE.TE) or beside a C{Content-Length}
+        (CL.TE, TE.CL), is either decoded as chunked (alone, when it is
+        exactly C{chunked} after optional whitespace, in any case) or
+        refused with 400 bad_request and the connection closed; the
+        smuggled request after the body never reaches the upstream.
+        """
+        proxy, upstream = await self.startDefault()
+        await self.runCases(proxy, corpus_cases.transferEncodingCases(), [upstream])
+        self.assertNotIn(b"/smuggled", [seen.uri for seen in upstream.received])
+
+    async def test_framingTricks(self) -> None:
+        """
+        HTTP/1.0 bodies, bare CR, LF and NUL, malformed chunks and
+        Content-Lengths are refused; a body that is a request stays body;
+        bytes after Connection: close are never parsed; header names with
+        underscores are dropped before the upstream (and before any hook),
+        however they are spelt.
+        """
+        proxy, upstream = await self.startDefault()
+        await self.runCases(proxy, corpus_cases.smugglingCases(), [upstream])
+        self.assertNotIn(b"/smuggled", [seen.uri for seen in upstream.received])
+
+    async def test_underscoreHeadersRejectAndAllow(self) -> None:
+        """
+        With --underscore-headers reject, a header name with an underscore
+        is 400 bad_request and the connection closed, nothing upstream;
+        with allow, it is forwarded as sent.
+        """
+        upstream = self.startUpstream()
+        registry = corpus_cases.services(upstream.address)
+        reject = await self.startProxy(registry, ["--underscore-headers", "reject"])
+        raw = request(b"/echo/x", b"X_User_Id: admin")
+        await self.runCases(
+            reject, [Case("rejected", raw, 400, "bad_request")], [upstream]
+        )
+        allow = await self.startProxy(registry, ["--underscore-headers", "allow"])
+        await self.runCases(
+            allow,
+            [Case("allowed", raw, 200, uri=b"/x", upstream={b"x_user_id": [b"admin"]})],
+            [upstream],
+        )
+
+
 class PipeliningTests(CorpusTestCase):
     """
     Pipelined requests on one connection.

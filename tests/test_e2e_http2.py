@@ -72,6 +72,14 @@ CASES = [
         },
     ),
     Case(
+        "underscore header names dropped",
+        "/svc/h",
+        200,
+        curl=["-H", "X_User_Id: admin", "-H", "X_Forwarded_For: 6.6.6.6"],
+        upstreamPath="/h",
+        upstreamHeaders={"x_user_id": [], "x_forwarded_for": []},
+    ),
+    Case(
         "hop-by-hop request headers",
         "/svc/h",
         200,

@@ -97,6 +97,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(self.parse("--drain-delay", "0s")["drain-delay"], 0.0)
         self.assertUsageError(["--header-timeout", "0"], "--header-timeout")
         self.assertUsageError(["--max-header-count", "0"], "--max-header-count")
+        self.assertUsageError(["--underscore-headers", "strip"], "--underscore-headers")
         self.assertUsageError(["--host-tier", "example.com"], "HOST=TIER")
         self.assertUsageError(["--host-tier", "example.com=we-b"], "invalid tier")
         self.assertUsageError(["--host-tier", "example.com:80=api"], "invalid host")
