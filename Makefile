@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install check unit lint typecheck bench clean
+.PHONY: run test install check unit lint typecheck fuzz bench clean
 
 $(BIN)/python:
 	@scripts/system-deps.sh
@@ -32,9 +32,13 @@ typecheck: install
 test: install
 	@scripts/system-deps.sh
 	$(BIN)/python -m twisted.trial tests
+	FUZZ_SECONDS=60 VENV=$(VENV) fuzz/run.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+fuzz: install
+	VENV=$(VENV) fuzz/run.sh
 
 bench: install
 	$(BIN)/python bench/run.py

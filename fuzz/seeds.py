@@ -29,15 +29,7 @@ def corpusCases() -> list[tuple[str, bytes]]:
     """
     Every case of the raw-socket corpus, as (name, raw bytes).
     """
-    cases = [
-        *corpus_cases.pathCases(),
-        *corpus_cases.hopByHopRequestCases(),
-        *corpus_cases.hopByHopResponseCases(),
-        *corpus_cases.untrustedForwardingCases(LISTENER_PORT),
-        *corpus_cases.trustedForwardingCases(LISTENER_PORT),
-        *corpus_cases.framingCases(),
-    ]
-    return [(case.name, case.raw) for case in cases]
+    return corpus_cases.everyCase(LISTENER_PORT)
 
 
 def main(argv: list[str]) -> int:

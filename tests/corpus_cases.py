@@ -1065,3 +1065,21 @@ def smugglingCases() -> list[Case]:
             bad,
         ),
     ]
+
+
+def everyCase(port: int) -> list[tuple[str, bytes]]:
+    """
+    Every case of every table, as (name, raw bytes), with C{port} as the
+    proxy's: the fuzz target's seeds.
+    """
+    cases = [
+        *pathCases(),
+        *hopByHopRequestCases(),
+        *hopByHopResponseCases(),
+        *untrustedForwardingCases(port),
+        *trustedForwardingCases(port),
+        *framingCases(),
+        *transferEncodingCases(),
+        *smugglingCases(),
+    ]
+    return [(case.name, case.raw) for case in cases]

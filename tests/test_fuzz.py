@@ -33,15 +33,7 @@ REGRESSIONS = os.path.join(ROOT, "fuzz", "regressions")
 
 
 def _corpus() -> list[tuple[str, bytes]]:
-    cases = [
-        *corpus_cases.pathCases(),
-        *corpus_cases.hopByHopRequestCases(),
-        *corpus_cases.hopByHopResponseCases(),
-        *corpus_cases.untrustedForwardingCases(fuzz.LISTENER_PORT),
-        *corpus_cases.trustedForwardingCases(fuzz.LISTENER_PORT),
-        *corpus_cases.framingCases(),
-    ]
-    return [(case.name, case.raw) for case in cases]
+    return corpus_cases.everyCase(fuzz.LISTENER_PORT)
 
 
 def _regressions() -> list[tuple[str, bytes]]:

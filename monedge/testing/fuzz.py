@@ -632,7 +632,9 @@ def frameRequests(data: bytes) -> list[Framed]:
             elif name.lower() == b"transfer-encoding":
                 codings.append(value)
         if codings:
-            if lengths or codings != [b"chunked"] or version != b"HTTP/1.1":
+            # Transfer coding names are case-insensitive (RFC 9110, 10.1.4).
+            chunked = [coding.lower() for coding in codings] == [b"chunked"]
+            if lengths or not chunked or version != b"HTTP/1.1":
                 return framed
             while True:
                 end = data.find(b"\r\n", index)
