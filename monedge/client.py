@@ -49,7 +49,6 @@ from monedge.endpoints import EndpointCache, UpstreamTLS, UpstreamTLSError
 from monedge.headers import canonicalName
 from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
 from monedge.replay import BufferedBody, mayReplay
-from monedge.sockets import sendAtOnce
 
 #: Response headers that frame the connection, not the entity: kept out of
 #: C{response.headers}, as Twisted's client does.
@@ -204,9 +203,6 @@ class _Connection(Protocol):
         self._chunked = False
         self._bodyWriter: Deferred[None] | None = None
         self._bufferPaused = False
-
-    def connectionMade(self) -> None:
-        sendAtOnce(self.transport)
 
     # Sending
 

@@ -34,7 +34,6 @@ from monedge.errors import CATALOGUE, ProxyError, rawErrorResponse, renderError
 from monedge.headers import connectionTokens, newRequestId, requestIdFor
 from monedge.metrics import NO_SERVICE, Metrics
 from monedge.paths import RoutedPath
-from monedge.sockets import sendAtOnce
 from monedge.tunnel import TunnelSide
 
 #: The message of the 400 for a header name with an underscore, with
@@ -317,15 +316,6 @@ class ProxyRequest(server.Request):
             self._closeAfterResponse()
         super().write(data)
 
-    def flushHead(self) -> None:
-        """
-        Send the response head now if it is still held for the body's
-        first bytes (HTTP/1.1 only; see L{ProxyChannel.writeHeaders}).
-        """
-        channel = self.channel
-        if isinstance(channel, ProxyChannel):
-            channel.flushHead()
-
 
 class ProxyChannel(HTTPChannel):
     """
@@ -353,7 +343,6 @@ class ProxyChannel(HTTPChannel):
         self._inBody = False
         self._host: Any = None
         self._secure: bool | None = None
-        self._heldHead: bytes | None = None
         #: Once the connection is a tunnel: where its bytes go.
         self.tunnelSide: TunnelSide | None = None
 
@@ -379,7 +368,6 @@ class ProxyChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = max(self.limits.maxRequestLine, self.limits.maxHeaderLine)
-        sendAtOnce(self.transport)
         super().connectionMade()
         self.site.channels.add(self)
         self._startDeadline()
@@ -508,39 +496,8 @@ class ProxyChannel(HTTPChannel):
             for value in values:
                 lines += (name, b": ", value, b"\r\n")
         lines.append(b"\r\n")
-        # Held until the body's first bytes, so that both go in one send
-        # (see monedge.sockets): flushHead sends it alone if need be.
-        self._heldHead = b"".join(lines)
-
-    def flushHead(self) -> None:
-        """
-        Send the response head held by L{writeHeaders}, if any.
-        """
-        head = self._heldHead
-        if head is not None:
-            self._heldHead = None
-            assert self.transport is not None
-            self.transport.write(head)
-
-    def write(self, data: bytes) -> None:
-        head = self._heldHead
-        if head is not None:
-            self._heldHead = None
-            data = head + data
         assert self.transport is not None
-        self.transport.write(data)
-
-    def writeSequence(self, iovec: list[bytes]) -> None:
-        head = self._heldHead
-        if head is not None:
-            self._heldHead = None
-            iovec = [head, *iovec]
-        assert self.transport is not None
-        self.transport.write(b"".join(iovec))
-
-    def loseConnection(self) -> None:
-        self.flushHead()
-        super().loseConnection()
+        self.transport.write(b"".join(lines))
 
     def _send100Continue(self) -> None:
         # A request refused on its headers (413) gets its refusal, not an
@@ -572,7 +529,6 @@ class ProxyChannel(HTTPChannel):
         super().timeoutConnection()
 
     def requestDone(self, request: Any) -> None:
-        self.flushHead()
         if self.site.draining:
             self.persistent = False
         super().requestDone(request)

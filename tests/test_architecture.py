@@ -18,7 +18,6 @@ LAYERS: dict[str, int] = {
     "policy": 0,
     "errors": 0,
     "headers": 0,
-    "sockets": 0,
     "replay": 0,
     "registry": 1,
     "endpoints": 1,
