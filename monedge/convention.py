@@ -28,7 +28,7 @@ _TIER = re.compile(r"[a-z][a-z0-9]{0,62}\Z")
 
 #: A Host's name part: RFC 3986 reg-name characters (no userinfo, no
 #: delimiters, no controls), or an IPv4 address, which fits the same set.
-_REG_NAME = re.compile(r"[a-z0-9._~!$&'()*+,;=%-]+\Z")
+_REG_NAME = re.compile(r"[a-z0-9._~!$&'()*+,;=-]+\Z")
 _PORT = re.compile(r":[0-9]{1,5}\Z")
 
 DEFAULT_TIER = "api"
@@ -112,7 +112,9 @@ def normaliseHost(host: bytes | None) -> str | None:
     The comparable form of a Host header value: lowercased, without the port
     or a trailing dot.  L{None} if the value cannot be a host name: anything
     but RFC 3986 reg-name characters (so no userinfo, C{/}, C{?}, C{#},
-    space or control character), or brackets around no IPv6 address.
+    space or control character) or a percent-escape (which one hop would
+    decode and another not), an empty label, or brackets around no IPv6
+    address.
 
     IPv6 literals keep their brackets: C{[::1]:80} is C{[::1]}.
     """
@@ -138,7 +140,12 @@ def normaliseHost(host: bytes | None) -> str | None:
     if sep and not _PORT.match(sep + port):
         return None
     hostname = hostname.removesuffix(".")
-    if not _REG_NAME.match(hostname) or hostname.startswith(".") or ".." in hostname:
+    if (
+        not _REG_NAME.match(hostname)
+        or hostname.startswith(".")
+        or hostname.endswith(".")
+        or ".." in hostname
+    ):
         return None
     return hostname
 

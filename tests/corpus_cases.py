@@ -1067,6 +1067,90 @@ def smugglingCases() -> list[Case]:
     ]
 
 
+def hostCases() -> list[Case]:
+    """
+    Hosts, on a proxy with no C{--host-tier}: every valid host names the
+    C{api} tier, and is forwarded exactly as sent; a malformed one is 400.
+    """
+
+    def routed(name: str, host: bytes) -> Case:
+        return Case(
+            name,
+            request(b"/echo/x", host=host),
+            200,
+            uri=b"/x",
+            upstream={b"host": [host], b"x-forwarded-host": [host]},
+        )
+
+    def refused(name: str, host: bytes) -> Case:
+        return Case(name, request(b"/echo/x", host=host), 400, "bad_request")
+
+    return [
+        routed("port", b"h.example:8080"),
+        routed("trailing dot", b"h.example."),
+        routed("upper case", b"H.EXAMPLE"),
+        routed("IPv4 literal", b"127.0.0.1"),
+        routed("IPv4 literal and port", b"127.0.0.1:30080"),
+        routed("IPv6 literal", b"[::1]"),
+        routed("IPv6 literal and port", b"[::1]:30080"),
+        refused("brackets around a name", b"[h.example]"),
+        refused("unbracketed IPv6", b"::1"),
+        refused("empty label", b"h..example"),
+        refused("two trailing dots", b"h.example.."),
+        refused("empty port", b"h.example:"),
+        refused("six-digit port", b"h.example:123456"),
+        refused("slash", b"h.example/echo"),
+        refused("question mark", b"h.example?x"),
+        refused("hash", b"h.example#x"),
+        refused("tab", b"h.\texample"),
+        refused("non-ASCII", b"h\xc3\xa9.example"),
+        refused("percent-encoded", b"h%2eexample"),
+        refused("backslash", b"h.example\\evil.example"),
+    ]
+
+
+#: The C{--host-tier} mapping L{hostTierCases} run under.
+HOST_TIER_ARGS = ["--host-tier", "api.example.com=api"]
+
+
+def hostTierCases() -> list[Case]:
+    """
+    Hosts, with C{--host-tier api.example.com=api}: the mapped host matches
+    in any case, with a port or one trailing dot; any other host, an IP
+    literal included, is 404 unknown_host, with no fallback.
+    """
+
+    def routed(name: str, host: bytes) -> Case:
+        return Case(
+            name,
+            request(b"/echo/x", host=host),
+            200,
+            uri=b"/x",
+            upstream={b"host": [host]},
+        )
+
+    def unknown(name: str, host: bytes) -> Case:
+        return Case(name, request(b"/echo/x", host=host), 404, "unknown_host")
+
+    return [
+        routed("mapped", b"api.example.com"),
+        routed("mapped, port", b"api.example.com:443"),
+        routed("mapped, trailing dot", b"api.example.com."),
+        routed("mapped, mixed case", b"API.Example.COM"),
+        unknown("unknown", b"h.example"),
+        unknown("subdomain of a mapped host", b"x.api.example.com"),
+        unknown("mapped host as a suffix", b"evilapi.example.com"),
+        unknown("IP literal", b"127.0.0.1"),
+        unknown("IPv6 literal", b"[::1]"),
+        Case(
+            "no Host, HTTP/1.0",
+            request(b"/echo/x", version=b"HTTP/1.0", host=None),
+            404,
+            "unknown_host",
+        ),
+    ]
+
+
 def everyCase(port: int) -> list[tuple[str, bytes]]:
     """
     Every case of every table, as (name, raw bytes), with C{port} as the
@@ -1081,5 +1165,7 @@ def everyCase(port: int) -> list[tuple[str, bytes]]:
         *framingCases(),
         *transferEncodingCases(),
         *smugglingCases(),
+        *hostCases(),
+        *hostTierCases(),
     ]
     return [(case.name, case.raw) for case in cases]

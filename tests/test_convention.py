@@ -342,6 +342,17 @@ class NormaliseHostTests(SynchronousTestCase):
         accepted = {h: normaliseHost(h) for h in hosts if normaliseHost(h) is not None}
         self.assertEqual(accepted, {})
 
+    def test_percentEscapesAndEmptyLabels(self) -> None:
+        """
+        A percent-escape (which one hop would decode and another not) and
+        an empty last label (two trailing dots) are not host names; one
+        trailing dot is.
+        """
+        hosts = [b"h%2eexample", b"%41pi.example", b"h.example..", b"h.example..:80"]
+        accepted = {h: normaliseHost(h) for h in hosts if normaliseHost(h) is not None}
+        self.assertEqual(accepted, {})
+        self.assertEqual(normaliseHost(b"h.example.:80"), "h.example")
+
     def test_bracketedNonAddress(self) -> None:
         """
         Brackets hold only an IP literal (hex digits, colons and dots), so

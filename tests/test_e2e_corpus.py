@@ -513,6 +513,30 @@ class FramingTests(CorpusTestCase):
         await self.runCases(proxy, corpus_cases.framingCases(), [upstream])
 
 
+class HostCorpusTests(CorpusTestCase):
+    """
+    Hosts: ports, trailing dots, IP literals, malformed and unknown hosts.
+    """
+
+    async def test_hosts(self) -> None:
+        """
+        Without --host-tier, a host with a port, a trailing dot, another
+        case or an IP literal routes to the api tier and is forwarded as
+        sent; a malformed one is 400 bad_request, nothing upstream.
+        """
+        proxy, upstream = await self.startDefault()
+        await self.runCases(proxy, corpus_cases.hostCases(), [upstream])
+
+    async def test_hostTiers(self) -> None:
+        """
+        With --host-tier, the mapped host matches with a port, a trailing
+        dot or in another case; any other host, IP literals and HTTP/1.0
+        without Host included, is 404 unknown_host, nothing upstream.
+        """
+        proxy, upstream = await self.startDefault(corpus_cases.HOST_TIER_ARGS)
+        await self.runCases(proxy, corpus_cases.hostTierCases(), [upstream])
+
+
 class SmugglingTests(CorpusTestCase):
     """
     Request smuggling: C{Transfer-Encoding} obfuscations, and every other
