@@ -7,6 +7,11 @@ limits, no logging: every request to /bench/<rest> goes to the upstream's
 /<rest>.
 
     python bench/minimal.py --port 9300 --upstream-port 9101
+
+With C{--client fast} it sends through monedge's own upstream client
+(L{monedge.client.FastUpstreamClient}) instead of C{Agent}: the floor of a
+C{twisted.web} resource-tree proxy on monedge's data path, with none of
+monedge's features (docs/performance.md, "How close the floor is").
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
@@ -62,7 +68,7 @@ class Proxy(Resource):
 
     isLeaf = True
 
-    def __init__(self, agent: Agent, upstream: bytes) -> None:
+    def __init__(self, agent: Any, upstream: bytes) -> None:
         super().__init__()
         self.agent = agent
         self.upstream = upstream
@@ -99,16 +105,37 @@ class Proxy(Resource):
         return NOT_DONE_YET
 
 
+class _Fast:
+    """
+    monedge's upstream client behind C{Agent}'s C{request} signature.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def request(
+        self, method: bytes, url: bytes, headers: Headers, body: Any
+    ) -> Deferred[Any]:
+        d: Deferred[Any] = self.client.request(method, url, headers, body, 10.0)
+        return d
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream-port", type=int, required=True)
+    parser.add_argument("--client", choices=["agent", "fast"], default="agent")
     args = parser.parse_args()
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 256
-    site = Site(
-        Proxy(Agent(reactor, pool=pool), b"http://127.0.0.1:%d" % args.upstream_port)
-    )
+    client: Any
+    if args.client == "fast":
+        from monedge.client import FastUpstreamClient
+
+        client = _Fast(FastUpstreamClient(reactor))
+    else:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 256
+        client = Agent(reactor, pool=pool)
+    site = Site(Proxy(client, b"http://127.0.0.1:%d" % args.upstream_port))
     site.log = lambda request: None  # type: ignore[method-assign]
     reactor.listenTCP(args.port, site, interface="127.0.0.1", backlog=1024)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]

@@ -9,7 +9,9 @@ request with C{hello\\n}, then loads it with wrk through:
   - monedge with every default feature on, its access log written to a
     file; and with C{--access-log none}, to show what the log costs;
   - monedge on Twisted's Agent (C{--upstream-client agent});
-  - a minimal ~100-line Agent proxy (bench/minimal.py);
+  - a minimal ~100-line Agent proxy (bench/minimal.py), and the same on
+    monedge's own upstream client (C{--client fast}): the floor of a
+    C{twisted.web} resource-tree proxy with none of monedge's features;
   - Twisted's own C{ReverseProxyResource} (bench/rpr.py);
   - nginx, one worker, with a keep-alive upstream pool (installed with
     apt-get if missing; C{--no-nginx} leaves it out);
@@ -72,6 +74,7 @@ MONEDGE_QUIET = "monedge (access log off)"
 MONEDGE_AGENT = "monedge (Agent client)"
 RPR = "ReverseProxyResource"
 MINIMAL = "minimal Agent proxy"
+FLOOR = "minimal proxy, monedge's client"
 NGINX = "nginx"
 HAPROXY = "HAProxy"
 DIRECT = "direct"
@@ -965,7 +968,11 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
         servers.append(server)
         targets.append(Target(label, server, "/bench/"))
     # The two Twisted baselines: a script each, taking the same options.
-    for label, script in ((RPR, "rpr.py"), (MINIMAL, "minimal.py")):
+    for label, script, more in (
+        (RPR, "rpr.py", []),
+        (MINIMAL, "minimal.py", []),
+        (FLOOR, "minimal.py", ["--client", "fast"]),
+    ):
         port = freePort()
         server = Server(
             label,
@@ -977,9 +984,10 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
                 str(port),
                 "--upstream-port",
                 str(upstreamPort),
+                *more,
             ],
             port,
-            directory / f"{script.removesuffix('.py')}.log",
+            directory / f"{script.removesuffix('.py')}-{port}.log",
         )
         servers.append(server)
         targets.append(Target(label, server, "/bench/"))
