@@ -1067,45 +1067,54 @@ def smugglingCases() -> list[Case]:
     ]
 
 
+def _hostRouted(name: str, host: bytes) -> Case:
+    """
+    A request to C{/echo/x} with C{host}, routed, the Host forwarded as sent.
+    """
+    return Case(
+        name,
+        request(b"/echo/x", host=host),
+        200,
+        uri=b"/x",
+        upstream={b"host": [host], b"x-forwarded-host": [host]},
+    )
+
+
+def _hostRefused(
+    name: str, host: bytes, status: int = 400, code: str = "bad_request"
+) -> Case:
+    """
+    A request to C{/echo/x} with C{host}, refused.
+    """
+    return Case(name, request(b"/echo/x", host=host), status, code)
+
+
 def hostCases() -> list[Case]:
     """
     Hosts, on a proxy with no C{--host-tier}: every valid host names the
     C{api} tier, and is forwarded exactly as sent; a malformed one is 400.
     """
-
-    def routed(name: str, host: bytes) -> Case:
-        return Case(
-            name,
-            request(b"/echo/x", host=host),
-            200,
-            uri=b"/x",
-            upstream={b"host": [host], b"x-forwarded-host": [host]},
-        )
-
-    def refused(name: str, host: bytes) -> Case:
-        return Case(name, request(b"/echo/x", host=host), 400, "bad_request")
-
     return [
-        routed("port", b"h.example:8080"),
-        routed("trailing dot", b"h.example."),
-        routed("upper case", b"H.EXAMPLE"),
-        routed("IPv4 literal", b"127.0.0.1"),
-        routed("IPv4 literal and port", b"127.0.0.1:30080"),
-        routed("IPv6 literal", b"[::1]"),
-        routed("IPv6 literal and port", b"[::1]:30080"),
-        refused("brackets around a name", b"[h.example]"),
-        refused("unbracketed IPv6", b"::1"),
-        refused("empty label", b"h..example"),
-        refused("two trailing dots", b"h.example.."),
-        refused("empty port", b"h.example:"),
-        refused("six-digit port", b"h.example:123456"),
-        refused("slash", b"h.example/echo"),
-        refused("question mark", b"h.example?x"),
-        refused("hash", b"h.example#x"),
-        refused("tab", b"h.\texample"),
-        refused("non-ASCII", b"h\xc3\xa9.example"),
-        refused("percent-encoded", b"h%2eexample"),
-        refused("backslash", b"h.example\\evil.example"),
+        _hostRouted("port", b"h.example:8080"),
+        _hostRouted("trailing dot", b"h.example."),
+        _hostRouted("upper case", b"H.EXAMPLE"),
+        _hostRouted("IPv4 literal", b"127.0.0.1"),
+        _hostRouted("IPv4 literal and port", b"127.0.0.1:30080"),
+        _hostRouted("IPv6 literal", b"[::1]"),
+        _hostRouted("IPv6 literal and port", b"[::1]:30080"),
+        _hostRefused("brackets around a name", b"[h.example]"),
+        _hostRefused("unbracketed IPv6", b"::1"),
+        _hostRefused("empty label", b"h..example"),
+        _hostRefused("two trailing dots", b"h.example.."),
+        _hostRefused("empty port", b"h.example:"),
+        _hostRefused("six-digit port", b"h.example:123456"),
+        _hostRefused("slash", b"h.example/echo"),
+        _hostRefused("question mark", b"h.example?x"),
+        _hostRefused("hash", b"h.example#x"),
+        _hostRefused("tab", b"h.\texample"),
+        _hostRefused("non-ASCII", b"h\xc3\xa9.example"),
+        _hostRefused("percent-encoded", b"h%2eexample"),
+        _hostRefused("backslash", b"h.example\\evil.example"),
     ]
 
 
@@ -1119,29 +1128,20 @@ def hostTierCases() -> list[Case]:
     in any case, with a port or one trailing dot; any other host, an IP
     literal included, is 404 unknown_host, with no fallback.
     """
-
-    def routed(name: str, host: bytes) -> Case:
-        return Case(
-            name,
-            request(b"/echo/x", host=host),
-            200,
-            uri=b"/x",
-            upstream={b"host": [host]},
-        )
-
-    def unknown(name: str, host: bytes) -> Case:
-        return Case(name, request(b"/echo/x", host=host), 404, "unknown_host")
-
     return [
-        routed("mapped", b"api.example.com"),
-        routed("mapped, port", b"api.example.com:443"),
-        routed("mapped, trailing dot", b"api.example.com."),
-        routed("mapped, mixed case", b"API.Example.COM"),
-        unknown("unknown", b"h.example"),
-        unknown("subdomain of a mapped host", b"x.api.example.com"),
-        unknown("mapped host as a suffix", b"evilapi.example.com"),
-        unknown("IP literal", b"127.0.0.1"),
-        unknown("IPv6 literal", b"[::1]"),
+        _hostRouted("mapped", b"api.example.com"),
+        _hostRouted("mapped, port", b"api.example.com:443"),
+        _hostRouted("mapped, trailing dot", b"api.example.com."),
+        _hostRouted("mapped, mixed case", b"API.Example.COM"),
+        _hostRefused("unknown", b"h.example", 404, "unknown_host"),
+        _hostRefused(
+            "subdomain of a mapped host", b"x.api.example.com", 404, "unknown_host"
+        ),
+        _hostRefused(
+            "mapped host as a suffix", b"evilapi.example.com", 404, "unknown_host"
+        ),
+        _hostRefused("IP literal", b"127.0.0.1", 404, "unknown_host"),
+        _hostRefused("IPv6 literal", b"[::1]", 404, "unknown_host"),
         Case(
             "no Host, HTTP/1.0",
             request(b"/echo/x", version=b"HTTP/1.0", host=None),
