@@ -503,6 +503,40 @@ class FaultTestCase(ProxyTestCase):
         self.assertLess(len(response.body), FULL_LENGTH)
         self.assertIn(response.ending, ("closed", "reset"), response.head)
 
+    async def assertCurlCutOff(
+        self, proxy: ProxyProcess, path: str, received: int, within: float = 30.0
+    ) -> None:
+        """
+        curl, fetching C{path} through C{proxy}, gets a 200 with
+        C{received} bytes and fails with 18 (partial file), within
+        C{within} seconds.
+        """
+        started = time.monotonic()
+        result = await self.curl(
+            "-o", "/dev/null", "-w", "%{http_code} %{size_download}", proxy.url + path
+        )
+        self.assertLess(time.monotonic() - started, within)
+        self.assertEqual(result.returncode, 18, result.stderr)
+        self.assertEqual(result.stdout, b"200 %d" % (received,))
+
+    async def assertLoggedCutOff(
+        self, proxy: ProxyProcess, paths: Sequence[str], error: str
+    ) -> None:
+        """
+        Each of C{paths} is in the access log as a 200 with C{error}, and
+        the upstream-errors metric counts C{error} once for each.
+        """
+        for path in paths:
+            record = await self.logged(proxy, path)
+            self.assertEqual((record["status"], record["error"]), (200, error))
+        self.assertEqual(
+            metric(
+                await self.metrics(proxy),
+                f'monedge_upstream_errors_total{{kind="{error}"}}',
+            ),
+            len(paths),
+        )
+
 
 # 1. Refused connections
 
@@ -606,28 +640,13 @@ class ResetTests(FaultTestCase):
         response = await deferRequest(proxy.port, keepAliveGet("/cut/raw"))
         self.assertCutOff(response)
         self.assertEqual(len(response.body), SENT)
-        result = await self.curl(
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{size_download}",
-            proxy.url + "/cut/curl",
+        await self.assertCurlCutOff(proxy, "/cut/curl", SENT)
+        await self.assertLoggedCutOff(
+            proxy, ["/cut/raw", "/cut/curl"], "reset_mid_body"
         )
-        self.assertEqual(result.returncode, 18, result.stderr)
-        self.assertEqual(result.stdout, b"200 %d" % (SENT,))
         for path in ("/cut/raw", "/cut/curl"):
             record = await self.logged(proxy, path)
-            self.assertEqual(
-                (record["status"], record["error"]), (200, "reset_mid_body")
-            )
             self.assertEqual(record["bytes_out"], SENT)
-        self.assertEqual(
-            metric(
-                await self.metrics(proxy),
-                'monedge_upstream_errors_total{kind="reset_mid_body"}',
-            ),
-            2,
-        )
 
     async def test_resetMidChunkedBody(self) -> None:
         """
@@ -648,20 +667,10 @@ class ResetTests(FaultTestCase):
         self.assertFalse(complete, "the cut-off body ended with a zero-size chunk")
         self.assertEqual(data, b"c" * SENT)
         self.assertIn(response.ending, ("closed", "reset"))
-        result = await self.curl(
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{size_download}",
-            proxy.url + "/cut/curl",
+        await self.assertCurlCutOff(proxy, "/cut/curl", SENT)
+        await self.assertLoggedCutOff(
+            proxy, ["/cut/raw", "/cut/curl"], "reset_mid_body"
         )
-        self.assertEqual(result.returncode, 18, result.stderr)
-        self.assertEqual(result.stdout, b"200 %d" % (SENT,))
-        for path in ("/cut/raw", "/cut/curl"):
-            record = await self.logged(proxy, path)
-            self.assertEqual(
-                (record["status"], record["error"]), (200, "reset_mid_body")
-            )
 
     async def test_resetBeforeResponse(self) -> None:
         """
@@ -768,28 +777,9 @@ class HangTests(FaultTestCase):
         self.assertEqual(response.body, b"y" * 1000)
         self.assertGreater(response.elapsed, 0.9)
         self.assertLess(response.elapsed, 5)
-        started = time.monotonic()
-        result = await self.curl(
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code} %{size_download}",
-            proxy.url + "/stall/curl",
-        )
-        self.assertLess(time.monotonic() - started, 5)
-        self.assertEqual(result.returncode, 18, result.stderr)
-        self.assertEqual(result.stdout, b"200 1000")
-        for path in ("/stall/raw", "/stall/curl"):
-            record = await self.logged(proxy, path)
-            self.assertEqual(
-                (record["status"], record["error"]), (200, "body_idle_timeout")
-            )
-        self.assertEqual(
-            metric(
-                await self.metrics(proxy),
-                'monedge_upstream_errors_total{kind="body_idle_timeout"}',
-            ),
-            2,
+        await self.assertCurlCutOff(proxy, "/stall/curl", 1000, within=5)
+        await self.assertLoggedCutOff(
+            proxy, ["/stall/raw", "/stall/curl"], "body_idle_timeout"
         )
 
 
