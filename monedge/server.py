@@ -25,7 +25,12 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import H2_ENABLED, HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http import (
+    H2_ENABLED,
+    HTTPChannel,
+    _ChunkedTransferDecoder,
+    _GenericHTTPChannelProtocol,
+)
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
@@ -614,6 +619,20 @@ class ProxyChannel(HTTPChannel):
         if version == b"HTTP/1.1":
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
         return False
+
+    def rawDataReceived(self, data: bytes) -> None:
+        super().rawDataReceived(data)
+        # A chunk that declares more than the body may hold is refused as
+        # soon as its size line is read (as nginx does), not once the
+        # bytes have come: a client cannot hold the connection on a size
+        # it will never send.
+        decoder = self._transferDecoder
+        if type(decoder) is _ChunkedTransferDecoder and decoder.state == "BODY":
+            request = self.requests[-1] if self.requests else None
+            if request is not None and not request._refused:
+                limit = request._bodyLimit
+                if limit is not None and request.bytesIn + decoder.length > limit:
+                    request._refuse("body_too_large")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self._inRequestLine:

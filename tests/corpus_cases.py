@@ -1011,6 +1011,24 @@ def smugglingCases() -> list[Case]:
             bad,
         ),
         Case(
+            "chunk declared over max-body-size",
+            chunkedPost(b"%x\r\nabc" % (10 * 1024 * 1024 + 1,)),
+            413,
+            "body_too_large",
+        ),
+        Case(
+            "huge chunk size",
+            chunkedPost(b"f" * 40 + b"\r\nabc"),
+            413,
+            "body_too_large",
+        ),
+        Case(
+            "second chunk declared over max-body-size",
+            chunkedPost(b"3\r\nabc\r\n%x\r\nabc" % (10 * 1024 * 1024 - 2,)),
+            413,
+            "body_too_large",
+        ),
+        Case(
             "body is a request",
             request(
                 b"/echo/get",
