@@ -50,12 +50,12 @@ from monedge.headers import canonicalName
 from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
 from monedge.replay import BufferedBody, mayReplay
 
-#: Response headers that frame the connection, not the entity: kept out of
-#: C{response.headers}, as Twisted's client does.
 #: How every complete body ends, made once (as Twisted's C{connectionDone}
 #: is): building a L{Failure} costs about 2 us.
 _RESPONSE_DONE = Failure(ResponseDone())
 
+#: Response headers that frame the connection, not the entity: kept out of
+#: C{response.headers}, as Twisted's client does.
 _CONNECTION_CONTROL = frozenset(
     [
         b"content-length",

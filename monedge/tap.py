@@ -84,6 +84,12 @@ def _checkEndpoint(option: str, description: str) -> None:
         ) from None
 
 
+def _choice(option: str, value: str, *choices: str) -> None:
+    if value not in choices:
+        expected = ", ".join(choices[:-1]) + " or " + choices[-1]
+        raise usage.UsageError(f"--{option}: expected {expected}, got {value!r}")
+
+
 def _positive(option: str, value: str, parse: Any = float) -> Any:
     try:
         number = parse(value)
@@ -368,15 +374,10 @@ class Options(usage.Options):
         self["upstream-pool-size"] = _positive(
             "upstream-pool-size", self["upstream-pool-size"], int
         )
-        if self["underscore-headers"] not in ("drop", "reject", "allow"):
-            raise usage.UsageError(
-                "--underscore-headers: expected drop, reject or allow, got"
-                f" {self['underscore-headers']!r}"
-            )
-        if self["upstream-client"] not in ("fast", "agent"):
-            raise usage.UsageError(
-                f"--upstream-client: expected fast or agent, got {self['upstream-client']!r}"
-            )
+        _choice(
+            "underscore-headers", self["underscore-headers"], "drop", "reject", "allow"
+        )
+        _choice("upstream-client", self["upstream-client"], "fast", "agent")
         self["hook-timeout"] = _duration("hook-timeout", self["hook-timeout"])
         self._tlsOptions()
         self._workerOptions()

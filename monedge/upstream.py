@@ -86,6 +86,9 @@ class _Replaying(_RetryingHTTP11ClientProtocol):
 
         def failed(reason: Failure) -> Any:
             body = request.bodyProducer
+            # Twisted's _shouldRetry judges the failure (nothing of the
+            # response came, and it was not cancelled); method and body are
+            # mayReplay's to judge, so it is asked about a bodiless GET.
             if not (
                 mayReplay(request.method, body)
                 and self._shouldRetry(b"GET", reason.value, None)
