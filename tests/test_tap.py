@@ -150,7 +150,17 @@ class MakeServiceTests(SynchronousTestCase):
         service = makeService(options, reactor)
         self.assertTrue(IServiceCollection.providedBy(service))
         service.startService()
-        self.addCleanup(service.stopService)
+
+        def stop() -> None:
+            # The drain runs on the memory reactor's clock: advance it past
+            # the drain delay and timeout, so that every child stops (the
+            # static registry's poll runs on the global reactor).
+            stopped = service.stopService()
+            reactor.advance(60)
+            if stopped is not None:
+                self.successResultOf(stopped)
+
+        self.addCleanup(stop)
         listening = {
             (port, backlog, interface)
             for port, _, backlog, interface in reactor.tcpServers
