@@ -49,6 +49,7 @@ from monedge.endpoints import EndpointCache, UpstreamTLS, UpstreamTLSError
 from monedge.headers import canonicalName
 from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
 from monedge.replay import BufferedBody, mayReplay
+from monedge.sockets import sendAtOnce
 
 #: How every complete body ends, made once (as Twisted's C{connectionDone}
 #: is): building a L{Failure} costs about 2 us.
@@ -208,6 +209,9 @@ class _Connection(Protocol):
         self._bodyWriter: Deferred[None] | None = None
         self._bufferPaused = False
 
+    def connectionMade(self) -> None:
+        sendAtOnce(self.transport)
+
     # Sending
 
     def send(
@@ -300,9 +304,9 @@ class _Connection(Protocol):
         if self._head or code in (204, 304, 101):
             self._complete = True
         self._completeResponse(response)
-        result, self._result = self._result, None
-        if result is not None:
-            result.callback(response)
+        # The head is handed over once the parser has taken the whole read
+        # (L{_handOver}): a body that came with it is then delivered at
+        # once, and the client's response goes out in one send.
 
     def _completeResponse(self, response: _Response) -> None:
         """
@@ -314,13 +318,34 @@ class _Connection(Protocol):
         if protocol is not None:
             protocol.dataReceived(body)
         else:
-            # Nobody reads yet (a response hook is running): hold what came
-            # with the head, and read no more until someone does.
+            # Nobody reads yet: the head is still to be handed over (see
+            # _handOver), or a response hook is running.  Hold what came.
             self._buffered.append(body)
-            transport = self.transport
-            if transport is not None and not self._bufferPaused:
-                self._bufferPaused = True
-                transport.pauseProducing()  # type: ignore[attr-defined]
+            if self._result is None:
+                self._holdBody()
+
+    def _holdBody(self) -> None:
+        """
+        The head was handed over and nobody reads the body yet (a response
+        hook is running): read no more until someone does.
+        """
+        transport = self.transport
+        if transport is not None and not self._bufferPaused:
+            self._bufferPaused = True
+            transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def _handOver(self) -> None:
+        """
+        Fire the request's result with the response head parsed from the
+        last read, if there is one waiting.
+        """
+        response, result = self._response, self._result
+        if response is None or result is None:
+            return
+        self._result = None
+        result.callback(response)
+        if self._protocol is None and self._buffered:
+            self._holdBody()
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -342,10 +367,15 @@ class _Connection(Protocol):
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
+            self._handOver()
             self._afterSwitch(data[e.args[0] :])
+            return
         except httptools.HttpParserError as e:
+            self._handOver()
             self._fail(ResponseFailed([Failure(UpstreamProtocolError(str(e)))]))
             self.abort()
+            return
+        self._handOver()
 
     def _afterSwitch(self, rest: bytes) -> None:
         """

@@ -425,6 +425,9 @@ class ProxyExchange:
         timer, self._timeoutCall = self._timeoutCall, None
         self._relay = _BodyRelay(self, self._policy.idleTimeout, timer)
         response.deliverBody(self._relay)
+        # The head went out with the body's first bytes if they were here
+        # already; if not, it goes now, alone.
+        request.flushHead()
 
     def bodyDone(self, reason: Failure) -> None:
         """

@@ -39,6 +39,7 @@ from monedge.errors import CATALOGUE, ProxyError, rawErrorResponse, renderError
 from monedge.headers import connectionTokens, newRequestId, requestIdFor
 from monedge.metrics import NO_SERVICE, Metrics
 from monedge.paths import RoutedPath
+from monedge.sockets import sendAtOnce
 from monedge.tunnel import TunnelSide
 
 #: The message of the 400 for a header name with an underscore, with
@@ -321,6 +322,18 @@ class ProxyRequest(server.Request):
             self._closeAfterResponse()
         super().write(data)
 
+    def flushHead(self) -> None:
+        """
+        Send the response head now if it is still held for the body's
+        first bytes (HTTP/1.1 only; see L{ProxyChannel.writeHeaders}).  A
+        finished request has nothing held: its channel sent it all.
+        """
+        if self.finished or self._disconnected:
+            return
+        channel = self.channel
+        if isinstance(channel, ProxyChannel):
+            channel.flushHead()
+
 
 class ProxyChannel(HTTPChannel):
     """
@@ -348,6 +361,7 @@ class ProxyChannel(HTTPChannel):
         self._inBody = False
         self._host: Any = None
         self._secure: bool | None = None
+        self._heldHead: bytes | None = None
         #: Once the connection is a tunnel: where its bytes go.
         self.tunnelSide: TunnelSide | None = None
 
@@ -373,6 +387,7 @@ class ProxyChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = max(self.limits.maxRequestLine, self.limits.maxHeaderLine)
+        sendAtOnce(self.transport)
         super().connectionMade()
         self.site.channels.add(self)
         self._startDeadline()
@@ -501,8 +516,39 @@ class ProxyChannel(HTTPChannel):
             for value in values:
                 lines += (name, b": ", value, b"\r\n")
         lines.append(b"\r\n")
+        # Held until the body's first bytes, so that both go in one send
+        # (see monedge.sockets): flushHead sends it alone if need be.
+        self._heldHead = b"".join(lines)
+
+    def flushHead(self) -> None:
+        """
+        Send the response head held by L{writeHeaders}, if any.
+        """
+        head = self._heldHead
+        if head is not None:
+            self._heldHead = None
+            assert self.transport is not None
+            self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        head = self._heldHead
+        if head is not None:
+            self._heldHead = None
+            data = head + data
         assert self.transport is not None
-        self.transport.write(b"".join(lines))
+        self.transport.write(data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        head = self._heldHead
+        if head is not None:
+            self._heldHead = None
+            iovec = [head, *iovec]
+        assert self.transport is not None
+        self.transport.write(b"".join(iovec))
+
+    def loseConnection(self) -> None:
+        self.flushHead()
+        super().loseConnection()
 
     def _send100Continue(self) -> None:
         # A request refused on its headers (413) gets its refusal, not an
@@ -534,6 +580,7 @@ class ProxyChannel(HTTPChannel):
         super().timeoutConnection()
 
     def requestDone(self, request: Any) -> None:
+        self.flushHead()
         if self.site.draining:
             self.persistent = False
         super().requestDone(request)

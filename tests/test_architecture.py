@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "headers": 0,
     "replay": 0,
+    "sockets": 0,
     "registry": 1,
     "endpoints": 1,
     "upgrade": 1,

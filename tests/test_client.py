@@ -133,6 +133,65 @@ class ClientTests(SynchronousTestCase):
         self.request()
         self.assertEqual(len(self.reactor.tcpClients), 1)
 
+    def test_headHandedOverAfterTheRead(self) -> None:
+        """
+        The response head is handed over once the parser has taken the
+        whole read it came in: a body that came with it is delivered, and
+        ended, as soon as a reader is given, and the socket is never
+        paused for it.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        seen: list[tuple[bytes, bool]] = []
+
+        def gotResponse(response: IResponse) -> None:
+            body = Body()
+            response.deliverBody(body)
+            seen.append((body.data, body.reason is not None))
+
+        d.addCallback(gotResponse)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        self.assertEqual(seen, [(b"hello", True)])
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_bodyHeldForALateReader(self) -> None:
+        """
+        A body that came with the head, when nobody reads it yet (a
+        response hook is running), is held and the socket paused until a
+        reader comes; the reader then gets it all.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        response = self.successResultOf(d)
+        self.assertEqual(transport.producerState, "paused")
+        body = Body()
+        response.deliverBody(body)
+        self.assertEqual(transport.producerState, "producing")
+        protocol.dataReceived(b"cd")
+        self.assertEqual(body.data, b"abcd")
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(ResponseDone))
+
+    def test_headThenMalformedBodyInOneRead(self) -> None:
+        """
+        A head followed in the same read by a malformed chunked body is
+        handed over first, and the reader then sees the body fail: the
+        client gets a visibly cut-off response, as if the two had come in
+        separate reads.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        body = Body()
+        d.addCallback(lambda response: response.deliverBody(body))
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+        )
+        self.successResultOf(d)
+        assert body.reason is not None
+        self.assertFalse(body.reason.check(ResponseDone))
+        self.assertTrue(transport.disconnecting)
+
     def test_chunkedAndBodyUpstream(self) -> None:
         """
         A request body goes with its Content-Length; a chunked response is

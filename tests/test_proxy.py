@@ -180,6 +180,41 @@ class ProxyPathTests(SynchronousTestCase):
         self.assertIn(b"Content-Length: 4\r\n", transport.value())
         self.assertNotIn(b"chunked", transport.value())
 
+    def test_headAndBodyInOneWrite(self) -> None:
+        """
+        A response whose body is already there when the head goes out (the
+        common small response, which comes in one upstream read) reaches
+        the client connection in a single write, head and body together.
+        """
+
+        class Counting(StringTransport):
+            writes = 0
+
+            def write(self, data: bytes) -> None:
+                self.writes += 1
+                super().write(data)
+
+        class Immediate(FakeResponse):
+            def deliverBody(self, protocol: Any) -> None:
+                super().deliverBody(protocol)
+                self.deliver(b"abcd")
+                self.end()
+
+        h = Harness([_service()])
+        protocol = h.site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+        transport = Counting(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 30080),
+            peerAddress=IPv4Address("TCP", "192.0.2.7", 40000),
+        )
+        protocol.makeConnection(transport)
+        protocol.dataReceived(GET)
+        h.client.calls[0].result.callback(Immediate(200, length=4))
+        self.assertEqual(transport.writes, 1)
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertIn(b"Content-Length: 4", head)
+        self.assertEqual(body, b"abcd")
+
     def test_slowClientPausesUpstream(self) -> None:
         """
         When the client connection stops taking data, the upstream body is
