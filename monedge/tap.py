@@ -30,6 +30,7 @@ from monedge.admin import adminSite, groupAdminSite
 from monedge.balancer import Balancer
 from monedge.client import FastUpstreamClient
 from monedge.convention import HostTiers
+from monedge.dispatch import leanDispatch
 from monedge.hooks import HookConfigError, HookContext, HookSet
 from monedge.interfaces import IServiceRegistry
 from monedge.lifecycle import ProxyService
@@ -607,6 +608,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+        # The process's own reactor (twistd's): dispatch its events without
+        # the legacy log context (monedge.dispatch).  A reactor passed in
+        # (a test's) is left as it is.
+        leanDispatch(reactor)
     if options["workers"] > 1:
         return makeGroup(options, reactor)
     registry: IServiceRegistry = options["registry-object"]

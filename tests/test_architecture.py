@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "headers": 0,
     "replay": 0,
     "sockets": 0,
+    "dispatch": 0,
     "registry": 1,
     "endpoints": 1,
     "upgrade": 1,
