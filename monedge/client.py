@@ -190,7 +190,8 @@ class _Connection(Protocol):
         self._client = client
         self.key = key
         self.reused = False
-        self._idleCall: IDelayedCall | None = None
+        #: When the connection last went back to the pool.
+        self.idleSince = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -446,9 +447,6 @@ class _Connection(Protocol):
         writer = self._bodyWriter
         if writer is not None and not writer.called:
             writer.cancel()
-        if self._idleCall is not None and self._idleCall.active():
-            self._idleCall.cancel()
-        self._idleCall = None
         self.transport = None
         if self._result is not None:
             if self.reused and not self._received:
@@ -581,16 +579,18 @@ class FastUpstreamClient:
         self._reactor = reactor
         self._maxPerHost = maxPerHost
         self._poolIdle = poolIdle
+        #: Each endpoint's idle connections, oldest first.
         self._idle: dict[Key, list[_Connection]] = {}
         self._endpoints = EndpointCache(reactor)
+        #: The one timer that closes idle connections, due when the oldest
+        #: idle connection has been idle for poolIdle (a timer per release
+        #: would be set and cancelled on every request).
+        self._sweep: IDelayedCall | None = None
 
     def _take(self, key: Key) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
-            if connection._idleCall is not None and connection._idleCall.active():
-                connection._idleCall.cancel()
-            connection._idleCall = None
             if connection.transport is not None:
                 connection.reused = True
                 return connection
@@ -602,8 +602,26 @@ class FastUpstreamClient:
         if len(idle) >= self._maxPerHost:
             connection.abort()
             return
+        connection.idleSince = self._reactor.seconds()
         idle.append(connection)
-        connection._idleCall = self._reactor.callLater(self._poolIdle, connection.abort)
+        if self._sweep is None:
+            self._sweep = self._reactor.callLater(self._poolIdle, self._closeIdle)
+
+    def _closeIdle(self) -> None:
+        """
+        Close every connection idle for poolIdle or more, and come back when
+        the next one will have been.
+        """
+        self._sweep = None
+        deadline = self._reactor.seconds() - self._poolIdle
+        oldest: float | None = None
+        for idle in list(self._idle.values()):
+            while idle and idle[0].idleSince <= deadline:
+                idle.pop(0).abort()
+            if idle and (oldest is None or idle[0].idleSince < oldest):
+                oldest = idle[0].idleSince
+        if oldest is not None:
+            self._sweep = self._reactor.callLater(oldest - deadline, self._closeIdle)
 
     def _forget(self, connection: _Connection) -> None:
         idle = self._idle.get(connection.key)
@@ -695,6 +713,9 @@ class FastUpstreamClient:
         """
         Close every idle connection.
         """
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for idle in list(self._idle.values()):
             for connection in list(idle):
                 connection.abort()

@@ -209,7 +209,9 @@ class ProxyExchange:
         """
         Choose an endpoint and send.
         """
-        self.request.notifyFinish().addErrback(self._clientLost)
+        # The request tells its exchange when its client goes (cheaper than
+        # a notifyFinish Deferred on every request).
+        self.request.exchange = self
         state = self.context.balancer.pick(self._candidates)
         if state is None:
             self._fail(ProxyError("no_ready_endpoint"))
@@ -267,7 +269,10 @@ class ProxyExchange:
         if self._pending is not None:
             self._pending.cancel()
 
-    def _clientLost(self, reason: Failure) -> None:
+    def clientLost(self, reason: Failure) -> None:
+        """
+        The client connection was lost before the response was finished.
+        """
         self._clientGone = True
         if self._pending is not None:
             self._pending.cancel()

@@ -13,7 +13,7 @@ before it is read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -41,6 +41,9 @@ from monedge.metrics import NO_SERVICE, Metrics
 from monedge.paths import RoutedPath
 from monedge.sockets import sendAtOnce
 from monedge.tunnel import TunnelSide
+
+if TYPE_CHECKING:
+    from monedge.proxy import ProxyExchange
 
 #: The message of the 400 for a header name with an underscore, with
 #: C{--underscore-headers reject}.
@@ -83,6 +86,9 @@ class ProxyRequest(server.Request):
 
     defaultContentType = None
     site: ProxySite
+    #: The exchange proxying this request, once it has started; told if
+    #: the client goes before the response is finished.
+    exchange: ProxyExchange | None = None
 
     def __init__(self, channel: Any, queued: object = None) -> None:
         if queued is None:
@@ -295,6 +301,9 @@ class ProxyRequest(server.Request):
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
+        exchange = self.exchange
+        if exchange is not None and not self.finished:
+            exchange.clientLost(reason)
         if self.tunnelled:
             # Accounted for when the tunnel, both its connections, ends.
             return

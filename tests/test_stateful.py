@@ -1194,35 +1194,37 @@ class PoolMachine(RuleBasedStateMachine):
         )
 
     @invariant()
-    def oneTimerPerIdleConnection(self) -> None:
+    def oneTimerForTheOldestIdle(self) -> None:
         """
-        Every idle connection has exactly one pending idle timer, due when
-        it has been idle for the pool's idle time; nothing else is pending
-        (so none after close()).
+        While any connection is idle, exactly one timer is pending: the
+        pool's sweep, due no later than when the oldest idle connection
+        will have been idle for the pool's idle time.  Nothing is pending
+        once no connection is idle and the sweep has run (nor after
+        close()).
         """
         pending = [call for call in self.reactor.getDelayedCalls() if call.active()]
         idle = self.anyIdle()
+        check(len(pending) <= 1, f"{len(pending)} timers pending")
+        if not idle:
+            check(
+                not pending or pending[0] is self.client._sweep,
+                "a timer other than the sweep is pending with nothing idle",
+            )
+            return
         check(
-            len(pending) == len(idle),
+            len(pending) == 1 and pending[0] is self.client._sweep,
             f"{len(pending)} timers pending for {len(idle)} idle connections",
         )
+        oldest = min(u.idleSince for u in idle if u.idleSince is not None)
         for upstream in idle:
-            connection = upstream.connection
-            mine = [
-                call
-                for call in pending
-                if getattr(call, "func", None) == connection.abort
-            ]
-            check(len(mine) == 1, f"{upstream} has {len(mine)} idle timers")
             check(
-                connection._idleCall is mine[0],
-                f"{upstream}'s idle timer is not the pending one",
+                upstream.connection.idleSince == upstream.idleSince,
+                f"{upstream} idle since {upstream.connection.idleSince}",
             )
-            assert upstream.idleSince is not None
-            check(
-                mine[0].getTime() == upstream.idleSince + POOL_IDLE,
-                f"{upstream} expires at {mine[0].getTime()}",
-            )
+        check(
+            pending[0].getTime() <= oldest + POOL_IDLE,
+            f"the sweep is due at {pending[0].getTime()}, after {oldest + POOL_IDLE}",
+        )
 
     @invariant()
     def connectionsAliveAsModelled(self) -> None:
