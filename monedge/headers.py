@@ -156,7 +156,7 @@ def upstreamHeaders(
     @param port: the listener's port.
     @param prefix: C{/<name>} when the prefix is stripped, else L{None}.
     """
-    tokens = connectionTokens(incoming.getRawHeaders(b"connection"))
+    tokens = connectionTokens(incoming._rawHeaders.get(b"Connection"))
     out = Headers()
     # Names from Twisted's parser are canonical and values already refused
     # CR, LF and NUL, so they are copied into the new table directly

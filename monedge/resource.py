@@ -274,7 +274,9 @@ class RootResource(Resource):
     ) -> IResource:
         if method in _REFUSED_METHODS:
             raise ProxyError("method_not_allowed")
-        hosts = request.requestHeaders.getRawHeaders(b"host")
+        # Twisted's Headers keep canonical names: read the table directly
+        # (getRawHeaders would encode the name first; this runs per request).
+        hosts = request.requestHeaders._rawHeaders.get(b"Host")
         if hosts is not None and len(hosts) != 1:
             raise ProxyError("missing_host")
         host = hosts[0] if hosts else None

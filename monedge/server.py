@@ -90,6 +90,27 @@ class ProxyRequest(server.Request):
     #: the client goes before the response is finished.
     exchange: ProxyExchange | None = None
 
+    # Per-request state, its defaults on the class: a request sets only
+    # what it changes (this runs per request).
+    decision: IResource | None = None
+    routedPath: RoutedPath | None = None
+    hostHeader: bytes | None = None
+    service: str | None = None
+    endpoint: str | None = None
+    upstreamLatency: float | None = None
+    errorCode: str | None = None
+    hasBody = False
+    bytesIn = 0
+    _bodyLimit: int | None = None
+    _refused = False
+    _accounted = False
+    _inFlight = False
+    _requestId: bytes | None = None
+    #: Whether the connection became a tunnel (a WebSocket).
+    tunnelled = False
+    #: An HTTP/2 refusal waiting for the request to be received.
+    _deferredRefusal: ProxyError | None = None
+
     def __init__(self, channel: Any, queued: object = None) -> None:
         if queued is None:
             super().__init__(channel)
@@ -98,24 +119,6 @@ class ProxyRequest(server.Request):
         site: ProxySite = channel.site
         self.site = site
         self.startTime = site.reactor.seconds()
-        self.decision: IResource | None = None
-        self.routedPath: RoutedPath | None = None
-        self.hostHeader: bytes | None = None
-        self.service: str | None = None
-        self.endpoint: str | None = None
-        self.upstreamLatency: float | None = None
-        self.errorCode: str | None = None
-        self.hasBody = False
-        self.bytesIn = 0
-        self._bodyLimit: int | None = None
-        self._refused = False
-        self._accounted = False
-        self._inFlight = False
-        self._requestId: bytes | None = None
-        #: Whether the connection became a tunnel (a WebSocket).
-        self.tunnelled = False
-        #: An HTTP/2 refusal waiting for the request to be received.
-        self._deferredRefusal: ProxyError | None = None
 
     @property
     def requestId(self) -> bytes:
@@ -369,6 +372,7 @@ class ProxyChannel(HTTPChannel):
         self._refused = False
         self._inBody = False
         self._host: Any = None
+        self._peer: Any = None
         self._secure: bool | None = None
         self._heldHead: bytes | None = None
         #: Once the connection is a tunnel: where its bytes go.
@@ -378,15 +382,21 @@ class ProxyChannel(HTTPChannel):
     def limits(self) -> Limits:
         return self.site.limits
 
-    # A connection's local address and security do not change: each request
-    # asked the transport again (a getsockname system call, an interface
-    # adaptation).
+    # A connection's addresses and security do not change: each request
+    # asked the transport again (a getsockname system call, a new address
+    # object, an interface adaptation).
 
     def getHost(self) -> Any:
         host = self._host
         if host is None:
             host = self._host = super().getHost()
         return host
+
+    def getPeer(self) -> Any:
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = super().getPeer()
+        return peer
 
     def isSecure(self) -> bool:
         secure = self._secure
@@ -669,7 +679,7 @@ class ProxyChannel(HTTPChannel):
         comma-separated token list it is (C{Connection: close, X-Foo}
         closes).
         """
-        tokens = connectionTokens(request.requestHeaders.getRawHeaders(b"connection"))
+        tokens = connectionTokens(request.requestHeaders._rawHeaders.get(b"Connection"))
         if version == b"HTTP/1.1" and b"close" not in tokens:
             return True
         if version == b"HTTP/1.1":

@@ -38,7 +38,7 @@ def wantsWebSocket(headers: Headers) -> bool:
     C{upgrade} and C{Upgrade} names C{websocket}. Anything else, an
     C{Upgrade: h2c} included, is an ordinary request.
     """
-    if not headers.hasHeader(b"upgrade"):
+    if b"Upgrade" not in headers._rawHeaders:
         # The common case, answered with one lookup.
         return False
     return b"upgrade" in _tokens(headers, b"connection") and any(
