@@ -323,6 +323,10 @@ class ProxyRequest(server.Request):
         if self._accounted:
             return
         self._accounted = True
+        # The request is over: let go of its exchange, which refers back to
+        # it, so that both are freed at once rather than by the cyclic
+        # garbage collector.
+        self.exchange = None
         site = self.site
         if self._inFlight:
             self._inFlight = False
