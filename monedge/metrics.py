@@ -9,6 +9,7 @@ per request.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from monedge.interfaces import IServiceRegistry
@@ -83,29 +85,55 @@ class _RegistryCollector(Collector):
 
 class ServiceMetrics:
     """
-    One service's metric children, cached.
+    One service's request counts and latency histogram, kept as plain
+    numbers and exported by L{_RequestCollector}: counting a request is a
+    few additions, with none of the locks and per-bucket loops of
+    C{prometheus_client}'s own metrics (monedge counts from the reactor
+    thread alone).
+
+    @ivar classes: requests answered, by status class (2 for 2xx, ...).
+    @ivar created: when each status class was first counted.
+    @ivar buckets: observations per latency bucket (not cumulative), the
+        last for those above every bound.
     """
 
-    __slots__ = ("_requests", "_latency", "_metrics", "_service")
+    __slots__ = (
+        "_metrics",
+        "_service",
+        "classes",
+        "created",
+        "buckets",
+        "total",
+        "count",
+        "since",
+    )
 
     def __init__(self, metrics: Metrics, service: str) -> None:
         self._metrics = metrics
         self._service = service
-        self._requests: dict[int, Counter] = {}
-        self._latency = metrics.latency.labels(service)
+        self.classes: dict[int, int] = {}
+        self.created: dict[int, float] = {}
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+        self.count = 0
+        self.since = time.time()
 
     def observe(self, status: int, seconds: float) -> None:
         """
         Count one finished request.
         """
         statusClass = status // 100
-        child = self._requests.get(statusClass)
-        if child is None:
-            child = self._requests[statusClass] = self._metrics.requests.labels(
-                self._service, f"{statusClass}xx"
-            )
-        child.inc()
-        self._latency.observe(seconds)
+        classes = self.classes
+        counted = classes.get(statusClass)
+        if counted is None:
+            self.created[statusClass] = time.time()
+            counted = 0
+        classes[statusClass] = counted + 1
+        # A bucket counts what is at most its bound: the first bound not
+        # below the value.
+        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.count += 1
 
     def upstreamError(self, kind: str) -> None:
         """
@@ -120,6 +148,58 @@ class ServiceMetrics:
         self._metrics.tunnelsOpened.labels(self._service).inc()
 
 
+#: The C{le} label of each latency bucket, as C{prometheus_client} writes it.
+_BOUNDS = [floatToGoString(bound) for bound in BUCKETS] + ["+Inf"]
+
+_REQUESTS_HELP = "Requests answered, by service and status class."
+_LATENCY_HELP = "Time from the request's arrival to its last byte, by service."
+
+
+class _RequestCollector(Collector):
+    """
+    Exports every service's L{ServiceMetrics} as the counter
+    C{monedge_requests} and the histogram
+    C{monedge_request_duration_seconds}, sample for sample as
+    C{prometheus_client}'s C{Counter} and C{Histogram} would.
+    """
+
+    def __init__(self, services: dict[str, ServiceMetrics]) -> None:
+        self._services = services
+
+    def describe(self) -> Iterator[Metric]:
+        yield Metric("monedge_requests", _REQUESTS_HELP, "counter")
+        yield Metric("monedge_request_duration_seconds", _LATENCY_HELP, "histogram")
+
+    def collect(self) -> Iterator[Metric]:
+        services = list(self._services.items())
+        requests = Metric("monedge_requests", _REQUESTS_HELP, "counter")
+        for service, children in services:
+            for statusClass, counted in list(children.classes.items()):
+                labels = {"service": service, "code_class": f"{statusClass}xx"}
+                requests.add_sample("monedge_requests_total", labels, float(counted))
+                requests.add_sample(
+                    "monedge_requests_created",
+                    labels,
+                    children.created[statusClass],
+                )
+        yield requests
+        latency = Metric("monedge_request_duration_seconds", _LATENCY_HELP, "histogram")
+        name = "monedge_request_duration_seconds"
+        for service, children in services:
+            cumulative = 0
+            for bound, inBucket in zip(_BOUNDS, list(children.buckets), strict=True):
+                cumulative += inBucket
+                latency.add_sample(
+                    f"{name}_bucket",
+                    {"service": service, "le": bound},
+                    float(cumulative),
+                )
+            latency.add_sample(f"{name}_count", {"service": service}, float(cumulative))
+            latency.add_sample(f"{name}_sum", {"service": service}, children.total)
+            latency.add_sample(f"{name}_created", {"service": service}, children.since)
+        yield latency
+
+
 class Metrics:
     """
     Every metric monedge exports.
@@ -127,19 +207,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "monedge_requests",
-            "Requests answered, by service and status class.",
-            ["service", "code_class"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "monedge_request_duration_seconds",
-            "Time from the request's arrival to its last byte, by service.",
-            ["service"],
-            buckets=BUCKETS,
-            registry=self.registry,
-        )
+        self._services: dict[str, ServiceMetrics] = {}
+        self.registry.register(_RequestCollector(self._services))
         self.upstreamErrors = Counter(
             "monedge_upstream_errors",
             "Upstream failures, by kind.",
@@ -180,7 +249,6 @@ class Metrics:
             ["service"],
             registry=self.registry,
         )
-        self._services: dict[str, ServiceMetrics] = {}
 
     def observeHook(self, hook: str, decision: str, seconds: float) -> None:
         """
