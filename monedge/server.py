@@ -24,7 +24,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.http import (
     H2_ENABLED,
     HTTPChannel,
@@ -333,10 +333,22 @@ class ProxyRequest(server.Request):
             site.inFlight -= 1
         site.requestDone(self, status)
 
+    def parseCookies(self) -> None:
+        """
+        Cookies are forwarded untouched, never read: Twisted's parsing of
+        them into C{received_cookies} is skipped (this runs per request).
+        """
+
     def write(self, data: bytes) -> None:
         if not self.startedWriting and self.site.draining:
             self._closeAfterResponse()
-        super().write(data)
+        if self._inFakeHead or self._encoder is not None:
+            super().write(data)
+            return
+        # twisted.web.server.Request.write only adds a default Content-Type,
+        # which a proxy never sets (defaultContentType is None), before
+        # Twisted's HTTP write: go to that directly (this runs per write).
+        http.Request.write(self, data)
 
     def flushHead(self) -> None:
         """

@@ -134,11 +134,19 @@ class ClockTests(SynchronousTestCase):
             for offset in (0.0, 0.0005, 0.0004999, 0.9995, 0.9999996, 0.999999, 0.123):
                 instants.append(base + offset)
                 instants.append(base - offset)
+            # Runs of instants within one millisecond, from its start to its
+            # end, as a loaded proxy logs them (the formatter reuses the
+            # text well inside a millisecond).
+            for step in range(0, 1000, 7):
+                instants.append(base + 0.456 + step * 1e-6)
+                instants.append(base + 0.999 + step * 1e-6)
         instants.sort()
         for when in instants:
             expected = datetime.fromtimestamp(when, UTC).isoformat(
                 timespec="milliseconds"
             )
+            # Each instant twice: the second is formatted from the first's.
+            self.assertEqual(clock(when), expected, repr(when))
             self.assertEqual(clock(when), expected, repr(when))
 
 
