@@ -37,14 +37,6 @@ def _text(value: bytes | None, limit: int = _MAX_PATH) -> str | None:
     return value[:limit].decode("utf-8", "backslashreplace")
 
 
-def _received(value: bytes) -> bytes | None:
-    """
-    C{value}, or L{None} for Twisted's placeholders for a request line that
-    never arrived (C{(no method yet)}).
-    """
-    return None if value.startswith(b"(no ") else value
-
-
 class _Clock:
     """
     ISO 8601 UTC timestamps with milliseconds, as
@@ -96,14 +88,6 @@ class _Clock:
         return f"{self._prefix}.{micro // 1000:03d}+00:00"
 
 
-def _string(value: str | None) -> str:
-    return "null" if value is None else encode_basestring_ascii(value)
-
-
-def _number(value: float | None) -> str:
-    return "null" if value is None else repr(value)
-
-
 def formatRecord(
     time: str,
     requestId: str,
@@ -124,20 +108,22 @@ def formatRecord(
     C{json.dumps(record, separators=(",", ":"))} gives for the record with
     these fields in this order.
     """
+    # Each field's null or JSON text inline: this runs per request.
+    enc = encode_basestring_ascii
     return (
-        f'{{"time":{encode_basestring_ascii(time)}'
-        f',"request_id":{encode_basestring_ascii(requestId)}'
-        f',"client":{encode_basestring_ascii(client)}'
-        f',"method":{_string(method)}'
-        f',"path":{_string(path)}'
+        f'{{"time":{enc(time)}'
+        f',"request_id":{enc(requestId)}'
+        f',"client":{enc(client)}'
+        f',"method":{"null" if method is None else enc(method)}'
+        f',"path":{"null" if path is None else enc(path)}'
         f',"status":{status}'
-        f',"service":{_string(service)}'
-        f',"endpoint":{_string(endpoint)}'
-        f',"upstream_latency":{_number(upstreamLatency)}'
-        f',"total_latency":{_number(totalLatency)}'
+        f',"service":{"null" if service is None else enc(service)}'
+        f',"endpoint":{"null" if endpoint is None else enc(endpoint)}'
+        f',"upstream_latency":{"null" if upstreamLatency is None else repr(upstreamLatency)}'
+        f',"total_latency":{"null" if totalLatency is None else repr(totalLatency)}'
         f',"bytes_in":{bytesIn}'
         f',"bytes_out":{bytesOut}'
-        f',"error":{_string(error)}}}\n'
+        f',"error":{"null" if error is None else enc(error)}}}\n'
     )
 
 
@@ -220,13 +206,20 @@ class AccessLog:
         if self._out is None:
             return
         latency = request.upstreamLatency
+        method, uri = request.method, request.uri
         self._emit(
             formatRecord(
                 self._clock(now),
                 request.requestId.decode("ascii"),
                 request.peerAddress.decode("ascii", "replace"),
-                _text(_received(request.method), 32),
-                _text(_received(request.uri)),
+                # A request line that arrived (not Twisted's "(no method
+                # yet)" placeholders), cut to size.
+                None
+                if method.startswith(b"(no ")
+                else method[:32].decode("utf-8", "backslashreplace"),
+                None
+                if uri.startswith(b"(no ")
+                else uri[:_MAX_PATH].decode("utf-8", "backslashreplace"),
                 status,
                 request.service,
                 request.endpoint,
