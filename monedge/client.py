@@ -177,6 +177,15 @@ class _Response:
     def deliverBody(self, protocol: Any) -> None:
         self._connection._deliver(protocol)
 
+    def monedgeTakeBody(self) -> bytes | None:
+        """
+        The whole body at once, if it has already arrived in full and
+        nobody reads it yet (the common small response, which comes in one
+        read with its head); then the response is over, as if delivered.
+        Otherwise L{None}, and L{deliverBody} streams it as usual.
+        """
+        return self._connection._takeBody(self)
+
     def setPreviousResponse(self, response: IResponse) -> None:
         pass
 
@@ -400,6 +409,24 @@ class _Connection(Protocol):
         if self._complete:
             self._finishBody()
 
+    def _takeBody(self, response: _Response) -> bytes | None:
+        if (
+            response is not self._response
+            or not self._complete
+            or self._protocol is not None
+            or self._parser is None
+        ):
+            return None
+        body = b"".join(self._buffered)
+        self._buffered = []
+        if self._bufferPaused:
+            self._bufferPaused = False
+            self._resumeBody()
+        keep = self._reusable()
+        self._parser = None
+        self._afterResponse(keep)
+        return body
+
     def _resumeBody(self) -> None:
         transport = self.transport
         if transport is not None:
@@ -411,16 +438,33 @@ class _Connection(Protocol):
             # Nobody reads it yet: it is delivered, ended, on deliverBody.
             return
         self._protocol = None
+        keep = self._reusable()
+        self._parser = None
+        protocol.connectionLost(_RESPONSE_DONE)
+        self._afterResponse(keep)
+
+    def _reusable(self) -> bool:
+        """
+        Whether, its response complete, the connection can carry another
+        request.
+        """
         writer = self._bodyWriter
         # An upstream may answer before it has read the whole request body
         # (an early 413, say): the connection is then mid-request and can
         # never carry another one.
         bodySent = writer is None or writer.called
-        keep = self._keepAlive and bodySent and self.transport is not None
-        parser = self._parser
-        self._parser = None
-        protocol.connectionLost(_RESPONSE_DONE)
-        if keep and parser is not None:
+        return (
+            self._keepAlive
+            and bodySent
+            and self.transport is not None
+            and self._parser is not None
+        )
+
+    def _afterResponse(self, keep: bool) -> None:
+        """
+        The response is over: pool the connection if C{keep}, else close it.
+        """
+        if keep:
             self._client._release(self)
         else:
             self.abort()

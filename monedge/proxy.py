@@ -424,6 +424,17 @@ class ProxyExchange:
             self._release()
             self._cancelTimeout()
             return
+        take = getattr(response, "monedgeTakeBody", None)
+        body = take() if take is not None else None
+        if body is not None:
+            # The whole body came with the head (monedge's own client says
+            # so): it goes out with the head in one write, and the request
+            # is over, with no relay, producer or idle timer to set up.
+            self._cancelTimeout()
+            self._release()
+            request.write(body)
+            request.finish()
+            return
         # Send the headers now: a client waiting on a long poll or an event
         # stream must not wait for the first body byte to see them.
         request.write(b"")

@@ -154,6 +154,55 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(seen, [(b"hello", True)])
         self.assertEqual(transport.producerState, "producing")
 
+    def test_completeBodyTakenWhole(self) -> None:
+        """
+        A response whose whole body came with its head can be taken whole:
+        the body is returned at once, and the connection goes back to the
+        pool for the next request.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        response = self.successResultOf(d)
+        self.assertEqual(response.monedgeTakeBody(), b"hello")
+        self.assertFalse(transport.disconnecting)
+        self.request()
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertTrue(transport.value().endswith(b"\r\n\r\n"))
+        self.assertEqual(transport.value().count(b"GET /a/b?c=1 HTTP/1.1"), 2)
+
+    def test_partialBodyNotTaken(self) -> None:
+        """
+        A response whose body is still arriving is not taken: taking gives
+        None, and the body streams to a reader as usual.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe")
+        response = self.successResultOf(d)
+        self.assertIsNone(response.monedgeTakeBody())
+        body = Body()
+        response.deliverBody(body)
+        protocol.dataReceived(b"llo")
+        self.assertEqual(body.data, b"hello")
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(ResponseDone))
+
+    def test_takenBodyOnAClosingConnection(self) -> None:
+        """
+        A complete response that said C{Connection: close} is taken whole,
+        and its connection is closed rather than pooled.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+        )
+        response = self.successResultOf(d)
+        self.assertEqual(response.monedgeTakeBody(), b"ok")
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(any(self.client._idle.values()))
+
     def test_bodyHeldForALateReader(self) -> None:
         """
         A body that came with the head, when nobody reads it yet (a

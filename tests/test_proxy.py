@@ -217,6 +217,58 @@ class ProxyPathTests(SynchronousTestCase):
         self.assertIn(b"Content-Length: 4", head)
         self.assertEqual(body, b"abcd")
 
+    def test_wholeBodyTakenAtOnce(self) -> None:
+        """
+        When the upstream client offers the whole body with the head
+        (monedge's own client, for a small response), it goes to the
+        client with the head in one write and the request is finished and
+        logged, with no relay or timer left behind.
+        """
+
+        class Whole(FakeResponse):
+            def monedgeTakeBody(self) -> bytes | None:
+                return b"abcd"
+
+            def deliverBody(self, protocol: Any) -> None:
+                raise AssertionError("streamed a body taken whole")
+
+        h = Harness([_service()])
+        protocol, transport = h.send(GET)
+        h.client.calls[0].result.callback(Whole(200, length=4))
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertIn(b"Content-Length: 4", head)
+        self.assertEqual(body, b"abcd")
+        [record] = h.records()
+        self.assertEqual((record["status"], record["bytes_out"]), (200, 4))
+        self.assertEqual(h.site.inFlight, 0)
+        # Only the connection's own timers (header deadline, keep-alive)
+        # are left: none of the exchange's.
+        pending = [c for c in h.clock.getDelayedCalls() if c.active()]
+        self.assertEqual(
+            {getattr(getattr(c, "func", None), "__self__", None) for c in pending},
+            {protocol._channel},
+        )
+
+    def test_bodyNotTakenIsRelayed(self) -> None:
+        """
+        When the client cannot offer the whole body (it has not all come),
+        the body is streamed as usual.
+        """
+
+        class Partial(FakeResponse):
+            def monedgeTakeBody(self) -> bytes | None:
+                return None
+
+        h = Harness([_service()])
+        _, transport = h.send(GET)
+        response = Partial(200, length=4)
+        h.client.calls[0].result.callback(response)
+        response.deliver(b"ab")
+        response.deliver(b"cd")
+        response.end()
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nabcd"))
+        self.assertEqual(h.site.inFlight, 0)
+
     def test_requestFreedWithoutTheCycleCollector(self) -> None:
         """
         A finished request, its exchange and its body relay are freed by
