@@ -265,10 +265,14 @@ class ProxyRequest(server.Request):
         site.inFlight += 1
         if site.draining:
             self._closeAfterResponse()
-        self.prepath = []
-        self.postpath = [b""]
+        # Twisted's traversal (Site.getResourceFor), done directly: the
+        # root resolves the whole target as its one child (RootResource.
+        # getChild), and the traversal ends there.
+        self.sitepath: list[bytes] = []
+        self.prepath = [b""]
+        self.postpath = []
         try:
-            resource = site.getResourceFor(self)
+            resource = site.resource.getChildWithDefault(b"", self)
             self.render(resource)
         except BaseException:
             self.processingFailed(Failure())
