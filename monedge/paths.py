@@ -199,10 +199,12 @@ def normalise(target: bytes) -> RoutedPath:
     p = path + b"/"
     if (
         _PLAIN.match(path)
-        and b"//" not in path
-        and b"/./" not in p
-        and b"/../" not in p
-        and b";" not in path
+        # find, not "in": on bytes, CPython 3.11's "in" first tries the
+        # operand as an integer and builds a TypeError to discard.
+        and path.find(b"//") < 0
+        and p.find(b"/./") < 0
+        and p.find(b"/../") < 0
+        and path.find(b";") < 0
     ):
         canonical = path
         name, _, tail = path[1:].partition(b"/")

@@ -63,6 +63,10 @@ class ServiceResource(Resource):
     """
 
     isLeaf = True
+    #: Not an error leaf (L{monedge.errors.ErrorResource} has one): the
+    #: request asks every decision for it, and a missing attribute costs an
+    #: exception each time.
+    error = None
 
     _log = Logger()
 

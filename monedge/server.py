@@ -673,7 +673,8 @@ class ProxyChannel(HTTPChannel):
         included), and any transfer coding on an HTTP/1.0 request.
         """
         name, sep, value = line.partition(b":")
-        if b"_" in name and self.limits.underscoreHeaders != "allow":
+        # find, not "in" (see monedge.paths.normalise): per header line.
+        if name.find(b"_") >= 0 and self.limits.underscoreHeaders != "allow":
             return self._underscoreHeader(line, name)
         if sep and name.strip(b" \t").lower() == b"transfer-encoding":
             if getattr(self, "_version", None) != b"HTTP/1.1":
