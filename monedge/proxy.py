@@ -309,6 +309,9 @@ class ProxyExchange:
             return
         request.setResponseCode(response.code)
         out = request.responseHeaders
+        # monedge's own values (digits; a generated or checked request id),
+        # set in the table directly: Headers would scan each for CR and LF.
+        raw = out._rawHeaders
         downstreamHeaders(
             response.headers, getattr(response, "monedgeConnection", None), out
         )
@@ -317,8 +320,8 @@ class ProxyExchange:
             and request.method != b"HEAD"
             and response.code not in NO_BODY_CODES
         ):
-            out.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
-        out.setRawHeaders(b"x-request-id", [request.requestId])
+            raw[b"Content-Length"] = [b"%d" % (response.length,)]
+        raw[b"X-Request-Id"] = [request.requestId]
         if self.responseHooks is not None:
             done = self.responseHooks(HookResponseHead(response.code, out))
             if not done.called:

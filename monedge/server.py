@@ -12,8 +12,10 @@ before it is read.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from io import BytesIO
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -861,6 +863,17 @@ class ProxySite(server.Site):
         self._drainWaiters: list[Deferred[None]] = []
         self._unrouted = metrics.forService(NO_SERVICE)
         metrics.inFlight.set_function(lambda: self.inFlight)
+
+    def getContentFile(self, length: int | None) -> IO[bytes]:
+        """
+        Where a request's body is held: in memory when it declares under
+        100,000 bytes, else in a temporary file (Twisted's own rule).
+        Twisted's request looks this method up on every request and, if the
+        site has none, pays for an AttributeError.
+        """
+        if length is not None and length < 100_000:
+            return BytesIO()
+        return tempfile.TemporaryFile()
 
     def protocol(self) -> _GenericHTTPChannelProtocol:
         return _ProxyChannelProtocol(ProxyChannel())
