@@ -727,10 +727,25 @@ def ratios(summaries: Sequence[Summary]) -> list[str]:
         f"monedge / {s.target:{width}} = "
         f"{base.requestsPerSecond / s.requestsPerSecond:5.2f}x req/s, "
         f"{base.requestsPerCpuSecond / s.requestsPerCpuSecond:5.2f}x "
-        "requests per server CPU second"
+        "requests per server CPU second" + _perRound(base, s)
         for s in summaries
         if s is not base
     ]
+
+
+def _perRound(base: Summary, other: Summary) -> str:
+    """
+    The req/s ratio within each round (the two targets ran minutes apart,
+    not the whole run apart), and their median: on a noisy machine a slow
+    stretch then weighs on both sides of a ratio instead of one.
+    """
+    if len(base.rounds) < 2 or len(base.rounds) != len(other.rounds):
+        return ""
+    each = [a / b for a, b in zip(base.rounds, other.rounds, strict=True) if b]
+    if not each:
+        return ""
+    shown = " / ".join(f"{r:.2f}" for r in each)
+    return f"; per round {shown} (median {statistics.median(each):.2f}x)"
 
 
 def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
