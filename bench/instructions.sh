@@ -21,7 +21,8 @@
 set -eu
 [ $# -ge 3 ] || { sed -n '2,21p' "$0"; exit 2; }
 path=$1; requests=$2; shift 2
-PY=.venv/bin/python
+PY=${PY:-.venv/bin/python}
+command -v valgrind >/dev/null 2>&1 && command -v h2load >/dev/null 2>&1 || scripts/system-deps.sh
 free() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 up=$(free); port=$(free)
 out=$(mktemp -d)

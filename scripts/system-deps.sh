@@ -12,6 +12,8 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3
 command -v h2load >/dev/null 2>&1 || missing="$missing nghttp2-client"
 # The slow-client tests attack monedge with slowhttptest.
 command -v slowhttptest >/dev/null 2>&1 || missing="$missing slowhttptest"
+# bench/instructions.sh (and its test) counts instructions with callgrind.
+command -v valgrind >/dev/null 2>&1 || missing="$missing valgrind"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "monedge needs these Debian packages:$missing (run: sudo apt-get install$missing)" >&2

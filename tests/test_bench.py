@@ -1,0 +1,88 @@
+"""
+The measuring tools docs/performance.md documents under "Instructions per
+request" run as documented and print what they say.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from twisted.trial.unittest import TestCase
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*command: str, timeout: float) -> str:
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": ROOT, "PY": sys.executable},
+        check=False,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"{command} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+class BenchToolTests(TestCase):
+    """
+    bench/inprocess.py and bench/instructions.sh, on small counts.
+    """
+
+    def test_inprocess(self) -> None:
+        """
+        bench/inprocess.py proxies requests through the real site in memory
+        and prints the CPU per request; with --profile, a profile whose
+        busiest files include monedge's request path.
+        """
+        out = _run(
+            sys.executable,
+            "bench/inprocess.py",
+            "--requests",
+            "300",
+            "--rounds",
+            "2",
+            timeout=120,
+        )
+        self.assertRegex(
+            out, r"^\d+\.\d us CPU per request \(median of 2 rounds of 300;"
+        )
+        out = _run(
+            sys.executable,
+            "bench/inprocess.py",
+            "--requests",
+            "300",
+            "--profile",
+            "--top",
+            "5",
+            timeout=120,
+        )
+        self.assertIn("function calls", out)
+        self.assertRegex(out, r"us  /\S+/monedge/server\.py")
+
+    def test_instructions(self) -> None:
+        """
+        bench/instructions.sh runs a server under callgrind, sends exactly
+        the requests asked and prints a positive count of instructions per
+        request.
+        """
+        out = _run(
+            "bench/instructions.sh",
+            "/",
+            "100",
+            sys.executable,
+            "bench/upstream.py",
+            "--port",
+            "{PORT}",
+            timeout=300,
+        )
+        self.assertIn("100 succeeded", out)
+        match = re.search(r"^(\d+) instructions per request", out, re.M)
+        assert match is not None, out
+        self.assertGreater(int(match.group(1)), 1000)
