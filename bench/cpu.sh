@@ -5,29 +5,28 @@
 #
 # Starts bench/upstream.py on a free port pinned to CPU 1, then COMMAND
 # pinned to CPU 0, with every {UPSTREAM} in it replaced by the upstream's
-# port and every {PORT} by a free port for COMMAND to listen on.  After a
-# 2 s warm-up it runs `wrk -t1 -c50 -d6s http://127.0.0.1:{PORT}PATH`
-# (pinned to CPU 1) and prints the req/s and the server's CPU time (utime +
-# stime from /proc, with its direct children) per request, in microseconds.
-# Run it from the repository root with the venv installed.  Examples:
+# port, every {PORT} by a free port for COMMAND to listen on, and every
+# {REGISTRY} by a static registry file routing service.api.bench to the
+# upstream.  After a 2 s warm-up it runs
+# `wrk -t1 -c50 -d6s http://127.0.0.1:{PORT}PATH` (pinned to CPU 1) and
+# prints the req/s and the server's CPU time (utime + stime from /proc,
+# with its direct children) per request, in microseconds.  Run it from the
+# repository root with the venv installed.  Examples:
 #
-#   bench/cpu.sh /bench/ sh -c 'printf "services: {service.api.bench: {endpoints: [\"127.0.0.1:{UPSTREAM}\"]}}\n" > /tmp/s.yaml;
-#       exec env PYTHONPATH=. .venv/bin/twistd -n --pidfile= monedge --port tcp:{PORT}:interface=127.0.0.1
-#       --admin-port tcp:0:interface=127.0.0.1 --registry static:/tmp/s.yaml --access-log /tmp/a.log --drain-delay 0s'
+#   bench/cpu.sh /bench/ env PYTHONPATH=. .venv/bin/twistd -n --pidfile= monedge
+#       --port tcp:{PORT}:interface=127.0.0.1 --admin-port tcp:0:interface=127.0.0.1
+#       --registry static:{REGISTRY} --access-log /tmp/a.log --drain-delay 0s
 #   bench/cpu.sh / .venv/bin/python bench/relay.py --port {PORT} --upstream-port {UPSTREAM}
 set -eu
-[ $# -ge 2 ] || { sed -n '2,18p' "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,19p' "$0"; exit 2; }
 path=$1; shift
-PY=.venv/bin/python
-free() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-up=$(free); port=$(free)
-taskset -c 1 $PY bench/upstream.py --port "$up" >/dev/null 2>&1 &
-upstream=$!
-for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$up/" && break; sleep 0.1; done
-command=$(printf '%s\n' "$*" | sed "s/{UPSTREAM}/$up/g; s/{PORT}/$port/g")
+. bench/loopback.sh
+port=$(free)
+startUpstream taskset -c 1
+command=$(substitute "$@")
 taskset -c 0 sh -c "exec $command" >/dev/null 2>&1 &
 server=$!
-trap 'kill $server $upstream 2>/dev/null || true' EXIT INT TERM
+trap 'kill $server $upstream 2>/dev/null || true; rm -f "$registry"' EXIT INT TERM
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port$path" && break; sleep 0.1; done
 cpu() { for p in $server $(pgrep -P $server || true); do awk '{print $14+$15}' /proc/$p/stat 2>/dev/null; done | awk '{s+=$1} END {print s}'; }
 taskset -c 1 wrk -t1 -c50 -d2s "http://127.0.0.1:$port$path" >/dev/null

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 from twisted.trial.unittest import TestCase
 
@@ -68,21 +69,25 @@ class BenchToolTests(TestCase):
 
     def test_instructions(self) -> None:
         """
-        bench/instructions.sh runs a server under callgrind, sends exactly
-        the requests asked and prints a positive count of instructions per
-        request.
+        bench/instructions.sh, as its header's example runs it, runs monedge
+        under callgrind on a registry routing to the upstream, sends
+        exactly the requests asked and prints a positive count of
+        instructions per request.
         """
-        out = _run(
-            "bench/instructions.sh",
-            "/",
-            "100",
-            sys.executable,
-            "bench/upstream.py",
-            "--port",
-            "{PORT}",
-            timeout=300,
+        header = open(os.path.join(ROOT, "bench", "instructions.sh")).read()
+        example = re.search(
+            r"#   (bench/instructions\.sh /bench/ .*?)\nset -eu", header, re.S
         )
-        self.assertIn("100 succeeded", out)
-        match = re.search(r"^(\d+) instructions per request", out, re.M)
-        assert match is not None, out
-        self.assertGreater(int(match.group(1)), 1000)
+        assert example is not None
+        words = example.group(1).replace("#", " ").split()
+        self.assertEqual(words[1:3], ["/bench/", "2000"])
+        words[2] = "100"
+        with tempfile.TemporaryDirectory() as directory:
+            words = [
+                w.replace("/tmp/a.log", os.path.join(directory, "a.log")) for w in words
+            ]
+            out = _run(*words, timeout=300)
+            self.assertIn("100 succeeded", out)
+            match = re.search(r"^(\d+) instructions per request", out, re.M)
+            assert match is not None, out
+            self.assertGreater(int(match.group(1)), 1000)
