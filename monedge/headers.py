@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 from twisted.web.http_headers import Headers
 
+from monedge.trust import Trust
+
 #: Hop-by-hop headers (RFC 9110 7.6.1, plus the legacy and HTTP/2 ones).
 #: C{content-length} and C{expect} are framing that monedge regenerates.
 HOP_BY_HOP = frozenset(
@@ -69,7 +71,6 @@ def canonicalName(name: bytes) -> bytes:
     return canonical
 
 
-_DROP_UP = frozenset(map(canonicalName, HOP_BY_HOP | _OWNED_UP))
 _DROP_DOWN = frozenset(map(canonicalName, HOP_BY_HOP))
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}\Z")
@@ -106,34 +107,199 @@ def newRequestId() -> bytes:
     return b"%032x" % _ids.getrandbits(128)
 
 
-def requestIdFor(incoming: Headers, trustedHops: int) -> bytes:
+#: Request headers through which frameworks, CDNs and load balancers take
+#: the client's address, scheme, host or port, override the URL or the
+#: method, or carry an identity established in front of them.  A client can
+#: write any of them: none reaches an upstream unless it comes from a trusted
+#: peer and is named with C{--trusted-header} (docs/security.md lists where
+#: each comes from).  C{X-Forwarded-For}, C{-Proto}, C{-Port}, C{-Host},
+#: C{-Prefix}, C{X-Request-Id} and C{Forwarded} are monedge's own
+#: (L{_OWNED_UP}); C{X-Real-IP} is set by monedge unless turned off.
+CLIENT_CONTROLLED: dict[str, tuple[bytes, ...]] = {
+    "client address": (
+        b"x-real-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"cf-connecting-ipv6",
+        b"cf-pseudo-ipv4",
+        b"fastly-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"client-ip",
+        b"x-originating-ip",
+        b"x-remote-ip",
+        b"x-remote-addr",
+        b"x-envoy-external-address",
+        b"x-azure-clientip",
+        b"x-azure-socketip",
+        b"x-appengine-user-ip",
+        b"x-original-forwarded-for",
+        b"forwarded-for",
+        b"x-forwarded",
+        b"x-proxyuser-ip",
+    ),
+    "scheme, host and port": (
+        b"x-forwarded-scheme",
+        b"x-forwarded-ssl",
+        b"x-forwarded-protocol",
+        b"front-end-https",
+        b"x-url-scheme",
+        b"x-scheme",
+        b"x-arr-ssl",
+        b"cf-visitor",
+        b"x-forwarded-server",
+        b"x-host",
+        b"x-original-host",
+        b"x-script-name",
+    ),
+    "URL and method overrides": (
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-original-uri",
+        b"x-forwarded-uri",
+        b"x-forwarded-path",
+        b"x-envoy-original-path",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        b"x-forwarded-method",
+        b"x-original-method",
+    ),
+    "client certificates and identities": (
+        b"x-forwarded-client-cert",
+        b"x-forwarded-tls-client-cert",
+        b"x-forwarded-tls-client-cert-info",
+        b"x-ssl-client-cert",
+        b"x-ssl-client-verify",
+        b"x-ssl-client-dn",
+        b"x-ssl-client-s-dn",
+        b"ssl-client-cert",
+        b"ssl-client-verify",
+        b"x-client-cert",
+        b"x-client-verify",
+        b"x-arr-clientcert",
+        b"x-amzn-mtls-clientcert",
+        b"x-amzn-oidc-data",
+        b"x-amzn-oidc-identity",
+        b"x-amzn-oidc-accesstoken",
+        b"x-forwarded-user",
+        b"x-forwarded-email",
+        b"x-forwarded-preferred-username",
+        b"x-forwarded-groups",
+        b"x-forwarded-access-token",
+        b"x-auth-request-user",
+        b"x-auth-request-email",
+        b"x-auth-request-groups",
+        b"x-auth-request-preferred-username",
+        b"x-auth-request-access-token",
+        b"x-remote-user",
+        b"remote-user",
+        b"x-webauth-user",
+        b"x-ms-client-principal",
+        b"x-ms-client-principal-id",
+        b"x-ms-client-principal-name",
+        b"x-goog-authenticated-user-email",
+        b"x-goog-authenticated-user-id",
+        b"x-goog-iap-jwt-assertion",
+        b"cf-access-jwt-assertion",
+        b"cf-access-authenticated-user-email",
+    ),
+}
+
+#: Every member of L{CLIENT_CONTROLLED}, lowercased.
+CLIENT_CONTROLLED_NAMES = frozenset(
+    name for family in CLIENT_CONTROLLED.values() for name in family
+)
+
+#: Name prefixes of client-controlled headers: Envoy's own control headers
+#: (retries, timeouts, routing), which an Envoy sidecar in front of an
+#: upstream would obey.
+CLIENT_CONTROLLED_PREFIXES = (b"x-envoy-",)
+
+
+def requestIdFor(incoming: Headers, trusted: bool) -> bytes:
     """
-    The request's id: a valid C{X-Request-Id} from a trusted hop, else a
-    new one.  With no trusted hops the client's value is never used.
+    The request's id: a valid C{X-Request-Id} from a trusted peer, else a
+    new one.  From an untrusted peer the client's value is never used.
     """
-    if trustedHops > 0:
+    if trusted:
         values = incoming.getRawHeaders(b"x-request-id")
         if values and len(values) == 1 and _REQUEST_ID.match(values[0]):
             return values[0]
     return newRequestId()
 
 
-def forwardedFor(incoming: Headers, peer: bytes, trustedHops: int) -> bytes:
+#: No trusted hop.
+NO_TRUST = Trust()
+
+
+class ForwardingRules:
     """
-    The C{X-Forwarded-For} to send upstream: the last C{trustedHops}
-    entries the client side sent (those added by hops we trust), then the
-    peer's address.  With no trusted hops, just the peer.
+    What monedge does with forwarding and identity headers on the way
+    upstream, from the options: C{--trusted-hops}, C{--trusted-proxies},
+    C{--trusted-header}, C{--identity-header} and C{--no-real-ip}.
+
+    The sets of names to drop are worked out once, here: the per-request
+    work is one set lookup per header, as before.
     """
-    if trustedHops <= 0:
-        return peer
-    values = incoming.getRawHeaders(b"x-forwarded-for")
-    entries: list[bytes] = []
-    if values:
-        for value in values:
-            entries.extend(e.strip() for e in value.split(b",") if e.strip())
-    entries = entries[-trustedHops:]
-    entries.append(peer)
-    return b", ".join(entries)
+
+    def __init__(
+        self,
+        trust: Trust = NO_TRUST,
+        *,
+        identityHeaders: Iterable[str] = (),
+        trustedHeaders: Iterable[str] = (),
+        realIp: bool = True,
+    ) -> None:
+        self.trust = trust
+        self.realIp = realIp
+        self.identityHeaders = tuple(sorted({n.lower() for n in identityHeaders}))
+        self.trustedHeaders = tuple(sorted({n.lower() for n in trustedHeaders}))
+        identity = frozenset(n.encode("ascii") for n in self.identityHeaders)
+        passed = frozenset(n.encode("ascii") for n in self.trustedHeaders)
+        controlled = CLIENT_CONTROLLED_NAMES | identity
+        untrusted = _OWNED_UP | HOP_BY_HOP | controlled
+        trusted = _OWNED_UP | HOP_BY_HOP | identity | (CLIENT_CONTROLLED_NAMES - passed)
+        if realIp:
+            untrusted |= {b"x-real-ip"}
+            trusted |= {b"x-real-ip"}
+        self._dropUntrusted = frozenset(map(canonicalName, untrusted))
+        self._dropTrusted = frozenset(map(canonicalName, trusted))
+        self._passed = passed
+
+    def isTrusted(self, peer: bytes) -> bool:
+        """
+        Whether forwarding headers from C{peer} are believed.
+        """
+        return self.trust.trusts(peer)
+
+    def forwardedFor(self, incoming: Headers, peer: bytes) -> bytes:
+        """
+        The C{X-Forwarded-For} to send upstream: the client as resolved,
+        the trusted proxies after it, then the peer.
+        """
+        return b", ".join(
+            self.trust.chain(incoming._rawHeaders.get(b"X-Forwarded-For"), peer)
+        )
+
+    def dropped(self, trusted: bool) -> frozenset[bytes]:
+        """
+        The canonical names never copied upstream from a peer trusted or
+        not.
+        """
+        return self._dropTrusted if trusted else self._dropUntrusted
+
+    def droppedByPrefix(self, lowered: bytes, trusted: bool) -> bool:
+        """
+        Whether a header is dropped for its name's prefix.
+        """
+        if not lowered.startswith(CLIENT_CONTROLLED_PREFIXES):
+            return False
+        return not (trusted and lowered in self._passed)
+
+
+#: No trusted hop, every default.
+DEFAULT_RULES = ForwardingRules()
 
 
 def upstreamHeaders(
@@ -145,7 +311,7 @@ def upstreamHeaders(
     port: bytes,
     prefix: bytes | None,
     requestId: bytes,
-    trustedHops: int,
+    rules: ForwardingRules = DEFAULT_RULES,
 ) -> Headers:
     """
     The headers to send upstream for a client request.
@@ -155,21 +321,35 @@ def upstreamHeaders(
     @param proto: C{http} or C{https}, from the listener.
     @param port: the listener's port.
     @param prefix: C{/<name>} when the prefix is stripped, else L{None}.
+    @param rules: what is trusted, stripped and set.
     """
     tokens = connectionTokens(incoming._rawHeaders.get(b"Connection"))
+    trusted = rules.isTrusted(peer)
+    drop = rules.dropped(trusted)
     out = Headers()
     # Names from Twisted's parser are canonical and values already refused
     # CR, LF and NUL, so they are copied into the new table directly
     # instead of being re-validated one by one: this runs per request.
     raw = out._rawHeaders
     for name, values in incoming.getAllRawHeaders():
-        if name in _DROP_UP or (tokens and name.lower() in tokens):
+        if name in drop:
+            continue
+        # Names are canonical (X-Envoy-...), so the prefix is matched as
+        # such, without a lowered copy: this runs per header.
+        if name.startswith(b"X-Envoy-") and rules.droppedByPrefix(
+            name.lower(), trusted
+        ):
+            continue
+        if tokens and name.lower() in tokens:
             continue
         raw[name] = list(values)
     if host is not None:
         raw[b"Host"] = [host]
-    raw[b"X-Forwarded-For"] = [forwardedFor(incoming, peer, trustedHops)]
-    if trustedHops > 0:
+    forwarded = rules.forwardedFor(incoming, peer)
+    raw[b"X-Forwarded-For"] = [forwarded]
+    if rules.realIp:
+        raw[b"X-Real-Ip"] = [forwarded.partition(b",")[0]]
+    if trusted:
         sentProto = incoming.getRawHeaders(b"x-forwarded-proto")
         if sentProto and len(sentProto) == 1 and sentProto[0] in (b"http", b"https"):
             proto = sentProto[0]

@@ -133,7 +133,7 @@ class ServiceResource(Resource):
             port=request.listenerPort,
             prefix=prefix,
             requestId=request.requestId,
-            trustedHops=request.site.trustedHops,
+            rules=request.site.forwarding,
         )
         if upgradeKey is not None:
             # The one upgrade monedge carries, on a connection of its own.

@@ -41,7 +41,13 @@ from zope.interface import implementer
 
 from monedge.accesslog import AccessLog
 from monedge.errors import CATALOGUE, ProxyError, rawErrorResponse, renderError
-from monedge.headers import connectionTokens, newRequestId, requestIdFor
+from monedge.headers import (
+    DEFAULT_RULES,
+    ForwardingRules,
+    connectionTokens,
+    newRequestId,
+    requestIdFor,
+)
 from monedge.metrics import NO_SERVICE, Metrics
 from monedge.paths import RoutedPath
 from monedge.sockets import sendAtOnce
@@ -137,7 +143,7 @@ class ProxyRequest(server.Request):
         rid = self._requestId
         if rid is None:
             rid = self._requestId = requestIdFor(
-                self.requestHeaders, self.site.trustedHops
+                self.requestHeaders, self.site.forwarding.isTrusted(self.peerAddress)
             )
         return rid
 
@@ -848,14 +854,14 @@ class ProxySite(server.Site):
         reactor: Any,
         metrics: Metrics,
         accessLog: AccessLog,
-        trustedHops: int = 0,
+        forwarding: ForwardingRules = DEFAULT_RULES,
         limits: Limits = Limits(),
     ) -> None:
         super().__init__(resource, timeout=limits.keepAliveTimeout, reactor=reactor)
         self.reactor = reactor
         self.metrics = metrics
         self.accessLog = accessLog
-        self.trustedHops = trustedHops
+        self.forwarding = forwarding
         self.limits = limits
         self.draining = False
         self.inFlight = 0

@@ -32,6 +32,11 @@ from monedge.balancer import Balancer
 from monedge.client import FastUpstreamClient
 from monedge.convention import HostTiers
 from monedge.dispatch import leanDispatch
+from monedge.headers import (
+    CLIENT_CONTROLLED_NAMES,
+    CLIENT_CONTROLLED_PREFIXES,
+    ForwardingRules,
+)
 from monedge.hooks import HookConfigError, HookContext, HookSet
 from monedge.interfaces import IServiceRegistry
 from monedge.lifecycle import ProxyService
@@ -43,6 +48,7 @@ from monedge.registry.static import RegistryFileError, StaticRegistry
 from monedge.resource import RootResource
 from monedge.server import Limits, ListenerFactory, ProxySite
 from monedge.tls import CertificateFileError, CertificateStore
+from monedge.trust import Trust, parseNetwork
 from monedge.tunnel import TunnelSet
 from monedge.upstream import DEFAULT_MAX_PER_HOST, DEFAULT_POOL_IDLE, UpstreamClient
 from monedge.workers import (
@@ -60,6 +66,7 @@ from monedge.workers import (
 BACKLOG = 1024
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+\Z")
 
 
 def endpointDescription(value: str) -> str:
@@ -84,6 +91,18 @@ def _checkEndpoint(option: str, description: str) -> None:
         raise usage.UsageError(
             f"--{option}: invalid endpoint {description!r}: {e}"
         ) from None
+
+
+def _headerName(option: str, name: str) -> str:
+    """
+    A header name given to C{option}, lowercased.
+
+    @raise usage.UsageError: if it is not an HTTP token.
+    """
+    name = name.strip().lower()
+    if not _TOKEN.match(name):
+        raise usage.UsageError(f"--{option}: not a header name: {name!r}")
+    return name
 
 
 def _choice(option: str, value: str, *choices: str) -> None:
@@ -125,6 +144,15 @@ class Options(usage.Options):
         "The tier is 'api' unless --host-tier maps the request's host."
     )
 
+    optFlags: list[list[str | None]] = [
+        [
+            "no-real-ip",
+            None,
+            "Do not set X-Real-IP to the client's address (it is then a"
+            " client-controlled header like the others).",
+        ],
+    ]
+
     optParameters: list[list[str | None]] = [
         [
             "port",
@@ -162,9 +190,10 @@ class Options(usage.Options):
         [
             "trusted-hops",
             None,
-            "0",
+            None,
             "Proxies in front of monedge whose X-Forwarded-* and X-Request-Id are"
-            " trusted (0: replace the client's).",
+            " trusted (0: replace the client's). Default 0, or 1 with"
+            " --trusted-proxies.",
         ],
         [
             "drain-delay",
@@ -296,6 +325,9 @@ class Options(usage.Options):
         self["host-tier"] = []
         self["namespace"] = []
         self["hook"] = []
+        self["trusted-proxies"] = []
+        self["identity-header"] = []
+        self["trusted-header"] = []
         self["worker-fd"] = []
         self.rawArgs: list[str] = []
 
@@ -325,6 +357,31 @@ class Options(usage.Options):
             raise usage.UsageError(f"--namespace: invalid namespace {namespace!r}")
         self["namespace"].append(namespace)
 
+    def opt_trusted_proxies(self, cidr: str) -> None:
+        """CIDR: forwarding headers are believed only from peers (and hops) in these ranges. Repeatable."""
+        try:
+            parseNetwork(cidr)
+        except ValueError as e:
+            raise usage.UsageError(f"--trusted-proxies: {e}") from None
+        self["trusted-proxies"].append(cidr.strip())
+
+    def opt_identity_header(self, name: str) -> None:
+        """NAME: a header the edge owns (X-User-Id, say): removed from every request to every service. Repeatable."""
+        self["identity-header"].append(_headerName("identity-header", name))
+
+    def opt_trusted_header(self, name: str) -> None:
+        """NAME: a client-controlled header (docs/security.md) that trusted proxies set: passed on from trusted peers. Repeatable."""
+        name = _headerName("trusted-header", name)
+        raw = name.encode("ascii")
+        if raw not in CLIENT_CONTROLLED_NAMES and not raw.startswith(
+            CLIENT_CONTROLLED_PREFIXES
+        ):
+            raise usage.UsageError(
+                f"--trusted-header: {name} is not a client-controlled header"
+                " (any other header passes already; see docs/security.md)"
+            )
+        self["trusted-header"].append(name)
+
     def opt_listen(self, endpoint: str) -> None:
         """An extra proxy listener: an endpoint string (tcp:, ssl:, unix:). Repeatable."""
         self["listen"].append(endpoint)
@@ -347,7 +404,7 @@ class Options(usage.Options):
             self["host-tiers"] = HostTiers.fromPairs(self["host-tier"])
         except ValueError as e:
             raise usage.UsageError(f"--host-tier: {e}") from None
-        self["trusted-hops"] = _positive("trusted-hops", self["trusted-hops"], int)
+        self._trustOptions()
         self["drain-delay"] = _duration("drain-delay", self["drain-delay"], True)
         self["max-connections"] = _positive(
             "max-connections", self["max-connections"], int
@@ -422,6 +479,30 @@ class Options(usage.Options):
             observe=metrics.observeHook,
         )
         checkHooks(hooks, registry)
+
+    def _trustOptions(self) -> None:
+        hops = self["trusted-hops"]
+        proxies = self["trusted-proxies"]
+        if hops is None:
+            hops = 1 if proxies else 0
+        else:
+            hops = _positive("trusted-hops", hops, int)
+            if proxies and hops == 0:
+                raise usage.UsageError(
+                    "--trusted-proxies: --trusted-hops 0 trusts no proxy;"
+                    " give at least 1 (or leave it out for 1)"
+                )
+        self["trusted-hops"] = hops
+        if "x-real-ip" in self["trusted-header"] and not self["no-real-ip"]:
+            raise usage.UsageError(
+                "--trusted-header: X-Real-IP is monedge's own unless --no-real-ip"
+            )
+        self["forwarding"] = ForwardingRules(
+            Trust.fromOptions(hops, proxies),
+            identityHeaders=self["identity-header"],
+            trustedHeaders=self["trusted-header"],
+            realIp=not self["no-real-ip"],
+        )
 
     def _tlsOptions(self) -> None:
         port, directory = self["tls-port"], self["tls-dir"]
@@ -663,7 +744,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor=reactor,
         metrics=metrics,
         accessLog=AccessLog.fromOption(options["access-log"], reactor),
-        trustedHops=options["trusted-hops"],
+        forwarding=options["forwarding"],
         limits=limits,
     )
     top = ProxyService(

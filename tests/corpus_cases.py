@@ -635,6 +635,113 @@ def trustedForwardingCases(port: int) -> list[Case]:
     ]
 
 
+#: Every client-controlled header (monedge.headers.CLIENT_CONTROLLED), and
+#: one of Envoy's control headers, each with a value a client might forge.
+def _forgeries() -> list[tuple[bytes, bytes]]:
+    from monedge.headers import CLIENT_CONTROLLED_NAMES
+
+    forged = [(name, b"6.6.6.6") for name in sorted(CLIENT_CONTROLLED_NAMES)]
+    return [
+        *forged,
+        (b"x-envoy-retry-on", b"5xx"),
+        (b"X-ENVOY-UPSTREAM-RQ-TIMEOUT-MS", b"1"),
+    ]
+
+
+def clientControlledCases(
+    port: int,
+    *,
+    client: bytes = b"127.0.0.1",
+    chain: bytes = b"127.0.0.1",
+    forwardedFor: bytes | None = None,
+    passed: Sequence[bytes] = (),
+    realIp: bool = True,
+) -> list[Case]:
+    """
+    One case per client-controlled header (docs/security.md): sent by the
+    client, it must not reach the upstream, unless it is in C{passed} (a
+    C{--trusted-header} from a trusted peer), when it must arrive as sent.
+    X-Real-IP is always the resolved C{client} (or absent without
+    C{realIp}, unless passed), and X-Forwarded-For is C{chain}.
+
+    @param forwardedFor: an X-Forwarded-For line every case sends.
+    """
+    extra = () if forwardedFor is None else (b"X-Forwarded-For: " + forwardedFor,)
+    cases = []
+    for name, value in _forgeries():
+        lowered = name.lower()
+        expected: dict[bytes, Sequence[bytes]] = {b"x-forwarded-for": [chain]}
+        if lowered == b"x-real-ip" and realIp:
+            expected[b"x-real-ip"] = [client]
+        elif lowered in passed:
+            expected[lowered] = [value]
+        else:
+            expected[lowered] = ()
+        if lowered != b"x-real-ip":
+            expected[b"x-real-ip"] = [client] if realIp else ()
+        cases.append(
+            Case(
+                f"client-controlled {name.decode()}",
+                request(b"/echo/c", name + b": " + value, *extra),
+                200,
+                uri=b"/c",
+                upstream=expected,
+            )
+        )
+    # Many members at once, each in two spellings (in batches that stay
+    # under the default 100-header limit).
+    removed = [
+        (name, value)
+        for name, value in _forgeries()
+        if name.lower() not in passed and name.lower() != b"x-real-ip"
+    ]
+    for start in range(0, len(removed), 40):
+        batch = removed[start : start + 40]
+        cases.append(
+            Case(
+                f"client-controlled headers {start} to {start + len(batch) - 1}",
+                request(
+                    b"/echo/c",
+                    *[
+                        spelled + b": " + value
+                        for name, value in batch
+                        for spelled in (name, name.upper())
+                    ],
+                    *extra,
+                ),
+                200,
+                uri=b"/c",
+                upstream={name.lower(): () for name, _ in batch},
+            )
+        )
+    return cases
+
+
+def identityHeaderCases(names: Sequence[bytes]) -> list[Case]:
+    """
+    C{--identity-header} names are removed from every request, in any case
+    and however repeated, on a route that runs no hook.
+    """
+    cases = []
+    for name in names:
+        for spelled in (name, name.upper(), name.lower()):
+            cases.append(
+                Case(
+                    f"identity header {spelled.decode()}",
+                    request(
+                        b"/echo/i",
+                        spelled + b": admin",
+                        spelled + b": root",
+                        b"X-Kept: yes",
+                    ),
+                    200,
+                    uri=b"/i",
+                    upstream={name.lower(): (), b"x-kept": [b"yes"]},
+                )
+            )
+    return cases
+
+
 def framingCases() -> list[Case]:
     """
     Request framing: everything ambiguous is refused before anything

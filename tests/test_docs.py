@@ -37,6 +37,7 @@ from monedge.convention import HostTiers, kubernetesName, serviceFromKubernetesN
 from monedge.errors import CATALOGUE, ErrorResource, errorBody, rawErrorResponse
 from monedge.headers import (
     HOP_BY_HOP,
+    ForwardingRules,
     downstreamHeaders,
     requestIdFor,
     upstreamHeaders,
@@ -66,6 +67,7 @@ from monedge.resource import RootResource, ServiceResource
 from monedge.server import CLIENT_CLOSED, Limits, ProxyChannel, ProxyRequest, ProxySite
 from monedge.tap import Options, checkHooks
 from monedge.testing import FakeUpstreamClient, MemoryRegistry
+from monedge.trust import Trust
 from monedge.upstream import DEFAULT_POOL_IDLE, UpstreamClient
 from monedge.workers import WorkerGroup
 
@@ -463,8 +465,8 @@ class ConventionDocTests(SynchronousTestCase):
                 proto=b"http",
                 port=b"30080",
                 prefix=b"/foo",
-                requestId=requestIdFor(incoming, hops),
-                trustedHops=hops,
+                requestId=requestIdFor(incoming, hops > 0),
+                rules=ForwardingRules(Trust(hops)),
             )
             got = out.getRawHeaders(name)
             expected = row["Upstream receives"]
@@ -492,7 +494,7 @@ class ConventionDocTests(SynchronousTestCase):
             port=b"30080",
             prefix=None,
             requestId=b"1",
-            trustedHops=1,
+            rules=ForwardingRules(Trust(1)),
         )
         self.assertIsNone(out.getRawHeaders(b"host"))
         self.assertIsNone(out.getRawHeaders(b"x-forwarded-host"))
@@ -519,7 +521,6 @@ class ConventionDocTests(SynchronousTestCase):
             port=b"30080",
             prefix=b"/foo",
             requestId=b"1",
-            trustedHops=0,
         )
         for name in [*HOP_BY_HOP, b"x-secret"]:
             self.assertIsNone(out.getRawHeaders(name), name)

@@ -495,6 +495,181 @@ class ForwardingTests(CorpusTestCase):
         )
 
 
+class ClientControlledTests(CorpusTestCase):
+    """
+    The client-controlled headers (X-Real-IP, True-Client-IP, X-Original-URL,
+    X-HTTP-Method-Override and the rest of the family in docs/security.md),
+    --trusted-proxies, --trusted-header, --identity-header and X-Real-IP.
+    """
+
+    async def test_noTrustedHops(self) -> None:
+        """
+        With --trusted-hops 0 (the default) no client-controlled header
+        reaches the upstream, one by one or all at once in any spelling,
+        and X-Real-IP is the TCP peer.
+        """
+        proxy, upstream = await self.startDefault()
+        await self.runCases(
+            proxy, corpus_cases.clientControlledCases(proxy.port), [upstream]
+        )
+
+    async def test_untrustedPeer(self) -> None:
+        """
+        With --trusted-hops 1 but a peer outside --trusted-proxies, nothing
+        the client sends is believed: X-Forwarded-For and X-Real-IP are the
+        peer, and even a --trusted-header does not pass.
+        """
+        proxy, upstream = await self.startDefault(
+            [
+                "--trusted-hops",
+                "1",
+                "--trusted-proxies",
+                "10.0.0.0/8",
+                "--trusted-header",
+                "CF-Connecting-IP",
+            ]
+        )
+        cases = corpus_cases.clientControlledCases(proxy.port, forwardedFor=b"1.2.3.4")
+        cases += corpus_cases.untrustedForwardingCases(proxy.port)
+        await self.runCases(proxy, cases, [upstream])
+
+    async def test_trustedPeer(self) -> None:
+        """
+        From a peer inside --trusted-proxies (one hop by default), the last
+        X-Forwarded-For entry is the client and X-Real-IP; a
+        --trusted-header passes as sent, every other client-controlled
+        header is still removed.
+        """
+        proxy, upstream = await self.startDefault(
+            [
+                "--trusted-proxies",
+                "127.0.0.0/8",
+                "--trusted-header",
+                "CF-Connecting-IP",
+                "--trusted-header",
+                "x-envoy-retry-on",
+            ]
+        )
+        cases = corpus_cases.clientControlledCases(
+            proxy.port,
+            client=b"1.2.3.4",
+            chain=b"1.2.3.4, 127.0.0.1",
+            forwardedFor=b"6.6.6.6, 1.2.3.4",
+            passed=[b"cf-connecting-ip", b"x-envoy-retry-on"],
+        )
+        await self.runCases(proxy, cases, [upstream])
+
+    async def test_trustedChain(self) -> None:
+        """
+        With several trusted hops, the walk back through X-Forwarded-For
+        stops at the first address outside --trusted-proxies: that one is
+        the client, and what came before it is dropped.
+        """
+        proxy, upstream = await self.startDefault(
+            [
+                "--trusted-hops",
+                "3",
+                "--trusted-proxies",
+                "127.0.0.0/8",
+                "--trusted-proxies",
+                "10.0.0.0/8",
+            ]
+        )
+
+        def case(name: str, sent: bytes, chain: bytes) -> Case:
+            return Case(
+                name,
+                corpus_cases.request(b"/echo/w", b"X-Forwarded-For: " + sent),
+                200,
+                uri=b"/w",
+                upstream={
+                    b"x-forwarded-for": [chain],
+                    b"x-real-ip": [chain.split(b", ")[0]],
+                },
+            )
+
+        await self.runCases(
+            proxy,
+            [
+                case(
+                    "stops at the first untrusted address",
+                    b"6.6.6.6, 1.2.3.4, 10.0.0.5",
+                    b"1.2.3.4, 10.0.0.5, 127.0.0.1",
+                ),
+                case(
+                    "at most three hops",
+                    b"6.6.6.6, 10.0.0.7, 10.0.0.6, 10.0.0.5",
+                    b"10.0.0.7, 10.0.0.6, 10.0.0.5, 127.0.0.1",
+                ),
+                case(
+                    "a garbage entry is the client",
+                    b"1.2.3.4, not-an-address",
+                    b"not-an-address, 127.0.0.1",
+                ),
+            ],
+            [upstream],
+        )
+
+    async def test_noRealIp(self) -> None:
+        """
+        With --no-real-ip monedge sets no X-Real-IP, and the client's is
+        removed like any other client-controlled header.
+        """
+        proxy, upstream = await self.startDefault(["--no-real-ip"])
+        await self.runCases(
+            proxy,
+            corpus_cases.clientControlledCases(proxy.port, realIp=False),
+            [upstream],
+        )
+
+    async def test_rateLimitBucket(self) -> None:
+        """
+        A client outside --trusted-proxies cannot choose its rate-limit
+        bucket with X-Forwarded-For: requests with five different forged
+        addresses share the peer's bucket of two.
+        """
+        proxy, upstream = await self.startDefault(
+            [
+                "--trusted-hops",
+                "1",
+                "--trusted-proxies",
+                "10.0.0.0/8",
+                "--hook",
+                '{"name": "ratelimit", "options": {"rate": "2/m"}}',
+            ]
+        )
+
+        def attempt(n: int, status: int) -> Case:
+            return Case(
+                f"forged address {n}",
+                corpus_cases.request(
+                    b"/echo/r", b"X-Forwarded-For: 198.51.100.%d" % (n,)
+                ),
+                status,
+                code=None if status == 200 else "rate_limited",
+                uri=b"/r" if status == 200 else None,
+            )
+
+        await self.runCases(
+            proxy,
+            [attempt(n, 200 if n < 2 else 429) for n in range(5)],
+            [upstream],
+        )
+
+    async def test_identityHeaders(self) -> None:
+        """
+        --identity-header names are removed from every request to every
+        service, from untrusted and trusted peers alike, on routes that
+        run no hook.
+        """
+        names = [b"X-User-Role", b"X-User-Id"]
+        args = [arg for name in names for arg in ("--identity-header", name.decode())]
+        proxy, upstream = await self.startDefault(
+            [*args, "--trusted-proxies", "127.0.0.1/32"]
+        )
+        await self.runCases(proxy, corpus_cases.identityHeaderCases(names), [upstream])
+
+
 class FramingTests(CorpusTestCase):
     """
     Request framing and header limits.

@@ -11,13 +11,17 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from monedge.headers import (
+    CLIENT_CONTROLLED,
+    CLIENT_CONTROLLED_NAMES,
     HOP_BY_HOP,
+    ForwardingRules,
     connectionTokens,
     downstreamHeaders,
     newRequestId,
     requestIdFor,
     upstreamHeaders,
 )
+from monedge.trust import Trust
 
 PEER = b"192.0.2.7"
 REQUEST_ID = b"0123456789abcdef0123456789abcdef"
@@ -50,6 +54,7 @@ def upstream(
     prefix: bytes | None = b"/echo",
     requestId: bytes = REQUEST_ID,
     trustedHops: int = 0,
+    rules: ForwardingRules | None = None,
 ) -> Headers:
     """
     L{upstreamHeaders} for C{incoming}, with usual values for the rest.
@@ -62,7 +67,7 @@ def upstream(
         port=port,
         prefix=prefix,
         requestId=requestId,
-        trustedHops=trustedHops,
+        rules=rules if rules is not None else ForwardingRules(Trust(trustedHops)),
     )
 
 
@@ -417,6 +422,109 @@ class UpstreamForwardingTests(SynchronousTestCase):
             self.assertEqual(out.getRawHeaders(name), [value], name)
 
 
+class ClientControlledTests(SynchronousTestCase):
+    """
+    The client-controlled family, C{--trusted-header}, C{--identity-header}
+    and X-Real-IP, in L{upstreamHeaders}.
+    """
+
+    def everyMember(self) -> Headers:
+        """
+        Every client-controlled header, and two Envoy control headers.
+        """
+        incoming = headers(
+            (b"x-envoy-retry-on", b"5xx"), (b"X-Envoy-Max-Retries", b"9")
+        )
+        for name in CLIENT_CONTROLLED_NAMES:
+            incoming.addRawHeader(name, b"forged")
+        return incoming
+
+    def test_familyDocumented(self) -> None:
+        """
+        The family is grouped, has no member twice, and overlaps neither
+        the hop-by-hop headers nor those monedge owns.
+        """
+        members = [n for family in CLIENT_CONTROLLED.values() for n in family]
+        self.assertEqual(len(members), len(set(members)))
+        self.assertEqual(set(members), CLIENT_CONTROLLED_NAMES)
+        self.assertFalse(CLIENT_CONTROLLED_NAMES & HOP_BY_HOP)
+        self.assertNotIn(b"x-forwarded-for", CLIENT_CONTROLLED_NAMES)
+        for must in (b"x-real-ip", b"true-client-ip", b"x-original-url"):
+            self.assertIn(must, CLIENT_CONTROLLED_NAMES)
+
+    def test_strippedFromUntrusted(self) -> None:
+        """
+        With no trusted hops, or from a peer outside the trusted ranges, no
+        member (and no X-Envoy- header) reaches the upstream, even one
+        named with --trusted-header; X-Real-IP is the peer.
+        """
+        for rules in (
+            ForwardingRules(),
+            ForwardingRules(
+                Trust.fromOptions(1, ["10.0.0.0/8"]),
+                trustedHeaders=["true-client-ip", "x-envoy-retry-on"],
+            ),
+        ):
+            out = upstream(self.everyMember(), rules=rules)
+            passed = names(out) & CLIENT_CONTROLLED_NAMES
+            self.assertEqual(passed, {b"x-real-ip"})
+            self.assertEqual(out.getRawHeaders(b"x-real-ip"), [PEER])
+            self.assertFalse(
+                [n for n in names(out) if n.startswith(b"x-envoy-")], rules
+            )
+
+    def test_trustedHeaderFromTrustedPeer(self) -> None:
+        """
+        From a trusted peer, only the --trusted-header names pass, as sent;
+        the rest of the family is still removed, and X-Real-IP is the
+        client the trusted hop reported.
+        """
+        rules = ForwardingRules(
+            Trust.fromOptions(1, ["192.0.2.0/24"]),
+            trustedHeaders=["True-Client-IP", "x-envoy-retry-on"],
+        )
+        incoming = self.everyMember()
+        incoming.addRawHeader(b"x-forwarded-for", b"198.51.100.4")
+        out = upstream(incoming, rules=rules)
+        self.assertEqual(
+            names(out) & CLIENT_CONTROLLED_NAMES, {b"x-real-ip", b"true-client-ip"}
+        )
+        self.assertEqual(out.getRawHeaders(b"true-client-ip"), [b"forged"])
+        self.assertEqual(out.getRawHeaders(b"x-envoy-retry-on"), [b"5xx"])
+        self.assertIsNone(out.getRawHeaders(b"x-envoy-max-retries"))
+        self.assertEqual(out.getRawHeaders(b"x-real-ip"), [b"198.51.100.4"])
+
+    def test_noRealIp(self) -> None:
+        """
+        Without X-Real-IP (--no-real-ip) monedge sets none, and the client's
+        is removed unless it is a trusted header from a trusted peer.
+        """
+        incoming = headers((b"X-Real-IP", b"6.6.6.6"))
+        out = upstream(incoming, rules=ForwardingRules(realIp=False))
+        self.assertIsNone(out.getRawHeaders(b"x-real-ip"))
+        rules = ForwardingRules(Trust(1), trustedHeaders=["x-real-ip"], realIp=False)
+        out = upstream(incoming, rules=rules)
+        self.assertEqual(out.getRawHeaders(b"x-real-ip"), [b"6.6.6.6"])
+
+    def test_identityHeaders(self) -> None:
+        """
+        --identity-header names are removed from every request, trusted or
+        not, in any case and however repeated; other headers pass.
+        """
+        incoming = headers(
+            (b"X-User-Role", b"admin"),
+            (b"x-user-role", b"root"),
+            (b"X-USER-ID", b"1"),
+            (b"X-Kept", b"yes"),
+        )
+        for trust in (Trust(), Trust(1)):
+            rules = ForwardingRules(trust, identityHeaders=["X-User-Role", "x-user-id"])
+            out = upstream(incoming, rules=rules)
+            self.assertIsNone(out.getRawHeaders(b"x-user-role"))
+            self.assertIsNone(out.getRawHeaders(b"x-user-id"))
+            self.assertEqual(out.getRawHeaders(b"x-kept"), [b"yes"])
+
+
 class RequestIdTests(SynchronousTestCase):
     """
     L{requestIdFor} and L{newRequestId} choose a request's id.
@@ -437,8 +545,8 @@ class RequestIdTests(SynchronousTestCase):
         """
         for rid in [b"abc", b"A-b_c.d:e", b"x" * 128, REQUEST_ID]:
             incoming = headers((b"X-Request-Id", rid))
-            self.assertEqual(requestIdFor(incoming, trustedHops=1), rid)
-            self.assertEqual(requestIdFor(incoming, trustedHops=3), rid)
+            self.assertEqual(requestIdFor(incoming, trusted=True), rid)
+            self.assertEqual(requestIdFor(incoming, trusted=True), rid)
 
     def test_trustedInvalidIgnored(self) -> None:
         """
@@ -456,7 +564,7 @@ class RequestIdTests(SynchronousTestCase):
             b"<script>",
         ]:
             incoming = headers((b"X-Request-Id", rid))
-            result = requestIdFor(incoming, trustedHops=1)
+            result = requestIdFor(incoming, trusted=True)
             self.assertNotEqual(result, rid)
             self.assertRegex(result, _HEX32)
 
@@ -465,7 +573,7 @@ class RequestIdTests(SynchronousTestCase):
         Two X-Request-Id values, even equal and valid, give a new id.
         """
         incoming = headers((b"X-Request-Id", b"abc"), (b"X-Request-Id", b"abc"))
-        result = requestIdFor(incoming, trustedHops=1)
+        result = requestIdFor(incoming, trusted=True)
         self.assertRegex(result, _HEX32)
         self.assertNotEqual(result, b"abc")
 
@@ -476,7 +584,7 @@ class RequestIdTests(SynchronousTestCase):
         """
         for rid in [b"abc", REQUEST_ID]:
             incoming = headers((b"X-Request-Id", rid))
-            result = requestIdFor(incoming, trustedHops=0)
+            result = requestIdFor(incoming, trusted=False)
             self.assertNotEqual(result, rid)
             self.assertRegex(result, _HEX32)
 
@@ -484,8 +592,8 @@ class RequestIdTests(SynchronousTestCase):
         """
         With no X-Request-Id, ids are new each time.
         """
-        first = requestIdFor(headers(), trustedHops=1)
-        second = requestIdFor(headers(), trustedHops=1)
+        first = requestIdFor(headers(), trusted=True)
+        second = requestIdFor(headers(), trusted=True)
         self.assertRegex(first, _HEX32)
         self.assertRegex(second, _HEX32)
         self.assertNotEqual(first, second)

@@ -238,3 +238,79 @@ class FileLimitTests(SynchronousTestCase):
         self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE)[0], after)
         if hard != resource.RLIM_INFINITY:
             self.assertEqual(after, hard)
+
+
+class ForwardingOptionsTests(SynchronousTestCase):
+    """
+    --trusted-hops, --trusted-proxies, --trusted-header, --identity-header
+    and --no-real-ip combine into one set of forwarding rules.
+    """
+
+    def setUp(self) -> None:
+        self.registry = os.path.abspath(self.mktemp())
+        writeRegistry(
+            self.registry, {"service.api.echo": {"endpoints": ["127.0.0.1:1"]}}
+        )
+
+    def parse(self, *args: str) -> Options:
+        options = Options()
+        options.parseOptions(["--registry", f"static:{self.registry}", *args])
+        return options
+
+    def test_defaults(self) -> None:
+        """
+        By default nothing is trusted, no identity header is listed, and
+        X-Real-IP is set.
+        """
+        rules = self.parse()["forwarding"]
+        self.assertEqual(rules.trust.hops, 0)
+        self.assertEqual(rules.trust.proxies, ())
+        self.assertEqual(rules.identityHeaders, ())
+        self.assertTrue(rules.realIp)
+
+    def test_proxiesImplyOneHop(self) -> None:
+        """
+        --trusted-proxies alone trusts one hop from those ranges; with
+        --trusted-hops the count is as given.
+        """
+        options = self.parse("--trusted-proxies", "10.0.0.0/8")
+        self.assertEqual(options["trusted-hops"], 1)
+        self.assertTrue(options["forwarding"].isTrusted(b"10.1.2.3"))
+        self.assertFalse(options["forwarding"].isTrusted(b"192.0.2.1"))
+        options = self.parse(
+            "--trusted-proxies", "10.0.0.0/8", "--trusted-proxies", "fd00::/8",
+            "--trusted-hops", "2",
+        )  # fmt: skip
+        self.assertEqual(options["forwarding"].trust.hops, 2)
+        self.assertEqual(len(options["forwarding"].trust.proxies), 2)
+
+    def test_headers(self) -> None:
+        """
+        Header names are kept lowercased; --no-real-ip turns X-Real-IP off.
+        """
+        options = self.parse(
+            "--identity-header", "X-User-Role",
+            "--trusted-header", "CF-Connecting-IP",
+            "--no-real-ip",
+        )  # fmt: skip
+        rules = options["forwarding"]
+        self.assertEqual(rules.identityHeaders, ("x-user-role",))
+        self.assertEqual(rules.trustedHeaders, ("cf-connecting-ip",))
+        self.assertFalse(rules.realIp)
+
+    def test_badValues(self) -> None:
+        """
+        Every bad value is a one-line UsageError naming the option.
+        """
+        cases = [
+            (["--trusted-proxies", "10.0.0.0/33"], "--trusted-proxies"),
+            (["--trusted-proxies", "10.0.0.0/8", "--trusted-hops", "0"], "hops"),
+            (["--identity-header", "X User"], "--identity-header"),
+            (["--trusted-header", "X-Custom"], "not a client-controlled header"),
+            (["--trusted-header", "X-Real-IP"], "--no-real-ip"),
+        ]
+        for args, fragment in cases:
+            with self.assertRaises(UsageError) as caught:
+                self.parse(*args)
+            self.assertNotIn("\n", str(caught.exception))
+            self.assertIn(fragment, str(caught.exception))

@@ -58,10 +58,12 @@ from monedge.convention import isValidName, parseServiceName, serviceName
 from monedge.endpoints import UpstreamTLS
 from monedge.errors import CATALOGUE
 from monedge.headers import (
+    CLIENT_CONTROLLED_NAMES,
+    CLIENT_CONTROLLED_PREFIXES,
     HOP_BY_HOP,
+    ForwardingRules,
     connectionTokens,
     downstreamHeaders,
-    forwardedFor,
     requestIdFor,
     upstreamHeaders,
 )
@@ -74,6 +76,7 @@ from monedge.registry import ServiceEntry
 from monedge.resource import RootResource
 from monedge.server import Limits, ProxyRequest, ProxySite
 from monedge.testing import FakeResponse, MemoryRegistry, endpoint
+from monedge.trust import Trust
 from monedge.upgrade import wantsWebSocket
 
 #: The client's address and the listener's, as every connection sees them.
@@ -142,7 +145,7 @@ _FORWARDING = (
 
 #: Headers monedge sets on the way up even when the client names them in
 #: its Connection header.
-_OWNED = frozenset([b"host", *_FORWARDING])
+_OWNED = frozenset([b"host", b"x-real-ip", *_FORWARDING])
 
 
 def fail(message: str, *details: object) -> AssertionError:
@@ -933,14 +936,15 @@ def checkHeaderPolicy(pairs: Sequence[tuple[bytes, bytes]]) -> None:
     if any(t != t.strip().lower() or not t for t in tokens):
         raise fail("a Connection token is not lowercased and stripped", tokens)
     for hops in (0, 1, 2):
-        rid = requestIdFor(incoming, hops)
+        rules = ForwardingRules(Trust(hops))
+        rid = requestIdFor(incoming, hops > 0)
         sent = incoming.getRawHeaders(b"x-request-id") or []
         if hops == 0 or rid not in sent:
             if not _HEX32.match(rid):
                 raise fail("a new request id is not 32 hex digits", rid)
         elif not re.match(rb"[A-Za-z0-9._:-]{1,128}\Z", rid) or len(sent) != 1:
             raise fail("an invalid trusted request id was kept", rid)
-        xff = forwardedFor(incoming, b"192.0.2.7", hops)
+        xff = rules.forwardedFor(incoming, b"192.0.2.7")
         entries = xff.split(b", ")
         if entries[-1] != b"192.0.2.7" or len(entries) > hops + 1:
             raise fail("X-Forwarded-For keeps untrusted entries", hops, xff)
@@ -952,11 +956,18 @@ def checkHeaderPolicy(pairs: Sequence[tuple[bytes, bytes]]) -> None:
             port=b"30080",
             prefix=b"/echo",
             requestId=rid,
-            trustedHops=hops,
+            rules=rules,
         )
         seen: dict[bytes, list[bytes]] = {}
         for name, values in out.getAllRawHeaders():
             lowered = name.lower()
+            if lowered == b"x-real-ip":
+                if list(values) != [xff.split(b", ")[0]]:
+                    raise fail("X-Real-IP is not the resolved client", values)
+            elif lowered in CLIENT_CONTROLLED_NAMES or lowered.startswith(
+                CLIENT_CONTROLLED_PREFIXES
+            ):
+                raise fail("a client-controlled header passes upstream", name)
             if lowered in HOP_BY_HOP or (lowered in tokens and lowered not in _OWNED):
                 raise fail("a hop-by-hop header passes upstream", name)
             if lowered in (b"content-length", b"expect", b"forwarded"):
@@ -988,6 +999,10 @@ def checkHeaderPolicy(pairs: Sequence[tuple[bytes, bytes]]) -> None:
         for name, values in incoming.getAllRawHeaders():
             lowered = name.lower()
             if lowered in HOP_BY_HOP or lowered in tokens or lowered in _FORWARDING:
+                continue
+            if lowered in CLIENT_CONTROLLED_NAMES or lowered.startswith(
+                CLIENT_CONTROLLED_PREFIXES
+            ):
                 continue
             if lowered in (b"host", b"content-length", b"expect", b"forwarded"):
                 continue
