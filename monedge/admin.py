@@ -32,6 +32,7 @@ from monedge.convention import HostTiers, parseServiceName
 from monedge.interfaces import IServiceRegistry
 from monedge.metrics import Metrics, StaticCollector, mergeExpositions
 from monedge.policy import HookSpec
+from monedge.redact import redactHook, redactValue
 
 if TYPE_CHECKING:
     from monedge.workers import Worker, WorkerGroup
@@ -139,23 +140,33 @@ class Routes(_Leaf):
                 hosts = sorted(hostsByTier[parsed[0]])
             else:
                 hosts = ["*"]
+            policy = entry.policy.asJSON()
+            policy["hooks"] = [redactHook(hook) for hook in policy["hooks"]]
             services.append(
                 {
                     "name": name,
                     "routable": routable,
                     "path": f"/{parsed[1]}/" if parsed else None,
                     "hosts": hosts,
-                    "policy": entry.policy.asJSON(),
+                    "policy": policy,
                     "endpoints": endpoints,
                     "source": dict(entry.source),
                 }
             )
-        return {
-            "registry": dict(self._registry.describe()),
-            "global_hooks": [spec.asJSON() for spec in self._globalHooks],
-            "tiers": sorted(tiers),
-            "services": services,
-        }
+        # Redacted on the way out: hook options by their hook's rule, then
+        # the whole document (URL user-info and queries in registry errors,
+        # sources and options; secret-named options): see monedge.redact.
+        document: dict[str, Any] = redactValue(
+            {
+                "registry": dict(self._registry.describe()),
+                "global_hooks": [
+                    redactHook(spec.asJSON()) for spec in self._globalHooks
+                ],
+                "tiers": sorted(tiers),
+                "services": services,
+            }
+        )
+        return document
 
 
 class AdminRoot(Resource):
@@ -341,7 +352,9 @@ class GroupRoutes(_GroupLeaf):
             workers = [worker.asJSON() for worker in self._group.workers]
             for worker, answer in answers:
                 if answer is not None and answer[0] == 200:
-                    document = json.loads(answer[1])
+                    # Each worker redacts its own; once more here, so the
+                    # group's table never shows more than a worker's would.
+                    document = redactValue(json.loads(answer[1]))
                     document["workers"] = workers
                     document["answered_by"] = worker.number
                     return _json(request, 200, document)

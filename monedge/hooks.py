@@ -34,6 +34,7 @@ from monedge.interfaces import (
     IResponseHook,
 )
 from monedge.policy import HookSpec
+from monedge.redact import redactText
 
 #: Seconds a hook may take before the request fails with hook_failed.
 DEFAULT_HOOK_TIMEOUT = 5.0
@@ -326,7 +327,11 @@ class HookSet:
             try:
                 hook = factory.build(json.loads(spec.options), self.context)
             except HookConfigError as e:
-                raise HookConfigError(f"hook {spec.name}: {e}") from None
+                # The reason is logged and shown at startup: it may quote an
+                # option, so never with a URL's user-info or query.
+                raise HookConfigError(
+                    f"hook {spec.name}: {redactText(str(e))}"
+                ) from None
             if not (IRequestHook.providedBy(hook) or IResponseHook.providedBy(hook)):
                 raise HookConfigError(
                     f"hook {spec.name}: its factory built neither a request"

@@ -153,28 +153,20 @@ class HookSpec:
 
     def asJSON(self) -> dict[str, Any]:
         """
-        The spec for C{/routes}, with secrets redacted: any option whose
-        name mentions a password, secret, token or key material, and the
-        password in any URL.
+        The spec as configuration data, options and any secrets in them
+        included (L{parseHooks} reads it back).  Never show it as it is:
+        C{/routes} shows it through L{monedge.redact.redactHookOptions}.
         """
-        return {"name": self.name, "options": _redact(json.loads(self.options))}
+        return {"name": self.name, "options": json.loads(self.options)}
 
 
-_SECRET_NAME = re.compile(r"pass|secret|token|credential|private", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"(://[^/:@]*:)[^/@]*@")
-
-
-def _redact(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {
-            k: "***" if _SECRET_NAME.search(str(k)) else _redact(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_redact(v) for v in value]
-    if isinstance(value, str):
-        return _URL_PASSWORD.sub(r"\1***@", value)
-    return value
+def _kind(value: object) -> str:
+    """
+    What a value is, for an error message that must not quote it.
+    """
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        return repr(value)  # A bare hook name, as a misplaced one would be.
+    return {dict: "a mapping", str: "a string"}.get(type(value), type(value).__name__)
 
 
 def parseHooks(value: object) -> tuple[HookSpec, ...]:
@@ -193,7 +185,8 @@ def parseHooks(value: object) -> tuple[HookSpec, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise ValueError(f"expected a list of hooks, got {value!r}")
+        # Not the value itself: it may hold options with secrets.
+        raise ValueError(f"expected a list of hooks, got {_kind(value)}")
     specs = []
     for index, item in enumerate(value):
         if isinstance(item, str):
@@ -250,7 +243,10 @@ class Policy:
 
     def asJSON(self) -> dict[str, Any]:
         """
-        The policy under its documented key names, for C{/routes}.
+        The policy under its documented key names, as configuration data
+        (L{parsePolicy} reads it back): its hooks' options are as
+        configured, secrets included.  C{/routes} shows it redacted (see
+        L{monedge.redact}).
         """
         fields = asdict(self)
         fields["hooks"] = [spec.asJSON() for spec in self.hooks]

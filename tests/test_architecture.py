@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "replay": 0,
     "sockets": 0,
     "dispatch": 0,
+    "redact": 0,
     "registry": 1,
     "endpoints": 1,
     "upgrade": 1,

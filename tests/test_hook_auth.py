@@ -341,6 +341,18 @@ class OptionTests(SynchronousTestCase):
             ({**jwt_, "leeway": "soon"}, "leeway:"),
             ({**jwt_, "jwks-refresh-interval": 0}, "jwks-refresh-interval:"),
             ({**jwt_, "jwks-min-refresh": -5}, "jwks-min-refresh:"),
+            (
+                {**jwt_, "jwks-min-refresh": 0},
+                "jwks-min-refresh: must be at least 1 s, got 0 s",
+            ),
+            (
+                {**jwt_, "jwks-min-refresh": "500ms"},
+                "jwks-min-refresh: must be at least 1 s, got 0.5 s",
+            ),
+            (
+                {**jwt_, "jwks-refresh-interval": "1s"},
+                "jwks-refresh-interval: must be at least 10 s, got 1 s",
+            ),
             ({**jwt_, "claims-to-headers": ["sub"]}, "claims-to-headers:"),
             (
                 {**jwt_, "claims-to-headers": {"sub": "X-User-Id"}},
@@ -375,6 +387,14 @@ class OptionTests(SynchronousTestCase):
             ({**ext, "forward-headers": ["Connection"]}, "forward-headers:"),
             ({**ext, "copy-headers": ["X-User-Id"]}, "copy-headers:"),
             ({**ext, "timeout": 0}, "timeout:"),
+            (
+                {**ext, "timeout": "5s"},
+                "timeout: must be below the hook timeout (5 s), got 5 s",
+            ),
+            ({**ext, "max-in-flight": 0}, "max-in-flight: expected a whole number"),
+            ({**ext, "max-in-flight": True}, "max-in-flight:"),
+            ({**ext, "max-in-flight": "10"}, "max-in-flight:"),
+            ({**ext, "max-in-flight": 65537}, "max-in-flight:"),
             ({**ext, "jwks-url": "https://idp/"}, "unknown option 'jwks-url'"),
         ]
         for options, fragment in cases:
@@ -413,7 +433,7 @@ class OptionTests(SynchronousTestCase):
                 "identity-headers": ids,
                 "claims-to-headers": {"sub": "X-User-Id", "scope": "x-scopes"},
                 "jwks-refresh-interval": "10m",
-                "jwks-min-refresh": 0,
+                "jwks-min-refresh": "1s",
             },
             {
                 "mode": "api-key",
@@ -429,6 +449,7 @@ class OptionTests(SynchronousTestCase):
                 "forward-headers": ["Authorization"],
                 "copy-headers": ["X-User-Id"],
                 "timeout": "500ms",
+                "max-in-flight": 1,
             },
             {
                 "mode": "external",
@@ -444,6 +465,38 @@ class OptionTests(SynchronousTestCase):
         self.assertIsInstance(factory, AuthHookFactory)
         self.assertTrue(verifyObject(IHookFactory, factory))
         self.assertTrue(IPlugin.providedBy(factory))
+
+    def test_floorsAndCeilings(self) -> None:
+        """
+        The limits on what clients can make the hook do are exactly the
+        documented ones: the smallest jwks-min-refresh and
+        jwks-refresh-interval are accepted, and external mode's timeout
+        must be below the hook timeout in the hook's context.
+        """
+        jwt_ = {"mode": "jwt", "jwks-url": "https://idp/jwks"}
+        self.build({**jwt_, "jwks-min-refresh": "1s", "jwks-refresh-interval": "10s"})
+        ext = {"mode": "external", "url": "http://auth/check"}
+        self.build({**ext, "timeout": "4999ms", "max-in-flight": 65536})
+        context = HookContext(reactor=Clock(), http=FakeHTTP(), timeout=1.0)
+        error = self.assertRaises(
+            HookConfigError, buildHook, "auth", {**ext, "timeout": "1s"}, context
+        )
+        self.assertEqual(
+            str(error), "timeout: must be below the hook timeout (1 s), got 1 s"
+        )
+
+    def test_badURLNotQuotedWithSecrets(self) -> None:
+        """
+        A refused URL is quoted in the error without its user-info or
+        query, which may hold credentials.
+        """
+        for option, mode in [("jwks-url", "jwt"), ("url", "external")]:
+            options = {"mode": mode, option: "ftp://user:pa ss@idp/x?key=hunter2"}
+            error = self.assertRaises(HookConfigError, self.build, options)
+            self.assertIn(f"{option}: expected an http or https URL", str(error))
+            self.assertIn("ftp://***@idp/x?***", str(error))
+            for secret in ["user", "pa ss", "hunter2"]:
+                self.assertNotIn(secret, str(error))
 
     def test_hookSetNamesTheHook(self) -> None:
         """
@@ -951,6 +1004,33 @@ class JWTTests(Refused):
         self.assertIsNone(self.ask(token()).response)
         self.assertEqual(len(self.http.gets), 1)
 
+    def test_jwksURLNotLoggedWithSecrets(self) -> None:
+        """
+        The JWK set is fetched from its whole URL, but a failed fetch is
+        logged, and fails the request, naming the URL without its
+        user-info or query.
+        """
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        url = "https://monedge:s3cret@idp.example.com/jwks?key=hunter2"
+        self.http.failing = ConnectionRefusedError(f"to {url}")
+        outcome = self.ask(token(), self.build(**{"jwks-url": url}))
+        self.assertEqual(self.http.gets[0][0], url)
+        assert outcome.error is not None
+        shown = [str(outcome.error.value.reason.value)]
+        shown += [formatEvent(event) for event in events]
+        self.assertIn(
+            "auth: cannot fetch the JWK set https://***@idp.example.com/jwks?***",
+            "\n".join(shown),
+        )
+        for text in shown:
+            for secret in ["s3cret", "hunter2"]:
+                self.assertNotIn(secret, text)
+        self.flushLoggedErrors(AuthUnavailable)
+
     def test_claimValue(self) -> None:
         """
         Claims become header values without control characters.
@@ -1117,6 +1197,60 @@ class ExternalTests(Refused):
 
         self.http.responder = refuse
         self.assertFailedClosed(run(self, self.hook, self.request(b"Bearer good")))
+
+    def test_unreachableNamedWithoutSecrets(self) -> None:
+        """
+        When the auth service fails, the failure names its URL without the
+        user-info or query the URL was configured with (they may be
+        credentials), while the request itself goes to the whole URL.
+        """
+        url = "https://monedge:s3cret@auth.internal/check?key=hunter2"
+        hook = self.build(url=url)
+
+        def refuse(url: str, headers: Headers) -> Answer:
+            raise ConnectionRefusedError(f"connecting to {url}")
+
+        self.http.responder = refuse
+        outcome = run(self, hook, self.request(b"Bearer good"))
+        assert outcome.error is not None
+        message = str(outcome.error.value.reason.value)
+        self.assertIn(
+            "auth service https://***@auth.internal/check?*** failed", message
+        )
+        for secret in ["s3cret", "hunter2", "monedge:"]:
+            self.assertNotIn(secret, message)
+        self.assertEqual(self.http.requests[0][1], url)
+        self.flushLoggedErrors(AuthUnavailable)
+
+    def test_maxInFlight(self) -> None:
+        """
+        Beyond max-in-flight calls to the auth service under way, a request
+        fails closed at once, without a call; once one answers, calls are
+        made again.
+        """
+        held: list[Deferred[Any]] = []
+
+        def hold(method: str, url: str, headers: Headers, **kwargs: Any) -> Any:
+            self.http.requests.append((method, url, headers, kwargs))
+            d: Deferred[Any] = Deferred()
+            held.append(d)
+            return d
+
+        self.http.request = hold  # type: ignore[method-assign]
+        hook = self.build(url="http://auth.internal/check", **{"max-in-flight": 2})
+        waiting = [runHooks([hook], self.request(b"Bearer good")) for _ in range(2)]
+        self.assertEqual(len(self.http.requests), 2)
+        self.assertNoResult(waiting[0])
+        self.assertFailedClosed(run(self, hook, self.request(b"Bearer good")))
+        self.assertEqual(len(self.http.requests), 2)
+        held[0].callback(authAnswer("", Headers({b"authorization": [b"Bearer good"]})))
+        self.assertIsNone(self.successResultOf(waiting[0]).response)
+        third = runHooks([hook], self.request(b"Bearer good"))
+        self.assertEqual(len(self.http.requests), 3)
+        for d in held[1:]:
+            d.callback(authAnswer("", Headers()))
+        self.assertEqual(self.successResultOf(third).response.status, 403)  # type: ignore[union-attr]
+        self.assertEqual(hook.inFlight, 0)
 
     def test_service(self) -> None:
         """

@@ -80,12 +80,26 @@ from monedge.headers import HOP_BY_HOP, connectionTokens
 from monedge.hooks import HookConfigError, HookResponse
 from monedge.interfaces import IHookFactory, IHookRequest, IRequestHook
 from monedge.policy import parseDuration
+from monedge.redact import redactText, redactURL
 
 #: The modes, by option value.
 MODES = ("jwt", "api-key", "external")
 
 #: The JWT signature algorithms the hook can accept.
 ALGORITHMS = ("RS256", "ES256")
+
+#: Floors and ceilings on what clients can make the hook do (docs/hooks.md):
+#: the least seconds between JWK set fetches an unknown C{kid} or a failed
+#: fetch may start, and the least C{jwks-refresh-interval}.
+MIN_JWKS_REFRESH = 1.0
+MIN_JWKS_REFRESH_INTERVAL = 10.0
+
+#: The most calls to the auth service one external hook has in flight by
+#: default (Envoy's default circuit breaker allows 1024 requests to a
+#: cluster), and the most that may be configured; beyond, a request fails
+#: closed.
+DEFAULT_MAX_IN_FLIGHT = 1024
+MAX_IN_FLIGHT = 65536
 
 #: C{WWW-Authenticate} for a request that brought no credentials.
 CHALLENGE = b'Bearer realm="monedge"'
@@ -119,7 +133,15 @@ _MODE_OPTIONS = {
     ),
     "api-key": frozenset(["keys-file", "header", "key-id-header"]),
     "external": frozenset(
-        ["url", "service", "path", "forward-headers", "copy-headers", "timeout"]
+        [
+            "url",
+            "service",
+            "path",
+            "forward-headers",
+            "copy-headers",
+            "timeout",
+            "max-in-flight",
+        ]
     ),
 }
 
@@ -172,13 +194,21 @@ def _identity(name: bytes, identity: frozenset[bytes], option: str) -> bytes:
     return name
 
 
-def _seconds(value: object, option: str, zero: bool = False) -> float:
+def _seconds(
+    value: object, option: str, zero: bool = False, least: float = 0.0
+) -> float:
     if zero and not isinstance(value, bool) and value in (0, "0", "0s"):
-        return 0.0
-    try:
-        return parseDuration(value)
-    except ValueError as e:
-        raise HookConfigError(f"{option}: {e}") from None
+        seconds = 0.0
+    else:
+        try:
+            seconds = parseDuration(value)
+        except ValueError as e:
+            raise HookConfigError(f"{option}: {e}") from None
+    if seconds < least:
+        raise HookConfigError(
+            f"{option}: must be at least {least:g} s, got {seconds:g} s"
+        )
+    return seconds
 
 
 def _url(value: object, option: str) -> str:
@@ -194,7 +224,9 @@ def _url(value: object, option: str) -> str:
     except ValueError:  # A malformed IPv6 literal or port.
         valid = False
     if not valid or _CONTROL.search(value) or " " in value:
-        raise HookConfigError(f"{option}: expected an http or https URL, got {value!r}")
+        raise HookConfigError(
+            f"{option}: expected an http or https URL, got {redactURL(value)!r}"
+        )
     return value
 
 
@@ -332,6 +364,8 @@ class JWTAuthHook(_AuthHook):
         self._reactor = reactor
         self._http = http
         self.jwksURL = jwksURL
+        #: The URL as logs and errors show it (no user-info or query).
+        self.shownURL = redactURL(jwksURL)
         self._algorithms = tuple(algorithms)
         self._issuer = issuer
         self._audience = audience
@@ -389,14 +423,14 @@ class JWTAuthHook(_AuthHook):
             await self._refresh()
         elif not self._loaded:
             raise AuthUnavailable(
-                f"no keys from {self.jwksURL} yet (last fetch: {self._lastError})"
+                f"no keys from {self.shownURL} yet (last fetch: {self._lastError})"
             )
         key = self._key(kid)
         if key is None:
             if self._lastError is not None:
                 # The set in hand may be stale: the key may be new.
                 raise AuthUnavailable(
-                    f"unknown kid {kid!r} and the last fetch of {self.jwksURL}"
+                    f"unknown kid {kid!r} and the last fetch of {self.shownURL}"
                     f" failed: {self._lastError}"
                 )
             return _invalid("the token's signing key is unknown")
@@ -477,7 +511,7 @@ class JWTAuthHook(_AuthHook):
         waiters, self._waiters = self._waiters or [], None
         if isinstance(result, Failure):
             error = result.value
-            reason = (
+            reason = redactText(
                 str(error)
                 if isinstance(error, AuthUnavailable)
                 else f"{type(error).__name__}: {result.getErrorMessage()}"
@@ -486,11 +520,11 @@ class JWTAuthHook(_AuthHook):
             self._log.error(
                 "auth: cannot fetch the JWK set {url}: {reason}"
                 " (keeping {count} cached keys)",
-                url=self.jwksURL,
+                url=self.shownURL,
                 reason=reason,
                 count=len(self._keys),
             )
-            failure = Failure(AuthUnavailable(f"JWK set {self.jwksURL}: {reason}"))
+            failure = Failure(AuthUnavailable(f"JWK set {self.shownURL}: {reason}"))
         else:
             self._loaded = True
             self._lastSuccess = self._reactor.seconds()
@@ -652,6 +686,7 @@ class ExternalAuthHook(_AuthHook):
         forward: Sequence[bytes] = (b"Authorization", b"Cookie"),
         copy: Sequence[bytes] = (),
         timeout: float = 2.0,
+        maxInFlight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         super().__init__(identity)
         self._http = http
@@ -663,6 +698,9 @@ class ExternalAuthHook(_AuthHook):
         self._copy = tuple(copy)
         self._timeout = timeout
         self._turn = 0
+        self._maxInFlight = maxInFlight
+        #: Calls to the auth service under way.
+        self.inFlight = 0
 
     def authenticate(self, request: IHookRequest) -> Deferred[HookResponse | None]:
         """
@@ -692,6 +730,11 @@ class ExternalAuthHook(_AuthHook):
         return f"{endpoint.scheme}://{endpoint.authority}{self._path}"
 
     async def _ask(self, request: IHookRequest) -> HookResponse | None:
+        if self.inFlight >= self._maxInFlight:
+            raise AuthUnavailable(
+                f"{self.inFlight} calls to the auth service already in flight"
+                " (max-in-flight)"
+            )
         url = self.target()
         headers = Headers()
         for name in self._forward:
@@ -706,6 +749,7 @@ class ExternalAuthHook(_AuthHook):
                 headers.removeHeader(name)
         headers.setRawHeaders(b"X-Forwarded-Method", [request.method])
         headers.setRawHeaders(b"X-Forwarded-Uri", [request.path + request.query])
+        self.inFlight += 1
         try:
             response = await self._http.request(
                 "GET",
@@ -717,8 +761,11 @@ class ExternalAuthHook(_AuthHook):
             body: bytes = await response.content()
         except Exception as e:
             raise AuthUnavailable(
-                f"auth service {url} failed: {type(e).__name__}: {e}"
+                f"auth service {redactURL(url)} failed: {type(e).__name__}:"
+                f" {redactText(str(e))}"
             ) from e
+        finally:
+            self.inFlight -= 1
         code: int = response.code
         if 200 <= code < 300:
             for name in self._copy:
@@ -843,10 +890,15 @@ class AuthHookFactory:
             leeway=leeway,
             claims=claims,
             refreshInterval=_seconds(
-                options.get("jwks-refresh-interval", 300), "jwks-refresh-interval"
+                options.get("jwks-refresh-interval", 300),
+                "jwks-refresh-interval",
+                least=MIN_JWKS_REFRESH_INTERVAL,
             ),
             minRefresh=_seconds(
-                options.get("jwks-min-refresh", 10), "jwks-min-refresh", zero=True
+                options.get("jwks-min-refresh", 10),
+                "jwks-min-refresh",
+                zero=True,
+                least=MIN_JWKS_REFRESH,
             ),
             fetchTimeout=float(getattr(context, "timeout", 5.0)),
         )
@@ -923,6 +975,22 @@ class AuthHookFactory:
             for name in _headerNames(options.get("copy-headers", []), "copy-headers")
         )
         timeout = _seconds(options.get("timeout", 2), "timeout")
+        hookTimeout = float(getattr(context, "timeout", 5.0))
+        if timeout >= hookTimeout:
+            raise HookConfigError(
+                f"timeout: must be below the hook timeout ({hookTimeout:g} s),"
+                f" got {timeout:g} s"
+            )
+        maxInFlight = options.get("max-in-flight", DEFAULT_MAX_IN_FLIGHT)
+        if (
+            isinstance(maxInFlight, bool)
+            or not isinstance(maxInFlight, int)
+            or not 1 <= maxInFlight <= MAX_IN_FLIGHT
+        ):
+            raise HookConfigError(
+                f"max-in-flight: expected a whole number from 1 to {MAX_IN_FLIGHT},"
+                f" got {maxInFlight!r}"
+            )
         if context.http is None:
             raise HookConfigError("url: the hook context has no HTTP client")
         return ExternalAuthHook(
@@ -935,4 +1003,5 @@ class AuthHookFactory:
             forward=forward,
             copy=copy,
             timeout=timeout,
+            maxInFlight=maxInFlight,
         )

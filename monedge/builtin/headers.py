@@ -14,6 +14,10 @@ simple templating.
 
 Placeholders: C{{request_id}}, C{{client_address}}, C{{service}},
 C{{method}}, C{{path}}.  Write C{{{}} and C{}}} for literal braces.
+
+Header values may be credentials: C{/routes} shows these rules as header
+names under their actions (L{monedge.redact}), and configuration errors
+name the header, never quote its value.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ PLACEHOLDERS = frozenset(["request_id", "client_address", "service", "method", "
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*\Z")
+_PLACEHOLDER_LIKE = re.compile(r"[a-z_]{1,32}\Z")
 
 
 def _fields(request: IHookRequest) -> dict[str, str]:
@@ -60,8 +65,12 @@ class _Template:
 
     @classmethod
     def parse(cls, text: object, where: str) -> _Template:
+        # Errors name the header, never quote its value: a rule may set a
+        # credential (Authorization), and these messages are logged.
         if not isinstance(text, str):
-            raise HookConfigError(f"{where}: expected a string, got {text!r}")
+            raise HookConfigError(
+                f"{where}: expected a string, got {type(text).__name__}"
+            )
         try:
             names = [
                 f for _, f, _, _ in string.Formatter().parse(text) if f is not None
@@ -71,8 +80,13 @@ class _Template:
         unknown = set(names) - PLACEHOLDERS
         if unknown:
             known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+            # Named only when it looks like a misspelt placeholder: braces
+            # may also be part of the value (JSON), which is not shown.
+            name = sorted(unknown)[0]
+            which = f" {{{name}}}" if _PLACEHOLDER_LIKE.match(name) else ""
             raise HookConfigError(
-                f"{where}: unknown placeholder {{{sorted(unknown)[0]}}} (known: {known})"
+                f"{where}: unknown placeholder{which} (known: {known};"
+                " write {{ and }} for literal braces)"
             )
         if not _VALUE.match(text):
             raise HookConfigError(
