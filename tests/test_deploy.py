@@ -444,6 +444,22 @@ class ManifestTests(SynchronousTestCase):
         """
         self.assertEqual(parsedOptions()["trusted-hops"], 1)
 
+    def test_trustedProxies(self) -> None:
+        """
+        The hop is believed only from the VPC's private range: a client
+        that reaches a NodePort from outside it cannot choose its address,
+        and Terraform outputs the VPC's CIDR to put there.
+        """
+        import ipaddress
+
+        proxies = parsedOptions()["trusted-proxies"]
+        self.assertEqual(len(proxies), 1)
+        self.assertTrue(ipaddress.ip_network(proxies[0]).is_private)
+        rules = parsedOptions()["forwarding"]
+        self.assertFalse(rules.isTrusted(b"203.0.113.9"))
+        output = Terraform().labelled("output")["monedge_trusted_proxies"]
+        self.assertIn("data.aws_vpc.nodes.cidr_block", str(output["value"]))
+
     def test_gracePeriod(self) -> None:
         """
         terminationGracePeriodSeconds exceeds whatever delays SIGTERM

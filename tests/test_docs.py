@@ -689,11 +689,23 @@ class ConfigurationDocTests(SynchronousTestCase):
             if attribute.startswith("opt_")
         ]
         self.assertEqual(
-            sorted(methods), ["hook", "host-tier", "listen", "namespace", "worker-fd"]
+            sorted(methods),
+            [
+                "hook",
+                "host-tier",
+                "identity-header",
+                "listen",
+                "namespace",
+                "trusted-header",
+                "trusted-proxies",
+                "worker-fd",
+            ],
         )
         for name in methods:
             self.assertIn(f"--{name}", text)
             self.assertEqual(rows.pop(f"--{name}")["Default"], "none")
+        for name, _, _ in Options.optFlags:
+            self.assertEqual(rows.pop(f"--{name}")["Default"], "off", name)
         self.assertEqual(rows, {})
         self.assertEqual(len(defaults), len(Options.optParameters))
 

@@ -147,6 +147,7 @@ def optionNames() -> set[str]:
     C{opt_} methods (as tests/test_docs.py finds them).
     """
     names = {f"--{name}" for name, _, _, _ in Options.optParameters}
+    names.update(f"--{name}" for name, _, _ in Options.optFlags)
     names.update(
         "--" + attribute[len("opt_") :].replace("_", "-")
         for attribute in vars(Options)
@@ -389,3 +390,36 @@ class ReliabilityDocTests(_CitationChecks, SynchronousTestCase):
     """
 
     doc = "reliability.md"
+
+
+class ClientControlledDocTests(SynchronousTestCase):
+    """
+    docs/security.md lists the client-controlled family exactly as
+    L{monedge.headers.CLIENT_CONTROLLED} holds it.
+    """
+
+    def test_familyListed(self) -> None:
+        """
+        Each family's row names exactly that family's headers (in any
+        case), and no family is missing or extra.
+        """
+        from monedge.headers import CLIENT_CONTROLLED
+
+        text = readDoc("security.md")
+        assert text is not None
+        rows = text.split("<!-- table: client-controlled -->", 1)[1]
+        listed: dict[str, set[bytes]] = {}
+        for line in rows.strip().splitlines()[2:]:
+            if not line.startswith("|"):
+                break
+            family, headers, _ = (cell.strip() for cell in line.strip("|").split("|"))
+            listed[family] = {
+                span.lower().encode("ascii") for span in _SPAN.findall(headers)
+            }
+        from monedge.headers import CLIENT_CONTROLLED_PREFIXES
+
+        envoy = listed.pop("Envoy control")
+        self.assertEqual(envoy, set(CLIENT_CONTROLLED_PREFIXES))
+        self.assertEqual(
+            listed, {family: set(names) for family, names in CLIENT_CONTROLLED.items()}
+        )

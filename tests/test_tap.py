@@ -314,3 +314,29 @@ class ForwardingOptionsTests(SynchronousTestCase):
                 self.parse(*args)
             self.assertNotIn("\n", str(caught.exception))
             self.assertIn(fragment, str(caught.exception))
+
+    def test_countAloneWarns(self) -> None:
+        """
+        Building the service with --trusted-hops and no --trusted-proxies
+        logs one warning that any peer may choose its address; with
+        --trusted-proxies, or no trusted hops, nothing is logged about it.
+        """
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        seen: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+
+        def warnings(*args: str) -> list[dict[str, object]]:
+            del seen[:]
+            makeService(self.parse(*args), MemoryReactorClock())
+            return [
+                event
+                for event in seen
+                if event.get("log_level") == LogLevel.warn
+                and "--trusted-proxies" in str(event.get("log_format"))
+            ]
+
+        self.assertEqual(len(warnings("--trusted-hops", "1")), 1)
+        self.assertEqual(warnings("--trusted-proxies", "10.0.0.0/8"), [])
+        self.assertEqual(warnings(), [])

@@ -71,7 +71,8 @@ resource "aws_lb" "edge" {
   # protocol_version).
   enable_http2 = true
   # The ALB appends the client's address to X-Forwarded-For; monedge keeps
-  # that one entry with --trusted-hops 1.
+  # that one entry with --trusted-hops 1, from peers in the VPC's range only
+  # (--trusted-proxies, output monedge_trusted_proxies).
   xff_header_processing_mode = "append"
   enable_deletion_protection = var.deletion_protection
 
@@ -165,4 +166,10 @@ resource "aws_lb_listener" "http" {
       status_code = "HTTP_301"
     }
   }
+}
+
+# The VPC, for its CIDR block: the addresses monedge trusts to set
+# X-Forwarded-For (--trusted-proxies; output monedge_trusted_proxies).
+data "aws_vpc" "nodes" {
+  id = var.vpc_id
 }

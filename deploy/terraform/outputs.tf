@@ -32,3 +32,8 @@ output "dns_records" {
   description = "Fully qualified names of the Route 53 alias records created (empty when route53_zone_id is empty)."
   value       = [for record in aws_route53_record.edge : record.fqdn]
 }
+
+output "monedge_trusted_proxies" {
+  description = "The VPC's CIDR block: set MONEDGE_TRUSTED_PROXIES in deploy/kubernetes/configmap.yaml to it, so that monedge believes X-Forwarded-For only from the ALB and the nodes."
+  value       = data.aws_vpc.nodes.cidr_block
+}
