@@ -16,6 +16,15 @@ proxy path.  Its contract, kept by the same end-to-end tests:
   upstream's C{Connection} header values;
 - a malformed response (llhttp is strict: bare LF, bad chunk sizes, two
   Content-Lengths) fails the request, as a reset would;
+- framing is exact: a response carries no more body than it declares, and
+  none at all in answer to HEAD or with a 1xx, 204 or 304 status; a byte
+  after a response's end (a second response in the same read, garbage,
+  bytes on an idle pooled connection) is never parsed or handed on, and
+  the connection is discarded, with a warning naming the endpoint;
+- a response's heads are bounded (C{maxHeadersSize} bytes, interim heads
+  included, and C{maxHeaderCount} fields), counted as the bytes arrive: past
+  either, reading stops, the connection is dropped and the request fails
+  with L{UpstreamHeadersTooLarge};
 - a pooled connection found closed before any byte of the response is
   replaced by a new one, once, for a request L{monedge.replay.mayReplay}
   allows;
@@ -25,7 +34,7 @@ proxy path.  Its contract, kept by the same end-to-end tests:
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 import httptools
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -35,6 +44,7 @@ from twisted.internet.interfaces import (
     IPushProducer,
 )
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     ResponseDone,
@@ -74,6 +84,14 @@ _CONNECTION_CONTROL = frozenset(
     ]
 )
 
+#: The default bound on a response's heads, in bytes (Envoy's default is
+#: 60 KiB): --max-upstream-headers-size.
+DEFAULT_MAX_HEADERS_SIZE = 65536
+
+#: The default bound on the header fields of one response head (Envoy's
+#: max_response_headers_count default): --max-upstream-header-count.
+DEFAULT_MAX_HEADER_COUNT = 100
+
 #: scheme, host, port and TLS settings: connections are pooled by all four.
 Key = tuple[bytes, bytes, int, "UpstreamTLS | None"]
 
@@ -82,6 +100,30 @@ class UpstreamProtocolError(Exception):
     """
     The upstream's response could not be parsed.
     """
+
+
+class UpstreamHeadersTooLarge(Exception):
+    """
+    The upstream's response head (or trailer section) is over
+    C{maxHeadersSize} bytes or C{maxHeaderCount} fields: it was not read
+    further.
+    """
+
+
+class _AfterResponse(Exception):
+    """
+    The parser found another message after the response.
+    """
+
+
+class _Switched(Exception):
+    """
+    A 101's head ended at C{offset} in the read being parsed.
+    """
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(offset)
+        self.offset = offset
 
 
 class StaleConnection(Exception):
@@ -143,8 +185,9 @@ class _BodyTransport:
         self._connection = connection
 
     def pauseProducing(self) -> None:
-        transport = self._connection.transport
-        if transport is not None:
+        connection = self._connection
+        transport = connection.transport
+        if transport is not None and not connection.aborted:
             transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resumeProducing(self) -> None:
@@ -198,7 +241,14 @@ class _Response:
 class _Connection(Protocol):
     """
     One connection to an upstream endpoint, carrying one request at a time.
+
+    Its framing is strict: the parser is fed exactly the bytes of one
+    response, whose head is found and counted here, and any byte past the
+    response's end (a second response, garbage, a body the response may
+    not have) discards the connection (L{_overrun}).
     """
+
+    _log = Logger()
 
     def __init__(self, client: FastUpstreamClient, key: Key) -> None:
         self._client = client
@@ -206,6 +256,11 @@ class _Connection(Protocol):
         self.reused = False
         #: When the connection last went back to the pool.
         self.idleSince = 0.0
+        #: Bytes came that no response may carry: it is never used again.
+        self._discarded = False
+        #: The connection is being dropped: its transport is not paused or
+        #: resumed any more.
+        self.aborted = False
         self._reset()
 
     def _reset(self) -> None:
@@ -223,9 +278,41 @@ class _Connection(Protocol):
         self._chunked = False
         self._bodyWriter: Deferred[None] | None = None
         self._bufferPaused = False
+        #: How the body ended badly, if it did before anyone read it.
+        self._failure: Failure | None = None
+        #: Reading a response head (interim ones included).
+        self._inHead = True
+        #: Bytes of response heads so far (interim ones included); header
+        #: fields in the current head (then in the trailer section).
+        self._headBytes = 0
+        self._headerCount = 0
+        #: The current head's last bytes so far (its end may be split
+        #: across reads); empty before its first byte.
+        self._tail = b""
+        self._headEnded = False
+        #: Body bytes still to come, for a Content-Length body.
+        self._remaining: int | None = None
+        #: A chunked body: its last three bytes, the bytes read since its
+        #: last data (size lines, the trailer section), and whether data
+        #: came in the current read.
+        self._last3 = b""
+        self._sinceData = 0
+        self._gotData = False
+        #: What a parser callback stopped the parser with, if it did.
+        self._stop: Exception | None = None
 
     def connectionMade(self) -> None:
         sendAtOnce(self.transport)
+
+    @property
+    def endpoint(self) -> str:
+        """
+        The upstream endpoint, C{host:port}, as the log names it.
+        """
+        host = self.key[1].decode("ascii", "replace")
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.key[2]}"
 
     # Sending
 
@@ -274,17 +361,36 @@ class _Connection(Protocol):
 
     # Parsing (httptools callbacks)
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # Another message after the response: only a chunked body's end
+            # is found by the parser, which then goes on to what follows.
+            self._stop = _AfterResponse()
+            raise self._stop
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        self._headerCount += 1
+        limit = self._client.maxHeaderCount
+        if self._headerCount > limit:
+            self._stop = UpstreamHeadersTooLarge(f"more than {limit} header fields")
+            raise self._stop
+        if self._inHead:
+            self._headers.append((name, value))
+        # A trailer field is counted, and dropped.
 
     def on_headers_complete(self) -> None:
+        self._headEnded = True
         parser = self._parser
         code = parser.get_status_code()
         if 100 <= code < 200 and code != 101:
             # An interim response: wait for the real one.
             self._interim = True
             self._headers = []
+            self._headerCount = 0
+            self._tail = b""
             return
+        self._inHead = False
+        self._headerCount = 0
         headers = Headers()
         raw = headers._rawHeaders
         connection: list[bytes] | None = None
@@ -299,7 +405,10 @@ class _Connection(Protocol):
                 elif lowered == b"connection":
                     connection = [*(connection or []), value]
                 elif lowered == b"transfer-encoding":
-                    self._chunked = True
+                    # As llhttp reads it: chunked if the last coding is;
+                    # any other coding is a body delimited by the close.
+                    coding = value.rpartition(b",")[2].strip(b" \t").lower()
+                    self._chunked = coding == b"chunked"
                     length = UNKNOWN_LENGTH
                 continue
             if _UNSAFE_VALUE(value) is not None:
@@ -312,12 +421,14 @@ class _Connection(Protocol):
                 raw[canonical] = [value]
             else:
                 values.append(value)
-        if self._head or code in (204, 304):
+        if self._head or code in (204, 304, 101):
+            # No body, whatever the head says: the response ends with it.
             length = 0
+            self._complete = True
+        elif length is not UNKNOWN_LENGTH:
+            self._remaining = cast(int, length)
         self._keepAlive = bool(parser.should_keep_alive()) and code != 101
         response = self._response = _Response(self, code, headers, length, connection)
-        if self._head or code in (204, 304, 101):
-            self._complete = True
         self._completeResponse(response)
         # The head is handed over once the parser has taken the whole read
         # (L{_handOver}): a body that came with it is then delivered at
@@ -329,6 +440,7 @@ class _Connection(Protocol):
         """
 
     def on_body(self, body: bytes) -> None:
+        self._gotData = True
         protocol = self._protocol
         if protocol is not None:
             protocol.dataReceived(body)
@@ -339,13 +451,21 @@ class _Connection(Protocol):
             if self._result is None:
                 self._holdBody()
 
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        # The body is ended once the whole read is parsed (dataReceived):
+        # whether the connection can be pooled depends on what follows.
+        self._complete = True
+
     def _holdBody(self) -> None:
         """
         The head was handed over and nobody reads the body yet (a response
         hook is running): read no more until someone does.
         """
         transport = self.transport
-        if transport is not None and not self._bufferPaused:
+        if transport is not None and not self._bufferPaused and not self.aborted:
             self._bufferPaused = True
             transport.pauseProducing()  # type: ignore[attr-defined]
 
@@ -362,35 +482,182 @@ class _Connection(Protocol):
         if self._protocol is None and self._buffered:
             self._holdBody()
 
-    def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
-            return
-        self._complete = True
-        self._finishBody()
-
     # Receiving
 
     def dataReceived(self, data: bytes) -> None:
         self._received = True
-        parser = self._parser
-        if parser is None or (self._complete and self._head):
-            # Nothing asked for this (or a HEAD response's would-be body):
-            # the connection cannot be trusted any more.
-            self.abort()
+        if self._parser is None or self._complete:
+            # Nothing asked for these bytes, or they follow the response.
+            self._overrun()
             return
         try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
+            self._read(data)
+        except _Switched as e:
             self._handOver()
-            self._afterSwitch(data[e.args[0] :])
+            self._afterSwitch(data[e.offset :])
+            return
+        except UpstreamHeadersTooLarge as e:
+            self._tooLarge(e)
             return
         except httptools.HttpParserError as e:
+            stop = self._stop
+            if isinstance(stop, UpstreamHeadersTooLarge):
+                self._tooLarge(stop)
+                return
             self._handOver()
             self._fail(ResponseFailed([Failure(UpstreamProtocolError(str(e)))]))
             self.abort()
             return
+        except UpstreamProtocolError as e:
+            self._handOver()
+            self._fail(ResponseFailed([Failure(e)]))
+            self.abort()
+            return
+        if self._complete and self._protocol is not None:
+            self._finishBody()
         self._handOver()
+
+    def _read(self, data: bytes) -> None:
+        """
+        Parse one read: the rest of a head (or heads, interim ones first),
+        then as much of the body as the response has.
+
+        @raise _Switched: a 101's head ended at the given offset.
+        @raise UpstreamHeadersTooLarge: past the head limits.
+        @raise httptools.HttpParserError: a malformed response.
+        @raise UpstreamProtocolError: a head llhttp would read differently.
+        """
+        size = len(data)
+        pos = 0
+        while self._inHead:
+            if not self._tail and data[pos] in b"\r\n":
+                # llhttp skips empty lines before a status line; monedge
+                # takes them for bytes after the last response.
+                raise UpstreamProtocolError("an empty line before the status line")
+            end = self._headEnd(data, pos)
+            stop = size if end < 0 else end
+            self._headBytes += stop - pos
+            limit = self._client.maxHeadersSize
+            if self._headBytes > limit:
+                raise UpstreamHeadersTooLarge(f"response heads over {limit} bytes")
+            if end < 0:
+                self._feed(data, pos, size)
+                self._tail = (self._tail + data[max(pos, size - 3) :])[-3:]
+                return
+            self._headEnded = False
+            try:
+                self._feed(data, pos, end)
+            except (httptools.HttpParserUpgrade, httptools.HttpParserError):
+                response = self._response
+                if response is not None and response.code == 101:
+                    raise _Switched(end) from None
+                raise
+            if not self._headEnded:
+                raise UpstreamProtocolError("the head did not end at its empty line")
+            pos = end
+            if pos == size:
+                return
+        if self._complete:
+            # A response without a body (HEAD, 204, 304) and more bytes.
+            self._overrun()
+            return
+        remaining = self._remaining
+        if remaining is not None:
+            stop = min(size, pos + remaining)
+            self._remaining = remaining - (stop - pos)
+            if stop < size:
+                # Known before the parser ends the body: the connection is
+                # discarded, never pooled.
+                self._overrun()
+            self._feed(data, pos, stop)
+            return
+        if not self._chunked:
+            # Delimited by the close: everything is body.
+            self._feed(data, pos, size)
+            return
+        self._gotData = False
+        try:
+            self._feed(data, pos, size)
+        except httptools.HttpParserError:
+            if not self._complete:
+                raise
+            # Another message, or garbage, after the last chunk.
+            self._overrun()
+            return
+        if self._complete:
+            # The parser skips empty lines after a message: the body ends
+            # with CRLF CRLF after a byte that is neither, so any more CR
+            # or LF after it were bytes past its end.
+            last = (self._last3 + data[max(pos, size - 8) :])[-8:]
+            if len(last) - len(last.rstrip(b"\r\n")) > 4:
+                self._overrun()
+            return
+        self._last3 = (self._last3 + data[max(pos, size - 3) :])[-3:]
+        if self._gotData:
+            self._sinceData = 0
+        else:
+            self._sinceData += size - pos
+            limit = self._client.maxHeadersSize
+            if self._sinceData > limit:
+                raise UpstreamHeadersTooLarge(
+                    f"over {limit} bytes of chunk framing or trailers"
+                )
+
+    def _headEnd(self, data: bytes, pos: int) -> int:
+        """
+        Where the head being read ends in C{data} (just past its empty
+        line), searching from C{pos}; -1 if not in it.  llhttp accepts no
+        bare CR or LF, so the head ends at the first CRLF CRLF.
+        """
+        tail = self._tail
+        if tail:
+            split = (tail + data[pos : pos + 3]).find(b"\r\n\r\n")
+            if split >= 0:
+                return pos + split + 4 - len(tail)
+        found = data.find(b"\r\n\r\n", pos)
+        return found + 4 if found >= 0 else -1
+
+    def _feed(self, data: bytes, start: int, stop: int) -> None:
+        """
+        Feed the parser C{data[start:stop]}, without a copy.
+        """
+        if start == 0 and stop == len(data):
+            self._parser.feed_data(data)
+        else:
+            self._parser.feed_data(memoryview(data)[start:stop])
+
+    def _overrun(self) -> None:
+        """
+        Bytes came after the end of a response (or with no request): they
+        are never parsed or relayed, and the connection, whose framing
+        cannot be trusted any more, is dropped.
+        """
+        if not self._discarded:
+            self._discarded = True
+            self._log.warn(
+                "upstream {endpoint} sent bytes after the end of a response;"
+                " connection discarded",
+                endpoint=self.endpoint,
+            )
+        self.abort()
+
+    def _tooLarge(self, error: UpstreamHeadersTooLarge) -> None:
+        """
+        The response's head (or its trailer section) is over the limits:
+        read no more of it, and drop the connection.
+        """
+        self._discarded = True
+        self._log.warn(
+            "upstream {endpoint} sent {error}; connection dropped",
+            endpoint=self.endpoint,
+            error=str(error),
+        )
+        if self._result is not None and self._response is None:
+            self._fail(error)
+        else:
+            self._handOver()
+            self._fail(ResponseFailed([Failure(error)]))
+        self.abort()
 
     def _afterSwitch(self, rest: bytes) -> None:
         """
@@ -411,6 +678,13 @@ class _Connection(Protocol):
             if self._protocol is None:
                 return
             protocol.dataReceived(chunk)
+        failure = self._failure
+        if failure is not None and self._protocol is protocol:
+            # The body failed before anyone read it.
+            self._failure = None
+            self._protocol = None
+            protocol.connectionLost(failure)
+            return
         if self._complete:
             self._finishBody()
 
@@ -434,7 +708,7 @@ class _Connection(Protocol):
 
     def _resumeBody(self) -> None:
         transport = self.transport
-        if transport is not None:
+        if transport is not None and not self.aborted:
             transport.resumeProducing()  # type: ignore[attr-defined]
 
     def _finishBody(self) -> None:
@@ -461,6 +735,7 @@ class _Connection(Protocol):
         return (
             self._keepAlive
             and bodySent
+            and not self._discarded
             and self.transport is not None
             and self._parser is not None
         )
@@ -482,13 +757,20 @@ class _Connection(Protocol):
         protocol, self._protocol = self._protocol, None
         if protocol is not None:
             protocol.connectionLost(Failure(error))
+        elif self._response is not None and not self._complete:
+            # Nobody reads the body yet (a response hook is running): its
+            # reader learns of the failure when it comes.
+            self._failure = Failure(error)
 
     def abort(self) -> None:
         """
         Drop the connection now.
         """
         transport = self.transport
-        if transport is not None:
+        if transport is not None and not self.aborted:
+            self.aborted = True
+            # Out of the pool at once: the transport reports the loss later.
+            self._client._forget(self)
             transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: B008
@@ -620,12 +902,24 @@ class FastUpstreamClient:
 
     @param maxPerHost: idle connections kept per endpoint.
     @param poolIdle: seconds an idle connection is kept.
+    @param maxHeadersSize: the most bytes of a response's heads (interim
+        ones included, line ends included), and of a chunked body's
+        framing and trailers between two pieces of data.
+    @param maxHeaderCount: the most header fields in one head (or trailer
+        section).
     """
 
     def __init__(
-        self, reactor: Any, maxPerHost: int = 256, poolIdle: float = 4.0
+        self,
+        reactor: Any,
+        maxPerHost: int = 256,
+        poolIdle: float = 4.0,
+        maxHeadersSize: int = DEFAULT_MAX_HEADERS_SIZE,
+        maxHeaderCount: int = DEFAULT_MAX_HEADER_COUNT,
     ) -> None:
         self._reactor = reactor
+        self.maxHeadersSize = maxHeadersSize
+        self.maxHeaderCount = maxHeaderCount
         self._maxPerHost = maxPerHost
         self._poolIdle = poolIdle
         #: Each endpoint's idle connections, oldest first.
@@ -640,7 +934,7 @@ class FastUpstreamClient:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
-            if connection.transport is not None:
+            if connection.transport is not None and not connection.aborted:
                 connection.reused = True
                 return connection
         return None

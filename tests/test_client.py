@@ -13,6 +13,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed
@@ -21,7 +22,14 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface.verify import verifyObject
 
-from monedge.client import FastUpstreamClient, StaleConnection, parseURL
+from monedge.client import (
+    FastUpstreamClient,
+    StaleConnection,
+    UpstreamHeadersTooLarge,
+    UpstreamProtocolError,
+    _Connection,
+    parseURL,
+)
 from monedge.interfaces import IUpstreamClient
 from monedge.replay import BufferedBody
 
@@ -480,6 +488,494 @@ class ClientTests(SynchronousTestCase):
         protocol.dataReceived(b"b")
         self.request()
         self.assertEqual(transport.producerState, "producing")
+
+
+class FramingTests(SynchronousTestCase):
+    """
+    Strict framing: a response carries exactly the body it declares (none
+    for HEAD, 1xx, 204 and 304), and a byte after its end is never parsed,
+    relayed or handed to the next request: the connection is discarded,
+    and a warning names the endpoint.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.client = FastUpstreamClient(self.reactor, poolIdle=4.0)
+        self.events: list[dict[str, Any]] = []
+        self.patch(_Connection, "_log", Logger(observer=self.events.append))
+
+    connect = ClientTests.connect
+
+    def request(self, method: bytes = b"GET") -> Deferred[IResponse]:
+        return self.client.request(
+            method, b"http://10.0.0.1:8080/a", Headers({b"host": [b"h"]}), None, 5.0
+        )
+
+    def warnings(self) -> list[str]:
+        """
+        The warnings logged, formatted.
+        """
+        return [
+            formatEvent(event)
+            for event in self.events
+            if event["log_level"] is LogLevel.warn
+        ]
+
+    def assertDiscarded(self, transport: StringTransport) -> None:
+        """
+        The connection was dropped, with one warning naming the endpoint,
+        and the next request goes out on a new connection.
+        """
+        self.assertTrue(transport.disconnecting or transport.disconnected)
+        self.assertEqual(
+            self.warnings(),
+            [
+                "upstream 10.0.0.1:8080 sent bytes after the end of a response;"
+                " connection discarded"
+            ],
+        )
+        self.assertFalse(any(self.client._idle.values()))
+        before = len(self.reactor.tcpClients)
+        self.request()
+        self.assertEqual(len(self.reactor.tcpClients), before + 1)
+
+    def assertKept(self, transport: StringTransport) -> None:
+        """
+        The connection went back to the pool, and nothing was logged.
+        """
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.warnings(), [])
+        self.assertEqual(len(self.client._idle[(b"http", b"10.0.0.1", 8080, None)]), 1)
+
+    def answer(
+        self, *reads: bytes, method: bytes = b"GET"
+    ) -> tuple[IResponse, Body, StringTransport]:
+        """
+        Send a request, feed the response in C{reads}, and read its body as
+        a reader given the head at once would.
+        """
+        d = self.request(method)
+        protocol, transport = self.connect()
+        body = Body()
+        d.addCallback(lambda response: response.deliverBody(body) or response)
+        for data in reads:
+            protocol.dataReceived(data)
+        return self.successResultOf(d), body, transport
+
+    def test_exactContentLengthKept(self) -> None:
+        """
+        A Content-Length body with nothing after it (its head's end split
+        across reads) is delivered whole, and the connection pooled.
+        """
+        response, body, transport = self.answer(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r", b"\nab", b"\r\n"
+        )
+        self.assertEqual((response.length, body.data), (4, b"ab\r\n"))
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(ResponseDone))
+        self.assertKept(transport)
+
+    def test_bytesAfterContentLengthBody(self) -> None:
+        """
+        Bytes after a Content-Length body in the same read are not relayed:
+        the body is exactly as long as declared, and the connection is
+        discarded.
+        """
+        response, body, transport = self.answer(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA"
+        )
+        self.assertEqual((response.length, body.data), (2, b"ok"))
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(ResponseDone))
+        self.assertDiscarded(transport)
+
+    def test_emptyLineAfterContentLengthBody(self) -> None:
+        """
+        Even a CRLF after a Content-Length body (which llhttp would skip as
+        an empty line) discards the connection.
+        """
+        response, body, transport = self.answer(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"\r\n"
+        )
+        self.assertEqual(body.data, b"ok")
+        self.assertDiscarded(transport)
+
+    def test_secondResponseInTheSameRead(self) -> None:
+        """
+        Two responses in one read are never merged: the first is delivered
+        with its own length and body, the second never surfaces, and the
+        connection is discarded.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nX-Second: 1\r\n\r\n"
+            b"second answer"
+        )
+        response = self.successResultOf(d)
+        self.assertEqual(response.length, 5)
+        self.assertIsNone(response.headers.getRawHeaders(b"x-second"))
+        self.assertEqual(response.monedgeTakeBody(), b"first")  # type: ignore[attr-defined]
+        self.assertDiscarded(transport)
+
+    def test_secondResponseAfterAChunkedBody(self) -> None:
+        """
+        A response after a chunked body, in the same read, is not parsed
+        into the first: the chunked body ends at its last chunk and the
+        connection is discarded.
+        """
+        response, body, transport = self.answer(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno"
+        )
+        self.assertEqual(body.data, b"ok")
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(ResponseDone))
+        self.assertDiscarded(transport)
+
+    def test_chunkedEndsExactly(self) -> None:
+        """
+        A chunked body's end split across reads, with a trailer, and
+        nothing after it: delivered, and the connection pooled.
+        """
+        response, body, transport = self.answer(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n",
+            b"0\r\nX-Trailer: 1\r\n\r",
+            b"\n",
+        )
+        self.assertEqual(body.data, b"ok")
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(ResponseDone))
+        self.assertKept(transport)
+
+    def test_emptyLinesAfterAChunkedBody(self) -> None:
+        """
+        CR or LF bytes after a chunked body's end, in the same read as its
+        end or split from it, discard the connection.
+        """
+        for reads in [
+            (b"0\r\n\r\n\r\n",),
+            (b"0\r\n\r", b"\n\n"),
+            (b"0\r\nX: 1\r\n\r\n\r",),
+        ]:
+            self.events.clear()
+            response, body, transport = self.answer(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n",
+                *reads,
+            )
+            self.assertEqual(body.data, b"ok")
+            self.assertDiscarded(transport)
+
+    def test_bodyOnNoContent(self) -> None:
+        """
+        204 and 304 responses carry no body, whatever their head says:
+        bytes after the head are discarded with the connection.
+        """
+        for head in [
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ]:
+            self.events.clear()
+            d = self.request()
+            protocol, transport = self.connect()
+            protocol.dataReceived(head + b"hello")
+            response = self.successResultOf(d)
+            self.assertEqual(response.length, 0)
+            self.assertEqual(response.monedgeTakeBody(), b"")  # type: ignore[attr-defined]
+            self.assertDiscarded(transport)
+
+    def test_bodyOnHeadAnswer(self) -> None:
+        """
+        The answer to HEAD ends with its head: a body sent after it (which
+        llhttp, not knowing the method, would read as one) is discarded
+        with the connection.
+        """
+        for head in [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ]:
+            self.events.clear()
+            d = self.request(b"HEAD")
+            protocol, transport = self.connect()
+            protocol.dataReceived(head + b"5\r\nhello\r\n0\r\n\r\n")
+            response = self.successResultOf(d)
+            self.assertEqual(response.length, 0)
+            self.assertEqual(response.monedgeTakeBody(), b"")  # type: ignore[attr-defined]
+            self.assertDiscarded(transport)
+
+    def test_headAnswerBodyLater(self) -> None:
+        """
+        A body that follows the answer to HEAD in a later read finds the
+        connection idle in the pool: it is discarded, never parsed as the
+        next request's response.
+        """
+        response, body, transport = self.answer(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", method=b"HEAD"
+        )
+        self.assertKept(transport)
+        protocol = self.client._idle[(b"http", b"10.0.0.1", 8080, None)][0]
+        protocol.dataReceived(b"hello")
+        self.assertDiscarded(transport)
+
+    def test_bytesWhileIdle(self) -> None:
+        """
+        Bytes that arrive while a connection sits idle in the pool (even a
+        whole response) are never handed to the next request: the
+        connection leaves the pool and the next request gets a new one.
+        """
+        response, body, transport = self.answer(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        )
+        self.assertKept(transport)
+        protocol = self.client._idle[(b"http", b"10.0.0.1", 8080, None)][0]
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        d = self.request()
+        fresh, _ = self.connect()
+        fresh.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+        self.assertEqual(self.successResultOf(d).monedgeTakeBody(), b"fresh")  # type: ignore[attr-defined]
+        self.assertEqual(len(self.warnings()), 1)
+
+    def test_bytesWhileTheBodyIsHeld(self) -> None:
+        """
+        Bytes after a complete response whose body nobody reads yet (a
+        response hook is running) discard the connection; the body, when
+        read, is the response's own.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        response = self.successResultOf(d)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad")
+        body = Body()
+        response.deliverBody(body)
+        self.assertEqual(body.data, b"ok")
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(ResponseDone))
+        self.assertDiscarded(transport)
+
+    def test_interimThenGarbage(self) -> None:
+        """
+        An interim response followed by something that is not a response
+        fails the request, as a malformed response does.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 103 Early Hints\r\n\r\ngarbage\r\n\r\n")
+        failure = self.failureResultOf(d, ResponseFailed)
+        self.assertTrue(failure.value.reasons[0].check(UpstreamProtocolError))
+        self.assertTrue(transport.disconnecting)
+
+    def test_interimCarriesNoBody(self) -> None:
+        """
+        An interim response's Content-Length frames nothing: what follows
+        its head is the next response.
+        """
+        response, body, transport = self.answer(
+            b"HTTP/1.1 100 Continue\r\nContent-Length: 3\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        )
+        self.assertEqual((response.code, body.data), (200, b"ok"))
+        self.assertKept(transport)
+
+    def test_emptyLineBeforeStatusLine(self) -> None:
+        """
+        An empty line before a status line (llhttp would skip it) fails
+        the request.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        failure = self.failureResultOf(d, ResponseFailed)
+        self.assertTrue(failure.value.reasons[0].check(UpstreamProtocolError))
+
+    def test_otherCodingIsCloseDelimited(self) -> None:
+        """
+        A Transfer-Encoding whose last coding is not chunked frames the body
+        by the connection's close, as llhttp reads it: the close ends it.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n"
+        )
+        response = self.successResultOf(d)
+        self.assertIs(response.length, UNKNOWN_LENGTH)
+        body = Body()
+        response.deliverBody(body)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(body.data, b"0\r\n\r\n")
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(PotentialDataLoss))
+
+    def test_failureBeforeTheReaderComes(self) -> None:
+        """
+        A body that fails while nobody reads it yet (a response hook is
+        running) fails its reader when it comes, after what had arrived.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab")
+        response = self.successResultOf(d)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        body = Body()
+        response.deliverBody(body)
+        self.assertEqual(body.data, b"ab")
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(ResponseFailed))
+
+
+class HeaderLimitTests(SynchronousTestCase):
+    """
+    Upstream response heads are bounded in bytes and fields, counted as
+    they arrive: past either, nothing more is read and the request fails
+    with L{UpstreamHeadersTooLarge}.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.client = FastUpstreamClient(
+            self.reactor, maxHeadersSize=100, maxHeaderCount=3
+        )
+        self.events: list[dict[str, Any]] = []
+        self.patch(_Connection, "_log", Logger(observer=self.events.append))
+
+    connect = ClientTests.connect
+    request = FramingTests.request
+
+    def test_defaults(self) -> None:
+        """
+        By default, heads may have 64 KiB and 100 fields.
+        """
+        client = FastUpstreamClient(self.reactor)
+        self.assertEqual((client.maxHeadersSize, client.maxHeaderCount), (65536, 100))
+
+    def test_exactlyAtTheLimit(self) -> None:
+        """
+        A head of exactly maxHeadersSize bytes (its empty line included)
+        and maxHeaderCount fields is read.
+        """
+        head = b"HTTP/1.1 200 OK\r\nA: 1\r\nB: 2\r\nContent-Length: 0\r\nX: "
+        head += b"x" * (100 - len(head) - 4) + b"\r\n\r\n"
+        self.assertEqual(len(head), 100)
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(head[:50])
+        protocol.dataReceived(head[50:])
+        # Four fields: one over the count.
+        self.failureResultOf(d, UpstreamHeadersTooLarge)
+        head = b"HTTP/1.1 200 OK\r\nA: 1\r\nContent-Length: 0\r\nX: "
+        head += b"x" * (100 - len(head) - 4) + b"\r\n\r\n"
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(head[:50])
+        protocol.dataReceived(head[50:])
+        self.assertEqual(self.successResultOf(d).code, 200)
+
+    def test_oneByteOver(self) -> None:
+        """
+        One byte over the limit fails the request and drops the connection,
+        with a warning naming the endpoint.
+        """
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX: "
+        head += b"x" * (101 - len(head) - 4) + b"\r\n\r\n"
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(head)
+        self.failureResultOf(d, UpstreamHeadersTooLarge)
+        self.assertTrue(transport.disconnecting)
+        [warning] = [formatEvent(e) for e in self.events]
+        self.assertEqual(
+            warning,
+            "upstream 10.0.0.1:8080 sent response heads over 100 bytes;"
+            " connection dropped",
+        )
+
+    def test_hugeValueStopsReading(self) -> None:
+        """
+        A single header value that never ends stops the reading as soon as
+        the limit is passed: the parser is never given the read that passes
+        it, nor anything after.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        fed: list[int] = []
+        connection = protocol._wrappedProtocol
+        connection._parser = _Spy(connection._parser.feed_data, fed)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nX-Big: ")
+        protocol.dataReceived(b"v" * 60)
+        self.assertNoResult(d)
+        protocol.dataReceived(b"v" * 60)
+        self.failureResultOf(d, UpstreamHeadersTooLarge)
+        self.assertEqual(sum(fed), len(b"HTTP/1.1 200 OK\r\nX-Big: ") + 60)
+        self.assertTrue(transport.disconnecting)
+        protocol.dataReceived(b"v" * 60)
+        self.assertEqual(sum(fed), len(b"HTTP/1.1 200 OK\r\nX-Big: ") + 60)
+
+    def test_endlessStatusLine(self) -> None:
+        """
+        A status line with no end is bounded the same way.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 " + b"O" * 200)
+        self.failureResultOf(d, UpstreamHeadersTooLarge)
+        self.assertTrue(transport.disconnecting)
+
+    def test_interimHeadsCount(self) -> None:
+        """
+        Interim heads count towards the bytes (an endless stream of 103s
+        is bounded), not towards the final head's fields.
+        """
+        d = self.request()
+        protocol, transport = self.connect()
+        for _ in range(2):
+            protocol.dataReceived(b"HTTP/1.1 103 Early Hints\r\nA: 1\r\nB: 2\r\n\r\n")
+        self.assertNoResult(d)
+        protocol.dataReceived(b"HTTP/1.1 103 Early Hints\r\n\r\n")
+        self.failureResultOf(d, UpstreamHeadersTooLarge)
+
+    def test_trailersBounded(self) -> None:
+        """
+        A chunked body's trailer section is bounded like a head: too many
+        fields, or too many bytes, cut the body off.
+        """
+        for trailer in [
+            b"A: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n",
+            b"A: " + b"a" * 150,
+        ]:
+            d = self.request()
+            protocol, transport = self.connect()
+            protocol.dataReceived(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"
+            )
+            body = Body()
+            self.successResultOf(d).deliverBody(body)
+            protocol.dataReceived(b"0\r\n")
+            for start in range(0, len(trailer), 60):
+                protocol.dataReceived(trailer[start : start + 60])
+            self.assertEqual(body.data, b"ok")
+            assert body.reason is not None
+            self.assertTrue(body.reason.check(ResponseFailed))
+            self.assertTrue(body.reason.value.reasons[0].check(UpstreamHeadersTooLarge))
+            self.assertTrue(transport.disconnecting)
+
+
+class _Spy:
+    """
+    A parser stand-in that records how many bytes it was fed.
+    """
+
+    def __init__(self, feed: Any, fed: list[int]) -> None:
+        self._feed = feed
+        self._fed = fed
+
+    def feed_data(self, data: Any) -> None:
+        self._fed.append(len(data))
+        self._feed(data)
 
 
 class Side:
