@@ -377,6 +377,15 @@ class OptionTests(SynchronousTestCase):
             ({"mode": "external", "url": "auth:80"}, "url:"),
             ({"mode": "external", "url": "http://[::1/"}, "url:"),
             ({"mode": "external", "url": "http://auth:port/"}, "url:"),
+            (
+                {"mode": "external", "url": "http://u:s3cret@auth/"},
+                "url: credentials in the URL (user:password@) are not supported,"
+                " got 'http://***@auth/'",
+            ),
+            (
+                {**jwt_, "jwks-url": "https://token@idp/jwks"},
+                "jwks-url: credentials in the URL",
+            ),
             ({"mode": "external", "service": "auth"}, "service:"),
             ({**ext, "path": "/check"}, "path:"),
             (
@@ -1007,15 +1016,15 @@ class JWTTests(Refused):
     def test_jwksURLNotLoggedWithSecrets(self) -> None:
         """
         The JWK set is fetched from its whole URL, but a failed fetch is
-        logged, and fails the request, naming the URL without its
-        user-info or query.
+        logged, and fails the request, naming the URL without its query
+        (it may hold a credential).
         """
         from twisted.logger import formatEvent, globalLogPublisher
 
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        url = "https://monedge:s3cret@idp.example.com/jwks?key=hunter2"
+        url = "https://idp.example.com/jwks?key=hunter2"
         self.http.failing = ConnectionRefusedError(f"to {url}")
         outcome = self.ask(token(), self.build(**{"jwks-url": url}))
         self.assertEqual(self.http.gets[0][0], url)
@@ -1023,12 +1032,11 @@ class JWTTests(Refused):
         shown = [str(outcome.error.value.reason.value)]
         shown += [formatEvent(event) for event in events]
         self.assertIn(
-            "auth: cannot fetch the JWK set https://***@idp.example.com/jwks?***",
+            "auth: cannot fetch the JWK set https://idp.example.com/jwks?***",
             "\n".join(shown),
         )
         for text in shown:
-            for secret in ["s3cret", "hunter2"]:
-                self.assertNotIn(secret, text)
+            self.assertNotIn("hunter2", text)
         self.flushLoggedErrors(AuthUnavailable)
 
     def test_claimValue(self) -> None:
@@ -1201,10 +1209,10 @@ class ExternalTests(Refused):
     def test_unreachableNamedWithoutSecrets(self) -> None:
         """
         When the auth service fails, the failure names its URL without the
-        user-info or query the URL was configured with (they may be
-        credentials), while the request itself goes to the whole URL.
+        query the URL was configured with (it may hold a credential), while
+        the request itself goes to the whole URL.
         """
-        url = "https://monedge:s3cret@auth.internal/check?key=hunter2"
+        url = "https://auth.internal/check?key=hunter2"
         hook = self.build(url=url)
 
         def refuse(url: str, headers: Headers) -> Answer:
@@ -1214,11 +1222,8 @@ class ExternalTests(Refused):
         outcome = run(self, hook, self.request(b"Bearer good"))
         assert outcome.error is not None
         message = str(outcome.error.value.reason.value)
-        self.assertIn(
-            "auth service https://***@auth.internal/check?*** failed", message
-        )
-        for secret in ["s3cret", "hunter2", "monedge:"]:
-            self.assertNotIn(secret, message)
+        self.assertIn("auth service https://auth.internal/check?*** failed", message)
+        self.assertNotIn("hunter2", message)
         self.assertEqual(self.http.requests[0][1], url)
         self.flushLoggedErrors(AuthUnavailable)
 

@@ -227,6 +227,13 @@ def _url(value: object, option: str) -> str:
         raise HookConfigError(
             f"{option}: expected an http or https URL, got {redactURL(value)!r}"
         )
+    if "@" in parts.netloc:
+        # The HTTP client would not send them: refused rather than failing
+        # every request.
+        raise HookConfigError(
+            f"{option}: credentials in the URL (user:password@) are not"
+            f" supported, got {redactURL(value)!r}"
+        )
     return value
 
 
