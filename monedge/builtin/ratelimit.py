@@ -97,20 +97,27 @@ response.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import itertools
 import math
 import re
 import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
 import jwt
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
@@ -126,6 +133,7 @@ from monedge.interfaces import (
     IResponseHook,
 )
 from monedge.policy import parseDuration
+from monedge.sockets import sendAtOnce
 
 #: Every Redis key this hook writes starts with this.
 KEY_PREFIX = "monedge:rl:"
@@ -133,13 +141,17 @@ KEY_PREFIX = "monedge:rl:"
 #: The most in-memory buckets kept, unless C{max-keys} says otherwise.
 DEFAULT_MAX_KEYS = 100_000
 
-#: Seconds to wait for Redis, unless C{redis-timeout} says otherwise.
+#: Seconds to wait for a reply from Redis, from the command's write,
+#: unless C{redis-timeout} says otherwise.
 DEFAULT_REDIS_TIMEOUT = 0.25
 
 #: Connections to Redis per hook (commands are pipelined over them).
-REDIS_POOL_SIZE = 4
+REDIS_POOL_SIZE = 2
 
-#: Seconds between PINGs while Redis is unavailable.
+#: Requests failed in a row that start a Redis outage.
+OUTAGE_AFTER = 3
+
+#: Seconds between PINGs during a Redis outage.
 PROBE_INTERVAL = 1.0
 
 #: Key values longer than this are replaced by a digest.
@@ -194,9 +206,9 @@ OPTIONS = (
 
 class RedisUnavailable(Exception):
     """
-    Redis could not decide: it is unreachable, too slow, or answered an
-    error.  With C{on-redis-error: closed} it fails the hook (500
-    C{hook_failed}).
+    Redis did not decide a request: it is unreachable, too slow, answered
+    an error, or an outage is under way.  The hook then decides as
+    C{on-redis-error} says.
     """
 
 
@@ -303,6 +315,27 @@ class MemoryLimiter:
         """
         Count one request against C{key}'s bucket.
         """
+        now = self._now()
+        allowed, new, ahead = gcra(self._buckets.get(key), now, self.limit)
+        if allowed:
+            self._store(key, new)
+        elif key in self._buckets:
+            self._buckets.move_to_end(key)
+        return Decision.fromGCRA(allowed, ahead, self.limit)
+
+    def mirror(self, key: str, ahead: int) -> None:
+        """
+        Make C{key}'s bucket what Redis said it is: its theoretical arrival
+        time C{ahead} microseconds from now.  Mirrored buckets are what
+        C{on-redis-error: local} continues from when Redis goes away.
+        """
+        now = self._now()
+        if ahead > 0:
+            self._store(key, now + ahead)
+        else:
+            self._buckets.pop(key, None)
+
+    def _now(self) -> int:
         now = round(self._clock() * _MICRO)
         buckets = self._buckets
         # A bucket that has filled up again is the same as none: drop a few
@@ -312,16 +345,15 @@ class MemoryLimiter:
             if oldest is None or oldest[1] > now:
                 break
             del buckets[oldest[0]]
-        tat = buckets.get(key)
-        allowed, new, ahead = gcra(tat, now, self.limit)
-        if allowed:
-            buckets[key] = new
-        if key in buckets:
-            buckets.move_to_end(key)
+        return now
+
+    def _store(self, key: str, tat: int) -> None:
+        buckets = self._buckets
+        buckets[key] = tat
+        buckets.move_to_end(key)
         while len(buckets) > self.maxKeys:
             buckets.popitem(last=False)
             self.evicted += 1
-        return Decision.fromGCRA(allowed, ahead, self.limit)
 
 
 @dataclass(frozen=True)
@@ -377,43 +409,497 @@ class RedisAddress:
         return f"{self.host}:{self.port}/{self.db}"
 
 
-def connectRedis(address: RedisAddress, timeout: float) -> Any:
+class RedisReplyError(Exception):
     """
-    A persistent, reconnecting txredisapi connection pool to C{address}.
+    Redis answered an error reply (C{-ERR ...}, C{-NOSCRIPT ...}); the
+    message is Redis's.
     """
-    # Imported here, not at the top: importing txredisapi installs the
-    # global reactor, and this module is imported when plugins are listed.
-    import txredisapi  # type: ignore[import-untyped]
-
-    return txredisapi.lazyConnectionPool(
-        address.host,
-        address.port,
-        address.db,
-        poolsize=REDIS_POOL_SIZE,
-        reconnect=True,
-        password=address.password,
-        username=address.username,
-        connectTimeout=max(1.0, 4 * timeout),
-        # Kills connections that stop answering (txredisapi fails every
-        # command waiting on them and reconnects).
-        replyTimeout=max(1.0, 4 * timeout),
-    )
 
 
-def _noScript(reason: Failure) -> bool:
-    from txredisapi import ScriptDoesNotExist
+class RedisProtocolError(Exception):
+    """
+    What came from Redis is not a reply: the connection is dropped.
+    """
 
-    return reason.check(ScriptDoesNotExist) is not None
+
+class RedisTimeout(Exception):
+    """
+    No reply within C{redis-timeout} of the command's write.
+    """
+
+
+class RedisNotConnected(Exception):
+    """
+    The connection a command was on was lost, or none could be made.
+    """
+
+
+#: A RESP2 reply as L{RESPParser} gives it: an error reply is a
+#: L{RedisReplyError} value, not raised.
+Reply: TypeAlias = "int | bytes | str | None | list[Reply] | RedisReplyError"
+
+#: The longest reply line and bulk string accepted from Redis.
+_MAX_LINE = 64 * 1024
+_MAX_BULK = 16 * 1024 * 1024
+_MAX_DEPTH = 8
+
+
+def encodeCommand(*args: str | bytes | int) -> bytes:
+    """
+    A command as RESP2 sends it: an array of bulk strings.
+    """
+    parts = [b"*%d\r\n" % (len(args),)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode("utf-8")
+        else:
+            data = b"%d" % (arg,)
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class RESPParser:
+    """
+    Whole RESP2 replies from a byte stream, however it is split.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Reply]:
+        """
+        Take C{data}; return the replies it completes, in order.
+
+        @raise RedisProtocolError: if the stream is not RESP2.
+        """
+        buffer = self._buffer
+        buffer += data
+        replies: list[Reply] = []
+        position = 0
+        while position < len(buffer):
+            parsed = self._parse(buffer, position, 0)
+            if parsed is None:
+                break
+            reply, position = parsed
+            replies.append(reply)
+        if position:
+            del buffer[:position]
+        return replies
+
+    def _parse(
+        self, buffer: bytearray, position: int, depth: int
+    ) -> tuple[Reply, int] | None:
+        """
+        The reply at C{position} and where the next one starts, or L{None}
+        if it is not all here yet.
+        """
+        end = buffer.find(b"\r\n", position)
+        if end < 0:
+            if len(buffer) - position > _MAX_LINE:
+                raise RedisProtocolError("a reply line is too long")
+            return None
+        kind = buffer[position : position + 1]
+        line = bytes(buffer[position + 1 : end])
+        after = end + 2
+        try:
+            if kind == b"+":
+                return line.decode("utf-8", "replace"), after
+            if kind == b"-":
+                return RedisReplyError(line.decode("utf-8", "replace")), after
+            if kind == b":":
+                return int(line), after
+            if kind == b"$":
+                length = int(line)
+                if length < 0:
+                    return None, after
+                if length > _MAX_BULK:
+                    raise RedisProtocolError(f"a {length}-byte bulk reply")
+                if len(buffer) < after + length + 2:
+                    return None
+                return bytes(buffer[after : after + length]), after + length + 2
+            if kind == b"*":
+                count = int(line)
+                if count < 0:
+                    return None, after
+                if depth >= _MAX_DEPTH:
+                    raise RedisProtocolError("replies nested too deep")
+                items: list[Reply] = []
+                for _ in range(count):
+                    parsed = self._parse(buffer, after, depth + 1)
+                    if parsed is None:
+                        return None
+                    item, after = parsed
+                    items.append(item)
+                return items, after
+        except ValueError:
+            raise RedisProtocolError(f"not a number: {line[:40]!r}") from None
+        raise RedisProtocolError(f"not a reply: {bytes(buffer[position:end])[:40]!r}")
+
+
+class _Command:
+    """
+    One command: its bytes, its result, and when it was written and is due.
+    """
+
+    __slots__ = ("data", "result", "written", "deadline")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.result: Deferred[Reply] = Deferred()
+        self.written = 0.0
+        self.deadline = 0.0
+
+
+class _Deadlines:
+    """
+    Fails the commands of a first-in first-out queue that are not answered
+    by their deadline, on C{reactor}.
+
+    A deadline is checked only after the reactor has read what arrived:
+    when the timer fires, the check waits for the next reactor iteration
+    (C{callLater(0)} runs after the next poll for input), so a reply that
+    was already waiting on the socket, because the reactor was busy with
+    other work when it came, is read and counted as in time.  A busy
+    monedge never blames Redis for its own delay.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        queue: deque[_Command],
+        expire: Callable[[list[_Command], float], None],
+    ) -> None:
+        self._reactor = reactor
+        self._queue = queue
+        self._expire = expire
+        self._timer: Any = None
+        self._at = 0.0
+        self._checking = False
+
+    def arm(self, extra: float | None = None) -> None:
+        """
+        Make sure a check is due by the first unanswered command's
+        deadline, and by C{extra} if given.
+        """
+        if self._checking:
+            return  # the check under way arms again when it is done
+        due = extra
+        for command in self._queue:
+            if not command.result.called:
+                due = command.deadline if due is None else min(due, command.deadline)
+                break
+        if due is None:
+            return
+        timer = self._timer
+        if timer is not None:
+            if self._at <= due:
+                return
+            timer.cancel()
+        self._at = due
+        self._timer = self._reactor.callLater(
+            max(0.0, due - self._reactor.seconds()), self._due
+        )
+
+    def cancel(self) -> None:
+        """
+        Stop checking.
+        """
+        timer, self._timer = self._timer, None
+        self._checking = False
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _due(self) -> None:
+        # Read first, then judge: see the class docstring.
+        self._checking = True
+        self._timer = self._reactor.callLater(0, self._check, self._reactor.seconds())
+
+    def _check(self, due: float) -> None:
+        self._timer = None
+        self._checking = False
+        expired = []
+        for command in self._queue:
+            if command.deadline > due:
+                break
+            if not command.result.called:
+                expired.append(command)
+        self._expire(expired, due)
+
+
+class RedisConnection(Protocol):
+    """
+    One connection to Redis, with commands pipelined on it: each is written
+    at once, and replies come back in the order the commands went out.
+
+    A command not answered within the pool's timeout of its write fails
+    alone; its reply, if it comes later, is read and dropped, and the
+    connection is kept.  A connection that has been silent for C{deadAfter}
+    seconds with commands waiting is dropped.
+    """
+
+    #: A TCP transport (a test's StringTransport), set by makeConnection.
+    transport: Any
+
+    def __init__(self, pool: RedisPool) -> None:
+        self._pool = pool
+        self._parser = RESPParser()
+        self.pending: deque[_Command] = deque()
+        self._deadlines = _Deadlines(pool.reactor, self.pending, self._expired)
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        sendAtOnce(self.transport)
+        self._pool._connected(self)
+
+    def send(self, command: _Command) -> None:
+        """
+        Write C{command}; its result fires with the reply, or fails with
+        L{RedisReplyError}, L{RedisTimeout} or L{RedisNotConnected}.
+        """
+        now = self._pool.reactor.seconds()
+        command.written = now
+        if not command.deadline:
+            command.deadline = now + self._pool.timeout
+        self.pending.append(command)
+        self.transport.write(command.data)
+        self._deadlines.arm(command.written + self._pool.deadAfter)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            replies = self._parser.feed(data)
+        except RedisProtocolError:
+            self.transport.abortConnection()
+            return
+        pending = self.pending
+        for reply in replies:
+            if not pending:
+                self.transport.abortConnection()
+                return
+            command = pending.popleft()
+            if command.result.called:
+                continue  # it timed out: the late reply is dropped
+            if isinstance(reply, RedisReplyError):
+                command.result.errback(reply)
+            else:
+                command.result.callback(reply)
+        if pending:
+            self._deadlines.arm(pending[0].written + self._pool.deadAfter)
+
+    def _expired(self, expired: list[_Command], due: float) -> None:
+        timeout = self._pool.timeout
+        for command in expired:
+            if not command.result.called:
+                command.result.errback(
+                    RedisTimeout(f"no reply within {timeout:g} s of the write")
+                )
+        pending = self.pending
+        if pending and pending[0].written + self._pool.deadAfter <= due:
+            self.transport.abortConnection()
+        elif pending:
+            self._deadlines.arm(pending[0].written + self._pool.deadAfter)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._deadlines.cancel()
+        pending, self.pending = list(self.pending), deque()
+        self._pool._lost(self)
+        message = f"the connection to Redis was lost: {reason.getErrorMessage()}"
+        for command in pending:
+            if not command.result.called:
+                command.result.errback(RedisNotConnected(message))
+        self.lost.callback(None)
+
+
+class _RedisFactory(Factory):
+    noisy = False
+
+    def __init__(self, pool: RedisPool) -> None:
+        self._pool = pool
+
+    def buildProtocol(self, addr: object) -> RedisConnection:
+        return RedisConnection(self._pool)
+
+
+def redisEndpoint(reactor: Any, address: RedisAddress, timeout: float) -> Any:
+    """
+    A client endpoint for C{address}: an IP literal is connected to
+    directly, a name is resolved on each connection.
+    """
+    try:
+        ip = ipaddress.ip_address(address.host)
+    except ValueError:
+        return HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
+    kind = TCP6ClientEndpoint if ip.version == 6 else TCP4ClientEndpoint
+    return kind(reactor, address.host, address.port, timeout=timeout)
+
+
+class RedisPool:
+    """
+    A few pipelined connections to one Redis server, opened when needed:
+    each command goes on the connection with the fewest waiting, so the
+    commands of concurrent requests share connections and each takes one
+    round trip.
+
+    While no connection is open, commands wait for one; the wait counts
+    against their timeout.  A command fails with L{RedisNotConnected} at
+    once if no connection can be made.  Nothing is logged: callers decide
+    what a failure means.
+
+    @ivar timeout: seconds a command may wait for its reply, from its write.
+    @ivar deadAfter: seconds a connection with commands waiting may stay
+        silent before it is dropped.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        address: RedisAddress,
+        timeout: float,
+        setup: Sequence[Sequence[str | bytes | int]] = (),
+        size: int = REDIS_POOL_SIZE,
+        endpoint: Any = None,
+    ) -> None:
+        self.reactor = reactor
+        self.address = address
+        self.timeout = timeout
+        self.deadAfter = max(1.0, 4 * timeout)
+        self._setup = [encodeCommand(*command) for command in setup]
+        self._size = size
+        self._endpoint = endpoint or redisEndpoint(reactor, address, self.deadAfter)
+        self.connections: list[RedisConnection] = []
+        self._attempts: list[Deferred[Any]] = []
+        self._waiting: deque[_Command] = deque()
+        self._waitDeadlines = _Deadlines(reactor, self._waiting, self._waitExpired)
+        self._closed = False
+
+    def execute(self, *args: str | bytes | int) -> Deferred[Reply]:
+        """
+        Send one command; fire with its reply.
+        """
+        command = _Command(encodeCommand(*args))
+        if self._closed:
+            command.result.errback(RedisNotConnected("the pool is closed"))
+            return command.result
+        if len(self.connections) + len(self._attempts) < self._size:
+            self.connect()
+        connections = self.connections
+        if connections:
+            best = connections[0]
+            for connection in connections:
+                if len(connection.pending) < len(best.pending):
+                    best = connection
+            best.send(command)
+        else:
+            command.deadline = self.reactor.seconds() + self.timeout
+            self._waiting.append(command)
+            self._waitDeadlines.arm()
+        return command.result
+
+    def connect(self) -> None:
+        """
+        Open connections until there are as many as the pool holds (or
+        attempts under way for them).
+        """
+        missing = self._size - len(self.connections) - len(self._attempts)
+        # A bounded loop: an attempt that fails at once must not retry here.
+        for _ in range(missing if not self._closed else 0):
+            attempt: Deferred[Any] = self._endpoint.connect(_RedisFactory(self))
+            self._attempts.append(attempt)
+            attempt.addBoth(self._attempted, attempt)
+
+    def _attempted(self, result: object, attempt: Deferred[Any]) -> None:
+        self._attempts.remove(attempt)
+        if isinstance(result, Failure) and not self.connections and not self._attempts:
+            self._failWaiting(
+                RedisNotConnected(f"cannot connect: {result.getErrorMessage()}")
+            )
+
+    def _connected(self, connection: RedisConnection) -> None:
+        if self._closed:
+            connection.transport.loseConnection()
+            return
+        self.connections.append(connection)
+        # Pipelined ahead of every other command: AUTH and SELECT apply to
+        # them, and the script is there for their EVALSHA.
+        address = self.address
+        handshake = []
+        if address.password is not None:
+            handshake.append(
+                encodeCommand("AUTH", address.username, address.password)
+                if address.username
+                else encodeCommand("AUTH", address.password)
+            )
+        if address.db:
+            handshake.append(encodeCommand("SELECT", address.db))
+        for data in [*handshake, *self._setup]:
+            command = _Command(data)
+            # A failed step shows in the commands after it (NOAUTH,
+            # NOSCRIPT), which their callers handle.
+            command.result.addErrback(lambda _: None)
+            connection.send(command)
+        waiting, self._waiting = self._waiting, deque()
+        self._waitDeadlines.cancel()
+        self._waitDeadlines = _Deadlines(self.reactor, self._waiting, self._waitExpired)
+        for command in waiting:
+            if not command.result.called:
+                connection.send(command)
+
+    def _lost(self, connection: RedisConnection) -> None:
+        if connection in self.connections:
+            self.connections.remove(connection)
+
+    def _waitExpired(self, expired: list[_Command], due: float) -> None:
+        timeout = self.timeout
+        for command in expired:
+            self._waiting.remove(command)
+            command.result.errback(
+                RedisTimeout(f"no connection to Redis within {timeout:g} s")
+            )
+        self._waitDeadlines.arm()
+
+    def _failWaiting(self, reason: Exception) -> None:
+        waiting, self._waiting = self._waiting, deque()
+        self._waitDeadlines.cancel()
+        self._waitDeadlines = _Deadlines(self.reactor, self._waiting, self._waitExpired)
+        for command in waiting:
+            if not command.result.called:
+                command.result.errback(reason)
+
+    def close(self) -> Deferred[None]:
+        """
+        Close every connection and fail what waits; fire when all are
+        closed.
+        """
+        self._closed = True
+        for attempt in list(self._attempts):
+            attempt.cancel()
+        self._failWaiting(RedisNotConnected("the pool is closed"))
+        lost = [connection.lost for connection in self.connections]
+        for connection in list(self.connections):
+            connection.transport.loseConnection()
+        done: Deferred[Any] = gatherResults(lost)
+        return done.addCallback(lambda _: None)
 
 
 class RedisLimiter:
     """
     GCRA buckets in Redis, shared by every replica that uses the same
-    server.
+    server, with its outages told apart from single failures.
 
-    @ivar failures: requests decided without Redis.
-    @ivar outages: how many times Redis became unavailable.
-    @ivar down: whether Redis is unavailable now.
+    A request Redis does not decide (no reply within the timeout, an error
+    reply, a lost connection) fails alone with L{RedisUnavailable}, and a
+    PING checks Redis's health.  An outage starts when that PING fails or
+    after L{OUTAGE_AFTER} requests in a row have failed; during it Redis is
+    not asked (requests fail at once) but PINGed every L{PROBE_INTERVAL},
+    and the first good PING ends it.  One line is logged as an outage
+    starts and one as it ends, nothing else.
+
+    @ivar failures: requests decided without Redis (failed alone or during
+        an outage).
+    @ivar outages: how many outages started.
+    @ivar down: whether an outage is under way.
+    @ivar mirror: in-memory buckets kept the same as Redis's, if any.
     """
 
     _log = Logger()
@@ -424,172 +910,161 @@ class RedisLimiter:
         address: RedisAddress,
         reactor: Any,
         timeout: float,
-        failOpen: bool,
-        connect: Callable[[RedisAddress, float], Any] = connectRedis,
+        mode: str = "open",
+        mirror: MemoryLimiter | None = None,
+        pool: RedisPool | None = None,
     ) -> None:
         self.limit = limit
         self.address = address
         self._reactor = reactor
         self.timeout = timeout
-        self._failOpen = failOpen
-        self._connect = connect
-        self._client: Any = None
-        self._loaded = False
+        self.mode = mode
+        self.mirror = mirror
+        self.pool = pool or RedisPool(
+            reactor, address, timeout, setup=[("SCRIPT", "LOAD", SCRIPT)]
+        )
         self.failures = 0
         self.outages = 0
         self.down = False
+        self._consecutive = 0
         self._downSince = 0.0
         self._decidedWithout = 0
-        self._nextProbe = 0.0
-        self._probe: Deferred[Any] | None = None
+        self._checking = False
+        self._probe: Any = None
+        self._closed = False
 
-    def client(self) -> Any:
+    def connect(self) -> None:
         """
-        The connection pool, opened on first use.
+        Open the connections now, so the first requests do not wait.
         """
-        if self._client is None:
-            self._client = self._connect(self.address, self.timeout)
-        return self._client
+        self.pool.connect()
 
     def close(self) -> Deferred[None]:
         """
-        Close the connection pool, if it was opened.
+        Stop probing and close the connections.
         """
-        client, self._client = self._client, None
-        if client is None:
-            done: Deferred[None] = Deferred()
-            done.callback(None)
-            return done
-        result: Deferred[None] = client.disconnect()
-        return result
+        self._closed = True
+        probe, self._probe = self._probe, None
+        if probe is not None and probe.active():
+            probe.cancel()
+        return self.pool.close()
 
     def take(self, key: str) -> Deferred[Decision]:
         """
-        Count one request against the bucket called C{key}.
+        Count one request against the bucket called C{key} (without
+        L{KEY_PREFIX}).
 
         @return: the decision, or a failure with L{RedisUnavailable}.
         """
         if self.down:
-            self._maybeProbe()
             self.failures += 1
             self._decidedWithout += 1
             return fail(RedisUnavailable(f"Redis at {self.address} is unavailable"))
-        d = self._within(self._evaluate(key))
-        d.addCallback(self._parse)
-        d.addErrback(self._failed)
-        return d
-
-    def _evaluate(self, key: str) -> Deferred[Any]:
-        try:
-            client = self.client()
-        except Exception:
-            return fail()
-        keys = [key]
-        args = [self.limit.interval, self.limit.tolerance]
-        d: Deferred[Any]
-        if self._loaded:
-            d = client.evalsha(SCRIPT_SHA, keys, args)
-        else:
-            d = client.script_load(SCRIPT)
-            d.addCallback(self._scriptLoaded)
-            d.addCallback(lambda _: client.evalsha(SCRIPT_SHA, keys, args))
+        limit = self.limit
+        redisKey = f"{KEY_PREFIX}{limit}:{limit.burst}:{key}"
+        args = (1, redisKey, limit.interval, limit.tolerance)
+        pool = self.pool
 
         def noScript(reason: Failure) -> object:
             # The server forgot the script (restart, SCRIPT FLUSH, failover):
             # EVAL runs it and caches it again.
-            if _noScript(reason):
-                return client.eval(SCRIPT, keys, args)
+            if reason.check(RedisReplyError) and str(reason.value).startswith(
+                "NOSCRIPT"
+            ):
+                return pool.execute("EVAL", SCRIPT, *args)
             return reason
 
-        return d.addErrback(noScript)
+        d: Deferred[Any] = pool.execute("EVALSHA", SCRIPT_SHA, *args)
+        d.addErrback(noScript)
+        d.addCallback(self._decided, key)
+        d.addErrback(self._failed)
+        return d
 
-    def _scriptLoaded(self, sha: object) -> None:
-        if sha != SCRIPT_SHA:
-            raise RedisUnavailable(f"SCRIPT LOAD answered {sha!r}, not {SCRIPT_SHA}")
-        self._loaded = True
-
-    def _within(self, d: Deferred[Any]) -> Deferred[Any]:
-        """
-        C{d}'s result, or a L{RedisUnavailable} failure after the timeout.
-        C{d} itself is left alone: txredisapi's waits cannot be cancelled
-        cleanly, and its own reply timeout ends them.
-        """
-        result: Deferred[Any] = Deferred()
-
-        def timedOut() -> None:
-            if not result.called:
-                result.errback(RedisUnavailable(f"no answer within {self.timeout:g} s"))
-
-        timer = self._reactor.callLater(self.timeout, timedOut)
-
-        def done(value: object) -> None:
-            if timer.active():
-                timer.cancel()
-            if result.called:
-                return  # too late: already decided without it
-            if isinstance(value, Failure):
-                result.errback(value)
-            else:
-                result.callback(value)
-
-        d.addBoth(done)
-        return result
-
-    def _parse(self, reply: object) -> Decision:
-        if self.down:
-            self._recovered()
+    def _decided(self, reply: object, key: str) -> Decision:
         if (
             not isinstance(reply, list)
             or len(reply) != 2
             or not all(isinstance(n, int) for n in reply)
         ):
-            raise RedisUnavailable(f"unexpected reply from the script: {reply!r}")
-        return Decision.fromGCRA(bool(reply[0]), reply[1], self.limit)
+            raise RedisReplyError(f"unexpected reply from the script: {reply!r}")
+        self._consecutive = 0
+        allowed, ahead = reply
+        if self.mirror is not None:
+            self.mirror.mirror(key, ahead)
+        return Decision.fromGCRA(bool(allowed), ahead, self.limit)
 
     def _failed(self, reason: Failure) -> Decision:
-        self.failures += 1
+        if reason.check(CancelledError):
+            reason.raiseException()  # the hook timed out: not Redis's doing
         message = reason.getErrorMessage()
+        self.failures += 1
         if not self.down:
-            self.down = True
-            self.outages += 1
-            self._downSince = self._reactor.seconds()
-            self._nextProbe = self._downSince + PROBE_INTERVAL
-            self._decidedWithout = 1
-            self._log.warn(
-                "ratelimit: Redis at {address} is unavailable ({reason});"
-                " failing {mode} until it answers again",
-                address=str(self.address),
-                reason=message,
-                mode="open" if self._failOpen else "closed",
-            )
-        else:
+            self._consecutive += 1
+            if self._consecutive >= OUTAGE_AFTER:
+                self._startOutage(f"{self._consecutive} requests failed; {message}")
+            else:
+                self._check()
+        if self.down:
             self._decidedWithout += 1
         raise RedisUnavailable(f"Redis at {self.address}: {message}")
 
-    def _maybeProbe(self) -> None:
-        now = self._reactor.seconds()
-        if self._probe is not None or now < self._nextProbe:
+    def _check(self) -> None:
+        """
+        PING Redis after a failed request; an outage starts if it fails.
+        """
+        if self._checking or self._closed:
             return
-        self._nextProbe = now + PROBE_INTERVAL
-        try:
-            probe: Deferred[Any] = self.client().ping()
-        except Exception:
-            return
-        self._probe = probe
+        self._checking = True
 
-        def answered(_: object) -> None:
-            self._probe = None
-            if self.down:
-                self._recovered()
+        def answered(reply: object) -> None:
+            self._checking = False
+            if reply != "PONG":
+                failed(Failure(RedisReplyError(f"PING answered {reply!r}")))
+
+        def failed(reason: Failure) -> None:
+            self._checking = False
+            if not self.down and not self._closed:
+                self._startOutage(f"PING failed: {reason.getErrorMessage()}")
+
+        self.pool.execute("PING").addCallbacks(answered, failed)
+
+    def _startOutage(self, reason: str) -> None:
+        self.down = True
+        self.outages += 1
+        self._downSince = self._reactor.seconds()
+        self._decidedWithout = 0
+        self._log.warn(
+            "ratelimit: Redis at {address} is unavailable ({reason});"
+            " {mode} until it answers a PING",
+            address=str(self.address),
+            reason=reason,
+            mode=_OUTAGE_MODES[self.mode],
+        )
+        self._scheduleProbe()
+
+    def _scheduleProbe(self) -> None:
+        if not self._closed:
+            self._probe = self._reactor.callLater(PROBE_INTERVAL, self._ping)
+
+    def _ping(self) -> None:
+        self._probe = None
+
+        def answered(reply: object) -> None:
+            if self._closed:
+                return
+            if reply == "PONG":
+                self._endOutage()
+            else:
+                self._scheduleProbe()
 
         def failed(_: Failure) -> None:
-            self._probe = None
-            self._nextProbe = self._reactor.seconds() + PROBE_INTERVAL
+            self._scheduleProbe()
 
-        probe.addCallbacks(answered, failed)
+        self.pool.execute("PING").addCallbacks(answered, failed)
 
-    def _recovered(self) -> None:
+    def _endOutage(self) -> None:
         self.down = False
+        self._consecutive = 0
         self._log.info(
             "ratelimit: Redis at {address} answers again after {seconds:.1f} s;"
             " {count} requests were decided without it",
@@ -597,6 +1072,14 @@ class RedisLimiter:
             seconds=self._reactor.seconds() - self._downSince,
             count=self._decidedWithout,
         )
+
+
+#: How each on-redis-error mode decides during an outage, for the log.
+_OUTAGE_MODES = {
+    "open": "letting requests through",
+    "closed": "failing requests with 500 hook_failed",
+    "local": "limiting with this process's in-memory buckets",
+}
 
 
 def _bounded(value: str) -> str:
@@ -645,6 +1128,9 @@ class RateLimitHook:
 
     @ivar limiter: where the buckets are (L{MemoryLimiter} or
         L{RedisLimiter}).
+    @ivar onRedisError: how a request Redis did not decide is decided:
+        C{open}, C{closed} or C{local}.
+    @ivar local: the in-memory buckets C{local} decides with.
     @ivar allowed: requests let through with a decision.
     @ivar limited: requests refused with 429.
     """
@@ -654,14 +1140,15 @@ class RateLimitHook:
         limiter: MemoryLimiter | RedisLimiter,
         key: str,
         scope: str,
-        failOpen: bool,
+        onRedisError: str,
         name: str,
     ) -> None:
         self.limiter = limiter
         self.limit = limiter.limit
         self.key = key
         self.scope = scope
-        self.failOpen = failOpen
+        self.onRedisError = onRedisError
+        self.local = limiter.mirror if isinstance(limiter, RedisLimiter) else None
         self.name = name
         self.allowed = 0
         self.limited = 0
@@ -719,9 +1206,9 @@ class RateLimitHook:
         limiter = self.limiter
         if isinstance(limiter, MemoryLimiter):
             return self._decided(request, limiter.take(key))
-        d = limiter.take(f"{KEY_PREFIX}{self.limit}:{self.limit.burst}:{key}")
-        return d.addCallbacks(
-            lambda decision: self._decided(request, decision), self._unavailable
+        return limiter.take(key).addCallbacks(
+            lambda decision: self._decided(request, decision),
+            lambda reason: self._withoutRedis(request, key, reason),
         )
 
     def _decided(
@@ -746,10 +1233,21 @@ class RateLimitHook:
             ],
         )
 
-    def _unavailable(self, reason: Failure) -> None:
+    def _withoutRedis(
+        self, request: IHookRequest, key: str, reason: Failure
+    ) -> HookResponse | None:
+        """
+        Decide a request Redis did not decide, as C{on-redis-error} says.
+        """
         reason.trap(RedisUnavailable)
-        if not self.failOpen:
-            reason.raiseException()
+        if self.onRedisError == "local" and self.local is not None:
+            return self._decided(request, self.local.take(key))
+        if self.onRedisError == "closed":
+            # Answered here rather than raised: the hook chain would log a
+            # traceback or a line for every request of an outage.
+            return HookResponse.error(
+                500, "hook_failed", "the ratelimit hook could not reach its Redis"
+            )
         return None
 
     def onResponse(self, request: IHookRequest, response: IHookResponse) -> None:
@@ -765,9 +1263,11 @@ class RateLimitHook:
     def stats(self) -> dict[str, int]:
         """
         Counters, until monedge gives hooks its metrics registry:
-        C{allowed}, C{limited}, C{redis_errors} (requests decided without
-        Redis), C{redis_outages}, C{keys} (in-memory buckets) and
-        C{evicted} (in-memory buckets dropped at the cap).
+        C{allowed}, C{limited}, C{redis_errors} (requests Redis did not
+        decide: failed alone or during an outage), C{redis_outages}
+        (outages started), C{keys} (in-memory buckets: with Redis, those
+        C{on-redis-error: local} keeps) and C{evicted} (in-memory buckets
+        dropped at the cap).
         """
         counts = {"allowed": self.allowed, "limited": self.limited}
         limiter = self.limiter
@@ -779,11 +1279,12 @@ class RateLimitHook:
                 evicted=limiter.evicted,
             )
         else:
+            local = limiter.mirror
             counts.update(
                 redis_errors=limiter.failures,
                 redis_outages=limiter.outages,
-                keys=0,
-                evicted=0,
+                keys=0 if local is None else len(local),
+                evicted=0 if local is None else local.evicted,
             )
         return counts
 
@@ -890,8 +1391,8 @@ class RateLimitHookFactory:
         limit = parseLimit(options)
         key = parseKey(options.get("key", "client"))
         scope = _choice(options, "scope", "service", ("service", "global"))
-        failOpen = _choice(options, "on-redis-error", "open", ("open", "closed")) == (
-            "open"
+        onRedisError = _choice(
+            options, "on-redis-error", "open", ("open", "closed", "local")
         )
         name = options.get("name", "default")
         if not isinstance(name, str) or not _NAME.match(name):
@@ -915,13 +1416,18 @@ class RateLimitHookFactory:
             limiter = MemoryLimiter(limit, reactor.seconds, maxKeys)
         else:
             address = RedisAddress.parse(options["redis"])
-            limiter = RedisLimiter(limit, address, reactor, timeout, failOpen)
+            mirror = None
+            if onRedisError == "local":
+                mirror = MemoryLimiter(limit, reactor.seconds, maxKeys)
+            limiter = RedisLimiter(
+                limit, address, reactor, timeout, onRedisError, mirror
+            )
             # Connect once the reactor runs (after twistd has daemonized),
             # so the first request does not wait for the connection.
             whenRunning = getattr(reactor, "callWhenRunning", None)
             if whenRunning is not None:
-                whenRunning(limiter.client)
-        hook = RateLimitHook(limiter, key, scope, failOpen, name)
+                whenRunning(limiter.connect)
+        hook = RateLimitHook(limiter, key, scope, onRedisError, name)
         metrics = getattr(context, "metrics", None)
         if metrics is not None:
             _collectorFor(metrics.registry).hooks.add(hook)
