@@ -289,6 +289,18 @@ class Options(usage.Options):
             "Idle connections kept per upstream endpoint.",
         ],
         [
+            "max-upstream-headers-size",
+            None,
+            "65536",
+            "Most bytes of an upstream response's head (502 beyond).",
+        ],
+        [
+            "max-upstream-header-count",
+            None,
+            "100",
+            "Most header fields in an upstream response's head (502 beyond).",
+        ],
+        [
             "access-log",
             None,
             "-",
@@ -426,6 +438,8 @@ class Options(usage.Options):
             "max-headers-size",
             "max-request-line",
             "max-header-line",
+            "max-upstream-headers-size",
+            "max-upstream-header-count",
         ):
             self[option] = _positive(option, self[option], int)
             if self[option] == 0:
@@ -706,14 +720,26 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     metrics: Metrics = options["metrics"]
     metrics.watchRegistry(registry, reactor.seconds)
     balancer = Balancer(reactor)
-    clientClass = (
-        FastUpstreamClient if options["upstream-client"] == "fast" else UpstreamClient
-    )
-    client = clientClass(
-        reactor,
-        maxPerHost=options["upstream-pool-size"],
-        poolIdle=options["upstream-idle-timeout"],
-    )
+    # Response heads are bounded by monedge's own client (Agent has no
+    # such limits).
+    headLimits = {
+        "maxHeadersSize": options["max-upstream-headers-size"],
+        "maxHeaderCount": options["max-upstream-header-count"],
+    }
+    client: FastUpstreamClient | UpstreamClient
+    if options["upstream-client"] == "fast":
+        client = FastUpstreamClient(
+            reactor,
+            maxPerHost=options["upstream-pool-size"],
+            poolIdle=options["upstream-idle-timeout"],
+            **headLimits,
+        )
+    else:
+        client = UpstreamClient(
+            reactor,
+            maxPerHost=options["upstream-pool-size"],
+            poolIdle=options["upstream-idle-timeout"],
+        )
     hooks: HookSet = options["hook-set"]
     hooks.context.reactor = reactor
     # WebSocket handshakes always go through monedge's own client, which
@@ -721,7 +747,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     upgrader = (
         client
         if isinstance(client, FastUpstreamClient)
-        else FastUpstreamClient(reactor, maxPerHost=0)
+        else FastUpstreamClient(reactor, maxPerHost=0, **headLimits)
     )
     tunnels = TunnelSet()
     metrics.tunnelsOpen.set_function(lambda: len(tunnels.open))

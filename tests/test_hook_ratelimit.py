@@ -1144,7 +1144,7 @@ class RedisOutageTests(SynchronousTestCase):
         self.assertFalse(redisLimiter(hook).down)
         self.assertEqual(self.logs.levels(), [LogLevel.warn, LogLevel.info])
         self.assertIn(
-            "answers again after 1.0 s; 6 requests were decided without it",
+            "answers again after 1.0 s; 8 requests were decided without it",
             self.logs.formatted()[1],
         )
         after = self.ask(hook)

@@ -998,14 +998,14 @@ class RedisLimiter:
             reason.raiseException()  # the hook timed out: not Redis's doing
         message = reason.getErrorMessage()
         self.failures += 1
-        if not self.down:
+        if self.down:
+            self._decidedWithout += 1
+        else:
             self._consecutive += 1
             if self._consecutive >= OUTAGE_AFTER:
                 self._startOutage(f"{self._consecutive} requests failed; {message}")
             else:
                 self._check()
-        if self.down:
-            self._decidedWithout += 1
         raise RedisUnavailable(f"Redis at {self.address}: {message}")
 
     def _check(self) -> None:
@@ -1032,7 +1032,8 @@ class RedisLimiter:
         self.down = True
         self.outages += 1
         self._downSince = self._reactor.seconds()
-        self._decidedWithout = 0
+        # The failed requests that led here were decided without it too.
+        self._decidedWithout = self._consecutive
         self._log.warn(
             "ratelimit: Redis at {address} is unavailable ({reason});"
             " {mode} until it answers a PING",
