@@ -11,9 +11,15 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -83,18 +89,49 @@ class _RegistryCollector(Collector):
         yield age
 
 
+class _Histogram:
+    """
+    One histogram's counts, kept as plain numbers.
+
+    @ivar buckets: observations per bucket (not cumulative), the last for
+        those above every bound.
+    """
+
+    __slots__ = ("buckets", "total", "since")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+        self.since = time.time()
+
+    def observe(self, seconds: float) -> None:
+        # A bucket counts what is at most its bound: the first bound not
+        # below the value.
+        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
+#: The C{origin} label's values: who chose a response's status.
+UPSTREAM = "upstream"
+MONEDGE = "monedge"
+
+
 class ServiceMetrics:
     """
-    One service's request counts and latency histogram, kept as plain
-    numbers and exported by L{_RequestCollector}: counting a request is a
-    few additions, with none of the locks and per-bucket loops of
-    C{prometheus_client}'s own metrics (monedge counts from the reactor
-    thread alone).
+    One service's request counts, latency histograms and requests in
+    flight, kept as plain numbers and exported by L{_RequestCollector}:
+    counting a request is a few additions, with none of the locks and
+    per-bucket loops of C{prometheus_client}'s own metrics (monedge counts
+    from the reactor thread alone).
 
-    @ivar classes: requests answered, by status class (2 for 2xx, ...).
-    @ivar created: when each status class was first counted.
-    @ivar buckets: observations per latency bucket (not cumulative), the
-        last for those above every bound.
+    @ivar classes: requests answered, by status class (2 for 2xx, ...) and
+        origin (L{UPSTREAM} when the upstream sent the status, L{MONEDGE}
+        when monedge or a hook chose it).
+    @ivar created: when each of those was first counted.
+    @ivar latency: time from the request's arrival to its last byte.
+    @ivar upstream: time from sending the request upstream to the
+        response's head.
+    @ivar inFlight: requests received and not yet answered.
     """
 
     __slots__ = (
@@ -102,44 +139,50 @@ class ServiceMetrics:
         "_service",
         "classes",
         "created",
-        "buckets",
-        "total",
-        "count",
-        "since",
+        "latency",
+        "upstream",
+        "inFlight",
     )
 
     def __init__(self, metrics: Metrics, service: str) -> None:
         self._metrics = metrics
         self._service = service
-        self.classes: dict[int, int] = {}
-        self.created: dict[int, float] = {}
-        self.buckets = [0] * (len(BUCKETS) + 1)
-        self.total = 0.0
-        self.count = 0
-        self.since = time.time()
+        self.classes: dict[tuple[int, str], int] = {}
+        self.created: dict[tuple[int, str], float] = {}
+        self.latency = _Histogram()
+        self.upstream = _Histogram()
+        self.inFlight = 0
 
-    def observe(self, status: int, seconds: float) -> None:
+    def observe(
+        self,
+        status: int,
+        seconds: float,
+        origin: str = MONEDGE,
+        upstreamSeconds: float | None = None,
+    ) -> None:
         """
         Count one finished request.
+
+        @param origin: who chose C{status}.
+        @param upstreamSeconds: how long the upstream took to answer, if it
+            did.
         """
-        statusClass = status // 100
+        key = (status // 100, origin)
         classes = self.classes
-        counted = classes.get(statusClass)
+        counted = classes.get(key)
         if counted is None:
-            self.created[statusClass] = time.time()
+            self.created[key] = time.time()
             counted = 0
-        classes[statusClass] = counted + 1
-        # A bucket counts what is at most its bound: the first bound not
-        # below the value.
-        self.buckets[bisect_left(BUCKETS, seconds)] += 1
-        self.total += seconds
-        self.count += 1
+        classes[key] = counted + 1
+        self.latency.observe(seconds)
+        if upstreamSeconds is not None:
+            self.upstream.observe(upstreamSeconds)
 
     def upstreamError(self, kind: str) -> None:
         """
         Count an upstream failure of C{kind}.
         """
-        self._metrics.upstreamErrors.labels(kind).inc()
+        self._metrics.upstreamErrors.labels(self._service, kind).inc()
 
     def tunnelOpened(self) -> None:
         """
@@ -151,16 +194,46 @@ class ServiceMetrics:
 #: The C{le} label of each latency bucket, as C{prometheus_client} writes it.
 _BOUNDS = [floatToGoString(bound) for bound in BUCKETS] + ["+Inf"]
 
-_REQUESTS_HELP = "Requests answered, by service and status class."
+_REQUESTS_HELP = (
+    "Requests answered, by service, status class and origin (upstream: the"
+    " upstream sent the status; monedge: monedge or a hook chose it)."
+)
 _LATENCY_HELP = "Time from the request's arrival to its last byte, by service."
+_UPSTREAM_HELP = (
+    "Time from sending a request upstream to the response's head, by service."
+)
+_IN_FLIGHT_HELP = "Requests received and not yet answered, by service."
+
+
+def _histogram(
+    name: str, help: str, services: list[tuple[str, ServiceMetrics]], which: str
+) -> Metric:
+    """
+    One histogram family of every service, as C{prometheus_client}'s
+    C{Histogram} writes it.
+    """
+    family = Metric(name, help, "histogram")
+    for service, children in services:
+        histogram: _Histogram = getattr(children, which)
+        cumulative = 0
+        for bound, inBucket in zip(_BOUNDS, list(histogram.buckets), strict=True):
+            cumulative += inBucket
+            family.add_sample(
+                f"{name}_bucket", {"service": service, "le": bound}, float(cumulative)
+            )
+        family.add_sample(f"{name}_count", {"service": service}, float(cumulative))
+        family.add_sample(f"{name}_sum", {"service": service}, histogram.total)
+        family.add_sample(f"{name}_created", {"service": service}, histogram.since)
+    return family
 
 
 class _RequestCollector(Collector):
     """
-    Exports every service's L{ServiceMetrics} as the counter
-    C{monedge_requests} and the histogram
-    C{monedge_request_duration_seconds}, sample for sample as
-    C{prometheus_client}'s C{Counter} and C{Histogram} would.
+    Exports every service's L{ServiceMetrics}: the counter
+    C{monedge_requests}, the histograms C{monedge_request_duration_seconds}
+    and C{monedge_upstream_response_seconds}, sample for sample as
+    C{prometheus_client}'s C{Counter} and C{Histogram} would, and the gauge
+    C{monedge_requests_in_flight}.
     """
 
     def __init__(self, services: dict[str, ServiceMetrics]) -> None:
@@ -169,35 +242,91 @@ class _RequestCollector(Collector):
     def describe(self) -> Iterator[Metric]:
         yield Metric("monedge_requests", _REQUESTS_HELP, "counter")
         yield Metric("monedge_request_duration_seconds", _LATENCY_HELP, "histogram")
+        yield Metric("monedge_upstream_response_seconds", _UPSTREAM_HELP, "histogram")
+        yield Metric("monedge_requests_in_flight", _IN_FLIGHT_HELP, "gauge")
 
     def collect(self) -> Iterator[Metric]:
         services = list(self._services.items())
         requests = Metric("monedge_requests", _REQUESTS_HELP, "counter")
         for service, children in services:
-            for statusClass, counted in list(children.classes.items()):
-                labels = {"service": service, "code_class": f"{statusClass}xx"}
+            for (statusClass, origin), counted in list(children.classes.items()):
+                labels = {
+                    "service": service,
+                    "code_class": f"{statusClass}xx",
+                    "origin": origin,
+                }
                 requests.add_sample("monedge_requests_total", labels, float(counted))
                 requests.add_sample(
                     "monedge_requests_created",
                     labels,
-                    children.created[statusClass],
+                    children.created[(statusClass, origin)],
                 )
         yield requests
-        latency = Metric("monedge_request_duration_seconds", _LATENCY_HELP, "histogram")
-        name = "monedge_request_duration_seconds"
+        yield _histogram(
+            "monedge_request_duration_seconds", _LATENCY_HELP, services, "latency"
+        )
+        yield _histogram(
+            "monedge_upstream_response_seconds", _UPSTREAM_HELP, services, "upstream"
+        )
+        inFlight = Metric("monedge_requests_in_flight", _IN_FLIGHT_HELP, "gauge")
         for service, children in services:
-            cumulative = 0
-            for bound, inBucket in zip(_BOUNDS, list(children.buckets), strict=True):
-                cumulative += inBucket
-                latency.add_sample(
-                    f"{name}_bucket",
-                    {"service": service, "le": bound},
-                    float(cumulative),
-                )
-            latency.add_sample(f"{name}_count", {"service": service}, float(cumulative))
-            latency.add_sample(f"{name}_sum", {"service": service}, children.total)
-            latency.add_sample(f"{name}_created", {"service": service}, children.since)
-        yield latency
+            inFlight.add_sample(
+                "monedge_requests_in_flight",
+                {"service": service},
+                float(children.inFlight),
+            )
+        yield inFlight
+
+
+class _ConnectionCollector(Collector):
+    """
+    Open client connections, by listener and protocol, read from the
+    listeners at scrape time.
+    """
+
+    def __init__(self) -> None:
+        self.listeners: list[Any] = []
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "monedge_client_connections",
+            "Client connections open now, by listener and protocol"
+            " (http/1.1, h2, websocket).",
+            labels=["listener", "protocol"],
+        )
+        for listener in self.listeners:
+            counts = {protocol: 0 for protocol in PROTOCOLS}
+            for protocol in listener.protocols():
+                counts[protocol] = counts.get(protocol, 0) + 1
+            for protocol, count in counts.items():
+                family.add_metric([listener.name, protocol], count)
+        yield family
+
+
+#: The protocols a client connection is counted under.
+PROTOCOLS = ("http/1.1", "h2", "websocket")
+
+
+class _BuildCollector(Collector):
+    """
+    C{monedge_build_info}: 1, labelled with the versions running.
+    """
+
+    def collect(self) -> Iterator[Metric]:
+        import platform
+
+        import twisted
+        from monedge import __version__
+
+        info = GaugeMetricFamily(
+            "monedge_build_info",
+            "Always 1: the monedge, Python and Twisted versions running.",
+            labels=["version", "python", "twisted"],
+        )
+        info.add_metric(
+            [__version__, platform.python_version(), twisted.__version__], 1
+        )
+        yield info
 
 
 class Metrics:
@@ -209,15 +338,14 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self._services: dict[str, ServiceMetrics] = {}
         self.registry.register(_RequestCollector(self._services))
+        self._connections = _ConnectionCollector()
+        self.registry.register(self._connections)
+        self.registry.register(_BuildCollector())
+        ProcessCollector(registry=self.registry)
         self.upstreamErrors = Counter(
             "monedge_upstream_errors",
-            "Upstream failures, by kind.",
-            ["kind"],
-            registry=self.registry,
-        )
-        self.inFlight = Gauge(
-            "monedge_requests_in_flight",
-            "Requests received and not yet answered.",
+            "Upstream failures, by service and kind.",
+            ["service", "kind"],
             registry=self.registry,
         )
         self.hookDecisions = Counter(
@@ -266,6 +394,14 @@ class Metrics:
             children = self._services[service] = ServiceMetrics(self, service)
         return children
 
+    def watchListener(self, listener: Any) -> None:
+        """
+        Export C{listener}'s open connections by protocol: it has a C{name}
+        and C{protocols()}, the protocol of each open connection (a
+        L{monedge.server.ListenerFactory}).
+        """
+        self._connections.listeners.append(listener)
+
     def watchRegistry(
         self, registry: IServiceRegistry, clock: Callable[[], float] | None = None
     ) -> None:
@@ -279,7 +415,13 @@ class Metrics:
 #: Gauges that describe shared state rather than a share of the work: a
 #: group reports the largest worker's value instead of the sum.
 GROUP_MAX_GAUGES = frozenset(
-    {"monedge_registry_services", "monedge_registry_last_sync_age_seconds"}
+    {
+        "monedge_registry_services",
+        "monedge_registry_last_sync_age_seconds",
+        "monedge_build_info",
+        "process_start_time_seconds",
+        "process_max_fds",
+    }
 )
 
 

@@ -48,7 +48,7 @@ from monedge.headers import (
     newRequestId,
     requestIdFor,
 )
-from monedge.metrics import NO_SERVICE, Metrics
+from monedge.metrics import MONEDGE, NO_SERVICE, UPSTREAM, Metrics, ServiceMetrics
 from monedge.paths import RoutedPath
 from monedge.sockets import sendAtOnce
 from monedge.tunnel import TunnelSide
@@ -119,6 +119,8 @@ class ProxyRequest(server.Request):
     _refused = False
     _accounted = False
     _inFlight = False
+    #: The metrics of the service the request is in flight for.
+    _metrics: ServiceMetrics
     _requestId: bytes | None = None
     #: Whether the connection became a tunnel (a WebSocket).
     tunnelled = False
@@ -271,6 +273,10 @@ class ProxyRequest(server.Request):
         site = self.site
         self._inFlight = True
         site.inFlight += 1
+        self._metrics = metrics = (
+            getattr(self.decision, "metrics", None) or site._unrouted
+        )
+        metrics.inFlight += 1
         if site.draining:
             self._closeAfterResponse()
         # Twisted's traversal (Site.getResourceFor), done directly: the
@@ -321,7 +327,13 @@ class ProxyRequest(server.Request):
         self._account(self.code)
 
     def connectionLost(self, reason: Failure) -> None:
+        channel = self.channel
         super().connectionLost(reason)
+        if self.method is HTTPRequest.method and isinstance(channel, ProxyChannel):
+            # The client left before its request was all in: log the request
+            # line that came (this request is the one the channel parsed).
+            self.method = getattr(channel, "_command", self.method)
+            self.uri = getattr(channel, "_path", self.uri)
         exchange = self.exchange
         if exchange is not None and not self.finished:
             exchange.clientLost(reason)
@@ -349,6 +361,7 @@ class ProxyRequest(server.Request):
         if self._inFlight:
             self._inFlight = False
             site.inFlight -= 1
+            self._metrics.inFlight -= 1
         site.requestDone(self, status)
 
     def parseCookies(self) -> None:
@@ -832,7 +845,7 @@ class _ProxyChannelProtocol(_GenericHTTPChannelProtocol):
         listener = getattr(self, "listener", None)
         if listener is not None:
             self.listener = None
-            listener.connectionClosed()
+            listener.connectionClosed(self)
 
 
 class ProxySite(server.Site):
@@ -868,7 +881,6 @@ class ProxySite(server.Site):
         self.channels: set[ProxyChannel] = set()
         self._drainWaiters: list[Deferred[None]] = []
         self._unrouted = metrics.forService(NO_SERVICE)
-        metrics.inFlight.set_function(lambda: self.inFlight)
 
     def getContentFile(self, length: int | None) -> IO[bytes]:
         """
@@ -904,7 +916,19 @@ class ProxySite(server.Site):
         total = now - request.startTime
         leaf = request.decision
         serviceMetrics = getattr(leaf, "metrics", None) or self._unrouted
-        serviceMetrics.observe(status, total)
+        upstream = request.upstreamLatency
+        # The upstream chose the status if it answered, the status is the
+        # one it sent, and monedge refused nothing after (a code from the
+        # catalogue is a status monedge made; the other logged codes, a
+        # body cut short say, leave the upstream's status).
+        origin = (
+            UPSTREAM
+            if upstream is not None
+            and status == request.code
+            and request.errorCode not in CATALOGUE
+            else MONEDGE
+        )
+        serviceMetrics.observe(status, total, origin, upstream)
         self.accessLog.request(request, status, now, total)
         self.checkDrained()
 
@@ -985,10 +1009,35 @@ class ListenerFactory(ServerFactory):
 
     noisy = False
 
-    def __init__(self, site: ProxySite, limit: int) -> None:
+    def __init__(self, site: ProxySite, limit: int, name: str = "proxy") -> None:
         self.site = site
         self.limit = limit
-        self.open = 0
+        #: The listener's name in metrics (its option's value).
+        self.name = name
+        #: The open connections' protocols.
+        self.connections: set[Any] = set()
+        site.metrics.watchListener(self)
+
+    @property
+    def open(self) -> int:
+        """
+        How many of this listener's connections are open.
+        """
+        return len(self.connections)
+
+    def protocols(self) -> list[str]:
+        """
+        The protocol each open connection speaks now: C{http/1.1}, C{h2},
+        or C{websocket} once it is a tunnel.
+        """
+        found = []
+        for protocol in list(self.connections):
+            channel = getattr(protocol, "_channel", None)
+            if isinstance(channel, ProxyChannel):
+                found.append("http/1.1" if channel.tunnelSide is None else "websocket")
+            else:
+                found.append("h2")
+        return found
 
     def acceptableProtocols(self) -> list[bytes]:
         """
@@ -1008,12 +1057,12 @@ class ListenerFactory(ServerFactory):
             return _TooManyConnections()
         protocol: Any = self.site.buildProtocol(addr)
         if protocol is not None:
-            self.open += 1
+            self.connections.add(protocol)
             protocol.listener = self
         return protocol
 
-    def connectionClosed(self) -> None:
+    def connectionClosed(self, protocol: Any) -> None:
         """
         One of this listener's connections has closed.
         """
-        self.open -= 1
+        self.connections.discard(protocol)

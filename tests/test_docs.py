@@ -657,6 +657,17 @@ class _DrainingSite:
         return self.idle
 
 
+class _Listener:
+    """
+    A listener with one open HTTP/1.1 connection, as metrics see it.
+    """
+
+    name = "tcp:30080"
+
+    def protocols(self) -> list[str]:
+        return ["http/1.1"]
+
+
 class ConfigurationDocTests(SynchronousTestCase):
     """
     docs/configuration.md: options, the registry file, policy, limits,
@@ -931,13 +942,21 @@ class ConfigurationDocTests(SynchronousTestCase):
         children.upstreamError("reset")
         children.tunnelOpened()
         metrics.observeHook("headers", "pass", 0.001)
+        metrics.watchListener(_Listener())
         families = {
             family.name: (
                 family.type,
                 {label for s in family.samples for label in s.labels} - {"le"},
             )
             for family in metrics.registry.collect()
+            if not family.name.startswith("process_")
         }
+        process = {
+            family.type
+            for family in metrics.registry.collect()
+            if family.name.startswith("process_")
+        }
+        families["process_*"] = (", ".join(sorted(process, reverse=True)), set())
         exposition = generate_latest(metrics.registry).decode("utf-8")
         exposed = {line.split("{")[0].split(" ")[0] for line in exposition.splitlines()}
         rows = table(readDoc("configuration.md"), "metrics")

@@ -286,7 +286,8 @@ class AdminTests(ProxyTestCase):
         response, body = await self.get(proxy.adminURL + "/metrics")
         text = body.decode()
         self.assertIn(
-            'monedge_requests_total{code_class="2xx",service="service.api.echo"} 1.0',
+            'monedge_requests_total{code_class="2xx",origin="upstream",'
+            'service="service.api.echo"} 1.0',
             text,
         )
         self.assertIn("monedge_request_duration_seconds_bucket", text)

@@ -25,12 +25,14 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from zope.interface.verify import verifyObject
 
 from monedge.accesslog import AccessLog
 from monedge.balancer import Balancer
+from monedge.client import UpstreamHeadersTooLarge
 from monedge.interfaces import IServiceRegistry, IUpstreamClient
 from monedge.metrics import Metrics
 from monedge.policy import Policy
@@ -717,10 +719,113 @@ class ProxyPathTests(SynchronousTestCase):
 
         text = generate_latest(h.metrics.registry).decode()
         self.assertIn(
-            'monedge_requests_total{code_class="2xx",service="service.api.echo"} 1.0',
+            'monedge_requests_total{code_class="2xx",origin="upstream",'
+            'service="service.api.echo"} 1.0',
             text,
         )
-        self.assertIn('monedge_requests_total{code_class="4xx",service="-"} 1.0', text)
-        self.assertIn('monedge_upstream_errors_total{kind="connect_refused"} 1.0', text)
+        self.assertIn(
+            'monedge_requests_total{code_class="5xx",origin="monedge",'
+            'service="service.api.echo"} 1.0',
+            text,
+        )
+        self.assertIn(
+            'monedge_requests_total{code_class="4xx",origin="monedge",service="-"} 1.0',
+            text,
+        )
+        self.assertIn(
+            'monedge_upstream_errors_total{kind="connect_refused",'
+            'service="service.api.echo"} 1.0',
+            text,
+        )
+        self.assertIn(
+            'monedge_upstream_response_seconds_count{service="service.api.echo"} 1.0',
+            text,
+        )
         self.assertIn("monedge_registry_services 1.0", text)
-        self.assertIn("monedge_requests_in_flight 0.0", text)
+        self.assertIn(
+            'monedge_requests_in_flight{service="service.api.echo"} 0.0', text
+        )
+
+
+class ClientLeavesTests(SynchronousTestCase):
+    """
+    A client may leave at any moment: whatever the upstream body then does,
+    nothing raises, and the request is logged once, as 499, with its
+    request line.
+    """
+
+    def test_bodyEndsAfterTheClientLeft(self) -> None:
+        """
+        An upstream body that ends after its client left (completely, at
+        the upstream's close, or cut off) is dropped without an error: the
+        relay does not unregister from a channel that is gone.
+        """
+        for ending in [
+            None,
+            Failure(PotentialDataLoss()),
+            Failure(ResponseFailed([Failure(ConnectionError())])),
+        ]:
+            h = Harness([_service()])
+            protocol, transport = h.send(GET)
+            response = FakeResponse()
+            h.client.calls[0].result.callback(response)
+            response.deliver(b"some")
+            written = transport.value()
+            protocol.connectionLost(Failure(ConnectionDone()))
+            self.assertTrue(response.transport.stopped)
+            response.deliver(b"more")
+            response.end(ending)
+            self.assertEqual(transport.value(), written)
+            self.assertEqual(
+                [(r["status"], r["method"], r["path"]) for r in h.records()],
+                [(499, "GET", "/echo/x?q=1")],
+            )
+
+    def test_leavesMidRequest(self) -> None:
+        """
+        A client that leaves in its request head or body is logged as 499
+        with the request line that came, and nothing goes upstream.
+        """
+        h = Harness([_service()])
+        protocol, _ = h.send(b"GET /echo/a HTTP/1.1\r\nHost: a\r\nX-Par")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        protocol, _ = h.send(
+            b"POST /echo/b HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\n\r\nhalf"
+        )
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(h.client.calls, [])
+        self.assertEqual(
+            [(r["status"], r["method"], r["path"]) for r in h.records()],
+            [(499, "GET", "/echo/a"), (499, "POST", "/echo/b")],
+        )
+
+
+class UpstreamHeadersTooLargeTests(SynchronousTestCase):
+    """
+    An upstream whose response head is over the limits is a 502 with its
+    own code, counted as an upstream error.
+    """
+
+    def test_502(self) -> None:
+        """
+        The upstream client's L{UpstreamHeadersTooLarge} is 502
+        C{upstream_headers_too_large}, not retried, and counted with kind
+        C{headers_too_large}.
+        """
+        h = Harness([_service("service.api.echo", "10.0.0.1:80", "10.0.0.2:80")])
+        _, transport = h.send(GET)
+        h.client.calls[0].result.errback(UpstreamHeadersTooLarge("over"))
+        self.assertEqual(len(h.client.calls), 1)
+        self.assertEqual(_status(transport), 502)
+        self.assertEqual(_jsonBody(transport)["code"], "upstream_headers_too_large")
+        self.assertEqual(h.records()[0]["error"], "upstream_headers_too_large")
+        from prometheus_client import generate_latest
+
+        text = generate_latest(h.metrics.registry).decode()
+        [line] = [
+            line
+            for line in text.splitlines()
+            if line.startswith("monedge_upstream_errors_total{")
+        ]
+        self.assertIn('kind="headers_too_large"', line)
+        self.assertTrue(line.endswith(" 1.0"), line)

@@ -738,6 +738,32 @@ class StaticRegistryTests(SynchronousTestCase):
         if self.registry.running:
             self.registry.stopService()
 
+    def test_unchangedFileKeepsSyncFresh(self) -> None:
+        """
+        Each poll that finds the file as last read counts as hearing from
+        the source: the last sync stays within one poll interval of now on
+        a healthy, unchanged file; a file that disappears or no longer
+        loads stops it.
+        """
+        self.startPolling()
+        for _ in range(4):
+            self.clock.advance(self.interval)
+            assert self.registry.lastSync is not None
+            self.assertLessEqual(
+                self.clock.seconds() - self.registry.lastSync, self.interval
+            )
+        with open(self.path, "w") as f:
+            f.write("services: [not, a, mapping]\n")
+        self.clock.advance(self.interval)
+        failedAt = self.clock.seconds()
+        for _ in range(3):
+            self.clock.advance(self.interval)
+        assert self.registry.lastSync is not None
+        self.assertLess(self.registry.lastSync, failedAt)
+        os.remove(self.path)
+        self.clock.advance(self.interval * 2)
+        self.assertLess(self.registry.lastSync, failedAt)
+
     def errors(self) -> list[LogEvent]:
         """
         Error events the registry logged.

@@ -223,8 +223,13 @@ class StaticRegistry(TableRegistry, Service):
         """
         Reload if the file looks different from when it was last read.
         """
-        if _fileIdentity(self.path) != self._identity:
+        identity = _fileIdentity(self.path)
+        if identity != self._identity:
             self.reload()
+        elif identity is not None and self.lastError is None:
+            # The file is still the one last read, whole and valid: the
+            # table is in sync with its source as of now.
+            self.lastSync = self._now()
 
     def startService(self) -> None:
         super().startService()
