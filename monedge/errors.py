@@ -46,6 +46,10 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "hook_failed": (500, "a hook failed while handling the request"),
     "upstream_connect_failed": (502, "the upstream refused the connection"),
     "upstream_reset": (502, "the upstream closed the connection without a response"),
+    "upstream_headers_too_large": (
+        502,
+        "the upstream's response headers are too large or too many",
+    ),
     "no_ready_endpoint": (503, "the service has no ready endpoint"),
     "too_many_connections": (503, "this listener has too many connections open"),
     "hook_config_invalid": (503, "the service's hook configuration is invalid"),

@@ -29,6 +29,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from monedge.balancer import Balancer, EndpointState
+from monedge.client import UpstreamHeadersTooLarge
 from monedge.endpoints import UpstreamTLS, UpstreamTLSError
 from monedge.errors import ProxyError, errorBody, renderError
 from monedge.headers import downstreamHeaders
@@ -114,7 +115,11 @@ class _BodyRelay(Protocol):
         if self._idleCall is not None and self._idleCall.active():
             self._idleCall.cancel()
         self._idleCall = None
-        self._request.unregisterProducer()
+        request = self._request
+        if not request._disconnected:
+            # A client that left took its channel with it (Twisted's
+            # request then has none to unregister from).
+            request.unregisterProducer()
         self._exchange.bodyDone(reason)
 
     def _checkIdle(self) -> None:
@@ -509,6 +514,9 @@ class ProxyExchange:
             kind, error = "connect_refused", "upstream_connect_failed"
         elif failure.check(CancelledError):
             return
+        elif failure.check(UpstreamHeadersTooLarge):
+            # Logged by the client, naming the endpoint and the limit.
+            kind, error = "headers_too_large", "upstream_headers_too_large"
         elif failure.check(UpstreamTLSError):
             self._log.error(
                 "{service}: cannot connect to {endpoint}: {error}",

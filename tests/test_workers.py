@@ -10,11 +10,14 @@ bound here (the end-to-end tests do that).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,9 +26,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import (
+    CannotListenError,
+    ProcessDone,
+    ProcessExitedAlready,
+    ProcessTerminated,
+)
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -37,6 +50,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from monedge.admin import groupAdminSite
+from monedge.lifecycle import Listener
 from monedge.metrics import GROUP_MAX_GAUGES, Metrics, StaticCollector, mergeExpositions
 from monedge.tap import Options
 from monedge.testing import writeRegistry
@@ -45,7 +59,8 @@ from monedge.workers import (
     RESTART_DELAY,
     RESTART_DELAY_MAX,
     YOUNG,
-    AdoptedListener,
+    AdoptedEndpoint,
+    NoConnections,
     OrphanWatch,
     Worker,
     WorkerGroup,
@@ -144,6 +159,8 @@ class FakeListeningPort:
         self._fd = fd
         self._address = address
         self.stopped = 0
+        self.reading = True
+        self.connected = True
 
     def fileno(self) -> int:
         return self._fd
@@ -156,6 +173,9 @@ class FakeListeningPort:
 
     def stopListening(self) -> None:
         self.stopped += 1
+
+    def stopReading(self) -> None:
+        self.reading = False
 
 
 class RecordingService(Service):
@@ -184,6 +204,17 @@ class CommandRecorder:
         return ["/opt/monedge/worker", f"--number={number}", *inherited, admin]
 
 
+def runtimeDirectory(testCase: SynchronousTestCase) -> str:
+    """
+    A fresh directory for a group's worker admin sockets, removed after
+    the test: under the system's temporary directory, as the supervisor's
+    is, since the trial's own are too deep for a Unix socket's path.
+    """
+    directory = tempfile.mkdtemp(prefix="monedge-test-")
+    testCase.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
 def makeGroup(
     testCase: SynchronousTestCase,
     count: int = 2,
@@ -195,8 +226,7 @@ def makeGroup(
     listeners and a fresh runtime directory.
     """
     reactor = ProcessReactor()
-    directory = os.path.abspath(testCase.mktemp())
-    os.makedirs(directory)
+    directory = runtimeDirectory(testCase)
     command = CommandRecorder()
     group = WorkerGroup(
         reactor,
@@ -370,8 +400,7 @@ class WorkerGroupStartTests(SynchronousTestCase):
         process's.
         """
         reactor = ProcessReactor()
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
+        directory = runtimeDirectory(self)
         group = WorkerGroup(reactor, 1, [], CommandRecorder(), directory)
         group.startService()
         self.assertEqual(reactor.processes[0].env, dict(os.environ))
@@ -744,8 +773,11 @@ class FakeAdoptingReactor:
     def __init__(self) -> None:
         self.adopted: list[tuple[int, int, object]] = []
         self.ports: list[FakeAdoptedPort] = []
+        self.failure: Exception | None = None
 
     def adoptStreamPort(self, fd: int, family: int, factory: object) -> FakeAdoptedPort:
+        if self.failure is not None:
+            raise self.failure
         self.adopted.append((fd, family, factory))
         port = FakeAdoptedPort()
         self.ports.append(port)
@@ -773,10 +805,10 @@ class FakeAdoptedPort:
         return d
 
 
-class AdoptedListenerTests(SynchronousTestCase):
+class AdoptedEndpointTests(SynchronousTestCase):
     """
-    L{AdoptedListener} listens on a descriptor inherited from the
-    supervisor.
+    L{AdoptedEndpoint}, under a L{Listener}, listens on a descriptor
+    inherited from the supervisor.
     """
 
     def openDescriptor(self) -> int:
@@ -794,6 +826,16 @@ class AdoptedListenerTests(SynchronousTestCase):
         self.addCleanup(close)
         return fd
 
+    def listener(
+        self, reactor: FakeAdoptingReactor, fd: int, family: int, factory: Factory
+    ) -> Listener:
+        """
+        A C{--port} listener on C{fd}, adopted through C{reactor}.
+        """
+        return Listener(
+            "port", "tcp:8080", AdoptedEndpoint(reactor, fd, family), factory
+        )
+
     def test_privilegedStartAdopts(self) -> None:
         """
         privilegedStartService adopts the descriptor for the factory, then
@@ -803,10 +845,11 @@ class AdoptedListenerTests(SynchronousTestCase):
         reactor = FakeAdoptingReactor()
         fd = self.openDescriptor()
         factory = Factory()
-        listener = AdoptedListener(reactor, fd, socket.AF_INET6, factory)
+        listener = self.listener(reactor, fd, socket.AF_INET6, factory)
         listener.privilegedStartService()
         self.assertEqual(reactor.adopted, [(fd, socket.AF_INET6, factory)])
         self.assertRaises(OSError, os.fstat, fd)
+        self.assertTrue(listener.listening)
         listener.startService()
         self.assertTrue(listener.running)
         self.assertEqual(len(reactor.adopted), 1)
@@ -819,7 +862,7 @@ class AdoptedListenerTests(SynchronousTestCase):
         reactor = FakeAdoptingReactor()
         fd = self.openDescriptor()
         factory = Factory()
-        listener = AdoptedListener(reactor, fd, socket.AF_INET, factory)
+        listener = self.listener(reactor, fd, socket.AF_INET, factory)
         listener.startService()
         self.assertEqual(reactor.adopted, [(fd, socket.AF_INET, factory)])
         self.assertRaises(OSError, os.fstat, fd)
@@ -831,7 +874,7 @@ class AdoptedListenerTests(SynchronousTestCase):
         sharing the socket take turns.
         """
         reactor = FakeAdoptingReactor()
-        listener = AdoptedListener(
+        listener = self.listener(
             reactor, self.openDescriptor(), socket.AF_INET, Factory()
         )
         listener.startService()
@@ -847,10 +890,11 @@ class AdoptedListenerTests(SynchronousTestCase):
         """
         reactor = FakeAdoptingReactor()
         fd = self.openDescriptor()
-        listener = AdoptedListener(reactor, fd, socket.AF_UNIX, Factory())
+        listener = self.listener(reactor, fd, socket.AF_UNIX, Factory())
         listener.startService()
         d = listener.stopService()
         self.assertFalse(listener.running)
+        self.assertFalse(listener.listening)
         self.assertEqual(len(reactor.ports[0].stopping), 1)
         assert d is not None
         self.assertNoResult(d)
@@ -858,6 +902,178 @@ class AdoptedListenerTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertIsNone(listener.stopService())
         self.assertEqual(len(reactor.ports[0].stopping), 1)
+
+    def test_adoptedOnce(self) -> None:
+        """
+        The descriptor is adopted once: it is closed after, so a second
+        listen fails rather than adopt whatever now has that number.
+        """
+        reactor = FakeAdoptingReactor()
+        endpoint = AdoptedEndpoint(reactor, self.openDescriptor(), socket.AF_INET)
+        self.successResultOf(endpoint.listen(Factory()))
+        self.failureResultOf(endpoint.listen(Factory()), ValueError)
+        self.assertEqual(len(reactor.adopted), 1)
+
+    def test_adoptionFailure(self) -> None:
+        """
+        A descriptor that cannot be adopted stops the worker's startup with
+        a one-line UsageError naming the option, the address and why.
+        """
+        reactor = FakeAdoptingReactor()
+        reactor.failure = OSError(errno.EBADF, os.strerror(errno.EBADF))
+        listener = self.listener(reactor, 97, socket.AF_INET, Factory())
+        with self.assertRaises(UsageError) as caught:
+            listener.privilegedStartService()
+        self.assertEqual(
+            str(caught.exception),
+            "--port tcp:8080: cannot listen: bad file descriptor",
+        )
+        self.assertFalse(listener.listening)
+
+
+@implementer(IStreamServerEndpoint)
+class FakeServerEndpoint:
+    """
+    An endpoint whose listen answers at once: with C{port}, or C{error}.
+    """
+
+    def __init__(
+        self, port: IListeningPort | None = None, error: Exception | None = None
+    ) -> None:
+        self.port = port
+        self.error = error
+        self.factories: list[IProtocolFactory] = []
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        self.factories.append(protocolFactory)
+        if self.error is not None:
+            return fail(self.error)
+        assert self.port is not None
+        return succeed(self.port)
+
+
+class WorkerGroupBindTests(SynchronousTestCase):
+    """
+    The supervisor binds the proxy listeners before any worker starts, and
+    stops at startup, naming the listener, if one cannot be bound.
+    """
+
+    def group(
+        self, listeners: Sequence[Listener], directory: str | None = None
+    ) -> tuple[WorkerGroup, ProcessReactor]:
+        """
+        A group of two workers on C{listeners}, with its runtime directory
+        at C{directory} (a fresh one by default).
+        """
+        reactor = ProcessReactor()
+        if directory is None:
+            directory = runtimeDirectory(self)
+        else:
+            os.makedirs(directory)
+        group = WorkerGroup(reactor, 2, listeners, CommandRecorder(), directory)
+        return group, reactor
+
+    def test_bindsWithoutReading(self) -> None:
+        """
+        privilegedStartService binds every listener, in order, with the
+        factory that accepts nothing, stops reading from each (only workers
+        accept) and hands their descriptors to the workers.
+        """
+        ports = [
+            FakeListeningPort(41, IPv4Address("TCP", "0.0.0.0", 8080)),
+            FakeListeningPort(42, UNIXAddress(b"/run/monedge.sock")),
+        ]
+        endpoints = [FakeServerEndpoint(port) for port in ports]
+        listeners = [
+            Listener("port", "tcp:8080", endpoints[0], NoConnections()),
+            Listener("listen", "unix:/run/monedge.sock", endpoints[1], NoConnections()),
+        ]
+        group, reactor = self.group(listeners)
+        group.privilegedStartService()
+        self.assertEqual(group.ports, ports)
+        self.assertEqual([port.reading for port in ports], [False, False])
+        self.assertEqual(group.notListening(), [])
+        group.startService()
+        self.assertEqual([len(e.factories) for e in endpoints], [1, 1])
+        assert reactor.processes[0].childFDs is not None
+        self.assertEqual(reactor.processes[0].childFDs[3], 41)
+        self.assertEqual(reactor.processes[0].childFDs[4], 42)
+
+    def test_bindFailure(self) -> None:
+        """
+        A listener that cannot be bound raises a one-line UsageError naming
+        its option and address and why; the listeners bound before it are
+        closed, the runtime directory is removed, and no worker starts.
+        """
+        bound = FakeListeningPort(41, IPv4Address("TCP", "0.0.0.0", 8080))
+        inUse = CannotListenError(
+            "", 8443, OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+        )
+        listeners = [
+            Listener("port", "tcp:8080", FakeServerEndpoint(bound), NoConnections()),
+            Listener(
+                "tls-port",
+                "tcp:8443",
+                FakeServerEndpoint(error=inUse),
+                NoConnections(),
+            ),
+        ]
+        group, reactor = self.group(listeners)
+        with self.assertRaises(UsageError) as caught:
+            group.privilegedStartService()
+        self.assertEqual(
+            str(caught.exception),
+            "--tls-port tcp:8443: cannot listen: address already in use",
+        )
+        self.assertEqual(bound.stopped, 1)
+        self.assertEqual(group.ports, [])
+        self.assertFalse(os.path.exists(group.runtimeDirectory))
+        self.assertEqual(reactor.processes, [])
+
+    def test_adminSocketTooLong(self) -> None:
+        """
+        A runtime directory whose workers' admin socket paths are too long
+        for a Unix socket stops the group at startup, naming the path,
+        rather than every worker again and again.
+        """
+        deep = os.path.abspath(self.mktemp())
+        directory = os.path.join(deep, "d" * 100)
+        group, reactor = self.group([], directory)
+        with self.assertRaises(UsageError) as caught:
+            group.privilegedStartService()
+        message = str(caught.exception)
+        self.assertTrue(
+            message.startswith(
+                f"--workers unix:{directory}/worker-0.sock: cannot listen: "
+            ),
+            message,
+        )
+        self.assertIn("too long", message)
+        self.assertNotIn("\n", message)
+        self.assertFalse(os.path.exists(directory))
+        self.assertEqual(reactor.processes, [])
+
+    def test_adminSocketsLeftFree(self) -> None:
+        """
+        Checking the workers' admin socket paths leaves nothing behind, so
+        that the workers can listen there.
+        """
+        group, reactor = self.group([])
+        group.privilegedStartService()
+        self.assertEqual(os.listdir(group.runtimeDirectory), [])
+
+    def test_notListening(self) -> None:
+        """
+        A bound listener whose port has since closed is reported by
+        notListening, as its option and address.
+        """
+        port = FakeListeningPort(41, IPv4Address("TCP", "0.0.0.0", 8080))
+        listener = Listener("port", "tcp:8080", FakeServerEndpoint(port), Factory())
+        group, reactor = self.group([listener])
+        group.privilegedStartService()
+        self.assertEqual(group.notListening(), [])
+        port.connected = False
+        self.assertEqual(group.notListening(), ["--port tcp:8080"])
 
 
 class StoppableClock(Clock):
@@ -962,12 +1178,12 @@ class MergeExpositionsTests(SynchronousTestCase):
         a.observe(200, 0.01)
         a.observe(204, 0.2)
         one.forService("service.api.b").observe(503, 0.04)
-        one.inFlight.inc()
+        one.forService("service.api.a").inFlight += 1
         one.observeHook("auth", "pass", 0.002)
         two = Metrics()
         two.forService("service.api.a").observe(200, 0.03)
         two.forService("service.api.c").observe(404, 0.001)
-        two.inFlight.inc(2)
+        two.forService("service.api.a").inFlight += 2
         two.observeHook("auth", "pass", 0.004)
         two.observeHook("auth", "respond", 0.001)
         return (
@@ -985,13 +1201,37 @@ class MergeExpositionsTests(SynchronousTestCase):
         values = sampleValues(merged)
         requests = "monedge_requests_total"
         self.assertEqual(
-            values[key(requests, service="service.api.a", code_class="2xx")], 3.0
+            values[
+                key(
+                    requests,
+                    service="service.api.a",
+                    code_class="2xx",
+                    origin="monedge",
+                )
+            ],
+            3.0,
         )
         self.assertEqual(
-            values[key(requests, service="service.api.b", code_class="5xx")], 1.0
+            values[
+                key(
+                    requests,
+                    service="service.api.b",
+                    code_class="5xx",
+                    origin="monedge",
+                )
+            ],
+            1.0,
         )
         self.assertEqual(
-            values[key(requests, service="service.api.c", code_class="4xx")], 1.0
+            values[
+                key(
+                    requests,
+                    service="service.api.c",
+                    code_class="4xx",
+                    origin="monedge",
+                )
+            ],
+            1.0,
         )
         decisions = "monedge_hook_decisions_total"
         self.assertEqual(values[key(decisions, hook="auth", decision="pass")], 2.0)
@@ -1028,8 +1268,9 @@ class MergeExpositionsTests(SynchronousTestCase):
 
     def test_everySampleSummed(self) -> None:
         """
-        Apart from C{_created} timestamps, every merged sample is the sum of
-        the workers' values for it, and no sample is lost or invented.
+        Apart from C{_created} timestamps and the shared-state gauges (the
+        largest value), every merged sample is the sum of the workers'
+        values for it, and no sample is lost or invented.
         """
         texts = self.workerExpositions()
         inputs = [sampleValues(text) for text in texts]
@@ -1037,6 +1278,10 @@ class MergeExpositionsTests(SynchronousTestCase):
         self.assertEqual(set(merged), set(inputs[0]) | set(inputs[1]))
         for sample, value in merged.items():
             if sample[0].endswith("_created"):
+                continue
+            if sample[0] in GROUP_MAX_GAUGES:
+                expected = max(values.get(sample, 0.0) for values in inputs)
+                self.assertAlmostEqual(value, expected, msg=str(sample))
                 continue
             expected = sum(values.get(sample, 0.0) for values in inputs)
             self.assertAlmostEqual(value, expected, msg=str(sample))
@@ -1046,7 +1291,9 @@ class MergeExpositionsTests(SynchronousTestCase):
         Gauges outside GROUP_MAX_GAUGES (requests in flight) are summed.
         """
         values = sampleValues(render(mergeExpositions(self.workerExpositions())))
-        self.assertEqual(values[key("monedge_requests_in_flight")], 3.0)
+        self.assertEqual(
+            values[key("monedge_requests_in_flight", service="service.api.a")], 3.0
+        )
 
     def test_createdTakesEarliest(self) -> None:
         """
@@ -1056,7 +1303,10 @@ class MergeExpositionsTests(SynchronousTestCase):
         inputs = [sampleValues(text) for text in texts]
         merged = sampleValues(render(mergeExpositions(texts)))
         created = key(
-            "monedge_requests_created", service="service.api.a", code_class="2xx"
+            "monedge_requests_created",
+            service="service.api.a",
+            code_class="2xx",
+            origin="monedge",
         )
         self.assertEqual(merged[created], min(inputs[0][created], inputs[1][created]))
         late = (
@@ -1077,7 +1327,13 @@ class MergeExpositionsTests(SynchronousTestCase):
         """
         self.assertEqual(
             GROUP_MAX_GAUGES,
-            {"monedge_registry_services", "monedge_registry_last_sync_age_seconds"},
+            {
+                "monedge_registry_services",
+                "monedge_registry_last_sync_age_seconds",
+                "monedge_build_info",
+                "process_start_time_seconds",
+                "process_max_fds",
+            },
         )
         three = (
             "# TYPE monedge_registry_services gauge\n"
@@ -1345,7 +1601,7 @@ class GroupAdminTests(SynchronousTestCase):
         metrics = Metrics()
         for _ in range(count):
             metrics.forService(service).observe(200, 0.01)
-        metrics.inFlight.inc(count)
+        metrics.forService(service).inFlight += count
         return generate_latest(metrics.registry)
 
     def test_metrics(self) -> None:
@@ -1374,11 +1630,14 @@ class GroupAdminTests(SynchronousTestCase):
                     "monedge_requests_total",
                     service="service.api.a",
                     code_class="2xx",
+                    origin="monedge",
                 )
             ],
             5.0,
         )
-        self.assertEqual(values[key("monedge_requests_in_flight")], 5.0)
+        self.assertEqual(
+            values[key("monedge_requests_in_flight", service="service.api.a")], 5.0
+        )
         self.assertEqual(values[key("monedge_workers")], 2.0)
         self.assertEqual(values[key("monedge_workers_alive")], 2.0)
         self.assertEqual(values[key("monedge_worker_restarts_total", worker="0")], 0.0)
@@ -1409,6 +1668,7 @@ class GroupAdminTests(SynchronousTestCase):
                     "monedge_requests_total",
                     service="service.api.b",
                     code_class="2xx",
+                    origin="monedge",
                 )
             ],
             1.0,
