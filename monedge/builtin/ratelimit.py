@@ -11,7 +11,7 @@ Redis.
           key: client              # client | header:<Name> | jwt-subject | service
           scope: service           # service | global
           redis: redis://redis.monedge:6379/0   # default: in this process
-          on-redis-error: open     # open | closed
+          on-redis-error: open     # open | closed | local
           redis-timeout: 250ms
           max-keys: 100000         # in-memory buckets kept at most
           name: default            # the policy's name in the RateLimit fields
@@ -56,20 +56,34 @@ Options:
     [:port][/db]} (port 6379, db 0 by default).  Without it, buckets are
     kept in this process: each replica then limits on its own.  With it,
     every replica shares each bucket through one atomic Lua script (one
-    EVALSHA round trip per request), timed by the Redis server's clock so
-    that replicas with skewed clocks agree.  Keys are
+    EVALSHA round trip per request, pipelined with concurrent requests'
+    over a pool of REDIS_POOL_SIZE connections), timed by the Redis
+    server's clock so that replicas with skewed clocks agree.  Keys are
     C{monedge:rl:<COUNT/UNIT>:<burst>:<scope>:<key>} and expire as soon as
     their bucket is full again, so Redis holds only active buckets.  Hook
     options are shown on the admin C{/routes} page: prefer a Redis without
     a password, reachable only from monedge.
-  - C{on-redis-error} (string, default C{open}): what to do when Redis is
-    unreachable, too slow or answers an error.  C{open} lets the request
-    through (without RateLimit fields); C{closed} fails the hook, so monedge
-    answers 500 C{hook_failed}.  One line is logged when an outage starts and
-    one when it ends; during an outage Redis is not asked at all (requests
-    are decided at once) but probed with PING at most once a second.
-  - C{redis-timeout} (duration, default C{250ms}): how long to wait for
-    Redis before treating it as unavailable.  Must be below the hook timeout.
+  - C{on-redis-error} (string, default C{open}): how a request Redis did
+    not decide is decided (no reply within C{redis-timeout}, an error
+    reply, a lost or refused connection, or an outage under way).
+    C{open} lets it through (without RateLimit fields); C{closed} answers
+    500 C{hook_failed}; C{local} decides it with in-memory buckets in this
+    process, with the same limit, carried on from what Redis last said
+    about each bucket this process saw (each replica then limits on its
+    own).  A failure alone fails only its request, and PINGs Redis.  An
+    outage starts when that PING fails or after OUTAGE_AFTER (3) requests
+    in a row failed; during it Redis is not asked (requests are decided at
+    once) but PINGed every PROBE_INTERVAL (1 s), and the first PONG ends
+    it.  One warning is logged as an outage starts and one info line as it
+    ends (with how many requests were decided without Redis), and nothing
+    else: no traceback, no line per request.
+  - C{redis-timeout} (duration, default C{250ms}): how long a command may
+    wait for its reply, from its write to Redis (written at once, not on
+    the reactor's next turn).  A deadline is judged only after monedge has
+    read what Redis sent, so time monedge spent on other work is never
+    taken for a slow Redis.  A request that finds no open connection is
+    timed from when it asked: waiting for a connection counts.  Must be
+    below the hook timeout.
   - C{max-keys} (whole number, default 100000): the most in-memory buckets
     kept.  Buckets that have filled up again are dropped as requests come;
     beyond the cap the least recently used bucket is dropped (its client
