@@ -5,7 +5,7 @@ it parses, pools, retries and fails.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
@@ -13,7 +13,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import FileBodyProducer, ResponseDone, ResponseFailed
@@ -490,6 +490,36 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(transport.producerState, "producing")
 
 
+def connectPending(
+    reactor: MemoryReactorClock, index: int = -1
+) -> tuple[Any, StringTransport]:
+    """
+    Complete C{reactor}'s pending connection attempt C{index}.
+    """
+    host, port, factory, timeout, bind = reactor.tcpClients[index]
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    assert protocol is not None
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def requestFrom(client: FastUpstreamClient, method: bytes = b"GET") -> Any:
+    """
+    A bodiless request to 10.0.0.1:8080 through C{client}.
+    """
+    return client.request(
+        method, b"http://10.0.0.1:8080/a", Headers({b"host": [b"h"]}), None, 5.0
+    )
+
+
+def recordingLogger(events: list[dict[str, Any]]) -> Logger:
+    """
+    A L{Logger} whose events are appended to C{events}.
+    """
+    return Logger(observer=cast(ILogObserver, events.append))
+
+
 class FramingTests(SynchronousTestCase):
     """
     Strict framing: a response carries exactly the body it declares (none
@@ -502,14 +532,13 @@ class FramingTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.client = FastUpstreamClient(self.reactor, poolIdle=4.0)
         self.events: list[dict[str, Any]] = []
-        self.patch(_Connection, "_log", Logger(observer=self.events.append))
+        self.patch(_Connection, "_log", recordingLogger(self.events))
 
-    connect = ClientTests.connect
+    def connect(self) -> tuple[Any, StringTransport]:
+        return connectPending(self.reactor)
 
-    def request(self, method: bytes = b"GET") -> Deferred[IResponse]:
-        return self.client.request(
-            method, b"http://10.0.0.1:8080/a", Headers({b"host": [b"h"]}), None, 5.0
-        )
+    def request(self, method: bytes = b"GET") -> Any:
+        return requestFrom(self.client, method)
 
     def warnings(self) -> list[str]:
         """
@@ -616,7 +645,7 @@ class FramingTests(SynchronousTestCase):
         response = self.successResultOf(d)
         self.assertEqual(response.length, 5)
         self.assertIsNone(response.headers.getRawHeaders(b"x-second"))
-        self.assertEqual(response.monedgeTakeBody(), b"first")  # type: ignore[attr-defined]
+        self.assertEqual(response.monedgeTakeBody(), b"first")
         self.assertDiscarded(transport)
 
     def test_secondResponseAfterAChunkedBody(self) -> None:
@@ -684,7 +713,7 @@ class FramingTests(SynchronousTestCase):
             protocol.dataReceived(head + b"hello")
             response = self.successResultOf(d)
             self.assertEqual(response.length, 0)
-            self.assertEqual(response.monedgeTakeBody(), b"")  # type: ignore[attr-defined]
+            self.assertEqual(response.monedgeTakeBody(), b"")
             self.assertDiscarded(transport)
 
     def test_bodyOnHeadAnswer(self) -> None:
@@ -703,7 +732,7 @@ class FramingTests(SynchronousTestCase):
             protocol.dataReceived(head + b"5\r\nhello\r\n0\r\n\r\n")
             response = self.successResultOf(d)
             self.assertEqual(response.length, 0)
-            self.assertEqual(response.monedgeTakeBody(), b"")  # type: ignore[attr-defined]
+            self.assertEqual(response.monedgeTakeBody(), b"")
             self.assertDiscarded(transport)
 
     def test_headAnswerBodyLater(self) -> None:
@@ -736,7 +765,7 @@ class FramingTests(SynchronousTestCase):
         d = self.request()
         fresh, _ = self.connect()
         fresh.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
-        self.assertEqual(self.successResultOf(d).monedgeTakeBody(), b"fresh")  # type: ignore[attr-defined]
+        self.assertEqual(self.successResultOf(d).monedgeTakeBody(), b"fresh")
         self.assertEqual(len(self.warnings()), 1)
 
     def test_bytesWhileTheBodyIsHeld(self) -> None:
@@ -766,7 +795,8 @@ class FramingTests(SynchronousTestCase):
         protocol, transport = self.connect()
         protocol.dataReceived(b"HTTP/1.1 103 Early Hints\r\n\r\ngarbage\r\n\r\n")
         failure = self.failureResultOf(d, ResponseFailed)
-        self.assertTrue(failure.value.reasons[0].check(UpstreamProtocolError))
+        reasons = cast(ResponseFailed, failure.value).reasons
+        self.assertTrue(reasons[0].check(UpstreamProtocolError))
         self.assertTrue(transport.disconnecting)
 
     def test_interimCarriesNoBody(self) -> None:
@@ -790,7 +820,8 @@ class FramingTests(SynchronousTestCase):
         protocol, transport = self.connect()
         protocol.dataReceived(b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         failure = self.failureResultOf(d, ResponseFailed)
-        self.assertTrue(failure.value.reasons[0].check(UpstreamProtocolError))
+        reasons = cast(ResponseFailed, failure.value).reasons
+        self.assertTrue(reasons[0].check(UpstreamProtocolError))
 
     def test_otherCodingIsCloseDelimited(self) -> None:
         """
@@ -841,10 +872,13 @@ class HeaderLimitTests(SynchronousTestCase):
             self.reactor, maxHeadersSize=100, maxHeaderCount=3
         )
         self.events: list[dict[str, Any]] = []
-        self.patch(_Connection, "_log", Logger(observer=self.events.append))
+        self.patch(_Connection, "_log", recordingLogger(self.events))
 
-    connect = ClientTests.connect
-    request = FramingTests.request
+    def connect(self) -> tuple[Any, StringTransport]:
+        return connectPending(self.reactor)
+
+    def request(self) -> Any:
+        return requestFrom(self.client)
 
     def test_defaults(self) -> None:
         """
@@ -960,7 +994,8 @@ class HeaderLimitTests(SynchronousTestCase):
             self.assertEqual(body.data, b"ok")
             assert body.reason is not None
             self.assertTrue(body.reason.check(ResponseFailed))
-            self.assertTrue(body.reason.value.reasons[0].check(UpstreamHeadersTooLarge))
+            reasons = cast(ResponseFailed, body.reason.value).reasons
+            self.assertTrue(reasons[0].check(UpstreamHeadersTooLarge))
             self.assertTrue(transport.disconnecting)
 
 
