@@ -127,6 +127,31 @@ def formatRecord(
     )
 
 
+class AccessLogFileError(Exception):
+    """
+    The access log's file cannot be opened: the message names the path
+    and why, on one line.
+    """
+
+
+def openAccessLog(value: str) -> IO[str] | None:
+    """
+    The stream an C{--access-log} value names: C{-} is stdout, C{none} is
+    L{None} (no log), anything else a file path, opened for appending.
+
+    @raise AccessLogFileError: if the file cannot be opened.
+    """
+    if value == "none":
+        return None
+    if value == "-":
+        return sys.stdout
+    try:
+        return open(value, "a", encoding="utf-8")
+    except OSError as e:
+        reason = e.strerror.lower() if e.strerror else str(e)
+        raise AccessLogFileError(f"{value}: cannot open: {reason}") from None
+
+
 class AccessLog:
     """
     Builds access-log lines and writes them.
@@ -157,13 +182,11 @@ class AccessLog:
     def fromOption(cls, value: str, reactor: Any = None) -> AccessLog:
         """
         C{-} is stdout, C{none} disables, anything else is a file path
-        (appended to).
+        (appended to): see L{openAccessLog}.
+
+        @raise AccessLogFileError: if the file cannot be opened.
         """
-        if value == "none":
-            return cls(None, reactor)
-        if value == "-":
-            return cls(sys.stdout, reactor)
-        return cls(open(value, "a", encoding="utf-8"), reactor)
+        return cls(openAccessLog(value), reactor)
 
     def _emit(self, line: str) -> None:
         if self._reactor is None:

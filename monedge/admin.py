@@ -3,8 +3,9 @@ The admin site, on its own port: liveness, readiness, Prometheus metrics
 and the route table.
 
     GET /healthz   200 while the process lives
-    GET /readyz    200 when serving; 503 while draining or before the
-                   registry's first sync
+    GET /readyz    200 when serving; 503 while draining, while a proxy
+                   listener is not listening, or before the registry's
+                   first sync
     GET /metrics   Prometheus text format
     GET /routes    every service, its endpoints and effective policy (JSON)
 
@@ -251,7 +252,8 @@ class _GroupLeaf(_Leaf):
 
 class GroupReady(_GroupLeaf):
     """
-    C{/readyz} for a group: ready when every worker runs and is ready.
+    C{/readyz} for a group: ready when the supervisor holds every proxy
+    listener and every worker runs and is ready.
     """
 
     def build(self, request: Request) -> Deferred[bytes]:
@@ -261,6 +263,9 @@ class GroupReady(_GroupLeaf):
             reasons = []
             if group.draining:
                 reasons.append("draining")
+            idle = group.notListening()
+            if idle:
+                reasons.append("not listening: " + ", ".join(idle))
             for worker in group.workers:
                 if not worker.alive:
                     reasons.append(f"worker {worker.number}: not running")

@@ -19,14 +19,13 @@ from typing import Any
 
 import yaml
 from OpenSSL import SSL
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.http import H2_ENABLED
 
-from monedge.accesslog import AccessLog
+from monedge.accesslog import AccessLog, AccessLogFileError, openAccessLog
 from monedge.admin import adminSite, groupAdminSite
 from monedge.balancer import Balancer
 from monedge.client import FastUpstreamClient
@@ -39,7 +38,13 @@ from monedge.headers import (
 )
 from monedge.hooks import HookConfigError, HookContext, HookSet
 from monedge.interfaces import IServiceRegistry
-from monedge.lifecycle import ProxyService
+from monedge.lifecycle import (
+    Listener,
+    ProxyService,
+    describeError,
+    exitAtStartup,
+    reportStartupErrors,
+)
 from monedge.metrics import Metrics
 from monedge.policy import parseDuration, parseHooks
 from monedge.proxy import ProxyContext
@@ -53,7 +58,8 @@ from monedge.tunnel import TunnelSet
 from monedge.upstream import DEFAULT_MAX_PER_HOST, DEFAULT_POOL_IDLE, UpstreamClient
 from monedge.workers import (
     ADOPTABLE,
-    AdoptedListener,
+    AdoptedEndpoint,
+    NoConnections,
     OrphanWatch,
     WorkerAdminClient,
     WorkerGroup,
@@ -346,7 +352,14 @@ class Options(usage.Options):
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         # Workers are started with the same options, so keep them.
         self.rawArgs = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            # On twistd's command line: one line on standard error, not
+            # twistd's usage text (all of --help) then the message.
+            exitAtStartup(str(e))
 
     def opt_worker_fd(self, value: str) -> None:
         """Internal: an inherited listening socket, FD:FAMILY, set by --workers."""
@@ -454,14 +467,22 @@ class Options(usage.Options):
         self["hook-timeout"] = _duration("hook-timeout", self["hook-timeout"])
         self._tlsOptions()
         self._workerOptions()
+        try:
+            self["access-log-stream"] = openAccessLog(self["access-log"])
+        except AccessLogFileError as e:
+            raise usage.UsageError(f"--access-log {e}") from None
         specs = list(self["hook"])
         if self["hooks"]:
             try:
                 with open(self["hooks"], encoding="utf-8") as f:
                     document = yaml.safe_load(f)
-            except (OSError, yaml.YAMLError) as e:
+            except OSError as e:
                 raise usage.UsageError(
-                    f"--hooks: cannot read {self['hooks']}: {e}"
+                    f"--hooks {self['hooks']}: cannot read: {describeError(e)}"
+                ) from None
+            except (UnicodeDecodeError, yaml.YAMLError) as e:
+                raise usage.UsageError(
+                    f"--hooks {self['hooks']}: not YAML: {e}"
                 ) from None
             if isinstance(document, dict):
                 if "hooks" not in document:
@@ -583,10 +604,21 @@ class Options(usage.Options):
             except RegistryFileError as e:
                 raise usage.UsageError(f"--registry: {e}") from None
         if spec == "kubernetes":
+            kubeconfig = self["kubeconfig"]
+            source = (
+                f"--kubeconfig {kubeconfig}" if kubeconfig else "--registry kubernetes"
+            )
+            if kubeconfig:
+                try:
+                    open(kubeconfig, "rb").close()
+                except OSError as e:
+                    raise usage.UsageError(
+                        f"{source}: cannot read: {describeError(e)}"
+                    ) from None
             try:
-                apiClient = apiClientFromConfig(self["kubeconfig"])
+                apiClient = apiClientFromConfig(kubeconfig)
             except ValueError as e:
-                raise usage.UsageError(f"--registry kubernetes: {e}") from None
+                raise usage.UsageError(f"{source}: {e}") from None
             return KubernetesRegistry(
                 apiClient,
                 tiers=self["host-tiers"].tiers(),
@@ -704,6 +736,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+        # The process's own: a listener or file that cannot be opened from
+        # here on ends it with one line (monedge.lifecycle).
+        reportStartupErrors()
         # The process's own reactor (twistd's): dispatch its events without
         # the legacy log context (monedge.dispatch), and once running, move
         # everything built at startup (modules, clients, the registry) out
@@ -769,7 +804,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         root,
         reactor=reactor,
         metrics=metrics,
-        accessLog=AccessLog.fromOption(options["access-log"], reactor),
+        accessLog=AccessLog(options["access-log-stream"], reactor),
         forwarding=options["forwarding"],
         limits=limits,
     )
@@ -795,28 +830,27 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # The plain listeners serve the site; the TLS one, last, wraps it.
     # Each listener counts its own connections against --max-connections.
     limit = options["max-connections"]
-    descriptions = [options["port"], *options["listen"]]
-    factories: list[Any] = [ListenerFactory(site, limit) for _ in descriptions]
+    configured = proxyListeners(options)
+    factories: list[Any] = [
+        ListenerFactory(site, limit, description) for _, description in configured
+    ]
     if store is not None:
-        factories.append(
-            TLSMemoryBIOFactory(
-                store.contextFactory(), False, ListenerFactory(site, limit)
-            )
+        factories[-1] = TLSMemoryBIOFactory(
+            store.contextFactory(), False, factories[-1]
         )
-        descriptions.append(options["tls-port"])
     if options["worker-id"] is not None:
-        for (fd, family), factory in zip(options["worker-fd"], factories, strict=True):
-            top.addListener(AdoptedListener(reactor, fd, family, factory))
+        for (option, description), (fd, family), factory in zip(
+            configured, options["worker-fd"], factories, strict=True
+        ):
+            endpoint = AdoptedEndpoint(reactor, fd, family)
+            top.addListener(Listener(option, description, endpoint, factory))
         OrphanWatch(reactor, options["worker-parent"]).setServiceParent(top)
-        adminPort = options["worker-admin"]
+        adminOption, adminPort = "worker-admin", options["worker-admin"]
     else:
-        for description, factory in zip(descriptions, factories, strict=True):
-            top.addListener(
-                StreamServerEndpointService(
-                    serverFromString(reactor, description), factory
-                )
-            )
-        adminPort = options["admin-port"]
+        for (option, description), factory in zip(configured, factories, strict=True):
+            endpoint = serverFromString(reactor, description)
+            top.addListener(Listener(option, description, endpoint, factory))
+        adminOption, adminPort = "admin-port", options["admin-port"]
     admin = adminSite(
         top.readiness,
         metrics,
@@ -826,10 +860,22 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor,
         options["hook-specs"],
     )
-    StreamServerEndpointService(
-        serverFromString(reactor, adminPort), admin
+    Listener(
+        adminOption, adminPort, serverFromString(reactor, adminPort), admin
     ).setServiceParent(top)
     return top
+
+
+def proxyListeners(options: Options) -> list[tuple[str, str]]:
+    """
+    Every proxy listener, as (option, endpoint string): C{--port}, each
+    C{--listen}, then C{--tls-port} if given.
+    """
+    listeners = [("port", options["port"])]
+    listeners += [("listen", description) for description in options["listen"]]
+    if options["tls-port"]:
+        listeners.append(("tls-port", options["tls-port"]))
+    return listeners
 
 
 def makeGroup(options: Options, reactor: Any) -> IService:
@@ -838,21 +884,37 @@ def makeGroup(options: Options, reactor: Any) -> IService:
     with this process's options, and serves the group's admin site.
     """
     raiseFileLimit()
+    # Each worker opens the access log itself; the supervisor writes none.
+    stream = options["access-log-stream"]
+    if stream is not None and stream is not sys.stdout:
+        stream.close()
+    try:
+        runtimeDirectory = tempfile.mkdtemp(prefix="monedge-workers-")
+    except OSError as e:
+        raise usage.UsageError(
+            "--workers: cannot make a directory for the workers' admin sockets"
+            f" in $TMPDIR: {describeError(e)}"
+        ) from None
     group = WorkerGroup(
         reactor,
         options["workers"],
         [
-            options["port"],
-            *options["listen"],
-            *([options["tls-port"]] if options["tls-port"] else []),
+            Listener(
+                option,
+                description,
+                serverFromString(reactor, description),
+                NoConnections(),
+            )
+            for option, description in proxyListeners(options)
         ],
         twistdCommand(options.rawArgs),
-        tempfile.mkdtemp(prefix="monedge-workers-"),
+        runtimeDirectory,
         drainDelay=options["drain-delay"],
         drainTimeout=options["drain-timeout"],
     )
     admin = groupAdminSite(group, WorkerAdminClient(reactor, group).fetch, reactor)
-    StreamServerEndpointService(
-        serverFromString(reactor, options["admin-port"]), admin
+    adminPort = options["admin-port"]
+    Listener(
+        "admin-port", adminPort, serverFromString(reactor, adminPort), admin
     ).setServiceParent(group)
     return group

@@ -5,12 +5,15 @@ listening sockets, so that one pod can use N cores.
 The supervisor binds every proxy listener itself (before twistd drops
 privileges) and never accepts on them. Each worker is a child
 C{twistd -n monedge} given the same options plus three internal ones: its
-number, the inherited descriptors to adopt (L{AdoptedListener}) and a
+number, the inherited descriptors to adopt (L{AdoptedEndpoint}) and a
 private admin socket. The kernel hands each new connection to whichever
 worker accepts it first.
 
 The supervisor:
 
+- stops at startup, with the one line of L{monedge.lifecycle.Listener},
+  if a listener cannot be bound, and likewise if a worker's admin socket
+  could not be (C{$TMPDIR} too long a path, say), before any worker starts;
 - restarts a worker that exits, after a back-off that grows while workers
   keep dying young;
 - on SIGTERM, turns not ready, passes SIGTERM to every worker (each drains
@@ -29,17 +32,22 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import UNIXClientEndpoint, serverFromString
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
@@ -48,6 +56,9 @@ from twisted.web.client import (
 )
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from monedge.lifecycle import Listener
 
 #: Listener kinds a worker can adopt. TLS would need the worker to wrap the
 #: adopted socket itself, so C{ssl:} listeners are refused with --workers.
@@ -120,39 +131,34 @@ def acceptOneAtATime(port: Any) -> None:
     port.doRead = fairDoRead
 
 
-class AdoptedListener(Service):
+@implementer(IStreamServerEndpoint)
+class AdoptedEndpoint:
     """
-    Listens on an inherited listening socket (in a worker).
+    An inherited listening socket (in a worker), listened on once: the
+    port accepts one connection at a time (L{acceptOneAtATime}), and the
+    inherited descriptor is closed (the reactor works on its own
+    duplicate).
     """
 
-    def __init__(self, reactor: Any, fd: int, family: int, factory: Any) -> None:
+    def __init__(self, reactor: Any, fd: int, family: int) -> None:
         self._reactor = reactor
         self._fd = fd
         self._family = family
-        self._factory = factory
-        self._port: IListeningPort | None = None
+        self._used = False
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._port = port = self._reactor.adoptStreamPort(
-            self._fd, self._family, self._factory
-        )
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        if self._used:
+            return defer.fail(ValueError(f"descriptor {self._fd} already adopted"))
+        self._used = True
+        try:
+            port = self._reactor.adoptStreamPort(
+                self._fd, self._family, protocolFactory
+            )
+        except Exception:
+            return defer.fail()
         acceptOneAtATime(port)
-        # adoptStreamPort works on its own duplicate of the descriptor.
         os.close(self._fd)
-
-    def startService(self) -> None:
-        if self._port is None:
-            self.privilegedStartService()
-        super().startService()
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        port, self._port = self._port, None
-        if port is None:
-            return None
-        result: Deferred[None] | None = port.stopListening()
-        return result
+        return defer.succeed(port)
 
 
 class OrphanWatch(Service):
@@ -184,7 +190,7 @@ class OrphanWatch(Service):
             self._call.stop()
 
 
-class _NoConnections(protocol.Factory):
+class NoConnections(protocol.Factory):
     """
     The supervisor's listening ports never read, so nothing reaches this.
     """
@@ -281,7 +287,9 @@ class WorkerGroup(MultiService):
 
     @param reactor: provides C{IReactorProcess}, C{IReactorTime} and
         the endpoint reactor interfaces.
-    @param listeners: server endpoint strings (L{ADOPTABLE} kinds).
+    @param listeners: the proxy listeners (on L{ADOPTABLE} kinds of
+        endpoint, with L{NoConnections}), bound in
+        C{privilegedStartService} and handed to every worker.
     @param command: builds a worker's argv.
     @param runtimeDirectory: where the workers' admin sockets live.
     """
@@ -292,7 +300,7 @@ class WorkerGroup(MultiService):
         self,
         reactor: Any,
         count: int,
-        listeners: Sequence[str],
+        listeners: Sequence[Listener],
         command: CommandBuilder,
         runtimeDirectory: str,
         drainDelay: float = 5.0,
@@ -312,6 +320,7 @@ class WorkerGroup(MultiService):
             for n in range(count)
         ]
         self.ports: list[IListeningPort] = []
+        self._bound = False
         self.draining = False
         self._youngExits = 0
         self._restartCalls: dict[int, Any] = {}
@@ -328,25 +337,61 @@ class WorkerGroup(MultiService):
         self._bind()
 
     def _bind(self) -> None:
-        factory = _NoConnections()
-        for description in self._listeners:
-            d = serverFromString(self._reactor, description).listen(factory)
-            bound: list[IListeningPort] = []
-            d.addCallback(bound.append)
-            failures: list[Failure] = []
-            d.addErrback(failures.append)
-            if failures:
-                failures[0].raiseException()
-            if not bound:
-                raise RuntimeError(f"{description}: did not listen synchronously")
-            port = bound[0]
-            # Only the workers accept: the supervisor keeps the socket open
-            # (to hand it to restarted workers) without reading from it.
-            port.stopReading()  # type: ignore[attr-defined]
-            self.ports.append(port)
+        """
+        Bind every listener and check that the workers' admin sockets can
+        be; on failure, close what was bound and remove the runtime
+        directory.
+
+        @raise UsageError: naming the listener and why it cannot listen.
+        """
+        try:
+            for listener in self._listeners:
+                port = listener.listen()
+                # Only the workers accept: the supervisor keeps the socket
+                # open (to hand it to restarted workers) without reading.
+                port.stopReading()  # type: ignore[attr-defined]
+                self.ports.append(port)
+            for worker in self.workers:
+                self._checkAdminSocket(worker)
+        except BaseException:
+            self._closePorts()
+            shutil.rmtree(self.runtimeDirectory, ignore_errors=True)
+            raise
+        self._bound = True
+
+    def _checkAdminSocket(self, worker: Worker) -> None:
+        """
+        Bind, then remove, a Unix socket where C{worker} will listen for the
+        group's admin site, so that a path that cannot be used (too long, a
+        directory gone) stops the group now rather than every worker, again
+        and again.
+        """
+        path = worker.adminSocket
+        if os.path.lexists(path):
+            os.unlink(path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.bind(path)
+        except OSError as e:
+            reason = e.strerror.lower() if e.strerror else str(e)
+            raise UsageError(
+                f"--workers unix:{path}: cannot listen: {reason}"
+                " (a worker's admin socket, in $TMPDIR)"
+            ) from None
+        finally:
+            probe.close()
+        os.unlink(path)
+
+    def notListening(self) -> list[str]:
+        """
+        The proxy listeners not bound, as C{--port tcp:30080}.
+        """
+        return [
+            listener.label for listener in self._listeners if not listener.listening
+        ]
 
     def startService(self) -> None:
-        if not self.ports:
+        if not self._bound:
             self._bind()
         self.draining = False
         super().startService()
@@ -477,6 +522,7 @@ class WorkerGroup(MultiService):
                 if call.active():
                     call.cancel()
             self._closePorts()
+            self._bound = False
             self._log.info("all workers stopped")
             shutil.rmtree(self.runtimeDirectory, ignore_errors=True)
             if self._devnullFd is not None:
