@@ -394,6 +394,33 @@ class DocsClaimTests(SynchronousTestCase):
         )
 
 
+class ArchitectureDocTests(SynchronousTestCase):
+    """
+    docs/architecture.md's layer table is the one tests/test_architecture.py
+    enforces.
+    """
+
+    def test_layerTable(self) -> None:
+        """
+        The table places exactly the layered modules (the builtin package
+        aside, which holds only its hooks), each in its layer, and the
+        modules said to be outside the layers are.
+        """
+        from tests.test_architecture import LAYERS, OUTSIDE
+
+        with open(os.path.join(ROOT, "docs", "architecture.md"), encoding="utf-8") as f:
+            text = f.read()
+        documented = {}
+        for layer, modules in re.findall(r"^\| (\d+) \| (.*?) \|", text, re.M):
+            for module in re.findall(r"`([a-z.]+)`", modules):
+                documented[module] = int(layer)
+        self.assertEqual(
+            documented, {m: n for m, n in LAYERS.items() if m != "builtin"}
+        )
+        outside = text.split("Outside the layers:", 1)[1].split("\n\n", 1)[0]
+        self.assertEqual(set(re.findall(r"`([a-z]+)`", outside)), OUTSIDE)
+
+
 class CheckerTests(SynchronousTestCase):
     """
     Each checker catches what the docs once said wrongly.
