@@ -8,13 +8,15 @@ Test support for monedge and for people who extend it.
 - L{RecordingUpstream}: a real HTTP upstream on 127.0.0.1 that records what
   it receives and answers as told.
 - L{ProxyProcess}: a real C{twistd monedge} child process on loopback, with
-  its ports, logs and lifecycle.
+  its ports, logs and lifecycle; L{ProxyProcess.run} for one expected to
+  stop by itself (a startup that must fail), with how it L{Exited}.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -350,13 +352,55 @@ def _twistd() -> str:
     return os.path.join(os.path.dirname(sys.executable), "twistd")
 
 
+#: The capabilities that let root bind ports below 1024 and ignore file
+#: permissions; L{ProxyProcess} drops them for an C{unprivileged} run.
+_PRIVILEGES = ("net_bind_service", "dac_override", "dac_read_search")
+
+
+def unprivilegedPrefix() -> list[str] | None:
+    """
+    The command prefix that runs a command without the privileges to bind
+    ports below 1024 or to read and write past file permissions: none for
+    a user other than root; for root, C{setpriv} dropping those
+    capabilities. L{None} if that is not possible here (root without
+    C{setpriv}).
+    """
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    dropped = ",".join(f"-{name}" for name in _PRIVILEGES)
+    return [setpriv, f"--bounding-set={dropped}", f"--inh-caps={dropped}", "--"]
+
+
+@dataclass
+class Exited:
+    """
+    How a proxy process that stopped by itself ended.
+
+    @ivar status: its exit status (negative: the signal that ended it).
+    @ivar stdout: everything it wrote to standard output.
+    @ivar stderr: everything it wrote to standard error.
+    @ivar log: its twistd log file (empty if it never started one).
+    """
+
+    status: int
+    stdout: str
+    stderr: str
+    log: str
+
+
 class ProxyProcess:
     """
     A real C{twistd -n monedge} child process listening on 127.0.0.1.
 
     @param registryPath: the static registry file.
-    @param args: extra C{twistd monedge} options.
+    @param args: extra C{twistd monedge} options (given last, so that they
+        override the defaults, C{--port} say).
     @param directory: where its logs go.
+    @param unprivileged: run it without the privileges to bind ports below
+        1024 or to pass file permissions (see L{unprivilegedPrefix}).
     """
 
     def __init__(
@@ -365,11 +409,13 @@ class ProxyProcess:
         directory: str,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        unprivileged: bool = False,
     ) -> None:
         self.registryPath = registryPath
         self.directory = directory
         self.args = list(args)
         self.env = env
+        self.unprivileged = unprivileged
         self.port = freePort()
         self.adminPort = freePort()
         self.logPath = os.path.join(directory, f"monedge-{self.port}.log")
@@ -416,6 +462,60 @@ class ProxyProcess:
         """
         Start the process; fire when C{/healthz} answers.
         """
+        self._spawn()
+        return self.waitFor(self._listening, 20.0, "monedge to start")
+
+    def run(self, timeout: float = 20.0) -> Deferred[Exited]:
+        """
+        Start the process and fire with how it L{Exited} once it stops by
+        itself: for a startup that must fail. Fail if it still runs after
+        C{timeout} seconds (it is then killed).
+        """
+        return Deferred.fromCoroutine(self._run(timeout))
+
+    async def _run(self, timeout: float) -> Exited:
+        self._spawn()
+        process = self.process
+        assert process is not None
+        try:
+            await self.waitFor(
+                lambda: process.poll() is not None, timeout, "monedge to exit"
+            )
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        assert process.returncode is not None
+        return Exited(
+            status=process.returncode,
+            stdout=self._read(self._stdoutPath),
+            stderr=self._read(self._stderrPath),
+            log=self._read(self.logPath),
+        )
+
+    @property
+    def _stdoutPath(self) -> str:
+        return os.path.join(self.directory, f"stdout-{self.port}.log")
+
+    @property
+    def _stderrPath(self) -> str:
+        return os.path.join(self.directory, f"stderr-{self.port}.log")
+
+    @staticmethod
+    def _read(path: str) -> str:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def _spawn(self) -> None:
+        command = self.command()
+        if self.unprivileged:
+            prefix = unprivilegedPrefix()
+            if prefix is None:
+                raise RuntimeError("cannot drop privileges here (no setpriv)")
+            command = [*prefix, *command]
         environment = dict(os.environ)
         # The child imports monedge (and its twisted.plugins dropin) from
         # wherever this process did: the source tree under test, or the
@@ -425,15 +525,18 @@ class ProxyProcess:
         environment["PYTHONPATH"] = root + (os.pathsep + existing if existing else "")
         if self.env:
             environment.update(self.env)
-        self.process = subprocess.Popen(
-            self.command(),
-            cwd=self.directory,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=open(os.path.join(self.directory, f"stdout-{self.port}.log"), "wb"),
-            stderr=open(os.path.join(self.directory, f"stderr-{self.port}.log"), "wb"),
-        )
-        return self.waitFor(self._listening, 20.0, "monedge to start")
+        with (
+            open(self._stdoutPath, "wb") as stdout,
+            open(self._stderrPath, "wb") as stderr,
+        ):
+            self.process = subprocess.Popen(
+                command,
+                cwd=self.directory,
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+            )
 
     def _listening(self) -> bool:
         for port in (self.port, self.adminPort):
@@ -474,18 +577,10 @@ class ProxyProcess:
         """
         The process's operational log so far.
         """
-        text = ""
-        for path in (
-            self.logPath,
-            os.path.join(self.directory, f"stdout-{self.port}.log"),
-            os.path.join(self.directory, f"stderr-{self.port}.log"),
-        ):
-            try:
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    text += f.read()
-            except OSError:
-                pass
-        return text
+        return "".join(
+            self._read(path)
+            for path in (self.logPath, self._stdoutPath, self._stderrPath)
+        )
 
     def accessLog(self) -> list[dict[str, Any]]:
         """
