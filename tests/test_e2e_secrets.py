@@ -187,6 +187,51 @@ class SecretsTests(ProxyTestCase):
         self.assertIn("https://***@10.0.0.1:443", document["registry"]["last_error"])
         self.assertNoSecret(text, [*HOOK_SECRETS, REGISTRY_SECRET])
 
+    async def test_invalidHooksAfterReload(self) -> None:
+        """
+        A reload that gives the service hooks which cannot be built makes
+        it answer 503 hook_config_invalid with the catalogue's message; the
+        configuration error is logged, naming the option, without the
+        credentials of the URL it quotes.
+        """
+        proxy = await self.start()
+        broken = [
+            {
+                "name": "ratelimit",
+                "options": {"rate": "1/s", "redis": "redis://:pw-s3cret@/0"},
+            }
+        ]
+        self.writeServices(
+            {
+                "service.api.orders": {
+                    "endpoints": [self.endpoint],
+                    "policy": {"hooks": broken},
+                }
+            }
+        )
+        proxy.signal(signal.SIGHUP)
+        for _ in range(250):
+            document, _ = await self.routes(proxy)
+            if document["registry"]["reloads"]["ok"] >= 2:
+                break
+            await task.deferLater(reactor, 0.04, lambda: None)
+        response, body = await self.get(
+            proxy.url + "/orders/x", headers={"Host": "api"}
+        )
+        self.assertEqual(response.code, 503)
+        answer = json.loads(body)
+        self.assertEqual(
+            (answer["code"], answer["message"]),
+            ("hook_config_invalid", "the service's hook configuration is invalid"),
+        )
+        await proxy.waitFor(
+            lambda: "hook ratelimit: redis:" in proxy.log(),
+            10,
+            "the configuration error in the log",
+        )
+        self.assertIn("redis://***@/0", proxy.log())
+        self.assertNoSecret(proxy.log(), ["pw-s3cret", *HOOK_SECRETS])
+
     async def test_workers(self) -> None:
         """
         A --workers group's /routes, built from a worker's, shows the same
