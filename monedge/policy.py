@@ -166,7 +166,11 @@ def _kind(value: object) -> str:
     """
     if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
         return repr(value)  # A bare hook name, as a misplaced one would be.
-    return {dict: "a mapping", str: "a string"}.get(type(value), type(value).__name__)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, str):
+        return "a string"
+    return type(value).__name__
 
 
 def parseHooks(value: object) -> tuple[HookSpec, ...]:

@@ -1019,17 +1019,17 @@ class JWTTests(Refused):
         logged, and fails the request, naming the URL without its query
         (it may hold a credential).
         """
-        from twisted.logger import formatEvent, globalLogPublisher
+        from twisted.logger import capturedLogs, formatEvent
 
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         url = "https://idp.example.com/jwks?key=hunter2"
         self.http.failing = ConnectionRefusedError(f"to {url}")
-        outcome = self.ask(token(), self.build(**{"jwks-url": url}))
+        with capturedLogs() as events:
+            outcome = self.ask(token(), self.build(**{"jwks-url": url}))
         self.assertEqual(self.http.gets[0][0], url)
         assert outcome.error is not None
-        shown = [str(outcome.error.value.reason.value)]
+        failed = outcome.error.value
+        assert isinstance(failed, HookFailed), failed
+        shown = [str(failed.reason.value)]
         shown += [formatEvent(event) for event in events]
         self.assertIn(
             "auth: cannot fetch the JWK set https://idp.example.com/jwks?***",
@@ -1221,7 +1221,9 @@ class ExternalTests(Refused):
         self.http.responder = refuse
         outcome = run(self, hook, self.request(b"Bearer good"))
         assert outcome.error is not None
-        message = str(outcome.error.value.reason.value)
+        failed = outcome.error.value
+        assert isinstance(failed, HookFailed), failed
+        message = str(failed.reason.value)
         self.assertIn("auth service https://auth.internal/check?*** failed", message)
         self.assertNotIn("hunter2", message)
         self.assertEqual(self.http.requests[0][1], url)
