@@ -1237,6 +1237,22 @@ class RedisOutageTests(SynchronousTestCase):
         self.assertNotIn("log_failure", self.logs.events[0])
         self.assertIn("failing requests with 500", self.logs.formatted()[0])
 
+    def test_closedHookStartsNoOutage(self) -> None:
+        """
+        Requests that still reach a closed hook are decided without Redis
+        (open: they pass) but start no outage and log nothing.
+        """
+        hook = self.hook()
+        closed = hook.close()
+        for protocol in self.redis.protocols:
+            protocol.connectionLost(Failure(ConnectionDone("closed")))
+        self.successResultOf(closed)
+        outcomes = [self.ask(hook) for _ in range(OUTAGE_AFTER + 1)]
+        self.assertEqual([self.passedWithFields(o) for o in outcomes], [None] * 4)
+        self.assertFalse(redisLimiter(hook).down)
+        self.assertEqual(self.logs.events, [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
     def test_closeStopsProbing(self) -> None:
         """
         Closing the hook during an outage leaves no timer behind.

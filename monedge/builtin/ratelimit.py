@@ -1014,6 +1014,8 @@ class RedisLimiter:
         self.failures += 1
         if self.down:
             self._decidedWithout += 1
+        elif self._closed:
+            pass  # closing: no outage to start or log
         else:
             self._consecutive += 1
             if self._consecutive >= OUTAGE_AFTER:
