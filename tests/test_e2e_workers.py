@@ -92,6 +92,7 @@ class WorkersTests(ProxyTestCase):
                 "monedge_requests_total",
                 service="service.api.svc",
                 code_class="2xx",
+                origin="upstream",
             ),
             40.0,
         )
