@@ -220,10 +220,11 @@ def makeGroup(
     count: int = 2,
     drainDelay: float = 5.0,
     drainTimeout: float = 25.0,
+    listeners: Sequence[Listener] = (),
 ) -> tuple[WorkerGroup, ProcessReactor, CommandRecorder]:
     """
-    A L{WorkerGroup} of C{count} workers on a fake reactor, with no
-    listeners and a fresh runtime directory.
+    A L{WorkerGroup} of C{count} workers on a fake reactor, with
+    C{listeners} (none by default) and a fresh runtime directory.
     """
     reactor = ProcessReactor()
     directory = runtimeDirectory(testCase)
@@ -231,7 +232,7 @@ def makeGroup(
     group = WorkerGroup(
         reactor,
         count,
-        [],
+        listeners,
         command,
         directory,
         drainDelay=drainDelay,
@@ -1534,6 +1535,26 @@ class GroupAdminTests(SynchronousTestCase):
         self.assertEqual(request.responseCode, 503)
         self.assertEqual(
             self.document(request)["reason"], "worker 1: admin did not answer"
+        )
+
+    def test_notReadyNotListening(self) -> None:
+        """
+        A proxy listener of the supervisor's that is not listening makes
+        the group not ready, naming it, even though every worker answers
+        ready.
+        """
+        port = FakeListeningPort(41, IPv4Address("TCP", "0.0.0.0", 8080))
+        listener = Listener("port", "tcp:8080", FakeServerEndpoint(port), Factory())
+        group, reactor, _ = makeGroup(self, count=1, listeners=[listener])
+        group.startService()
+        site = groupAdminSite(group, self.fetch, reactor)
+        port.connected = False
+        request = _Request([b"readyz"])
+        request.render(site.getResourceFor(request))
+        self.fetch.answer(0, 200, readyBody(True, "serving"))
+        self.assertEqual(request.responseCode, 503)
+        self.assertEqual(
+            self.document(request)["reason"], "not listening: --port tcp:8080"
         )
 
     def test_notReadyDraining(self) -> None:
