@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "trust": 0,
     "registry": 1,
     "endpoints": 1,
+    "redisclient": 1,
     "upgrade": 1,
     "interfaces": 1,
     "registry.static": 2,

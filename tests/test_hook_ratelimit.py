@@ -1,9 +1,10 @@
 """
 The C{ratelimit} hook: its options, GCRA arithmetic and keys on a fake
-clock; its Redis client (RESP, pipelining, timeouts) and outage handling on
-a memory reactor; the same limiter contract against the in-memory and the
-Redis buckets; Redis outages and a busy reactor against a real
-C{redis-server}; and real C{twistd monedge} processes sharing one.
+clock; its Redis outage handling on a memory reactor and a fake Redis; the
+same limiter contract against the in-memory and the Redis buckets; Redis
+outages and a busy reactor against a real C{redis-server}; and real
+C{twistd monedge} processes sharing one.  The Redis client it uses is
+tested in L{tests.test_redisclient}.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from typing import TYPE_CHECKING, Any
 import jwt
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
@@ -35,15 +35,7 @@ from monedge.builtin.ratelimit import (
     SCRIPT_SHA,
     Limit,
     RateLimitHook,
-    RedisAddress,
     RedisLimiter,
-    RedisNotConnected,
-    RedisPool,
-    RedisProtocolError,
-    RedisReplyError,
-    RedisTimeout,
-    RESPParser,
-    encodeCommand,
     gcra,
 )
 from monedge.hooks import (
@@ -60,6 +52,7 @@ from monedge.testing import ProxyProcess, freePort
 from monedge.testing.hooks import HookOutcome, buildHook, hookRequest, runHooks
 from tests.e2e import ProxyTestCase
 from tests.redis_server import SKIP_REASON, RedisServer
+from tests.test_redisclient import BusyReactor, FakeRedis
 
 if TYPE_CHECKING:
     _Base = TestCase
@@ -601,124 +594,27 @@ class MemoryBoundTests(SynchronousTestCase):
         self.assertEqual(hook.stats()["evicted"], 0)
 
 
-class BusyReactor(MemoryReactorClock):
+class ScriptRedis(FakeRedis):
     """
-    A memory reactor whose timed calls run as a real reactor's do: a call
-    scheduled while timed calls run waits for the next iteration, so
-    whatever the test feeds in between (the poll for input) comes first.
-    """
-
-    def iterate(self, seconds: float = 0.0) -> None:
-        """
-        Let C{seconds} pass and run the timed calls due, but not those they
-        schedule.
-        """
-        self.rightNow += seconds
-        due = sorted(
-            (call for call in self.calls if call.getTime() <= self.rightNow),
-            key=lambda call: call.getTime(),
-        )
-        for call in due:
-            if call in self.calls:
-                self.calls.remove(call)
-                call.called = 1
-                call.func(*call.args, **call.kw)
-
-
-class FakeRedis:
-    """
-    Plays a Redis server for the pools on a memory reactor: accepts or
-    refuses their connection attempts, reads the commands written, and
-    answers them (EVALSHA and EVAL with the same GCRA arithmetic, on the
-    reactor's clock).
+    The fake Redis, running the hook's script: EVALSHA and EVAL with the
+    same GCRA arithmetic, on the reactor's clock.
     """
 
     def __init__(self, reactor: BusyReactor) -> None:
-        self.reactor = reactor
-        self.protocols: list[Any] = []
-        self.transports: list[StringTransport] = []
-        self._seen = 0
-        self._read: list[int] = []
-        self._parsers: list[RESPParser] = []
-        self._unanswered: list[list[list[bytes]]] = []
+        super().__init__(reactor)
         self.buckets: dict[bytes, int] = {}
-        self.scripts: set[str] = set()
         #: An error reply EVALSHA and EVAL get instead of running, if set.
         self.evalError: bytes | None = None
 
-    def _attempts(self) -> list[tuple[Any, Any]]:
+    def answer(self, command: list[bytes]) -> bytes:
         """
-        The connection attempts not yet accepted or refused: each factory
-        and connector.
+        The reply to C{command}: the script's for EVALSHA and EVAL.
         """
-        reactor = self.reactor
-        attempts = [
-            (client[2], connector)
-            for client, connector in zip(
-                reactor.tcpClients[self._seen :],
-                reactor.connectors[self._seen :],
-                strict=True,
-            )
-        ]
-        self._seen = len(reactor.tcpClients)
-        return attempts
-
-    def accept(self) -> None:
-        """
-        Complete every connection attempt made so far.
-        """
-        for factory, _ in self._attempts():
-            protocol = factory.buildProtocol(None)
-            transport = StringTransport()
-            self.protocols.append(protocol)
-            self.transports.append(transport)
-            self._read.append(0)
-            self._parsers.append(RESPParser())
-            self._unanswered.append([])
-            protocol.makeConnection(transport)
-
-    def refuse(self) -> None:
-        """
-        Fail every connection attempt made so far.
-        """
-        for factory, connector in self._attempts():
-            factory.clientConnectionFailed(
-                connector, Failure(ConnectionRefusedError("refused"))
-            )
-
-    def commands(self, index: int) -> list[list[bytes]]:
-        """
-        The commands written on connection C{index} and not yet answered.
-        """
-        value = self.transports[index].value()
-        fresh = value[self._read[index] :]
-        self._read[index] = len(value)
-        for command in self._parsers[index].feed(fresh):
-            assert isinstance(command, list)
-            self._unanswered[index].append([bytes(part) for part in command])  # type: ignore[arg-type]
-        return list(self._unanswered[index])
-
-    def written(self) -> list[bytes]:
-        """
-        The name of every unanswered command on every connection.
-        """
-        return [c[0] for i in range(len(self.protocols)) for c in self.commands(i)]
-
-    def _answer(self, command: list[bytes]) -> bytes:
         name = command[0].upper()
-        if name == b"PING":
-            return b"+PONG\r\n"
-        if name in (b"AUTH", b"SELECT"):
-            return b"+OK\r\n"
-        if name == b"ECHO":
-            return b"$%d\r\n%s\r\n" % (len(command[1]), command[1])
         if name in (b"EVALSHA", b"EVAL") and self.evalError is not None:
             return self.evalError
-        if name == b"SCRIPT":
-            self.scripts.add(SCRIPT_SHA)
-            return b"$40\r\n" + SCRIPT_SHA.encode() + b"\r\n"
         if name == b"EVALSHA" and command[1].decode() not in self.scripts:
-            return b"-NOSCRIPT No matching script.\r\n"
+            return super().answer(command)
         if name in (b"EVALSHA", b"EVAL"):
             key, interval, tolerance = command[3], int(command[4]), int(command[5])
             now = round(self.reactor.seconds() * 1_000_000)
@@ -728,279 +624,7 @@ class FakeRedis:
             if allowed:
                 self.buckets[key] = new
             return b"*2\r\n:%d\r\n:%d\r\n" % (int(allowed), ahead)
-        return b"-ERR unknown command\r\n"
-
-    def serve(self, index: int | None = None, count: int | None = None) -> None:
-        """
-        Answer the unanswered commands (the first C{count}) on connection
-        C{index}, or on all of them.
-        """
-        for i in range(len(self.protocols)) if index is None else [index]:
-            if self.transports[i].disconnected:
-                continue
-            commands = self.commands(i)[:count]
-            del self._unanswered[i][: len(commands)]
-            if commands:
-                self.protocols[i].dataReceived(
-                    b"".join(self._answer(c) for c in commands)
-                )
-
-    def drop(self, index: int) -> None:
-        """
-        Close connection C{index} from the server's side.
-        """
-        self.transports[index].loseConnection()
-        self.protocols[index].connectionLost(Failure(ConnectionDone("closed")))
-
-
-class RESPTests(SynchronousTestCase):
-    """
-    Commands are encoded as RESP2 arrays; replies are parsed however the
-    stream is split.
-    """
-
-    def test_encode(self) -> None:
-        """
-        Each argument is a bulk string: str as UTF-8, int in decimal.
-        """
-        self.assertEqual(
-            encodeCommand("EVALSHA", b"ab", 1, "k\u00e9"),
-            b"*4\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n$3\r\nk\xc3\xa9\r\n",
-        )
-
-    def test_everySplit(self) -> None:
-        """
-        Simple strings, errors, integers, bulk and nil bulk strings, and
-        nested and nil arrays come out the same wherever the stream is cut.
-        """
-        stream = (
-            b"+PONG\r\n-NOSCRIPT No matching script.\r\n:-42\r\n$5\r\nab\r\nc\r\n"
-            b"$-1\r\n*2\r\n:1\r\n*1\r\n$0\r\n\r\n*-1\r\n"
-        )
-        expected = ["PONG", "NOSCRIPT No matching script.", -42, b"ab\r\nc", None]
-        expected += [[1, [b""]], None]
-        for cut in range(len(stream) + 1):
-            parser = RESPParser()
-            replies = parser.feed(stream[:cut]) + parser.feed(stream[cut:])
-            got = [str(r) if isinstance(r, RedisReplyError) else r for r in replies]
-            self.assertEqual(got, expected, cut)
-            self.assertIsInstance(replies[1], RedisReplyError)
-
-    def test_garbage(self) -> None:
-        """
-        A stream that is not RESP2 is refused.
-        """
-        for garbage in [
-            b"HTTP/1.1 200 OK\r\n",
-            b":forty\r\n",
-            b"$" + b"9" * 20 + b"\r\n",
-        ]:
-            with self.subTest(garbage=garbage):
-                with self.assertRaises(RedisProtocolError):
-                    RESPParser().feed(garbage)
-
-
-ADDRESS = RedisAddress("127.0.0.1", 6379)
-
-
-class RedisPoolTests(SynchronousTestCase):
-    """
-    The connection pool: pipelining, the timeout from the write, and
-    connections lost or never made.
-    """
-
-    def setUp(self) -> None:
-        self.reactor = BusyReactor()
-        self.redis = FakeRedis(self.reactor)
-
-    def pool(self, size: int = REDIS_POOL_SIZE) -> RedisPool:
-        """
-        A pool of C{size} connections with a 250 ms timeout, connected.
-        """
-        pool = RedisPool(
-            self.reactor, ADDRESS, 0.25, setup=[("SCRIPT", "LOAD", "x")], size=size
-        )
-        pool.connect()
-        self.redis.accept()
-        self.redis.serve()
-        return pool
-
-    def test_pipelined(self) -> None:
-        """
-        Commands of concurrent requests are all written at once, shared
-        between the pool's two connections, before any reply (one round
-        trip each); each reply fires its own command's result.
-        """
-        pool = self.pool()
-        results = [pool.execute("ECHO", i) for i in range(10)]
-        self.assertEqual(len(self.redis.protocols), REDIS_POOL_SIZE)
-        self.assertEqual([len(self.redis.commands(i)) for i in range(2)], [5, 5])
-        self.assertFalse(any(r.called for r in results))
-        for i in range(2):
-            self.redis.protocols[i].dataReceived(
-                b"".join(b":%d\r\n" % (int(c[1]),) for c in self.redis.commands(i))
-            )
-        self.assertEqual([self.successResultOf(r) for r in results], list(range(10)))
-
-    def test_handshake(self) -> None:
-        """
-        A new connection sends AUTH (with the user, if any), SELECT (for a
-        database other than 0) and the setup commands ahead of any other.
-        """
-        address = RedisAddress("127.0.0.1", 6379, 3, "edge", "s3cret")
-        pool = RedisPool(self.reactor, address, 0.25, setup=[("SCRIPT", "LOAD", "x")])
-        result = pool.execute("PING")
-        self.redis.accept()
-        self.assertEqual(
-            self.redis.commands(0),
-            [
-                [b"AUTH", b"edge", b"s3cret"],
-                [b"SELECT", b"3"],
-                [b"SCRIPT", b"LOAD", b"x"],
-                [b"PING"],
-            ],
-        )
-        self.redis.serve()
-        self.assertEqual(self.successResultOf(result), "PONG")
-
-    def test_busyReactorIsNotATimeout(self) -> None:
-        """
-        When the reactor was busy past a command's deadline, a reply that
-        arrived meanwhile is read before the deadline is judged: the
-        command succeeds.
-        """
-        pool = self.pool()
-        result = pool.execute("PING")
-        self.reactor.iterate(1.0)  # busy elsewhere; the deadline has passed
-        self.redis.serve()  # the reactor's next poll finds the reply
-        self.reactor.iterate()
-        self.assertEqual(self.successResultOf(result), "PONG")
-
-    def test_slowReplyFailsAlone(self) -> None:
-        """
-        A command unanswered 250 ms after its write fails with RedisTimeout;
-        the connection is kept, its late reply is dropped, and the next
-        command gets its own reply.
-        """
-        pool = self.pool()
-        slow = pool.execute("PING")
-        self.reactor.iterate(0.2)
-        self.assertNoResult(slow)
-        self.reactor.iterate(0.06)
-        self.reactor.iterate()
-        self.failureResultOf(slow, RedisTimeout)
-        after = pool.execute("ECHO", "x")
-        self.redis.serve()
-        self.assertEqual(self.successResultOf(after), b"x")
-        self.assertFalse(any(t.disconnected for t in self.redis.transports))
-
-    def test_eachCommandTimedFromItsWrite(self) -> None:
-        """
-        A command written after an earlier one timed out is judged by its
-        own deadline (250 ms after its write), not by a check set for
-        later (on the same connection).
-        """
-        pool = self.pool(size=1)
-        first = pool.execute("PING")
-        self.reactor.iterate(0.3)
-        self.reactor.iterate()
-        self.failureResultOf(first, RedisTimeout)
-        second = pool.execute("PING")
-        self.assertEqual(len(self.redis.commands(0)), 2)
-        self.reactor.iterate(0.2)
-        self.reactor.iterate()
-        self.assertNoResult(second)
-        self.reactor.iterate(0.06)
-        self.reactor.iterate()
-        self.failureResultOf(second, RedisTimeout)
-
-    def test_silentConnectionDropped(self) -> None:
-        """
-        A connection that stays silent for a second with commands waiting
-        is dropped (and what waits on it fails); the next command opens a
-        new one.
-        """
-        pool = self.pool()
-        pool.execute("PING").addErrback(lambda _: None)
-        self.reactor.iterate(0.9)
-        self.reactor.iterate()
-        self.assertFalse(any(t.disconnected for t in self.redis.transports))
-        self.reactor.iterate(0.1)
-        self.reactor.iterate()
-        self.assertEqual([t.disconnected for t in self.redis.transports], [True, False])
-        self.redis.protocols[0].connectionLost(Failure(ConnectionDone("aborted")))
-        self.assertEqual(len(pool.connections), 1)
-        pool.execute("PING")
-        self.assertEqual(len(self.reactor.tcpClients), 3)
-
-    def test_waitsForConnection(self) -> None:
-        """
-        A command sent before any connection is open is written as one
-        opens, after its handshake.
-        """
-        pool = RedisPool(self.reactor, ADDRESS, 0.25, setup=[("SCRIPT", "LOAD", "x")])
-        result = pool.execute("PING")
-        self.assertEqual(len(self.reactor.tcpClients), REDIS_POOL_SIZE)
-        self.reactor.iterate(0.1)
-        self.redis.accept()
-        self.assertEqual(self.redis.written(), [b"SCRIPT", b"PING", b"SCRIPT"])
-        self.redis.serve()
-        self.assertEqual(self.successResultOf(result), "PONG")
-
-    def test_noConnectionWithinTimeout(self) -> None:
-        """
-        A command waiting for a connection fails once the timeout passes
-        without one.
-        """
-        pool = RedisPool(self.reactor, ADDRESS, 0.25)
-        result = pool.execute("PING")
-        self.reactor.iterate(0.3)
-        self.reactor.iterate()
-        self.assertIsInstance(self.failureResultOf(result).value, RedisTimeout)
-
-    def test_cannotConnect(self) -> None:
-        """
-        When every connection attempt fails, waiting commands fail at once
-        with RedisNotConnected, and the next command tries again.
-        """
-        pool = RedisPool(self.reactor, ADDRESS, 0.25)
-        result = pool.execute("PING")
-        self.redis.refuse()
-        failure = self.failureResultOf(result, RedisNotConnected)
-        self.assertIn("refused", failure.getErrorMessage())
-        pool.execute("PING").addErrback(lambda _: None)
-        self.assertEqual(len(self.reactor.tcpClients), 2 * REDIS_POOL_SIZE)
-
-    def test_connectionLost(self) -> None:
-        """
-        Commands waiting on a lost connection fail with RedisNotConnected;
-        later ones go on the connection left.
-        """
-        pool = self.pool()
-        first = pool.execute("PING")
-        self.redis.drop(0)
-        self.failureResultOf(first, RedisNotConnected)
-        second = pool.execute("PING")
-        self.assertEqual(self.redis.commands(1), [[b"PING"]])
-        self.redis.serve(1)
-        self.assertEqual(self.successResultOf(second), "PONG")
-
-    def test_close(self) -> None:
-        """
-        close() closes every connection, fails what waits, and fires once
-        they are all closed; no timer is left behind.
-        """
-        pool = self.pool()
-        result = pool.execute("PING")
-        closed = pool.close()
-        self.assertNoResult(closed)
-        self.assertTrue(all(t.disconnecting for t in self.redis.transports))
-        for protocol in self.redis.protocols:
-            protocol.connectionLost(Failure(ConnectionDone("closed")))
-        self.successResultOf(closed)
-        self.failureResultOf(result, RedisNotConnected)
-        self.assertEqual(self.reactor.getDelayedCalls(), [])
-        self.failureResultOf(pool.execute("PING"), RedisNotConnected)
+        return super().answer(command)
 
 
 class RedisOutageTests(SynchronousTestCase):
@@ -1011,7 +635,7 @@ class RedisOutageTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.reactor = BusyReactor()
-        self.redis = FakeRedis(self.reactor)
+        self.redis = ScriptRedis(self.reactor)
         self.logs = LogCapture()
         globalLogPublisher.addObserver(self.logs)
         self.addCleanup(globalLogPublisher.removeObserver, self.logs)

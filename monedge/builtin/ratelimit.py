@@ -57,8 +57,9 @@ Options:
     kept in this process: each replica then limits on its own.  With it,
     every replica shares each bucket through one atomic Lua script (one
     EVALSHA round trip per request, pipelined with concurrent requests'
-    over a pool of REDIS_POOL_SIZE connections), timed by the Redis
-    server's clock so that replicas with skewed clocks agree.  Keys are
+    over a pool of REDIS_POOL_SIZE connections, by L{monedge.redisclient}),
+    timed by the Redis server's clock so that replicas with skewed clocks
+    agree.  Keys are
     C{monedge:rl:<COUNT/UNIT>:<burst>:<scope>:<key>} and expire as soon as
     their bucket is full again, so Redis holds only active buckets.  Hook
     options are shown on the admin C{/routes} page: prefer a Redis without
@@ -111,27 +112,19 @@ response.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import itertools
 import math
 import re
 import weakref
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeAlias
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
 import jwt
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-)
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
@@ -147,7 +140,12 @@ from monedge.interfaces import (
     IResponseHook,
 )
 from monedge.policy import parseDuration
-from monedge.sockets import sendAtOnce
+from monedge.redisclient import (
+    DEFAULT_POOL_SIZE,
+    RedisAddress,
+    RedisPool,
+    RedisReplyError,
+)
 
 #: Every Redis key this hook writes starts with this.
 KEY_PREFIX = "monedge:rl:"
@@ -160,7 +158,7 @@ DEFAULT_MAX_KEYS = 100_000
 DEFAULT_REDIS_TIMEOUT = 0.25
 
 #: Connections to Redis per hook (commands are pipelined over them).
-REDIS_POOL_SIZE = 2
+REDIS_POOL_SIZE = DEFAULT_POOL_SIZE
 
 #: Requests failed in a row that start a Redis outage.
 OUTAGE_AFTER = 3
@@ -370,532 +368,6 @@ class MemoryLimiter:
             self.evicted += 1
 
 
-@dataclass(frozen=True)
-class RedisAddress:
-    """
-    Where the shared buckets are: a parsed C{redis://} URL.
-    """
-
-    host: str
-    port: int = 6379
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-
-    @classmethod
-    def parse(cls, url: object) -> RedisAddress:
-        """
-        Parse C{redis://[[user]:password@]host[:port][/db]}.
-
-        @raise HookConfigError: naming the C{redis} option.
-        """
-        if not isinstance(url, str):
-            raise HookConfigError(f"redis: expected a redis:// URL, got {url!r}")
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as e:
-            raise HookConfigError(f"redis: invalid URL {url!r}: {e}") from None
-        if parts.scheme != "redis":
-            raise HookConfigError(
-                f"redis: expected a redis://host:port/db URL, got {url!r}"
-            )
-        if not parts.hostname:
-            raise HookConfigError(f"redis: the URL {url!r} has no host")
-        if parts.query or parts.fragment:
-            raise HookConfigError(
-                f"redis: the URL {url!r} may not have a query or fragment"
-            )
-        path = parts.path.strip("/")
-        if path and not path.isdigit():
-            raise HookConfigError(
-                f"redis: the database must be a whole number, got {path!r}"
-            )
-        return cls(
-            host=parts.hostname,
-            port=port or 6379,
-            db=int(path) if path else 0,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-        )
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}/{self.db}"
-
-
-class RedisReplyError(Exception):
-    """
-    Redis answered an error reply (C{-ERR ...}, C{-NOSCRIPT ...}); the
-    message is Redis's.
-    """
-
-
-class RedisProtocolError(Exception):
-    """
-    What came from Redis is not a reply: the connection is dropped.
-    """
-
-
-class RedisTimeout(Exception):
-    """
-    No reply within C{redis-timeout} of the command's write.
-    """
-
-
-class RedisNotConnected(Exception):
-    """
-    The connection a command was on was lost, or none could be made.
-    """
-
-
-#: A RESP2 reply as L{RESPParser} gives it: an error reply is a
-#: L{RedisReplyError} value, not raised.
-Reply: TypeAlias = "int | bytes | str | None | list[Reply] | RedisReplyError"
-
-#: The longest reply line and bulk string accepted from Redis.
-_MAX_LINE = 64 * 1024
-_MAX_BULK = 16 * 1024 * 1024
-_MAX_DEPTH = 8
-
-
-def encodeCommand(*args: str | bytes | int) -> bytes:
-    """
-    A command as RESP2 sends it: an array of bulk strings.
-    """
-    parts = [b"*%d\r\n" % (len(args),)]
-    for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode("utf-8")
-        else:
-            data = b"%d" % (arg,)
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
-class RESPParser:
-    """
-    Whole RESP2 replies from a byte stream, however it is split.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[Reply]:
-        """
-        Take C{data}; return the replies it completes, in order.
-
-        @raise RedisProtocolError: if the stream is not RESP2.
-        """
-        buffer = self._buffer
-        buffer += data
-        replies: list[Reply] = []
-        position = 0
-        while position < len(buffer):
-            parsed = self._parse(buffer, position, 0)
-            if parsed is None:
-                break
-            reply, position = parsed
-            replies.append(reply)
-        if position:
-            del buffer[:position]
-        return replies
-
-    def _parse(
-        self, buffer: bytearray, position: int, depth: int
-    ) -> tuple[Reply, int] | None:
-        """
-        The reply at C{position} and where the next one starts, or L{None}
-        if it is not all here yet.
-        """
-        end = buffer.find(b"\r\n", position)
-        if end < 0:
-            if len(buffer) - position > _MAX_LINE:
-                raise RedisProtocolError("a reply line is too long")
-            return None
-        kind = buffer[position : position + 1]
-        line = bytes(buffer[position + 1 : end])
-        after = end + 2
-        try:
-            if kind == b"+":
-                return line.decode("utf-8", "replace"), after
-            if kind == b"-":
-                return RedisReplyError(line.decode("utf-8", "replace")), after
-            if kind == b":":
-                return int(line), after
-            if kind == b"$":
-                length = int(line)
-                if length < 0:
-                    return None, after
-                if length > _MAX_BULK:
-                    raise RedisProtocolError(f"a {length}-byte bulk reply")
-                if len(buffer) < after + length + 2:
-                    return None
-                return bytes(buffer[after : after + length]), after + length + 2
-            if kind == b"*":
-                count = int(line)
-                if count < 0:
-                    return None, after
-                if depth >= _MAX_DEPTH:
-                    raise RedisProtocolError("replies nested too deep")
-                items: list[Reply] = []
-                for _ in range(count):
-                    parsed = self._parse(buffer, after, depth + 1)
-                    if parsed is None:
-                        return None
-                    item, after = parsed
-                    items.append(item)
-                return items, after
-        except ValueError:
-            raise RedisProtocolError(f"not a number: {line[:40]!r}") from None
-        raise RedisProtocolError(f"not a reply: {bytes(buffer[position:end])[:40]!r}")
-
-
-class _Command:
-    """
-    One command: its bytes, its result, and when it was written and is due.
-    """
-
-    __slots__ = ("data", "result", "written", "deadline")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.result: Deferred[Reply] = Deferred()
-        self.written = 0.0
-        self.deadline = 0.0
-
-
-class _Deadlines:
-    """
-    Fails the commands of a first-in first-out queue that are not answered
-    by their deadline, on C{reactor}.
-
-    A deadline is checked only after the reactor has read what arrived:
-    when the timer fires, the check waits for the next reactor iteration
-    (C{callLater(0)} runs after the next poll for input), so a reply that
-    was already waiting on the socket, because the reactor was busy with
-    other work when it came, is read and counted as in time.  A busy
-    monedge never blames Redis for its own delay.
-    """
-
-    def __init__(
-        self,
-        reactor: Any,
-        queue: deque[_Command],
-        expire: Callable[[list[_Command], float], None],
-    ) -> None:
-        self._reactor = reactor
-        self._queue = queue
-        self._expire = expire
-        self._timer: Any = None
-        self._at = 0.0
-        self._checking = False
-
-    def arm(self, extra: float | None = None) -> None:
-        """
-        Make sure a check is due by the first unanswered command's
-        deadline, and by C{extra} if given.
-        """
-        if self._checking:
-            return  # the check under way arms again when it is done
-        due = extra
-        for command in self._queue:
-            if not command.result.called:
-                due = command.deadline if due is None else min(due, command.deadline)
-                break
-        if due is None:
-            return
-        timer = self._timer
-        if timer is not None:
-            if self._at <= due:
-                return
-            timer.cancel()
-        self._at = due
-        self._timer = self._reactor.callLater(
-            max(0.0, due - self._reactor.seconds()), self._due
-        )
-
-    def cancel(self) -> None:
-        """
-        Stop checking.
-        """
-        timer, self._timer = self._timer, None
-        self._checking = False
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def _due(self) -> None:
-        # Read first, then judge: see the class docstring.
-        self._checking = True
-        self._timer = self._reactor.callLater(0, self._check, self._reactor.seconds())
-
-    def _check(self, due: float) -> None:
-        self._timer = None
-        self._checking = False
-        expired = []
-        for command in self._queue:
-            if command.deadline > due:
-                break
-            if not command.result.called:
-                expired.append(command)
-        self._expire(expired, due)
-
-
-class RedisConnection(Protocol):
-    """
-    One connection to Redis, with commands pipelined on it: each is written
-    at once, and replies come back in the order the commands went out.
-
-    A command not answered within the pool's timeout of its write fails
-    alone; its reply, if it comes later, is read and dropped, and the
-    connection is kept.  A connection that has been silent for C{deadAfter}
-    seconds with commands waiting is dropped.
-    """
-
-    #: A TCP transport (a test's StringTransport), set by makeConnection.
-    transport: Any
-
-    def __init__(self, pool: RedisPool) -> None:
-        self._pool = pool
-        self._parser = RESPParser()
-        self.pending: deque[_Command] = deque()
-        self._deadlines = _Deadlines(pool.reactor, self.pending, self._expired)
-        self.lost: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> None:
-        sendAtOnce(self.transport)
-        self._pool._connected(self)
-
-    def send(self, command: _Command) -> None:
-        """
-        Write C{command}; its result fires with the reply, or fails with
-        L{RedisReplyError}, L{RedisTimeout} or L{RedisNotConnected}.
-        """
-        now = self._pool.reactor.seconds()
-        command.written = now
-        if not command.deadline:
-            command.deadline = now + self._pool.timeout
-        self.pending.append(command)
-        self.transport.write(command.data)
-        self._deadlines.arm(command.written + self._pool.deadAfter)
-
-    def dataReceived(self, data: bytes) -> None:
-        try:
-            replies = self._parser.feed(data)
-        except RedisProtocolError:
-            self.transport.abortConnection()
-            return
-        pending = self.pending
-        for reply in replies:
-            if not pending:
-                self.transport.abortConnection()
-                return
-            command = pending.popleft()
-            if command.result.called:
-                continue  # it timed out: the late reply is dropped
-            if isinstance(reply, RedisReplyError):
-                command.result.errback(reply)
-            else:
-                command.result.callback(reply)
-        if pending:
-            self._deadlines.arm(pending[0].written + self._pool.deadAfter)
-
-    def _expired(self, expired: list[_Command], due: float) -> None:
-        timeout = self._pool.timeout
-        for command in expired:
-            if not command.result.called:
-                command.result.errback(
-                    RedisTimeout(f"no reply within {timeout:g} s of the write")
-                )
-        pending = self.pending
-        if pending and pending[0].written + self._pool.deadAfter <= due:
-            self.transport.abortConnection()
-        elif pending:
-            self._deadlines.arm(pending[0].written + self._pool.deadAfter)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._deadlines.cancel()
-        pending, self.pending = list(self.pending), deque()
-        self._pool._lost(self)
-        message = f"the connection to Redis was lost: {reason.getErrorMessage()}"
-        for command in pending:
-            if not command.result.called:
-                command.result.errback(RedisNotConnected(message))
-        self.lost.callback(None)
-
-
-class _RedisFactory(Factory):
-    noisy = False
-
-    def __init__(self, pool: RedisPool) -> None:
-        self._pool = pool
-
-    def buildProtocol(self, addr: object) -> RedisConnection:
-        return RedisConnection(self._pool)
-
-
-def redisEndpoint(reactor: Any, address: RedisAddress, timeout: float) -> Any:
-    """
-    A client endpoint for C{address}: an IP literal is connected to
-    directly, a name is resolved on each connection.
-    """
-    try:
-        ip = ipaddress.ip_address(address.host)
-    except ValueError:
-        return HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
-    kind = TCP6ClientEndpoint if ip.version == 6 else TCP4ClientEndpoint
-    return kind(reactor, address.host, address.port, timeout=timeout)
-
-
-class RedisPool:
-    """
-    A few pipelined connections to one Redis server, opened when needed:
-    each command goes on the connection with the fewest waiting, so the
-    commands of concurrent requests share connections and each takes one
-    round trip.
-
-    While no connection is open, commands wait for one; the wait counts
-    against their timeout.  A command fails with L{RedisNotConnected} at
-    once if no connection can be made.  Nothing is logged: callers decide
-    what a failure means.
-
-    @ivar timeout: seconds a command may wait for its reply, from its write.
-    @ivar deadAfter: seconds a connection with commands waiting may stay
-        silent before it is dropped.
-    """
-
-    def __init__(
-        self,
-        reactor: Any,
-        address: RedisAddress,
-        timeout: float,
-        setup: Sequence[Sequence[str | bytes | int]] = (),
-        size: int = REDIS_POOL_SIZE,
-        endpoint: Any = None,
-    ) -> None:
-        self.reactor = reactor
-        self.address = address
-        self.timeout = timeout
-        self.deadAfter = max(1.0, 4 * timeout)
-        self._setup = [encodeCommand(*command) for command in setup]
-        self._size = size
-        self._endpoint = endpoint or redisEndpoint(reactor, address, self.deadAfter)
-        self.connections: list[RedisConnection] = []
-        self._attempts: list[Deferred[Any]] = []
-        self._waiting: deque[_Command] = deque()
-        self._waitDeadlines = _Deadlines(reactor, self._waiting, self._waitExpired)
-        self._closed = False
-
-    def execute(self, *args: str | bytes | int) -> Deferred[Reply]:
-        """
-        Send one command; fire with its reply.
-        """
-        command = _Command(encodeCommand(*args))
-        if self._closed:
-            command.result.errback(RedisNotConnected("the pool is closed"))
-            return command.result
-        if len(self.connections) + len(self._attempts) < self._size:
-            self.connect()
-        connections = self.connections
-        if connections:
-            best = connections[0]
-            for connection in connections:
-                if len(connection.pending) < len(best.pending):
-                    best = connection
-            best.send(command)
-        else:
-            command.deadline = self.reactor.seconds() + self.timeout
-            self._waiting.append(command)
-            self._waitDeadlines.arm()
-        return command.result
-
-    def connect(self) -> None:
-        """
-        Open connections until there are as many as the pool holds (or
-        attempts under way for them).
-        """
-        missing = self._size - len(self.connections) - len(self._attempts)
-        # A bounded loop: an attempt that fails at once must not retry here.
-        for _ in range(missing if not self._closed else 0):
-            attempt: Deferred[Any] = self._endpoint.connect(_RedisFactory(self))
-            self._attempts.append(attempt)
-            attempt.addBoth(self._attempted, attempt)
-
-    def _attempted(self, result: object, attempt: Deferred[Any]) -> None:
-        self._attempts.remove(attempt)
-        if isinstance(result, Failure) and not self.connections and not self._attempts:
-            self._failWaiting(
-                RedisNotConnected(f"cannot connect: {result.getErrorMessage()}")
-            )
-
-    def _connected(self, connection: RedisConnection) -> None:
-        if self._closed:
-            connection.transport.loseConnection()
-            return
-        self.connections.append(connection)
-        # Pipelined ahead of every other command: AUTH and SELECT apply to
-        # them, and the script is there for their EVALSHA.
-        address = self.address
-        handshake = []
-        if address.password is not None:
-            handshake.append(
-                encodeCommand("AUTH", address.username, address.password)
-                if address.username
-                else encodeCommand("AUTH", address.password)
-            )
-        if address.db:
-            handshake.append(encodeCommand("SELECT", address.db))
-        for data in [*handshake, *self._setup]:
-            command = _Command(data)
-            # A failed step shows in the commands after it (NOAUTH,
-            # NOSCRIPT), which their callers handle.
-            command.result.addErrback(lambda _: None)
-            connection.send(command)
-        waiting, self._waiting = self._waiting, deque()
-        self._waitDeadlines.cancel()
-        self._waitDeadlines = _Deadlines(self.reactor, self._waiting, self._waitExpired)
-        for command in waiting:
-            if not command.result.called:
-                connection.send(command)
-
-    def _lost(self, connection: RedisConnection) -> None:
-        if connection in self.connections:
-            self.connections.remove(connection)
-
-    def _waitExpired(self, expired: list[_Command], due: float) -> None:
-        timeout = self.timeout
-        for command in expired:
-            self._waiting.remove(command)
-            command.result.errback(
-                RedisTimeout(f"no connection to Redis within {timeout:g} s")
-            )
-        self._waitDeadlines.arm()
-
-    def _failWaiting(self, reason: Exception) -> None:
-        waiting, self._waiting = self._waiting, deque()
-        self._waitDeadlines.cancel()
-        self._waitDeadlines = _Deadlines(self.reactor, self._waiting, self._waitExpired)
-        for command in waiting:
-            if not command.result.called:
-                command.result.errback(reason)
-
-    def close(self) -> Deferred[None]:
-        """
-        Close every connection and fail what waits; fire when all are
-        closed.
-        """
-        self._closed = True
-        for attempt in list(self._attempts):
-            attempt.cancel()
-        self._failWaiting(RedisNotConnected("the pool is closed"))
-        lost = [connection.lost for connection in self.connections]
-        for connection in list(self.connections):
-            connection.transport.loseConnection()
-        done: Deferred[Any] = gatherResults(lost)
-        return done.addCallback(lambda _: None)
-
-
 class RedisLimiter:
     """
     GCRA buckets in Redis, shared by every replica that uses the same
@@ -935,7 +407,11 @@ class RedisLimiter:
         self.mode = mode
         self.mirror = mirror
         self.pool = pool or RedisPool(
-            reactor, address, timeout, setup=[("SCRIPT", "LOAD", SCRIPT)]
+            reactor,
+            address,
+            timeout,
+            setup=[("SCRIPT", "LOAD", SCRIPT)],
+            size=REDIS_POOL_SIZE,
         )
         self.failures = 0
         self.outages = 0
@@ -1432,7 +908,10 @@ class RateLimitHookFactory:
         if options.get("redis") is None:
             limiter = MemoryLimiter(limit, reactor.seconds, maxKeys)
         else:
-            address = RedisAddress.parse(options["redis"])
+            try:
+                address = RedisAddress.parse(options["redis"])
+            except ValueError as e:
+                raise HookConfigError(f"redis: {e}") from None
             mirror = None
             if onRedisError == "local":
                 mirror = MemoryLimiter(limit, reactor.seconds, maxKeys)
