@@ -396,11 +396,14 @@ class ForwardingOptionsTests(SynchronousTestCase):
         logs one warning that any peer may choose its address; with
         --trusted-proxies, or no trusted hops, nothing is logged about it.
         """
-        from twisted.logger import LogLevel, globalLogPublisher
+        from typing import cast
+
+        from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 
         seen: list[dict[str, object]] = []
-        globalLogPublisher.addObserver(seen.append)
-        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        observer = cast(ILogObserver, seen.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
         def warnings(*args: str) -> list[dict[str, object]]:
             del seen[:]
