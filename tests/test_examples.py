@@ -45,13 +45,14 @@ from monedge.hooks import (
 )
 from monedge.interfaces import IHookRequest
 from monedge.policy import HookSpec, parseHooks
+from monedge.redact import isSecretName
 from monedge.registry.kubernetes import policyFromAnnotations
 from monedge.registry.static import StaticRegistry, loadRegistryFile
 from monedge.tap import Options, checkHooks
-from monedge.testing import ProxyProcess
+from monedge.testing import MemoryRegistry, ProxyProcess
 from monedge.testing.hooks import buildHook, hookRequest, runHooks
 from tests.e2e import ProxyTestCase, deferRaw
-from tests.test_docs import ROOT, block, readDoc, section, span, table
+from tests.test_docs import ROOT, block, readDoc, section, span, spans, table
 
 #: The directory the tutorial puts on PYTHONPATH.
 EXAMPLES = os.path.join(ROOT, "examples", "hooks")
@@ -442,7 +443,7 @@ class TutorialConfigurationTests(SynchronousTestCase):
             [b"upstream", f"monedge {request.requestId}".encode()],
         )
 
-    def test_builtinSectionsToFill(self) -> None:
+    def test_builtinSections(self) -> None:
         """
         The reference has a section for each hook monedge ships (headers,
         auth, ratelimit), each naming the module it documents.
@@ -473,6 +474,78 @@ class TutorialConfigurationTests(SynchronousTestCase):
         )
         [spec] = ratelimit["hooks"]
         factories["ratelimit"].build(spec["options"], HookContext(reactor=Clock()))
+
+
+class SecretsDocTests(SynchronousTestCase):
+    """
+    What docs/hooks.md says /routes shows of hook options, and the auth
+    hook's documented limits.
+    """
+
+    def test_redactionTable(self) -> None:
+        """
+        Each row of the redaction table is what /routes shows for a hook
+        configured with those options.
+        """
+        rows = table(hooksDoc(), "redaction")
+        self.assertGreaterEqual(len(rows), 4)
+        for row in rows:
+            name = span(row["Hook"])
+            configured = json.loads(span(row["Options as configured"]))
+            shown = json.loads(span(row["As /routes shows them"]))
+            registry = MemoryRegistry()
+            routes = Routes(
+                registry,
+                HostTiers({}),
+                Balancer(Clock()),
+                [HookSpec(name, json.dumps(configured, sort_keys=True))],
+            )
+            self.assertEqual(
+                routes.document()["global_hooks"],
+                [{"name": name, "options": shown}],
+                row,
+            )
+
+    def test_secretNames(self) -> None:
+        """
+        Every name fragment the docs list marks an option as a secret, as
+        do the two endings; a name with none of them does not.
+        """
+        text = section(hooksDoc(), "### Secrets in options")
+        listed = text.split("whatever\n  its value:")[1].split("\n- The")[0]
+        fragments = spans(listed)
+        self.assertIn("pass", fragments)
+        for fragment in fragments:
+            ending = fragment.startswith(("-", "_"))
+            name = f"signing{fragment}" if ending else f"x-{fragment}-y"
+            self.assertTrue(isSecretName(name), fragment)
+        self.assertFalse(isSecretName("region"))
+
+    def test_authLimits(self) -> None:
+        """
+        The auth reference states the hook's floors and ceilings as the
+        code enforces them.
+        """
+        from monedge.builtin import auth
+
+        text = " ".join(section(hooksDoc(), "## auth").split())
+        self.assertIn(
+            f"`jwks-min-refresh` (at least `{auth.MIN_JWKS_REFRESH:g}` s", text
+        )
+        self.assertIn(
+            f"`jwks-refresh-interval` (at least `{auth.MIN_JWKS_REFRESH_INTERVAL:g}` s)",
+            text,
+        )
+        self.assertIn(f"`max-in-flight` calls (`{auth.DEFAULT_MAX_IN_FLIGHT}`", text)
+        self.assertIn(f"from 1 to `{auth.MAX_IN_FLIGHT}`", text)
+        error = self.assertRaises(
+            HookConfigError,
+            buildHook,
+            "auth",
+            {"mode": "jwt", "jwks-url": "https://idp/jwks", "jwks-min-refresh": 0},
+            HookContext(reactor=Clock(), http=object()),
+        )
+        self.assertIn(f"`{error}`", text)
 
 
 class TutorialEndToEndTests(ProxyTestCase):
@@ -583,7 +656,8 @@ class TutorialEndToEndTests(ProxyTestCase):
             known = sorted(availableFactories())
         for name in ["add-header", "block-paths", "headers"]:
             self.assertIn(name, known)
-        lastLine = result.stdout.decode("utf-8").strip().splitlines()[-1]
+        output = (result.stdout + b"\n" + result.stderr).decode("utf-8")
+        lastLine = output.strip().splitlines()[-1]
         self.assertTrue(
             lastLine.endswith(
                 ": "
