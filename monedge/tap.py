@@ -21,6 +21,7 @@ import yaml
 from OpenSSL import SSL
 from twisted.application.service import IService, Service
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.http import H2_ENABLED
@@ -67,6 +68,8 @@ from monedge.workers import (
     parseInherited,
     twistdCommand,
 )
+
+_log = Logger()
 
 #: The listen backlog for a bare port number: large enough for bursts.
 BACKLOG = 1024
@@ -747,6 +750,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # reactor passed in (a test's) is left as it is.
         leanDispatch(reactor)
         reactor.callWhenRunning(gc.freeze)
+    if options["trusted-hops"] and not options["trusted-proxies"]:
+        _log.warn(
+            "--trusted-hops {hops} without --trusted-proxies: any peer may set"
+            " its own X-Forwarded-For, and with it its client address",
+            hops=options["trusted-hops"],
+        )
     if options["workers"] > 1:
         return makeGroup(options, reactor)
     registry: IServiceRegistry = options["registry-object"]
