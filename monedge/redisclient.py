@@ -66,6 +66,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from monedge.redact import redactText, redactURL
 from monedge.sockets import sendAtOnce
 
 #: Connections a pool holds unless told otherwise.
@@ -129,18 +130,20 @@ class RedisAddress:
         @raise ValueError: with a one-line reason.
         """
         if not isinstance(url, str):
-            raise ValueError(f"expected a redis:// URL, got {url!r}")
+            raise ValueError(f"expected a redis:// URL, got {type(url).__name__}")
+        # Errors name the URL without its password (monedge.redact).
+        shown = redactURL(url)
         try:
             parts = urlsplit(url)
             port = parts.port
         except ValueError as e:
-            raise ValueError(f"invalid URL {url!r}: {e}") from None
+            raise ValueError(f"invalid URL {shown!r}: {redactText(str(e))}") from None
         if parts.scheme != "redis":
-            raise ValueError(f"expected a redis://host:port/db URL, got {url!r}")
+            raise ValueError(f"expected a redis://host:port/db URL, got {shown!r}")
         if not parts.hostname:
-            raise ValueError(f"the URL {url!r} has no host")
+            raise ValueError(f"the URL {shown!r} has no host")
         if parts.query or parts.fragment:
-            raise ValueError(f"the URL {url!r} may not have a query or fragment")
+            raise ValueError(f"the URL {shown!r} may not have a query or fragment")
         path = parts.path.strip("/")
         if path and not path.isdigit():
             raise ValueError(f"the database must be a whole number, got {path!r}")

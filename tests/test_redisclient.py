@@ -263,6 +263,23 @@ class AddressTests(SynchronousTestCase):
                     RedisAddress.parse(url)
                 self.assertTrue(str(caught.exception))
 
+    def test_refusalHidesPassword(self) -> None:
+        """
+        A refused URL is named without its password, even one with an C{@}
+        in it, whatever is wrong with the rest.
+        """
+        for url in [
+            "http://:p@ss@cache:6379/0",
+            "redis://:p@ss@cache:99999/0",
+            "redis://user:p@ss@cache:6379/0?a=b",
+            "redis://:p@ss@:6379/0",
+        ]:
+            with self.subTest(url=url):
+                with self.assertRaises(ValueError) as caught:
+                    RedisAddress.parse(url)
+                self.assertNotIn("p@ss", str(caught.exception))
+                self.assertNotIn("ss@", str(caught.exception))
+
 
 ADDRESS = RedisAddress("127.0.0.1", 6379)
 

@@ -899,6 +899,26 @@ class StaticRegistryTests(SynchronousTestCase):
         self.assertEqual(error["error"], lastError)
         self.assertEqual(self.flushLoggedErrors(), [])
 
+    def test_invalidReloadHidesCredentials(self) -> None:
+        """
+        A refused endpoint that carries credentials or a query is recorded
+        and logged without them.
+        """
+        self.startPolling()
+        writeServices(
+            self.path,
+            {ECHO: {"endpoints": ["https://edge:s3cret@10.0.0.1:443/x?token=abc"]}},
+        )
+        self.clock.advance(self.interval)
+        self.assertEqual(self.registry.reloadsFailed, 1)
+        lastError = self.registry.lastError
+        assert lastError is not None
+        [error] = self.errors()
+        for text in (lastError, str(error["error"])):
+            self.assertNotIn("s3cret", text)
+            self.assertNotIn("abc", text)
+            self.assertIn(f"services.{ECHO}.endpoints[0]", text)
+
     def test_invalidReloadCountedOnce(self) -> None:
         """
         An invalid file is counted and logged once, not again at every

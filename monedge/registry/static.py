@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from monedge.interfaces import IServiceRegistry
 from monedge.policy import PolicyError, parsePolicy
+from monedge.redact import redactText
 from monedge.registry import Endpoint, RegistryTable, ServiceEntry, TableRegistry
 
 _ADDRESS = re.compile(
@@ -201,10 +202,11 @@ class StaticRegistry(TableRegistry, Service):
             table = loadRegistryFile(self.path)
         except RegistryFileError as e:
             self.reloadsFailed += 1
-            self.lastError = str(e)
+            # Endpoints may carry credentials: the log never shows them.
+            self.lastError = redactText(str(e))
             self._log.error(
                 "registry reload failed, keeping the last good table: {error}",
-                error=str(e),
+                error=self.lastError,
             )
             return False
         self.reloadsSucceeded += 1
