@@ -247,7 +247,8 @@ class AddressTests(SynchronousTestCase):
         """
         Anything but a redis:// URL with a host, a port in range and a
         whole-number database, and no query or fragment, is a ValueError
-        with a reason.
+        with a reason, which names the URL without its password (even one
+        with an C{@} in it).
         """
         for url in [
             6379,
@@ -257,18 +258,6 @@ class AddressTests(SynchronousTestCase):
             "redis://cache:6379/x",
             "redis://cache:6379/0?a=b",
             "redis://cache:6379/0#f",
-        ]:
-            with self.subTest(url=url):
-                with self.assertRaises(ValueError) as caught:
-                    RedisAddress.parse(url)
-                self.assertTrue(str(caught.exception))
-
-    def test_refusalHidesPassword(self) -> None:
-        """
-        A refused URL is named without its password, even one with an C{@}
-        in it, whatever is wrong with the rest.
-        """
-        for url in [
             "http://:p@ss@cache:6379/0",
             "redis://:p@ss@cache:99999/0",
             "redis://user:p@ss@cache:6379/0?a=b",
@@ -277,9 +266,10 @@ class AddressTests(SynchronousTestCase):
             with self.subTest(url=url):
                 with self.assertRaises(ValueError) as caught:
                     RedisAddress.parse(url)
-                self.assertNotIn("p@ss", str(caught.exception))
-                self.assertNotIn("ss@", str(caught.exception))
-
+                message = str(caught.exception)
+                self.assertTrue(message)
+                self.assertNotIn("p@ss", message)
+                self.assertNotIn("ss@", message)
 
 ADDRESS = RedisAddress("127.0.0.1", 6379)
 

@@ -17,9 +17,9 @@ from monedge.tap import Options, makeService
 from monedge.testing import writeRegistry
 
 
-class OptionsTests(SynchronousTestCase):
+class OptionsTestCase(SynchronousTestCase):
     """
-    Options parse, default and validate as documented in --help.
+    Parses C{twistd monedge} options on a registry file of one service.
     """
 
     def setUp(self) -> None:
@@ -44,6 +44,12 @@ class OptionsTests(SynchronousTestCase):
         self.assertNotIn("\n", message)
         for fragment in fragments:
             self.assertIn(fragment, message)
+
+
+class OptionsTests(OptionsTestCase):
+    """
+    Options parse, default and validate as documented in --help.
+    """
 
     def test_defaults(self) -> None:
         """
@@ -315,22 +321,11 @@ class FileLimitTests(SynchronousTestCase):
             self.assertEqual(after, hard)
 
 
-class ForwardingOptionsTests(SynchronousTestCase):
+class ForwardingOptionsTests(OptionsTestCase):
     """
     --trusted-hops, --trusted-proxies, --trusted-header, --identity-header
     and --no-real-ip combine into one set of forwarding rules.
     """
-
-    def setUp(self) -> None:
-        self.registry = os.path.abspath(self.mktemp())
-        writeRegistry(
-            self.registry, {"service.api.echo": {"endpoints": ["127.0.0.1:1"]}}
-        )
-
-    def parse(self, *args: str) -> Options:
-        options = Options()
-        options.parseOptions(["--registry", f"static:{self.registry}", *args])
-        return options
 
     def test_defaults(self) -> None:
         """
@@ -385,10 +380,7 @@ class ForwardingOptionsTests(SynchronousTestCase):
             (["--trusted-header", "X-Real-IP"], "--no-real-ip"),
         ]
         for args, fragment in cases:
-            with self.assertRaises(UsageError) as caught:
-                self.parse(*args)
-            self.assertNotIn("\n", str(caught.exception))
-            self.assertIn(fragment, str(caught.exception))
+            self.assertUsageError(args, fragment)
 
     def test_countAloneWarns(self) -> None:
         """

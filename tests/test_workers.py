@@ -53,7 +53,6 @@ from monedge.admin import groupAdminSite
 from monedge.lifecycle import Listener
 from monedge.metrics import GROUP_MAX_GAUGES, Metrics, StaticCollector, mergeExpositions
 from monedge.tap import Options
-from monedge.testing import writeRegistry
 from monedge.workers import (
     ADOPTABLE,
     RESTART_DELAY,
@@ -68,6 +67,7 @@ from monedge.workers import (
     parseInherited,
     twistdCommand,
 )
+from tests.test_tap import OptionsTestCase
 
 #: A step small enough to land just before a scheduled call, and exactly
 #: representable, so that advancing by C{delay - EPSILON} then C{EPSILON}
@@ -1766,32 +1766,10 @@ class GroupAdminTests(SynchronousTestCase):
         )
 
 
-class WorkerOptionsTests(SynchronousTestCase):
+class WorkerOptionsTests(OptionsTestCase):
     """
     The --workers options of C{twistd monedge}.
     """
-
-    def setUp(self) -> None:
-        self.registry = os.path.abspath(self.mktemp())
-        writeRegistry(
-            self.registry, {"service.api.echo": {"endpoints": ["127.0.0.1:1"]}}
-        )
-
-    def parse(self, *args: str) -> Options:
-        options = Options()
-        options.parseOptions(["--registry", f"static:{self.registry}", *args])
-        return options
-
-    def assertUsageError(self, args: list[str], *fragments: str) -> None:
-        """
-        Parsing C{args} is a one-line UsageError containing every fragment.
-        """
-        with self.assertRaises(UsageError) as caught:
-            self.parse(*args)
-        message = str(caught.exception)
-        self.assertNotIn("\n", message)
-        for fragment in fragments:
-            self.assertIn(fragment, message)
 
     def test_default(self) -> None:
         """
