@@ -96,6 +96,21 @@ class RedisRateLimitTestCase(ProxyTestCase):
                 return float(line.split()[-1])
         self.fail(f"{name} is not on /metrics")
 
+    async def assertRedisCounters(
+        self, proxy: ProxyProcess, errors: int, outages: int
+    ) -> None:
+        """
+        The default policy's requests decided without Redis, and outages,
+        are as given on /metrics.
+        """
+        counted = [
+            await self.metric(
+                proxy, f'monedge_ratelimit_redis_{kind}_total{{policy="default"}}'
+            )
+            for kind in ("errors", "outages")
+        ]
+        self.assertEqual(counted, [errors, outages])
+
     async def outcome(self, proxy: ProxyProcess) -> tuple[int, int | None]:
         """
         GET /limited/x: the status and the RateLimit field's r, if any.
@@ -148,18 +163,7 @@ class BurstTests(RedisRateLimitTestCase):
         self.assertEqual(len(upstream.received), ok)
         most = 5 + math.floor(elapsed * 5)
         self.assertTrue(5 <= ok <= most, f"{ok} admitted in {elapsed:.3f} s")
-        self.assertEqual(
-            await self.metric(
-                proxy, 'monedge_ratelimit_redis_errors_total{policy="default"}'
-            ),
-            0,
-        )
-        self.assertEqual(
-            await self.metric(
-                proxy, 'monedge_ratelimit_redis_outages_total{policy="default"}'
-            ),
-            0,
-        )
+        await self.assertRedisCounters(proxy, errors=0, outages=0)
         log = self.log(proxy)
         self.assertNotIn("ratelimit:", log)
         self.assertNotIn("Traceback", log)
@@ -208,15 +212,4 @@ class OutageTests(RedisRateLimitTestCase):
         self.assertEqual(log.count("ratelimit:"), 2)
         self.assertIn("5 requests were decided without it", log)
         self.assertNotIn("Traceback", log)
-        self.assertEqual(
-            await self.metric(
-                proxy, 'monedge_ratelimit_redis_errors_total{policy="default"}'
-            ),
-            5,
-        )
-        self.assertEqual(
-            await self.metric(
-                proxy, 'monedge_ratelimit_redis_outages_total{policy="default"}'
-            ),
-            1,
-        )
+        await self.assertRedisCounters(proxy, errors=5, outages=1)
