@@ -21,10 +21,10 @@ proxy path.  Its contract, kept by the same end-to-end tests:
   after a response's end (a second response in the same read, garbage,
   bytes on an idle pooled connection) is never parsed or handed on, and
   the connection is discarded, with a warning naming the endpoint;
-- a response's heads are bounded (C{maxHeadersSize} bytes, interim heads
-  included, and C{maxHeaderCount} fields), counted as the bytes arrive: past
-  either, reading stops, the connection is dropped and the request fails
-  with L{UpstreamHeadersTooLarge};
+- a response's heads are bounded: C{maxHeadersSize} bytes (interim heads
+  included), counted as they arrive, and C{maxHeaderCount} fields, counted
+  as each head ends; past either, reading stops, the connection is dropped
+  and the request fails with L{UpstreamHeadersTooLarge};
 - a pooled connection found closed before any byte of the response is
   replaced by a new one, once, for a request L{monedge.replay.mayReplay}
   allows;
@@ -34,7 +34,7 @@ proxy path.  Its contract, kept by the same end-to-end tests:
 from __future__ import annotations
 
 import re
-from typing import Any, cast
+from typing import Any
 
 import httptools
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -113,6 +113,12 @@ class UpstreamHeadersTooLarge(Exception):
 class _AfterResponse(Exception):
     """
     The parser found another message after the response.
+    """
+
+
+class _Interim(Exception):
+    """
+    The parser read an interim head in a read it was given whole.
     """
 
 
@@ -252,6 +258,8 @@ class _Connection(Protocol):
 
     def __init__(self, client: FastUpstreamClient, key: Key) -> None:
         self._client = client
+        self._maxHeadersSize = client.maxHeadersSize
+        self._maxHeaderCount = client.maxHeaderCount
         self.key = key
         self.reused = False
         #: When the connection last went back to the pool.
@@ -282,15 +290,17 @@ class _Connection(Protocol):
         self._failure: Failure | None = None
         #: Reading a response head (interim ones included).
         self._inHead = True
-        #: Bytes of response heads so far (interim ones included); header
-        #: fields in the current head (then in the trailer section).
+        #: Bytes of response heads so far (interim ones included); fields
+        #: in the trailer section.
         self._headBytes = 0
         self._headerCount = 0
         #: The current head's last bytes so far (its end may be split
         #: across reads); empty before its first byte.
         self._tail = b""
         self._headEnded = False
-        #: Body bytes still to come, for a Content-Length body.
+        #: Body bytes declared, and still to come, for a body framed by
+        #: its length (0 for a response that has none).
+        self._declared = 0
         self._remaining: int | None = None
         #: A chunked body: its last three bytes, the bytes read since its
         #: last data (size lines, the trailer section), and whether data
@@ -300,6 +310,18 @@ class _Connection(Protocol):
         self._gotData = False
         #: What a parser callback stopped the parser with, if it did.
         self._stop: Exception | None = None
+        #: The parser was given a whole read (see _readWhole).
+        self._whole = False
+
+    def _idle(self) -> None:
+        """
+        The response is over and the connection goes back to the pool: let
+        go of what the response held (its next request resets the rest).
+        """
+        self._parser = None
+        self._response = None
+        self._headers = []
+        self._bodyWriter = None
 
     def connectionMade(self) -> None:
         sendAtOnce(self.transport)
@@ -369,37 +391,51 @@ class _Connection(Protocol):
             raise self._stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headerCount += 1
-        limit = self._client.maxHeaderCount
-        if self._headerCount > limit:
-            self._stop = UpstreamHeadersTooLarge(f"more than {limit} header fields")
-            raise self._stop
         if self._inHead:
+            # Counted when the head ends (its bytes are bounded meanwhile).
             self._headers.append((name, value))
-        # A trailer field is counted, and dropped.
+            return
+        # A trailer field: counted, and dropped.
+        self._headerCount += 1
+        if self._headerCount > self._maxHeaderCount:
+            self._tooManyFields()
+
+    def _tooManyFields(self) -> None:
+        """
+        Stop the parser: a head or trailer section has too many fields.
+        """
+        self._stop = UpstreamHeadersTooLarge(
+            f"more than {self._maxHeaderCount} header fields"
+        )
+        raise self._stop
 
     def on_headers_complete(self) -> None:
         self._headEnded = True
+        if len(self._headers) > self._maxHeaderCount:
+            self._tooManyFields()
         parser = self._parser
         code = parser.get_status_code()
         if 100 <= code < 200 and code != 101:
             # An interim response: wait for the real one.
             self._interim = True
             self._headers = []
-            self._headerCount = 0
             self._tail = b""
+            if self._whole:
+                # The parser was given the whole read: stop it here, so the
+                # next head is found and counted (see _readWhole).
+                self._stop = _Interim()
+                raise self._stop
             return
         self._inHead = False
-        self._headerCount = 0
         headers = Headers()
         raw = headers._rawHeaders
         connection: list[bytes] | None = None
-        length: int | object = UNKNOWN_LENGTH
+        declared: int | None = None
         for name, value in self._headers:
             lowered = name.lower()
             if lowered in _CONNECTION_CONTROL:
                 if lowered == b"content-length":
-                    length = int(value)
+                    declared = int(value)
                     if self._head:
                         headers.addRawHeader(name, value)
                 elif lowered == b"connection":
@@ -409,7 +445,7 @@ class _Connection(Protocol):
                     # any other coding is a body delimited by the close.
                     coding = value.rpartition(b",")[2].strip(b" \t").lower()
                     self._chunked = coding == b"chunked"
-                    length = UNKNOWN_LENGTH
+                    declared = None
                 continue
             if _UNSAFE_VALUE(value) is not None:
                 # Never expected from llhttp; the slow path sanitises.
@@ -421,12 +457,15 @@ class _Connection(Protocol):
                 raw[canonical] = [value]
             else:
                 values.append(value)
+        length: int | object
         if self._head or code in (204, 304, 101):
             # No body, whatever the head says: the response ends with it.
-            length = 0
+            length = self._remaining = self._declared = 0
             self._complete = True
-        elif length is not UNKNOWN_LENGTH:
-            self._remaining = cast(int, length)
+        elif declared is not None:
+            length = self._remaining = self._declared = declared
+        else:
+            length = UNKNOWN_LENGTH
         self._keepAlive = bool(parser.should_keep_alive()) and code != 101
         response = self._response = _Response(self, code, headers, length, connection)
         self._completeResponse(response)
@@ -527,9 +566,80 @@ class _Connection(Protocol):
         @raise httptools.HttpParserError: a malformed response.
         @raise UpstreamProtocolError: a head llhttp would read differently.
         """
+        if self._inHead and not self._tail and not self._head:
+            # The common case: a head that starts and ends in this read.
+            end = data.find(b"\r\n\r\n")
+            if end > 0 and data[0] not in b"\r\n":
+                self._readWhole(data, end + 4)
+                return
+        self._readFrom(data, 0)
+
+    def _readWhole(self, data: bytes, end: int) -> None:
+        """
+        Parse a read that holds a whole head, ending at C{end}, and maybe
+        more: the parser takes it all at once (one call, no copy), and what
+        it parsed past the response's end is found after.  Not for HEAD,
+        whose answer llhttp would read a body for.
+        """
+        self._headBytes += end
+        if self._headBytes > self._maxHeadersSize:
+            limit = self._maxHeadersSize
+            raise UpstreamHeadersTooLarge(f"response heads over {limit} bytes")
+        # (A head that starts in this read is the response's first, or
+        # follows an interim one read whole: nothing of the body came yet.)
+        self._headEnded = False
+        self._whole = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            raise _Switched(e.args[0]) from None
+        except httptools.HttpParserError:
+            stop = self._stop
+            if isinstance(stop, _Interim):
+                # An interim head ended at `end`: a parser of its own for
+                # what follows, read head by head.
+                self._stop = None
+                self._interim = False
+                self._whole = False
+                self._parser = httptools.HttpResponseParser(self)
+                self._readFrom(data, end)
+                return
+            response = self._response
+            if response is not None and response.code == 101:
+                raise _Switched(end) from None
+            if self._complete and (stop is None or isinstance(stop, _AfterResponse)):
+                # Another message, or garbage, after the response.
+                self._overrun()
+                return
+            raise
+        finally:
+            self._whole = False
+        if not self._headEnded:
+            raise UpstreamProtocolError("the head did not end at its empty line")
         size = len(data)
-        pos = 0
+        remaining = self._remaining
+        if self._complete:
+            if remaining is not None:
+                # Only the empty lines llhttp skips could have followed.
+                if size > end + self._declared:
+                    self._overrun()
+            else:
+                self._checkChunkedEnd(data, end)
+            return
+        if remaining is not None:
+            self._remaining = remaining - (size - end)
+        elif self._chunked:
+            self._chunkedRead(data, end)
+
+    def _readFrom(self, data: bytes, pos: int) -> None:
+        """
+        Parse C{data} from C{pos}, head by head, feeding the parser only
+        the bytes of the response.
+        """
+        size = len(data)
         while self._inHead:
+            if pos == size:
+                return
             if not self._tail and data[pos] in b"\r\n":
                 # llhttp skips empty lines before a status line; monedge
                 # takes them for bytes after the last response.
@@ -537,7 +647,7 @@ class _Connection(Protocol):
             end = self._headEnd(data, pos)
             stop = size if end < 0 else end
             self._headBytes += stop - pos
-            limit = self._client.maxHeadersSize
+            limit = self._maxHeadersSize
             if self._headBytes > limit:
                 raise UpstreamHeadersTooLarge(f"response heads over {limit} bytes")
             if end < 0:
@@ -555,8 +665,8 @@ class _Connection(Protocol):
             if not self._headEnded:
                 raise UpstreamProtocolError("the head did not end at its empty line")
             pos = end
-            if pos == size:
-                return
+        if pos == size:
+            return
         if self._complete:
             # A response without a body (HEAD, 204, 304) and more bytes.
             self._overrun()
@@ -585,19 +695,34 @@ class _Connection(Protocol):
             self._overrun()
             return
         if self._complete:
-            # The parser skips empty lines after a message: the body ends
-            # with CRLF CRLF after a byte that is neither, so any more CR
-            # or LF after it were bytes past its end.
-            last = (self._last3 + data[max(pos, size - 8) :])[-8:]
-            if len(last) - len(last.rstrip(b"\r\n")) > 4:
-                self._overrun()
+            self._checkChunkedEnd(data, pos)
             return
+        self._chunkedRead(data, pos)
+
+    def _checkChunkedEnd(self, data: bytes, pos: int) -> None:
+        """
+        A chunked body ended in C{data[pos:]}, and the parser raised
+        nothing after it; but it skips empty lines after a message.  The
+        body ends with CRLF CRLF after a byte that is neither, so any more
+        CR or LF after it were bytes past its end.
+        """
+        last = (self._last3 + data[max(pos, len(data) - 8) :])[-8:]
+        if len(last) - len(last.rstrip(b"\r\n")) > 4:
+            self._overrun()
+
+    def _chunkedRead(self, data: bytes, pos: int) -> None:
+        """
+        Account for a read of a chunked body, C{data[pos:]}, that did not
+        end it: its last bytes, and the bytes with no data in them (size
+        lines, the trailer section), which are bounded like a head.
+        """
+        size = len(data)
         self._last3 = (self._last3 + data[max(pos, size - 3) :])[-3:]
         if self._gotData:
             self._sinceData = 0
         else:
             self._sinceData += size - pos
-            limit = self._client.maxHeadersSize
+            limit = self._maxHeadersSize
             if self._sinceData > limit:
                 raise UpstreamHeadersTooLarge(
                     f"over {limit} bytes of chunk framing or trailers"
@@ -940,7 +1065,7 @@ class FastUpstreamClient:
         return None
 
     def _release(self, connection: _Connection) -> None:
-        connection._reset()
+        connection._idle()
         idle = self._idle.setdefault(connection.key, [])
         if len(idle) >= self._maxPerHost:
             connection.abort()

@@ -859,6 +859,125 @@ class FramingTests(SynchronousTestCase):
         self.assertTrue(body.reason.check(ResponseFailed))
 
 
+#: Responses, each with the method it answers, that every way of cutting
+#: them into reads must give the same outcome.
+WIRE: list[tuple[bytes, bytes]] = [
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab\r\n"),
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA"),
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok\r\n"),
+    (
+        b"GET",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+    ),
+    (
+        b"GET",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\nX-T: 1\r\n\r\n",
+    ),
+    (
+        b"GET",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n\r\n",
+    ),
+    (
+        b"GET",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+    ),
+    (b"GET", b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the close"),
+    (b"GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\nabc"),
+    (b"GET", b"HTTP/1.1 304 Not Modified\r\n\r\n"),
+    (b"GET", b"HTTP/1.1 304 Not Modified\r\n\r\n\r\n"),
+    (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+    (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+    (b"HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    # Interim heads: 91 bytes of heads in all, then 110 (over the limit).
+    (
+        b"GET",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ),
+    (
+        b"GET",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ),
+    (b"GET", b"HTTP/1.1 103 Early Hints\r\n\r\ngarbage\r\n\r\n"),
+    (b"GET", b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    (b"GET", b"HTTP/1.1 101 Switching Protocols\r\n\r\nframes"),
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"),
+    (
+        b"GET",
+        b"HTTP/1.1 200 OK\r\n"
+        + b"".join(b"X-%d: v\r\n" % (i,) for i in range(5))
+        + b"Content-Length: 0\r\n\r\n",
+    ),
+    (b"GET", b"HTTP/1.1 200 OK\r\nX: " + b"v" * 120 + b"\r\n\r\n"),
+]
+
+
+class ReadsTests(SynchronousTestCase):
+    """
+    However an upstream's bytes are cut into reads, the outcome is the
+    same: monedge's client parses a read that holds a whole head at once,
+    and other reads head by head (see L{_Connection._readWhole}).
+    """
+
+    def outcome(self, method: bytes, reads: list[bytes]) -> tuple[object, ...]:
+        """
+        Send a C{method} request to a client with small head limits, feed
+        C{reads} (as a transport would: none after an abort), and describe
+        what came of it.
+        """
+        reactor = MemoryReactorClock()
+        client = FastUpstreamClient(reactor, maxHeadersSize=100, maxHeaderCount=5)
+        events: list[dict[str, Any]] = []
+        self.patch(_Connection, "_log", recordingLogger(events))
+        d = requestFrom(client, method)
+        protocol, transport = connectPending(reactor)
+        connection = protocol._wrappedProtocol
+        body = Body()
+        seen: list[object] = []
+
+        def arrived(response: IResponse) -> None:
+            seen.append((response.code, response.length))
+            seen.append(sorted(response.headers.getAllRawHeaders()))
+            response.deliverBody(body)
+
+        def failed(reason: Failure) -> None:
+            inner = getattr(reason.value, "reasons", None)
+            seen.append(type(inner[0].value if inner else reason.value))
+
+        d.addCallbacks(arrived, failed)
+        for data in reads:
+            if connection.aborted:
+                break
+            protocol.dataReceived(data)
+        if not connection.aborted:
+            protocol.connectionLost(Failure(ConnectionDone()))
+        reason = body.reason
+        return (
+            *seen,
+            body.data,
+            type(reason.value) if reason is not None else None,
+            connection.aborted,
+            [formatEvent(event) for event in events],
+        )
+
+    def test_sameWhateverTheReads(self) -> None:
+        """
+        Every response in L{WIRE}, in one read, cut in two at every place,
+        and byte by byte, has the same outcome.
+        """
+        for method, wire in WIRE:
+            whole = self.outcome(method, [wire])
+            cuts = [[wire[:i], wire[i:]] for i in range(1, len(wire))]
+            for reads in [*cuts, [wire[i : i + 1] for i in range(len(wire))]]:
+                self.assertEqual(self.outcome(method, reads), whole, (wire, reads))
+
+
 class HeaderLimitTests(SynchronousTestCase):
     """
     Upstream response heads are bounded in bytes and fields, counted as
