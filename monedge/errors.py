@@ -97,11 +97,16 @@ def errorBody(status: int, code: str, message: str, requestId: bytes) -> bytes:
     )
 
 
-def rawErrorResponse(code: str, requestId: bytes, message: str | None = None) -> bytes:
+def rawErrorResponse(
+    code: str, requestId: bytes, message: str | None = None, head: bool = False
+) -> bytes:
     """
     A complete HTTP/1.1 error response that closes the connection, for
     refusals made before there is a request object to answer through
     (malformed framing, header limits and deadlines).
+
+    @param head: the refused request is a C{HEAD}: the response has the
+        headers a C{GET} would get, and no body (RFC 9110 9.3.2).
     """
     status, default = CATALOGUE[code]
     body = errorBody(status, code, message or default, requestId)
@@ -115,7 +120,7 @@ def rawErrorResponse(code: str, requestId: bytes, message: str | None = None) ->
             b"X-Request-Id: ",
             requestId,
             b"\r\n\r\n",
-            body,
+            b"" if head else body,
         ]
     )
 

@@ -790,7 +790,10 @@ class ProxyChannel(HTTPChannel):
             request._accounted = True
         transport = self.transport
         assert transport is not None
-        transport.write(rawErrorResponse(code, rid, message))
+        # A request line already read says whether this answers a HEAD
+        # (Twisted deletes it once a request is all in).
+        head = getattr(self, "_command", None) == b"HEAD"
+        transport.write(rawErrorResponse(code, rid, message, head))
         self.site.refusalLogged(self, code, rid, request)
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         self._networkProducer.unregisterProducer()  # type: ignore[attr-defined]

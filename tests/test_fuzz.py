@@ -103,6 +103,15 @@ class SeedTests(SynchronousTestCase):
             except AssertionError as e:
                 self.fail(f"regression {name!r}: {e}")
 
+    def test_headRefusalHasNoBody(self) -> None:
+        """
+        fuzz/regressions/head-refusal-body: a HEAD request refused on its
+        headers (a NUL in a header line) gets the 400's head and no body,
+        so the response stream parses as one HEAD response.
+        """
+        with open(os.path.join(REGRESSIONS, "head-refusal-body"), "rb") as f:
+            checkRequestBytes(f.read())
+
     def test_seedsWritten(self) -> None:
         """
         The seed directory holds one file per corpus case and extra seed,

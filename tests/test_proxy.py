@@ -419,6 +419,23 @@ class ProxyPathTests(SynchronousTestCase):
         protocol.dataReceived(b"x" * 100000)
         self.assertEqual(h.client.calls, [])
 
+    def test_refusedHeadHasNoBody(self) -> None:
+        """
+        A HEAD refused by the channel (malformed headers, a header limit)
+        gets the refusal's status and headers, Content-Length included, and
+        no body; a GET refused alike gets the JSON body.
+        """
+        for method, bodied in ((b"HEAD", False), (b"GET", True)):
+            h = Harness([_service()], Limits(maxHeaderCount=1))
+            _, transport = h.send(
+                method + b" /echo/ HTTP/1.1\r\nHost: a\r\nX-Two: 2\r\n\r\n"
+            )
+            self.assertEqual(_status(transport), 431)
+            head, _, body = transport.value().partition(b"\r\n\r\n")
+            self.assertIn(b"\r\nContent-Length: ", head)
+            self.assertEqual(bool(body), bodied, method)
+            self.assertTrue(transport.disconnecting)
+
     def test_requestLineLimitExact(self) -> None:
         """
         The request-line limit applies on its own even when the header-line
