@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
@@ -401,12 +402,18 @@ def _later(seconds: float) -> Deferred[None]:
 
 def metric(text: str, series: str) -> float:
     """
-    The value of one series in Prometheus text, 0 if it is absent.
+    The value of C{series} (C{name{label="value",...}}) in Prometheus text:
+    the sum of every sample of that name whose labels include those given
+    (so C{kind="reset"} counts every service's), 0 if there is none.
     """
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    return 0.0
+    name, _, rest = series.partition("{")
+    wanted = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and wanted.items() <= sample.labels.items()
+    )
 
 
 class FaultTestCase(ProxyTestCase):
