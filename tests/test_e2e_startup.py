@@ -343,6 +343,37 @@ class StartupFailureTests(TestCase):
             )
         )
 
+    async def test_hookFloors(self) -> None:
+        """
+        Hook options below their safe floors stop monedge with one line
+        naming the hook and the option: the auth hook's jwks-min-refresh
+        of 0 (a client could then make monedge fetch the JWKS on every
+        unknown key id) and a ratelimit redis-timeout not below the hook
+        timeout.
+        """
+        jwt = (
+            '{"name": "auth", "options": {"mode": "jwt",'
+            ' "jwks-url": "https://idp.example/jwks", "jwks-min-refresh": "0s"}}'
+        )
+        redis = (
+            '{"name": "ratelimit", "options": {"rate": "5/s",'
+            ' "redis": "redis://127.0.0.1:1/0", "redis-timeout": "10s"}}'
+        )
+        await self.runCases(
+            [
+                Case(
+                    "jwks-min-refresh 0",
+                    ["--hook", jwt],
+                    fragments=("monedge: --hook: hook auth: jwks-min-refresh",),
+                ),
+                Case(
+                    "redis-timeout above the hook timeout",
+                    ["--hook", redis, "--hook-timeout", "5s"],
+                    fragments=("monedge: --hook: hook ratelimit: redis-timeout",),
+                ),
+            ]
+        )
+
     async def test_tlsDir(self) -> None:
         """
         --tls-dir: missing, a file rather than a directory, or one it may
