@@ -271,6 +271,7 @@ class AddressTests(SynchronousTestCase):
                 self.assertNotIn("p@ss", message)
                 self.assertNotIn("ss@", message)
 
+
 ADDRESS = RedisAddress("127.0.0.1", 6379)
 
 
