@@ -39,7 +39,7 @@ from monedge.policy import Policy
 from monedge.proxy import ProxyContext
 from monedge.registry import Endpoint, ServiceEntry
 from monedge.resource import RootResource
-from monedge.server import Limits, ProxySite
+from monedge.server import Limits, ListenerFactory, ProxySite
 from monedge.testing import (
     FakeResponse,
     FakeUpstreamClient,
@@ -418,6 +418,34 @@ class ProxyPathTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         protocol.dataReceived(b"x" * 100000)
         self.assertEqual(h.client.calls, [])
+
+    def test_listenerCountsProtocols(self) -> None:
+        """
+        A listener counts each open connection under the protocol it
+        speaks now: HTTP/1.1 until ALPN's h2 switches it to HTTP/2, and
+        none once it has closed; the count is the listener's gauge.
+        """
+        h = Harness([_service()])
+        listener = ListenerFactory(h.site, 0, "tcp:30443")
+        protocol = listener.buildProtocol(IPv4Address("TCP", "192.0.2.7", 1))
+        transport = StringTransport()
+        transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+        protocol.makeConnection(transport)
+        self.assertEqual(listener.protocols(), ["http/1.1"])
+        protocol.dataReceived(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        )
+        self.assertEqual(listener.protocols(), ["h2"])
+        from prometheus_client import generate_latest
+
+        text = generate_latest(h.metrics.registry).decode()
+        self.assertIn(
+            'monedge_client_connections{listener="tcp:30443",protocol="h2"} 1.0', text
+        )
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(listener.protocols(), [])
+        self.assertEqual(listener.open, 0)
 
     def test_refusedHeadHasNoBody(self) -> None:
         """
