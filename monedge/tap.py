@@ -53,6 +53,7 @@ from monedge.registry.kubernetes import KubernetesRegistry, apiClientFromConfig
 from monedge.registry.static import RegistryFileError, StaticRegistry
 from monedge.resource import RootResource
 from monedge.server import Limits, ListenerFactory, ProxySite
+from monedge.syntax import isToken
 from monedge.tls import CertificateFileError, CertificateStore
 from monedge.trust import Trust, parseNetwork
 from monedge.tunnel import TunnelSet
@@ -75,7 +76,6 @@ _log = Logger()
 BACKLOG = 1024
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+\Z")
 
 
 def endpointDescription(value: str) -> str:
@@ -109,7 +109,7 @@ def _headerName(option: str, name: str) -> str:
     @raise usage.UsageError: if it is not an HTTP token.
     """
     name = name.strip().lower()
-    if not _TOKEN.match(name):
+    if not isToken(name):
         raise usage.UsageError(f"--{option}: not a header name: {name!r}")
     return name
 

@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "dispatch": 0,
     "redact": 0,
     "trust": 0,
+    "syntax": 0,
     "registry": 1,
     "endpoints": 1,
     "redisclient": 1,

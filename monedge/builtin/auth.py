@@ -81,6 +81,7 @@ from monedge.hooks import HookConfigError, HookResponse
 from monedge.interfaces import IHookFactory, IHookRequest, IRequestHook
 from monedge.policy import parseDuration
 from monedge.redact import redactText, redactURL
+from monedge.syntax import bearerToken, isToken
 
 #: The modes, by option value.
 MODES = ("jwt", "api-key", "external")
@@ -145,7 +146,6 @@ _MODE_OPTIONS = {
     ),
 }
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DIGEST = re.compile(r"[0-9a-f]{64}\Z")
 _PATH = re.compile(r"/[\x21-\x7e]*\Z")
@@ -173,7 +173,7 @@ class AuthUnavailable(Exception):
 
 
 def _headerName(value: object, option: str) -> bytes:
-    if not isinstance(value, str) or not _TOKEN.match(value):
+    if not isToken(value):
         raise HookConfigError(f"{option}: invalid header name {value!r}")
     if value.lower().encode("ascii") in _RESERVED:
         raise HookConfigError(f"{option}: {value} is a header monedge owns")
@@ -254,19 +254,9 @@ def _strings(value: object, option: str) -> str | tuple[str, ...]:
 
 def _bearer(headers: Headers) -> bytes | None:
     """
-    The bearer token in C{Authorization}: L{None} if there is none (no
-    header, or another scheme), C{b''} if it is malformed (empty, or more
-    than one C{Authorization} header).
+    The bearer token in C{Authorization} (L{bearerToken}'s rule).
     """
-    values = headers.getRawHeaders(b"authorization")
-    if not values:
-        return None
-    bearer = [v for v in values if v.split(b" ", 1)[0].lower() == b"bearer"]
-    if not bearer:
-        return None
-    if len(values) != 1:
-        return b""
-    return bearer[0][len(b"bearer") :].strip()
+    return bearerToken(headers.getRawHeaders(b"authorization"))
 
 
 def _missing(message: str) -> HookResponse:

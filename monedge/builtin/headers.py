@@ -40,10 +40,10 @@ from monedge.interfaces import (
     IRequestHook,
     IResponseHook,
 )
+from monedge.syntax import isToken
 
 PLACEHOLDERS = frozenset(["request_id", "client_address", "service", "method", "path"])
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*\Z")
 _PLACEHOLDER_LIKE = re.compile(r"[a-z_]{1,32}\Z")
 
@@ -150,7 +150,7 @@ class _Rules:
 
 
 def _name(value: object, where: str) -> bytes:
-    if not isinstance(value, str) or not _TOKEN.match(value):
+    if not isToken(value):
         raise HookConfigError(f"{where}: invalid header name {value!r}")
     return value.encode("ascii")
 

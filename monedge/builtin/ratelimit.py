@@ -146,6 +146,7 @@ from monedge.redisclient import (
     RedisPool,
     RedisReplyError,
 )
+from monedge.syntax import bearerToken, isToken
 
 #: Every Redis key this hook writes starts with this.
 KEY_PREFIX = "monedge:rl:"
@@ -198,7 +199,6 @@ SCRIPT_SHA = hashlib.sha1(SCRIPT.encode("utf-8")).hexdigest()
 _MICRO = 1_000_000
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(s|m|h)\s*\Z", re.ASCII)
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _MAX_BURST = 10_000_000
 _MAX_KEYS = 10_000_000
@@ -594,16 +594,11 @@ def _clientAddress(request: IHookRequest) -> str:
 
 
 def _bearerSubject(headers: Headers) -> str | None:
-    values = headers.getRawHeaders(b"authorization")
-    if not values:
-        return None
-    scheme, _, token = values[0].strip().partition(b" ")
-    if scheme.lower() != b"bearer":
+    token = bearerToken(headers.getRawHeaders(b"authorization"))
+    if not token:
         return None
     try:
-        claims = jwt.decode(
-            token.strip().decode("ascii"), options={"verify_signature": False}
-        )
+        claims = jwt.decode(token.decode("ascii"), options={"verify_signature": False})
     except (jwt.PyJWTError, UnicodeDecodeError, ValueError):
         return None
     subject = claims.get("sub") if isinstance(claims, dict) else None
@@ -846,7 +841,7 @@ def parseKey(value: object) -> str:
         return str(value)
     if isinstance(value, str) and value.startswith("header:"):
         name = value[len("header:") :]
-        if _TOKEN.match(name):
+        if isToken(name):
             return value
         raise HookConfigError(f"key: invalid header name {name!r}")
     raise HookConfigError(
