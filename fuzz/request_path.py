@@ -3,7 +3,7 @@ The atheris fuzz target for monedge's request path: parsing, normalisation,
 the routing decision and the header policy.
 
 Each input is the raw bytes a client sends on one connection; the
-invariants are checked by L{monedge.testing.fuzz.checkRequestBytes} and a
+invariants are checked by L{fuzz.checker.checkRequestBytes} and a
 broken one is an L{AssertionError}, which atheris reports as a crash.
 
 From the repository root::
@@ -20,14 +20,14 @@ import sys
 
 import atheris  # type: ignore[import-untyped]
 
-#: The repository root: monedge is imported from this tree, not from an
-#: installed copy.
+#: The repository root: monedge (and the fuzz package) is imported from this
+#: tree, not from an installed copy.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-with atheris.instrument_imports(include=["monedge", "twisted"]):
-    from monedge.testing.fuzz import checkRequestBytes
+with atheris.instrument_imports(include=["monedge", "twisted", "fuzz"]):
+    from fuzz.checker import checkRequestBytes
 
 
 def TestOneInput(data: bytes) -> None:

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from monedge.testing.fuzz import LISTENER_PORT, writeDictionary, writeSeeds  # noqa: E402
+from fuzz.checker import LISTENER_PORT, writeDictionary, writeSeeds  # noqa: E402
 from tests import corpus_cases  # noqa: E402
 
 #: Crash reproducers found by the fuzzer, each also a named test.

@@ -1,5 +1,5 @@
 """
-The request-path fuzz target: its checker (L{monedge.testing.fuzz}), its
+The request-path fuzz target: its checker (L{fuzz.checker}), its
 seed corpus and its regressions, its atheris entry point, and a short real
 fuzz run.
 """
@@ -17,8 +17,8 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from monedge.testing import fuzz
-from monedge.testing.fuzz import (
+from fuzz import checker
+from fuzz.checker import (
     TaggingUpstream,
     checkOutcome,
     checkRequestBytes,
@@ -33,7 +33,7 @@ REGRESSIONS = os.path.join(ROOT, "fuzz", "regressions")
 
 
 def _corpus() -> list[tuple[str, bytes]]:
-    return corpus_cases.everyCase(fuzz.LISTENER_PORT)
+    return corpus_cases.everyCase(checker.LISTENER_PORT)
 
 
 def _regressions() -> list[tuple[str, bytes]]:
@@ -87,7 +87,7 @@ class SeedTests(SynchronousTestCase):
         WebSocket, absolute form, HEAD, 100-continue, HTTP/1.0, partial
         requests) keep every invariant.
         """
-        for name, raw in fuzz.EXTRA_SEEDS.items():
+        for name, raw in checker.EXTRA_SEEDS.items():
             try:
                 checkRequestBytes(raw)
             except AssertionError as e:
@@ -119,9 +119,9 @@ class SeedTests(SynchronousTestCase):
         """
         directory = self.mktemp()
         cases = _corpus()
-        written = fuzz.writeSeeds(directory, cases, REGRESSIONS)
+        written = checker.writeSeeds(directory, cases, REGRESSIONS)
         self.assertEqual(
-            len(written), len(cases) + len(fuzz.EXTRA_SEEDS) + len(_regressions())
+            len(written), len(cases) + len(checker.EXTRA_SEEDS) + len(_regressions())
         )
         contents = set()
         for path in written:
@@ -129,10 +129,10 @@ class SeedTests(SynchronousTestCase):
                 contents.add(f.read())
         self.assertTrue({raw for _, raw in cases} <= contents)
         dictionary = os.path.join(directory, "http.dict")
-        fuzz.writeDictionary(dictionary)
+        checker.writeDictionary(dictionary)
         with open(dictionary) as f:
             lines = f.read().splitlines()
-        self.assertEqual(len(lines), len(fuzz.DICTIONARY))
+        self.assertEqual(len(lines), len(checker.DICTIONARY))
         self.assertTrue(all(re.match(r'"[^"]*"\Z', line) for line in lines))
 
 
@@ -217,7 +217,7 @@ class CheckerTests(SynchronousTestCase):
                     log.error("upstream exploded")
                 return super().answer()
 
-        self.patch(fuzz, "TaggingUpstream", Noisy)
+        self.patch(checker, "TaggingUpstream", Noisy)
         with self.assertRaises(AssertionError) as raised:
             checkRequestBytes(PIPELINED)
         self.assertIn("logged at error level", str(raised.exception))
@@ -237,15 +237,15 @@ class CheckerTests(SynchronousTestCase):
         ]
         for data in bad:
             with self.assertRaises(AssertionError):
-                fuzz.parseResponses(data, [b"GET"], closed=False)
-        [response], _ = fuzz.parseResponses(
+                checker.parseResponses(data, [b"GET"], closed=False)
+        [response], _ = checker.parseResponses(
             b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/html\r\n"
             b"Content-Length: 9\r\n\r\nTraceback",
             [b"GET"],
             closed=False,
         )
         with self.assertRaises(AssertionError):
-            fuzz.checkErrorResponse(response)
+            checker.checkErrorResponse(response)
 
     def test_strictFramer(self) -> None:
         """
@@ -278,7 +278,7 @@ class CheckerTests(SynchronousTestCase):
             b"*",
             b"/",
         ]:
-            fuzz.checkPath(target)
+            checker.checkPath(target)
 
     def test_splitPoints(self) -> None:
         """
@@ -309,7 +309,7 @@ class EntryPointTests(SynchronousTestCase):
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        for data in [b"", b"\x00\xff", PIPELINED, fuzz.EXTRA_SEEDS["post-chunked"]]:
+        for data in [b"", b"\x00\xff", PIPELINED, checker.EXTRA_SEEDS["post-chunked"]]:
             module.TestOneInput(data)
 
 

@@ -10,6 +10,16 @@ Test support for monedge and for people who extend it.
 - L{ProxyProcess}: a real C{twistd monedge} child process on loopback, with
   its ports, logs and lifecycle; L{ProxyProcess.run} for one expected to
   stop by itself (a startup that must fail), with how it L{Exited}.
+
+And in its submodules:
+
+- L{monedge.testing.hooks}: run hooks as monedge would, without sockets.
+- L{monedge.testing.tls}: a throwaway certificate authority for test
+  certificates.
+- L{monedge.testing.kubernetes}: a fake Kubernetes API server the real
+  C{kubernetes} client can list and watch.
+- L{monedge.testing.loadbalancer}: a small health-checking HTTP load
+  balancer to put in front of monedge processes.
 """
 
 from __future__ import annotations
