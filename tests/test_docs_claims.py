@@ -249,11 +249,11 @@ def resolves(dotted: str) -> bool:
 
 def missingNames(text: str) -> list[str]:
     """
-    Each C{monedge.*} or C{tests.*} name in a code span of C{text} that
-    does not resolve.
+    Each C{monedge.*}, C{tests.*} or C{fuzz.*} name in a code span of
+    C{text} that does not resolve.
     """
     found = []
-    for match in re.finditer(r"`((?:monedge|tests)(?:\.[A-Za-z_]\w*)+)`", text):
+    for match in re.finditer(r"`((?:monedge|tests|fuzz)(?:\.[A-Za-z_]\w*)+)`", text):
         if not resolves(match.group(1)):
             number, _ = lineOf(text, match.start())
             found.append(f"{number}: {match.group(1)}")
@@ -369,8 +369,8 @@ class DocsClaimTests(SynchronousTestCase):
 
     def test_namesResolve(self) -> None:
         """
-        Every monedge.* and tests.* name in a code span is a module or an
-        object in one.
+        Every monedge.*, tests.* and fuzz.* name in a code span is a module
+        or an object in one.
         """
         self.assertNothing("names", {path: missingNames(text) for path, text in docs()})
 
