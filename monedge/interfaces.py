@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from monedge.endpoints import UpstreamTLS
     from monedge.registry import ServiceEntry
+    from monedge.registry.kubeapi import ObjectList, WatchEvent
 
 
 class IServiceRegistry(Interface):
@@ -72,6 +73,59 @@ class IServiceRegistry(Interface):
         """
         The registry's own state (its kind, its source, how its last syncs
         or reloads went), as JSON-able data for the admin C{/routes} page.
+        """
+
+
+class IKubernetesAPI(Interface):
+    """
+    What the Kubernetes registry needs of the API server: a list of one
+    kind of object with the C{resourceVersion} it was taken at, and a watch
+    of that kind from a C{resourceVersion}.  The registry's watch logic
+    depends only on this; the real one is
+    L{monedge.registry.kubeclient.KubernetesClientAPI} (the official
+    C{kubernetes} client, in threads), and
+    L{monedge.testing.kubernetes.MemoryKubernetes} is the in-memory fake.
+
+    C{kind} is one of L{monedge.registry.kubeapi.KINDS}; C{namespace} is a
+    namespace, or L{None} for every namespace.  Every method is called on
+    the reactor thread and returns at once; results, failures and watch
+    events arrive on the reactor thread, in the order the API sent them.
+
+    Failures: L{monedge.registry.kubeapi.ResourceExpired} (410 Gone: list
+    again), L{monedge.registry.kubeapi.KubernetesAPIError} for any other
+    refusal by the API server, and any other exception when the API could
+    not be reached or the connection broke.
+    """
+
+    def listObjects(kind: str, namespace: str | None) -> Deferred[ObjectList]:
+        """
+        Every object of C{kind} (in C{namespace}), as of one
+        C{resourceVersion}; paging, if any, is the implementation's own.
+
+        @return: a L{Deferred} that fires with a
+            L{monedge.registry.kubeapi.ObjectList}, or fails as the
+            interface says.  Cancelling it abandons the list.
+        """
+
+    def watchObjects(
+        kind: str,
+        namespace: str | None,
+        resourceVersion: str,
+        receive: Callable[[WatchEvent], None],
+    ) -> Deferred[None]:
+        """
+        Watch C{kind} (in C{namespace}) from C{resourceVersion}: call
+        C{receive} with each L{monedge.registry.kubeapi.WatchEvent} after
+        that version, in order: C{ADDED}, C{MODIFIED}, C{DELETED} and
+        C{BOOKMARK}.  C{receive} may be called before this returns.
+
+        @return: a L{Deferred} that fires with L{None} when the server ends
+            the watch (its timeout: watch again from the last version
+            seen), or fails as the interface says: with
+            L{monedge.registry.kubeapi.ResourceExpired} if
+            C{resourceVersion} is older than the server's history (at once
+            or mid-watch).  Cancelling it stops the watch: C{receive} is
+            not called again.
         """
 
 

@@ -962,6 +962,47 @@ class FakeKubernetesTests(TestCase):
             ],
         )
 
+    async def test_forbidAndEndWatches(self) -> None:
+        """
+        C{forbid(kind)} refuses that kind's lists and watches with a 403
+        C{Forbidden} C{Status} (other kinds are served) until
+        C{forbid(kind, False)}; C{endWatches()} ends every open watch
+        cleanly, as its C{timeoutSeconds} would, long before it.
+        """
+        self.fake.forbid("EndpointSlice")
+        for call in [
+            self.discovery.list_endpoint_slice_for_all_namespaces,
+            lambda: self.discovery.list_namespaced_endpoint_slice(
+                "default", watch=True, _preload_content=False
+            ),
+        ]:
+            error = await inThread(raised(call))
+            assert isinstance(error, ApiException), error
+            self.assertEqual(error.status, 403)
+            status = statusOf(error)
+            self.assertEqual(
+                (status["kind"], status["reason"], status["code"]),
+                ("Status", "Forbidden", 403),
+            )
+            self.assertIn("endpointslices is forbidden", status["message"])
+        await inThread(self.core.list_service_for_all_namespaces)
+        self.fake.forbid("endpointslices", False)
+        await inThread(self.discovery.list_endpoint_slice_for_all_namespaces)
+
+        self.fake.apply(service("default", "a"))
+        watch, events = self.openWatch(
+            self.core.list_service_for_all_namespaces,
+            10,
+            resource_version="0",
+            timeout_seconds=WATCH_SECONDS,
+        )
+        await bounded(self.fake.whenWatching())
+        started = time.monotonic()
+        self.fake.endWatches()
+        self.assertEqual(summary(await events), [("ADDED", "default/a")])
+        self.assertLess(time.monotonic() - started, WATCH_SECONDS / 2)
+        self.assertEqual(self.fake.watchCount, 0)
+
     async def test_unauthorizedWithoutToken(self) -> None:
         """
         A request without the kubeconfig's bearer token, or with another,

@@ -1,10 +1,6 @@
 """
 The Kubernetes registry: v1 Services and discovery.k8s.io/v1 EndpointSlices,
-listed, then watched, with the official C{kubernetes} client.
-
-The client blocks, so every list and watch runs in a thread pool of its
-own; every change is applied on the reactor thread, and the proxy only ever
-reads the table.  The data path never waits on the API.
+listed, then watched, and turned into registry entries.
 
     Service service-api-foo (namespace shop)   ->  service.api.foo
     EndpointSlices labelled kubernetes.io/service-name=service-api-foo
@@ -12,30 +8,65 @@ reads the table.  The data path never waits on the API.
 
 Only Services named by the convention for a configured tier are kept (and
 only their slices), so memory follows the exposed services, not the
-cluster.  L{ClusterState} turns objects into registry entries and is pure;
-L{KubernetesRegistry} keeps it in step with the API.
+cluster.  Three parts:
+
+  - L{ClusterState} turns objects into registry entries, and is pure;
+  - L{_Watcher} keeps one kind (in one namespace, or all) in step with
+    the API: list, watch, relist on 410 Gone, back off on failures;
+  - L{KubernetesRegistry} runs the watchers, applies what they hear, and
+    says when the first full sync is done.
+
+They talk to the API only through L{IKubernetesAPI}, and time everything on
+an injected clock: all of it runs on the reactor thread, and the proxy only
+ever reads the table, so the data path never waits on the API.  The real
+API is L{KubernetesClientAPI} (the official client, in threads); tests use
+L{monedge.testing.kubernetes.MemoryKubernetes}.
 """
 
 from __future__ import annotations
 
-import json
 import random
-import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from monedge.convention import parseServiceName, serviceFromKubernetesName
-from monedge.interfaces import IServiceRegistry
+from monedge.interfaces import IKubernetesAPI, IServiceRegistry
 from monedge.policy import POLICY_KEYS, HookSpec, Policy, PolicyError, parsePolicy
 from monedge.registry import Endpoint, RegistryTable, ServiceEntry, TableRegistry
+from monedge.registry.kubeapi import (
+    ADDED,
+    DELETED,
+    ENDPOINT_SLICES,
+    MODIFIED,
+    SERVICES,
+    KubernetesAPIError,
+    ObjectList,
+    ResourceExpired,
+    WatchEvent,
+)
+from monedge.registry.kubeclient import KubernetesClientAPI, apiClientFromConfig
+
+__all__ = [
+    "ANNOTATION_PREFIX",
+    "ENDPOINT_SLICES",
+    "INVALID_HOOKS",
+    "SERVICES",
+    "SERVICE_NAME_LABEL",
+    "ClusterState",
+    "KubernetesRegistry",
+    "ObjectKey",
+    "apiClientFromConfig",
+    "endpointsFor",
+    "policyFromAnnotations",
+]
 
 #: Annotation prefix for per-service policy: C{monedge.io/timeout: 30s}.
 ANNOTATION_PREFIX = "monedge.io/"
@@ -46,9 +77,6 @@ INVALID_HOOKS = "invalid-monedge.io/hooks-annotation"
 
 #: The label an EndpointSlice names its Service with.
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-
-SERVICES = "services"
-ENDPOINT_SLICES = "endpointslices"
 
 ObjectKey = tuple[str, str]
 
@@ -342,9 +370,14 @@ class ClusterState:
 class _Watcher:
     """
     Keeps one kind of object in one namespace (or all) in step: list, then
-    watch from the list's resourceVersion; relist on 410 Gone; reconnect
-    with jittered, capped exponential back-off on any other failure.
-    Runs in a pool thread and hands everything to the reactor.
+    watch from the list's resourceVersion; watch again from the last
+    version seen when the server ends a watch; relist on 410 Gone; after
+    any other failure, try again (the list, if none has succeeded since the
+    last relist, else the watch) after a jittered, capped exponential
+    back-off on the registry's clock.
+
+    Everything happens on the reactor thread: the API answers through
+    L{Deferred}s and calls L{_received} with each event.
     """
 
     _log = Logger()
@@ -363,8 +396,11 @@ class _Watcher:
         self.relists = 0
         self.failures = 0
         self.lastError: str | None = None
-        self._stopped = threading.Event()
-        self._watch: Any = None
+        self._running = False
+        self._needList = True
+        self._attempt = 0
+        self._pending: Deferred[Any] | None = None
+        self._retry: IDelayedCall | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -377,178 +413,147 @@ class _Watcher:
             "last_error": self.lastError,
         }
 
+    def start(self) -> None:
+        """
+        List, then watch, until stopped.
+        """
+        self._running = True
+        self._next()
+
     def stop(self) -> None:
-        self._stopped.set()
-        watch = self._watch
-        if watch is not None:
-            watch.stop()
+        """
+        Cancel the list or watch under way, and any retry.
+        """
+        self._running = False
+        retry, self._retry = self._retry, None
+        if retry is not None and retry.active():
+            retry.cancel()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
 
-    # In the pool thread from here on.
-
-    def _listFunction(self) -> Callable[..., Any]:
-        api = self.registry.api
-        assert api is not None
-        function: Callable[..., Any]
-        if self.kind == SERVICES:
-            if self.namespace is None:
-                function = api.core.list_service_for_all_namespaces
-            else:
-                function = api.core.list_namespaced_service
-        elif self.namespace is None:
-            function = api.discovery.list_endpoint_slice_for_all_namespaces
-        else:
-            function = api.discovery.list_namespaced_endpoint_slice
-        return function
-
-    def _arguments(self) -> tuple[Any, ...]:
-        return () if self.namespace is None else (self.namespace,)
-
-    def _list(self) -> None:
-        items: list[dict[str, Any]] = []
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {
-                "_preload_content": False,
-                "_request_timeout": self.registry.requestTimeout,
-                "limit": 500,
-            }
-            if token:
-                kwargs["_continue"] = token
-            response = self._listFunction()(*self._arguments(), **kwargs)
-            try:
-                document = json.loads(response.data)
-            finally:
-                response.release_conn()
-            items.extend(document.get("items") or [])
-            metadata = document.get("metadata") or {}
-            token = metadata.get("continue")
-            if not token:
-                break
-        self.resourceVersion = str(metadata.get("resourceVersion", ""))
-        self.registry.fromThread(
-            self.registry.listed, self, items, self.resourceVersion
-        )
-
-    def _watchOnce(self) -> None:
-        from kubernetes import watch
-
-        self._watch = stream = watch.Watch()
-        if self._stopped.is_set():
+    def _next(self) -> None:
+        """
+        List if need be, else watch from the last version seen.
+        """
+        self._retry = None
+        if not self._running:
             return
-        try:
-            for event in stream.stream(
-                self._listFunction(),
-                *self._arguments(),
-                resource_version=self.resourceVersion,
-                allow_watch_bookmarks=True,
-                timeout_seconds=int(self.registry.watchTimeout),
-                _request_timeout=self.registry.watchRequestTimeout,
-            ):
-                # (The client's deserialize=False mode cannot report a 410
-                # ERROR event: it looks for raw_object, which only the
-                # deserializing mode sets.  The raw dict is used here.)
-                if self._stopped.is_set():
-                    return
-                type_ = event.get("type")
-                obj = event.get("raw_object") or {}
-                version = _meta(obj).get("resourceVersion")
-                if version:
-                    self.resourceVersion = str(version)
-                if type_ in ("ADDED", "MODIFIED", "DELETED"):
-                    self.registry.fromThread(self.registry.changed, self, type_, obj)
-                else:
-                    self.registry.fromThread(self.registry.heardFrom, self)
-            # The server ended the watch (its timeout): all is well.
-            self.registry.fromThread(self.registry.heardFrom, self)
-        finally:
-            self._watch = None
+        api = self.registry.api
+        d: Deferred[Any]
+        # The API may answer before it returns: each callback that runs
+        # then sets _pending to the next call, so this one is set first.
+        if self._needList:
+            d = self._pending = api.listObjects(self.kind, self.namespace)
+            d.addCallbacks(self._listed, self._failed)
+        else:
+            assert self.resourceVersion is not None
+            d = self._pending = api.watchObjects(
+                self.kind, self.namespace, self.resourceVersion, self._received
+            )
+            d.addCallbacks(self._watchEnded, self._failed)
+        d.addErrback(self._crashed)
 
-    def run(self) -> None:
+    def _listed(self, listed: ObjectList) -> None:
+        self._pending = None
+        self._needList = False
+        self.resourceVersion = listed.resourceVersion
+        self.registry.listed(self, list(listed.items), listed.resourceVersion)
+        self._next()
+
+    def _received(self, event: WatchEvent) -> None:
         """
-        The watcher's loop, until stopped.
+        One watch event: a change, or a bookmark.
         """
-        from kubernetes.client.exceptions import ApiException
+        if not self._running:
+            return
+        version = event.resourceVersion
+        if version:
+            self.resourceVersion = version
+        if event.type in (ADDED, MODIFIED, DELETED):
+            self.registry.changed(self, event.type, event.object)
+        else:
+            self.registry.heardFrom(self)
 
-        needList = True
-        attempt = 0
-        while not self._stopped.is_set():
-            try:
-                if needList:
-                    self._list()
-                    needList = False
-                self._watchOnce()
-                attempt = 0
-                continue
-            except ApiException as e:
-                if e.status == 410:
-                    self.relists += 1
-                    needList = True
-                    self.registry.fromThread(self.registry.gone, self)
-                    continue
-                self.lastError = f"API error {e.status}: {e.reason}"
-            except Exception as e:
-                self.lastError = f"{type(e).__name__}: {e}"
-            if self._stopped.is_set():
-                return
-            self.failures += 1
-            attempt += 1
-            delay = self.registry.backoff(attempt)
-            self.registry.fromThread(self.registry.failed, self, self.lastError, delay)
-            self._stopped.wait(delay)
+    def _watchEnded(self, _: None) -> None:
+        """
+        The server ended the watch (its timeout): all is well.
+        """
+        self._pending = None
+        self._attempt = 0
+        self.registry.heardFrom(self)
+        self._next()
 
+    def _failed(self, failure: Failure) -> None:
+        self._pending = None
+        if not self._running:
+            # Stopped: the failure is the cancellation, or comes after it.
+            return
+        if failure.check(ResourceExpired):
+            self.relists += 1
+            self._needList = True
+            self.registry.gone(self)
+            self._next()
+            return
+        error = failure.value
+        if isinstance(error, KubernetesAPIError):
+            self.lastError = f"API error {error.status}: {error.reason}"
+        else:
+            self.lastError = f"{type(error).__name__}: {error}"
+        self.failures += 1
+        self._attempt += 1
+        delay = self.registry.backoff(self._attempt)
+        self.registry.failed(self, self.lastError, delay)
+        self._retry = self.registry.clock.callLater(delay, self._next)
 
-class _Api:
-    """
-    The typed API objects over one C{ApiClient}.
-    """
-
-    def __init__(self, apiClient: Any) -> None:
-        from kubernetes import client
-
-        self.core = client.CoreV1Api(apiClient)
-        self.discovery = client.DiscoveryV1Api(apiClient)
+    def _crashed(self, failure: Failure) -> None:
+        self._log.failure("Kubernetes {kind} watcher crashed", failure, kind=self.kind)
 
 
 @implementer(IServiceRegistry)
 class KubernetesRegistry(TableRegistry, Service):
     """
-    Services from the Kubernetes API.
+    Services from the Kubernetes API: for each kind (and each namespace
+    watched), a L{_Watcher} lists and watches through an
+    L{IKubernetesAPI}, and L{ClusterState} turns what it hears into
+    registry entries.
 
-    @param apiClient: a C{kubernetes.client.ApiClient}.
+    @param api: an L{IKubernetesAPI}; or a C{kubernetes.client.ApiClient},
+        reached through a L{KubernetesClientAPI} of the registry's own
+        (closed when the registry stops).
     @param tiers: the tiers some host serves.
     @param namespaces: the namespaces to watch; all if empty.
+    @param clock: the clock back-off, readiness and sync ages are timed
+        on; the global reactor by default.
     @param initialSyncTimeout: seconds after start after which the registry
         reports itself ready even without a full sync; 0 to wait for the
         sync however long it takes.
+    @param maxBackoff: the longest wait before retrying a failed list or
+        watch.
+    @param rng: the source of back-off jitter.
     """
 
     _log = Logger()
 
     def __init__(
         self,
-        apiClient: Any,
+        api: Any,
         tiers: frozenset[str],
         namespaces: Sequence[str] = (),
-        reactor: Any = None,
+        clock: IReactorTime | None = None,
         initialSyncTimeout: float = 30.0,
-        watchTimeout: float = 60.0,
-        requestTimeout: float = 10.0,
         maxBackoff: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
-        if reactor is None:
+        if clock is None:
             from twisted.internet import reactor as globalReactor
 
-            reactor = globalReactor
-        self._reactor = reactor
-        self.api = _Api(apiClient) if apiClient is not None else None
+            clock = cast(IReactorTime, globalReactor)
+        self.clock = clock
         self.state = ClusterState(tiers=tiers)
         self._table = RegistryTable()
         self.namespaces = tuple(sorted(set(namespaces)))
         self.initialSyncTimeout = initialSyncTimeout
-        self.watchTimeout = watchTimeout
-        self.requestTimeout = (min(5.0, requestTimeout), requestTimeout)
-        self.watchRequestTimeout = (min(5.0, requestTimeout), watchTimeout + 30.0)
         self.maxBackoff = maxBackoff
         self._rng = rng or random.Random()
         self.reloadsSucceeded = 0
@@ -556,7 +561,7 @@ class KubernetesRegistry(TableRegistry, Service):
         self.lastSync: float | None = None
         self._syncedAll = False
         self._gaveUpWaiting = False
-        self._timeoutCall: Any = None
+        self._timeoutCall: IDelayedCall | None = None
         self._outage = False
         scopes: Sequence[str | None] = self.namespaces or (None,)
         self._watchers = [
@@ -564,7 +569,16 @@ class KubernetesRegistry(TableRegistry, Service):
             for namespace in scopes
             for kind in (SERVICES, ENDPOINT_SLICES)
         ]
-        self._pool: ThreadPool | None = None
+        self._ownAPI: KubernetesClientAPI | None = None
+        if IKubernetesAPI.providedBy(api):
+            self.api: IKubernetesAPI = api
+        else:
+            self._ownAPI = KubernetesClientAPI(
+                api,
+                reactor=clock if IReactorFromThreads.providedBy(clock) else None,
+                maxThreads=len(self._watchers),
+            )
+            self.api = self._ownAPI
 
     @property
     def invalidConfig(self) -> int:
@@ -579,7 +593,7 @@ class KubernetesRegistry(TableRegistry, Service):
         return self._syncedAll or self._gaveUpWaiting
 
     def describe(self) -> Mapping[str, Any]:
-        now = self._reactor.seconds()
+        now = self.clock.seconds()
         return {
             "kind": "kubernetes",
             "namespaces": list(self.namespaces) or ["*"],
@@ -591,14 +605,6 @@ class KubernetesRegistry(TableRegistry, Service):
             "watches": [w.describe() for w in self._watchers],
         }
 
-    # Threads
-
-    def fromThread(self, function: Callable[..., object], *args: object) -> None:
-        """
-        Run C{function(*args)} on the reactor thread.
-        """
-        self._reactor.callFromThread(function, *args)
-
     def backoff(self, attempt: int) -> float:
         """
         The delay before retry number C{attempt}: exponential from 0.5 s,
@@ -607,7 +613,7 @@ class KubernetesRegistry(TableRegistry, Service):
         ceiling = min(self.maxBackoff, 0.5 * 2.0 ** min(attempt - 1, 16))
         return float(self._rng.uniform(ceiling / 2, ceiling))
 
-    # Reactor side: what the watchers report
+    # What the watchers report
 
     def listed(
         self, watcher: _Watcher, items: list[dict[str, Any]], version: str
@@ -660,7 +666,7 @@ class KubernetesRegistry(TableRegistry, Service):
             )
 
     def _heard(self) -> None:
-        self.lastSync = self._reactor.seconds()
+        self.lastSync = self.clock.seconds()
         if self._outage:
             self._outage = False
             self._log.info("Kubernetes API reachable again")
@@ -673,25 +679,11 @@ class KubernetesRegistry(TableRegistry, Service):
     def startService(self) -> None:
         super().startService()
         if self.initialSyncTimeout > 0:
-            self._timeoutCall = self._reactor.callLater(
+            self._timeoutCall = self.clock.callLater(
                 self.initialSyncTimeout, self._initialSyncTimedOut
             )
-        self._startWatchers()
-
-    def _startWatchers(self) -> None:
-        """
-        Run every watcher in a pool thread of its own.
-        """
-        pool = ThreadPool(
-            minthreads=0, maxthreads=len(self._watchers), name="monedge-kubernetes"
-        )
-        pool.threadFactory = _daemonThread  # type: ignore[assignment]
-        pool.start()
-        self._pool = pool
         for watcher in self._watchers:
-            deferToThreadPool(self._reactor, pool, watcher.run).addErrback(
-                lambda failure: self._log.failure("watcher crashed", failure)
-            )
+            watcher.start()
 
     def _initialSyncTimedOut(self) -> None:
         self._timeoutCall = None
@@ -706,46 +698,12 @@ class KubernetesRegistry(TableRegistry, Service):
         super().stopService()
         if self._timeoutCall is not None and self._timeoutCall.active():
             self._timeoutCall.cancel()
+        self._timeoutCall = None
         for watcher in self._watchers:
             watcher.stop()
-        # The pool is not joined: a thread in the middle of a blocking read
-        # ends when its socket is shut down or its timeout passes, and its
-        # threads are daemons, so none keeps the process alive meanwhile.
-        self._pool = None
-        d: Deferred[None] = Deferred()
-        d.callback(None)
-        return d
-
-
-def _daemonThread(*args: Any, **kwargs: Any) -> threading.Thread:
-    """
-    Watcher threads are daemons: one stuck in a read must not keep the
-    process alive after the reactor stops.
-    """
-    return threading.Thread(*args, daemon=True, **kwargs)
-
-
-def apiClientFromConfig(kubeconfig: str | None) -> Any:
-    """
-    A C{kubernetes.client.ApiClient}: from C{kubeconfig} if given, else
-    in-cluster when running in a pod, else the default kubeconfig.
-
-    @raise ValueError: with a one-line reason if no configuration loads.
-    """
-    import os
-
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    try:
-        if kubeconfig:
-            config.load_kube_config(
-                config_file=kubeconfig, client_configuration=configuration
-            )
-        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=configuration)
-        else:
-            config.load_kube_config(client_configuration=configuration)
-    except Exception as e:
-        raise ValueError(f"cannot load Kubernetes configuration: {e}") from None
-    return client.ApiClient(configuration)
+        if self._ownAPI is not None:
+            # Not waited for: a thread in the middle of a blocking list
+            # returns within the request timeout, and the pool's threads
+            # are daemons, so none keeps the process alive meanwhile.
+            self._ownAPI.close()
+        return succeed(None)

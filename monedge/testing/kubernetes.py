@@ -1,5 +1,9 @@
 """
-A fake Kubernetes API server for tests: L{FakeKubernetes}.
+Fakes of the Kubernetes API for tests: L{FakeKubernetes}, a real HTTP
+server the real client talks to, and L{MemoryKubernetes}, an in-memory
+L{IKubernetesAPI} for unit tests of the registry's watch logic.  Both keep
+their objects in a L{FakeCluster}, so versions, history and expiry behave
+the same in each; the rest of this docstring is about L{FakeKubernetes}.
 
 No kube-apiserver can run in monedge's test environment, so the Kubernetes
 tests run the real C{kubernetes} Python client against this server, a real
@@ -75,15 +79,32 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
+from twisted.internet import error
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
-__all__ = ["FakeKubernetes"]
+from monedge.interfaces import IKubernetesAPI
+from monedge.registry.kubeapi import (
+    KubernetesAPIError,
+    ObjectList,
+    ResourceExpired,
+    WatchEvent,
+)
+
+__all__ = [
+    "FakeCluster",
+    "FakeKubernetes",
+    "MemoryKubernetes",
+    "endpointSliceObject",
+    "serviceObject",
+]
 
 
 @dataclass(frozen=True)
@@ -446,7 +467,235 @@ def _decodeContinue(token: str) -> tuple[int, tuple[str, str]]:
     return rv, (namespace, name)
 
 
-class FakeKubernetes:
+class FakeCluster:
+    """
+    Services and EndpointSlices as the API server keeps them: one global,
+    increasing C{resourceVersion}, a bounded history of changes a watch can
+    resume from, and compaction.  The state (and the test controls) of both
+    fakes of the API: L{FakeKubernetes} serves it over HTTP to the real
+    client, L{MemoryKubernetes} in memory as an L{IKubernetesAPI}.
+
+    @param clock: the clock creation timestamps are read from.
+    @param retainEvents: how many of the most recent changes (of both kinds
+        together) a watch can resume from; a watch from an older
+        resourceVersion gets a 410.
+    """
+
+    def __init__(self, clock: IReactorTime, retainEvents: int = 1000) -> None:
+        if retainEvents < 0:
+            raise ValueError("retainEvents must not be negative")
+        self._clock = clock
+        self._retainEvents = retainEvents
+        self._rv = 1
+        # A watch from a version older than this gets a 410: every change
+        # after it is retained.
+        self._oldestResumable = self._rv
+        self._objects: dict[_Key, dict[str, Any]] = {}
+        self._events: deque[_Event] = deque()
+        self._watchWaiters: list[tuple[int, Deferred[None]]] = []
+        self._forbidden: set[str] = set()
+
+    # State
+
+    @property
+    def resourceVersion(self) -> str:
+        """
+        The current global resourceVersion.
+        """
+        return str(self._rv)
+
+    def services(self) -> list[dict[str, Any]]:
+        """
+        Copies of every Service, sorted by namespace and name.
+        """
+        return self._current(_SERVICE)
+
+    def endpointSlices(self) -> list[dict[str, Any]]:
+        """
+        Copies of every EndpointSlice, sorted by namespace and name.
+        """
+        return self._current(_ENDPOINT_SLICE)
+
+    def _current(self, kind: _Kind) -> list[dict[str, Any]]:
+        return [
+            copy.deepcopy(obj)
+            for key, obj in sorted(self._objects.items())
+            if key[0] == kind.plural
+        ]
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """
+        Create or replace the Service (C{"apiVersion": "v1", "kind":
+        "Service"}) or EndpointSlice (C{"apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice"}, which needs an C{addressType}) named by
+        C{metadata.namespace} (C{"default"} if absent) and C{metadata.name}.
+
+        It gets a new resourceVersion; a new object gets a C{metadata.uid}
+        and C{metadata.creationTimestamp}, a replaced one keeps its own.
+        Watches see C{ADDED} or C{MODIFIED}.
+
+        @return: a copy of the object as stored.
+        @raise ValueError: if C{obj} is not one of those kinds or has no name.
+        """
+        kind = self._kindOf(obj)
+        stored = copy.deepcopy(obj)
+        metadata = stored.get("metadata")
+        if not isinstance(metadata, dict) or not metadata.get("name"):
+            raise ValueError("the object needs metadata.name")
+        metadata.setdefault("namespace", "default")
+        if kind is _ENDPOINT_SLICE and not isinstance(stored.get("addressType"), str):
+            raise ValueError("an EndpointSlice needs an addressType")
+        key = (kind.plural, str(metadata["namespace"]), str(metadata["name"]))
+        old = self._objects.get(key)
+        if old is None:
+            metadata["uid"] = str(uuid.uuid4())
+            metadata["creationTimestamp"] = datetime.fromtimestamp(
+                self._clock.seconds(), UTC
+            ).strftime("%Y-%m-%dT%H:%M:%SZ")
+        else:
+            metadata["uid"] = old["metadata"]["uid"]
+            metadata["creationTimestamp"] = old["metadata"]["creationTimestamp"]
+        self._rv += 1
+        metadata["resourceVersion"] = str(self._rv)
+        self._objects[key] = stored
+        self._record(
+            _Event(self._rv, key, "ADDED" if old is None else "MODIFIED", stored, old)
+        )
+        return copy.deepcopy(stored)
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        """
+        Delete the object of C{kind} (C{"Service"} or C{"EndpointSlice"}, or
+        their plurals) named C{namespace}/C{name}: watches see C{DELETED}
+        with its last state and the deletion's new resourceVersion.
+
+        @raise KeyError: if there is no such object.
+        @raise ValueError: for another kind.
+        """
+        key = (_kindNamed(kind).plural, namespace, name)
+        old = self._objects.pop(key)
+        self._rv += 1
+        last = copy.deepcopy(old)
+        last["metadata"]["resourceVersion"] = str(self._rv)
+        self._record(_Event(self._rv, key, "DELETED", last, old))
+
+    def _kindOf(self, obj: dict[str, Any]) -> _Kind:
+        for kind in _KINDS:
+            if obj.get("apiVersion") == kind.apiVersion and obj.get("kind") == (
+                kind.kind
+            ):
+                return kind
+        raise ValueError(
+            "the fake stores v1 Services and discovery.k8s.io/v1 "
+            f"EndpointSlices, not {obj.get('apiVersion')}/{obj.get('kind')}"
+        )
+
+    def _record(self, event: _Event) -> None:
+        self._events.append(event)
+        while len(self._events) > self._retainEvents:
+            forgotten = self._events.popleft()
+            self._oldestResumable = forgotten.rv
+        self._changed(event)
+
+    def _changed(self, event: _Event) -> None:
+        """
+        Tell the open watches of C{event}, just recorded.
+        """
+        raise NotImplementedError()
+
+    def _stateAt(self, rv: int) -> dict[_Key, dict[str, Any]]:
+        """
+        Every object as it was at C{rv} (which must not be older than the
+        retained history), by undoing the retained changes after it.
+        """
+        state = dict(self._objects)
+        for event in reversed(self._events):
+            if event.rv <= rv:
+                break
+            if event.old is None:
+                state.pop(event.key, None)
+            else:
+                state[event.key] = event.old
+        return state
+
+    # Test controls
+
+    def compact(self) -> None:
+        """
+        Forget every retained change: a watch from any version older than
+        the current one (and a continue token from such a list) now gets a
+        410.
+        """
+        self._events.clear()
+        self._oldestResumable = self._rv
+
+    def forbid(self, kind: str, forbidden: bool = True) -> None:
+        """
+        Refuse (or, with C{forbidden=False}, allow again) every list and
+        watch of C{kind} (C{"Service"} or C{"EndpointSlice"}, or their
+        plurals) with 403 Forbidden, as the API server does for a service
+        account whose role lacks them.
+        """
+        plural = _kindNamed(kind).plural
+        if forbidden:
+            self._forbidden.add(plural)
+        else:
+            self._forbidden.discard(plural)
+
+    def bookmark(self) -> None:
+        """
+        Send a C{BOOKMARK} event, at the current version, on every open
+        watch that asked for bookmarks.
+        """
+        raise NotImplementedError()
+
+    def expireWatches(self) -> None:
+        """
+        End every open watch with a 410 Gone.
+        """
+        raise NotImplementedError()
+
+    def dropWatches(self) -> None:
+        """
+        Break the connection of every open watch.
+        """
+        raise NotImplementedError()
+
+    def endWatches(self) -> None:
+        """
+        End every open watch cleanly, as its timeout would.
+        """
+        raise NotImplementedError()
+
+    @property
+    def watchCount(self) -> int:
+        """
+        How many watches are open.
+        """
+        raise NotImplementedError()
+
+    def whenWatching(self, count: int = 1) -> Deferred[None]:
+        """
+        Fire once at least C{count} watch streams are open (at once if they
+        already are); add your own timeout.
+        """
+        if self.watchCount >= count:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._watchWaiters.append((count, waiter))
+        return waiter
+
+    def _watchOpened(self) -> None:
+        """
+        A watch opened: fire the L{whenWatching} waiters it satisfies.
+        """
+        for count, waiter in list(self._watchWaiters):
+            if self.watchCount >= count:
+                self._watchWaiters.remove((count, waiter))
+                waiter.callback(None)
+
+
+class FakeKubernetes(FakeCluster):
     """
     A fake Kubernetes API server on 127.0.0.1 serving v1 Services and
     discovery.k8s.io/v1 EndpointSlices over the real list/watch wire
@@ -470,21 +719,12 @@ class FakeKubernetes:
             from twisted.internet import reactor as globalReactor
 
             reactor = globalReactor
-        if retainEvents < 0:
-            raise ValueError("retainEvents must not be negative")
+        super().__init__(reactor, retainEvents)
         self._reactor = reactor
-        self._retainEvents = retainEvents
         self.port = 0
         self.token = secrets.token_hex(16)
         self.requests: list[tuple[str, str, dict[str, list[str]]]] = []
-        self._rv = 1
-        # A watch from a version older than this gets a 410: every change
-        # after it is retained.
-        self._oldestResumable = self._rv
-        self._objects: dict[_Key, dict[str, Any]] = {}
-        self._events: deque[_Event] = deque()
         self._watches: list[_Watch] = []
-        self._watchWaiters: list[tuple[int, Deferred[None]]] = []
         self._site = _FakeSite(_APIResource(self), reactor)
         self._listening: IListeningPort | None = None
 
@@ -558,124 +798,6 @@ class FakeKubernetes:
             yaml.safe_dump(config, f)
         return path
 
-    # State
-
-    @property
-    def resourceVersion(self) -> str:
-        """
-        The current global resourceVersion.
-        """
-        return str(self._rv)
-
-    def services(self) -> list[dict[str, Any]]:
-        """
-        Copies of every Service, sorted by namespace and name.
-        """
-        return self._current(_SERVICE)
-
-    def endpointSlices(self) -> list[dict[str, Any]]:
-        """
-        Copies of every EndpointSlice, sorted by namespace and name.
-        """
-        return self._current(_ENDPOINT_SLICE)
-
-    def _current(self, kind: _Kind) -> list[dict[str, Any]]:
-        return [
-            copy.deepcopy(obj)
-            for key, obj in sorted(self._objects.items())
-            if key[0] == kind.plural
-        ]
-
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """
-        Create or replace the Service (C{"apiVersion": "v1", "kind":
-        "Service"}) or EndpointSlice (C{"apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice"}, which needs an C{addressType}) named by
-        C{metadata.namespace} (C{"default"} if absent) and C{metadata.name}.
-
-        It gets a new resourceVersion; a new object gets a C{metadata.uid}
-        and C{metadata.creationTimestamp}, a replaced one keeps its own.
-        Watches see C{ADDED} or C{MODIFIED}.
-
-        @return: a copy of the object as stored.
-        @raise ValueError: if C{obj} is not one of those kinds or has no name.
-        """
-        kind = self._kindOf(obj)
-        stored = copy.deepcopy(obj)
-        metadata = stored.get("metadata")
-        if not isinstance(metadata, dict) or not metadata.get("name"):
-            raise ValueError("the object needs metadata.name")
-        metadata.setdefault("namespace", "default")
-        if kind is _ENDPOINT_SLICE and not isinstance(stored.get("addressType"), str):
-            raise ValueError("an EndpointSlice needs an addressType")
-        key = (kind.plural, str(metadata["namespace"]), str(metadata["name"]))
-        old = self._objects.get(key)
-        if old is None:
-            metadata["uid"] = str(uuid.uuid4())
-            metadata["creationTimestamp"] = datetime.fromtimestamp(
-                self._reactor.seconds(), UTC
-            ).strftime("%Y-%m-%dT%H:%M:%SZ")
-        else:
-            metadata["uid"] = old["metadata"]["uid"]
-            metadata["creationTimestamp"] = old["metadata"]["creationTimestamp"]
-        self._rv += 1
-        metadata["resourceVersion"] = str(self._rv)
-        self._objects[key] = stored
-        self._record(
-            _Event(self._rv, key, "ADDED" if old is None else "MODIFIED", stored, old)
-        )
-        return copy.deepcopy(stored)
-
-    def delete(self, kind: str, namespace: str, name: str) -> None:
-        """
-        Delete the object of C{kind} (C{"Service"} or C{"EndpointSlice"}, or
-        their plurals) named C{namespace}/C{name}: watches see C{DELETED}
-        with its last state and the deletion's new resourceVersion.
-
-        @raise KeyError: if there is no such object.
-        @raise ValueError: for another kind.
-        """
-        key = (_kindNamed(kind).plural, namespace, name)
-        old = self._objects.pop(key)
-        self._rv += 1
-        last = copy.deepcopy(old)
-        last["metadata"]["resourceVersion"] = str(self._rv)
-        self._record(_Event(self._rv, key, "DELETED", last, old))
-
-    def _kindOf(self, obj: dict[str, Any]) -> _Kind:
-        for kind in _KINDS:
-            if obj.get("apiVersion") == kind.apiVersion and obj.get("kind") == (
-                kind.kind
-            ):
-                return kind
-        raise ValueError(
-            "FakeKubernetes stores v1 Services and discovery.k8s.io/v1 "
-            f"EndpointSlices, not {obj.get('apiVersion')}/{obj.get('kind')}"
-        )
-
-    def _record(self, event: _Event) -> None:
-        self._events.append(event)
-        while len(self._events) > self._retainEvents:
-            forgotten = self._events.popleft()
-            self._oldestResumable = forgotten.rv
-        for watch in list(self._watches):
-            self._send(watch, event)
-
-    def _stateAt(self, rv: int) -> dict[_Key, dict[str, Any]]:
-        """
-        Every object as it was at C{rv} (which must not be older than the
-        retained history), by undoing the retained changes after it.
-        """
-        state = dict(self._objects)
-        for event in reversed(self._events):
-            if event.rv <= rv:
-                break
-            if event.old is None:
-                state.pop(event.key, None)
-            else:
-                state[event.key] = event.old
-        return state
-
     # Test controls
 
     def bookmark(self) -> None:
@@ -697,6 +819,10 @@ class FakeKubernetes:
                     },
                 )
 
+    def _changed(self, event: _Event) -> None:
+        for watch in list(self._watches):
+            self._send(watch, event)
+
     def dropWatches(self) -> None:
         """
         Abruptly close the connection of every open watch; the server keeps
@@ -705,15 +831,6 @@ class FakeKubernetes:
         for watch in list(self._watches):
             if watch.channel is not None:
                 watch.channel.abort()
-
-    def compact(self) -> None:
-        """
-        Forget every retained change: a watch from any version older than
-        the current one (and a continue token from such a list) now gets a
-        410.
-        """
-        self._events.clear()
-        self._oldestResumable = self._rv
 
     def expireWatches(self) -> None:
         """
@@ -730,23 +847,19 @@ class FakeKubernetes:
             )
             self._endWatch(watch)
 
+    def endWatches(self) -> None:
+        """
+        End every open watch cleanly, as its C{timeoutSeconds} would.
+        """
+        for watch in list(self._watches):
+            self._endWatch(watch)
+
     @property
     def watchCount(self) -> int:
         """
         How many watch streams are open.
         """
         return len(self._watches)
-
-    def whenWatching(self, count: int = 1) -> Deferred[None]:
-        """
-        Fire once at least C{count} watch streams are open (at once if they
-        already are); add your own timeout.
-        """
-        if len(self._watches) >= count:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._watchWaiters.append((count, waiter))
-        return waiter
 
     # HTTP
 
@@ -793,6 +906,17 @@ class FakeKubernetes:
             if method != "GET":
                 raise _HTTPError(
                     _status(405, "MethodNotAllowed", f"{method} is not supported")
+                )
+            if kind.plural in self._forbidden:
+                verb = "watch" if _boolParam(query, "watch") else "list"
+                raise _HTTPError(
+                    _status(
+                        403,
+                        "Forbidden",
+                        f'{kind.plural} is forbidden: User "fake-user" cannot'
+                        f' {verb} resource "{kind.plural}"',
+                        kind=kind.plural,
+                    )
                 )
             if name is not None:
                 assert namespace is not None
@@ -975,10 +1099,7 @@ class FakeKubernetes:
             watch.timeout = self._reactor.callLater(
                 timeoutSeconds, self._endWatch, watch
             )
-        for count, waiter in list(self._watchWaiters):
-            if len(self._watches) >= count:
-                self._watchWaiters.remove((count, waiter))
-                waiter.callback(None)
+        self._watchOpened()
         return NOT_DONE_YET
 
     def _send(self, watch: _Watch, event: _Event) -> None:
@@ -1002,6 +1123,209 @@ class FakeKubernetes:
         if watch.timeout is not None and watch.timeout.active():
             watch.timeout.cancel()
         watch.timeout = None
+
+
+@dataclass(eq=False)
+class _MemoryWatch:
+    """
+    One open watch of a L{MemoryKubernetes}.
+    """
+
+    selector: _Selector
+    receive: Callable[[WatchEvent], None]
+    done: Deferred[None]
+
+
+@implementer(IKubernetesAPI)
+class MemoryKubernetes(FakeCluster):
+    """
+    An in-memory L{IKubernetesAPI}, for unit tests of what uses one: no
+    HTTP, no threads, and nothing happens until the test says.
+
+    Lists answer at once, from the current state.  A watch replays the
+    retained changes after its version before C{watchObjects} returns,
+    then hears each change as L{apply} and L{delete} make it; it always has
+    bookmarks.  The test scripts the rest: L{bookmark}, L{expireWatches}
+    (410), L{dropWatches} (a broken connection), L{endWatches} (a clean
+    end), L{forbid} (403), and L{stop} and L{start} (the API unreachable,
+    then back).  Objects, versions and history behave as L{FakeKubernetes}'
+    do: the contract tests in C{tests/test_kubernetes_api.py} run against
+    both.
+
+    @param clock: the clock creation timestamps are read from (a new
+        L{Clock} by default).
+    @ivar requests: every call, in order, refused or not: C{("list", kind,
+        namespace)} or C{("watch", kind, namespace, resourceVersion)}.
+    """
+
+    def __init__(
+        self, clock: IReactorTime | None = None, retainEvents: int = 1000
+    ) -> None:
+        super().__init__(clock if clock is not None else Clock(), retainEvents)
+        self.requests: list[tuple[str | None, ...]] = []
+        self._watches: list[_MemoryWatch] = []
+        self._down = False
+
+    # IKubernetesAPI
+
+    def listObjects(self, kind: str, namespace: str | None) -> Deferred[ObjectList]:
+        self.requests.append(("list", kind, namespace))
+        refusal = self._refusal(kind)
+        if refusal is not None:
+            return fail(refusal)
+        selector = _Selector(_kindNamed(kind), namespace)
+        items = []
+        for key, obj in sorted(self._objects.items()):
+            if selector.selectsKey(key):
+                item = copy.deepcopy(obj)
+                item.pop("apiVersion", None)
+                item.pop("kind", None)
+                items.append(item)
+        return succeed(ObjectList(items, self.resourceVersion))
+
+    def watchObjects(
+        self,
+        kind: str,
+        namespace: str | None,
+        resourceVersion: str,
+        receive: Callable[[WatchEvent], None],
+    ) -> Deferred[None]:
+        self.requests.append(("watch", kind, namespace, resourceVersion))
+        refusal = self._refusal(kind)
+        if refusal is not None:
+            return fail(refusal)
+        since: int | None = None
+        if resourceVersion not in ("", "0"):
+            try:
+                since = int(resourceVersion)
+            except ValueError:
+                return fail(
+                    KubernetesAPIError(
+                        400, f"BadRequest: invalid resourceVersion: {resourceVersion!r}"
+                    )
+                )
+            if since < self._oldestResumable:
+                return fail(
+                    ResourceExpired(
+                        f"Expired: too old resource version: {since}"
+                        f" ({self._oldestResumable})"
+                    )
+                )
+
+        def cancel(_: Deferred[None]) -> None:
+            self._forget(watch)
+
+        watch = _MemoryWatch(
+            _Selector(_kindNamed(kind), namespace), receive, Deferred(cancel)
+        )
+        if since is None:
+            for key, obj in sorted(self._objects.items()):
+                if watch.selector.selectsKey(key):
+                    receive(WatchEvent("ADDED", copy.deepcopy(obj)))
+        else:
+            for event in list(self._events):
+                if event.rv > since:
+                    self._send(watch, event)
+        self._watches.append(watch)
+        self._watchOpened()
+        return watch.done
+
+    def _refusal(self, kind: str) -> Exception | None:
+        if self._down:
+            return error.ConnectionRefusedError("the fake API is stopped")
+        if _kindNamed(kind).plural in self._forbidden:
+            return KubernetesAPIError(403, "Forbidden")
+        return None
+
+    def _changed(self, event: _Event) -> None:
+        for watch in list(self._watches):
+            self._send(watch, event)
+
+    def _send(self, watch: _MemoryWatch, event: _Event) -> None:
+        seen = event.seenBy(watch.selector)
+        if seen is not None:
+            watch.receive(WatchEvent(seen, copy.deepcopy(event.obj)))
+
+    def _forget(self, watch: _MemoryWatch) -> bool:
+        if watch in self._watches:
+            self._watches.remove(watch)
+            return True
+        return False
+
+    def _endAll(self, outcome: Callable[[Deferred[None]], object]) -> None:
+        for watch in list(self._watches):
+            if self._forget(watch):
+                outcome(watch.done)
+
+    # Test controls
+
+    def bookmark(self) -> None:
+        """
+        Send a C{BOOKMARK} event (an object of the watched kind with only
+        C{metadata.resourceVersion}, the current version) on every open
+        watch.
+        """
+        for watch in list(self._watches):
+            kind = watch.selector.kind
+            watch.receive(
+                WatchEvent(
+                    "BOOKMARK",
+                    {
+                        "kind": kind.kind,
+                        "apiVersion": kind.apiVersion,
+                        "metadata": {"resourceVersion": self.resourceVersion},
+                    },
+                )
+            )
+
+    def expireWatches(self) -> None:
+        """
+        Fail every open watch with L{ResourceExpired}, as a 410 C{ERROR}
+        event does.
+        """
+        message = (
+            f"Expired: too old resource version: {self._oldestResumable} ({self._rv})"
+        )
+        self._endAll(lambda d: d.errback(ResourceExpired(message)))
+
+    def dropWatches(self) -> None:
+        """
+        Fail every open watch with C{ConnectionLost}, as a connection cut
+        mid-stream does.
+        """
+        self._endAll(
+            lambda d: d.errback(
+                error.ConnectionLost("the watch's connection was dropped")
+            )
+        )
+
+    def endWatches(self) -> None:
+        """
+        End every open watch cleanly, as its timeout would.
+        """
+        self._endAll(lambda d: d.callback(None))
+
+    @property
+    def watchCount(self) -> int:
+        """
+        How many watches are open.
+        """
+        return len(self._watches)
+
+    def stop(self) -> None:
+        """
+        The API becomes unreachable: every open watch's connection is
+        dropped, and every list and watch fails with
+        C{ConnectionRefusedError} until L{start}.  The state survives.
+        """
+        self._down = True
+        self.dropWatches()
+
+    def start(self) -> None:
+        """
+        The API is reachable again.
+        """
+        self._down = False
 
 
 def serviceObject(

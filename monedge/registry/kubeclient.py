@@ -1,0 +1,395 @@
+"""
+The Kubernetes API through the official C{kubernetes} client:
+L{KubernetesClientAPI}, the real L{IKubernetesAPI}.
+
+The client blocks, so every list and every watch runs in a thread pool of
+its own, and what it learns (a list, each watch event, how a watch ended)
+is handed to the reactor thread.  Lists are read in pages; a watch asks
+for bookmarks and for the server to end it after C{watchTimeout} seconds.
+
+    v1 Services                        CoreV1Api.list_*service*
+    discovery.k8s.io/v1 EndpointSlices DiscoveryV1Api.list_*endpoint_slice*
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from monedge.interfaces import IKubernetesAPI
+from monedge.registry.kubeapi import (
+    SERVICES,
+    KubeObject,
+    KubernetesAPIError,
+    ObjectList,
+    ResourceExpired,
+    WatchEvent,
+)
+
+if TYPE_CHECKING:
+    from kubernetes.client.exceptions import ApiException
+
+__all__ = ["KubernetesClientAPI", "apiClientFromConfig"]
+
+T = TypeVar("T")
+
+
+def _refusal(error: ApiException) -> KubernetesAPIError:
+    """
+    The client's C{ApiException} as an L{IKubernetesAPI} failure.
+    """
+    reason = str(error.reason)
+    if error.status == 410:
+        return ResourceExpired(reason)
+    return KubernetesAPIError(int(error.status or 0), reason)
+
+
+def _streamError(status: object) -> KubernetesAPIError:
+    """
+    The failure an C{ERROR} event's C{Status} object stands for.
+    """
+    fields = status if isinstance(status, dict) else {}
+    reason = f"{fields.get('reason')}: {fields.get('message')}"
+    code = fields.get("code")
+    if code == 410:
+        return ResourceExpired(reason)
+    return KubernetesAPIError(code if isinstance(code, int) else 0, reason)
+
+
+class _Stream:
+    """
+    One watch's connection, which the reactor thread may stop while a pool
+    thread reads it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._response: Any = None
+        self.stopped = False
+
+    def attach(self, response: Any) -> bool:
+        """
+        The watch's response arrived (in the pool thread): keep it, or
+        shut it at once if the watch was stopped meanwhile.
+        """
+        with self._lock:
+            if not self.stopped:
+                self._response = response
+                return True
+        _shutdown(response)
+        return False
+
+    def stop(self) -> None:
+        """
+        Stop the watch (on the reactor thread): the reading thread's
+        blocked read ends at once.
+        """
+        with self._lock:
+            self.stopped = True
+            response, self._response = self._response, None
+        if response is not None:
+            _shutdown(response)
+
+
+def _shutdown(response: Any) -> None:
+    """
+    Shut a response's socket down, so that a read blocked on it returns
+    (closing it from another thread would not wake the reader).
+    """
+    connection = getattr(response, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _daemonThread(*args: Any, **kwargs: Any) -> threading.Thread:
+    """
+    Pool threads are daemons: one stuck in a read must not keep the
+    process alive after the reactor stops.
+    """
+    return threading.Thread(*args, daemon=True, **kwargs)
+
+
+@implementer(IKubernetesAPI)
+class KubernetesClientAPI:
+    """
+    L{IKubernetesAPI} on the official C{kubernetes} client, in threads.
+
+    @param apiClient: a C{kubernetes.client.ApiClient}.
+    @param reactor: where results are delivered; the global reactor by
+        default.
+    @param watchTimeout: the seconds after which the server is asked to end
+        each watch (C{timeoutSeconds}).
+    @param requestTimeout: the seconds to connect, and for a list to wait
+        for each page; a watch may be silent for C{watchTimeout} + 30 s.
+    @param pageSize: the objects asked for in each page of a list.
+    @param maxThreads: how many lists and watches may run at once (a
+        watch holds its thread while it lasts); calls beyond wait.
+    """
+
+    def __init__(
+        self,
+        apiClient: Any,
+        reactor: IReactorFromThreads | None = None,
+        watchTimeout: float = 60.0,
+        requestTimeout: float = 10.0,
+        pageSize: int = 500,
+        maxThreads: int = 16,
+    ) -> None:
+        from kubernetes import client
+
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+
+            reactor = cast(IReactorFromThreads, globalReactor)
+        self._reactor = reactor
+        self._core = client.CoreV1Api(apiClient)
+        self._discovery = client.DiscoveryV1Api(apiClient)
+        self.watchTimeout = watchTimeout
+        self.requestTimeout = (min(5.0, requestTimeout), requestTimeout)
+        self.watchRequestTimeout = (min(5.0, requestTimeout), watchTimeout + 30.0)
+        self.pageSize = pageSize
+        self.maxThreads = maxThreads
+        self._pool: ThreadPool | None = None
+        self._operations: set[Deferred[Any]] = set()
+        self._inFlight = 0
+        self._idle: list[Deferred[None]] = []
+
+    # IKubernetesAPI
+
+    def listObjects(self, kind: str, namespace: str | None) -> Deferred[ObjectList]:
+        stopped = threading.Event()
+        return self._operation(
+            lambda: self._list(kind, namespace, stopped), stopped.set
+        )
+
+    def watchObjects(
+        self,
+        kind: str,
+        namespace: str | None,
+        resourceVersion: str,
+        receive: Callable[[WatchEvent], None],
+    ) -> Deferred[None]:
+        stream = _Stream()
+
+        def deliver(event: WatchEvent) -> None:
+            if not stream.stopped:
+                receive(event)
+
+        return self._operation(
+            lambda: self._watch(kind, namespace, resourceVersion, stream, deliver),
+            stream.stop,
+        )
+
+    # Lifecycle
+
+    def close(self) -> Deferred[None]:
+        """
+        Stop every watch and abandon every list (their L{Deferred}s fail
+        with L{CancelledError}); fire once every pool thread's call has
+        returned, and the pool is stopped.  A list blocked on a silent
+        server returns within C{requestTimeout}.
+        """
+        for operation in list(self._operations):
+            operation.cancel()
+        return Deferred.fromCoroutine(self._close())
+
+    async def _close(self) -> None:
+        if self._inFlight:
+            waiter: Deferred[None] = Deferred()
+            self._idle.append(waiter)
+            await waiter
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+
+    # On the reactor thread
+
+    def _operation(
+        self, call: Callable[[], T], stop: Callable[[], None]
+    ) -> Deferred[T]:
+        """
+        Run C{call} in the pool; the L{Deferred} returned has its result,
+        and cancelling it calls C{stop} (in this thread) and fails it at
+        once, whatever the pool thread is doing.
+        """
+        outer: Deferred[T] = Deferred(lambda _: stop())
+        self._operations.add(outer)
+
+        def forget(result: object) -> object:
+            self._operations.discard(outer)
+            return result
+
+        outer.addBoth(forget)
+
+        def settle(result: T | Failure) -> None:
+            if not outer.called:
+                if isinstance(result, Failure):
+                    outer.errback(result)
+                else:
+                    outer.callback(result)
+
+        self._inThread(call).addBoth(settle)
+        return outer
+
+    def _inThread(self, call: Callable[[], T]) -> Deferred[T]:
+        if self._pool is None:
+            pool = ThreadPool(
+                minthreads=0, maxthreads=self.maxThreads, name="monedge-kubernetes"
+            )
+            pool.threadFactory = _daemonThread  # type: ignore[assignment]
+            pool.start()
+            self._pool = pool
+        self._inFlight += 1
+        d = deferToThreadPool(self._reactor, self._pool, call)
+
+        def returned(result: object) -> object:
+            self._inFlight -= 1
+            if not self._inFlight:
+                idle, self._idle = self._idle, []
+                for waiter in idle:
+                    waiter.callback(None)
+            return result
+
+        d.addBoth(returned)
+        return d
+
+    # In a pool thread
+
+    def _function(
+        self, kind: str, namespace: str | None
+    ) -> tuple[Callable[..., Any], tuple[str, ...]]:
+        """
+        The client's list function for C{kind} in C{namespace} (watches
+        use the same one), and its positional arguments.
+        """
+        function: Callable[..., Any]
+        if kind == SERVICES:
+            if namespace is None:
+                function = self._core.list_service_for_all_namespaces
+            else:
+                function = self._core.list_namespaced_service
+        elif namespace is None:
+            function = self._discovery.list_endpoint_slice_for_all_namespaces
+        else:
+            function = self._discovery.list_namespaced_endpoint_slice
+        return function, (() if namespace is None else (namespace,))
+
+    def _list(
+        self, kind: str, namespace: str | None, stopped: threading.Event
+    ) -> ObjectList:
+        from kubernetes.client.exceptions import ApiException
+
+        function, arguments = self._function(kind, namespace)
+        items: list[KubeObject] = []
+        token: str | None = None
+        while True:
+            if stopped.is_set():
+                raise CancelledError()
+            kwargs: dict[str, Any] = {
+                "_preload_content": False,
+                "_request_timeout": self.requestTimeout,
+                "limit": self.pageSize,
+            }
+            if token:
+                kwargs["_continue"] = token
+            try:
+                response = function(*arguments, **kwargs)
+            except ApiException as e:
+                raise _refusal(e) from None
+            try:
+                document = json.loads(response.data)
+            finally:
+                response.release_conn()
+            items.extend(document.get("items") or [])
+            metadata = document.get("metadata") or {}
+            token = metadata.get("continue")
+            if not token:
+                break
+        return ObjectList(items, str(metadata.get("resourceVersion", "")))
+
+    def _watch(
+        self,
+        kind: str,
+        namespace: str | None,
+        resourceVersion: str,
+        stream: _Stream,
+        deliver: Callable[[WatchEvent], None],
+    ) -> None:
+        from kubernetes.client.exceptions import ApiException
+        from kubernetes.watch.watch import iter_resp_lines
+
+        function, arguments = self._function(kind, namespace)
+        if stream.stopped:
+            return
+        try:
+            response = function(
+                *arguments,
+                watch=True,
+                _preload_content=False,
+                resource_version=resourceVersion,
+                allow_watch_bookmarks=True,
+                timeout_seconds=int(self.watchTimeout),
+                _request_timeout=self.watchRequestTimeout,
+            )
+        except ApiException as e:
+            raise _refusal(e) from None
+        try:
+            if not stream.attach(response):
+                return
+            for line in iter_resp_lines(response):
+                if stream.stopped:
+                    return
+                try:
+                    event = json.loads(line) if line else None
+                except ValueError:
+                    continue
+                if not isinstance(event, dict):
+                    continue
+                type_, obj = event.get("type"), event.get("object")
+                if type_ == "ERROR":
+                    raise _streamError(obj)
+                if isinstance(type_, str) and isinstance(obj, dict):
+                    self._reactor.callFromThread(deliver, WatchEvent(type_, obj))
+        finally:
+            response.close()
+            response.release_conn()
+
+
+def apiClientFromConfig(kubeconfig: str | None) -> Any:
+    """
+    A C{kubernetes.client.ApiClient}: from C{kubeconfig} if given, else
+    in-cluster when running in a pod, else the default kubeconfig.
+
+    @raise ValueError: with a one-line reason if no configuration loads.
+    """
+    import os
+
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        if kubeconfig:
+            config.load_kube_config(
+                config_file=kubeconfig, client_configuration=configuration
+            )
+        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config(client_configuration=configuration)
+        else:
+            config.load_kube_config(client_configuration=configuration)
+    except Exception as e:
+        raise ValueError(f"cannot load Kubernetes configuration: {e}") from None
+    return client.ApiClient(configuration)
