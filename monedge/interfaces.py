@@ -132,7 +132,7 @@ class IKubernetesAPI(Interface):
 class IUpstreamClient(Interface):
     """
     Sends requests to upstream endpoints.  The proxy leaf depends only on
-    this; the real one is L{monedge.upstream.UpstreamClient}.
+    this; the real one is L{monedge.client.FastUpstreamClient}.
     """
 
     def request(

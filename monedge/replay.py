@@ -1,10 +1,9 @@
 """
 Which requests may be sent twice, and bodies that can be.
 
-Both upstream clients (L{monedge.client} and L{monedge.upstream}) send a
-request again, once, on a new connection when the pooled keep-alive
-connection it went out on turns out to have been closed before any byte of
-the response came back.  That is safe only for an idempotent method (RFC
+The upstream client (L{monedge.client}) sends a request again, once, on a
+new connection when the pooled keep-alive connection it went out on turns
+out to have been closed before any byte of the response came back.  That is safe only for an idempotent method (RFC
 9110, section 9.2.2) whose body, if it has one, can be produced again from
 its first byte: L{mayReplay} is that rule, and L{BufferedBody} such a body.
 """

@@ -29,7 +29,7 @@ from twisted.web.http import H2_ENABLED
 from monedge.accesslog import AccessLog, AccessLogFileError, openAccessLog
 from monedge.admin import adminSite, groupAdminSite
 from monedge.balancer import Balancer
-from monedge.client import FastUpstreamClient
+from monedge.client import DEFAULT_MAX_PER_HOST, DEFAULT_POOL_IDLE, FastUpstreamClient
 from monedge.convention import HostTiers
 from monedge.dispatch import leanDispatch
 from monedge.headers import (
@@ -57,7 +57,6 @@ from monedge.syntax import isToken
 from monedge.tls import CertificateFileError, CertificateStore
 from monedge.trust import Trust, parseNetwork
 from monedge.tunnel import TunnelSet
-from monedge.upstream import DEFAULT_MAX_PER_HOST, DEFAULT_POOL_IDLE, UpstreamClient
 from monedge.workers import (
     ADOPTABLE,
     AdoptedEndpoint,
@@ -285,13 +284,6 @@ class Options(usage.Options):
             " Reloaded when it changes.",
         ],
         [
-            "upstream-client",
-            None,
-            "fast",
-            "The upstream HTTP client: fast (monedge's, on httptools) or agent"
-            " (Twisted's Agent).",
-        ],
-        [
             "upstream-pool-size",
             None,
             str(DEFAULT_MAX_PER_HOST),
@@ -466,7 +458,6 @@ class Options(usage.Options):
         _choice(
             "underscore-headers", self["underscore-headers"], "drop", "reject", "allow"
         )
-        _choice("upstream-client", self["upstream-client"], "fast", "agent")
         self["hook-timeout"] = _duration("hook-timeout", self["hook-timeout"])
         self._tlsOptions()
         self._workerOptions()
@@ -764,38 +755,20 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     metrics: Metrics = options["metrics"]
     metrics.watchRegistry(registry, reactor.seconds)
     balancer = Balancer(reactor)
-    # Response heads are bounded by monedge's own client (Agent has no
-    # such limits).
-    headLimits = {
-        "maxHeadersSize": options["max-upstream-headers-size"],
-        "maxHeaderCount": options["max-upstream-header-count"],
-    }
-    client: FastUpstreamClient | UpstreamClient
-    if options["upstream-client"] == "fast":
-        client = FastUpstreamClient(
-            reactor,
-            maxPerHost=options["upstream-pool-size"],
-            poolIdle=options["upstream-idle-timeout"],
-            **headLimits,
-        )
-    else:
-        client = UpstreamClient(
-            reactor,
-            maxPerHost=options["upstream-pool-size"],
-            poolIdle=options["upstream-idle-timeout"],
-        )
+    # One client sends every request upstream, WebSocket handshakes
+    # included (it can hand an upgraded connection to a tunnel).
+    client = FastUpstreamClient(
+        reactor,
+        maxPerHost=options["upstream-pool-size"],
+        poolIdle=options["upstream-idle-timeout"],
+        maxHeadersSize=options["max-upstream-headers-size"],
+        maxHeaderCount=options["max-upstream-header-count"],
+    )
     hooks: HookSet = options["hook-set"]
     hooks.context.reactor = reactor
-    # WebSocket handshakes always go through monedge's own client, which
-    # can hand an upgraded connection to a tunnel (Agent cannot).
-    upgrader = (
-        client
-        if isinstance(client, FastUpstreamClient)
-        else FastUpstreamClient(reactor, maxPerHost=0, **headLimits)
-    )
     tunnels = TunnelSet()
     metrics.tunnelsOpen.set_function(lambda: len(tunnels.open))
-    context = ProxyContext(client, balancer, reactor, hooks, upgrader, tunnels)
+    context = ProxyContext(client, balancer, reactor, hooks, client, tunnels)
     root = RootResource(registry, context, metrics, hostTiers)
     limits = Limits(
         maxRequestLine=options["max-request-line"],

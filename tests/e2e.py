@@ -30,10 +30,6 @@ class ProxyTestCase(TestCase):
 
     timeout = 120
 
-    #: Extra options every proxy in the test gets (subclasses run the same
-    #: tests with, say, the other upstream client).
-    proxyArgs: Sequence[str] = ()
-
     def setUp(self) -> None:
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
@@ -69,9 +65,7 @@ class ProxyTestCase(TestCase):
         self.writeServices(services)
         # Tests stop their proxy at once unless they test draining.
         quick = ["--drain-delay", "0s", "--drain-timeout", "10s"]
-        proxy = ProxyProcess(
-            self.registryPath, self.directory, [*quick, *self.proxyArgs, *args], env
-        )
+        proxy = ProxyProcess(self.registryPath, self.directory, [*quick, *args], env)
         self.addCleanup(proxy.stop)
         await proxy.start()
         return proxy

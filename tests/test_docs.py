@@ -33,6 +33,7 @@ from monedge import paths, proxy
 from monedge.accesslog import AccessLog
 from monedge.admin import GroupCollector, Routes, adminSite
 from monedge.balancer import Balancer
+from monedge.client import DEFAULT_POOL_IDLE, FastUpstreamClient
 from monedge.convention import HostTiers, kubernetesName, serviceFromKubernetesName
 from monedge.errors import CATALOGUE, ErrorResource, errorBody, rawErrorResponse
 from monedge.headers import (
@@ -68,7 +69,6 @@ from monedge.server import CLIENT_CLOSED, Limits, ProxyChannel, ProxyRequest, Pr
 from monedge.tap import Options, checkHooks
 from monedge.testing import FakeUpstreamClient, MemoryRegistry
 from monedge.trust import Trust
-from monedge.upstream import DEFAULT_POOL_IDLE, UpstreamClient
 from monedge.workers import WorkerGroup
 
 #: The repository root: the parent of the tests package.
@@ -201,7 +201,7 @@ class Outcome:
 
 def _context() -> ProxyContext:
     return ProxyContext(
-        UpstreamClient(MemoryReactorClock()), Balancer(Clock()), Clock()
+        FastUpstreamClient(MemoryReactorClock()), Balancer(Clock()), Clock()
     )
 
 

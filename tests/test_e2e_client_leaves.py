@@ -375,14 +375,6 @@ class ClientLeavesTests(ProxyTestCase):
         await self.runMatrix(cells)
 
 
-class AgentClientLeavesTests(ClientLeavesTests):
-    """
-    The same matrix with C{--upstream-client agent}.
-    """
-
-    proxyArgs = ("--upstream-client", "agent")
-
-
 async def _within(d: Deferred[Any], seconds: float) -> None:
     """
     Wait for C{d}, failing after C{seconds}.

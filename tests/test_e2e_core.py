@@ -457,19 +457,3 @@ class HeadersHookTests(ProxyTestCase):
             await proxy.start()
         self.assertIn("unknown hook 'nosuch'", proxy.log())
         self.assertIn("headers", proxy.log())
-
-
-class AgentClientRoutingTests(RoutingTests):
-    """
-    The routing tests again, with Twisted's Agent as the upstream client.
-    """
-
-    proxyArgs = ["--upstream-client", "agent"]
-
-
-class AgentClientStatusTests(StatusTests):
-    """
-    The status tests again, with Twisted's Agent as the upstream client.
-    """
-
-    proxyArgs = ["--upstream-client", "agent"]

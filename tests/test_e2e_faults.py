@@ -926,15 +926,6 @@ class StalePoolTests(FaultTestCase):
         self.assertEqual(upstream.seen(), [(1, 0, "GET /one"), (2, 0, "GET /two")])
 
 
-class AgentStalePoolTests(StalePoolTests):
-    """
-    The stale-connection tests again, with Twisted's Agent as the upstream
-    client: both clients keep one replay rule (L{monedge.replay}).
-    """
-
-    proxyArgs = ["--upstream-client", "agent"]
-
-
 # 5. Names that do not resolve
 
 

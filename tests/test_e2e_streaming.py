@@ -193,21 +193,3 @@ class DisconnectTests(ProxyTestCase):
         proxy drop the upstream connection.
         """
         await self._upstreamSeesDisconnect(streaming=True)
-
-
-class AgentClientStreamingTests(StreamingTests):
-    """
-    Streaming in bounded memory, with Twisted's Agent as the upstream
-    client.
-    """
-
-    proxyArgs = ["--upstream-client", "agent"]
-
-
-class AgentClientDisconnectTests(DisconnectTests):
-    """
-    Disconnects cancel upstream requests, with Twisted's Agent as the
-    upstream client.
-    """
-
-    proxyArgs = ["--upstream-client", "agent"]

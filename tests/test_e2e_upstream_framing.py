@@ -9,9 +9,7 @@ connection) are never relayed to any client, and the upstream connection
 is discarded with one warning line naming the endpoint.  Response heads
 are bounded (C{--max-upstream-headers-size}, C{--max-upstream-header-count}):
 past a limit monedge stops reading and answers 502
-C{upstream_headers_too_large}.  With C{--upstream-client agent}, whose
-framing is Twisted's, the same inputs never hang monedge or make it log a
-traceback.
+C{upstream_headers_too_large}.
 """
 
 from __future__ import annotations
@@ -189,11 +187,8 @@ def _exchanges(
 
 class FramingTests(ProxyTestCase):
     """
-    Strict framing with monedge's default upstream client.
+    Strict framing with monedge's upstream client.
     """
-
-    #: Whether the client under test frames strictly (Agent does not).
-    strict = True
 
     async def startFraming(self, *args: str) -> tuple[ScriptedUpstream, ProxyProcess]:
         upstream = ScriptedUpstream(script)
@@ -258,14 +253,13 @@ class FramingTests(ProxyTestCase):
             self.assertNotIn(b"x-second", answer.headers, path)
         self.assertEqual(answers[0].headers[b"content-length"], [b"5"])
         self.assertEqual(answers[-1].body, b"ok")
-        if self.strict:
-            self.assertEqual(self.discarded(proxy, upstream), len(cases))
-            # Each request came on a connection of its own: none was reused
-            # after bytes past a response's end.
-            self.assertEqual(
-                [r.connection for r in upstream.requests],
-                list(range(1, len(cases) + 2)),
-            )
+        self.assertEqual(self.discarded(proxy, upstream), len(cases))
+        # Each request came on a connection of its own: none was reused
+        # after bytes past a response's end.
+        self.assertEqual(
+            [r.connection for r in upstream.requests],
+            list(range(1, len(cases) + 2)),
+        )
         self.assertCleanLog(proxy)
 
     async def test_bytesWhileIdle(self) -> None:
@@ -281,8 +275,7 @@ class FramingTests(ProxyTestCase):
         await proxy.waitFor(
             lambda: not upstream.open, 5, "the idle connection to be closed"
         )
-        if self.strict:
-            self.assertEqual(self.discarded(proxy, upstream), 1)
+        self.assertEqual(self.discarded(proxy, upstream), 1)
         [again] = await self.exchanges(proxy, [])
         self.assertEqual((again.status, again.body), (200, b"ok"))
         self.assertNotEqual(upstream.requests[-1].connection, idle.number)
@@ -311,11 +304,8 @@ class FramingTests(ProxyTestCase):
         )
         self.assertEqual((hundred.status, hundred.body), (200, b"ok"))
         self.assertEqual(len([n for n in hundred.headers if n.startswith(b"x-h")]), 99)
-        if self.strict:
-            self.assertEqual(many.status, 502)
-            self.assertEqual(
-                json.loads(many.body)["code"], "upstream_headers_too_large"
-            )
+        self.assertEqual(many.status, 502)
+        self.assertEqual(json.loads(many.body)["code"], "upstream_headers_too_large")
         self.assertEqual(after.body, b"ok")
         self.assertCleanLog(proxy)
 
@@ -328,8 +318,6 @@ class FramingTests(ProxyTestCase):
         [kilo, after] = await self.exchanges(proxy, [(b"GET", b"/f/kilo")])
         self.assertEqual(after.body, b"ok")
         self.assertCleanLog(proxy)
-        if not self.strict:
-            return
         self.assertEqual(kilo.status, 502)
         self.assertEqual(json.loads(kilo.body)["code"], "upstream_headers_too_large")
         self.assertIn(
@@ -369,24 +357,10 @@ class FramingTests(ProxyTestCase):
         )
         self.assertEqual(after.body, b"ok")
         self.assertCleanLog(proxy)
-        if self.strict:
-            self.assertEqual(answer.status, 502)
-            self.assertEqual(
-                json.loads(answer.body)["code"], "upstream_headers_too_large"
-            )
-            self.assertLess(elapsed, 5)
-            self.assertLess(grown, 16 * 1024 * 1024, f"RSS grew by {grown} bytes")
-
-
-class AgentFramingTests(FramingTests):
-    """
-    The same upstreams with C{--upstream-client agent}: Twisted's parser
-    decides the framing, but monedge never hangs, answers every request
-    and logs no traceback.
-    """
-
-    proxyArgs = ("--upstream-client", "agent")
-    strict = False
+        self.assertEqual(answer.status, 502)
+        self.assertEqual(json.loads(answer.body)["code"], "upstream_headers_too_large")
+        self.assertLess(elapsed, 5)
+        self.assertLess(grown, 16 * 1024 * 1024, f"RSS grew by {grown} bytes")
 
 
 class OptionTests(SynchronousTestCase):

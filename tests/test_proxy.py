@@ -32,8 +32,8 @@ from zope.interface.verify import verifyObject
 
 from monedge.accesslog import AccessLog
 from monedge.balancer import Balancer
-from monedge.client import UpstreamHeadersTooLarge
-from monedge.interfaces import IServiceRegistry, IUpstreamClient
+from monedge.client import FastUpstreamClient, UpstreamHeadersTooLarge
+from monedge.interfaces import IServiceRegistry, IUpstreamClient, IUpstreamUpgrader
 from monedge.metrics import Metrics
 from monedge.policy import Policy
 from monedge.proxy import ProxyContext
@@ -47,7 +47,6 @@ from monedge.testing import (
     UpstreamCall,
     endpoint,
 )
-from monedge.upstream import UpstreamClient
 
 
 class Harness:
@@ -136,10 +135,13 @@ class ProxyPathTests(SynchronousTestCase):
 
     def test_providers(self) -> None:
         """
-        The fakes and the real client provide the interfaces they claim.
+        The fakes and the real client provide the interfaces they claim:
+        the one upstream client sends requests and WebSocket handshakes.
         """
         verifyObject(IUpstreamClient, FakeUpstreamClient())
-        verifyObject(IUpstreamClient, UpstreamClient(MemoryReactorClock()))
+        client = FastUpstreamClient(MemoryReactorClock())
+        verifyObject(IUpstreamClient, client)
+        verifyObject(IUpstreamUpgrader, client)
         verifyObject(IServiceRegistry, MemoryRegistry())
         verifyObject(IResponse, FakeResponse())
 

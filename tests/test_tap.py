@@ -13,6 +13,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from monedge.client import FastUpstreamClient
+from monedge.lifecycle import ProxyService
 from monedge.tap import Options, makeService
 from monedge.testing import writeRegistry
 
@@ -107,6 +109,17 @@ class OptionsTests(OptionsTestCase):
         self.assertUsageError(["--host-tier", "example.com"], "HOST=TIER")
         self.assertUsageError(["--host-tier", "example.com=we-b"], "invalid tier")
         self.assertUsageError(["--host-tier", "example.com:80=api"], "invalid host")
+
+    def test_upstreamClientRemoved(self) -> None:
+        """
+        The option that chose Twisted's Agent as the upstream client is
+        gone (docs/configuration.md, "One upstream client"): passing it,
+        with either of its old values, is a one-line UsageError naming it.
+        """
+        for value in ("fast", "agent"):
+            self.assertUsageError(
+                ["--upstream-client", value], "--upstream-client", "not recognized"
+            )
 
     def test_badRegistry(self) -> None:
         """
@@ -235,6 +248,33 @@ class MakeServiceTests(SynchronousTestCase):
             listening,
             {(30080, 1024, ""), (30090, 50, "127.0.0.1"), (30081, 50, "127.0.0.1")},
         )
+
+    def test_oneUpstreamClient(self) -> None:
+        """
+        One L{FastUpstreamClient}, with the upstream head limits given,
+        sends every request upstream and every WebSocket handshake.
+        """
+        registry = os.path.abspath(self.mktemp())
+        writeRegistry(registry, {})
+        options = Options()
+        options.parseOptions(
+            [
+                "--registry",
+                f"static:{registry}",
+                "--max-upstream-headers-size",
+                "1024",
+                "--max-upstream-header-count",
+                "7",
+            ]
+        )
+        service = makeService(options, MemoryReactorClock())
+        assert isinstance(service, ProxyService)
+        client = service.client
+        assert isinstance(client, FastUpstreamClient)
+        self.assertEqual((client.maxHeadersSize, client.maxHeaderCount), (1024, 7))
+        context = service.site.resource._context
+        self.assertIs(context.client, client)
+        self.assertIs(context.upgrader, client)
 
 
 class CommandLineTests(SynchronousTestCase):
