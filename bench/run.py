@@ -8,7 +8,6 @@ request with C{hello\\n}, then loads it with wrk through:
 
   - monedge with every default feature on, its access log written to a
     file; and with C{--access-log none}, to show what the log costs;
-  - monedge on Twisted's Agent (C{--upstream-client agent});
   - a minimal ~100-line Agent proxy (bench/minimal.py), and the same on
     monedge's own upstream client (C{--client fast}): the floor of a
     C{twisted.web} resource-tree proxy with none of monedge's features;
@@ -71,7 +70,6 @@ STOP_TIMEOUT = 10.0
 
 MONEDGE = "monedge"
 MONEDGE_QUIET = "monedge (access log off)"
-MONEDGE_AGENT = "monedge (Agent client)"
 RPR = "ReverseProxyResource"
 MINIMAL = "minimal Agent proxy"
 FLOOR = "minimal proxy, monedge's client"
@@ -962,21 +960,16 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
     servers = [upstream]
     targets: list[Target] = []
     configs: list[Path] = []
-    for label, accessLog, extra in (
+    for label, accessLog in (
         # monedge as deployed: every default feature on, the access log
         # written to a file (stdout would measure the terminal or the pipe).
-        (MONEDGE, str(directory / "access.log"), []),
-        (MONEDGE_QUIET, "none", []),
-        (
-            MONEDGE_AGENT,
-            str(directory / "access-agent.log"),
-            ["--upstream-client", "agent"],
-        ),
+        (MONEDGE, str(directory / "access.log")),
+        (MONEDGE_QUIET, "none"),
     ):
         port = freePort()
         server = Server(
             label,
-            monedgeCommand(proxyPin, port, freePort(), registry, accessLog) + extra,
+            monedgeCommand(proxyPin, port, freePort(), registry, accessLog),
             port,
             directory / f"monedge-{port}.log",
         )
