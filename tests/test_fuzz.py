@@ -16,6 +16,7 @@ from collections.abc import Callable
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
+from zope.interface.verify import verifyObject
 
 from fuzz import checker
 from fuzz.checker import (
@@ -26,6 +27,7 @@ from fuzz.checker import (
     runConnection,
     splitPoints,
 )
+from monedge.interfaces import IUpstreamClient
 from tests import corpus_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,6 +142,12 @@ class CheckerTests(SynchronousTestCase):
     """
     The checker is not vacuous: each invariant fails when it is broken.
     """
+
+    def test_upstreamProvidesInterface(self) -> None:
+        """
+        The checker's upstream is an L{IUpstreamClient} like the real one.
+        """
+        self.assertTrue(verifyObject(IUpstreamClient, checker.TaggingUpstream()))
 
     def test_pipelinedInOrder(self) -> None:
         """
