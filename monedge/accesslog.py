@@ -22,6 +22,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
+from monedge.twistedseam import requestLineSoFar
+
 if TYPE_CHECKING:
     from monedge.server import ProxyChannel, ProxyRequest
 
@@ -272,8 +274,7 @@ class AccessLog:
         peer = (
             getattr(transport.getPeer(), "host", "unknown") if transport else "unknown"
         )
-        command = getattr(channel, "_command", None)
-        path = getattr(channel, "_path", None)
+        command, path, _ = requestLineSoFar(channel)
         self._emit(
             formatRecord(
                 self._clock(now),

@@ -34,6 +34,7 @@ from monedge.interfaces import IServiceRegistry
 from monedge.metrics import Metrics, StaticCollector, mergeExpositions
 from monedge.policy import HookSpec
 from monedge.redact import redactHook, redactValue
+from monedge.twistedseam import requestDisconnected
 
 if TYPE_CHECKING:
     from monedge.workers import Worker, WorkerGroup
@@ -179,6 +180,18 @@ class AdminRoot(Resource):
         return pages.notFound()
 
 
+class _AdminSite(Site):
+    """
+    An admin site: no tracebacks shown, and no access log (probes and
+    scrapes come every few seconds).
+    """
+
+    displayTracebacks = False
+
+    def log(self, request: object) -> None:
+        pass
+
+
 def adminSite(
     readiness: Callable[[], tuple[bool, str]],
     metrics: Metrics,
@@ -196,10 +209,7 @@ def adminSite(
     root.putChild(b"readyz", Ready(readiness))
     root.putChild(b"metrics", PrometheusMetrics(metrics))
     root.putChild(b"routes", Routes(registry, hostTiers, balancer, globalHooks))
-    site = Site(root, reactor=reactor)
-    site.displayTracebacks = False
-    site.log = lambda request: None  # type: ignore[method-assign]
-    return site
+    return _AdminSite(root, reactor=reactor)
 
 
 class _GroupLeaf(_Leaf):
@@ -233,7 +243,7 @@ class _GroupLeaf(_Leaf):
         d = self.build(request)
 
         def write(body: bytes) -> None:
-            if not request.finished and not request._disconnected:
+            if not request.finished and not requestDisconnected(request):
                 request.write(body)
                 request.finish()
 
@@ -401,7 +411,4 @@ def groupAdminSite(group: WorkerGroup, fetch: Fetch, reactor: Any) -> Site:
     root.putChild(b"readyz", GroupReady(group, fetch))
     root.putChild(b"metrics", GroupMetrics(group, fetch))
     root.putChild(b"routes", GroupRoutes(group, fetch))
-    site = Site(root, reactor=reactor)
-    site.displayTracebacks = False
-    site.log = lambda request: None  # type: ignore[method-assign]
-    return site
+    return _AdminSite(root, reactor=reactor)

@@ -61,7 +61,7 @@ from monedge.endpoints import EndpointCache, UpstreamTLS, UpstreamTLSError
 from monedge.headers import canonicalName
 from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
 from monedge.replay import BufferedBody, mayReplay
-from monedge.sockets import sendAtOnce
+from monedge.twistedseam import rawHeaderTable, sendAtOnce
 
 #: How every complete body ends, made once (as Twisted's C{connectionDone}
 #: is): building a L{Failure} costs about 2 us.
@@ -438,7 +438,7 @@ class _Connection(Protocol):
             return
         self._inHead = False
         headers = Headers()
-        raw = headers._rawHeaders
+        raw = rawHeaderTable(headers)
         connection: list[bytes] | None = None
         declared: int | None = None
         for name, value in self._headers:

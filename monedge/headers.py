@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from twisted.web.http_headers import Headers
 
 from monedge.trust import Trust
+from monedge.twistedseam import rawHeaderTable
 
 #: Hop-by-hop headers (RFC 9110 7.6.1, plus the legacy and HTTP/2 ones).
 #: C{content-length} and C{expect} are framing that monedge regenerates.
@@ -278,9 +279,15 @@ class ForwardingRules:
         The C{X-Forwarded-For} to send upstream: the client as resolved,
         the trusted proxies after it, then the peer.
         """
-        return b", ".join(
-            self.trust.chain(incoming._rawHeaders.get(b"X-Forwarded-For"), peer)
+        return self.forwardedFrom(
+            rawHeaderTable(incoming).get(b"X-Forwarded-For"), peer
         )
+
+    def forwardedFrom(self, sent: Iterable[bytes] | None, peer: bytes) -> bytes:
+        """
+        L{forwardedFor}, from the C{X-Forwarded-For} values the peer sent.
+        """
+        return b", ".join(self.trust.chain(sent, peer))
 
     def dropped(self, trusted: bool) -> frozenset[bytes]:
         """
@@ -323,14 +330,15 @@ def upstreamHeaders(
     @param prefix: C{/<name>} when the prefix is stripped, else L{None}.
     @param rules: what is trusted, stripped and set.
     """
-    tokens = connectionTokens(incoming._rawHeaders.get(b"Connection"))
+    table = rawHeaderTable(incoming)
+    tokens = connectionTokens(table.get(b"Connection"))
     trusted = rules.isTrusted(peer)
     drop = rules.dropped(trusted)
     out = Headers()
     # Names from Twisted's parser are canonical and values already refused
     # CR, LF and NUL, so they are copied into the new table directly
     # instead of being re-validated one by one: this runs per request.
-    raw = out._rawHeaders
+    raw = rawHeaderTable(out)
     for name, values in incoming.getAllRawHeaders():
         if name in drop:
             continue
@@ -345,7 +353,7 @@ def upstreamHeaders(
         raw[name] = list(values)
     if host is not None:
         raw[b"Host"] = [host]
-    forwarded = rules.forwardedFor(incoming, peer)
+    forwarded = rules.forwardedFrom(table.get(b"X-Forwarded-For"), peer)
     raw[b"X-Forwarded-For"] = [forwarded]
     if rules.realIp:
         raw[b"X-Real-Ip"] = [forwarded.partition(b",")[0]]
@@ -368,7 +376,7 @@ def upstreamHeaders(
 
 def downstreamHeaders(
     upstream: Headers, connection: Iterable[bytes] | None, out: Headers
-) -> None:
+) -> dict[bytes, list[bytes]]:
     """
     Copy an upstream response's headers into C{out}, dropping hop-by-hop
     headers and every header the upstream named in C{Connection}.
@@ -376,14 +384,17 @@ def downstreamHeaders(
     for the entity header of a HEAD response, which passes.)
 
     @param connection: the upstream's C{Connection} header values.
+    @return: C{out}'s table (L{monedge.twistedseam.rawHeaderTable}), for
+        the caller to set its own values in.
     """
     tokens = connectionTokens(connection)
     # Both clients' response Headers hold canonical names and values already
     # free of CR, LF and NUL (they were added through Headers or checked on
     # the way in), so they are copied without re-validation: this runs per
     # response.
-    raw = out._rawHeaders
+    raw = rawHeaderTable(out)
     for name, values in upstream.getAllRawHeaders():
         if name in _DROP_DOWN or (tokens and name.lower() in tokens):
             continue
         raw[name] = list(values)
+    return raw

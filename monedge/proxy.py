@@ -116,7 +116,7 @@ class _BodyRelay(Protocol):
             self._idleCall.cancel()
         self._idleCall = None
         request = self._request
-        if not request._disconnected:
+        if not request.disconnected:
             # A client that left took its channel with it (Twisted's
             # request then has none to unregister from).
             request.unregisterProducer()
@@ -316,8 +316,7 @@ class ProxyExchange:
         out = request.responseHeaders
         # monedge's own values (digits; a generated or checked request id),
         # set in the table directly: Headers would scan each for CR and LF.
-        raw = out._rawHeaders
-        downstreamHeaders(
+        raw = downstreamHeaders(
             response.headers, getattr(response, "monedgeConnection", None), out
         )
         if (
@@ -421,7 +420,7 @@ class ProxyExchange:
         error = failure.value
         hook = error.hook if isinstance(error, HookFailed) else "?"
         self._metrics.upstreamError("hook_failed")
-        if self._clientGone or self.request._disconnected:
+        if self._clientGone or self.request.disconnected:
             return
         self._fail(ProxyError("hook_failed", f"the {hook} hook failed"))
 

@@ -67,7 +67,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from monedge.redact import redactText, redactURL
-from monedge.sockets import sendAtOnce
+from monedge.twistedseam import sendAtOnce
 
 #: Connections a pool holds unless told otherwise.
 DEFAULT_POOL_SIZE = 2

@@ -109,7 +109,9 @@ class ServiceResource(Resource):
         routed = request.routedPath
         assert routed is not None
         upgradeKey = None
-        if wantsWebSocket(request.requestHeaders):
+        # Most requests have no Upgrade: wantsWebSocket would say no at
+        # once, but not before a call (this runs per request).
+        if b"Upgrade" in request.headerTable and wantsWebSocket(request.requestHeaders):
             try:
                 if request.hasBody:
                     raise ProxyError("bad_upgrade", "a WebSocket handshake has no body")
@@ -178,7 +180,7 @@ class ServiceResource(Resource):
         exchange: ProxyExchange,
         answer: HookResponse | None,
     ) -> None:
-        if request._disconnected:
+        if request.disconnected:
             return
         if answer is None:
             exchange.start()
@@ -280,7 +282,7 @@ class RootResource(Resource):
             raise ProxyError("method_not_allowed")
         # Twisted's Headers keep canonical names: read the table directly
         # (getRawHeaders would encode the name first; this runs per request).
-        hosts = request.requestHeaders._rawHeaders.get(b"Host")
+        hosts = request.headerTable.get(b"Host")
         if hosts is not None and len(hosts) != 1:
             raise ProxyError("missing_host")
         host = hosts[0] if hosts else None

@@ -8,6 +8,11 @@ the header deadline (408) and malformed framing (400), each answered with
 the JSON error body and a closed connection.  The request routes itself as
 soon as its headers are in, so that an oversized body is refused (413)
 before it is read.
+
+What these classes need of Twisted's that is not public (the table
+inside L{Headers}, the request line as it is read, the channel's private
+steps and its state between requests) they get from
+L{monedge.twistedseam}.
 """
 
 from __future__ import annotations
@@ -27,15 +32,8 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import (
-    H2_ENABLED,
-    HTTPChannel,
-    _ChunkedTransferDecoder,
-    _GenericHTTPChannelProtocol,
-)
-from twisted.web.http import (
-    Request as HTTPRequest,
-)
+from twisted.web.http import H2_ENABLED
+from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
@@ -50,8 +48,20 @@ from monedge.headers import (
 )
 from monedge.metrics import MONEDGE, NO_SERVICE, UPSTREAM, Metrics, ServiceMetrics
 from monedge.paths import RoutedPath
-from monedge.sockets import sendAtOnce
 from monedge.tunnel import TunnelSide
+from monedge.twistedseam import (
+    HTTPChannelBase,
+    HTTPConnectionProtocol,
+    channelOf,
+    chunkRemaining,
+    rawHeaderTable,
+    releaseTransport,
+    requestLine,
+    requestLineSoFar,
+    sendAtOnce,
+    takeHeldInput,
+    unparsedInput,
+)
 
 if TYPE_CHECKING:
     from monedge.proxy import ProxyExchange
@@ -60,7 +70,11 @@ if TYPE_CHECKING:
 #: C{--underscore-headers reject}.
 UNDERSCORE_REFUSED = "header names with underscores are refused"
 
+_log = Logger()
+
 #: Twisted's HTTP write, under twisted.web.server's (see ProxyRequest.write).
+#: Bound at import: attribute lookups on twisted.web.http go through its
+#: deprecation proxy, which costs more than the layer skipped.
 _httpWrite = HTTPRequest.write
 
 #: The status logged for a request whose client went away first.
@@ -124,6 +138,9 @@ class ProxyRequest(server.Request):
     _requestId: bytes | None = None
     #: Whether the connection became a tunnel (a WebSocket).
     tunnelled = False
+    #: Whether the connection the request came on was lost (set by
+    #: connectionLost, which Twisted calls when it is).
+    disconnected = False
     #: An HTTP/2 refusal waiting for the request to be received.
     _deferredRefusal: ProxyError | None = None
 
@@ -135,6 +152,8 @@ class ProxyRequest(server.Request):
         site: ProxySite = channel.site
         self.site = site
         self.startTime = site.reactor.seconds()
+        #: The request headers' table (L{rawHeaderTable}), looked up once.
+        self.headerTable = rawHeaderTable(self.requestHeaders)
 
     @property
     def requestId(self) -> bytes:
@@ -179,14 +198,15 @@ class ProxyRequest(server.Request):
     def gotLength(self, length: int | None) -> None:
         self.hasBody = length is None or length > 0
         channel: Any = self.channel
-        if self.isHTTP2:
-            # An H2Stream: its pseudo-headers (method, path, authority) come
-            # before any other header, so they are known here.
+        if isinstance(channel, ProxyChannel):
+            command, path, version = requestLine(channel)
+        else:
+            # An H2Stream (isHTTP2, without the property's call: this runs
+            # per request): its pseudo-headers (method, path, authority)
+            # come before any other header, so they are known here.
             command, path, version = channel.command, channel.path, b"HTTP/2"
             if self._underscoreNames():
                 return
-        else:
-            command, path, version = channel._command, channel._path, channel._version
         decision = self.site.resource.decide(command, path, version, self)
         self.decision = decision
         error = getattr(decision, "error", None)
@@ -303,14 +323,14 @@ class ProxyRequest(server.Request):
         """
         An internal error: log the traceback, never show it.
         """
-        self._log.failure(
+        _log.failure(
             "internal error handling {method} {uri}",
             failure=reason,
             method=self.method,
             uri=self.uri,
         )
         self.errorCode = "internal_error"
-        if self._disconnected or self.finished:
+        if self.disconnected or self.finished:
             return
         if self.startedWriting:
             self.loseConnection()
@@ -328,12 +348,16 @@ class ProxyRequest(server.Request):
 
     def connectionLost(self, reason: Failure) -> None:
         channel = self.channel
+        self.disconnected = True
         super().connectionLost(reason)
         if self.method is HTTPRequest.method and isinstance(channel, ProxyChannel):
             # The client left before its request was all in: log the request
             # line that came (this request is the one the channel parsed).
-            self.method = getattr(channel, "_command", self.method)
-            self.uri = getattr(channel, "_path", self.uri)
+            command, path, _ = requestLineSoFar(channel)
+            if command is not None:
+                self.method = command
+            if path is not None:
+                self.uri = path
         exchange = self.exchange
         if exchange is not None and not self.finished:
             exchange.clientLost(reason)
@@ -371,16 +395,17 @@ class ProxyRequest(server.Request):
         """
 
     def write(self, data: bytes) -> None:
+        """
+        Twisted's HTTP write, without twisted.web.server's layer above it
+        (this runs per write).  That layer adds a default Content-Type,
+        which a proxy never sets (defaultContentType is None), encodes the
+        body for a resource with an encoder, which only its own process
+        looks for (this request's does not), and drops the body of a HEAD
+        it answers with a GET for a resource that cannot answer HEAD,
+        which no resource of monedge's is (each renders every method).
+        """
         if not self.startedWriting and self.site.draining:
             self._closeAfterResponse()
-        if self._inFakeHead or self._encoder is not None:
-            super().write(data)
-            return
-        # twisted.web.server.Request.write only adds a default Content-Type,
-        # which a proxy never sets (defaultContentType is None), before
-        # Twisted's HTTP write: go to that directly (this runs per write).
-        # (Bound at import: attribute lookups on twisted.web.http go through
-        # its deprecation proxy, which costs more than the layer skipped.)
         _httpWrite(self, data)
 
     def flushHead(self) -> None:
@@ -389,14 +414,14 @@ class ProxyRequest(server.Request):
         first bytes (HTTP/1.1 only; see L{ProxyChannel.writeHeaders}).  A
         finished request has nothing held: its channel sent it all.
         """
-        if self.finished or self._disconnected:
+        if self.finished or self.disconnected:
             return
         channel = self.channel
         if isinstance(channel, ProxyChannel):
             channel.flushHead()
 
 
-class ProxyChannel(HTTPChannel):
+class ProxyChannel(HTTPChannelBase):
     """
     An HTTP/1.1 connection from a client, with monedge's limits.
 
@@ -407,8 +432,6 @@ class ProxyChannel(HTTPChannel):
     site: ProxySite
     maxHeaders = 10_000
     totalHeadersSize = 1 << 20
-
-    _log = Logger()
 
     def __init__(self) -> None:
         super().__init__()
@@ -424,6 +447,9 @@ class ProxyChannel(HTTPChannel):
         self._peer: Any = None
         self._secure: bool | None = None
         self._heldHead: bytes | None = None
+        #: Answering a request: from its being all in until its response
+        #: is done (Twisted holds what arrives meanwhile).
+        self._answering = False
         #: Once the connection is a tunnel: where its bytes go.
         self.tunnelSide: TunnelSide | None = None
 
@@ -480,8 +506,7 @@ class ProxyChannel(HTTPChannel):
         self.tunnelSide = side
         self.setTimeout(None)
         self._cancelDeadline()
-        held = b"".join(self._dataBuffer)
-        self._dataBuffer = []
+        held = takeHeldInput(self)
         transport = self.transport
         assert transport is not None
         # The channel stops being the producer the connection pauses; the
@@ -556,10 +581,13 @@ class ProxyChannel(HTTPChannel):
         if side is not None:
             side.received(data)
             return
+        if self._refused:
+            # Refused: nothing more is parsed (see refuse).
+            return
         if self._inBody:
             # The body moved: its idle deadline starts again.
             self._deadlineAt = self.site.reactor.seconds() + self.limits.bodyTimeout
-        elif self._inRequestLine and not self._handlingRequest:
+        elif self._inRequestLine and not self._answering:
             self._startDeadline()
         super().dataReceived(data)
 
@@ -585,7 +613,8 @@ class ProxyChannel(HTTPChannel):
                 lines += (name, b": ", value, b"\r\n")
         lines.append(b"\r\n")
         # Held until the body's first bytes, so that both go in one send
-        # (see monedge.sockets): flushHead sends it alone if need be.
+        # (see monedge.twistedseam.sendAtOnce): flushHead sends it alone if
+        # need be.
         self._heldHead = b"".join(lines)
 
     def flushHead(self) -> None:
@@ -618,11 +647,10 @@ class ProxyChannel(HTTPChannel):
         self.flushHead()
         super().loseConnection()
 
-    def _send100Continue(self) -> None:
+    def continueAllowed(self) -> bool:
         # A request refused on its headers (413) gets its refusal, not an
         # invitation to send the body after it.
-        if not self._refused:
-            super()._send100Continue()
+        return not self._refused
 
     def allContentReceived(self) -> None:
         self._inBody = False
@@ -634,13 +662,14 @@ class ProxyChannel(HTTPChannel):
         # response is done: a timer per request.  Instead the timer stays,
         # and timeoutConnection ignores it while a request is answered.
         idle, self.timeOut = self.timeOut, None
+        self._answering = True
         try:
             super().allContentReceived()
         finally:
             self.timeOut = idle
 
     def timeoutConnection(self) -> None:
-        if self._handlingRequest:
+        if self._answering:
             # Answering a request is not idleness: look again later (the
             # fired timer is spent, so arm a new one).
             self.setTimeout(self.timeOut)
@@ -651,12 +680,14 @@ class ProxyChannel(HTTPChannel):
         self.flushHead()
         if self.site.draining:
             self.persistent = False
+        if self.persistent:
+            # Before Twisted's: it hands on at once what arrived meanwhile.
+            self._answering = False
+        # What arrived meanwhile, a pipelined request, is handed to
+        # dataReceived, which starts its header deadline.
         super().requestDone(request)
         # Idleness is measured from the end of the response.
         self.resetTimeout()
-        if self.persistent and self._buffer:
-            # A pipelined request is partly here: its deadline runs now.
-            self._startDeadline()
 
     # Limits
 
@@ -698,7 +729,7 @@ class ProxyChannel(HTTPChannel):
         if name.find(b"_") >= 0 and self.limits.underscoreHeaders != "allow":
             return self._underscoreHeader(line, name)
         if sep and name.strip(b" \t").lower() == b"transfer-encoding":
-            if getattr(self, "_version", None) != b"HTTP/1.1":
+            if requestLineSoFar(self)[2] != b"HTTP/1.1":
                 self._refuseForRequest("bad_request")
                 return False
             if value.strip(b" \t").lower() != b"chunked":
@@ -729,7 +760,7 @@ class ProxyChannel(HTTPChannel):
         comma-separated token list it is (C{Connection: close, X-Foo}
         closes).
         """
-        tokens = connectionTokens(request.requestHeaders._rawHeaders.get(b"Connection"))
+        tokens = connectionTokens(request.headerTable.get(b"Connection"))
         if version == b"HTTP/1.1" and b"close" not in tokens:
             return True
         if version == b"HTTP/1.1":
@@ -742,12 +773,12 @@ class ProxyChannel(HTTPChannel):
         # soon as its size line is read (as nginx does), not once the
         # bytes have come: a client cannot hold the connection on a size
         # it will never send.
-        decoder = self._transferDecoder
-        if type(decoder) is _ChunkedTransferDecoder and decoder.state == "BODY":
+        remaining = chunkRemaining(self)
+        if remaining is not None:
             request = self.requests[-1] if self.requests else None
             if request is not None and not request._refused:
                 limit = request._bodyLimit
-                if limit is not None and request.bytesIn + decoder.length > limit:
+                if limit is not None and request.bytesIn + remaining > limit:
                     request._refuse("body_too_large")
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -756,7 +787,7 @@ class ProxyChannel(HTTPChannel):
         else:
             self._refuseForRequest("headers_too_large")
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def badRequest(self) -> None:
         self._refuseForRequest("bad_request")
 
     def _refuseForRequest(self, code: str, message: str | None = None) -> None:
@@ -792,11 +823,10 @@ class ProxyChannel(HTTPChannel):
         assert transport is not None
         # A request line already read says whether this answers a HEAD
         # (Twisted deletes it once a request is all in).
-        head = getattr(self, "_command", None) == b"HEAD"
+        head = requestLineSoFar(self)[0] == b"HEAD"
         transport.write(rawErrorResponse(code, rid, message, head))
         self.site.refusalLogged(self, code, rid, request)
-        self.dataReceived = lambda data: None  # type: ignore[method-assign]
-        self._networkProducer.unregisterProducer()  # type: ignore[attr-defined]
+        releaseTransport(self)
         halfClose = getattr(transport, "loseWriteConnection", None)
         if halfClose is None or self.isSecure():
             # Over TLS a half-close would end the session before Twisted's
@@ -811,34 +841,33 @@ class ProxyChannel(HTTPChannel):
         """
         Is the connection between requests, with nothing in progress?
         """
-        return not self._handlingRequest and not self.requests and not self._buffer
+        return not self._answering and not self.requests and not unparsedInput(self)
 
 
 @implementer(IHalfCloseableProtocol)
-class _ProxyChannelProtocol(_GenericHTTPChannelProtocol):
+class _ProxyChannelProtocol(HTTPConnectionProtocol):
     """
     The protocol on a client connection (Twisted's switch between HTTP/1.1
     and HTTP/2), told of half-closes so that a tunnel can pass them on.
     """
 
-    def dataReceived(self, data: bytes) -> None:
-        channel = self._channel
-        super().dataReceived(data)
-        if self._channel is not channel and isinstance(channel, ProxyChannel):
+    def channelReplaced(self, previous: Any) -> None:
+        if isinstance(previous, ProxyChannel):
             # ALPN chose HTTP/2: the HTTP/1.1 channel made for the
             # connection is replaced, and must not time it out.
-            channel.abandon()
+            previous.abandon()
 
     def readConnectionLost(self) -> None:
-        side = getattr(self._channel, "tunnelSide", None)
+        channel = channelOf(self)
+        side = getattr(channel, "tunnelSide", None)
         if side is not None:
             side.readClosed()
             return
         # An HTTP client that stops sending has gone, as before half-closes
         # were reported.
-        transport = self._channel.transport
+        transport = channel.transport
         if transport is not None:
-            transport.abortConnection()  # type: ignore[attr-defined]
+            transport.abortConnection()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -896,7 +925,7 @@ class ProxySite(server.Site):
             return BytesIO()
         return tempfile.TemporaryFile()
 
-    def protocol(self) -> _GenericHTTPChannelProtocol:
+    def protocol(self) -> HTTPConnectionProtocol:
         return _ProxyChannelProtocol(ProxyChannel())
 
     def acceptableProtocols(self) -> list[bytes]:
@@ -1035,7 +1064,7 @@ class ListenerFactory(ServerFactory):
         """
         found = []
         for protocol in list(self.connections):
-            channel = getattr(protocol, "_channel", None)
+            channel = channelOf(protocol)
             if isinstance(channel, ProxyChannel):
                 found.append("http/1.1" if channel.tunnelSide is None else "websocket")
             else:

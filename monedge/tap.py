@@ -31,7 +31,6 @@ from monedge.admin import adminSite, groupAdminSite
 from monedge.balancer import Balancer
 from monedge.client import DEFAULT_MAX_PER_HOST, DEFAULT_POOL_IDLE, FastUpstreamClient
 from monedge.convention import HostTiers
-from monedge.dispatch import leanDispatch
 from monedge.headers import (
     CLIENT_CONTROLLED_NAMES,
     CLIENT_CONTROLLED_PREFIXES,
@@ -57,6 +56,7 @@ from monedge.syntax import isToken
 from monedge.tls import CertificateFileError, CertificateStore
 from monedge.trust import Trust, parseNetwork
 from monedge.tunnel import TunnelSet
+from monedge.twistedseam import checkTwistedVersion, leanDispatch
 from monedge.workers import (
     ADOPTABLE,
     AdoptedEndpoint,
@@ -733,8 +733,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # The process's own: a listener or file that cannot be opened from
         # here on ends it with one line (monedge.lifecycle).
         reportStartupErrors()
+        # monedge relies on Twisted internals (monedge.twistedseam): a
+        # Twisted it was not written for stops it here, with one line
+        # (twistd's log has not started: that line is all there is).
+        try:
+            checkTwistedVersion()
+        except usage.UsageError as e:
+            exitAtStartup(str(e))
         # The process's own reactor (twistd's): dispatch its events without
-        # the legacy log context (monedge.dispatch), and once running, move
+        # the legacy log context (monedge.twistedseam), and once running, move
         # everything built at startup (modules, clients, the registry) out
         # of the cyclic garbage collector's sight, so that a full
         # collection, and its pause, covers only what came later.  A

@@ -17,6 +17,7 @@ import hashlib
 from twisted.web.http_headers import Headers
 
 from monedge.errors import ProxyError
+from monedge.twistedseam import rawHeaderTable
 
 #: The GUID RFC 6455 appends to the key to form Sec-WebSocket-Accept.
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -38,7 +39,7 @@ def wantsWebSocket(headers: Headers) -> bool:
     C{upgrade} and C{Upgrade} names C{websocket}. Anything else, an
     C{Upgrade: h2c} included, is an ordinary request.
     """
-    if b"Upgrade" not in headers._rawHeaders:
+    if b"Upgrade" not in rawHeaderTable(headers):
         # The common case, answered with one lookup.
         return False
     return b"upgrade" in _tokens(headers, b"connection") and any(

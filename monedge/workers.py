@@ -48,14 +48,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
-from twisted.web.client import (
-    Agent,
-    HTTPConnectionPool,
-    _HTTP11ClientFactory,
-    readBody,
-)
+from twisted.web.client import Agent, readBody
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
+
+from monedge.twistedseam import acceptOneAtATime, quietConnectionPool
 
 if TYPE_CHECKING:
     from monedge.lifecycle import Listener
@@ -111,33 +108,13 @@ def parseInherited(value: str) -> tuple[int, int]:
     return int(fd), _FAMILIES[family]
 
 
-def acceptOneAtATime(port: Any) -> None:
-    """
-    Make a listening port accept one connection each time it is readable,
-    as nginx's C{multi_accept off} does.
-
-    Twisted's ports accept up to 100 connections (and more, adaptively) per
-    readiness event. Workers sharing one socket are all woken by a burst of
-    new connections, and the first awake would take the whole burst; one
-    at a time, they take turns, and the connections spread over the
-    workers.
-    """
-    doRead = port.doRead
-
-    def fairDoRead() -> None:
-        port.numberAccepts = 1
-        doRead()
-
-    port.doRead = fairDoRead
-
-
 @implementer(IStreamServerEndpoint)
 class AdoptedEndpoint:
     """
     An inherited listening socket (in a worker), listened on once: the
-    port accepts one connection at a time (L{acceptOneAtATime}), and the
-    inherited descriptor is closed (the reactor works on its own
-    duplicate).
+    port accepts one connection at a time
+    (L{monedge.twistedseam.acceptOneAtATime}), and the inherited
+    descriptor is closed (the reactor works on its own duplicate).
     """
 
     def __init__(self, reactor: Any, fd: int, family: int) -> None:
@@ -552,19 +529,14 @@ class _WorkerSockets:
         return UNIXClientEndpoint(self._reactor, path, timeout=2)
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):
-    # Scrapes open connections to the workers often: do not log each.
-    noisy = False
-
-
 class WorkerAdminClient:
     """
     Asks workers' private admin sockets (for the group's admin site).
     """
 
     def __init__(self, reactor: Any, group: WorkerGroup, timeout: float = 2.0) -> None:
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool._factory = _QuietClientFactory
+        # Scrapes open connections to the workers often: not logged each.
+        pool = quietConnectionPool(reactor)
         self._agent = Agent.usingEndpointFactory(
             reactor, _WorkerSockets(reactor, group), pool=pool
         )

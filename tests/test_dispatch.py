@@ -1,5 +1,5 @@
 """
-L{monedge.dispatch.leanDispatch}: an epoll reactor dispatches its events
+L{monedge.twistedseam.leanDispatch}: an epoll reactor dispatches its events
 without the legacy log context, and still logs what escapes.
 """
 
@@ -14,7 +14,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python import context, log
 from twisted.trial.unittest import SynchronousTestCase
 
-from monedge.dispatch import leanDispatch
+from monedge.twistedseam import leanDispatch
 
 
 class _Reader(FileDescriptor):

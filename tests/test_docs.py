@@ -69,6 +69,7 @@ from monedge.server import CLIENT_CLOSED, Limits, ProxyChannel, ProxyRequest, Pr
 from monedge.tap import Options, checkHooks
 from monedge.testing import FakeUpstreamClient, MemoryRegistry
 from monedge.trust import Trust
+from monedge.twistedseam import rawHeaderTable
 from monedge.workers import WorkerGroup
 
 #: The repository root: the parent of the tests package.
@@ -181,6 +182,7 @@ class _Request:
 
     def __init__(self, headers: Headers) -> None:
         self.requestHeaders = headers
+        self.headerTable = rawHeaderTable(headers)
         self.hostHeader: bytes | None = None
         self.routedPath: RoutedPath | None = None
         self.service: str | None = None

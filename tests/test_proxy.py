@@ -730,6 +730,32 @@ class ProxyPathTests(SynchronousTestCase):
         h.clock.advance(0.2)
         self.assertIn(b"HTTP/1.1 408 ", transport.value())
 
+    def test_headerDeadlinePipelined(self) -> None:
+        """
+        A request pipelined behind one being answered, whether its first
+        bytes came with that request or while it was answered, gets the
+        full header timeout from the end of that answer, and a 408 once it
+        is spent.
+        """
+        for first, later in [
+            (GET + b"GET /echo/ HTTP/1.1\r\nHo", b""),
+            (GET, b"GET /e"),
+        ]:
+            h = Harness([_service()], Limits(headerTimeout=10.0))
+            protocol, transport = h.connect()
+            protocol.dataReceived(first)
+            h.clock.advance(5.0)
+            if later:
+                protocol.dataReceived(later)
+            h.clock.advance(25.0)
+            response = FakeResponse(204, length=0)
+            h.client.calls[0].result.callback(response)
+            response.end()
+            h.clock.advance(9.9)
+            self.assertNotIn(b"408", transport.value())
+            h.clock.advance(0.2)
+            self.assertIn(b"HTTP/1.1 408 ", transport.value())
+
     def test_keepAliveIdleFromResponseEnd(self) -> None:
         """
         A connection is closed after the keep-alive timeout of idleness,

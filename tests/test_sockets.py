@@ -1,5 +1,5 @@
 """
-L{monedge.sockets.sendAtOnce}: writes go to the kernel at once when the
+L{monedge.twistedseam.sendAtOnce}: writes go to the kernel at once when the
 transport's buffer is empty, and fall back to Twisted's buffered path for
 everything else.
 """
@@ -14,7 +14,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from monedge.sockets import sendAtOnce
+from monedge.twistedseam import sendAtOnce
 
 
 class _FDSet:

@@ -52,6 +52,8 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from monedge.twistedseam import requestDisconnected
+
 __all__ = ["Backend", "LoadBalancer", "endToEnd"]
 
 #: Headers that describe one connection, never forwarded (RFC 9110 7.6.1).
@@ -149,6 +151,16 @@ class Backend:
         return waiter
 
 
+class _QuietSite(Site):
+    """
+    The balancer's site, whose requests are not logged (Twisted's site
+    would write a line for each to the global log).
+    """
+
+    def log(self, request: object) -> None:
+        pass
+
+
 class _Relay(Protocol):
     """
     Writes a backend's response body to the client's request as it comes.
@@ -159,9 +171,7 @@ class _Relay(Protocol):
         self._done = done
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._request.finished and not getattr(
-            self._request, "_disconnected", False
-        ):
+        if not self._request.finished and not requestDisconnected(self._request):
             self._request.write(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -257,8 +267,7 @@ class LoadBalancer:
         Listen on 127.0.0.1:C{port} (any free port for 0) and start the
         health checks; return the port.
         """
-        site = Site(self.resource, reactor=self._reactor)
-        site.log = lambda request: None  # type: ignore[method-assign]
+        site = _QuietSite(self.resource, reactor=self._reactor)
         self._port = self._reactor.listenTCP(port, site, interface="127.0.0.1")
         self._checks.start(self.interval, now=True)
         return self.port
@@ -352,7 +361,7 @@ class LoadBalancer:
         self.errors += 1
         self.errorLog.append(why)
         self._log.warn("{why}", why=why)
-        if not request.finished and not getattr(request, "_disconnected", False):
+        if not request.finished and not requestDisconnected(request):
             request.setResponseCode(502)
             request.setHeader(b"content-type", b"text/plain")
             request.write(f"load balancer: {why}\n".encode())
@@ -396,5 +405,5 @@ class LoadBalancer:
             request.loseConnection()
             return
         backend.forwarded += 1
-        if not request.finished and not getattr(request, "_disconnected", False):
+        if not request.finished and not requestDisconnected(request):
             request.finish()
