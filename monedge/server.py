@@ -688,6 +688,11 @@ class ProxyChannel(HTTPChannelBase):
         super().requestDone(request)
         # Idleness is measured from the end of the response.
         self.resetTimeout()
+        if self.persistent and unparsedInput(self):
+            # A pipelined request is partly here already, parsed in the
+            # same read as the last (so dataReceived will not see it
+            # again): its header deadline runs now.
+            self._startDeadline()
 
     # Limits
 

@@ -114,6 +114,17 @@ class SeedTests(SynchronousTestCase):
         with open(os.path.join(REGRESSIONS, "head-refusal-body"), "rb") as f:
             checkRequestBytes(f.read())
 
+    def test_pipelinedPartialHeadDeadline(self) -> None:
+        """
+        fuzz/regressions/pipelined-partial-head-deadline: a request whose
+        head is cut short behind requests answered in the same read gets
+        its 408 at the header deadline, one answer per request.
+        """
+        with open(
+            os.path.join(REGRESSIONS, "pipelined-partial-head-deadline"), "rb"
+        ) as f:
+            checkRequestBytes(f.read())
+
     def test_seedsWritten(self) -> None:
         """
         The seed directory holds one file per corpus case and extra seed,

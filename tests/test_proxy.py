@@ -730,6 +730,24 @@ class ProxyPathTests(SynchronousTestCase):
         h.clock.advance(0.2)
         self.assertIn(b"HTTP/1.1 408 ", transport.value())
 
+    def test_headerDeadlineBehindSyncAnswer(self) -> None:
+        """
+        A request whose head is cut short in the same read as a request
+        monedge answers at once (a 404) still gets its header deadline:
+        408 after the header timeout, not a silent close at keep-alive
+        (found by the fuzzer: fuzz/regressions/pipelined-partial-head-deadline).
+        """
+        h = Harness([_service()], Limits(headerTimeout=10.0, keepAliveTimeout=75.0))
+        protocol, transport = h.connect()
+        protocol.dataReceived(
+            b"GET /nothing/ HTTP/1.1\r\nHost: a\r\n\r\nGET /echo/ HTTP/1.1\r\nHo"
+        )
+        self.assertIn(b"HTTP/1.1 404 ", transport.value())
+        h.clock.advance(9.9)
+        self.assertNotIn(b"408", transport.value())
+        h.clock.advance(0.2)
+        self.assertIn(b"HTTP/1.1 408 ", transport.value())
+
     def test_headerDeadlinePipelined(self) -> None:
         """
         A request pipelined behind one being answered, whether its first
