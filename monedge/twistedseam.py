@@ -178,7 +178,7 @@ def requestLineSoFar(
 
 
 #: The bytes a channel has read but not parsed yet: part of a line, or,
-#: once a request is done, the next pipelined one.
+#: once a request is done, the next pipelined one.  Per request.
 unparsedInput: Callable[[HTTPChannel], bytes] = attrgetter("_buffer")
 
 
