@@ -258,12 +258,10 @@ class ForwardingRules:
         self.trustedHeaders = tuple(sorted({n.lower() for n in trustedHeaders}))
         identity = frozenset(n.encode("ascii") for n in self.identityHeaders)
         passed = frozenset(n.encode("ascii") for n in self.trustedHeaders)
-        controlled = CLIENT_CONTROLLED_NAMES | identity
-        untrusted = _OWNED_UP | HOP_BY_HOP | controlled
+        # X-Real-IP is a member: with realIp on, monedge's own value
+        # replaces whatever passed (and tap refuses it as a trusted header).
+        untrusted = _OWNED_UP | HOP_BY_HOP | identity | CLIENT_CONTROLLED_NAMES
         trusted = _OWNED_UP | HOP_BY_HOP | identity | (CLIENT_CONTROLLED_NAMES - passed)
-        if realIp:
-            untrusted |= {b"x-real-ip"}
-            trusted |= {b"x-real-ip"}
         self._dropUntrusted = frozenset(map(canonicalName, untrusted))
         self._dropTrusted = frozenset(map(canonicalName, trusted))
         self._passed = passed

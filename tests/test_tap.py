@@ -200,7 +200,7 @@ class FileOptionTests(SynchronousTestCase):
         )
 
 
-class MakeServiceTests(SynchronousTestCase):
+class MakeServiceTests(OptionsTestCase):
     """
     makeService builds a MultiService listening through endpoint strings.
     """
@@ -210,20 +210,13 @@ class MakeServiceTests(SynchronousTestCase):
         Starting the service listens on the proxy port, each --listen and
         the admin port, with the large backlog for bare port numbers.
         """
-        registry = os.path.abspath(self.mktemp())
-        writeRegistry(registry, {})
-        options = Options()
-        options.parseOptions(
-            [
-                "--registry",
-                f"static:{registry}",
-                "--port",
-                "30080",
-                "--listen",
-                "tcp:30090:interface=127.0.0.1",
-                "--admin-port",
-                "tcp:30081:interface=127.0.0.1",
-            ]
+        options = self.parse(
+            "--port",
+            "30080",
+            "--listen",
+            "tcp:30090:interface=127.0.0.1",
+            "--admin-port",
+            "tcp:30081:interface=127.0.0.1",
         )
         reactor = MemoryReactorClock()
         service = makeService(options, reactor)
@@ -254,18 +247,8 @@ class MakeServiceTests(SynchronousTestCase):
         One L{FastUpstreamClient}, with the upstream head limits given,
         sends every request upstream and every WebSocket handshake.
         """
-        registry = os.path.abspath(self.mktemp())
-        writeRegistry(registry, {})
-        options = Options()
-        options.parseOptions(
-            [
-                "--registry",
-                f"static:{registry}",
-                "--max-upstream-headers-size",
-                "1024",
-                "--max-upstream-header-count",
-                "7",
-            ]
+        options = self.parse(
+            "--max-upstream-headers-size", "1024", "--max-upstream-header-count", "7"
         )
         service = makeService(options, MemoryReactorClock())
         assert isinstance(service, ProxyService)
