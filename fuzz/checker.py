@@ -780,6 +780,10 @@ def checkCall(call: Call) -> None:
         raise fail("the request id sent up is not the request's", ids)
 
 
+#: The method of a twisted.web request whose body is not all in yet.
+_NO_METHOD = b"(no method yet)"
+
+
 def checkOutcome(outcome: Outcome, framed: Sequence[Framed]) -> list[tuple[Any, ...]]:
     """
     Check invariants 2 to 4 on one connection's outcome.
@@ -790,7 +794,13 @@ def checkOutcome(outcome: Outcome, framed: Sequence[Framed]) -> list[tuple[Any, 
     if b"Traceback" in outcome.output:
         raise fail("a traceback reached the client", outcome.output[:2000])
     requests = outcome.requests
-    methods = [r.method for r in requests]
+    # Twisted sets a request's method only once its body is in: a request
+    # refused while its body arrives (too large) has none yet, and its
+    # answer's framing follows the method the strict framer read.
+    methods = [
+        framed[i].method if r.method == _NO_METHOD and i < len(framed) else r.method
+        for i, r in enumerate(requests)
+    ]
     responses, _ = parseResponses(outcome.output, methods, outcome.closed)
     if len(responses) == len(requests) + 1:
         # The channel refused a request before making a request object for
@@ -836,7 +846,7 @@ def checkOutcome(outcome: Outcome, framed: Sequence[Framed]) -> list[tuple[Any, 
     if [c.index for c in calls] != list(range(len(calls))):
         raise fail("calls out of order")
     summary: list[tuple[Any, ...]] = []
-    for request, response in zip(requests, responses, strict=True):
+    for request, method, response in zip(requests, methods, responses, strict=True):
         made = byRequest.get(id(request))
         if made is not None and made.answered:
             call = made
@@ -860,7 +870,7 @@ def checkOutcome(outcome: Outcome, framed: Sequence[Framed]) -> list[tuple[Any, 
             raise fail(
                 "a response that is neither the upstream's nor an error", response.raw
             )
-        head = request.method == b"HEAD"
+        head = method == b"HEAD"
         summary.append((response.status, checkErrorResponse(response, head)))
     summary.extend(("call", c.method, c.url) for c in calls)
     return summary
