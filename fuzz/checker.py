@@ -710,10 +710,10 @@ def checkCall(call: Call) -> None:
     parsed = parseServiceName(chosen.name)
     if parsed is None or not chosen.policy.expose:
         raise fail("an upstream call to a service never routed to", chosen.name)
-    if request.service != chosen.name:
+    if request.record.service != chosen.name:
         raise fail(
             "the service chosen and the endpoint called differ",
-            request.service,
+            request.record.service,
             call.url,
         )
     expected, routed = _expectedTarget(request)

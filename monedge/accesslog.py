@@ -18,25 +18,16 @@ import math
 import sys
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from twisted.logger import Logger
 
-from monedge.twistedseam import requestLineSoFar
-
-if TYPE_CHECKING:
-    from monedge.server import ProxyChannel, ProxyRequest
+from monedge.record import RequestRecord
 
 _MAX_PATH = 2048
 
 #: How often, at most, a failure to write the log is itself logged.
 _FAILURE_LOG_INTERVAL = 60.0
-
-
-def _text(value: bytes | None, limit: int = _MAX_PATH) -> str | None:
-    if value is None:
-        return None
-    return value[:limit].decode("utf-8", "backslashreplace")
 
 
 class _Clock:
@@ -222,73 +213,35 @@ class AccessLog:
                     error=e,
                 )
 
-    def request(
-        self, request: ProxyRequest, status: int, now: float, total: float
-    ) -> None:
+    def log(self, record: RequestRecord) -> None:
         """
-        Log a request that reached L{ProxyRequest.process} (or was aborted).
+        Log a finished request: one line from its record.
         """
         if self._out is None:
             return
-        latency = request.upstreamLatency
-        method, uri = request.method, request.uri
+        latency = record.upstreamLatency
+        total = record.totalLatency
+        method, path = record.method, record.path
+        end = record.end
+        assert end is not None
         self._emit(
             formatRecord(
-                self._clock(now),
-                request.requestId.decode("ascii"),
-                request.peerAddress.decode("ascii", "replace"),
-                # A request line that arrived (not Twisted's "(no method
-                # yet)" placeholders), cut to size.
+                self._clock(end),
+                record.requestId.decode("ascii"),
+                record.client.decode("ascii", "replace"),
                 None
-                if method.startswith(b"(no ")
+                if method is None
                 else method[:32].decode("utf-8", "backslashreplace"),
                 None
-                if uri.startswith(b"(no ")
-                else uri[:_MAX_PATH].decode("utf-8", "backslashreplace"),
-                status,
-                request.service,
-                request.endpoint,
+                if path is None
+                else path[:_MAX_PATH].decode("utf-8", "backslashreplace"),
+                record.status,
+                record.service,
+                record.endpoint,
                 round(latency, 6) if latency is not None else None,
-                round(total, 6),
-                request.bytesIn,
-                request.sentLength,
-                request.errorCode,
-            )
-        )
-
-    def refusal(
-        self,
-        channel: ProxyChannel,
-        code: str,
-        status: int,
-        requestId: bytes,
-        request: ProxyRequest | None,
-        now: float,
-    ) -> None:
-        """
-        Log a request the channel refused before it could be processed.
-        """
-        if self._out is None:
-            return
-        transport = channel.transport
-        peer = (
-            getattr(transport.getPeer(), "host", "unknown") if transport else "unknown"
-        )
-        command, path, _ = requestLineSoFar(channel)
-        self._emit(
-            formatRecord(
-                self._clock(now),
-                requestId.decode("ascii"),
-                str(peer),
-                _text(command, 32),
-                _text(path),
-                status,
-                request.service if request is not None else None,
-                None,
-                None,
-                round(now - request.startTime, 6) if request is not None else None,
-                request.bytesIn if request is not None else 0,
-                0,
-                code,
+                round(total, 6) if total is not None else None,
+                record.bytesIn,
+                record.bytesOut,
+                record.errorCode,
             )
         )

@@ -10,13 +10,25 @@ checks that the two agree.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.web.http import RESPONSES
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 if TYPE_CHECKING:
     from twisted.web.server import Request
+
+
+class Answerable(Protocol):
+    """
+    What L{renderError} sets on a request: its status and headers.
+    """
+
+    responseHeaders: Headers
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None: ...
+
 
 #: code -> (status, default message)
 CATALOGUE: dict[str, tuple[int, str]] = {
@@ -125,7 +137,7 @@ def rawErrorResponse(
     )
 
 
-def renderError(request: Request, error: ProxyError, requestId: bytes) -> bytes:
+def renderError(request: Answerable, error: ProxyError, requestId: bytes) -> bytes:
     """
     Set C{request}'s status and headers for C{error}; return the body.
     """
@@ -139,8 +151,9 @@ def renderError(request: Request, error: ProxyError, requestId: bytes) -> bytes:
     if error.code == "websocket_version":
         # RFC 6455 section 4.4: say which version would do.
         headers.setRawHeaders(b"sec-websocket-version", [b"13"])
-    if hasattr(request, "errorCode"):
-        request.errorCode = error.code
+    record = getattr(request, "record", None)
+    if record is not None:
+        record.failed(error.code)
     return body
 
 

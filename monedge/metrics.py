@@ -25,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from monedge.record import MONEDGE, RequestRecord
+
 if TYPE_CHECKING:
     from monedge.interfaces import IServiceRegistry
 
@@ -111,11 +113,6 @@ class _Histogram:
         self.total += seconds
 
 
-#: The C{origin} label's values: who chose a response's status.
-UPSTREAM = "upstream"
-MONEDGE = "monedge"
-
-
 class ServiceMetrics:
     """
     One service's request counts, latency histograms and requests in
@@ -125,7 +122,7 @@ class ServiceMetrics:
     from the reactor thread alone).
 
     @ivar classes: requests answered, by status class (2 for 2xx, ...) and
-        origin (L{UPSTREAM} when the upstream sent the status, L{MONEDGE}
+        origin (L{monedge.record.UPSTREAM} when the upstream sent the status, L{monedge.record.MONEDGE}
         when monedge or a hook chose it).
     @ivar created: when each of those was first counted.
     @ivar latency: time from the request's arrival to its last byte.
@@ -177,6 +174,18 @@ class ServiceMetrics:
         self.latency.observe(seconds)
         if upstreamSeconds is not None:
             self.upstream.observe(upstreamSeconds)
+
+    def count(self, record: RequestRecord) -> None:
+        """
+        Count one finished request from its record (L{monedge.record}).
+        """
+        total = record.totalLatency
+        self.observe(
+            record.status,
+            0.0 if total is None else total,
+            record.origin,
+            record.upstreamLatency,
+        )
 
     def upstreamError(self, kind: str) -> None:
         """

@@ -12,8 +12,9 @@ any response byte came back).
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, DNSLookupError
@@ -35,14 +36,81 @@ from monedge.errors import ProxyError, errorBody, renderError
 from monedge.headers import downstreamHeaders
 from monedge.hooks import HookFailed, HookResponse, HookResponseHead, HookSet
 from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
+from monedge.record import RequestRecord
 from monedge.replay import BufferedBody
-from monedge.tunnel import Tunnel, TunnelSet
+from monedge.tunnel import Tunnel, TunnelSet, TunnelSide
+from monedge.twistedseam import HeaderTable
 from monedge.upgrade import isWebSocketAccept
 
 if TYPE_CHECKING:
     from monedge.metrics import ServiceMetrics
     from monedge.policy import Policy
-    from monedge.server import ProxyChannel, ProxyRequest
+
+
+class ClientRequest(typing.Protocol):
+    """
+    What the exchange and the routing leaves use of a client's request
+    (L{monedge.server.ClientRequest} provides it): Twisted's request API
+    for the response, the request's own identity, and its record, which
+    they write (L{monedge.record}).
+    """
+
+    record: RequestRecord
+    #: The exchange proxying the request, once started: told if the client
+    #: goes first.
+    exchange: ProxyExchange | None
+    method: bytes
+    uri: bytes
+    clientproto: bytes
+    code: int
+    startedWriting: int
+    disconnected: bool
+    hasBody: bool
+    content: IO[bytes] | None
+    requestHeaders: Headers
+    responseHeaders: Headers
+    #: The request headers' table (L{monedge.twistedseam.rawHeaderTable}).
+    headerTable: HeaderTable
+    channel: Any
+    site: Any
+
+    @property
+    def requestId(self) -> bytes: ...
+
+    @property
+    def peerAddress(self) -> bytes: ...
+
+    @property
+    def listenerPort(self) -> bytes: ...
+
+    def isSecure(self) -> bool: ...
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def flushHead(self) -> None: ...
+
+    def tunnelDone(self) -> None: ...
+
+
+class TunnelChannel(typing.Protocol):
+    """
+    What a WebSocket handshake's exchange uses of the client's connection
+    to make it a tunnel (L{monedge.server.ProxyChannel} provides it).
+    """
+
+    transport: Any
+
+    def startTunnel(self, side: TunnelSide) -> bytes: ...
 
 
 class ProxyContext:
@@ -181,7 +249,7 @@ class ProxyExchange:
 
     def __init__(
         self,
-        request: ProxyRequest,
+        request: ClientRequest,
         context: ProxyContext,
         candidates: list[EndpointState],
         policy: Policy,
@@ -202,7 +270,6 @@ class ProxyExchange:
         self._timedOut = False
         self._relay: _BodyRelay | None = None
         self._clientGone = False
-        self._sentAt = 0.0
         #: Runs the response hooks on the response's head, if there are any.
         self.responseHooks: Callable[[HookResponseHead], Deferred[None]] | None = None
         #: The Sec-WebSocket-Key of a WebSocket handshake, else None.
@@ -234,9 +301,8 @@ class ProxyExchange:
     def _send(self, state: EndpointState, canRetry: bool) -> None:
         self._state = state
         state.outstanding += 1
-        self.request.endpoint = state.endpoint.authority
         clock = self.context.clock
-        self._sentAt = clock.seconds()
+        self.request.record.upstreamSent(state.endpoint.authority, clock.seconds())
         upgrader = self.context.upgrader
         if self.upgradeKey is not None and upgrader is not None:
             d = upgrader.upgrade(
@@ -290,7 +356,7 @@ class ProxyExchange:
         assert state is not None
         self.context.balancer.connected(state)
         request = self.request
-        request.upstreamLatency = self.context.clock.seconds() - self._sentAt
+        request.record.upstreamAnswered(self.context.clock.seconds())
         if self._clientGone or response.code < 200:
             self._cancelTimeout()
         if self._clientGone:
@@ -366,7 +432,7 @@ class ProxyExchange:
             )
             return
         request = self.request
-        channel = cast("ProxyChannel", request.channel)
+        channel = cast(TunnelChannel, request.channel)
         transport = channel.transport
         assert transport is not None
         out = Headers()
@@ -386,7 +452,7 @@ class ProxyExchange:
         )
         upstreamTransport, fromUpstream = takeOver(tunnel.upstream)
         fromClient = channel.startTunnel(tunnel.client)
-        request.tunnelled = True
+        request.record.tunnelStarted()
         request.code = 101
         request.startedWriting = True
         transport.write(b"".join(lines))
@@ -398,10 +464,9 @@ class ProxyExchange:
         self.context.tunnels.remove(tunnel)
         self._release()
         request = self.request
-        request.bytesIn = tunnel.client.bytes
-        request.sentLength = tunnel.upstream.bytes
-        if tunnel.timedOut:
-            request.errorCode = "tunnel_idle_timeout"
+        request.record.tunnelEnded(
+            tunnel.client.bytes, tunnel.upstream.bytes, tunnel.timedOut
+        )
         request.tunnelDone()
 
     def _responseHookFailed(self, response: IResponse, failure: Failure) -> None:
@@ -470,7 +535,7 @@ class ProxyExchange:
         # response, never one that looks complete.
         if not self._timedOut:
             self._metrics.upstreamError("reset_mid_body")
-            request.errorCode = "reset_mid_body"
+            request.record.failed("reset_mid_body")
         request.loseConnection()
 
     def clientStalled(self) -> None:
@@ -480,10 +545,10 @@ class ProxyExchange:
         with it the upstream's.
         """
         request = self.request
-        request.errorCode = "client_send_timeout"
+        request.record.failed("client_send_timeout")
         transport = request.channel.transport
         if transport is not None:
-            transport.abortConnection()  # type: ignore[attr-defined]
+            transport.abortConnection()
         if self._relay is not None:
             self._relay.stopProducing()
 
@@ -493,7 +558,7 @@ class ProxyExchange:
         """
         self._timedOut = True
         self._metrics.upstreamError("body_idle_timeout")
-        self.request.errorCode = "body_idle_timeout"
+        self.request.record.failed("body_idle_timeout")
 
     def _failed(self, failure: Failure, state: EndpointState, canRetry: bool) -> None:
         self._pending = None
@@ -519,7 +584,7 @@ class ProxyExchange:
         elif failure.check(UpstreamTLSError):
             self._log.error(
                 "{service}: cannot connect to {endpoint}: {error}",
-                service=self.request.service,
+                service=self.request.record.service,
                 endpoint=state.endpoint.authority,
                 error=failure.getErrorMessage(),
             )
@@ -542,7 +607,7 @@ class ProxyExchange:
 
     def _fail(self, error: ProxyError) -> None:
         request = self.request
-        request.errorCode = error.code
+        request.record.failed(error.code)
         if request.startedWriting:
             request.loseConnection()
             return
@@ -551,7 +616,7 @@ class ProxyExchange:
         request.finish()
 
 
-def writeHookResponse(request: ProxyRequest, answer: HookResponse) -> None:
+def writeHookResponse(request: ClientRequest, answer: HookResponse) -> None:
     """
     Answer C{request} with a request hook's response.
     """
@@ -576,7 +641,7 @@ def writeHookResponse(request: ProxyRequest, answer: HookResponse) -> None:
         headers.addRawHeader(name, value)
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
     request.responseHeaders.setRawHeaders(b"x-request-id", [request.requestId])
-    request.errorCode = answer.code
+    request.record.failed(answer.code)
     request.write(body)
     request.finish()
 

@@ -12,7 +12,7 @@ reports a change to their service.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import cast
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -29,12 +29,11 @@ from monedge.hooks import HookChain, HookConfigError, HookRequest, HookResponse
 from monedge.interfaces import IServiceRegistry
 from monedge.metrics import Metrics, ServiceMetrics
 from monedge.paths import PathError, RoutedPath, normalise, splitAbsoluteForm
-from monedge.proxy import ProxyContext, ProxyExchange, writeHookResponse
+from monedge.proxy import ClientRequest, ProxyContext, ProxyExchange, writeHookResponse
+from monedge.record import RequestRecord
 from monedge.registry import ServiceEntry
+from monedge.twistedseam import HeaderTable
 from monedge.upgrade import checkWebSocketRequest, wantsWebSocket
-
-if TYPE_CHECKING:
-    from monedge.server import ProxyRequest
 
 #: Methods that are never proxied: CONNECT would open a tunnel, TRACE
 #: reflects headers (cookies, auth) back to scripts.
@@ -100,13 +99,14 @@ class ServiceResource(Resource):
                     error=self.hookError,
                 )
 
-    def render(self, request: ProxyRequest) -> int | bytes:
+    def render(self, request: ClientRequest) -> int | bytes:
         if self.hookError is not None:
             # The detail is in the log; the client gets the generic message.
             return renderError(
                 request, ProxyError("hook_config_invalid"), request.requestId
             )
-        routed = request.routedPath
+        record = request.record
+        routed = record.routedPath
         assert routed is not None
         upgradeKey = None
         # Most requests have no Upgrade: wantsWebSocket would say no at
@@ -129,7 +129,7 @@ class ServiceResource(Resource):
             prefix = None
         headers = upstreamHeaders(
             request.requestHeaders,
-            host=request.hostHeader,
+            host=record.host,
             peer=request.peerAddress,
             proto=b"https" if request.isSecure() else b"http",
             port=request.listenerPort,
@@ -176,7 +176,7 @@ class ServiceResource(Resource):
 
     def _hooksDone(
         self,
-        request: ProxyRequest,
+        request: ClientRequest,
         exchange: ProxyExchange,
         answer: HookResponse | None,
     ) -> None:
@@ -262,27 +262,41 @@ class RootResource(Resource):
         return leaf
 
     def decide(
-        self, method: bytes, target: bytes, version: bytes, request: ProxyRequest
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        headers: HeaderTable,
+        record: RequestRecord,
     ) -> IResource:
         """
         Work out which leaf answers a request, from its method, raw target
-        and headers.  Sets C{request.routedPath} and C{request.hostHeader}.
+        and header table (L{rawHeaderTable}), and record the decision: the
+        host and routed path, the leaf and its service.
         """
+        service: str | None = None
         try:
-            return self._decide(method, target, version, request)
+            leaf, service = self._decide(method, target, version, headers, record)
         except ProxyError as e:
-            return ErrorResource(e)
+            leaf = ErrorResource(e)
         except PathError as e:
-            return ErrorResource(ProxyError(e.code, e.message))
+            leaf = ErrorResource(ProxyError(e.code, e.message))
+        record.decided(leaf, service)
+        return leaf
 
     def _decide(
-        self, method: bytes, target: bytes, version: bytes, request: ProxyRequest
-    ) -> IResource:
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        headers: HeaderTable,
+        record: RequestRecord,
+    ) -> tuple[IResource, str]:
         if method in _REFUSED_METHODS:
             raise ProxyError("method_not_allowed")
         # Twisted's Headers keep canonical names: read the table directly
         # (getRawHeaders would encode the name first; this runs per request).
-        hosts = request.headerTable.get(b"Host")
+        hosts = headers.get(b"Host")
         if hosts is not None and len(hosts) != 1:
             raise ProxyError("missing_host")
         host = hosts[0] if hosts else None
@@ -294,9 +308,8 @@ class RootResource(Resource):
                 raise ProxyError("host_mismatch")
         if host is None and version == b"HTTP/1.1":
             raise ProxyError("missing_host")
-        request.hostHeader = host
         routed: RoutedPath = normalise(target)
-        request.routedPath = routed
+        record.routed(host, routed)
         hostname = self._hostname(host) if host is not None else None
         if host is not None and hostname is None:
             raise ProxyError("bad_request", "the Host header is malformed")
@@ -309,13 +322,16 @@ class RootResource(Resource):
         leaf = self.route(service)
         if leaf is None:
             raise ProxyError("route_not_found")
-        request.service = service
-        return leaf
+        return leaf, service
 
-    def getChild(self, path: bytes, request: ProxyRequest) -> IResource:
-        decision = request.decision
+    def getChild(self, path: bytes, request: ClientRequest) -> IResource:
+        decision = request.record.decision
         if decision is None:
-            decision = request.decision = self.decide(
-                request.method, request.uri, request.clientproto, request
+            decision = self.decide(
+                request.method,
+                request.uri,
+                request.clientproto,
+                request.headerTable,
+                request.record,
             )
-        return decision
+        return cast(IResource, decision)

@@ -34,7 +34,6 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import H2_ENABLED
 from twisted.web.http import Request as HTTPRequest
-from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from monedge.accesslog import AccessLog
@@ -46,8 +45,8 @@ from monedge.headers import (
     newRequestId,
     requestIdFor,
 )
-from monedge.metrics import MONEDGE, NO_SERVICE, UPSTREAM, Metrics, ServiceMetrics
-from monedge.paths import RoutedPath
+from monedge.metrics import NO_SERVICE, Metrics, ServiceMetrics
+from monedge.record import RequestRecord
 from monedge.tunnel import TunnelSide
 from monedge.twistedseam import (
     HTTPChannelBase,
@@ -119,16 +118,9 @@ class ProxyRequest(server.Request):
     exchange: ProxyExchange | None = None
 
     # Per-request state, its defaults on the class: a request sets only
-    # what it changes (this runs per request).
-    decision: IResource | None = None
-    routedPath: RoutedPath | None = None
-    hostHeader: bytes | None = None
-    service: str | None = None
-    endpoint: str | None = None
-    upstreamLatency: float | None = None
-    errorCode: str | None = None
+    # what it changes (this runs per request).  What the request did, for
+    # the access log and the metrics, is in its record.
     hasBody = False
-    bytesIn = 0
     _bodyLimit: int | None = None
     _refused = False
     _accounted = False
@@ -136,8 +128,6 @@ class ProxyRequest(server.Request):
     #: The metrics of the service the request is in flight for.
     _metrics: ServiceMetrics
     _requestId: bytes | None = None
-    #: Whether the connection became a tunnel (a WebSocket).
-    tunnelled = False
     #: Whether the connection the request came on was lost (set by
     #: connectionLost, which Twisted calls when it is).
     disconnected = False
@@ -151,7 +141,8 @@ class ProxyRequest(server.Request):
             super().__init__(channel, queued)
         site: ProxySite = channel.site
         self.site = site
-        self.startTime = site.reactor.seconds()
+        #: What this request did (L{monedge.record}): this request owns it.
+        self.record = RequestRecord(site.reactor.seconds())
         #: The request headers' table (L{rawHeaderTable}), looked up once.
         self.headerTable = rawHeaderTable(self.requestHeaders)
 
@@ -207,8 +198,9 @@ class ProxyRequest(server.Request):
             command, path, version = channel.command, channel.path, b"HTTP/2"
             if self._underscoreNames():
                 return
-        decision = self.site.resource.decide(command, path, version, self)
-        self.decision = decision
+        decision = self.site.resource.decide(
+            command, path, version, self.headerTable, self.record
+        )
         error = getattr(decision, "error", None)
         if error is not None and self.hasBody:
             # The answer is already known: give it now rather than read a
@@ -248,8 +240,9 @@ class ProxyRequest(server.Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
             return
-        self.bytesIn += len(data)
-        if self._bodyLimit is not None and self.bytesIn > self._bodyLimit:
+        record = self.record
+        record.bytesIn += len(data)
+        if self._bodyLimit is not None and record.bytesIn > self._bodyLimit:
             self._refuse("body_too_large")
             return
         content = self.content
@@ -294,7 +287,7 @@ class ProxyRequest(server.Request):
         self._inFlight = True
         site.inFlight += 1
         self._metrics = metrics = (
-            getattr(self.decision, "metrics", None) or site._unrouted
+            getattr(self.record.decision, "metrics", None) or site._unrouted
         )
         metrics.inFlight += 1
         if site.draining:
@@ -329,7 +322,7 @@ class ProxyRequest(server.Request):
             method=self.method,
             uri=self.uri,
         )
-        self.errorCode = "internal_error"
+        self.record.failed("internal_error")
         if self.disconnected or self.finished:
             return
         if self.startedWriting:
@@ -361,11 +354,11 @@ class ProxyRequest(server.Request):
         exchange = self.exchange
         if exchange is not None and not self.finished:
             exchange.clientLost(reason)
-        if self.tunnelled:
+        if self.record.tunnelled:
             # Accounted for when the tunnel, both its connections, ends.
             return
         if not self.finished:
-            self._account(CLIENT_CLOSED if not self.errorCode else self.code)
+            self._account(CLIENT_CLOSED if not self.record.errorCode else self.code)
 
     def tunnelDone(self) -> None:
         """
@@ -386,7 +379,20 @@ class ProxyRequest(server.Request):
             self._inFlight = False
             site.inFlight -= 1
             self._metrics.inFlight -= 1
-        site.requestDone(self, status)
+        record = self.record
+        record.requestId = self.requestId
+        record.client = self.peerAddress
+        # A request line that arrived (not Twisted's "(no method yet)"
+        # placeholders).
+        method, uri = self.method, self.uri
+        if not method.startswith(b"(no "):
+            record.method = method
+        if not uri.startswith(b"(no "):
+            record.path = uri
+        if not record.tunnelled:
+            record.bytesOut = self.sentLength
+        record.finished(status, site.reactor.seconds(), self.code)
+        site.requestDone(record)
 
     def parseCookies(self) -> None:
         """
@@ -783,7 +789,7 @@ class ProxyChannel(HTTPChannelBase):
             request = self.requests[-1] if self.requests else None
             if request is not None and not request._refused:
                 limit = request._bodyLimit
-                if limit is not None and request.bytesIn + remaining > limit:
+                if limit is not None and request.record.bytesIn + remaining > limit:
                     request._refuse("body_too_large")
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -824,13 +830,23 @@ class ProxyChannel(HTTPChannelBase):
         rid = requestId or newRequestId()
         if request is not None:
             request._accounted = True
+            record = request.record
+        else:
+            record = RequestRecord(None)
         transport = self.transport
         assert transport is not None
         # A request line already read says whether this answers a HEAD
         # (Twisted deletes it once a request is all in).
-        head = requestLineSoFar(self)[0] == b"HEAD"
+        command, path, _ = requestLineSoFar(self)
+        head = command == b"HEAD"
         transport.write(rawErrorResponse(code, rid, message, head))
-        self.site.refusalLogged(self, code, rid, request)
+        record.requestId = rid
+        host = getattr(transport.getPeer(), "host", None)
+        record.client = b"unknown" if host is None else str(host).encode("ascii")
+        record.method, record.path = command, path
+        record.failed(code)
+        record.finished(CATALOGUE[code][0], self.site.reactor.seconds())
+        self.site.refusalLogged(record)
         releaseTransport(self)
         halfClose = getattr(transport, "loseWriteConnection", None)
         if halfClose is None or self.isSecure():
@@ -945,45 +961,22 @@ class ProxySite(server.Site):
         Twisted's access log is replaced by L{requestDone}.
         """
 
-    def requestDone(self, request: ProxyRequest, status: int) -> None:
+    def requestDone(self, record: RequestRecord) -> None:
         """
-        Account for a finished request: metrics and the access log.
+        Account for a finished request, from its record: metrics and the
+        access log.
         """
-        now = self.reactor.seconds()
-        total = now - request.startTime
-        leaf = request.decision
-        serviceMetrics = getattr(leaf, "metrics", None) or self._unrouted
-        upstream = request.upstreamLatency
-        # The upstream chose the status if it answered, the status is the
-        # one it sent, and monedge refused nothing after (a code from the
-        # catalogue is a status monedge made; the other logged codes, a
-        # body cut short say, leave the upstream's status).
-        origin = (
-            UPSTREAM
-            if upstream is not None
-            and status == request.code
-            and request.errorCode not in CATALOGUE
-            else MONEDGE
-        )
-        serviceMetrics.observe(status, total, origin, upstream)
-        self.accessLog.request(request, status, now, total)
+        serviceMetrics = getattr(record.decision, "metrics", None) or self._unrouted
+        serviceMetrics.count(record)
+        self.accessLog.log(record)
         self.checkDrained()
 
-    def refusalLogged(
-        self,
-        channel: ProxyChannel,
-        code: str,
-        requestId: bytes,
-        request: ProxyRequest | None,
-    ) -> None:
+    def refusalLogged(self, record: RequestRecord) -> None:
         """
-        Account for a request refused by the channel.
+        Account for a request refused by the channel, from its record.
         """
-        status = CATALOGUE[code][0]
-        self._unrouted.observe(status, 0.0)
-        self.accessLog.refusal(
-            channel, code, status, requestId, request, self.reactor.seconds()
-        )
+        self._unrouted.count(record)
+        self.accessLog.log(record)
 
     def whenDrained(self) -> Deferred[None]:
         """

@@ -54,6 +54,7 @@ __all__ = [
     "leanDispatch",
     "quietConnectionPool",
     "rawHeaderTable",
+    "HeaderTable",
     "releaseTransport",
     "requestDisconnected",
     "requestLine",
@@ -109,9 +110,8 @@ def checkTwistedVersion(version: str | None = None) -> None:
 #: without L{Headers.getRawHeaders} encoding it again; written to set
 #: values known to be valid without their check for CR, LF and NUL.  Per
 #: request.
-rawHeaderTable: Callable[[Headers], dict[bytes, list[bytes]]] = attrgetter(
-    "_rawHeaders"
-)
+HeaderTable = dict[bytes, list[bytes]]
+rawHeaderTable: Callable[[Headers], HeaderTable] = attrgetter("_rawHeaders")
 
 
 # Requests (tests/test_workers.py, tests/test_loadbalancer.py)

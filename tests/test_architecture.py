@@ -21,86 +21,83 @@ import monedge
 from tests import seam_sample
 
 LAYERS: dict[str, int] = {
+    "builtin": 0,
+    "builtin.ratelimit.algorithm": 0,
     "convention": 0,
+    "endpoints": 0,
+    "errors": 0,
     "paths": 0,
     "policy": 0,
-    "errors": 0,
-    "headers": 1,
-    "replay": 0,
-    "twistedseam": 0,
     "redact": 0,
-    "trust": 0,
+    "registry.kubeapi": 0,
+    "replay": 0,
     "syntax": 0,
-    "registry": 1,
-    "endpoints": 1,
-    "redisclient": 1,
-    "upgrade": 1,
-    "interfaces": 1,
-    "registry.static": 2,
-    "registry.kubeapi": 1,
-    "registry.kubeclient": 2,
-    "registry.kubernetes": 3,
-    "balancer": 2,
-    "metrics": 2,
-    "client": 2,
-    "accesslog": 2,
-    "hooks": 2,
-    "tunnel": 2,
-    "tls": 2,
-    "builtin": 3,
-    "builtin.headers": 3,
-    "builtin.auth.options": 3,
-    "builtin.auth.authenticator": 3,
-    "builtin.auth.jwt": 4,
-    "builtin.auth.apikey": 4,
-    "builtin.auth.external": 4,
-    "builtin.auth.hook": 5,
-    "builtin.auth": 6,
-    "builtin.ratelimit.algorithm": 0,
-    "builtin.ratelimit.metrics": 0,
+    "tls": 0,
+    "trust": 0,
+    "tunnel": 0,
+    "twistedseam": 0,
     "builtin.ratelimit.memory": 1,
+    "headers": 1,
+    "record": 1,
+    "redisclient": 1,
+    "registry": 1,
+    "upgrade": 1,
+    "accesslog": 2,
+    "balancer": 2,
     "builtin.ratelimit.redisstore": 2,
-    "builtin.ratelimit.hook": 3,
-    "builtin.ratelimit.factory": 4,
-    "builtin.ratelimit": 5,
-    "proxy": 3,
-    "resource": 4,
-    "server": 4,
-    "admin": 5,
-    "lifecycle": 5,
-    "workers": 5,
-    "tap": 6,
+    "interfaces": 2,
+    "client": 3,
+    "hooks": 3,
+    "metrics": 3,
+    "registry.kubeclient": 3,
+    "registry.static": 3,
+    "builtin.auth.authenticator": 4,
+    "builtin.auth.options": 4,
+    "builtin.headers": 4,
+    "builtin.ratelimit.hook": 4,
+    "proxy": 4,
+    "registry.kubernetes": 4,
+    "builtin.auth.apikey": 5,
+    "builtin.auth.external": 5,
+    "builtin.auth.jwt": 5,
+    "builtin.ratelimit.metrics": 5,
+    "resource": 5,
+    "server": 5,
+    "builtin.auth.hook": 6,
+    "builtin.ratelimit.factory": 6,
+    "lifecycle": 6,
+    "builtin.auth": 7,
+    "builtin.ratelimit": 7,
+    "workers": 7,
+    "admin": 8,
+    "tap": 9,
 }
 
 #: Modules outside the layering, free to import anything.
 OUTSIDE = {"testing", "demo", "plugins"}
 
 
-def _runtimeImports(path: str) -> set[str]:
+def _imports(path: str) -> set[str]:
     """
-    The monedge modules C{path} imports at run time: imports under
-    C{if TYPE_CHECKING:} are for the type checker only.
+    The monedge modules C{path} imports, wherever the import is: at the
+    top, in a function, or under C{if TYPE_CHECKING:} (an import for the
+    type checker is a dependency too).
     """
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read())
     found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for branch in node.orelse:
-                visit(branch)
-            return
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:
             if node.module.startswith("monedge."):
                 found.add(node.module.removeprefix("monedge."))
+            elif node.module == "monedge":
+                # Submodules; the package's own names (its __version__)
+                # are not a dependency on a layer.
+                found.update(a.name for a in node.names if not a.name.startswith("_"))
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("monedge."):
                     found.add(alias.name.removeprefix("monedge."))
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(tree)
     return found
 
 
@@ -142,13 +139,42 @@ class LayeringTests(SynchronousTestCase):
         for module, path in _modules().items():
             if module.split(".")[0] in OUTSIDE:
                 continue
-            for imported in _runtimeImports(path):
+            for imported in _imports(path):
                 if imported == "plugins":
                     # The plugin package is searched, not depended on.
                     continue
                 if LAYERS[imported] >= LAYERS[module]:
                     violations.append(f"{module} imports {imported}")
         self.assertEqual(violations, [])
+
+    def test_noCycles(self) -> None:
+        """
+        No chain of imports leads from a module back to itself, counting
+        every monedge module (those outside the layering too) and every
+        import, TYPE_CHECKING ones included.
+        """
+        modules = _modules()
+        graph = {
+            module: {i for i in _imports(path) if i in modules and i != module}
+            for module, path in modules.items()
+        }
+        cycles = []
+        state: dict[str, int] = {}
+
+        def visit(module: str, trail: list[str]) -> None:
+            state[module] = 1
+            for imported in sorted(graph[module]):
+                if state.get(imported) == 1:
+                    start = trail.index(imported)
+                    cycles.append(" -> ".join([*trail[start:], imported]))
+                elif imported not in state:
+                    visit(imported, [*trail, imported])
+            state[module] = 2
+
+        for module in sorted(graph):
+            if module not in state:
+                visit(module, [module])
+        self.assertEqual(cycles, [])
 
 
 # The Twisted seam (docs/architecture.md, "The Twisted seam").

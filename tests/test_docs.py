@@ -46,7 +46,6 @@ from monedge.headers import (
 from monedge.hooks import HookConfigError, HookContext, HookSet, availableFactories
 from monedge.lifecycle import ProxyService
 from monedge.metrics import Metrics
-from monedge.paths import RoutedPath
 from monedge.policy import (
     DEFAULT_POLICY,
     POLICY_KEYS,
@@ -57,6 +56,7 @@ from monedge.policy import (
     parseSize,
 )
 from monedge.proxy import ProxyContext
+from monedge.record import RequestRecord
 from monedge.registry import Endpoint
 from monedge.registry.static import (
     RegistryFileError,
@@ -65,7 +65,7 @@ from monedge.registry.static import (
     parseRegistry,
 )
 from monedge.resource import RootResource, ServiceResource
-from monedge.server import CLIENT_CLOSED, Limits, ProxyChannel, ProxyRequest, ProxySite
+from monedge.server import CLIENT_CLOSED, Limits, ProxySite
 from monedge.tap import Options, checkHooks
 from monedge.testing import FakeUpstreamClient, MemoryRegistry
 from monedge.trust import Trust
@@ -174,20 +174,6 @@ def section(text: str, heading: str) -> str:
 # Resolving requests with the real routing code
 
 
-class _Request:
-    """
-    What L{RootResource.decide} reads from and sets on a
-    L{ProxyRequest}, and nothing else.
-    """
-
-    def __init__(self, headers: Headers) -> None:
-        self.requestHeaders = headers
-        self.headerTable = rawHeaderTable(headers)
-        self.hostHeader: bytes | None = None
-        self.routedPath: RoutedPath | None = None
-        self.service: str | None = None
-
-
 @dataclass(frozen=True)
 class Outcome:
     """
@@ -245,14 +231,15 @@ def resolve(
     headers = Headers()
     if host is not None:
         headers.addRawHeader(b"host", host)
-    request = _Request(headers)
-    leaf = root.decide(method, target, version, cast(ProxyRequest, request))
+    record = RequestRecord(0.0)
+    leaf = root.decide(method, target, version, rawHeaderTable(headers), record)
     if isinstance(leaf, ErrorResource):
         return Outcome(status=leaf.error.status, code=leaf.error.code)
     assert isinstance(leaf, ServiceResource), leaf
-    routed = request.routedPath
+    routed = record.routedPath
     assert routed is not None
-    assert request.service == leaf.entry.name
+    assert record.service == leaf.entry.name
+    assert record.decision is leaf
     path = routed.rest if leaf.policy.stripPrefix else routed.path
     return Outcome(service=leaf.entry.name, upstream=path + routed.query)
 
@@ -610,30 +597,35 @@ def parsePolicyDefault(key: str, value: str) -> Any:
     return parser(value)
 
 
-class _LoggedRequest:
+def _answeredRecord() -> RequestRecord:
     """
-    The attributes of a L{ProxyRequest} that the access log reads.
+    The record of a request answered by its upstream, as the stages write
+    it.
     """
+    end = 1767225600.123
+    record = RequestRecord(end - 0.0151234)
+    record.requestId = b"4f1c2a9be0d34c0a8e51f3b7a6d29c10"
+    record.client = b"203.0.113.7"
+    record.method, record.path = b"GET", b"/echo/hello?x=1"
+    record.decided(object(), "service.api.echo")
+    sent = end - 0.0151
+    record.upstreamSent("127.0.0.1:9001", sent)
+    record.upstreamAnswered(sent + 0.012345678)
+    record.bytesOut = 312
+    record.finished(200, end, 200)
+    return record
 
-    upstreamLatency = 0.012345678
-    requestId = b"4f1c2a9be0d34c0a8e51f3b7a6d29c10"
-    peerAddress = b"203.0.113.7"
-    method = b"GET"
-    uri = b"/echo/hello?x=1"
-    service = "service.api.echo"
-    endpoint = "127.0.0.1:9001"
-    bytesIn = 0
-    sentLength = 312
-    errorCode = None
 
-
-class _UnparsedChannel:
+def _refusedRecord() -> RequestRecord:
     """
-    A L{ProxyChannel} that has parsed no request line, and whose
-    transport is gone.
+    The record of a request the channel refused before its request line
+    was parsed.
     """
-
-    transport = None
+    record = RequestRecord(None)
+    record.requestId = b"1"
+    record.failed("uri_too_long")
+    record.finished(414, 1767225600.2)
+    return record
 
 
 class _DrainingSite:
@@ -1025,17 +1017,8 @@ class ConfigurationDocTests(SynchronousTestCase):
         fields = {span(row["Field"]) for row in table(text, "access-log")}
         out = io.StringIO()
         log = AccessLog(out)
-        log.request(
-            cast(ProxyRequest, _LoggedRequest()), 200, 1767225600.123, 0.0151234
-        )
-        log.refusal(
-            cast(ProxyChannel, _UnparsedChannel()),
-            "uri_too_long",
-            414,
-            b"1",
-            None,
-            1767225600.2,
-        )
+        log.log(_answeredRecord())
+        log.log(_refusedRecord())
         answered, refused = (json.loads(line) for line in out.getvalue().splitlines())
         self.assertEqual(set(answered), fields)
         self.assertEqual(set(refused), fields)
