@@ -89,7 +89,7 @@ class _Reactor(MemoryReactorClock):
 
 
 def monedgeSite(reactor: _Reactor, extra: list[str], directory: Path) -> Any:
-    from monedge.server import ListenerFactory
+    from monedge.edge.server import ListenerFactory
     from monedge.tap import Options, makeService
 
     registry = directory / "services.yaml"
@@ -125,7 +125,7 @@ def floorSite(reactor: _Reactor) -> Any:
     from minimal import Proxy, _Fast  # type: ignore[import-not-found]
     from twisted.web.server import Site
 
-    from monedge.client import FastUpstreamClient
+    from monedge.upstream.client import FastUpstreamClient
 
     upstream = b"http://%s:%d" % (UPSTREAM[0].encode(), UPSTREAM[1])
     site = Site(Proxy(_Fast(FastUpstreamClient(reactor)), upstream), reactor=reactor)

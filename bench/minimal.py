@@ -9,7 +9,7 @@ limits, no logging: every request to /bench/<rest> goes to the upstream's
     python bench/minimal.py --port 9300 --upstream-port 9101
 
 With C{--client fast} it sends through monedge's own upstream client
-(L{monedge.client.FastUpstreamClient}) instead of C{Agent}: the floor of a
+(L{monedge.upstream.client.FastUpstreamClient}) instead of C{Agent}: the floor of a
 C{twisted.web} resource-tree proxy on monedge's data path, with none of
 monedge's features (docs/performance.md, "How close the floor is").
 """
@@ -128,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     client: Any
     if args.client == "fast":
-        from monedge.client import FastUpstreamClient
+        from monedge.upstream.client import FastUpstreamClient
 
         client = _Fast(FastUpstreamClient(reactor))
     else:

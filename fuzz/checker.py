@@ -26,7 +26,7 @@ L{MemoryReactorClock} past every limit, and checks:
 and that the whole and the split feed give the same statuses and calls.  It
 also checks the pure layer on the same bytes: L{normalise} (idempotent,
 routes on the first segment it forwards) and the header policy of
-L{monedge.headers}.  A broken invariant raises L{AssertionError}.
+L{monedge.rules.headers}.  A broken invariant raises L{AssertionError}.
 """
 
 from __future__ import annotations
@@ -52,12 +52,16 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
-from monedge.accesslog import AccessLog
-from monedge.balancer import Balancer
-from monedge.convention import isValidName, parseServiceName, serviceName
-from monedge.endpoints import UpstreamTLS
-from monedge.errors import CATALOGUE
-from monedge.headers import (
+from monedge.edge.server import Limits, ProxyRequest, ProxySite
+from monedge.interfaces import IUpstreamClient
+from monedge.observe.accesslog import AccessLog
+from monedge.observe.metrics import Metrics
+from monedge.proxy.exchange import ProxyContext
+from monedge.proxy.resource import RootResource
+from monedge.registry import ServiceEntry
+from monedge.rules.convention import isValidName, parseServiceName, serviceName
+from monedge.rules.errors import CATALOGUE
+from monedge.rules.headers import (
     CLIENT_CONTROLLED_NAMES,
     CLIENT_CONTROLLED_PREFIXES,
     HOP_BY_HOP,
@@ -67,17 +71,13 @@ from monedge.headers import (
     requestIdFor,
     upstreamHeaders,
 )
-from monedge.interfaces import IUpstreamClient
-from monedge.metrics import Metrics
-from monedge.paths import PathError, RoutedPath, normalise, splitAbsoluteForm
-from monedge.policy import Policy
-from monedge.proxy import ProxyContext
-from monedge.registry import ServiceEntry
-from monedge.resource import RootResource
-from monedge.server import Limits, ProxyRequest, ProxySite
+from monedge.rules.paths import PathError, RoutedPath, normalise, splitAbsoluteForm
+from monedge.rules.policy import Policy
+from monedge.rules.trust import Trust
 from monedge.testing import FakeResponse, MemoryRegistry, endpoint
-from monedge.trust import Trust
-from monedge.upgrade import wantsWebSocket
+from monedge.upstream.balancer import Balancer
+from monedge.upstream.endpoints import UpstreamTLS
+from monedge.upstream.upgrade import wantsWebSocket
 
 #: The client's address and the listener's, as every connection sees them.
 PEER = "192.0.2.7"

@@ -33,8 +33,8 @@ from monedge.interfaces import (
     IRequestHook,
     IResponseHook,
 )
-from monedge.policy import HookSpec
-from monedge.redact import redactText
+from monedge.rules.policy import HookSpec
+from monedge.rules.redact import redactText
 
 #: Seconds a hook may take before the request fails with hook_failed.
 DEFAULT_HOOK_TIMEOUT = 5.0
@@ -136,7 +136,7 @@ class HookContext:
     registry: Any = None
     http: Any = None
     timeout: float = DEFAULT_HOOK_TIMEOUT
-    #: monedge's L{monedge.metrics.Metrics}: a hook may register its own
+    #: monedge's L{monedge.observe.metrics.Metrics}: a hook may register its own
     #: collectors on C{metrics.registry}.
     metrics: Any = None
 

@@ -16,9 +16,9 @@ if TYPE_CHECKING:
     from twisted.web.http_headers import Headers
     from twisted.web.iweb import IBodyProducer, IResponse
 
-    from monedge.endpoints import UpstreamTLS
     from monedge.registry import ServiceEntry
     from monedge.registry.kubeapi import ObjectList, WatchEvent
+    from monedge.upstream.endpoints import UpstreamTLS
 
 
 class IServiceRegistry(Interface):
@@ -132,7 +132,7 @@ class IKubernetesAPI(Interface):
 class IUpstreamClient(Interface):
     """
     Sends requests to upstream endpoints.  The proxy leaf depends only on
-    this; the real one is L{monedge.client.FastUpstreamClient}.
+    this; the real one is L{monedge.upstream.client.FastUpstreamClient}.
     """
 
     def request(
@@ -179,7 +179,7 @@ class IUpstreamUpgrader(Interface):
             headers arrive. A 101 response also has C{monedgeHandshake},
             all its headers (C{Upgrade} and C{Connection} included), and
             C{monedgeTakeOver(side)}, which hands the connection to a
-            L{monedge.tunnel.TunnelSide} and returns the connection's
+            L{monedge.upstream.tunnel.TunnelSide} and returns the connection's
             transport and any bytes that followed the 101. Any other response is an ordinary one, and
             its connection is never reused.
         """

@@ -3,27 +3,27 @@ The per-request record: what one request did, from its first byte to its
 accounting, in the spirit of Envoy's StreamInfo.
 
 One L{RequestRecord} is made for each request, and owned by the object
-that made it: the request (L{monedge.server.ProxyRequest}), or the channel
+that made it: the request (L{monedge.edge.server.ProxyRequest}), or the channel
 for a request it refuses before any request object could answer it.  The
 stages write it through a narrow set of methods:
 
-  - routing (L{monedge.resource}) records its decision: L{routed},
+  - routing (L{monedge.proxy.resource}) records its decision: L{routed},
     L{decided};
-  - the exchange (L{monedge.proxy}) records each attempt upstream and its
+  - the exchange (L{monedge.proxy.exchange}) records each attempt upstream and its
     answer: L{upstreamSent}, L{upstreamAnswered}, L{tunnelEnded};
   - whoever refuses or fails the request records why: L{failed}.
 
 The owner fills in what only it knows (the request line, the client, the
 bytes read and written, the status) and closes the record with
-L{finished}.  The access log (L{monedge.accesslog}) and the metrics
-(L{monedge.metrics}) read only the record: never the channel, nor
+L{finished}.  The access log (L{monedge.observe.accesslog}) and the metrics
+(L{monedge.observe.metrics}) read only the record: never the channel, nor
 Twisted's request.
 """
 
 from __future__ import annotations
 
-from monedge.errors import CATALOGUE
-from monedge.paths import RoutedPath
+from monedge.rules.errors import CATALOGUE
+from monedge.rules.paths import RoutedPath
 
 #: Who chose a response's status: the upstream, or monedge.
 UPSTREAM = "upstream"
@@ -158,7 +158,7 @@ class RequestRecord:
         self.bytesIn = bytesIn
         self.bytesOut = bytesOut
         if timedOut:
-            self.errorCode = "tunnel_idle_timeout"
+            self.failed("tunnel_idle_timeout")
 
     # Any stage
 

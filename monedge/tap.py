@@ -26,38 +26,34 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.http import H2_ENABLED
 
-from monedge.accesslog import AccessLog, AccessLogFileError, openAccessLog
-from monedge.admin import adminSite, groupAdminSite
-from monedge.balancer import Balancer
-from monedge.client import DEFAULT_MAX_PER_HOST, DEFAULT_POOL_IDLE, FastUpstreamClient
-from monedge.convention import HostTiers
-from monedge.headers import (
+from monedge.edge.server import Limits, ListenerFactory, ProxySite
+from monedge.edge.tls import CertificateFileError, CertificateStore
+from monedge.hooks import HookConfigError, HookContext, HookSet
+from monedge.interfaces import IServiceRegistry
+from monedge.observe.accesslog import AccessLog, AccessLogFileError, openAccessLog
+from monedge.observe.metrics import Metrics
+from monedge.proxy.exchange import ProxyContext
+from monedge.proxy.resource import RootResource
+from monedge.registry.kubernetes import KubernetesRegistry, apiClientFromConfig
+from monedge.registry.static import RegistryFileError, StaticRegistry
+from monedge.rules.convention import HostTiers
+from monedge.rules.headers import (
     CLIENT_CONTROLLED_NAMES,
     CLIENT_CONTROLLED_PREFIXES,
     ForwardingRules,
 )
-from monedge.hooks import HookConfigError, HookContext, HookSet
-from monedge.interfaces import IServiceRegistry
-from monedge.lifecycle import (
+from monedge.rules.policy import parseDuration, parseHooks
+from monedge.rules.syntax import isToken
+from monedge.rules.trust import Trust, parseNetwork
+from monedge.runtime.admin import adminSite, groupAdminSite
+from monedge.runtime.lifecycle import (
     Listener,
     ProxyService,
     describeError,
     exitAtStartup,
     reportStartupErrors,
 )
-from monedge.metrics import Metrics
-from monedge.policy import parseDuration, parseHooks
-from monedge.proxy import ProxyContext
-from monedge.registry.kubernetes import KubernetesRegistry, apiClientFromConfig
-from monedge.registry.static import RegistryFileError, StaticRegistry
-from monedge.resource import RootResource
-from monedge.server import Limits, ListenerFactory, ProxySite
-from monedge.syntax import isToken
-from monedge.tls import CertificateFileError, CertificateStore
-from monedge.trust import Trust, parseNetwork
-from monedge.tunnel import TunnelSet
-from monedge.twistedseam import checkTwistedVersion, leanDispatch
-from monedge.workers import (
+from monedge.runtime.workers import (
     ADOPTABLE,
     AdoptedEndpoint,
     NoConnections,
@@ -68,6 +64,14 @@ from monedge.workers import (
     parseInherited,
     twistdCommand,
 )
+from monedge.twistedseam import checkTwistedVersion, leanDispatch
+from monedge.upstream.balancer import Balancer
+from monedge.upstream.client import (
+    DEFAULT_MAX_PER_HOST,
+    DEFAULT_POOL_IDLE,
+    FastUpstreamClient,
+)
+from monedge.upstream.tunnel import TunnelSet
 
 _log = Logger()
 
@@ -731,7 +735,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = globalReactor
         # The process's own: a listener or file that cannot be opened from
-        # here on ends it with one line (monedge.lifecycle).
+        # here on ends it with one line (monedge.runtime.lifecycle).
         reportStartupErrors()
         # monedge relies on Twisted internals (monedge.twistedseam): a
         # Twisted it was not written for stops it here, with one line

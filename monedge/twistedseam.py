@@ -103,7 +103,7 @@ def checkTwistedVersion(version: str | None = None) -> None:
         )
 
 
-# Headers (tests/test_headers.py, tests/test_proxy.py)
+# Headers (tests/rules/test_headers.py, tests/proxy/test_proxy.py)
 
 #: The table inside a L{Headers}: canonical names (C{b"X-Request-Id"}) to
 #: their values, as Twisted keeps them.  Read to look a canonical name up
@@ -114,14 +114,14 @@ HeaderTable = dict[bytes, list[bytes]]
 rawHeaderTable: Callable[[Headers], HeaderTable] = attrgetter("_rawHeaders")
 
 
-# Requests (tests/test_workers.py, tests/test_loadbalancer.py)
+# Requests (tests/runtime/test_workers.py, tests/test_loadbalancer.py)
 
 #: Whether the connection a request came on is gone (Twisted's request
 #: then drops its channel, and ignores writes).
 requestDisconnected: Callable[[HTTPRequest], bool] = attrgetter("_disconnected")
 
 
-# The HTTP/1.1 channel (tests/test_proxy.py, tests/test_e2e_limits.py,
+# The HTTP/1.1 channel (tests/proxy/test_proxy.py, tests/test_e2e_limits.py,
 # tests/test_e2e_corpus.py, tests/test_e2e_http2.py)
 
 
@@ -367,7 +367,7 @@ def leanDispatch(reactor: Any) -> bool:
     return True
 
 
-# Listening ports (tests/test_workers.py)
+# Listening ports (tests/runtime/test_workers.py)
 
 
 def acceptOneAtATime(port: Any) -> None:

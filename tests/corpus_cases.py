@@ -635,10 +635,10 @@ def trustedForwardingCases(port: int) -> list[Case]:
     ]
 
 
-#: Every client-controlled header (monedge.headers.CLIENT_CONTROLLED), and
+#: Every client-controlled header (monedge.rules.headers.CLIENT_CONTROLLED), and
 #: one of Envoy's control headers, each with a value a client might forge.
 def _forgeries() -> list[tuple[bytes, bytes]]:
-    from monedge.headers import CLIENT_CONTROLLED_NAMES
+    from monedge.rules.headers import CLIENT_CONTROLLED_NAMES
 
     forged = [(name, b"6.6.6.6") for name in sorted(CLIENT_CONTROLLED_NAMES)]
     return [

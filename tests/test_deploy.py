@@ -28,9 +28,9 @@ import yaml
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 import tests
-from monedge.convention import serviceFromKubernetesName
 from monedge.interfaces import IServiceRegistry
-from monedge.policy import DEFAULT_POLICY
+from monedge.rules.convention import serviceFromKubernetesName
+from monedge.rules.policy import DEFAULT_POLICY
 from monedge.tap import Options
 from monedge.testing import MemoryRegistry
 

@@ -29,33 +29,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 import tests
-from monedge import paths, proxy
-from monedge.accesslog import AccessLog
-from monedge.admin import GroupCollector, Routes, adminSite
-from monedge.balancer import Balancer
-from monedge.client import DEFAULT_POOL_IDLE, FastUpstreamClient
-from monedge.convention import HostTiers, kubernetesName, serviceFromKubernetesName
-from monedge.errors import CATALOGUE, ErrorResource, errorBody, rawErrorResponse
-from monedge.headers import (
-    HOP_BY_HOP,
-    ForwardingRules,
-    downstreamHeaders,
-    requestIdFor,
-    upstreamHeaders,
-)
+from monedge.edge.server import CLIENT_CLOSED, Limits, ProxySite
 from monedge.hooks import HookConfigError, HookContext, HookSet, availableFactories
-from monedge.lifecycle import ProxyService
-from monedge.metrics import Metrics
-from monedge.policy import (
-    DEFAULT_POLICY,
-    POLICY_KEYS,
-    HookSpec,
-    Policy,
-    parseBool,
-    parseDuration,
-    parseSize,
-)
-from monedge.proxy import ProxyContext
+from monedge.observe.accesslog import AccessLog
+from monedge.observe.metrics import Metrics
+from monedge.proxy import exchange as proxy
+from monedge.proxy.exchange import ProxyContext
+from monedge.proxy.resource import RootResource, ServiceResource
 from monedge.record import RequestRecord
 from monedge.registry import Endpoint
 from monedge.registry.static import (
@@ -64,13 +44,38 @@ from monedge.registry.static import (
     loadRegistryFile,
     parseRegistry,
 )
-from monedge.resource import RootResource, ServiceResource
-from monedge.server import CLIENT_CLOSED, Limits, ProxySite
+from monedge.rules import paths
+from monedge.rules.convention import (
+    HostTiers,
+    kubernetesName,
+    serviceFromKubernetesName,
+)
+from monedge.rules.errors import CATALOGUE, ErrorResource, errorBody, rawErrorResponse
+from monedge.rules.headers import (
+    HOP_BY_HOP,
+    ForwardingRules,
+    downstreamHeaders,
+    requestIdFor,
+    upstreamHeaders,
+)
+from monedge.rules.policy import (
+    DEFAULT_POLICY,
+    POLICY_KEYS,
+    HookSpec,
+    Policy,
+    parseBool,
+    parseDuration,
+    parseSize,
+)
+from monedge.rules.trust import Trust
+from monedge.runtime.admin import GroupCollector, Routes, adminSite
+from monedge.runtime.lifecycle import ProxyService
+from monedge.runtime.workers import WorkerGroup
 from monedge.tap import Options, checkHooks
 from monedge.testing import FakeUpstreamClient, MemoryRegistry
-from monedge.trust import Trust
 from monedge.twistedseam import rawHeaderTable
-from monedge.workers import WorkerGroup
+from monedge.upstream.balancer import Balancer
+from monedge.upstream.client import DEFAULT_POOL_IDLE, FastUpstreamClient
 
 #: The repository root: the parent of the tests package.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tests.__file__)))
@@ -414,7 +419,7 @@ class ConventionDocTests(SynchronousTestCase):
 
     def test_everyPathRefusalDocumented(self) -> None:
         """
-        Every refusal code monedge/paths.py can raise is in the error
+        Every refusal code monedge/rules/paths.py can raise is in the error
         catalogue, explained in the Path safety rules, and shown by at least
         one example.
         """
@@ -535,7 +540,7 @@ class ErrorsDocTests(SynchronousTestCase):
     def test_catalogue(self) -> None:
         """
         The code table lists exactly the (code, status) pairs of
-        monedge.errors.CATALOGUE, each with its default message.
+        monedge.rules.errors.CATALOGUE, each with its default message.
         """
         rows = table(readDoc("errors.md"), "error-codes")
         documented = {(span(row["Code"]), int(row["Status"])) for row in rows}
@@ -996,7 +1001,7 @@ class ConfigurationDocTests(SynchronousTestCase):
 
     def test_upstreamErrorKinds(self) -> None:
         """
-        The upstream error kinds table lists exactly the kinds monedge/proxy.py
+        The upstream error kinds table lists exactly the kinds monedge/proxy/exchange.py
         counts in monedge_upstream_errors.
         """
         with open(proxy.__file__, encoding="utf-8") as f:

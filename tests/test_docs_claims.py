@@ -27,8 +27,8 @@ from twisted.web.http import HTTPChannel, Request
 from twisted.web.test.requesthelper import DummyChannel
 
 import tests
-from monedge.errors import CATALOGUE, rawErrorResponse
-from monedge.policy import POLICY_KEYS
+from monedge.rules.errors import CATALOGUE, rawErrorResponse
+from monedge.rules.policy import POLICY_KEYS
 
 #: The repository root: the parent of the tests package.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tests.__file__)))
@@ -121,10 +121,12 @@ def requestReason(status: int) -> bytes:
 
 def refusedOnTheConnection() -> set[str]:
     """
-    The error codes monedge/server.py writes straight to the connection
+    The error codes monedge/edge/server.py writes straight to the connection
     (with L{rawErrorResponse}) rather than through a request.
     """
-    with open(os.path.join(ROOT, "monedge", "server.py"), encoding="utf-8") as f:
+    with open(
+        os.path.join(ROOT, "monedge", "edge", "server.py"), encoding="utf-8"
+    ) as f:
         source = f.read()
     called = r"(?:refuse|_refuse|_refuseForRequest|rawErrorResponse)\(\s*"
     codes = set(re.findall(called + r'"([a-z_]+)"', source))
@@ -403,11 +405,11 @@ class ArchitectureDocTests(SynchronousTestCase):
 
     def test_layerTable(self) -> None:
         """
-        The table places exactly the layered modules (the builtin package
-        aside, which holds only its hooks), each in its layer, and the
-        modules said to be outside the layers are.
+        The module table places exactly the layered modules (the packages
+        whose __init__ holds only a docstring aside), each in its layer, and
+        the modules said to be outside the layers are.
         """
-        from tests.test_architecture import LAYERS, OUTSIDE
+        from tests.test_architecture import LAYERS, OUTSIDE, PACKAGES
 
         with open(os.path.join(ROOT, "docs", "architecture.md"), encoding="utf-8") as f:
             text = f.read()
@@ -416,7 +418,7 @@ class ArchitectureDocTests(SynchronousTestCase):
             for module in re.findall(r"`([a-z.]+)`", modules):
                 documented[module] = int(layer)
         self.assertEqual(
-            documented, {m: n for m, n in LAYERS.items() if m != "builtin"}
+            documented, {m: n for m, n in LAYERS.items() if m not in PACKAGES}
         )
         outside = text.split("Outside the layers:", 1)[1].split("\n\n", 1)[0]
         self.assertEqual(set(re.findall(r"`([a-z]+)`", outside)), OUTSIDE)
@@ -479,11 +481,11 @@ class CheckerTests(SynchronousTestCase):
         """
         A name, a path, a link and an anchor that do not exist are caught.
         """
-        self.assertEqual(missingNames("`monedge.convention.kubernetesName`"), [])
-        self.assertEqual(len(missingNames("`monedge.convention.noSuchThing`")), 1)
+        self.assertEqual(missingNames("`monedge.rules.convention.kubernetesName`"), [])
+        self.assertEqual(len(missingNames("`monedge.rules.convention.noSuchThing`")), 1)
         self.assertEqual(len(missingNames("`monedge.nosuchmodule`")), 1)
         where = "docs/hooks.md"
-        self.assertEqual(missingPaths("see monedge/upgrade.py", where), [])
+        self.assertEqual(missingPaths("see monedge/upstream/upgrade.py", where), [])
         self.assertEqual(len(missingPaths("see monedge/websocket.py", where)), 1)
         self.assertEqual(missingPaths("[e](errors.md#codes)", where), [])
         self.assertEqual(len(missingPaths("[e](errors.md#no-such)", where)), 1)

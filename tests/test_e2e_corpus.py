@@ -25,7 +25,7 @@ from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from monedge.errors import CATALOGUE
+from monedge.rules.errors import CATALOGUE
 from monedge.testing import ProxyProcess, Received, RecordingUpstream
 from tests import corpus_cases
 from tests.corpus_cases import Case, request

@@ -32,10 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 import monedge.plugins
-from monedge.admin import Routes
-from monedge.balancer import Balancer
 from monedge.builtin.headers import PLACEHOLDERS
-from monedge.convention import HostTiers
 from monedge.hooks import (
     HookConfigError,
     HookContext,
@@ -44,13 +41,16 @@ from monedge.hooks import (
     availableFactories,
 )
 from monedge.interfaces import IHookRequest
-from monedge.policy import HookSpec, parseHooks
-from monedge.redact import isSecretName
 from monedge.registry.kubernetes import policyFromAnnotations
 from monedge.registry.static import StaticRegistry, loadRegistryFile
+from monedge.rules.convention import HostTiers
+from monedge.rules.policy import HookSpec, parseHooks
+from monedge.rules.redact import isSecretName
+from monedge.runtime.admin import Routes
 from monedge.tap import Options, checkHooks
 from monedge.testing import MemoryRegistry, ProxyProcess
 from monedge.testing.hooks import buildHook, hookRequest, runHooks
+from monedge.upstream.balancer import Balancer
 from tests.e2e import ProxyTestCase, deferRaw
 from tests.test_docs import ROOT, block, readDoc, section, span, spans, table
 

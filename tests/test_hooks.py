@@ -33,11 +33,11 @@ from monedge.interfaces import (
     IRequestHook,
     IResponseHook,
 )
-from monedge.policy import HookSpec, Policy
 from monedge.registry import ServiceEntry
+from monedge.rules.policy import HookSpec, Policy
 from monedge.testing import FakeResponse, endpoint
 from monedge.testing.hooks import buildHook, hookRequest, runHooks
-from tests.test_proxy import GET, Harness, _jsonBody, _status
+from tests.proxy.test_proxy import GET, Harness, _jsonBody, _status
 
 
 @implementer(IRequestHook, IResponseHook)
@@ -500,7 +500,7 @@ class RateLimitMetricsTests(SynchronousTestCase):
         """
         from prometheus_client import generate_latest
 
-        from monedge.metrics import Metrics
+        from monedge.observe.metrics import Metrics
 
         metrics = Metrics()
         hook = buildHook(

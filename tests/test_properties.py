@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from monedge.convention import isValidName, serviceName
-from monedge.paths import PathError, normalise
+from monedge.rules.convention import isValidName, serviceName
+from monedge.rules.paths import PathError, normalise
 
 #: Segment pieces: names, dots, separators and their encodings, overlong
 #: and invalid UTF-8, fullwidth look-alikes, NUL, case and parameters.

@@ -11,9 +11,10 @@ What the checks read:
   C{someCases()} of L{tests.corpus_cases}; in a Markdown table row, the
   row must also state the case's status (and C{status `code`}, for an
   error);
-- C{NNN `code`}: an error code in L{monedge.errors.CATALOGUE} with status
+- C{NNN `code`}: an error code in L{monedge.rules.errors.CATALOGUE} with status
   NNN; any other C{`snake_case`} span must be a catalogue code or a code
-  monedge writes to the access log (C{errorCode = "..."} in its source);
+  monedge writes to the access log (C{failed("...")} on a request's
+  record, in its source);
 - C{`--option`}: an option of L{monedge.tap.Options};
 - a table with a C{Default} column and an C{Option} (or C{Set with})
   column: a C{`--option`} row's default is the option's, and a
@@ -34,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 import tests
-from monedge.errors import CATALOGUE
-from monedge.policy import DEFAULT_POLICY, POLICY_KEYS
+from monedge.rules.errors import CATALOGUE
+from monedge.rules.policy import DEFAULT_POLICY, POLICY_KEYS
 from monedge.tap import Options
 from tests import corpus_cases
 
@@ -166,7 +167,7 @@ def optionDefaults() -> dict[str, str]:
 def loggedCodes() -> set[str]:
     """
     The codes monedge writes to the access log's C{error} field that are
-    not error responses: every C{errorCode = "..."} in its source.
+    not error responses: every C{.failed("...")} on a record in its source.
     """
     found: set[str] = set()
     directory = os.path.join(ROOT, "monedge")
@@ -174,7 +175,7 @@ def loggedCodes() -> set[str]:
         for file in files:
             if file.endswith(".py"):
                 with open(os.path.join(base, file), encoding="utf-8") as f:
-                    found.update(re.findall(r'errorCode = "([a-z_]+)"', f.read()))
+                    found.update(re.findall(r'\.failed\("([a-z_]+)"\)', f.read()))
     return found
 
 
@@ -302,7 +303,7 @@ class _CitationChecks(_Base):
     def test_errorCodesExist(self) -> None:
         """
         Every C{NNN `code`} names an error code with that status in
-        monedge/errors.py, and every other snake_case code span is an error
+        monedge/rules/errors.py, and every other snake_case code span is an error
         code or a code monedge logs.
         """
         problems = []
@@ -395,7 +396,7 @@ class ReliabilityDocTests(_CitationChecks, SynchronousTestCase):
 class ClientControlledDocTests(SynchronousTestCase):
     """
     docs/security.md lists the client-controlled family exactly as
-    L{monedge.headers.CLIENT_CONTROLLED} holds it.
+    L{monedge.rules.headers.CLIENT_CONTROLLED} holds it.
     """
 
     def test_familyListed(self) -> None:
@@ -403,7 +404,7 @@ class ClientControlledDocTests(SynchronousTestCase):
         Each family's row names exactly that family's headers (in any
         case), and no family is missing or extra.
         """
-        from monedge.headers import CLIENT_CONTROLLED
+        from monedge.rules.headers import CLIENT_CONTROLLED
 
         text = readDoc("security.md")
         assert text is not None
@@ -416,7 +417,7 @@ class ClientControlledDocTests(SynchronousTestCase):
             listed[family] = {
                 span.lower().encode("ascii") for span in _SPAN.findall(headers)
             }
-        from monedge.headers import CLIENT_CONTROLLED_PREFIXES
+        from monedge.rules.headers import CLIENT_CONTROLLED_PREFIXES
 
         envoy = listed.pop("Envoy control")
         self.assertEqual(envoy, set(CLIENT_CONTROLLED_PREFIXES))

@@ -42,14 +42,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
-from monedge.balancer import eligible
-from monedge.client import (
-    FastUpstreamClient,
-    Key,
-    StaleConnection,
-    _Connection,
-)
-from monedge.endpoints import EndpointCache, UpstreamTLS
 from monedge.registry import RegistryTable, ServiceEntry
 from monedge.registry.kubernetes import (
     ENDPOINT_SLICES,
@@ -60,6 +52,14 @@ from monedge.registry.kubernetes import (
     policyFromAnnotations,
 )
 from monedge.testing.kubernetes import endpointSliceObject, serviceObject
+from monedge.upstream.balancer import eligible
+from monedge.upstream.client import (
+    FastUpstreamClient,
+    Key,
+    StaleConnection,
+    _Connection,
+)
+from monedge.upstream.endpoints import EndpointCache, UpstreamTLS
 
 
 class InvariantBroken(AssertionError):

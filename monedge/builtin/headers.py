@@ -16,7 +16,7 @@ Placeholders: C{{request_id}}, C{{client_address}}, C{{service}},
 C{{method}}, C{{path}}.  Write C{{{}} and C{}}} for literal braces.
 
 Header values may be credentials: C{/routes} shows these rules as header
-names under their actions (L{monedge.redact}), and configuration errors
+names under their actions (L{monedge.rules.redact}), and configuration errors
 name the header, never quote its value.
 """
 
@@ -40,7 +40,7 @@ from monedge.interfaces import (
     IRequestHook,
     IResponseHook,
 )
-from monedge.syntax import isToken
+from monedge.rules.syntax import isToken
 
 PLACEHOLDERS = frozenset(["request_id", "client_address", "service", "method", "path"])
 

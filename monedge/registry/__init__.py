@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from monedge.policy import DEFAULT_POLICY, Policy
+from monedge.rules.policy import DEFAULT_POLICY, Policy
 
 Listener = Callable[[frozenset[str]], None]
 

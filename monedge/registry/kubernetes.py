@@ -37,9 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from monedge.convention import parseServiceName, serviceFromKubernetesName
 from monedge.interfaces import IKubernetesAPI, IServiceRegistry
-from monedge.policy import POLICY_KEYS, HookSpec, Policy, PolicyError, parsePolicy
 from monedge.registry import Endpoint, RegistryTable, ServiceEntry, TableRegistry
 from monedge.registry.kubeapi import (
     ADDED,
@@ -53,6 +51,8 @@ from monedge.registry.kubeapi import (
     WatchEvent,
 )
 from monedge.registry.kubeclient import KubernetesClientAPI, apiClientFromConfig
+from monedge.rules.convention import parseServiceName, serviceFromKubernetesName
+from monedge.rules.policy import POLICY_KEYS, HookSpec, Policy, PolicyError, parsePolicy
 
 __all__ = [
     "ANNOTATION_PREFIX",

@@ -26,9 +26,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from monedge.interfaces import IServiceRegistry
-from monedge.policy import PolicyError, parsePolicy
-from monedge.redact import redactText
 from monedge.registry import Endpoint, RegistryTable, ServiceEntry, TableRegistry
+from monedge.rules.policy import PolicyError, parsePolicy
+from monedge.rules.redact import redactText
 
 _ADDRESS = re.compile(
     r"(?:(?P<scheme>https?)://)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d{1,5})/?\Z"

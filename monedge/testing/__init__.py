@@ -50,9 +50,9 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 import monedge
-from monedge.endpoints import UpstreamTLS
 from monedge.interfaces import IServiceRegistry, IUpstreamClient
 from monedge.registry import Endpoint, RegistryTable, ServiceEntry, TableRegistry
+from monedge.upstream.endpoints import UpstreamTLS
 
 
 @implementer(IServiceRegistry)

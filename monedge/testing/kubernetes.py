@@ -1149,7 +1149,7 @@ class MemoryKubernetes(FakeCluster):
     (410), L{dropWatches} (a broken connection), L{endWatches} (a clean
     end), L{forbid} (403), and L{stop} and L{start} (the API unreachable,
     then back).  Objects, versions and history behave as L{FakeKubernetes}'
-    do: the contract tests in C{tests/test_kubernetes_api.py} run against
+    do: the contract tests in C{tests/registry/test_kubernetes_api.py} run against
     both.
 
     @param clock: the clock creation timestamps are read from (a new

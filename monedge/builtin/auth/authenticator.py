@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from monedge.hooks import HookResponse
 from monedge.interfaces import IHookRequest, IRequestHook
-from monedge.syntax import bearerToken
+from monedge.rules.syntax import bearerToken
 
 #: C{WWW-Authenticate} for a request that brought no credentials.
 CHALLENGE = b'Bearer realm="monedge"'

@@ -14,7 +14,6 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.web.http_headers import Headers
 
-from monedge.balancer import eligible
 from monedge.builtin.auth.authenticator import Authenticator, AuthUnavailable
 from monedge.builtin.auth.options import (
     headerNames,
@@ -22,11 +21,12 @@ from monedge.builtin.auth.options import (
     identityHeader,
     seconds,
 )
-from monedge.convention import parseServiceName
-from monedge.headers import HOP_BY_HOP, connectionTokens
 from monedge.hooks import HookConfigError, HookResponse
 from monedge.interfaces import IHookRequest
-from monedge.redact import redactText, redactURL
+from monedge.rules.convention import parseServiceName
+from monedge.rules.headers import HOP_BY_HOP, connectionTokens
+from monedge.rules.redact import redactText, redactURL
+from monedge.upstream.balancer import eligible
 
 #: The most calls to the auth service one external hook has in flight by
 #: default (Envoy's default circuit breaker allows 1024 requests to a

@@ -32,7 +32,7 @@ from monedge.builtin.auth.options import (
 )
 from monedge.hooks import HookConfigError, HookResponse
 from monedge.interfaces import IHookRequest
-from monedge.redact import redactText, redactURL
+from monedge.rules.redact import redactText, redactURL
 
 #: The JWT signature algorithms the hook can accept.
 ALGORITHMS = ("RS256", "ES256")

@@ -10,11 +10,11 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-from monedge.headers import HOP_BY_HOP
 from monedge.hooks import HookConfigError
-from monedge.policy import parseDuration
-from monedge.redact import redactURL
-from monedge.syntax import isToken
+from monedge.rules.headers import HOP_BY_HOP
+from monedge.rules.policy import parseDuration
+from monedge.rules.redact import redactURL
+from monedge.rules.syntax import isToken
 
 #: Control characters: refused in URLs, and made spaces in header values.
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")

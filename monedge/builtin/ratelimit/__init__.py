@@ -57,7 +57,7 @@ Options:
     kept in this process: each replica then limits on its own.  With it,
     every replica shares each bucket through one atomic Lua script (one
     EVALSHA round trip per request, pipelined with concurrent requests'
-    over a pool of REDIS_POOL_SIZE connections, by L{monedge.redisclient}),
+    over a pool of REDIS_POOL_SIZE connections, by L{monedge.builtin.ratelimit.redisclient}),
     timed by the Redis server's clock so that replicas with skewed clocks
     agree.  Keys are
     C{monedge:rl:<COUNT/UNIT>:<burst>:<scope>:<key>} and expire as soon as

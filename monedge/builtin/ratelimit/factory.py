@@ -17,12 +17,12 @@ from monedge.builtin.ratelimit.algorithm import MICRO, UNITS, Limit
 from monedge.builtin.ratelimit.hook import RateLimitHook
 from monedge.builtin.ratelimit.memory import MemoryLimiter
 from monedge.builtin.ratelimit.metrics import collectorFor
+from monedge.builtin.ratelimit.redisclient import RedisAddress
 from monedge.builtin.ratelimit.redisstore import RedisLimiter
 from monedge.hooks import DEFAULT_HOOK_TIMEOUT, HookConfigError
 from monedge.interfaces import IHookFactory
-from monedge.policy import parseDuration
-from monedge.redisclient import RedisAddress
-from monedge.syntax import isToken
+from monedge.rules.policy import parseDuration
+from monedge.rules.syntax import isToken
 
 #: The most in-memory buckets kept, unless C{max-keys} says otherwise.
 DEFAULT_MAX_KEYS = 100_000

@@ -26,7 +26,7 @@ from monedge.interfaces import (
     IRequestHook,
     IResponseHook,
 )
-from monedge.syntax import bearerToken
+from monedge.rules.syntax import bearerToken
 
 #: Key values longer than this are replaced by a digest.
 MAX_KEY_VALUE = 64

@@ -2,7 +2,7 @@
 The C{ratelimit} hook's buckets in Redis: L{RedisLimiter}, the GCRA Lua
 script it runs atomically on the server's clock, and how it tells a Redis
 outage from a single failure.  The Redis client itself is
-L{monedge.redisclient}.
+L{monedge.builtin.ratelimit.redisclient}.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 
 from monedge.builtin.ratelimit.algorithm import Decision, Limit
 from monedge.builtin.ratelimit.memory import MemoryLimiter
-from monedge.redisclient import (
+from monedge.builtin.ratelimit.redisclient import (
     DEFAULT_POOL_SIZE,
     RedisAddress,
     RedisPool,

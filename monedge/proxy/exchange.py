@@ -1,0 +1,660 @@
+"""
+One proxied exchange: choose an endpoint, send the request, stream the
+response back with backpressure, and turn every failure into the right
+status.
+
+Retry rule: a request whose connection could not be opened is retried once
+on another endpoint.  Once any byte may have reached an upstream, nothing is
+retried here (the upstream client alone replays an idempotent request,
+its body included, whose pooled connection turned out to be closed before
+any response byte came back).
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Any, cast
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from monedge.hooks import HookFailed, HookResponse, HookResponseHead, HookSet
+from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
+from monedge.record import RequestRecord
+from monedge.rules.errors import ProxyError, errorBody, renderError
+from monedge.rules.headers import downstreamHeaders
+from monedge.twistedseam import HeaderTable
+from monedge.upstream.balancer import Balancer, EndpointState
+from monedge.upstream.client import UpstreamHeadersTooLarge
+from monedge.upstream.endpoints import UpstreamTLS, UpstreamTLSError
+from monedge.upstream.replay import BufferedBody
+from monedge.upstream.tunnel import Tunnel, TunnelSet, TunnelSide
+from monedge.upstream.upgrade import isWebSocketAccept
+
+if TYPE_CHECKING:
+    from monedge.observe.metrics import ServiceMetrics
+    from monedge.rules.policy import Policy
+
+
+class ClientRequest(typing.Protocol):
+    """
+    What the exchange and the routing leaves use of a client's request
+    (L{monedge.edge.server.ClientRequest} provides it): Twisted's request API
+    for the response, the request's own identity, and its record, which
+    they write (L{monedge.record}).
+    """
+
+    record: RequestRecord
+    #: The exchange proxying the request, once started: told if the client
+    #: goes first.
+    exchange: ProxyExchange | None
+    method: bytes
+    uri: bytes
+    clientproto: bytes
+    code: int
+    startedWriting: int
+    disconnected: bool
+    hasBody: bool
+    content: IO[bytes] | None
+    requestHeaders: Headers
+    responseHeaders: Headers
+    #: The request headers' table (L{monedge.twistedseam.rawHeaderTable}).
+    headerTable: HeaderTable
+    channel: Any
+    site: Any
+
+    @property
+    def requestId(self) -> bytes: ...
+
+    @property
+    def peerAddress(self) -> bytes: ...
+
+    @property
+    def listenerPort(self) -> bytes: ...
+
+    def isSecure(self) -> bool: ...
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+    def flushHead(self) -> None: ...
+
+    def tunnelDone(self) -> None: ...
+
+
+class TunnelChannel(typing.Protocol):
+    """
+    What a WebSocket handshake's exchange uses of the client's connection
+    to make it a tunnel (L{monedge.edge.server.ProxyChannel} provides it).
+    """
+
+    transport: Any
+
+    def startTunnel(self, side: TunnelSide) -> bytes: ...
+
+
+class ProxyContext:
+    """
+    What every exchange shares: the upstream client, the balancer, the
+    clock and the hooks.
+    """
+
+    def __init__(
+        self,
+        client: IUpstreamClient,
+        balancer: Balancer,
+        clock: IReactorTime,
+        hooks: HookSet | None = None,
+        upgrader: IUpstreamUpgrader | None = None,
+        tunnels: TunnelSet | None = None,
+    ) -> None:
+        self.client = client
+        self.balancer = balancer
+        self.clock = clock
+        self.hooks = hooks
+        #: Sends WebSocket handshakes; None refuses them (502).
+        self.upgrader = upgrader
+        self.tunnels = tunnels if tunnels is not None else TunnelSet()
+
+
+_DONE = Failure(ResponseDone())
+
+
+@implementer(IPushProducer)
+class _BodyRelay(Protocol):
+    """
+    Streams an upstream response body to the client.  It is the client
+    connection's producer: when the client stops reading, it pauses the
+    upstream socket, so no more than a socket buffer is held in memory.
+    """
+
+    def __init__(
+        self, exchange: ProxyExchange, idleTimeout: float, timer: IDelayedCall | None
+    ) -> None:
+        self._exchange = exchange
+        self._request = exchange.request
+        self._clock = exchange.context.clock
+        self._idleTimeout = idleTimeout
+        #: How long the client may leave the response unread (--send-timeout).
+        limits = getattr(getattr(self._request, "site", None), "limits", None)
+        self._sendTimeout: float = getattr(limits, "sendTimeout", 60.0)
+        self._last = 0.0
+        self._paused = False
+        self._pausedAt = 0.0
+        #: The exchange's response-header timer, re-armed as the idle timer
+        #: (one timer per exchange: this runs per request).
+        self._idleCall = timer
+
+    def connectionMade(self) -> None:
+        self._last = self._clock.seconds()
+        self._request.registerProducer(self, True)
+        timer = self._idleCall
+        if timer is not None and timer.active():
+            timer.reset(self._idleTimeout)
+            timer.func = self._checkIdle  # type: ignore[attr-defined]
+        else:
+            self._idleCall = self._clock.callLater(self._idleTimeout, self._checkIdle)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._last = self._clock.seconds()
+        self._request.write(data)
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.cancel()
+        self._idleCall = None
+        request = self._request
+        if not request.disconnected:
+            # A client that left took its channel with it (Twisted's
+            # request then has none to unregister from).
+            request.unregisterProducer()
+        self._exchange.bodyDone(reason)
+
+    def _checkIdle(self) -> None:
+        now = self._clock.seconds()
+        if self._paused:
+            # The client is not reading: that is not the upstream's
+            # idleness, but a client may only stall so long.
+            stalled = now - self._pausedAt
+            if stalled >= self._sendTimeout:
+                self._idleCall = None
+                self._exchange.clientStalled()
+                return
+            wait = min(self._idleTimeout, self._sendTimeout - stalled)
+            self._idleCall = self._clock.callLater(wait, self._checkIdle)
+            return
+        idle = now - self._last
+        if idle < self._idleTimeout:
+            self._idleCall = self._clock.callLater(
+                self._idleTimeout - idle, self._checkIdle
+            )
+            return
+        self._idleCall = None
+        self._exchange.bodyStalled()
+        self.stopProducing()
+
+    # IPushProducer, for the client connection
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._pausedAt = self._clock.seconds()
+        timer = self._idleCall
+        if timer is not None and timer.active():
+            wait = timer.getTime() - self._pausedAt
+            if wait > self._sendTimeout:
+                timer.reset(self._sendTimeout)
+        assert self.transport is not None
+        self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._last = self._clock.seconds()
+        assert self.transport is not None
+        self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def stopProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+
+class ProxyExchange:
+    """
+    The life of one proxied request.
+
+    @ivar request: the client request.
+    @ivar url: the path and query to send upstream.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        request: ClientRequest,
+        context: ProxyContext,
+        candidates: list[EndpointState],
+        policy: Policy,
+        metrics: ServiceMetrics,
+        headers: Any,
+        target: bytes,
+    ) -> None:
+        self.request = request
+        self.context = context
+        self._candidates = candidates
+        self._policy = policy
+        self._metrics = metrics
+        self._headers = headers
+        self._target = target
+        self._state: EndpointState | None = None
+        self._pending: Deferred[IResponse] | None = None
+        self._timeoutCall: IDelayedCall | None = None
+        self._timedOut = False
+        self._relay: _BodyRelay | None = None
+        self._clientGone = False
+        #: Runs the response hooks on the response's head, if there are any.
+        self.responseHooks: Callable[[HookResponseHead], Deferred[None]] | None = None
+        #: The Sec-WebSocket-Key of a WebSocket handshake, else None.
+        self.upgradeKey: bytes | None = None
+        #: TLS settings for https endpoints (the service's policy).
+        self.tls: UpstreamTLS | None = None
+
+    def start(self) -> None:
+        """
+        Choose an endpoint and send.
+        """
+        # The request tells its exchange when its client goes (cheaper than
+        # a notifyFinish Deferred on every request).
+        self.request.exchange = self
+        state = self.context.balancer.pick(self._candidates)
+        if state is None:
+            self._fail(ProxyError("no_ready_endpoint"))
+            return
+        self._send(state, canRetry=True)
+
+    def _body(self) -> IBodyProducer | None:
+        request = self.request
+        if not request.hasBody:
+            return None
+        content = request.content
+        assert content is not None
+        return BufferedBody(content)
+
+    def _send(self, state: EndpointState, canRetry: bool) -> None:
+        self._state = state
+        state.outstanding += 1
+        clock = self.context.clock
+        self.request.record.upstreamSent(state.endpoint.authority, clock.seconds())
+        upgrader = self.context.upgrader
+        if self.upgradeKey is not None and upgrader is not None:
+            d = upgrader.upgrade(
+                state.base + self._target,
+                self._headers,
+                self._policy.connectTimeout,
+                self.tls,
+            )
+        else:
+            d = self.context.client.request(
+                self.request.method,
+                state.base + self._target,
+                self._headers,
+                self._body(),
+                self._policy.connectTimeout,
+                self.tls,
+            )
+        self._pending = d
+        self._timeoutCall = clock.callLater(self._policy.timeout, self._headersTimedOut)
+        d.addCallbacks(self._gotResponse, self._failed, errbackArgs=(state, canRetry))
+
+    def _release(self) -> None:
+        if self._state is not None:
+            self._state.outstanding -= 1
+            self._state = None
+
+    def _cancelTimeout(self) -> None:
+        if self._timeoutCall is not None and self._timeoutCall.active():
+            self._timeoutCall.cancel()
+        self._timeoutCall = None
+
+    def _headersTimedOut(self) -> None:
+        self._timeoutCall = None
+        self._timedOut = True
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def clientLost(self, reason: Failure) -> None:
+        """
+        The client connection was lost before the response was finished.
+        """
+        self._clientGone = True
+        if self._pending is not None:
+            self._pending.cancel()
+        elif self._relay is not None:
+            self._relay.stopProducing()
+
+    def _gotResponse(self, response: IResponse) -> None:
+        self._pending = None
+        state = self._state
+        assert state is not None
+        self.context.balancer.connected(state)
+        request = self.request
+        request.record.upstreamAnswered(self.context.clock.seconds())
+        if self._clientGone or response.code < 200:
+            self._cancelTimeout()
+        if self._clientGone:
+            response.deliverBody(_Discard())
+            self._release()
+            return
+        if response.code == 101 and self.upgradeKey is not None:
+            self._cancelTimeout()
+            self._switch(response)
+            return
+        if response.code < 200:
+            # monedge answers Expect itself and strips every Upgrade but a
+            # checked WebSocket handshake's, so an interim or unasked-for
+            # 101 answer here is an upstream error, never a tunnel.
+            response.deliverBody(_Discard())
+            self._release()
+            self._metrics.upstreamError("invalid_response")
+            self._fail(
+                ProxyError("upstream_reset", "the upstream sent an interim response")
+            )
+            return
+        request.setResponseCode(response.code)
+        out = request.responseHeaders
+        # monedge's own values (digits; a generated or checked request id),
+        # set in the table directly: Headers would scan each for CR and LF.
+        raw = downstreamHeaders(
+            response.headers, getattr(response, "monedgeConnection", None), out
+        )
+        if (
+            response.length is not UNKNOWN_LENGTH
+            and request.method != b"HEAD"
+            and response.code not in NO_BODY_CODES
+        ):
+            raw[b"Content-Length"] = [b"%d" % (response.length,)]
+        raw[b"X-Request-Id"] = [request.requestId]
+        if self.responseHooks is not None:
+            done = self.responseHooks(HookResponseHead(response.code, out))
+            if not done.called:
+                done.addCallbacks(
+                    lambda _: self._relayBody(response),
+                    lambda failure: self._responseHookFailed(response, failure),
+                )
+                return
+            failed: list[Failure] = []
+            done.addErrback(failed.append)
+            if failed:
+                self._responseHookFailed(response, failed[0])
+                return
+        self._relayBody(response)
+
+    def _switch(self, response: IResponse) -> None:
+        """
+        The upstream answered a WebSocket handshake with 101: check it, send
+        the 101 on, and join the two connections in a tunnel.
+        """
+        key = self.upgradeKey
+        assert key is not None
+        takeOver = getattr(response, "monedgeTakeOver", None)
+        handshake = getattr(response, "monedgeHandshake", None)
+        if (
+            takeOver is None
+            or handshake is None
+            or not isWebSocketAccept(handshake, key)
+        ):
+            # Not a valid completion of this handshake: never a tunnel.
+            response.deliverBody(_Discard())
+            self._release()
+            self._metrics.upstreamError("invalid_response")
+            self._fail(
+                ProxyError(
+                    "upstream_reset", "the upstream sent an invalid WebSocket 101"
+                )
+            )
+            return
+        request = self.request
+        channel = cast(TunnelChannel, request.channel)
+        transport = channel.transport
+        assert transport is not None
+        out = Headers()
+        downstreamHeaders(
+            response.headers, getattr(response, "monedgeConnection", None), out
+        )
+        out.setRawHeaders(b"x-request-id", [request.requestId])
+        lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+        lines.append(b"Upgrade: websocket\r\nConnection: Upgrade\r\n")
+        for name, values in out.getAllRawHeaders():
+            for value in values:
+                lines += [name, b": ", value, b"\r\n"]
+        lines.append(b"\r\n")
+        tunnels = self.context.tunnels
+        tunnel = Tunnel(
+            self.context.clock, self._policy.tunnelIdleTimeout, self._tunnelClosed
+        )
+        upstreamTransport, fromUpstream = takeOver(tunnel.upstream)
+        fromClient = channel.startTunnel(tunnel.client)
+        request.record.tunnelStarted()
+        request.code = 101
+        request.startedWriting = True
+        transport.write(b"".join(lines))
+        tunnels.add(tunnel)
+        self._metrics.tunnelOpened()
+        tunnel.start(transport, upstreamTransport, fromClient, fromUpstream)
+
+    def _tunnelClosed(self, tunnel: Tunnel) -> None:
+        self.context.tunnels.remove(tunnel)
+        self._release()
+        request = self.request
+        request.record.tunnelEnded(
+            tunnel.client.bytes, tunnel.upstream.bytes, tunnel.timedOut
+        )
+        request.tunnelDone()
+
+    def _responseHookFailed(self, response: IResponse, failure: Failure) -> None:
+        response.deliverBody(_Discard())
+        self._release()
+        self._cancelTimeout()
+        if self._clientGone:
+            return
+        self.request.responseHeaders = Headers()
+        self.hookFailed(failure)
+
+    def hookFailed(self, failure: Failure) -> None:
+        """
+        A hook raised or timed out: the request fails closed, with 500.
+        """
+        error = failure.value
+        hook = error.hook if isinstance(error, HookFailed) else "?"
+        self._metrics.upstreamError("hook_failed")
+        if self._clientGone or self.request.disconnected:
+            return
+        self._fail(ProxyError("hook_failed", f"the {hook} hook failed"))
+
+    def _relayBody(self, response: IResponse) -> None:
+        request = self.request
+        if self._clientGone:
+            response.deliverBody(_Discard())
+            self._release()
+            self._cancelTimeout()
+            return
+        take = getattr(response, "monedgeTakeBody", None)
+        body = take() if take is not None else None
+        if body is not None:
+            # The whole body came with the head (monedge's own client says
+            # so): it goes out with the head in one write, and the request
+            # is over, with no relay, producer or idle timer to set up.
+            self._cancelTimeout()
+            self._release()
+            request.write(body)
+            request.finish()
+            return
+        # Send the headers now: a client waiting on a long poll or an event
+        # stream must not wait for the first body byte to see them.
+        request.write(b"")
+        timer, self._timeoutCall = self._timeoutCall, None
+        self._relay = _BodyRelay(self, self._policy.idleTimeout, timer)
+        response.deliverBody(self._relay)
+        # The head went out with the body's first bytes if they were here
+        # already; if not, it goes now, alone.
+        request.flushHead()
+
+    def bodyDone(self, reason: Failure) -> None:
+        """
+        The upstream body ended, completely or not.
+        """
+        self._relay = None
+        self._release()
+        request = self.request
+        if self._clientGone:
+            return
+        # isinstance, not reason.check: the same test, at a fortieth of the
+        # cost, on every request.
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
+            request.finish()
+            return
+        # The upstream failed mid-body: the client must see a cut-off
+        # response, never one that looks complete.
+        if not self._timedOut:
+            self._metrics.upstreamError("reset_mid_body")
+            request.record.failed("reset_mid_body")
+        request.loseConnection()
+
+    def clientStalled(self) -> None:
+        """
+        The client read none of the response for --send-timeout: drop its
+        connection (a slow-read attack holds no connection for ever), and
+        with it the upstream's.
+        """
+        request = self.request
+        request.record.failed("client_send_timeout")
+        transport = request.channel.transport
+        if transport is not None:
+            transport.abortConnection()
+        if self._relay is not None:
+            self._relay.stopProducing()
+
+    def bodyStalled(self) -> None:
+        """
+        The upstream body made no progress for the idle timeout.
+        """
+        self._timedOut = True
+        self._metrics.upstreamError("body_idle_timeout")
+        self.request.record.failed("body_idle_timeout")
+
+    def _failed(self, failure: Failure, state: EndpointState, canRetry: bool) -> None:
+        self._pending = None
+        self._cancelTimeout()
+        self._release()
+        if self._clientGone:
+            return
+        if self._timedOut:
+            self._metrics.upstreamError("timeout")
+            self._fail(ProxyError("upstream_timeout"))
+            return
+        if failure.check(ConnectTimeoutError):
+            self.context.balancer.connectFailed(state)
+            kind, error = "connect_timeout", "upstream_connect_timeout"
+        elif failure.check(ConnectError, DNSLookupError):
+            self.context.balancer.connectFailed(state)
+            kind, error = "connect_refused", "upstream_connect_failed"
+        elif failure.check(CancelledError):
+            return
+        elif failure.check(UpstreamHeadersTooLarge):
+            # Logged by the client, naming the endpoint and the limit.
+            kind, error = "headers_too_large", "upstream_headers_too_large"
+        elif failure.check(UpstreamTLSError):
+            self._log.error(
+                "{service}: cannot connect to {endpoint}: {error}",
+                service=self.request.record.service,
+                endpoint=state.endpoint.authority,
+                error=failure.getErrorMessage(),
+            )
+            kind, error = "connect_refused", "upstream_connect_failed"
+            canRetry = False
+        else:
+            kind, error = "reset", "upstream_reset"
+            self._log.debug(
+                "upstream {endpoint} failed: {failure}",
+                endpoint=state.endpoint.authority,
+                failure=failure.getErrorMessage(),
+            )
+        self._metrics.upstreamError(kind)
+        if kind.startswith("connect") and canRetry:
+            other = self.context.balancer.pick(self._candidates, exclude=state)
+            if other is not None:
+                self._send(other, canRetry=False)
+                return
+        self._fail(ProxyError(error))
+
+    def _fail(self, error: ProxyError) -> None:
+        request = self.request
+        request.record.failed(error.code)
+        if request.startedWriting:
+            request.loseConnection()
+            return
+        body = renderError(request, error, request.requestId)
+        request.write(body)
+        request.finish()
+
+
+def writeHookResponse(request: ClientRequest, answer: HookResponse) -> None:
+    """
+    Answer C{request} with a request hook's response.
+    """
+    body = answer.body
+    if body is None and answer.code is None:
+        body = b""
+    if body is None:
+        body = errorBody(
+            answer.status,
+            answer.code or "hook_response",
+            answer.message or "",
+            request.requestId,
+        )
+        request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
+    request.setResponseCode(answer.status)
+    headers = request.responseHeaders
+    for name in {name for name, _ in answer.headers}:
+        # The hook's own Date or Server replaces Twisted's, never doubles it.
+        headers.removeHeader(name)
+    for name, value in answer.headers:
+        headers.addRawHeader(name, value)
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
+    request.responseHeaders.setRawHeaders(b"x-request-id", [request.requestId])
+    request.record.failed(answer.code)
+    request.write(body)
+    request.finish()
+
+
+class _Discard(Protocol):
+    """
+    Reads and drops a body nobody wants, so its connection can go back to
+    the pool or close.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.stopProducing()  # type: ignore[attr-defined]

@@ -1,0 +1,414 @@
+"""
+The admin site, on its own port: liveness, readiness, Prometheus metrics
+and the route table.
+
+    GET /healthz   200 while the process lives
+    GET /readyz    200 when serving; 503 while draining, while a proxy
+                   listener is not listening, or before the registry's
+                   first sync
+    GET /metrics   Prometheus text format
+    GET /routes    every service, its endpoints and effective policy (JSON)
+
+With C{--workers N}, the supervisor serves the same paths for the whole
+group (L{groupAdminSite}), built from each worker's private admin socket.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import pages
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+
+from monedge.interfaces import IServiceRegistry
+from monedge.observe.metrics import Metrics, StaticCollector, mergeExpositions
+from monedge.rules.convention import HostTiers, parseServiceName
+from monedge.rules.policy import HookSpec
+from monedge.rules.redact import redactHook, redactValue
+from monedge.twistedseam import requestDisconnected
+from monedge.upstream.balancer import Balancer, eligible
+
+if TYPE_CHECKING:
+    from monedge.runtime.workers import Worker, WorkerGroup
+
+#: GETs a path from one worker's admin site: (status, body).
+Fetch = Callable[["Worker", str], Deferred[tuple[int, bytes]]]
+
+
+def _json(request: Request, status: int, document: object) -> bytes:
+    body = json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return body
+
+
+class _Leaf(Resource):
+    isLeaf = True
+
+    def render_HEAD(self, request: Request) -> bytes:
+        return self.render_GET(request)  # type: ignore[no-any-return, attr-defined]
+
+
+class Health(_Leaf):
+    """
+    C{/healthz}: the process is alive and its reactor turns.
+    """
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(request, 200, {"status": "ok"})
+
+
+class Ready(_Leaf):
+    """
+    C{/readyz}: whether a load balancer should send traffic here.
+    """
+
+    def __init__(self, readiness: Callable[[], tuple[bool, str]]) -> None:
+        super().__init__()
+        self._readiness = readiness
+
+    def render_GET(self, request: Request) -> bytes:
+        ready, reason = self._readiness()
+        return _json(request, 200 if ready else 503, {"ready": ready, "reason": reason})
+
+
+class PrometheusMetrics(_Leaf):
+    """
+    C{/metrics}, from monedge's own collector registry.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._metrics.registry)
+
+
+class Routes(_Leaf):
+    """
+    C{/routes}: the route table as the proxy sees it.
+    """
+
+    def __init__(
+        self,
+        registry: IServiceRegistry,
+        hostTiers: HostTiers,
+        balancer: Balancer,
+        globalHooks: Sequence[HookSpec] = (),
+    ) -> None:
+        super().__init__()
+        self._registry = registry
+        self._hostTiers = hostTiers
+        self._balancer = balancer
+        self._globalHooks = tuple(globalHooks)
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(request, 200, self.document())
+
+    def document(self) -> dict[str, Any]:
+        """
+        The route table as JSON-able data.
+        """
+        tiers = self._hostTiers.tiers()
+        hostsByTier: dict[str, list[str]] = {}
+        for host, tier in self._hostTiers.mapping.items():
+            hostsByTier.setdefault(tier, []).append(host)
+        services = []
+        for name, entry in sorted(self._registry.services().items()):
+            parsed = parseServiceName(name)
+            routable = parsed is not None and parsed[0] in tiers and entry.policy.expose
+            usable = set(eligible(entry.endpoints))
+            endpoints = []
+            for state in self._balancer.states(entry.endpoints):
+                description = state.endpoint.asJSON()
+                description["eligible"] = state.endpoint in usable
+                description["outstanding"] = state.outstanding
+                description["connect_failures"] = state.failures
+                endpoints.append(description)
+            if parsed is None or parsed[0] not in tiers:
+                hosts: list[str] = []
+            elif self._hostTiers.mapping:
+                hosts = sorted(hostsByTier[parsed[0]])
+            else:
+                hosts = ["*"]
+            policy = entry.policy.asJSON()
+            policy["hooks"] = [redactHook(hook) for hook in policy["hooks"]]
+            services.append(
+                {
+                    "name": name,
+                    "routable": routable,
+                    "path": f"/{parsed[1]}/" if parsed else None,
+                    "hosts": hosts,
+                    "policy": policy,
+                    "endpoints": endpoints,
+                    "source": dict(entry.source),
+                }
+            )
+        # Redacted on the way out: hook options by their hook's rule, then
+        # the whole document (URL user-info and queries in registry errors,
+        # sources and options; secret-named options): see monedge.rules.redact.
+        document: dict[str, Any] = redactValue(
+            {
+                "registry": dict(self._registry.describe()),
+                "global_hooks": [
+                    redactHook(spec.asJSON()) for spec in self._globalHooks
+                ],
+                "tiers": sorted(tiers),
+                "services": services,
+            }
+        )
+        return document
+
+
+class AdminRoot(Resource):
+    """
+    The admin site's root.
+    """
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return pages.notFound()
+
+
+class _AdminSite(Site):
+    """
+    An admin site: no tracebacks shown, and no access log (probes and
+    scrapes come every few seconds).
+    """
+
+    displayTracebacks = False
+
+    def log(self, request: object) -> None:
+        pass
+
+
+def adminSite(
+    readiness: Callable[[], tuple[bool, str]],
+    metrics: Metrics,
+    registry: IServiceRegistry,
+    hostTiers: HostTiers,
+    balancer: Balancer,
+    reactor: Any,
+    globalHooks: Sequence[HookSpec] = (),
+) -> Site:
+    """
+    Build the admin site.
+    """
+    root = AdminRoot()
+    root.putChild(b"healthz", Health())
+    root.putChild(b"readyz", Ready(readiness))
+    root.putChild(b"metrics", PrometheusMetrics(metrics))
+    root.putChild(b"routes", Routes(registry, hostTiers, balancer, globalHooks))
+    return _AdminSite(root, reactor=reactor)
+
+
+class _GroupLeaf(_Leaf):
+    """
+    A group admin page built from the workers' answers, asynchronously.
+    """
+
+    def __init__(self, group: WorkerGroup, fetch: Fetch) -> None:
+        super().__init__()
+        self._group = group
+        self._fetch = fetch
+
+    def _ask(
+        self, path: str
+    ) -> Deferred[list[tuple[Worker, tuple[int, bytes] | None]]]:
+        """
+        GET C{path} from every running worker; L{None} for one that failed.
+        """
+        workers = [worker for worker in self._group.workers if worker.alive]
+
+        def answered(results: list[tuple[bool, Any]]) -> list[Any]:
+            return [
+                (worker, value if ok else None)
+                for worker, (ok, value) in zip(workers, results, strict=True)
+            ]
+
+        asked = [self._fetch(worker, path) for worker in workers]
+        return DeferredList(asked, consumeErrors=True).addCallback(answered)
+
+    def render_GET(self, request: Request) -> int:
+        d = self.build(request)
+
+        def write(body: bytes) -> None:
+            if not request.finished and not requestDisconnected(request):
+                request.write(body)
+                request.finish()
+
+        def failed(reason: Failure) -> None:
+            self._log.failure("group admin page failed", reason)
+            write(_json(request, 500, {"error": "internal"}))
+
+        d.addCallback(write).addErrback(failed)
+        return NOT_DONE_YET
+
+    _log = Logger()
+
+    def build(self, request: Request) -> Deferred[bytes]:
+        raise NotImplementedError()
+
+
+class GroupReady(_GroupLeaf):
+    """
+    C{/readyz} for a group: ready when the supervisor holds every proxy
+    listener and every worker runs and is ready.
+    """
+
+    def build(self, request: Request) -> Deferred[bytes]:
+        group = self._group
+
+        def decide(answers: list[tuple[Worker, tuple[int, bytes] | None]]) -> bytes:
+            reasons = []
+            if group.draining:
+                reasons.append("draining")
+            idle = group.notListening()
+            if idle:
+                reasons.append("not listening: " + ", ".join(idle))
+            for worker in group.workers:
+                if not worker.alive:
+                    reasons.append(f"worker {worker.number}: not running")
+            for worker, answer in answers:
+                if answer is None:
+                    reasons.append(f"worker {worker.number}: admin did not answer")
+                elif answer[0] != 200:
+                    try:
+                        reason = json.loads(answer[1])["reason"]
+                    except (ValueError, KeyError, TypeError):
+                        reason = f"status {answer[0]}"
+                    reasons.append(f"worker {worker.number}: {reason}")
+            ready = not reasons
+            document = {
+                "ready": ready,
+                "reason": "; ".join(reasons) if reasons else "serving",
+                "workers": len(group.workers),
+            }
+            return _json(request, 200 if ready else 503, document)
+
+        return self._ask("/readyz").addCallback(decide)
+
+
+class GroupCollector:
+    """
+    The group's own metrics: workers configured and alive, restarts, and
+    workers whose metrics a scrape missed.
+    """
+
+    def __init__(self, group: WorkerGroup, unanswered: int) -> None:
+        self._group = group
+        self._unanswered = unanswered
+
+    def collect(self) -> Iterator[Metric]:
+        workers = GaugeMetricFamily(
+            "monedge_workers", "Worker processes configured (--workers)."
+        )
+        workers.add_metric([], len(self._group.workers))
+        yield workers
+        alive = GaugeMetricFamily("monedge_workers_alive", "Worker processes running.")
+        alive.add_metric([], self._group.alive())
+        yield alive
+        restarts = CounterMetricFamily(
+            "monedge_worker_restarts",
+            "Times each worker was restarted after it died.",
+            labels=["worker"],
+        )
+        for worker in self._group.workers:
+            restarts.add_metric([str(worker.number)], worker.restarts)
+        yield restarts
+        unanswered = GaugeMetricFamily(
+            "monedge_worker_scrape_failures",
+            "Running workers whose metrics this scrape could not read.",
+        )
+        unanswered.add_metric([], self._unanswered)
+        yield unanswered
+
+
+class GroupMetrics(_GroupLeaf):
+    """
+    C{/metrics} for a group: the workers' metrics merged (see
+    L{mergeExpositions}), and the group's own.
+    """
+
+    def build(self, request: Request) -> Deferred[bytes]:
+        def merge(answers: list[tuple[Worker, tuple[int, bytes] | None]]) -> bytes:
+            texts = [
+                answer[1].decode("utf-8")
+                for _, answer in answers
+                if answer is not None and answer[0] == 200
+            ]
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(StaticCollector(mergeExpositions(texts)))
+            registry.register(GroupCollector(self._group, len(answers) - len(texts)))
+            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+            return generate_latest(registry)
+
+        return self._ask("/metrics").addCallback(merge)
+
+
+class GroupRoutes(_GroupLeaf):
+    """
+    C{/routes} for a group: the first running worker's table (they share
+    one configuration), and every worker's state.
+    """
+
+    def build(self, request: Request) -> Deferred[bytes]:
+        def pick(answers: list[tuple[Worker, tuple[int, bytes] | None]]) -> bytes:
+            workers = [worker.asJSON() for worker in self._group.workers]
+            for worker, answer in answers:
+                if answer is not None and answer[0] == 200:
+                    # Each worker redacts its own; once more here, so the
+                    # group's table never shows more than a worker's would.
+                    document = redactValue(json.loads(answer[1]))
+                    document["workers"] = workers
+                    document["answered_by"] = worker.number
+                    return _json(request, 200, document)
+            return _json(
+                request,
+                503,
+                {"error": "no worker answered", "workers": workers},
+            )
+
+        return self._ask("/routes").addCallback(pick)
+
+
+class GroupHealth(_Leaf):
+    """
+    C{/healthz} for a group: the supervisor lives.
+    """
+
+    def __init__(self, group: WorkerGroup) -> None:
+        super().__init__()
+        self._group = group
+
+    def render_GET(self, request: Request) -> bytes:
+        document = {
+            "status": "ok",
+            "workers": len(self._group.workers),
+            "workers_alive": self._group.alive(),
+        }
+        return _json(request, 200, document)
+
+
+def groupAdminSite(group: WorkerGroup, fetch: Fetch, reactor: Any) -> Site:
+    """
+    The admin site of a C{--workers} group, answering for every worker.
+
+    @param fetch: GETs a path from a worker's own admin site.
+    """
+    root = AdminRoot()
+    root.putChild(b"healthz", GroupHealth(group))
+    root.putChild(b"readyz", GroupReady(group, fetch))
+    root.putChild(b"metrics", GroupMetrics(group, fetch))
+    root.putChild(b"routes", GroupRoutes(group, fetch))
+    return _AdminSite(root, reactor=reactor)

@@ -1,0 +1,220 @@
+"""
+monedge's request metrics (L{monedge.observe.metrics.ServiceMetrics}) export the
+same samples as C{prometheus_client}'s own C{Counter} and C{Histogram}
+would for the same observations.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial.unittest import SynchronousTestCase
+
+from monedge.observe.metrics import BUCKETS, Metrics
+
+#: (service, status, seconds, origin, upstream seconds): on and around
+#: bucket bounds, above the last, several status classes, both origins and
+#: several services.
+OBSERVATIONS = [
+    ("service.api.a", 200, 0.0, "upstream", 0.0),
+    ("service.api.a", 200, 0.001, "upstream", 0.0009),
+    ("service.api.a", 204, 0.0010001, "upstream", 0.001),
+    ("service.api.a", 404, 0.0025, "upstream", 0.002),
+    ("service.api.a", 404, 0.0025, "monedge", None),
+    ("service.api.a", 502, 2.5, "monedge", None),
+    ("service.api.a", 200, 61.0, "upstream", 60.5),
+    ("service.api.b", 101, 0.3, "upstream", 0.01),
+    ("service.api.b", 499, 0.04, "monedge", 0.03),
+    ("-", 400, 0.0, "monedge", None),
+]
+
+_FAMILIES = {
+    "monedge_requests",
+    "monedge_request_duration_seconds",
+    "monedge_upstream_response_seconds",
+}
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """
+    Every sample of the request families in an exposition, by name and
+    labels; C{_created} timestamps as 0 (they are times, not counts).
+    """
+    found = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in _FAMILIES:
+            continue
+        for sample in family.samples:
+            value = 0.0 if sample.name.endswith("_created") else sample.value
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = value
+    return found
+
+
+class RequestMetricsTests(SynchronousTestCase):
+    """
+    The exposition of monedge's request counter and latency histogram.
+    """
+
+    def test_sameAsPrometheusClient(self) -> None:
+        """
+        The same observations give the same sample names, labels and
+        values (and the same HELP and TYPE lines) as
+        C{prometheus_client}'s C{Counter} and C{Histogram}, a C{_created}
+        sample included for every child.
+        """
+        reference = CollectorRegistry()
+        requests = Counter(
+            "monedge_requests",
+            "Requests answered, by service, status class and origin (upstream: the"
+            " upstream sent the status; monedge: monedge or a hook chose it).",
+            ["service", "code_class", "origin"],
+            registry=reference,
+        )
+        latency = Histogram(
+            "monedge_request_duration_seconds",
+            "Time from the request's arrival to its last byte, by service.",
+            ["service"],
+            buckets=BUCKETS,
+            registry=reference,
+        )
+        upstream = Histogram(
+            "monedge_upstream_response_seconds",
+            "Time from sending a request upstream to the response's head, by service.",
+            ["service"],
+            buckets=BUCKETS,
+            registry=reference,
+        )
+        metrics = Metrics()
+        for service, status, seconds, origin, upstreamSeconds in OBSERVATIONS:
+            requests.labels(service, f"{status // 100}xx", origin).inc()
+            latency.labels(service).observe(seconds)
+            children = upstream.labels(service)
+            if upstreamSeconds is not None:
+                children.observe(upstreamSeconds)
+            metrics.forService(service).observe(
+                status, seconds, origin, upstreamSeconds
+            )
+        # A service routed to but not answered yet has empty histograms, as
+        # Histogram children made when its route was.
+        metrics.forService("service.api.idle")
+        latency.labels("service.api.idle")
+        upstream.labels("service.api.idle")
+        expected = generate_latest(reference).decode()
+        actual = generate_latest(metrics.registry).decode()
+        self.assertEqual(_samples(actual), _samples(expected))
+        self.assertGreater(len(_samples(expected)), 120)
+        comments = [line for line in expected.splitlines() if line.startswith("#")]
+        for line in comments:
+            self.assertIn(line, actual)
+
+    def test_createdIsWhenFirstCounted(self) -> None:
+        """
+        A status class's C{_created} is the time it was first counted, and
+        a service's histogram's the time its metrics were made.
+        """
+        metrics = Metrics()
+        children = metrics.forService("service.api.a")
+        children.observe(200, 0.01)
+        created = children.created[(2, "monedge")]
+        children.observe(200, 0.01)
+        self.assertEqual(children.created[(2, "monedge")], created)
+        families = {f.name: f for f in metrics.registry.collect()}
+        [total] = [
+            s
+            for s in families["monedge_requests"].samples
+            if s.name == "monedge_requests_created"
+        ]
+        self.assertEqual(total.value, created)
+        [since] = [
+            s
+            for s in families["monedge_request_duration_seconds"].samples
+            if s.name.endswith("_created")
+        ]
+        self.assertEqual(since.value, children.latency.since)
+
+
+class OperatorMetricsTests(SynchronousTestCase):
+    """
+    The metrics an operator needs beyond request counts: in flight by
+    service, connections by listener and protocol, build info and the
+    process collector.
+    """
+
+    def exposition(
+        self, metrics: Metrics
+    ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(
+                generate_latest(metrics.registry).decode()
+            )
+            for sample in family.samples
+        }
+
+    def test_inFlightByService(self) -> None:
+        """
+        Each service's requests in flight are its own gauge sample.
+        """
+        metrics = Metrics()
+        metrics.forService("service.api.a").inFlight = 3
+        metrics.forService("-").inFlight = 1
+        samples = self.exposition(metrics)
+        name = "monedge_requests_in_flight"
+        self.assertEqual(samples[(name, (("service", "service.api.a"),))], 3.0)
+        self.assertEqual(samples[(name, (("service", "-"),))], 1.0)
+
+    def test_connectionsByListenerAndProtocol(self) -> None:
+        """
+        Every watched listener shows every protocol, counted from the
+        connections it has open at scrape time.
+        """
+
+        class Listener:
+            def __init__(self, name: str, protocols: list[str]) -> None:
+                self.name = name
+                self.open = protocols
+
+            def protocols(self) -> list[str]:
+                return list(self.open)
+
+        metrics = Metrics()
+        plain = Listener("tcp:30080", ["http/1.1", "http/1.1", "websocket"])
+        tls = Listener("tcp:30443", ["h2"])
+        metrics.watchListener(plain)
+        metrics.watchListener(tls)
+        samples = self.exposition(metrics)
+
+        def count(listener: str, protocol: str) -> float:
+            labels = (("listener", listener), ("protocol", protocol))
+            return samples[("monedge_client_connections", labels)]
+
+        self.assertEqual(count("tcp:30080", "http/1.1"), 2.0)
+        self.assertEqual(count("tcp:30080", "websocket"), 1.0)
+        self.assertEqual(count("tcp:30080", "h2"), 0.0)
+        self.assertEqual(count("tcp:30443", "h2"), 1.0)
+        plain.open = []
+        self.assertEqual(
+            self.exposition(metrics)[
+                ("monedge_client_connections",
+                 (("listener", "tcp:30080"), ("protocol", "http/1.1")))
+            ],
+            0.0,
+        )  # fmt: skip
+
+    def test_buildAndProcess(self) -> None:
+        """
+        Build info is 1 with monedge's version; the process collector's
+        samples are there.
+        """
+        import monedge
+
+        samples = self.exposition(Metrics())
+        [(labels, value)] = [
+            (dict(labels), value)
+            for (name, labels), value in samples.items()
+            if name == "monedge_build_info"
+        ]
+        self.assertEqual(value, 1.0)
+        self.assertEqual(labels["version"], monedge.__version__)
+        self.assertGreater(samples[("process_resident_memory_bytes", ())], 0)
+        self.assertGreater(samples[("process_start_time_seconds", ())], 0)
