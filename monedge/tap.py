@@ -42,8 +42,8 @@ from monedge.rules.headers import (
     CLIENT_CONTROLLED_PREFIXES,
     ForwardingRules,
 )
-from monedge.rules.policy import parseDuration, parseHooks
-from monedge.rules.syntax import isToken
+from monedge.rules.policy import parseHooks
+from monedge.rules.syntax import isToken, parseDuration
 from monedge.rules.trust import Trust, parseNetwork
 from monedge.runtime.admin import adminSite, groupAdminSite
 from monedge.runtime.lifecycle import (

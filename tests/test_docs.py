@@ -63,10 +63,8 @@ from monedge.rules.policy import (
     POLICY_KEYS,
     HookSpec,
     Policy,
-    parseBool,
-    parseDuration,
-    parseSize,
 )
+from monedge.rules.syntax import parseBool, parseDuration, parseSize
 from monedge.rules.trust import Trust
 from monedge.runtime.admin import GroupCollector, Routes, adminSite
 from monedge.runtime.lifecycle import ProxyService

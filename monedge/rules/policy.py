@@ -16,26 +16,7 @@ from typing import Any
 
 import yaml
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*\Z", re.ASCII)
-_DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-_SIZE = re.compile(r"\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|m|M|g|G)?\s*\Z", re.ASCII)
-_SIZE_UNITS = {
-    None: 1,
-    "B": 1,
-    "KiB": 1 << 10,
-    "MiB": 1 << 20,
-    "GiB": 1 << 30,
-    "k": 1 << 10,
-    "K": 1 << 10,
-    "m": 1 << 20,
-    "M": 1 << 20,
-    "g": 1 << 30,
-    "G": 1 << 30,
-    "KB": 1000,
-    "MB": 1000**2,
-    "GB": 1000**3,
-}
+from monedge.rules.syntax import parseBool, parseDuration, parseSize
 
 MIB = 1 << 20
 
@@ -50,62 +31,6 @@ class PolicyError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
-
-
-def parseDuration(value: object) -> float:
-    """
-    Parse C{30s}, C{500ms}, C{2m}, C{1h} or a bare number of seconds.
-
-    @raise ValueError: for anything else, or a duration that is not positive.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration like '30s', got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if match is None:
-            raise ValueError(f"expected a duration like '30s', got {value!r}")
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if not seconds > 0 or seconds > 7 * 24 * 3600:
-        raise ValueError(
-            f"a duration must be above 0 and at most 7 days, got {value!r}"
-        )
-    return seconds
-
-
-def parseSize(value: object) -> int:
-    """
-    Parse a byte count: C{10MiB}, C{512KiB}, C{1GB}, C{10m} (nginx style,
-    binary) or a bare number of bytes.
-
-    @raise ValueError: for anything else.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size like '10MiB', got {value!r}")
-    if isinstance(value, int):
-        size = value
-    else:
-        match = _SIZE.match(str(value))
-        if match is None:
-            raise ValueError(f"expected a size like '10MiB', got {value!r}")
-        size = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
-    if size < 0:
-        raise ValueError(f"a size cannot be negative, got {value!r}")
-    return size
-
-
-def parseBool(value: object) -> bool:
-    """
-    Parse a YAML boolean or the strings C{true}/C{false} (any case).
-
-    @raise ValueError: for anything else.
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ValueError(f"expected true or false, got {value!r}")
 
 
 _SERVER_NAME = re.compile(

@@ -12,9 +12,8 @@ from urllib.parse import urlsplit
 
 from monedge.hooks import HookConfigError
 from monedge.rules.headers import HOP_BY_HOP
-from monedge.rules.policy import parseDuration
 from monedge.rules.redact import redactURL
-from monedge.rules.syntax import isToken
+from monedge.rules.syntax import isToken, parseDuration
 
 #: Control characters: refused in URLs, and made spaces in header values.
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")

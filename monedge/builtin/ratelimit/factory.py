@@ -21,8 +21,7 @@ from monedge.builtin.ratelimit.redisclient import RedisAddress
 from monedge.builtin.ratelimit.redisstore import RedisLimiter
 from monedge.hooks import DEFAULT_HOOK_TIMEOUT, HookConfigError
 from monedge.interfaces import IHookFactory
-from monedge.rules.policy import parseDuration
-from monedge.rules.syntax import isToken
+from monedge.rules.syntax import isToken, parseDuration
 
 #: The most in-memory buckets kept, unless C{max-keys} says otherwise.
 DEFAULT_MAX_KEYS = 100_000
