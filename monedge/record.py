@@ -37,6 +37,8 @@ class RequestRecord:
     @ivar start: when the request began (its first line), in reactor
         seconds, or L{None} for a request refused before it had begun.
     @ivar end: when it was accounted for, or L{None} until then.
+    @ivar totalLatency: seconds from start to end, once finished (L{None}
+        for a request refused before it had begun).
     @ivar requestId: its request id, once known.
     @ivar client: the client's address, as logged.
     @ivar method: the request method as received, or L{None} if none
@@ -67,6 +69,7 @@ class RequestRecord:
     __slots__ = (
         "start",
         "end",
+        "totalLatency",
         "requestId",
         "client",
         "method",
@@ -90,6 +93,7 @@ class RequestRecord:
     def __init__(self, start: float | None) -> None:
         self.start = start
         self.end: float | None = None
+        self.totalLatency: float | None = None
         self.requestId = b"-"
         self.client = b"unknown"
         self.method: bytes | None = None
@@ -183,20 +187,12 @@ class RequestRecord:
         """
         self.status = status
         self.end = now
+        start = self.start
+        if start is not None:
+            self.totalLatency = now - start
         if (
             self.upstreamLatency is not None
             and status == sentStatus
             and self.errorCode not in CATALOGUE
         ):
             self.origin = UPSTREAM
-
-    # Readers
-
-    @property
-    def totalLatency(self) -> float | None:
-        """
-        Seconds from start to end, once finished.
-        """
-        if self.end is None or self.start is None:
-            return None
-        return self.end - self.start

@@ -150,6 +150,25 @@ class ServiceMetrics:
         self.upstream = _Histogram()
         self.inFlight = 0
 
+    def count(self, record: RequestRecord) -> None:
+        """
+        Count one finished request from its record (L{monedge.record}): its
+        status class and origin, its total latency, and how long the
+        upstream took to answer, if it did.
+        """
+        key = (record.status // 100, record.origin)
+        classes = self.classes
+        counted = classes.get(key)
+        if counted is None:
+            self.created[key] = time.time()
+            counted = 0
+        classes[key] = counted + 1
+        total = record.totalLatency
+        self.latency.observe(0.0 if total is None else total)
+        upstreamSeconds = record.upstreamLatency
+        if upstreamSeconds is not None:
+            self.upstream.observe(upstreamSeconds)
+
     def observe(
         self,
         status: int,
@@ -158,34 +177,15 @@ class ServiceMetrics:
         upstreamSeconds: float | None = None,
     ) -> None:
         """
-        Count one finished request.
-
-        @param origin: who chose C{status}.
-        @param upstreamSeconds: how long the upstream took to answer, if it
-            did.
+        Count one finished request from its figures alone, as L{count}
+        counts its record: C{origin} says who chose C{status}, and
+        C{upstreamSeconds} how long the upstream took to answer, if it did.
         """
-        key = (status // 100, origin)
-        classes = self.classes
-        counted = classes.get(key)
-        if counted is None:
-            self.created[key] = time.time()
-            counted = 0
-        classes[key] = counted + 1
-        self.latency.observe(seconds)
-        if upstreamSeconds is not None:
-            self.upstream.observe(upstreamSeconds)
-
-    def count(self, record: RequestRecord) -> None:
-        """
-        Count one finished request from its record (L{monedge.record}).
-        """
-        total = record.totalLatency
-        self.observe(
-            record.status,
-            0.0 if total is None else total,
-            record.origin,
-            record.upstreamLatency,
-        )
+        record = RequestRecord(0.0)
+        record.upstreamLatency = upstreamSeconds
+        record.finished(status, seconds)
+        record.origin = origin
+        self.count(record)
 
     def upstreamError(self, kind: str) -> None:
         """
