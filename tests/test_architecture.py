@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "convention": 0,
     "paths": 0,
     "policy": 0,
+    "config": 2,
     "errors": 0,
     "headers": 1,
     "replay": 0,
@@ -69,7 +70,8 @@ LAYERS: dict[str, int] = {
     "admin": 5,
     "lifecycle": 5,
     "workers": 5,
-    "tap": 6,
+    "compose": 6,
+    "tap": 7,
 }
 
 #: Modules outside the layering, free to import anything.

@@ -34,6 +34,7 @@ from monedge.accesslog import AccessLog
 from monedge.admin import GroupCollector, Routes, adminSite
 from monedge.balancer import Balancer
 from monedge.client import DEFAULT_POOL_IDLE, FastUpstreamClient
+from monedge.compose import checkHooks
 from monedge.convention import HostTiers, kubernetesName, serviceFromKubernetesName
 from monedge.errors import CATALOGUE, ErrorResource, errorBody, rawErrorResponse
 from monedge.headers import (
@@ -66,7 +67,7 @@ from monedge.registry.static import (
 )
 from monedge.resource import RootResource, ServiceResource
 from monedge.server import CLIENT_CLOSED, Limits, ProxyChannel, ProxyRequest, ProxySite
-from monedge.tap import Options, checkHooks
+from monedge.tap import Options
 from monedge.testing import FakeUpstreamClient, MemoryRegistry
 from monedge.trust import Trust
 from monedge.twistedseam import rawHeaderTable

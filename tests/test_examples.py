@@ -35,6 +35,7 @@ import monedge.plugins
 from monedge.admin import Routes
 from monedge.balancer import Balancer
 from monedge.builtin.headers import PLACEHOLDERS
+from monedge.compose import checkHooks
 from monedge.convention import HostTiers
 from monedge.hooks import (
     HookConfigError,
@@ -48,7 +49,7 @@ from monedge.policy import HookSpec, parseHooks
 from monedge.redact import isSecretName
 from monedge.registry.kubernetes import policyFromAnnotations
 from monedge.registry.static import StaticRegistry, loadRegistryFile
-from monedge.tap import Options, checkHooks
+from monedge.tap import Options
 from monedge.testing import MemoryRegistry, ProxyProcess
 from monedge.testing.hooks import buildHook, hookRequest, runHooks
 from tests.e2e import ProxyTestCase, deferRaw
