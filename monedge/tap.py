@@ -661,4 +661,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # reactor passed in (a test's) is left as it is.
         leanDispatch(reactor)
         reactor.callWhenRunning(gc.freeze)
+        # A value that parses but cannot be used (a registry file that does
+        # not validate, a bad hook, a TLS directory or access log that does
+        # not open) is found while building; twistd's log has not started,
+        # so it too ends the process with its one line and nothing else.
+        try:
+            return compose.makeService(options.config, reactor)
+        except usage.UsageError as e:
+            exitAtStartup(str(e))
     return compose.makeService(options.config, reactor)
