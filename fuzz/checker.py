@@ -39,6 +39,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -54,6 +55,8 @@ from zope.interface import implementer
 
 from monedge.accesslog import AccessLog
 from monedge.balancer import Balancer
+from monedge.compose import buildProxy
+from monedge.config import Configuration
 from monedge.convention import isValidName, parseServiceName, serviceName
 from monedge.endpoints import UpstreamTLS
 from monedge.errors import CATALOGUE
@@ -71,10 +74,8 @@ from monedge.interfaces import IUpstreamClient
 from monedge.metrics import Metrics
 from monedge.paths import PathError, RoutedPath, normalise, splitAbsoluteForm
 from monedge.policy import Policy
-from monedge.proxy import ProxyContext
 from monedge.registry import ServiceEntry
-from monedge.resource import RootResource
-from monedge.server import Limits, ProxyRequest, ProxySite
+from monedge.server import ProxyRequest, ProxySite
 from monedge.testing import FakeResponse, MemoryRegistry, endpoint
 from monedge.trust import Trust
 from monedge.upgrade import wantsWebSocket
@@ -300,6 +301,9 @@ class _FuzzSite(ProxySite):
         self.made: list[_RecordingRequest] = []
 
 
+#: The proxy's configuration: the options' defaults.
+_CONFIGURATION = Configuration()
+
 _METRICS: Metrics | None = None
 
 
@@ -354,19 +358,21 @@ def runConnection(
     """
     clock = MemoryReactorClock()
     upstream = upstream if upstream is not None else TaggingUpstream()
-    root = RootResource(
-        registry if registry is not None else buildRegistry(),
-        ProxyContext(upstream, Balancer(clock, rng=random.Random(7)), clock),
-        _metrics(),
-    )
-    site = _FuzzSite(
-        upstream,
-        resource=root,
-        reactor=clock,
+    # The one wiring (monedge.compose), on the fuzz fakes: no hooks,
+    # WebSocket handshakes refused, a site that records its requests.
+    site = buildProxy(
+        _CONFIGURATION,
+        clock,
+        registry=registry if registry is not None else buildRegistry(),
+        client=upstream,
         metrics=_metrics(),
         accessLog=AccessLog(io.StringIO()),
-        limits=Limits(),
-    )
+        balancer=Balancer(clock, rng=random.Random(7)),
+        hooks=None,
+        upgrader=None,
+        siteFactory=partial(_FuzzSite, upstream),
+    ).site
+    assert isinstance(site, _FuzzSite)
     address = IPv4Address("TCP", PEER, 40000)
     protocol = site.buildProtocol(address)
     transport = StringTransport(

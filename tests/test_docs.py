@@ -33,8 +33,9 @@ from monedge import paths, proxy
 from monedge.accesslog import AccessLog
 from monedge.admin import GroupCollector, Routes, adminSite
 from monedge.balancer import Balancer
-from monedge.client import DEFAULT_POOL_IDLE, FastUpstreamClient
-from monedge.compose import checkHooks
+from monedge.client import DEFAULT_POOL_IDLE
+from monedge.compose import buildProxy, checkHooks
+from monedge.config import Configuration
 from monedge.convention import HostTiers, kubernetesName, serviceFromKubernetesName
 from monedge.errors import CATALOGUE, ErrorResource, errorBody, rawErrorResponse
 from monedge.headers import (
@@ -57,7 +58,6 @@ from monedge.policy import (
     parseDuration,
     parseSize,
 )
-from monedge.proxy import ProxyContext
 from monedge.registry import Endpoint
 from monedge.registry.static import (
     RegistryFileError,
@@ -65,7 +65,7 @@ from monedge.registry.static import (
     loadRegistryFile,
     parseRegistry,
 )
-from monedge.resource import RootResource, ServiceResource
+from monedge.resource import ServiceResource
 from monedge.server import CLIENT_CLOSED, Limits, ProxyChannel, ProxyRequest, ProxySite
 from monedge.tap import Options
 from monedge.testing import FakeUpstreamClient, MemoryRegistry
@@ -202,12 +202,6 @@ class Outcome:
     code: str | None = None
 
 
-def _context() -> ProxyContext:
-    return ProxyContext(
-        FastUpstreamClient(MemoryReactorClock()), Balancer(Clock()), Clock()
-    )
-
-
 def conventionRegistry() -> MemoryRegistry:
     """
     The registry docs/convention.md's examples run against, from its
@@ -242,7 +236,14 @@ def resolve(
     """
     Decide a request with the real L{RootResource}.
     """
-    root = RootResource(registry, _context(), Metrics(), tiers)
+    # The one wiring (monedge.compose), with no hooks and nothing logged.
+    root = buildProxy(
+        Configuration(hostTiers=tiers),
+        MemoryReactorClock(),
+        registry=registry,
+        accessLog=AccessLog(None),
+        hooks=None,
+    ).root
     headers = Headers()
     if host is not None:
         headers.addRawHeader(b"host", host)

@@ -11,6 +11,7 @@ import io
 import json
 import random
 import weakref
+from dataclasses import asdict, replace
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -33,13 +34,13 @@ from zope.interface.verify import verifyObject
 from monedge.accesslog import AccessLog
 from monedge.balancer import Balancer
 from monedge.client import FastUpstreamClient, UpstreamHeadersTooLarge
+from monedge.compose import buildProxy
+from monedge.config import Configuration
 from monedge.interfaces import IServiceRegistry, IUpstreamClient, IUpstreamUpgrader
 from monedge.metrics import Metrics
 from monedge.policy import Policy
-from monedge.proxy import ProxyContext
 from monedge.registry import Endpoint, ServiceEntry
-from monedge.resource import RootResource
-from monedge.server import Limits, ListenerFactory, ProxySite
+from monedge.server import Limits, ListenerFactory
 from monedge.testing import (
     FakeResponse,
     FakeUpstreamClient,
@@ -65,18 +66,22 @@ class Harness:
         self.metrics = Metrics()
         self.metrics.watchRegistry(self.registry)
         self.log = io.StringIO()
-        self.root = RootResource(
-            self.registry,
-            ProxyContext(self.client, self.balancer, self.clock),
-            self.metrics,
-        )
-        self.site = ProxySite(
-            self.root,
-            reactor=self.clock,
+        # The one wiring (monedge.compose), on fakes: no hooks, WebSocket
+        # handshakes refused, each access-log line written at once.
+        config = replace(Configuration(), **asdict(limits or Limits()))
+        self.proxy = buildProxy(
+            config,
+            self.clock,
+            registry=self.registry,
+            client=self.client,
             metrics=self.metrics,
             accessLog=AccessLog(self.log),
-            limits=limits or Limits(),
+            balancer=self.balancer,
+            hooks=None,
+            upgrader=None,
         )
+        self.root = self.proxy.root
+        self.site = self.proxy.site
 
     def connect(self) -> tuple[Any, StringTransport]:
         """
