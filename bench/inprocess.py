@@ -89,8 +89,8 @@ class _Reactor(MemoryReactorClock):
 
 
 def monedgeSite(reactor: _Reactor, extra: list[str], directory: Path) -> Any:
-    from monedge.server import ListenerFactory
     from monedge.compose import makeService
+    from monedge.server import ListenerFactory
     from monedge.tap import Options
 
     registry = directory / "services.yaml"
