@@ -3,11 +3,11 @@ monedge's CPU cost per request with no system calls: a deterministic
 measure for telling small optimisations apart, where bench/cpu.sh's noise
 (about 10% between runs) hides them.
 
-The proxy is built by C{monedge.tap.makeService} from the given options
-(every default feature on, the access log written to C{/dev/null}), on a
-memory reactor.  Each request is fed to a client connection's protocol
-over a L{StringTransport}; the real upstream client sends it over a memory
-transport, whose peer answers with a 6-byte 200 at once.  It reports the
+The proxy is built by C{monedge.runtime.compose.makeService}, the composition
+root twistd uses, from the given options (every default feature on, the
+access log written to C{/dev/null}), on a memory reactor.  Each request
+is fed to a client connection's protocol over a L{StringTransport}; the
+real upstream client sends it over a memory transport, whose peer answers with a 6-byte 200 at once.  It reports the
 CPU microseconds per request (the median of several rounds), and with
 C{--profile} a cProfile of one round.
 
@@ -90,7 +90,8 @@ class _Reactor(MemoryReactorClock):
 
 def monedgeSite(reactor: _Reactor, extra: list[str], directory: Path) -> Any:
     from monedge.edge.server import ListenerFactory
-    from monedge.tap import Options, makeService
+    from monedge.runtime.compose import makeService
+    from monedge.tap import Options
 
     registry = directory / "services.yaml"
     registry.write_text(
@@ -111,7 +112,7 @@ def monedgeSite(reactor: _Reactor, extra: list[str], directory: Path) -> Any:
             *extra,
         ]
     )
-    service = makeService(options, reactor)
+    service = makeService(options.config, reactor)
     service.startService()
     for listener in service.listeners:  # type: ignore[attr-defined]
         factory = listener.factory

@@ -39,6 +39,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -52,12 +53,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
-from monedge.edge.server import Limits, ProxyRequest, ProxySite
+from monedge.edge.server import ProxyRequest, ProxySite
 from monedge.interfaces import IUpstreamClient
 from monedge.observe.accesslog import AccessLog
 from monedge.observe.metrics import Metrics
-from monedge.proxy.exchange import ProxyContext
-from monedge.proxy.resource import RootResource
 from monedge.registry import ServiceEntry
 from monedge.rules.convention import isValidName, parseServiceName, serviceName
 from monedge.rules.errors import CATALOGUE
@@ -74,6 +73,8 @@ from monedge.rules.headers import (
 from monedge.rules.paths import PathError, RoutedPath, normalise, splitAbsoluteForm
 from monedge.rules.policy import Policy
 from monedge.rules.trust import Trust
+from monedge.runtime.compose import buildProxy
+from monedge.runtime.config import Configuration
 from monedge.testing import FakeResponse, MemoryRegistry, endpoint
 from monedge.upstream.balancer import Balancer
 from monedge.upstream.endpoints import UpstreamTLS
@@ -300,6 +301,9 @@ class _FuzzSite(ProxySite):
         self.made: list[_RecordingRequest] = []
 
 
+#: The proxy's configuration: the options' defaults.
+_CONFIGURATION = Configuration()
+
 _METRICS: Metrics | None = None
 
 
@@ -354,19 +358,21 @@ def runConnection(
     """
     clock = MemoryReactorClock()
     upstream = upstream if upstream is not None else TaggingUpstream()
-    root = RootResource(
-        registry if registry is not None else buildRegistry(),
-        ProxyContext(upstream, Balancer(clock, rng=random.Random(7)), clock),
-        _metrics(),
-    )
-    site = _FuzzSite(
-        upstream,
-        resource=root,
-        reactor=clock,
+    # The one wiring (monedge.runtime.compose), on the fuzz fakes: no hooks,
+    # WebSocket handshakes refused, a site that records its requests.
+    site = buildProxy(
+        _CONFIGURATION,
+        clock,
+        registry=registry if registry is not None else buildRegistry(),
+        client=upstream,
         metrics=_metrics(),
         accessLog=AccessLog(io.StringIO()),
-        limits=Limits(),
-    )
+        balancer=Balancer(clock, rng=random.Random(7)),
+        hooks=None,
+        upgrader=None,
+        siteFactory=partial(_FuzzSite, upstream),
+    ).site
+    assert isinstance(site, _FuzzSite)
     address = IPv4Address("TCP", PEER, 40000)
     protocol = site.buildProtocol(address)
     transport = StringTransport(

@@ -1,41 +1,28 @@
 """
-The C{twistd monedge} plugin: command-line options and the service they
-build.
+The C{twistd monedge} plugin: command-line options, checked into a
+L{monedge.runtime.config.Configuration}, and the service L{monedge.runtime.compose} builds
+from it.
 
     twistd -n --pidfile= monedge --port 30080 --registry static:services.yaml
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
 import re
-import signal
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
 from OpenSSL import SSL
-from twisted.application.service import IService, Service
+from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
-from twisted.web.http import H2_ENABLED
 
-from monedge.edge.server import Limits, ListenerFactory, ProxySite
-from monedge.edge.tls import CertificateFileError, CertificateStore
-from monedge.hooks import HookConfigError, HookContext, HookSet
-from monedge.interfaces import IServiceRegistry
-from monedge.observe.accesslog import AccessLog, AccessLogFileError, openAccessLog
-from monedge.observe.metrics import Metrics
-from monedge.proxy.exchange import ProxyContext
-from monedge.proxy.resource import RootResource
-from monedge.registry.kubernetes import KubernetesRegistry, apiClientFromConfig
-from monedge.registry.static import RegistryFileError, StaticRegistry
 from monedge.rules.convention import HostTiers
 from monedge.rules.headers import (
     CLIENT_CONTROLLED_NAMES,
@@ -45,35 +32,20 @@ from monedge.rules.headers import (
 from monedge.rules.policy import parseHooks
 from monedge.rules.syntax import isToken, parseDuration
 from monedge.rules.trust import Trust, parseNetwork
-from monedge.runtime.admin import adminSite, groupAdminSite
+from monedge.runtime import compose
+from monedge.runtime.config import Configuration
 from monedge.runtime.lifecycle import (
-    Listener,
-    ProxyService,
     describeError,
     exitAtStartup,
     reportStartupErrors,
 )
 from monedge.runtime.workers import (
     ADOPTABLE,
-    AdoptedEndpoint,
-    NoConnections,
-    OrphanWatch,
-    WorkerAdminClient,
-    WorkerGroup,
     listenerKind,
     parseInherited,
-    twistdCommand,
 )
 from monedge.twistedseam import checkTwistedVersion, leanDispatch
-from monedge.upstream.balancer import Balancer
-from monedge.upstream.client import (
-    DEFAULT_MAX_PER_HOST,
-    DEFAULT_POOL_IDLE,
-    FastUpstreamClient,
-)
-from monedge.upstream.tunnel import TunnelSet
-
-_log = Logger()
+from monedge.upstream.client import DEFAULT_MAX_PER_HOST, DEFAULT_POOL_IDLE
 
 #: The listen backlog for a bare port number: large enough for bursts.
 BACKLOG = 1024
@@ -94,11 +66,15 @@ def endpointDescription(value: str) -> str:
     return value
 
 
-def _checkEndpoint(option: str, description: str) -> None:
-    from twisted.internet import reactor
+#: What endpoint strings are parsed with to check them: the endpoints
+#: parsing builds only keep their reactor, so parsing needs none (and
+#: imports none: Options builds nothing on the global reactor).
+_NO_REACTOR: Any = object()
 
+
+def _checkEndpoint(option: str, description: str) -> None:
     try:
-        serverFromString(reactor, description)
+        serverFromString(_NO_REACTOR, description)
     except (ValueError, KeyError, TypeError, OSError, SSL.Error) as e:
         raise usage.UsageError(
             f"--{option}: invalid endpoint {description!r}: {e}"
@@ -144,10 +120,28 @@ def _duration(option: str, value: str, allowZero: bool = False) -> float:
         raise usage.UsageError(f"--{option}: {e}") from None
 
 
+def _checkAccessLog(value: str) -> None:
+    """
+    An C{--access-log} file's directory exists.  The file is opened when the
+    proxy is built (L{monedge.runtime.compose.openAccessLogStream}), with the same
+    message for any other reason it cannot be.
+    """
+    if value in ("-", "none"):
+        return
+    if not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+        reason = os.strerror(errno.ENOENT).lower()
+        raise usage.UsageError(f"--access-log {value}: cannot open: {reason}")
+
+
 class Options(usage.Options):
     """
-    Options for C{twistd monedge}.
+    Options for C{twistd monedge}.  Parsing them checks every value, and
+    sets L{config}, the configuration they give: plain values, nothing
+    built (L{monedge.runtime.compose} builds the proxy from it).
     """
+
+    #: The configuration, once the options are parsed.
+    config: Configuration
 
     synopsis = "[options]"
     longdesc = (
@@ -465,10 +459,7 @@ class Options(usage.Options):
         self["hook-timeout"] = _duration("hook-timeout", self["hook-timeout"])
         self._tlsOptions()
         self._workerOptions()
-        try:
-            self["access-log-stream"] = openAccessLog(self["access-log"])
-        except AccessLogFileError as e:
-            raise usage.UsageError(f"--access-log {e}") from None
+        _checkAccessLog(self["access-log"])
         specs = list(self["hook"])
         if self["hooks"]:
             try:
@@ -494,24 +485,53 @@ class Options(usage.Options):
             except ValueError as e:
                 raise usage.UsageError(f"--hooks: {self['hooks']}: {e}") from None
         self["hook-specs"] = tuple(specs)
-        self["registry-object"] = registry = self._registry(self["registry"])
-        # Hooks are built here, not in makeService, so that a bad one is a
-        # one-line usage error rather than a traceback.
-        from twisted.internet import reactor
+        self._checkRegistry(self["registry"])
+        self.config = self._configuration()
 
-        self["metrics"] = metrics = Metrics()
-        self["hook-set"] = hooks = HookSet(
-            HookContext(
-                reactor=reactor,
-                registry=registry,
-                http=hookHTTPClient(reactor),
-                timeout=self["hook-timeout"],
-                metrics=metrics,
-            ),
-            globalSpecs=self["hook-specs"],
-            observe=metrics.observeHook,
+    def _configuration(self) -> Configuration:
+        """
+        The configuration the options, checked, give.
+        """
+        return Configuration(
+            port=self["port"],
+            adminPort=self["admin-port"],
+            listen=tuple(self["listen"]),
+            tlsPort=self["tls-port"],
+            tlsDir=self["tls-dir"],
+            registry=self["registry"],
+            kubeconfig=self["kubeconfig"],
+            namespaces=tuple(self["namespace"]),
+            initialSyncTimeout=self["initial-sync-timeout"],
+            hostTiers=self["host-tiers"],
+            trustedHops=self["trusted-hops"],
+            trustedProxies=tuple(self["trusted-proxies"]),
+            forwarding=self["forwarding"],
+            drainDelay=self["drain-delay"],
+            drainTimeout=self["drain-timeout"],
+            maxRequestLine=self["max-request-line"],
+            maxHeaderLine=self["max-header-line"],
+            maxHeadersSize=self["max-headers-size"],
+            maxHeaderCount=self["max-header-count"],
+            headerTimeout=self["header-timeout"],
+            keepAliveTimeout=self["keepalive-timeout"],
+            bodyTimeout=self["body-timeout"],
+            sendTimeout=self["send-timeout"],
+            maxConnections=self["max-connections"],
+            underscoreHeaders=self["underscore-headers"],
+            upstreamPoolSize=self["upstream-pool-size"],
+            upstreamIdleTimeout=self["upstream-idle-timeout"],
+            maxUpstreamHeadersSize=self["max-upstream-headers-size"],
+            maxUpstreamHeaderCount=self["max-upstream-header-count"],
+            accessLog=self["access-log"],
+            hookSpecs=self["hook-specs"],
+            hookTimeout=self["hook-timeout"],
+            workers=self["workers"],
+            workerId=self["worker-id"],
+            workerParent=self["worker-parent"],
+            workerAdmin=self["worker-admin"],
+            workerFds=tuple(self["worker-fd"]),
+            rawArgs=tuple(self.rawArgs),
         )
-        checkHooks(hooks, registry)
 
     def _trustOptions(self) -> None:
         hops = self["trusted-hops"]
@@ -539,7 +559,6 @@ class Options(usage.Options):
 
     def _tlsOptions(self) -> None:
         port, directory = self["tls-port"], self["tls-dir"]
-        self["tls-store"] = None
         if port is None and directory is None:
             return
         if port is None or directory is None:
@@ -550,16 +569,6 @@ class Options(usage.Options):
                 f"--tls-port: expected a port number or a tcp: endpoint, got {port!r}"
             )
         _checkEndpoint("tls-port", port)
-        from twisted.internet import reactor
-
-        try:
-            self["tls-store"] = CertificateStore(
-                directory,
-                reactor,
-                protocols=(b"h2", b"http/1.1") if H2_ENABLED else (b"http/1.1",),
-            )
-        except CertificateFileError as e:
-            raise usage.UsageError(f"--tls-dir: {e}") from None
 
     def _workerOptions(self) -> None:
         workers = self["workers"]
@@ -594,141 +603,41 @@ class Options(usage.Options):
                         f" with --workers, listeners must be {', '.join(ADOPTABLE)}"
                     )
 
-    def _registry(self, spec: str) -> IServiceRegistry:
+    def _checkRegistry(self, spec: str) -> None:
+        """
+        C{--registry} names a registry monedge has, and a file it names can
+        be read (whether it validates is found when the registry is built,
+        by L{monedge.runtime.compose.buildRegistry}).
+        """
         kind, sep, argument = spec.partition(":")
         if kind == "static" and sep and argument:
             try:
-                return StaticRegistry(argument)
-            except RegistryFileError as e:
-                raise usage.UsageError(f"--registry: {e}") from None
+                open(argument, "rb").close()
+            except OSError as e:
+                raise usage.UsageError(
+                    f"--registry: {argument}: cannot read: {e.strerror}"
+                ) from None
+            return
         if spec == "kubernetes":
             kubeconfig = self["kubeconfig"]
-            source = (
-                f"--kubeconfig {kubeconfig}" if kubeconfig else "--registry kubernetes"
-            )
             if kubeconfig:
                 try:
                     open(kubeconfig, "rb").close()
                 except OSError as e:
                     raise usage.UsageError(
-                        f"{source}: cannot read: {describeError(e)}"
+                        f"--kubeconfig {kubeconfig}: cannot read: {describeError(e)}"
                     ) from None
-            try:
-                apiClient = apiClientFromConfig(kubeconfig)
-            except ValueError as e:
-                raise usage.UsageError(f"{source}: {e}") from None
-            return KubernetesRegistry(
-                apiClient,
-                tiers=self["host-tiers"].tiers(),
-                namespaces=self["namespace"],
-                initialSyncTimeout=self["initial-sync-timeout"],
-            )
+            return
         raise usage.UsageError(
             f"--registry: unknown registry {spec!r} (expected static:PATH or kubernetes)"
         )
 
 
-class ReloadOnHangup(Service):
-    """
-    Calls C{reload} on the reactor thread when SIGHUP arrives, while running.
-    """
-
-    def __init__(self, reload: Callable[[], object], reactor: Any) -> None:
-        self._reload = reload
-        self._reactor = reactor
-        self._previous: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._previous = signal.signal(
-            signal.SIGHUP, lambda *_: self._reactor.callFromThread(self._reload)
-        )
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
-
-
-class CertificatePolling(Service):
-    """
-    Polls the C{--tls-dir} while running.
-    """
-
-    def __init__(self, store: CertificateStore) -> None:
-        self._store = store
-
-    def startService(self) -> None:
-        super().startService()
-        self._store.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self._store.stop()
-
-
-def hookHTTPClient(reactor: Any) -> Any:
-    """
-    The HTTP client hooks call out with (JWKS, external auth): treq's API on
-    a persistent pool, keeping no cookies.
-    """
-    from http.cookiejar import CookieJar, DefaultCookiePolicy
-
-    import treq
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.cachedConnectionTimeout = 4
-    jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-    return treq.client.HTTPClient(Agent(reactor, pool=pool), cookiejar=jar)  # type: ignore[arg-type]
-
-
-def checkHooks(hooks: HookSet, registry: IServiceRegistry) -> None:
-    """
-    Build the global hooks and every registered service's hooks now, so
-    that an unknown name or bad options stop monedge at startup.
-
-    @raise usage.UsageError: naming the hook and what is wrong.
-    """
-    try:
-        hooks.chain(())
-    except HookConfigError as e:
-        raise usage.UsageError(f"--hook: {e}") from None
-    for name, entry in sorted(registry.services().items()):
-        try:
-            hooks.chain(entry.policy.hooks)
-        except HookConfigError as e:
-            raise usage.UsageError(f"{name}: {e}") from None
-
-
-def raiseFileLimit() -> tuple[int, int]:
-    """
-    Raise the soft limit on open files to the hard limit (as nginx's
-    worker_rlimit_nofile would): every client and upstream connection is a
-    file, and a container's default soft limit (often 1024) caps the
-    connections far below what memory allows.
-
-    @return: the soft limit before and after.
-    """
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            return soft, soft
-        return soft, hard
-    return soft, soft
-
-
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
-    Build the proxy from parsed options: one proxy process, or with
-    C{--workers N} a supervisor of N of them.
+    Build the proxy from parsed options (L{monedge.runtime.compose.makeService}):
+    one proxy process, or with C{--workers N} a supervisor of N of them.
+    Without a reactor, this is twistd's process, set up here first.
     """
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -752,162 +661,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # reactor passed in (a test's) is left as it is.
         leanDispatch(reactor)
         reactor.callWhenRunning(gc.freeze)
-    if options["trusted-hops"] and not options["trusted-proxies"]:
-        _log.warn(
-            "--trusted-hops {hops} without --trusted-proxies: any peer may set"
-            " its own X-Forwarded-For, and with it its client address",
-            hops=options["trusted-hops"],
-        )
-    if options["workers"] > 1:
-        return makeGroup(options, reactor)
-    registry: IServiceRegistry = options["registry-object"]
-    hostTiers: HostTiers = options["host-tiers"]
-    raiseFileLimit()
-    metrics: Metrics = options["metrics"]
-    metrics.watchRegistry(registry, reactor.seconds)
-    balancer = Balancer(reactor)
-    # One client sends every request upstream, WebSocket handshakes
-    # included (it can hand an upgraded connection to a tunnel).
-    client = FastUpstreamClient(
-        reactor,
-        maxPerHost=options["upstream-pool-size"],
-        poolIdle=options["upstream-idle-timeout"],
-        maxHeadersSize=options["max-upstream-headers-size"],
-        maxHeaderCount=options["max-upstream-header-count"],
-    )
-    hooks: HookSet = options["hook-set"]
-    hooks.context.reactor = reactor
-    tunnels = TunnelSet()
-    metrics.tunnelsOpen.set_function(lambda: len(tunnels.open))
-    context = ProxyContext(client, balancer, reactor, hooks, client, tunnels)
-    root = RootResource(registry, context, metrics, hostTiers)
-    limits = Limits(
-        maxRequestLine=options["max-request-line"],
-        maxHeaderLine=options["max-header-line"],
-        maxHeadersSize=options["max-headers-size"],
-        maxHeaderCount=options["max-header-count"],
-        headerTimeout=options["header-timeout"],
-        keepAliveTimeout=options["keepalive-timeout"],
-        bodyTimeout=options["body-timeout"],
-        sendTimeout=options["send-timeout"],
-        maxConnections=options["max-connections"],
-        underscoreHeaders=options["underscore-headers"],
-    )
-    site = ProxySite(
-        root,
-        reactor=reactor,
-        metrics=metrics,
-        accessLog=AccessLog(options["access-log-stream"], reactor),
-        forwarding=options["forwarding"],
-        limits=limits,
-    )
-    top = ProxyService(
-        site,
-        registry,
-        client,
-        reactor,
-        drainDelay=options["drain-delay"],
-        drainTimeout=options["drain-timeout"],
-        hooks=hooks,
-        tunnels=tunnels,
-    )
-    if IService.providedBy(registry):
-        registry.setServiceParent(top)
-    store: CertificateStore | None = options["tls-store"]
-    reloads = [r for r in [getattr(registry, "reload", None)] if r is not None]
-    if store is not None:
-        CertificatePolling(store).setServiceParent(top)
-        reloads.append(store.reload)
-    if reloads:
-        ReloadOnHangup(lambda: [r() for r in reloads], reactor).setServiceParent(top)
-    # The plain listeners serve the site; the TLS one, last, wraps it.
-    # Each listener counts its own connections against --max-connections.
-    limit = options["max-connections"]
-    configured = proxyListeners(options)
-    factories: list[Any] = [
-        ListenerFactory(site, limit, description) for _, description in configured
-    ]
-    if store is not None:
-        factories[-1] = TLSMemoryBIOFactory(
-            store.contextFactory(), False, factories[-1]
-        )
-    if options["worker-id"] is not None:
-        for (option, description), (fd, family), factory in zip(
-            configured, options["worker-fd"], factories, strict=True
-        ):
-            endpoint = AdoptedEndpoint(reactor, fd, family)
-            top.addListener(Listener(option, description, endpoint, factory))
-        OrphanWatch(reactor, options["worker-parent"]).setServiceParent(top)
-        adminOption, adminPort = "worker-admin", options["worker-admin"]
-    else:
-        for (option, description), factory in zip(configured, factories, strict=True):
-            endpoint = serverFromString(reactor, description)
-            top.addListener(Listener(option, description, endpoint, factory))
-        adminOption, adminPort = "admin-port", options["admin-port"]
-    admin = adminSite(
-        top.readiness,
-        metrics,
-        registry,
-        hostTiers,
-        balancer,
-        reactor,
-        options["hook-specs"],
-    )
-    Listener(
-        adminOption, adminPort, serverFromString(reactor, adminPort), admin
-    ).setServiceParent(top)
-    return top
-
-
-def proxyListeners(options: Options) -> list[tuple[str, str]]:
-    """
-    Every proxy listener, as (option, endpoint string): C{--port}, each
-    C{--listen}, then C{--tls-port} if given.
-    """
-    listeners = [("port", options["port"])]
-    listeners += [("listen", description) for description in options["listen"]]
-    if options["tls-port"]:
-        listeners.append(("tls-port", options["tls-port"]))
-    return listeners
-
-
-def makeGroup(options: Options, reactor: Any) -> IService:
-    """
-    The C{--workers N} supervisor: it binds the listeners, runs N workers
-    with this process's options, and serves the group's admin site.
-    """
-    raiseFileLimit()
-    # Each worker opens the access log itself; the supervisor writes none.
-    stream = options["access-log-stream"]
-    if stream is not None and stream is not sys.stdout:
-        stream.close()
-    try:
-        runtimeDirectory = tempfile.mkdtemp(prefix="monedge-workers-")
-    except OSError as e:
-        raise usage.UsageError(
-            "--workers: cannot make a directory for the workers' admin sockets"
-            f" in $TMPDIR: {describeError(e)}"
-        ) from None
-    group = WorkerGroup(
-        reactor,
-        options["workers"],
-        [
-            Listener(
-                option,
-                description,
-                serverFromString(reactor, description),
-                NoConnections(),
-            )
-            for option, description in proxyListeners(options)
-        ],
-        twistdCommand(options.rawArgs),
-        runtimeDirectory,
-        drainDelay=options["drain-delay"],
-        drainTimeout=options["drain-timeout"],
-    )
-    admin = groupAdminSite(group, WorkerAdminClient(reactor, group).fetch, reactor)
-    adminPort = options["admin-port"]
-    Listener(
-        "admin-port", adminPort, serverFromString(reactor, adminPort), admin
-    ).setServiceParent(group)
-    return group
+        # A value that parses but cannot be used (a registry file that does
+        # not validate, a bad hook, a TLS directory or access log that does
+        # not open) is found while building; twistd's log has not started,
+        # so it too ends the process with its one line and nothing else.
+        try:
+            return compose.makeService(options.config, reactor)
+        except usage.UsageError as e:
+            exitAtStartup(str(e))
+    return compose.makeService(options.config, reactor)

@@ -28,11 +28,9 @@ import yaml
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 import tests
-from monedge.interfaces import IServiceRegistry
 from monedge.rules.convention import serviceFromKubernetesName
 from monedge.rules.policy import DEFAULT_POLICY
 from monedge.tap import Options
-from monedge.testing import MemoryRegistry
 
 #: The repository root: the parent of the tests package.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tests.__file__)))
@@ -198,15 +196,16 @@ def expandedArgs(changes: dict[str, str] | None = None) -> list[str]:
 
 class _ParseOnlyOptions(Options):
     """
-    C{twistd monedge}'s options, parsed and validated in full, except that
-    the registry is not connected: the spec is kept instead.
+    C{twistd monedge}'s options, parsed and validated in full.  Parsing
+    connects no registry: its spec is kept in the configuration.
     """
 
-    registrySpec = ""
-
-    def _registry(self, spec: str) -> IServiceRegistry:
-        self.registrySpec = spec
-        return MemoryRegistry()
+    @property
+    def registrySpec(self) -> str:
+        """
+        The C{--registry} spec parsed.
+        """
+        return self.config.registry
 
 
 def parsedOptions() -> _ParseOnlyOptions:

@@ -34,8 +34,7 @@ from monedge.hooks import HookConfigError, HookContext, HookSet, availableFactor
 from monedge.observe.accesslog import AccessLog
 from monedge.observe.metrics import Metrics
 from monedge.proxy import exchange as proxy
-from monedge.proxy.exchange import ProxyContext
-from monedge.proxy.resource import RootResource, ServiceResource
+from monedge.proxy.resource import ServiceResource
 from monedge.record import RequestRecord
 from monedge.registry import Endpoint
 from monedge.registry.static import (
@@ -67,13 +66,15 @@ from monedge.rules.policy import (
 from monedge.rules.syntax import parseBool, parseDuration, parseSize
 from monedge.rules.trust import Trust
 from monedge.runtime.admin import GroupCollector, Routes, adminSite
+from monedge.runtime.compose import buildProxy, checkHooks
+from monedge.runtime.config import Configuration
 from monedge.runtime.lifecycle import ProxyService
 from monedge.runtime.workers import WorkerGroup
-from monedge.tap import Options, checkHooks
+from monedge.tap import Options
 from monedge.testing import FakeUpstreamClient, MemoryRegistry
 from monedge.twistedseam import rawHeaderTable
 from monedge.upstream.balancer import Balancer
-from monedge.upstream.client import DEFAULT_POOL_IDLE, FastUpstreamClient
+from monedge.upstream.client import DEFAULT_POOL_IDLE
 
 #: The repository root: the parent of the tests package.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tests.__file__)))
@@ -190,12 +191,6 @@ class Outcome:
     code: str | None = None
 
 
-def _context() -> ProxyContext:
-    return ProxyContext(
-        FastUpstreamClient(MemoryReactorClock()), Balancer(Clock()), Clock()
-    )
-
-
 def conventionRegistry() -> MemoryRegistry:
     """
     The registry docs/convention.md's examples run against, from its
@@ -230,7 +225,14 @@ def resolve(
     """
     Decide a request with the real L{RootResource}.
     """
-    root = RootResource(registry, _context(), Metrics(), tiers)
+    # The one wiring (monedge.runtime.compose), with no hooks and nothing logged.
+    root = buildProxy(
+        Configuration(hostTiers=tiers),
+        MemoryReactorClock(),
+        registry=registry,
+        accessLog=AccessLog(None),
+        hooks=None,
+    ).root
     headers = Headers()
     if host is not None:
         headers.addRawHeader(b"host", host)

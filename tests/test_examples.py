@@ -47,7 +47,8 @@ from monedge.rules.convention import HostTiers
 from monedge.rules.policy import HookSpec, parseHooks
 from monedge.rules.redact import isSecretName
 from monedge.runtime.admin import Routes
-from monedge.tap import Options, checkHooks
+from monedge.runtime.compose import checkHooks
+from monedge.tap import Options
 from monedge.testing import MemoryRegistry, ProxyProcess
 from monedge.testing.hooks import buildHook, hookRequest, runHooks
 from monedge.upstream.balancer import Balancer

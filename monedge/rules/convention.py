@@ -16,6 +16,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 #: RFC 1035 label: a lowercase letter, then letters, digits and ``-``, not
 #: ending in ``-``, at most 63 characters.  Not case-folded: ``/Foo`` is no
@@ -185,7 +186,7 @@ class HostTiers:
             if normal in mapping and mapping[normal] != tier:
                 raise ValueError(f"host {host} is mapped twice")
             mapping[normal] = tier
-        return cls(mapping)
+        return cls(MappingProxyType(mapping))
 
     def tierFor(self, host: str | None) -> str | None:
         """

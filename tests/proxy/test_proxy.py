@@ -11,6 +11,7 @@ import io
 import json
 import random
 import weakref
+from dataclasses import asdict, replace
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -30,14 +31,14 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from zope.interface.verify import verifyObject
 
-from monedge.edge.server import Limits, ListenerFactory, ProxySite
+from monedge.edge.server import Limits, ListenerFactory
 from monedge.interfaces import IServiceRegistry, IUpstreamClient, IUpstreamUpgrader
 from monedge.observe.accesslog import AccessLog
 from monedge.observe.metrics import Metrics
-from monedge.proxy.exchange import ProxyContext
-from monedge.proxy.resource import RootResource
 from monedge.registry import Endpoint, ServiceEntry
 from monedge.rules.policy import Policy
+from monedge.runtime.compose import buildProxy
+from monedge.runtime.config import Configuration
 from monedge.testing import (
     FakeResponse,
     FakeUpstreamClient,
@@ -65,18 +66,22 @@ class Harness:
         self.metrics = Metrics()
         self.metrics.watchRegistry(self.registry)
         self.log = io.StringIO()
-        self.root = RootResource(
-            self.registry,
-            ProxyContext(self.client, self.balancer, self.clock),
-            self.metrics,
-        )
-        self.site = ProxySite(
-            self.root,
-            reactor=self.clock,
+        # The one wiring (monedge.runtime.compose), on fakes: no hooks, WebSocket
+        # handshakes refused, each access-log line written at once.
+        config = replace(Configuration(), **asdict(limits or Limits()))
+        self.proxy = buildProxy(
+            config,
+            self.clock,
+            registry=self.registry,
+            client=self.client,
             metrics=self.metrics,
             accessLog=AccessLog(self.log),
-            limits=limits or Limits(),
+            balancer=self.balancer,
+            hooks=None,
+            upgrader=None,
         )
+        self.root = self.proxy.root
+        self.site = self.proxy.site
 
     def connect(self) -> tuple[Any, StringTransport]:
         """

@@ -13,6 +13,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from monedge.runtime.compose import buildProxy, buildRegistry
 from monedge.runtime.lifecycle import ProxyService
 from monedge.tap import Options, makeService
 from monedge.testing import writeRegistry
@@ -135,9 +136,18 @@ class OptionsTests(OptionsTestCase):
         with open(self.registry, "w") as f:
             f.write("services:\n  service.api.x:\n    endpoints: ['127.0.0.1:1']\n")
             f.write("    policy: {timeout: forever}\n")
-        self.assertUsageError(
-            [], self.registry, "services.service.api.x.policy.timeout", "forever"
-        )
+        # An invalid file is found when the registry is built, from the
+        # configuration parsing gave.
+        with self.assertRaises(UsageError) as caught:
+            buildRegistry(self.parse().config)
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        for fragment in [
+            self.registry,
+            "services.service.api.x.policy.timeout",
+            "forever",
+        ]:
+            self.assertIn(fragment, message)
 
 
 class FileOptionTests(SynchronousTestCase):
@@ -170,16 +180,42 @@ class FileOptionTests(SynchronousTestCase):
 
     def test_accessLogOpenedOnce(self) -> None:
         """
-        The access log parsed is the stream makeService writes to.
+        Parsing opens no access log: the proxy built from the configuration
+        opens the file once, and writes its lines there.
         """
         path = os.path.abspath(self.mktemp())
         options = Options()
         options.parseOptions(
             ["--registry", f"static:{self.registry}", "--access-log", path]
         )
-        stream = options["access-log-stream"]
+        self.assertFalse(os.path.exists(path))
+        self.assertEqual(options.config.accessLog, path)
+        proxy = buildProxy(options.config, MemoryReactorClock(), hooks=None)
+        stream = proxy.accessLog._out
+        assert stream is not None
         self.addCleanup(stream.close)
         self.assertEqual(stream.name, path)
+        self.assertTrue(os.path.exists(path))
+        self.assertIs(proxy.site.accessLog, proxy.accessLog)
+
+    def test_accessLogCannotOpen(self) -> None:
+        """
+        --access-log naming a file that cannot be opened (a directory, here)
+        is found when the proxy is built: the same one-line UsageError
+        naming the option and file.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        options = Options()
+        options.parseOptions(
+            ["--registry", f"static:{self.registry}", "--access-log", directory]
+        )
+        with self.assertRaises(UsageError) as caught:
+            buildProxy(options.config, MemoryReactorClock())
+        self.assertEqual(
+            str(caught.exception),
+            f"--access-log {directory}: cannot open: is a directory",
+        )
 
     def test_hooks(self) -> None:
         """
@@ -333,7 +369,7 @@ class FileLimitTests(SynchronousTestCase):
         """
         import resource
 
-        from monedge.tap import raiseFileLimit
+        from monedge.runtime.compose import raiseFileLimit
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
