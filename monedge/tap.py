@@ -29,6 +29,7 @@ from monedge.rules.headers import (
     CLIENT_CONTROLLED_PREFIXES,
     ForwardingRules,
 )
+from monedge.rules.limits import Limits
 from monedge.rules.policy import parseHooks
 from monedge.rules.syntax import isToken, parseDuration
 from monedge.rules.trust import Trust, parseNetwork
@@ -508,16 +509,18 @@ class Options(usage.Options):
             forwarding=self["forwarding"],
             drainDelay=self["drain-delay"],
             drainTimeout=self["drain-timeout"],
-            maxRequestLine=self["max-request-line"],
-            maxHeaderLine=self["max-header-line"],
-            maxHeadersSize=self["max-headers-size"],
-            maxHeaderCount=self["max-header-count"],
-            headerTimeout=self["header-timeout"],
-            keepAliveTimeout=self["keepalive-timeout"],
-            bodyTimeout=self["body-timeout"],
-            sendTimeout=self["send-timeout"],
-            maxConnections=self["max-connections"],
-            underscoreHeaders=self["underscore-headers"],
+            limits=Limits(
+                maxRequestLine=self["max-request-line"],
+                maxHeaderLine=self["max-header-line"],
+                maxHeadersSize=self["max-headers-size"],
+                maxHeaderCount=self["max-header-count"],
+                headerTimeout=self["header-timeout"],
+                keepAliveTimeout=self["keepalive-timeout"],
+                bodyTimeout=self["body-timeout"],
+                sendTimeout=self["send-timeout"],
+                maxConnections=self["max-connections"],
+                underscoreHeaders=self["underscore-headers"],
+            ),
             upstreamPoolSize=self["upstream-pool-size"],
             upstreamIdleTimeout=self["upstream-idle-timeout"],
             maxUpstreamHeadersSize=self["max-upstream-headers-size"],

@@ -29,7 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 import tests
-from monedge.edge.server import CLIENT_CLOSED, Limits, ProxySite
+from monedge.edge.server import CLIENT_CLOSED, ProxySite
 from monedge.hooks import HookConfigError, HookContext, HookSet, availableFactories
 from monedge.observe.accesslog import AccessLog
 from monedge.observe.metrics import Metrics
@@ -57,6 +57,7 @@ from monedge.rules.headers import (
     requestIdFor,
     upstreamHeaders,
 )
+from monedge.rules.limits import Limits
 from monedge.rules.policy import (
     DEFAULT_POLICY,
     POLICY_KEYS,

@@ -18,7 +18,6 @@ L{monedge.twistedseam}.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from io import BytesIO
 from typing import IO, TYPE_CHECKING, Any, cast
 
@@ -47,6 +46,7 @@ from monedge.rules.headers import (
     newRequestId,
     requestIdFor,
 )
+from monedge.rules.limits import DEFAULT_LIMITS, Limits
 from monedge.twistedseam import (
     HTTPChannelBase,
     HTTPConnectionProtocol,
@@ -82,26 +82,6 @@ CLIENT_CLOSED = 499
 #: Seconds a refused connection is kept half-open, discarding input, so the
 #: client reads the refusal instead of a reset.
 LINGER = 2.0
-
-
-@dataclass(frozen=True)
-class Limits:
-    """
-    Client-side limits, each documented in docs/configuration.md.
-    """
-
-    maxRequestLine: int = 8192
-    maxHeaderLine: int = 8192
-    maxHeadersSize: int = 32768
-    maxHeaderCount: int = 100
-    headerTimeout: float = 10.0
-    keepAliveTimeout: float = 75.0
-    bodyTimeout: float = 30.0
-    sendTimeout: float = 60.0
-    maxConnections: int = 20000
-    #: What to do with a request header whose name has an underscore:
-    #: C{"drop"} it, C{"reject"} the request (400), or C{"allow"} it.
-    underscoreHeaders: str = "drop"
 
 
 class ProxyRequest(server.Request):
@@ -921,7 +901,7 @@ class ProxySite(server.Site):
         metrics: Metrics,
         accessLog: AccessLog,
         forwarding: ForwardingRules = DEFAULT_RULES,
-        limits: Limits = Limits(),
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         super().__init__(resource, timeout=limits.keepAliveTimeout, reactor=reactor)
         self.reactor = reactor

@@ -34,7 +34,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.http import H2_ENABLED
 
-from monedge.edge.server import Limits, ListenerFactory, ProxySite
+from monedge.edge.server import ListenerFactory, ProxySite
 from monedge.edge.tls import CertificateFileError, CertificateStore
 from monedge.hooks import HookConfigError, HookContext, HookSet
 from monedge.interfaces import IServiceRegistry, IUpstreamClient, IUpstreamUpgrader
@@ -73,24 +73,6 @@ class Build(enum.Enum):
 
 #: Build the part (see L{Build}).
 BUILD: Literal[Build.BUILD] = Build.BUILD
-
-
-def limitsOf(config: Configuration) -> Limits:
-    """
-    The client-side limits a configuration gives (the same names).
-    """
-    return Limits(
-        maxRequestLine=config.maxRequestLine,
-        maxHeaderLine=config.maxHeaderLine,
-        maxHeadersSize=config.maxHeadersSize,
-        maxHeaderCount=config.maxHeaderCount,
-        headerTimeout=config.headerTimeout,
-        keepAliveTimeout=config.keepAliveTimeout,
-        bodyTimeout=config.bodyTimeout,
-        sendTimeout=config.sendTimeout,
-        maxConnections=config.maxConnections,
-        underscoreHeaders=config.underscoreHeaders,
-    )
 
 
 def buildRegistry(config: Configuration) -> IServiceRegistry:
@@ -307,7 +289,7 @@ def buildProxy(
         metrics=metrics,
         accessLog=accessLog,
         forwarding=config.forwarding,
-        limits=limitsOf(config),
+        limits=config.limits,
     )
     return Proxy(
         config=config,
@@ -439,7 +421,7 @@ def makeProxyService(
         ReloadOnHangup(lambda: [r() for r in reloads], reactor).setServiceParent(top)
     # The plain listeners serve the site; the TLS one, last, wraps it.
     # Each listener counts its own connections against --max-connections.
-    limit = config.maxConnections
+    limit = config.limits.maxConnections
     configured = config.proxyListeners()
     factories: list[Any] = [
         ListenerFactory(site, limit, description) for _, description in configured

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from monedge.rules.convention import HostTiers
 from monedge.rules.headers import DEFAULT_RULES, ForwardingRules
+from monedge.rules.limits import DEFAULT_LIMITS, Limits
 from monedge.rules.policy import HookSpec
 
 
@@ -60,27 +61,11 @@ class Configuration:
     drainDelay: float = 5.0
     drainTimeout: float = 25.0
 
-    # The client-side limits (monedge.edge.server.Limits, same names).
-    #: C{--max-request-line}, bytes.
-    maxRequestLine: int = 8192
-    #: C{--max-header-line}, bytes.
-    maxHeaderLine: int = 8192
-    #: C{--max-headers-size}, bytes.
-    maxHeadersSize: int = 32768
-    #: C{--max-header-count}.
-    maxHeaderCount: int = 100
-    #: C{--header-timeout}, seconds.
-    headerTimeout: float = 10.0
-    #: C{--keepalive-timeout}, seconds.
-    keepAliveTimeout: float = 75.0
-    #: C{--body-timeout}, seconds.
-    bodyTimeout: float = 30.0
-    #: C{--send-timeout}, seconds.
-    sendTimeout: float = 60.0
-    #: C{--max-connections} per listener; 0 for no limit.
-    maxConnections: int = 20000
-    #: C{--underscore-headers}: C{drop}, C{reject} or C{allow}.
-    underscoreHeaders: str = "drop"
+    #: The client-side limits: C{--max-request-line}, C{--max-header-line},
+    #: C{--max-headers-size}, C{--max-header-count}, C{--header-timeout},
+    #: C{--keepalive-timeout}, C{--body-timeout}, C{--send-timeout},
+    #: C{--max-connections} and C{--underscore-headers}.
+    limits: Limits = DEFAULT_LIMITS
 
     #: C{--upstream-pool-size}: idle connections kept per upstream endpoint.
     upstreamPoolSize: int = 256

@@ -11,7 +11,6 @@ import io
 import json
 import random
 import weakref
-from dataclasses import asdict, replace
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -31,11 +30,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from zope.interface.verify import verifyObject
 
-from monedge.edge.server import Limits, ListenerFactory
+from monedge.edge.server import ListenerFactory
 from monedge.interfaces import IServiceRegistry, IUpstreamClient, IUpstreamUpgrader
 from monedge.observe.accesslog import AccessLog
 from monedge.observe.metrics import Metrics
 from monedge.registry import Endpoint, ServiceEntry
+from monedge.rules.limits import Limits
 from monedge.rules.policy import Policy
 from monedge.runtime.compose import buildProxy
 from monedge.runtime.config import Configuration
@@ -66,9 +66,9 @@ class Harness:
         self.metrics = Metrics()
         self.metrics.watchRegistry(self.registry)
         self.log = io.StringIO()
-        # The one wiring (monedge.runtime.compose), on fakes: no hooks, WebSocket
-        # handshakes refused, each access-log line written at once.
-        config = replace(Configuration(), **asdict(limits or Limits()))
+        # The one wiring (monedge.runtime.compose), on fakes: no hooks,
+        # WebSocket handshakes refused, each access-log line written at once.
+        config = Configuration(limits=limits or Limits())
         self.proxy = buildProxy(
             config,
             self.clock,

@@ -16,13 +16,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 import tests
-from monedge.edge.server import Limits
 from monedge.observe.accesslog import AccessLog
 from monedge.observe.metrics import Metrics
 from monedge.rules.convention import HostTiers
 from monedge.rules.headers import ForwardingRules
+from monedge.rules.limits import Limits
 from monedge.rules.policy import HookSpec
-from monedge.runtime.compose import buildProxy, limitsOf
+from monedge.runtime.compose import buildProxy
 from monedge.runtime.config import Configuration
 from monedge.tap import Options
 from monedge.testing import FakeUpstreamClient, MemoryRegistry, writeRegistry
@@ -32,7 +32,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tests.__file__)))
 
 #: The types a configuration's values may have: plain values and the frozen
 #: value objects the options parse into.
-PLAIN = (str, int, float, bool, type(None), HostTiers, ForwardingRules, HookSpec)
+PLAIN = (
+    str,
+    int,
+    float,
+    bool,
+    type(None),
+    HostTiers,
+    ForwardingRules,
+    HookSpec,
+    Limits,
+)
 
 
 def _plain(value: object) -> bool:
@@ -141,18 +151,35 @@ class ParsingBuildsNothingTests(SynchronousTestCase):
 
     def test_limits(self) -> None:
         """
-        Every client-side limit is a configuration value of the same name,
-        and the site is built with them.
+        The client-side limit options parse into the configuration's
+        L{Limits}, which the site is built with.
         """
-        limitNames = {f.name for f in dataclasses.fields(Limits)}
-        configNames = {f.name for f in dataclasses.fields(Configuration)}
-        self.assertLessEqual(limitNames, configNames)
-        config = dataclasses.replace(
-            Configuration(), maxHeaderCount=7, underscoreHeaders="allow"
+        options = Options()
+        options.parseOptions(
+            [
+                "--registry",
+                f"static:{self.registry}",
+                "--max-header-count",
+                "7",
+                "--underscore-headers",
+                "allow",
+                "--header-timeout",
+                "3s",
+            ]
         )
+        limits = options.config.limits
         self.assertEqual(
-            limitsOf(config), Limits(maxHeaderCount=7, underscoreHeaders="allow")
+            limits,
+            Limits(maxHeaderCount=7, underscoreHeaders="allow", headerTimeout=3.0),
         )
+        proxy = buildProxy(
+            options.config,
+            MemoryReactorClock(),
+            registry=MemoryRegistry(),
+            accessLog=AccessLog(None),
+            hooks=None,
+        )
+        self.assertIs(proxy.site.limits, limits)
 
 
 class BuildProxyTests(SynchronousTestCase):
