@@ -13,7 +13,9 @@ from typing import Any
 
 from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
+
+from monedge.testing import QuietSite
 
 
 class EchoResource(Resource):
@@ -57,8 +59,7 @@ def main(argv: list[str] | None = None, reactor: Any = None) -> None:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
-    site = Site(EchoResource(args.name))
-    site.log = lambda request: None  # type: ignore[method-assign]
+    site = QuietSite(EchoResource(args.name))
     for description in args.listen:
         serverFromString(reactor, description).listen(site)
     reactor.run()

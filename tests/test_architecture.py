@@ -177,7 +177,7 @@ SEAM = "twistedseam"
 #: Methods of Twisted's objects replaced outside the seam, to be routed
 #: through it by their owners: (module, the attribute replaced).  Exact: a
 #: new one fails, and so does one that is gone but still listed.
-PENDING_PATCHES = {("testing", "site.log"), ("demo", "site.log")}
+PENDING_PATCHES: set[tuple[str, str]] = set()
 
 
 def _private(name: str) -> bool:

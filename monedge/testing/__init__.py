@@ -43,6 +43,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocol, IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.http import Request as HTTPRequest
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from twisted.web.resource import Resource
@@ -53,6 +54,18 @@ import monedge
 from monedge.interfaces import IServiceRegistry, IUpstreamClient
 from monedge.registry import Endpoint, RegistryTable, ServiceEntry, TableRegistry
 from monedge.upstream.endpoints import UpstreamTLS
+
+
+class QuietSite(Site):
+    """
+    A twisted.web L{Site} that writes no access log: an upstream for tests
+    and demos, whose requests monedge's own access log already records.
+    """
+
+    def log(self, request: HTTPRequest) -> None:
+        """
+        Log nothing.
+        """
 
 
 @implementer(IServiceRegistry)
@@ -314,8 +327,7 @@ class RecordingUpstream:
             from twisted.internet import reactor as globalReactor
 
             reactor = globalReactor
-        site = Site(self._recorder)
-        site.log = lambda request: None  # type: ignore[method-assign]
+        site = QuietSite(self._recorder)
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
         return self.portNumber
 
