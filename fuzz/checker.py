@@ -131,6 +131,8 @@ _CHANNEL_REFUSALS = frozenset(
 )
 
 _HEX32 = re.compile(rb"[0-9a-f]{32}\Z")
+#: An RFC 9110 token: a header name or a method.  The checker's own, apart
+#: from monedge's grammar, so that it judges monedge independently.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _CALL_URL = re.compile(rb"http://([0-9.]+:[0-9]+)(/[^?#]*)(\?[^#]*)?\Z")
 
@@ -590,9 +592,6 @@ class Framed:
     version: bytes
 
 
-_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-
-
 def frameRequests(data: bytes) -> list[Framed]:
     """
     Frame C{data} as a stream of HTTP/1.1 requests by RFC 9112's rules,
@@ -613,7 +612,7 @@ def frameRequests(data: bytes) -> list[Framed]:
             continue
         skippedBlank = False
         parts = line.split(b" ")
-        if len(parts) != 3 or not _METHOD.match(parts[0]):
+        if len(parts) != 3 or not _TOKEN.match(parts[0]):
             return framed
         method, target, version = parts
         if version not in (b"HTTP/1.0", b"HTTP/1.1") or not target:
