@@ -65,7 +65,7 @@ class BenchToolTests(TestCase):
             timeout=120,
         )
         self.assertIn("function calls", out)
-        self.assertRegex(out, r"us  /\S+/monedge/server\.py")
+        self.assertRegex(out, r"us  /\S+/monedge/edge/server\.py")
 
     def test_instructions(self) -> None:
         """
