@@ -17,6 +17,8 @@ monedge's features (docs/performance.md, "How close the floor is").
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
@@ -128,6 +130,8 @@ def main() -> None:
     args = parser.parse_args()
     client: Any
     if args.client == "fast":
+        # This tree's client, as bench/run.py's monedge is this tree's.
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from monedge.upstream.client import FastUpstreamClient
 
         client = _Fast(FastUpstreamClient(reactor))
