@@ -17,7 +17,7 @@ import json
 import socket
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorFromThreads
@@ -129,8 +129,7 @@ class KubernetesClientAPI:
     L{IKubernetesAPI} on the official C{kubernetes} client, in threads.
 
     @param apiClient: a C{kubernetes.client.ApiClient}.
-    @param reactor: where results are delivered; the global reactor by
-        default.
+    @param reactor: where results are delivered.
     @param watchTimeout: the seconds after which the server is asked to end
         each watch (C{timeoutSeconds}).
     @param requestTimeout: the seconds to connect, and for a list to wait
@@ -143,7 +142,7 @@ class KubernetesClientAPI:
     def __init__(
         self,
         apiClient: Any,
-        reactor: IReactorFromThreads | None = None,
+        reactor: IReactorFromThreads,
         watchTimeout: float = 60.0,
         requestTimeout: float = 10.0,
         pageSize: int = 500,
@@ -151,10 +150,6 @@ class KubernetesClientAPI:
     ) -> None:
         from kubernetes import client
 
-        if reactor is None:
-            from twisted.internet import reactor as globalReactor
-
-            reactor = cast(IReactorFromThreads, globalReactor)
         self._reactor = reactor
         self._core = client.CoreV1Api(apiClient)
         self._discovery = client.DiscoveryV1Api(apiClient)

@@ -19,8 +19,11 @@ cluster.  Three parts:
 They talk to the API only through L{IKubernetesAPI}, and time everything on
 an injected clock: all of it runs on the reactor thread, and the proxy only
 ever reads the table, so the data path never waits on the API.  The real
-API is L{KubernetesClientAPI} (the official client, in threads); tests use
-L{monedge.testing.kubernetes.MemoryKubernetes}.
+API is L{monedge.registry.kubeclient.KubernetesClientAPI} (the official
+client, in threads), which the composition root builds
+(L{monedge.runtime.compose}); tests use
+L{monedge.testing.kubernetes.MemoryKubernetes}.  This module never imports
+the official client.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -50,7 +53,6 @@ from monedge.registry.kubeapi import (
     ResourceExpired,
     WatchEvent,
 )
-from monedge.registry.kubeclient import KubernetesClientAPI, apiClientFromConfig
 from monedge.rules.convention import parseServiceName, serviceFromKubernetesName
 from monedge.rules.policy import POLICY_KEYS, HookSpec, Policy, PolicyError, parsePolicy
 
@@ -63,7 +65,6 @@ __all__ = [
     "ClusterState",
     "KubernetesRegistry",
     "ObjectKey",
-    "apiClientFromConfig",
     "endpointsFor",
     "policyFromAnnotations",
 ]
@@ -518,13 +519,13 @@ class KubernetesRegistry(TableRegistry, Service):
     L{IKubernetesAPI}, and L{ClusterState} turns what it hears into
     registry entries.
 
-    @param api: an L{IKubernetesAPI}; or a C{kubernetes.client.ApiClient},
-        reached through a L{KubernetesClientAPI} of the registry's own
-        (closed when the registry stops).
+    @param api: the L{IKubernetesAPI} to list and watch through.  The
+        registry owns it: when the registry stops, it closes the API if the
+        API has a C{close} method (the real one's stops its threads).
     @param tiers: the tiers some host serves.
     @param namespaces: the namespaces to watch; all if empty.
     @param clock: the clock back-off, readiness and sync ages are timed
-        on; the global reactor by default.
+        on.
     @param initialSyncTimeout: seconds after start after which the registry
         reports itself ready even without a full sync; 0 to wait for the
         sync however long it takes.
@@ -537,18 +538,15 @@ class KubernetesRegistry(TableRegistry, Service):
 
     def __init__(
         self,
-        api: Any,
+        api: IKubernetesAPI,
         tiers: frozenset[str],
         namespaces: Sequence[str] = (),
-        clock: IReactorTime | None = None,
+        *,
+        clock: IReactorTime,
         initialSyncTimeout: float = 30.0,
         maxBackoff: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
-        if clock is None:
-            from twisted.internet import reactor as globalReactor
-
-            clock = cast(IReactorTime, globalReactor)
         self.clock = clock
         self.state = ClusterState(tiers=tiers)
         self._table = RegistryTable()
@@ -569,16 +567,7 @@ class KubernetesRegistry(TableRegistry, Service):
             for namespace in scopes
             for kind in (SERVICES, ENDPOINT_SLICES)
         ]
-        self._ownAPI: KubernetesClientAPI | None = None
-        if IKubernetesAPI.providedBy(api):
-            self.api: IKubernetesAPI = api
-        else:
-            self._ownAPI = KubernetesClientAPI(
-                api,
-                reactor=clock if IReactorFromThreads.providedBy(clock) else None,
-                maxThreads=len(self._watchers),
-            )
-            self.api = self._ownAPI
+        self.api = api
 
     @property
     def invalidConfig(self) -> int:
@@ -701,9 +690,10 @@ class KubernetesRegistry(TableRegistry, Service):
         self._timeoutCall = None
         for watcher in self._watchers:
             watcher.stop()
-        if self._ownAPI is not None:
+        close = getattr(self.api, "close", None)
+        if close is not None:
             # Not waited for: a thread in the middle of a blocking list
             # returns within the request timeout, and the pool's threads
             # are daemons, so none keeps the process alive meanwhile.
-            self._ownAPI.close()
+            close()
         return succeed(None)

@@ -42,7 +42,9 @@ from monedge.observe.accesslog import AccessLog, AccessLogFileError, openAccessL
 from monedge.observe.metrics import Metrics
 from monedge.proxy.exchange import ProxyContext
 from monedge.proxy.resource import RootResource
-from monedge.registry.kubernetes import KubernetesRegistry, apiClientFromConfig
+from monedge.registry.kubeapi import KINDS
+from monedge.registry.kubeclient import KubernetesClientAPI, apiClientFromConfig
+from monedge.registry.kubernetes import KubernetesRegistry
 from monedge.registry.static import RegistryFileError, StaticRegistry
 from monedge.runtime.admin import adminSite, groupAdminSite
 from monedge.runtime.config import Configuration
@@ -75,9 +77,10 @@ class Build(enum.Enum):
 BUILD: Literal[Build.BUILD] = Build.BUILD
 
 
-def buildRegistry(config: Configuration) -> IServiceRegistry:
+def buildRegistry(config: Configuration, reactor: Any) -> IServiceRegistry:
     """
-    The service registry C{--registry} names (not started).
+    The service registry C{--registry} names (not started), timed on
+    C{reactor}.
 
     @raise usage.UsageError: if it cannot be used: a static file that does
         not validate, a Kubernetes configuration that does not load.
@@ -86,7 +89,7 @@ def buildRegistry(config: Configuration) -> IServiceRegistry:
     kind, sep, argument = spec.partition(":")
     if kind == "static" and sep and argument:
         try:
-            return StaticRegistry(argument)
+            return StaticRegistry(argument, clock=reactor)
         except RegistryFileError as e:
             raise usage.UsageError(f"--registry: {e}") from None
     if spec == "kubernetes":
@@ -96,8 +99,16 @@ def buildRegistry(config: Configuration) -> IServiceRegistry:
             apiClient = apiClientFromConfig(kubeconfig)
         except ValueError as e:
             raise usage.UsageError(f"{source}: {e}") from None
-        return KubernetesRegistry(
+        # A thread for each list or watch that may run at once: each kind,
+        # in each namespace watched.
+        api = KubernetesClientAPI(
             apiClient,
+            reactor=reactor,
+            maxThreads=len(KINDS) * max(1, len(config.namespaces)),
+        )
+        return KubernetesRegistry(
+            api,
+            clock=reactor,
             tiers=config.hostTiers.tiers(),
             namespaces=list(config.namespaces),
             initialSyncTimeout=config.initialSyncTimeout,
@@ -259,7 +270,7 @@ def buildProxy(
     if accessLog is None:
         accessLog = AccessLog(openAccessLogStream(config), reactor)
     if registry is None:
-        registry = buildRegistry(config)
+        registry = buildRegistry(config, reactor)
     if metrics is None:
         metrics = Metrics()
         metrics.watchRegistry(registry, reactor.seconds)
@@ -472,7 +483,7 @@ def checkUsable(config: Configuration, reactor: Any) -> None:
     stream = openAccessLogStream(config)
     if stream is not None and stream is not sys.stdout:
         stream.close()
-    registry = buildRegistry(config)
+    registry = buildRegistry(config, reactor)
     buildHooks(config, reactor, registry, Metrics())
 
 

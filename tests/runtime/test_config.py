@@ -12,17 +12,21 @@ import subprocess
 import sys
 import textwrap
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 import tests
 from monedge.observe.accesslog import AccessLog
 from monedge.observe.metrics import Metrics
+from monedge.registry.kubeclient import KubernetesClientAPI
+from monedge.registry.kubernetes import KubernetesRegistry
+from monedge.registry.static import StaticRegistry
 from monedge.rules.convention import HostTiers
 from monedge.rules.headers import ForwardingRules
 from monedge.rules.limits import Limits
 from monedge.rules.policy import HookSpec
-from monedge.runtime.compose import buildProxy
+from monedge.runtime.compose import buildProxy, buildRegistry
 from monedge.runtime.config import Configuration
 from monedge.tap import Options
 from monedge.testing import FakeUpstreamClient, MemoryRegistry, writeRegistry
@@ -244,3 +248,64 @@ class BuildProxyTests(SynchronousTestCase):
         assert proxy.hooks is not None
         self.assertEqual(proxy.hooks.context.timeout, 2.0)
         self.assertIs(proxy.context.hooks, proxy.hooks)
+
+
+class BuildRegistryTests(SynchronousTestCase):
+    """
+    L{buildRegistry} builds the registry C{--registry} names, on the
+    reactor it is given.
+    """
+
+    def test_kubernetesAPIBuiltByTheRoot(self) -> None:
+        """
+        For C{--registry kubernetes}, the root builds the real
+        L{KubernetesClientAPI} from the kubeconfig (the registry itself
+        never touches the official client), with a thread for each list or
+        watch that may run at once, and the registry is timed on the given
+        reactor and closes that API when it stops (the API is not started
+        here: it would list in its threads).
+        """
+        kubeconfig = self.mktemp()
+        with open(kubeconfig, "w", encoding="utf-8") as f:
+            f.write(
+                "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+                "clusters: [{name: k, cluster: {server: 'http://127.0.0.1:1'}}]\n"
+                "users: [{name: u, user: {token: t}}]\n"
+                "contexts: [{name: c, context: {cluster: k, user: u}}]\n"
+            )
+        reactor = MemoryReactorClock()
+        config = Configuration(
+            registry="kubernetes",
+            kubeconfig=kubeconfig,
+            namespaces=("a", "b", "c"),
+        )
+        registry = buildRegistry(config, reactor)
+        assert isinstance(registry, KubernetesRegistry)
+        api = registry.api
+        assert isinstance(api, KubernetesClientAPI)
+        self.assertEqual(api.maxThreads, 6)
+        self.assertIs(registry.clock, reactor)
+        closed: list[bool] = []
+
+        def close() -> Deferred[None]:
+            closed.append(True)
+            return succeed(None)
+
+        api.close = close  # type: ignore[method-assign]
+        registry.stopService()
+        self.assertEqual(closed, [True])
+
+    def test_staticOnTheReactor(self) -> None:
+        """
+        For C{--registry static:PATH}, the file is loaded and polled on the
+        given reactor.
+        """
+        path = self.mktemp()
+        writeRegistry(path, {"service.api.a": {"endpoints": ["127.0.0.1:1"]}})
+        reactor = MemoryReactorClock()
+        registry = buildRegistry(Configuration(registry=f"static:{path}"), reactor)
+        assert isinstance(registry, StaticRegistry)
+        self.assertEqual(set(registry.services()), {"service.api.a"})
+        registry.startService()
+        self.addCleanup(registry.stopService)
+        self.assertNotEqual(reactor.getDelayedCalls(), [])

@@ -139,7 +139,7 @@ class OptionsTests(OptionsTestCase):
         # An invalid file is found when the registry is built, from the
         # configuration parsing gave.
         with self.assertRaises(UsageError) as caught:
-            buildRegistry(self.parse().config)
+            buildRegistry(self.parse().config, MemoryReactorClock())
         message = str(caught.exception)
         self.assertNotIn("\n", message)
         for fragment in [
