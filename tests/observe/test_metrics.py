@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from monedge.observe.metrics import BUCKETS, Metrics
+from monedge.record import RequestRecord
 
 #: (service, status, seconds, origin, upstream seconds): on and around
 #: bucket bounds, above the last, several status classes, both origins and
@@ -106,6 +107,28 @@ class RequestMetricsTests(SynchronousTestCase):
         comments = [line for line in expected.splitlines() if line.startswith("#")]
         for line in comments:
             self.assertIn(line, actual)
+
+    def test_countReadsTheRecord(self) -> None:
+        """
+        A finished request is counted from its record alone: its status
+        class and origin, its total latency, and the upstream's latency
+        when the upstream answered.
+        """
+        record = RequestRecord(10.0)
+        record.upstreamSent("10.0.0.1:80", 10.01)
+        record.upstreamAnswered(10.03)
+        record.finished(204, 10.05, 204)
+        children = Metrics().forService("service.api.a")
+        children.count(record)
+        self.assertEqual(children.classes, {(2, "upstream"): 1})
+        self.assertEqual(children.latency.total, record.totalLatency)
+        self.assertEqual(children.upstream.total, record.upstreamLatency)
+        refused = RequestRecord(None)
+        refused.failed("uri_too_long")
+        refused.finished(414, 11.0)
+        children.count(refused)
+        self.assertEqual(children.classes[(4, "monedge")], 1)
+        self.assertEqual(children.upstream.total, record.upstreamLatency)
 
     def test_createdIsWhenFirstCounted(self) -> None:
         """
