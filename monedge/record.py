@@ -22,6 +22,8 @@ Twisted's request.
 
 from __future__ import annotations
 
+from twisted.web.resource import IResource
+
 from monedge.rules.errors import CATALOGUE
 from monedge.rules.paths import RoutedPath
 
@@ -100,7 +102,7 @@ class RequestRecord:
         self.path: bytes | None = None
         self.host: bytes | None = None
         self.routedPath: RoutedPath | None = None
-        self.decision: object = None
+        self.decision: IResource | None = None
         self.service: str | None = None
         self.endpoint: str | None = None
         self.attempts = 0
@@ -122,7 +124,7 @@ class RequestRecord:
         self.host = host
         self.routedPath = routedPath
 
-    def decided(self, decision: object, service: str | None) -> None:
+    def decided(self, decision: IResource, service: str | None) -> None:
         """
         Routing chose the leaf that answers the request, for C{service}
         (L{None} for a refusal).

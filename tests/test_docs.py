@@ -27,6 +27,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
 
 import tests
 from monedge.edge.server import CLIENT_CLOSED, ProxySite
@@ -613,7 +614,7 @@ def _answeredRecord() -> RequestRecord:
     record.requestId = b"4f1c2a9be0d34c0a8e51f3b7a6d29c10"
     record.client = b"203.0.113.7"
     record.method, record.path = b"GET", b"/echo/hello?x=1"
-    record.decided(object(), "service.api.echo")
+    record.decided(Resource(), "service.api.echo")
     sent = end - 0.0151
     record.upstreamSent("127.0.0.1:9001", sent)
     record.upstreamAnswered(sent + 0.012345678)

@@ -6,8 +6,10 @@ methods, and what the access log and the metrics read from it.
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
 
 from monedge.record import MONEDGE, UPSTREAM, RequestRecord
+from monedge.rules.errors import ErrorResource, ProxyError
 from monedge.rules.paths import normalise
 
 
@@ -23,7 +25,7 @@ class RoutingTests(SynchronousTestCase):
         """
         record = RequestRecord(1.0)
         path = normalise(b"/echo/a?b=1")
-        leaf = object()
+        leaf = Resource()
         record.routed(b"api.example.com", path)
         record.decided(leaf, "service.api.echo")
         self.assertEqual(
@@ -36,7 +38,7 @@ class RoutingTests(SynchronousTestCase):
         A refusal is a decision with no service: the service stays unset.
         """
         record = RequestRecord(1.0)
-        refusal = object()
+        refusal = ErrorResource(ProxyError("route_not_found"))
         record.decided(refusal, None)
         self.assertIs(record.decision, refusal)
         self.assertIsNone(record.service)

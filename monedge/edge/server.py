@@ -108,6 +108,7 @@ class ProxyRequest(server.Request):
     #: The metrics of the service the request is in flight for.
     _metrics: ServiceMetrics
     _requestId: bytes | None = None
+    _peerAddress: bytes | None = None
     #: Whether the connection the request came on was lost (set by
     #: connectionLost, which Twisted calls when it is).
     disconnected = False
@@ -142,13 +143,20 @@ class ProxyRequest(server.Request):
     @property
     def peerAddress(self) -> bytes:
         """
-        The client's address, for C{X-Forwarded-For} and the log.
+        The client's address, for C{X-Forwarded-For} and the log (worked
+        out once: routing, the request id and the log all read it).
         """
-        peer = self.client
-        host = getattr(peer, "host", None)
-        if host is None:
-            return b"unknown"
-        return host.encode("ascii") if isinstance(host, str) else bytes(host)
+        address = self._peerAddress
+        if address is None:
+            host = getattr(self.client, "host", None)
+            if host is None:
+                address = b"unknown"
+            elif isinstance(host, str):
+                address = host.encode("ascii")
+            else:
+                address = bytes(host)
+            self._peerAddress = address
+        return address
 
     @property
     def listenerPort(self) -> bytes:

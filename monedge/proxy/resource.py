@@ -12,7 +12,6 @@ reports a change to their service.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import cast
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -339,4 +338,4 @@ class RootResource(Resource):
                 request.headerTable,
                 request.record,
             )
-        return cast(IResource, decision)
+        return decision
