@@ -328,8 +328,13 @@ class ProxyRequest(server.Request):
         self._account(self.code)
 
     def connectionLost(self, reason: Failure) -> None:
-        channel = self.channel
         self.disconnected = True
+        channel = getattr(self, "channel", None)
+        if channel is None and self.finished:
+            # Twisted lets go of a finished request's channel; its HTTP/2
+            # stream may still report the connection's loss to it after.
+            # The request was accounted for when it finished.
+            return
         super().connectionLost(reason)
         if self.method is HTTPRequest.method and isinstance(channel, ProxyChannel):
             # The client left before its request was all in: log the request

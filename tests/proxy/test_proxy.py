@@ -309,6 +309,27 @@ class ProxyPathTests(SynchronousTestCase):
             [request(), exchange(), relay()], [None, None, None], "kept alive"
         )
 
+    def test_lossReportedAfterTheFinish(self) -> None:
+        """
+        A finished request told of its connection's loss afterwards (as an
+        HTTP/2 stream may tell it, after Twisted has let go of the
+        request's channel) logs nothing and is not accounted again.
+        """
+        h = Harness([_service()])
+        protocol, transport = h.connect()
+        protocol.dataReceived(GET)
+        request = protocol._channel.requests[0]
+        [call] = h.client.calls
+        response = FakeResponse(200, length=2)
+        call.result.callback(response)
+        response.deliver(b"ok")
+        response.end()
+        self.assertTrue(request.finished)
+        self.assertFalse(hasattr(request, "channel"))
+        # Trial fails the test on a logged failure, as on a raised one.
+        request.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([r["status"] for r in h.records()], [200])
+
     def test_slowClientPausesUpstream(self) -> None:
         """
         When the client connection stops taking data, the upstream body is
