@@ -40,6 +40,7 @@ from typing import Any
 import httptools
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import (
+    IConsumer,
     IDelayedCall,
     IHalfCloseableProtocol,
     IPushProducer,
@@ -61,7 +62,7 @@ from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
 from monedge.rules.headers import canonicalName
 from monedge.twistedseam import rawHeaderTable, sendAtOnce
 from monedge.upstream.endpoints import EndpointCache, UpstreamTLS, UpstreamTLSError
-from monedge.upstream.replay import BufferedBody, mayReplay
+from monedge.upstream.replay import NotReplayable, bodyAgain, mayReplay
 
 #: How every complete body ends, made once (as Twisted's C{connectionDone}
 #: is): building a L{Failure} costs about 2 us.
@@ -211,6 +212,34 @@ class _BodyTransport:
 
     def stopProducing(self) -> None:
         self._connection.abort()
+
+
+@implementer(IConsumer)
+class _ChunkedWriter:
+    """
+    The consumer a request body of unknown length is written to: each
+    write goes to the upstream connection as one chunk, and L{end} writes
+    the last chunk.  Producers register with the connection itself.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._transport.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    def end(self) -> None:
+        """
+        The body is whole: write the last chunk (and no trailer).
+        """
+        self._transport.write(b"0\r\n\r\n")
 
 
 @implementer(IResponse)
@@ -368,7 +397,12 @@ class _Connection(Protocol):
         for name, values in headers.getAllRawHeaders():
             for value in values:
                 lines += [name, b": ", value, b"\r\n"]
-        if body is not None:
+        chunked = body is not None and body.length is UNKNOWN_LENGTH
+        if chunked:
+            # A body whose length is not known before it ends (the client
+            # sent it chunked, and it streams): sent chunked.
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        elif body is not None:
             lines.append(b"Content-Length: %d\r\n" % (body.length,))
         elif method in (b"POST", b"PUT", b"PATCH"):
             lines.append(b"Content-Length: 0\r\n")
@@ -380,7 +414,12 @@ class _Connection(Protocol):
         transport.resumeProducing()  # type: ignore[attr-defined]
         # One join and one write: writeSequence would check every piece.
         transport.write(b"".join(lines))
-        if body is not None:
+        if body is not None and chunked:
+            writer = _ChunkedWriter(transport)
+            writing = body.startProducing(writer)
+            self._bodyWriter = writing
+            writing.addCallbacks(lambda _: writer.end(), self._bodyFailed)
+        elif body is not None:
             writing = body.startProducing(transport)
             self._bodyWriter = writing
             writing.addErrback(self._bodyFailed)
@@ -1137,8 +1176,12 @@ class FastUpstreamClient:
         connectTimeout: float,
     ) -> Deferred[IResponse]:
         failure.trap(StaleConnection)
-        # mayReplay allowed it: no body, or one that can be sent again.
-        again = body.again() if isinstance(body, BufferedBody) else None
+        # mayReplay allowed it: no body, or one that may be sent again if
+        # it is whole by now (a streamed body: see bodyAgain).
+        try:
+            again = bodyAgain(body)
+        except NotReplayable:
+            return fail(failure)
         return self._connectAndSend(key, method, target, headers, again, connectTimeout)
 
     def upgrade(

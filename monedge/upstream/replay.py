@@ -1,22 +1,34 @@
 """
 Which requests may be sent twice, and bodies that can be.
 
-The upstream client (L{monedge.upstream.client}) sends a request again, once, on a
-new connection when the pooled keep-alive connection it went out on turns
-out to have been closed before any byte of the response came back.  That is safe only for an idempotent method (RFC
-9110, section 9.2.2) whose body, if it has one, can be produced again from
-its first byte: L{mayReplay} is that rule, and L{BufferedBody} such a body.
+The upstream client (L{monedge.upstream.client}) sends a request again,
+once, on a new connection when the pooled keep-alive connection it went
+out on turns out to have been closed before any byte of the response came
+back.  That is safe only for an idempotent method (RFC 9110, section
+9.2.2) whose body, if it has one, can be produced again from its first
+byte: L{mayReplay} is that rule, and L{bodyAgain} makes such a body.  A
+L{BufferedBody} can always be produced again; a streamed body
+(L{monedge.upstream.streaming.StreamingBody}) only if the client sent it
+whole within the bytes kept for a replay, which is known only when the
+connection is found stale.
 """
 
 from __future__ import annotations
 
-from typing import IO, Any
+from typing import IO, Any, Protocol, cast
 
 from twisted.internet import task
 from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import IBodyProducer
 
-__all__ = ["BufferedBody", "IDEMPOTENT", "mayReplay"]
+__all__ = [
+    "BufferedBody",
+    "IDEMPOTENT",
+    "NotReplayable",
+    "Replayable",
+    "bodyAgain",
+    "mayReplay",
+]
 
 #: The idempotent methods (RFC 9110, section 9.2.2).
 IDEMPOTENT = frozenset([b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"])
@@ -57,6 +69,12 @@ class BufferedBody(FileBodyProducer):
         self._content = content
         self._cooperator = cooperator
 
+    def replayable(self) -> bool:
+        """
+        Always: the body is held whole.
+        """
+        return True
+
     def again(self) -> BufferedBody:
         """
         A new producer of the same body, from its first byte.
@@ -64,10 +82,53 @@ class BufferedBody(FileBodyProducer):
         return BufferedBody(self._content, self._cooperator)
 
 
+class Replayable(Protocol):
+    """
+    A body that may be produced again from its first byte, when it says
+    so.
+    """
+
+    def replayable(self) -> bool:
+        """
+        Whether L{again} may be called now.
+        """
+
+    def again(self) -> IBodyProducer:
+        """
+        A new producer of the same body, from its first byte.
+        """
+
+
 def mayReplay(method: bytes, body: IBodyProducer | None) -> bool:
     """
     Whether a request may be sent again after its connection was found
     closed before any of the response: its method is idempotent and its
-    body, if any, is a L{BufferedBody}.
+    body, if any, is one that may be produced again (L{Replayable}; whether
+    it can be by then, L{bodyAgain} says).
     """
-    return method in IDEMPOTENT and (body is None or isinstance(body, BufferedBody))
+    # An attribute test, not isinstance on a Protocol (this runs per request).
+    return method in IDEMPOTENT and (body is None or hasattr(body, "replayable"))
+
+
+class NotReplayable(Exception):
+    """
+    The body cannot be produced again now: it streamed, and was not kept
+    whole.
+    """
+
+
+def bodyAgain(body: IBodyProducer | None) -> IBodyProducer | None:
+    """
+    The body to send again: L{None} for none, else a new producer of
+    C{body}.
+
+    @raise NotReplayable: if C{body} cannot be produced again now (a
+        streamed body not kept whole).
+    """
+    if body is None:
+        return None
+    if hasattr(body, "replayable"):
+        replayable = cast(Replayable, body)
+        if replayable.replayable():
+            return replayable.again()
+    raise NotReplayable()

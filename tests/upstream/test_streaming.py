@@ -1,0 +1,349 @@
+"""
+L{monedge.upstream.streaming}: request bodies that stream from the client
+to the upstream with backpressure both ways, on their own and through the
+real upstream client over memory transports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from monedge.upstream.client import FastUpstreamClient, StaleConnection
+from monedge.upstream.streaming import HeldBody, StreamingBody
+
+
+@implementer(IPushProducer)
+class Source:
+    """
+    A client connection as a body's source: records pauses and resumes.
+    """
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.events: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.events.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.events.append("resume")
+
+    def stopProducing(self) -> None:
+        self.events.append("stop")
+
+
+class Consumer(StringTransport):
+    """
+    An upstream connection's transport that records its producer.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registrations: list[str] = []
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.registrations.append("register")
+        super().registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.registrations.append("unregister")
+        super().unregisterProducer()
+
+
+class StreamingBodyTests(SynchronousTestCase):
+    """
+    The body between its source and its consumer.
+    """
+
+    def test_interfaces(self) -> None:
+        """
+        A streaming body is the upstream client's body producer and a push
+        producer; a held body is a body producer.
+        """
+        body = StreamingBody(10, Source())
+        verifyObject(IBodyProducer, body)
+        verifyObject(IPushProducer, body)
+        verifyObject(IBodyProducer, HeldBody(b"x"))
+
+    def test_heldUntilStartedThenStreamed(self) -> None:
+        """
+        What comes before the upstream connection is open is held and
+        written first; what comes after is written as it comes; the result
+        fires when the body is whole, and the body leaves its consumer.
+        """
+        body = StreamingBody(UNKNOWN_LENGTH, Source())
+        body.write(b"ab")
+        consumer = Consumer()
+        done = body.startProducing(consumer)
+        self.assertEqual(consumer.value(), b"ab")
+        self.assertIs(consumer.producer, body)
+        body.write(b"cd")
+        self.assertEqual(consumer.value(), b"abcd")
+        self.assertNoResult(done)
+        body.finish()
+        self.successResultOf(done)
+        self.assertEqual(consumer.registrations, ["register", "unregister"])
+        self.assertEqual((body.received, body.sent), (4, 4))
+
+    def test_clientPausedWhileTooMuchWaits(self) -> None:
+        """
+        The client is paused once more than the high-water mark waits for
+        the upstream, and resumed when it has gone.
+        """
+        source = Source()
+        body = StreamingBody(UNKNOWN_LENGTH, source, highWater=4)
+        body.write(b"abcd")
+        self.assertFalse(source.paused)
+        body.write(b"e")
+        self.assertTrue(source.paused)
+        consumer = Consumer()
+        body.startProducing(consumer)
+        self.assertEqual(consumer.value(), b"abcde")
+        self.assertEqual(source.events, ["pause", "resume"])
+
+    def test_slowUpstreamPausesTheClient(self) -> None:
+        """
+        When the upstream stops reading, the body holds what comes and
+        pauses the client past the high-water mark; when the upstream reads
+        again, the body writes what it held and resumes the client.
+        """
+        source = Source()
+        body = StreamingBody(UNKNOWN_LENGTH, source, highWater=4)
+        consumer = Consumer()
+        body.startProducing(consumer)
+        body.pauseProducing()
+        body.write(b"abc")
+        self.assertEqual((consumer.value(), source.paused), (b"", False))
+        body.write(b"def")
+        self.assertTrue(source.paused)
+        body.resumeProducing()
+        self.assertEqual(consumer.value(), b"abcdef")
+        self.assertFalse(source.paused)
+
+    def test_finishWaitsForWhatIsHeld(self) -> None:
+        """
+        A body finished while the upstream is not reading completes only
+        once what it held is written.
+        """
+        body = StreamingBody(3, Source())
+        consumer = Consumer()
+        done = body.startProducing(consumer)
+        body.pauseProducing()
+        body.write(b"abc")
+        body.finish()
+        self.assertNoResult(done)
+        body.resumeProducing()
+        self.successResultOf(done)
+        self.assertEqual(consumer.value(), b"abc")
+
+    def test_clientFails(self) -> None:
+        """
+        A body the client fails (it left mid-body) fails the upstream
+        request's writing, started or not.
+        """
+        body = StreamingBody(10, Source())
+        consumer = Consumer()
+        done = body.startProducing(consumer)
+        body.write(b"abc")
+        body.fail(Failure(ConnectionDone()))
+        self.failureResultOf(done, ConnectionDone)
+        self.assertEqual(consumer.registrations, ["register", "unregister"])
+        early = StreamingBody(10, Source())
+        early.fail(Failure(ConnectionDone()))
+        self.failureResultOf(early.startProducing(Consumer()), ConnectionDone)
+
+    def test_stoppedByTheUpstream(self) -> None:
+        """
+        An upstream request that ends before the body is written (an early
+        answer, a failure, a cancel) stops the body: what comes later is
+        dropped, and a paused client is resumed so that it can be read
+        (and its connection answered) rather than left hanging.
+        """
+        source = Source()
+        body = StreamingBody(UNKNOWN_LENGTH, source, highWater=2)
+        consumer = Consumer()
+        done = body.startProducing(consumer)
+        body.pauseProducing()
+        body.write(b"abc")
+        self.assertTrue(source.paused)
+        done.cancel()
+        self.failureResultOf(done, CancelledError)
+        self.assertFalse(source.paused)
+        body.write(b"more")
+        body.finish()
+        self.assertEqual(consumer.value(), b"")
+        self.assertEqual(consumer.registrations, ["register", "unregister"])
+
+    def test_replayOnlyWhenKeptWhole(self) -> None:
+        """
+        A body can be produced again only once the client has sent all of
+        it, and only if it fits in the bytes kept for a replay.
+        """
+        small = StreamingBody(UNKNOWN_LENGTH, Source(), replayLimit=5)
+        small.write(b"ab")
+        self.assertFalse(small.replayable())
+        with self.assertRaises(ValueError):
+            small.again()
+        small.write(b"cde")
+        small.finish()
+        self.assertTrue(small.replayable())
+        again = small.again()
+        self.assertEqual(again.length, 5)
+        consumer = Consumer()
+        self.successResultOf(again.startProducing(consumer))
+        self.assertEqual(consumer.value(), b"abcde")
+        large = StreamingBody(UNKNOWN_LENGTH, Source(), replayLimit=5)
+        large.write(b"abcdef")
+        large.finish()
+        self.assertFalse(large.replayable())
+
+
+class StreamedRequestTests(SynchronousTestCase):
+    """
+    Streamed bodies through the real upstream client.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.client = FastUpstreamClient(self.reactor, poolIdle=4.0)
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        host, port, factory, _, _ = self.reactor.tcpClients[-1]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def send(self, method: bytes, body: StreamingBody | None) -> Any:
+        return self.client.request(
+            method,
+            b"http://10.0.0.1:8080/up",
+            Headers({b"host": [b"api.example.com"]}),
+            body,
+            5.0,
+        )
+
+    def test_unknownLengthSentChunked(self) -> None:
+        """
+        A body whose length is not known (the client sent it chunked) goes
+        upstream chunked, each piece as it comes, and ends with the last
+        chunk; the response is read as usual.
+        """
+        body = StreamingBody(UNKNOWN_LENGTH, Source())
+        d = self.send(b"POST", body)
+        body.write(b"hello ")
+        protocol, transport = self.connect()
+        self.assertEqual(
+            transport.value(),
+            b"POST /up HTTP/1.1\r\nHost: api.example.com\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n6\r\nhello \r\n",
+        )
+        body.write(b"world")
+        body.finish()
+        self.assertTrue(
+            transport.value().endswith(b"6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n")
+        )
+        protocol.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).code, 201)
+
+    def test_knownLengthSentAsIs(self) -> None:
+        """
+        A body of declared length goes upstream with its Content-Length,
+        unframed.
+        """
+        body = StreamingBody(5, Source())
+        self.send(b"PUT", body)
+        _, transport = self.connect()
+        body.write(b"ab")
+        body.write(b"cde")
+        body.finish()
+        sent = transport.value()
+        self.assertIn(b"\r\nContent-Length: 5\r\n", sent)
+        self.assertTrue(sent.endswith(b"\r\n\r\nabcde"), sent)
+
+    def stalePut(self, body: StreamingBody) -> tuple[Any, Any]:
+        """
+        Send a PUT with C{body} on a pooled connection, then close that
+        connection before any response: the connection was stale.
+        """
+        first = self.send(b"GET", None)
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.successResultOf(first).deliverBody(_Discard())
+        put = self.send(b"PUT", body)
+        return protocol, put
+
+    def test_smallWholeBodyReplayed(self) -> None:
+        """
+        An idempotent request whose streamed body the client sent whole,
+        within the bytes kept, is sent again on a new connection when its
+        pooled connection turns out stale.
+        """
+        body = StreamingBody(UNKNOWN_LENGTH, Source())
+        protocol, put = self.stalePut(body)
+        body.write(b"payload")
+        body.finish()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        fresh, transport = self.connect()
+        sent = transport.value()
+        self.assertIn(b"\r\nContent-Length: 7\r\n", sent)
+        self.assertTrue(sent.endswith(b"\r\n\r\npayload"), sent)
+        fresh.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(put).code, 200)
+
+    def test_unfinishedBodyNotReplayed(self) -> None:
+        """
+        A body still streaming when the connection turns out stale cannot
+        be sent again: the request fails, and no second connection is
+        made.
+        """
+        body = StreamingBody(UNKNOWN_LENGTH, Source())
+        protocol, put = self.stalePut(body)
+        body.write(b"part")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(put, StaleConnection)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_largeBodyNotReplayed(self) -> None:
+        """
+        A body larger than the bytes kept for a replay is never sent
+        twice, even once whole.
+        """
+        body = StreamingBody(UNKNOWN_LENGTH, Source(), replayLimit=4)
+        protocol, put = self.stalePut(body)
+        body.write(b"too large")
+        body.finish()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(put, StaleConnection)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+
+class _Discard:
+    """
+    A body protocol that drops what it is given.
+    """
+
+    def makeConnection(self, transport: Any) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
