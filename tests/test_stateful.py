@@ -718,7 +718,8 @@ class _PlainEndpoints(EndpointCache):
 @implementer(IBodyProducer)
 class _Payload:
     """
-    A request body, written at once.
+    A request body, written at once, that cannot be produced again (it has
+    no C{replayable}): a request carrying it is never sent twice.
     """
 
     def __init__(self, data: bytes) -> None:
