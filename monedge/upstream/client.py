@@ -13,8 +13,11 @@ Its contract:
 - a response is an L{IResponse}: C{headers} without the connection-control
   headers (C{Content-Length}, C{Transfer-Encoding}, C{Connection}, ...,
   except C{Content-Length} in answer to C{HEAD}), C{length} from
-  C{Content-Length} or L{UNKNOWN_LENGTH}, and C{monedgeConnection}, the
-  upstream's C{Connection} header values;
+  C{Content-Length} or L{UNKNOWN_LENGTH}, C{monedgeConnection}, the
+  upstream's C{Connection} header values, and C{monedgeTrailers}, a
+  chunked body's trailer fields once it has ended;
+- a request body of unknown length (one that streams from a client that
+  sent it chunked) is sent chunked;
 - a malformed response (llhttp is strict: bare LF, bad chunk sizes, two
   Content-Lengths) fails the request, as a reset would;
 - framing is exact: a response carries no more body than it declares, and
@@ -266,6 +269,10 @@ class _Response:
         self.headers = headers
         self.length = length
         self.monedgeConnection = connectionHeader
+        #: The trailer fields of a chunked body, as (name, value) pairs in
+        #: the order the upstream sent them: complete once the body has
+        #: ended (bounded like the head: see L{UpstreamHeadersTooLarge}).
+        self.monedgeTrailers: list[tuple[bytes, bytes]] = []
 
     def deliverBody(self, protocol: Any) -> None:
         self._connection._deliver(protocol)
@@ -444,10 +451,15 @@ class _Connection(Protocol):
             # Counted when the head ends (its bytes are bounded meanwhile).
             self._headers.append((name, value))
             return
-        # A trailer field: counted, and dropped.
+        # A trailer field: counted, and kept on the response for whoever
+        # relays it (a value with CR, LF or NUL, never expected from
+        # llhttp, is dropped).
         self._headerCount += 1
         if self._headerCount > self._maxHeaderCount:
             self._tooManyFields()
+        response = self._response
+        if response is not None and _UNSAFE_VALUE(value) is None:
+            response.monedgeTrailers.append((name, value))
 
     def _tooManyFields(self) -> None:
         """

@@ -1091,6 +1091,34 @@ class HeaderLimitTests(SynchronousTestCase):
         protocol.dataReceived(b"HTTP/1.1 103 Early Hints\r\n\r\n")
         self.failureResultOf(d, UpstreamHeadersTooLarge)
 
+    def test_trailersKept(self) -> None:
+        """
+        A chunked body's trailer fields are kept on the response, in order,
+        by the time the body has ended (gRPC's status comes there); a body
+        without trailers has none.
+        """
+        d = self.request()
+        protocol, _ = self.connect()
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"
+        )
+        response = self.successResultOf(d)
+        body = Body()
+        response.deliverBody(body)
+        protocol.dataReceived(
+            b"0\r\nGrpc-Status: 0\r\nX-Trace: a\r\nX-Trace: b\r\n\r\n"
+        )
+        self.assertEqual(body.data, b"ok")
+        assert body.reason is not None
+        self.assertTrue(body.reason.check(ResponseDone))
+        self.assertEqual(
+            response.monedgeTrailers,
+            [(b"Grpc-Status", b"0"), (b"X-Trace", b"a"), (b"X-Trace", b"b")],
+        )
+        d = self.request()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(self.successResultOf(d).monedgeTrailers, [])
+
     def test_trailersBounded(self) -> None:
         """
         A chunked body's trailer section is bounded like a head: too many
