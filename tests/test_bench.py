@@ -33,7 +33,8 @@ def _run(*command: str, timeout: float) -> str:
 
 class BenchToolTests(TestCase):
     """
-    bench/inprocess.py and bench/instructions.sh, on small counts.
+    bench/inprocess.py, bench/instructions.sh and bench/upload.py, on
+    small counts.
     """
 
     def test_inprocess(self) -> None:
@@ -91,3 +92,31 @@ class BenchToolTests(TestCase):
             match = re.search(r"^(\d+) instructions per request", out, re.M)
             assert match is not None, out
             self.assertGreater(int(match.group(1)), 1000)
+
+    def test_upload(self) -> None:
+        """
+        bench/upload.py uploads through monedge and straight to the
+        upstream, checks the size the upstream counted, and reports
+        monedge's memory and temporary files; with many concurrent uploads
+        to a slow upstream, likewise.
+        """
+        out = _run(sys.executable, "bench/upload.py", "one", "--mib", "4", timeout=120)
+        self.assertIn("4,194,304 bytes counted", out)
+        self.assertRegex(out, r"through monedge: [\d.]+ s")
+        self.assertRegex(out, r"monedge RSS: .* growth -?[\d.]+ MiB")
+        self.assertRegex(out, r"temp files: +[\d.]+ MiB")
+        out = _run(
+            sys.executable,
+            "bench/upload.py",
+            "many",
+            "--count",
+            "3",
+            "--mib",
+            "1",
+            "--rate",
+            "4",
+            "--chunked",
+            timeout=120,
+        )
+        self.assertIn("3 concurrent x 1 MiB (chunked)", out)
+        self.assertIn("3 answered", out)

@@ -222,17 +222,18 @@ class _ChunkedWriter:
     """
     The consumer a request body of unknown length is written to: each
     write goes to the upstream connection as one chunk, and L{end} writes
-    the last chunk.  Producers register with the connection itself.
+    the last chunk.  The body is registered as the connection's producer
+    (see L{_Connection.send}), not this writer's.
     """
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self._transport.registerProducer(producer, streaming)
+        raise RuntimeError("the body is registered with the connection")
 
     def unregisterProducer(self) -> None:
-        self._transport.unregisterProducer()
+        raise RuntimeError("the body is registered with the connection")
 
     def write(self, data: bytes) -> None:
         if data:
@@ -421,16 +422,29 @@ class _Connection(Protocol):
         transport.resumeProducing()  # type: ignore[attr-defined]
         # One join and one write: writeSequence would check every piece.
         transport.write(b"".join(lines))
-        if body is not None and chunked:
-            writer = _ChunkedWriter(transport)
-            writing = body.startProducing(writer)
+        if body is not None:
+            writer = _ChunkedWriter(transport) if chunked else None
+            # The body is the connection's producer while it is written:
+            # paused when the upstream stops reading, so that no more than
+            # a socket buffer of it waits in monedge.
+            transport.registerProducer(body, True)  # type: ignore[attr-defined]
+            writing = body.startProducing(writer or transport)
             self._bodyWriter = writing
-            writing.addCallbacks(lambda _: writer.end(), self._bodyFailed)
-        elif body is not None:
-            writing = body.startProducing(transport)
-            self._bodyWriter = writing
-            writing.addErrback(self._bodyFailed)
+            writing.addBoth(self._bodyWritten, writer)
         return result
+
+    def _bodyWritten(self, result: object, writer: _ChunkedWriter | None) -> None:
+        """
+        The body is written (or failed): it is no longer the connection's
+        producer, and a chunked body gets its last chunk.
+        """
+        transport = self.transport
+        if transport is not None and self._bodyWriter is not None:
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+        if isinstance(result, Failure):
+            self._bodyFailed(result)
+        elif writer is not None and transport is not None:
+            writer.end()
 
     def _bodyFailed(self, reason: Failure) -> None:
         if not reason.check(CancelledError):

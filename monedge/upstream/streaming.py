@@ -117,7 +117,6 @@ class StreamingBody:
         #: The source is paused by this body.
         self._sourcePaused = False
         self._stopped = False
-        self._registered = False
 
     # The front end's side
 
@@ -165,7 +164,6 @@ class StreamingBody:
         self._kept = None
         done, self._done = self._done, None
         if done is not None:
-            self._detach()
             done.errback(reason)
 
     @property
@@ -182,7 +180,9 @@ class StreamingBody:
         Write the body to C{consumer} (an upstream connection's transport):
         what has come so far, then each piece as it comes.  The result
         fires once the whole body is written, and fails if the client
-        fails it; cancelling it stops the body.
+        fails it; cancelling it stops the body.  The upstream client
+        registers the body as its connection's producer meanwhile, and so
+        pauses it when the upstream stops reading.
         """
         self._consumer = consumer
         self._done = Deferred(lambda d: self.stopProducing())
@@ -191,8 +191,6 @@ class StreamingBody:
             self._done = None
             done.errback(self._failure)
             return done
-        consumer.registerProducer(self, True)
-        self._registered = True
         self._flush()
         return done
 
@@ -224,7 +222,6 @@ class StreamingBody:
         self._pendingBytes = 0
         self._kept = None
         done, self._done = self._done, None
-        self._detach()
         self._resumeSource()
         if done is not None and not done.called:
             done.errback(Failure(CancelledError()))
@@ -268,14 +265,7 @@ class StreamingBody:
             return
         done, self._done = self._done, None
         if done is not None:
-            self._detach()
             done.callback(None)
-
-    def _detach(self) -> None:
-        consumer = self._consumer
-        if consumer is not None and self._registered:
-            self._registered = False
-            consumer.unregisterProducer()
 
     def _checkSource(self) -> None:
         if self._pendingBytes > self._highWater:

@@ -440,6 +440,54 @@ class ClientTests(SynchronousTestCase):
         fresh.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         self.assertEqual(self.successResultOf(put).code, 200)
 
+    def test_bodyPausedWithTheConnection(self) -> None:
+        """
+        A held body is the connection's producer while it is written: when
+        the upstream connection stops taking bytes, the body stops being
+        read out, so that no more than a socket buffer of it waits in
+        monedge (a 1 GiB upload once grew monedge by as much); it goes on
+        when the connection drains, and stops being the producer once
+        written.
+        """
+        from io import BytesIO
+
+        steps: list[Any] = []
+        # One read of the body a step.
+        cooperator = task.Cooperator(
+            terminationPredicateFactory=lambda: lambda: True,
+            scheduler=steps.append,  # type: ignore[arg-type]
+            started=True,
+        )
+
+        def run(count: int) -> None:
+            for _ in range(count):
+                if steps:
+                    steps.pop(0)()
+
+        body = BufferedBody(BytesIO(b"x" * (1 << 20)), cooperator)
+        self.client.request(
+            b"PUT",
+            b"http://10.0.0.1:8080/a",
+            Headers({b"host": [b"api.example.com"]}),
+            body,
+            5.0,
+        )
+        _, transport = self.connect()
+        self.assertIs(transport.producer, body)
+        run(2)
+        written = len(transport.value())
+        self.assertLess(written, 1 << 20)
+        producer = transport.producer
+        assert producer is not None
+        producer.pauseProducing()
+        run(10)
+        self.assertEqual(len(transport.value()), written)
+        producer.resumeProducing()
+        while steps:
+            run(1)
+        self.assertEqual(transport.value().partition(b"\r\n\r\n")[2], b"x" * (1 << 20))
+        self.assertIsNone(transport.producer)
+
     def test_idleConnectionsExpire(self) -> None:
         """
         An idle pooled connection is closed after the pool idle time.
