@@ -1001,8 +1001,10 @@ class HTTP1Channel(Protocol):
         request.headerTable.setdefault(canonical, []).append(value)
         if canonical != b"Upgrade":
             # llhttp reads an Upgrade as the end of HTTP (see the module's
-            # docstring): it checks every other header.
-            self._headerLines.append(line)
+            # docstring): it checks every other header, as Twisted read it
+            # (its value without the whitespace around it, which llhttp
+            # reads differently in some headers: "chunked\t").
+            self._headerLines.append(canonical + b": " + value)
         if underscore:
             if self.limits.underscoreHeaders == "reject":
                 self._refuseForRequest("bad_request", UNDERSCORE_REFUSED)
