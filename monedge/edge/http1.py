@@ -212,6 +212,18 @@ class _ChunkFraming:
                         return pos
         return -1
 
+    def partialSize(self) -> int | None:
+        """
+        The size declared so far by a chunk-size line still being read, if
+        its digits so far are hex.
+        """
+        if self.state != _SIZE or not self.line:
+            return None
+        try:
+            return chunkSize(self.line.partition(b";")[0].rstrip(b"\r"))
+        except ValueError:
+            return None
+
 
 class HTTP1Request:
     """
@@ -587,6 +599,8 @@ class HTTP1Channel(Protocol):
     """
 
     site: ProxySite
+    #: The class of this channel's requests.
+    requestClass: type[HTTP1Request] = HTTP1Request
     factory: Any = None
     requestFactory: Any = None
     timeOut: float | None = None
@@ -615,6 +629,8 @@ class HTTP1Channel(Protocol):
         self._chunks: _ChunkFraming | None = None
         self._parser: Any = None
         self._messageDone = False
+        #: llhttp refused a chunk-size line not all read yet.
+        self._parserFailed = False
         # Answering.
         self._answering = False
         self._held: list[bytes] = []
@@ -633,6 +649,8 @@ class HTTP1Channel(Protocol):
         self._lingering: IDelayedCall | None = None
         self._aborting: IDelayedCall | None = None
         self._refused = False
+        #: The last response closes the connection.
+        self._closing = False
         self._inBody = False
         self._host: Any = None
         self._peer: Any = None
@@ -828,7 +846,7 @@ class HTTP1Channel(Protocol):
         if side is not None:
             side.received(data)
             return
-        if self._refused:
+        if self._refused or self._closing:
             return
         now = self.site.reactor.seconds()
         self._lastActive = now
@@ -840,7 +858,12 @@ class HTTP1Channel(Protocol):
     def _dispatch(self, data: bytes) -> None:
         self._dispatching = True
         try:
-            while data and not self._refused and self.tunnelSide is None:
+            while (
+                data
+                and not self._refused
+                and not self._closing
+                and self.tunnelSide is None
+            ):
                 if self._answering:
                     self._hold(data)
                     return
@@ -923,7 +946,7 @@ class HTTP1Channel(Protocol):
                 self.refuse("bad_request")
                 return False
             self._version = version
-            self.requests.append(HTTP1Request(self, method, target, version))
+            self.requests.append(self.requestClass(self, method, target, version))
             return False
         if not line:
             pending = self._pendingHeader
@@ -1070,6 +1093,7 @@ class HTTP1Channel(Protocol):
                 self._allContentReceived()
                 return rest
             return b""
+        failed = self._parserFailed
         try:
             end = chunks.scan(data, request._bodyLimit)
         except _TooLarge:
@@ -1078,10 +1102,23 @@ class HTTP1Channel(Protocol):
         except _Malformed:
             self._refuseForRequest("bad_request")
             return b""
+        if failed:
+            if chunks.partialSize() is None:
+                # The line llhttp refused is all in, and no worse than
+                # malformed.
+                self._refuseForRequest("bad_request")
+            return b""
         body = data if end < 0 else data[:end]
         try:
             self._parser.feed_data(body)
         except httptools.HttpParserError:
+            if chunks.partialSize() is not None:
+                # llhttp refuses a chunk-size over 64 bits as soon as it
+                # reads its digits; Twisted's channel read the whole line
+                # first, and found it malformed (400) or too large (413):
+                # so does this one, by the framing.
+                self._parserFailed = True
+                return b""
             self._refuseForRequest("bad_request")
             return b""
         if self._refused:
@@ -1127,6 +1164,7 @@ class HTTP1Channel(Protocol):
         self._framing = None
         self._parser = None
         self._chunks = None
+        self._parserFailed = False
         self._answering = True
         self.requests[-1].requestReceived()
 
@@ -1146,6 +1184,8 @@ class HTTP1Channel(Protocol):
             transport: Any = self.transport
             transport.resumeProducing()
         if not self.persistent:
+            # Nothing more is read as a request (Twisted's channel drops it).
+            self._closing = True
             self._held = []
             self._heldBytes = 0
             self.loseConnection()
