@@ -703,6 +703,16 @@ class HTTP1Channel(Protocol):
         self._idle = self._later(self._idleTimeout(), self._idleFired)
         self._startDeadline()
 
+    def _release(self) -> None:
+        """
+        Stop being the producer the transport pauses (once: a test's
+        transport refuses a second time).
+        """
+        if self._networkProducer is not None:
+            self._networkProducer = None
+            transport: Any = self.transport
+            transport.unregisterProducer()
+
     def _idleTimeout(self) -> float:
         timeout = self.timeOut
         if timeout is None:
@@ -741,7 +751,7 @@ class HTTP1Channel(Protocol):
         self._held = []
         self._heldBytes = 0
         transport: Any = self.transport
-        transport.unregisterProducer()
+        self._release()
         if self._readPaused:
             self._readPaused = False
             transport.resumeProducing()
@@ -774,7 +784,7 @@ class HTTP1Channel(Protocol):
         transport: Any = self.transport
         if transport is None:
             return
-        transport.unregisterProducer()
+        self._release()
         transport.loseConnection()
 
     # Idleness: one timer, which re-arms itself for a later deadline.
@@ -1326,7 +1336,7 @@ class HTTP1Channel(Protocol):
         record.failed(code)
         record.finished(CATALOGUE[code][0], self.site.reactor.seconds())
         self.site.refusalLogged(record)
-        transport.unregisterProducer()
+        self._release()
         halfClose = getattr(transport, "loseWriteConnection", None)
         if halfClose is None or self.isSecure():
             transport.loseConnection()
