@@ -278,6 +278,28 @@ class PipeliningTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
+class ClosingTests(SynchronousTestCase):
+    """
+    A connection may be closed several ways at once.
+    """
+
+    def test_closedTwice(self) -> None:
+        """
+        A connection closed after its last response, then again by the
+        request's exchange, closes once and raises nothing.
+        """
+        h = _harness()
+        protocol, transport = h.send(
+            b"GET /echo/a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        request = protocol._channel.requests[0]
+        _answer(h.client.calls[0])
+        self.assertTrue(transport.disconnecting)
+        request.loseConnection()
+        protocol._channel.loseConnection()
+        self.assertEqual([r["status"] for r in h.records()], [200])
+
+
 class ChunkFramingTests(SynchronousTestCase):
     """
     L{_ChunkFraming} finds where a chunked body ends.
