@@ -1032,11 +1032,13 @@ class HTTP1Channel(Protocol):
                 return
         request = self.requests[-1]
         request.headerTable.setdefault(canonical, []).append(value)
-        if canonical != b"Upgrade":
+        if canonical != b"Upgrade" and canonical != b"Content-Length":
             # llhttp reads an Upgrade as the end of HTTP (see the module's
-            # docstring): it checks every other header, as Twisted read it
-            # (its value without the whitespace around it, which llhttp
-            # reads differently in some headers: "chunked\t").
+            # docstring), and a Content-Length over 64 bits as malformed
+            # (Twisted's channel as too large, 413), and never reads a
+            # Content-Length body here: it checks every other header, as
+            # Twisted read it (its value without the whitespace around it,
+            # which llhttp reads differently in some headers: "chunked\t").
             self._headerLines.append(canonical + b": " + value)
         if underscore:
             if self.limits.underscoreHeaders == "reject":

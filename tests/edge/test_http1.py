@@ -147,6 +147,19 @@ class ReadingTests(SynchronousTestCase):
         second = h.client.calls[1]
         self.assertEqual(second.url, b"http://10.0.0.1:80/b")
 
+    def test_hugeContentLengthIsTooLarge(self) -> None:
+        """
+        A Content-Length over 64 bits, which llhttp would refuse as
+        malformed, is refused as too large (413), as today.
+        """
+        h = _harness()
+        _, transport = h.send(
+            b"POST /echo/ HTTP/1.1\r\nHost: a\r\nContent-Length: "
+            + b"9" * 30
+            + b"\r\n\r\n"
+        )
+        self.assertEqual(_statuses(transport), [413])
+
     def test_controlByteInAValueRefused(self) -> None:
         """
         llhttp refuses a header value with a control byte (other than a
