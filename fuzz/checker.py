@@ -53,6 +53,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
+from monedge.edge.http1 import HTTP1Channel, HTTP1Request
 from monedge.edge.server import ProxyRequest, ProxySite
 from monedge.interfaces import IUpstreamClient
 from monedge.observe.accesslog import AccessLog
@@ -179,7 +180,7 @@ class Call:
     method: bytes
     url: bytes
     headers: Headers
-    request: ProxyRequest | None
+    request: ProxyRequest | HTTP1Request | None
     result: Deferred[IResponse]
     answered: bool = False
     cancelled: bool = False
@@ -212,7 +213,7 @@ class TaggingUpstream:
     ) -> None:
         self.calls: list[Call] = []
         self.pending: list[Call] = []
-        self.current: ProxyRequest | None = None
+        self.current: ProxyRequest | HTTP1Request | None = None
         self.tagOffset = tagOffset
         self.mangle = mangle
 
@@ -294,13 +295,38 @@ class _RecordingRequest(ProxyRequest):
             upstream.current = None
 
 
+class _RecordingHTTP1Request(HTTP1Request):
+    """
+    An L{HTTP1Request} that records itself, as L{_RecordingRequest} does,
+    for monedge's own HTTP/1.1 front end (C{MONEDGE_FRONT_END=monedge}).
+    """
+
+    site: _FuzzSite
+
+    def __init__(self, channel: Any, method: bytes, uri: bytes, version: bytes) -> None:
+        super().__init__(channel, method, uri, version)
+        self.site.made.append(self)
+
+    def process(self) -> None:
+        upstream = self.site.upstream
+        upstream.current = self
+        try:
+            super().process()
+        finally:
+            upstream.current = None
+
+
+class _RecordingHTTP1Channel(HTTP1Channel):
+    requestClass = _RecordingHTTP1Request
+
+
 class _FuzzSite(ProxySite):
     requestFactory = _RecordingRequest
 
     def __init__(self, upstream: TaggingUpstream, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.upstream = upstream
-        self.made: list[_RecordingRequest] = []
+        self.made: list[_RecordingRequest | _RecordingHTTP1Request] = []
 
 
 #: The proxy's configuration: the options' defaults.
@@ -341,7 +367,7 @@ class Outcome:
 
     output: bytes
     closed: bool
-    requests: list[_RecordingRequest]
+    requests: list[_RecordingRequest | _RecordingHTTP1Request]
     calls: list[Call]
 
 
@@ -375,6 +401,8 @@ def runConnection(
         siteFactory=partial(_FuzzSite, upstream),
     ).site
     assert isinstance(site, _FuzzSite)
+    if site.channelFactory is HTTP1Channel:
+        site.channelFactory = _RecordingHTTP1Channel
     address = IPv4Address("TCP", PEER, 40000)
     protocol = site.buildProtocol(address)
     transport = StringTransport(
@@ -679,7 +707,9 @@ def frameRequests(data: bytes) -> list[Framed]:
 # The checks
 
 
-def _expectedTarget(request: ProxyRequest) -> tuple[FuzzService, RoutedPath]:
+def _expectedTarget(
+    request: ProxyRequest | HTTP1Request,
+) -> tuple[FuzzService, RoutedPath]:
     """
     Where C{request} must go, recomputed from its raw target alone.
     """

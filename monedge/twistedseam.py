@@ -33,20 +33,25 @@ from twisted.copyright import version as installedTwisted
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 from twisted.python.usage import UsageError
+from twisted.web._abnf import _hexint
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import (
     HTTPChannel,
     _ChunkedTransferDecoder,
     _GenericHTTPChannelProtocol,
+    _parseRequestLine,
 )
 from twisted.web.http import Request as HTTPRequest
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 
 __all__ = [
     "TWISTED_BELOW",
     "TWISTED_LOWEST",
     "HTTPChannelBase",
     "HTTPConnectionProtocol",
+    "canonicalHeaderName",
+    "chunkSize",
+    "parseRequestLine",
     "acceptOneAtATime",
     "channelOf",
     "checkTwistedVersion",
@@ -112,6 +117,25 @@ def checkTwistedVersion(version: str | None = None) -> None:
 #: request.
 HeaderTable = dict[bytes, list[bytes]]
 rawHeaderTable: Callable[[Headers], HeaderTable] = attrgetter("_rawHeaders")
+
+
+#: A request header's name as L{Headers} keeps it (C{b"x-foo"} ->
+#: C{b"X-Foo"}), with Twisted's cache; raises L{ValueError}
+#: (C{InvalidHeaderName}) for a name that is not a token.  monedge's own
+#: HTTP/1.1 front end (L{monedge.edge.http1}) checks names as Twisted's
+#: channel does.  Per header.
+canonicalHeaderName: Callable[[bytes], bytes] = _nameEncoder.encode
+
+#: Twisted's request-line parser: C{(method, target, version)}, or
+#: L{ValueError} for a line its channel refuses (a method that is not a
+#: token, a target with a space or a control byte, a version other than
+#: HTTP/1.0 and HTTP/1.1).  L{monedge.edge.http1} reads request lines with
+#: it, so that both front ends accept the same ones.  Per request.
+parseRequestLine: Callable[[bytes], tuple[bytes, bytes, bytes]] = _parseRequestLine
+
+#: Twisted's reading of a chunk-size (hex digits only, no sign, no
+#: spaces), or L{ValueError}.  Per chunk.
+chunkSize: Callable[[bytes], int] = _hexint
 
 
 # Requests (tests/runtime/test_workers.py, tests/test_loadbalancer.py)

@@ -415,7 +415,7 @@ class ArchitectureDocTests(SynchronousTestCase):
             text = f.read()
         documented = {}
         for layer, modules in re.findall(r"^\| (\d+) \| (.*?) \|", text, re.M):
-            for module in re.findall(r"`([a-z.]+)`", modules):
+            for module in re.findall(r"`([a-z][a-z0-9.]*)`", modules):
                 documented[module] = int(layer)
         self.assertEqual(
             documented, {m: n for m, n in LAYERS.items() if m not in PACKAGES}

@@ -18,6 +18,7 @@ L{monedge.twistedseam}.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from io import BytesIO
 from typing import IO, TYPE_CHECKING, Any, cast
 
@@ -866,10 +867,11 @@ class _ProxyChannelProtocol(HTTPConnectionProtocol):
     """
 
     def channelReplaced(self, previous: Any) -> None:
-        if isinstance(previous, ProxyChannel):
+        abandon = getattr(previous, "abandon", None)
+        if abandon is not None:
             # ALPN chose HTTP/2: the HTTP/1.1 channel made for the
             # connection is replaced, and must not time it out.
-            previous.abandon()
+            abandon()
 
     def readConnectionLost(self) -> None:
         channel = channelOf(self)
@@ -905,6 +907,10 @@ class ProxySite(server.Site):
 
     requestFactory = ProxyRequest  # type: ignore[assignment]
     displayTracebacks = False
+    #: Makes the HTTP/1.1 channel of each connection: L{ProxyChannel}, or
+    #: monedge's own (L{monedge.edge.http1}) when the composition root
+    #: chooses it.
+    channelFactory: Callable[[], Any] = ProxyChannel
 
     def __init__(
         self,
@@ -924,7 +930,8 @@ class ProxySite(server.Site):
         self.limits = limits
         self.draining = False
         self.inFlight = 0
-        self.channels: set[ProxyChannel] = set()
+        #: Open HTTP/1.1 connections (L{ProxyChannel}s, or monedge's own).
+        self.channels: set[Any] = set()
         self._drainWaiters: list[Deferred[None]] = []
         self._unrouted = metrics.forService(NO_SERVICE)
 
@@ -940,7 +947,7 @@ class ProxySite(server.Site):
         return tempfile.TemporaryFile()
 
     def protocol(self) -> HTTPConnectionProtocol:
-        return _ProxyChannelProtocol(ProxyChannel())
+        return _ProxyChannelProtocol(self.channelFactory())
 
     def acceptableProtocols(self) -> list[bytes]:
         """
@@ -1056,7 +1063,9 @@ class ListenerFactory(ServerFactory):
         found = []
         for protocol in list(self.connections):
             channel = channelOf(protocol)
-            if isinstance(channel, ProxyChannel):
+            # A ProxyChannel, or monedge's own HTTP/1.1 channel: each has a
+            # tunnelSide, which Twisted's HTTP/2 connection has not.
+            if hasattr(channel, "tunnelSide"):
                 found.append("http/1.1" if channel.tunnelSide is None else "websocket")
             else:
                 found.append("h2")

@@ -34,6 +34,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.http import H2_ENABLED
 
+from monedge.edge import http1
 from monedge.edge.server import ListenerFactory, ProxySite
 from monedge.edge.tls import CertificateFileError, CertificateStore
 from monedge.hooks import HookConfigError, HookContext, HookSet
@@ -302,6 +303,10 @@ def buildProxy(
         forwarding=config.forwarding,
         limits=config.limits,
     )
+    if http1.selected():
+        # MONEDGE_FRONT_END=monedge: the HTTP/1.1 front end in development
+        # (monedge.edge.http1).
+        site.channelFactory = http1.HTTP1Channel
     return Proxy(
         config=config,
         reactor=reactor,

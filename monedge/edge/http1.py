@@ -1,0 +1,1355 @@
+"""
+monedge's own HTTP/1.1 front end, on httptools (llhttp): issue 15, item 7,
+first increment.
+
+L{HTTP1Channel} reads client connections and L{HTTP1Request} answers
+through the same API as twisted.web's request, so that the exchange and
+the resource tree cannot tell them apart (L{ClientRequest}).  The site
+state (routing, limits, metrics, the access log, draining) stays
+L{monedge.edge.server.ProxySite}'s.
+
+It is not the default yet.  It is selected only when the environment
+variable C{MONEDGE_FRONT_END} is C{monedge} (a development switch, read
+when the proxy is built: L{monedge.runtime.compose.buildProxy}), so that
+the whole suite can be run against it::
+
+    MONEDGE_FRONT_END=monedge python -m twisted.trial tests
+
+Every connection still starts on Twisted's protocol switch, so that a TLS
+connection whose ALPN chose C{h2} goes on to Twisted's HTTP/2, as before;
+only HTTP/1.1 connections use this channel.
+
+How a request is read, to accept and refuse exactly what today's front
+end does (L{monedge.edge.server.ProxyChannel}):
+
+  - The head is framed here, line by line on CRLF, so that the limits
+    apply to raw lines as they come: the request line (414), each header
+    line, their count and bytes (431), obsolete line folding (400), the
+    underscore policy, the transfer-coding rules.  The request line and
+    header names are read with Twisted's own rules (from
+    L{monedge.twistedseam}), which accept any token as a method.
+  - The header block is then given to llhttp, which refuses what it finds
+    malformed (control bytes in a value, a bad Content-Length, both
+    framings) with 400.  llhttp knows only the methods it lists, and reads
+    an C{Upgrade} as the end of HTTP: it is given a neutral request line
+    and no C{Upgrade} header, so the body is framed by Content-Length or
+    chunked as Twisted would, and a WebSocket handshake waits for the
+    upstream's 101 like any other request.
+  - A Content-Length body is counted here and taken as it comes; a chunked
+    body is decoded by llhttp, while a small scanner (L{_ChunkFraming})
+    finds where it ends, so that a pipelined request after it is held
+    until the response is sent, and refuses a chunk that declares more
+    than the body may hold as soon as its size line is read (413).
+
+Bodies are held in memory, within the service's max-body-size, and sent
+upstream whole, as today (streaming them is issue 15, item 1).
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from io import BytesIO
+from typing import IO, Any
+
+import httptools
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    ISSLTransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import NO_BODY_CODES, RESPONSES
+from twisted.web.http_headers import Headers
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from monedge.edge.server import (
+    CLIENT_CLOSED,
+    LINGER,
+    UNDERSCORE_REFUSED,
+    ProxySite,
+)
+from monedge.proxy.exchange import ClientRequest, ProxyExchange, TunnelChannel
+from monedge.record import RequestRecord
+from monedge.rules.errors import CATALOGUE, ProxyError, rawErrorResponse, renderError
+from monedge.rules.headers import connectionTokens, newRequestId, requestIdFor
+from monedge.rules.limits import Limits
+from monedge.twistedseam import (
+    HeaderTable,
+    canonicalHeaderName,
+    chunkSize,
+    parseRequestLine,
+    rawHeaderTable,
+    sendAtOnce,
+)
+from monedge.upstream.tunnel import TunnelSide
+
+#: The environment variable that selects this front end, and its value.
+FRONT_END_VARIABLE = "MONEDGE_FRONT_END"
+FRONT_END_VALUE = "monedge"
+
+_log = Logger()
+
+#: Bytes read ahead, while a request is answered, before the connection is
+#: paused (Twisted's channel reads as far).
+_EAGER_READ = 0x4000
+
+#: Seconds a timed-out connection has to close before it is aborted
+#: (Twisted's channel waits as long).
+_ABORT_TIMEOUT = 15.0
+
+#: The longest chunk-size line, and the most bytes of trailers, that a
+#: chunked body may have (Twisted's limits).
+_MAX_CHUNK_LINE = 1024
+_MAX_TRAILERS = 1 << 16
+
+
+def selected() -> bool:
+    """
+    Whether C{MONEDGE_FRONT_END=monedge} asks for this front end.
+    """
+    return os.environ.get(FRONT_END_VARIABLE) == FRONT_END_VALUE
+
+
+class _Malformed(Exception):
+    """
+    A chunked body's framing is malformed.
+    """
+
+
+class _TooLarge(Exception):
+    """
+    A chunk declares more than the body may hold.
+    """
+
+
+_SIZE, _DATA, _CRLF, _TRAILER = range(4)
+
+
+class _ChunkFraming:
+    """
+    Where a chunked body ends, read alongside llhttp (which decodes it and
+    checks what this does not: chunk extensions, trailer syntax).  The
+    body's bytes are never copied here.
+
+    @ivar total: the chunk sizes declared so far.
+    """
+
+    def __init__(self) -> None:
+        self.state = _SIZE
+        self.remaining = 0
+        self.total = 0
+        self.line = b""
+        self.trailerBytes = 0
+
+    def scan(self, data: bytes, limit: int | None) -> int:
+        """
+        Read C{data}, the body's next bytes.
+
+        @param limit: the most bytes the body may hold, if any.
+        @return: the offset just past the body's end in C{data}, or -1 if
+            it does not end in it.
+        @raise _Malformed: for framing Twisted's decoder would refuse.
+        @raise _TooLarge: for a chunk that takes the body past C{limit}.
+        """
+        pos = 0
+        size = len(data)
+        while pos < size:
+            state = self.state
+            if state == _DATA:
+                take = min(self.remaining, size - pos)
+                self.remaining -= take
+                pos += take
+                if not self.remaining:
+                    self.state = _CRLF
+            elif state == _CRLF:
+                piece = data[pos : pos + 2 - len(self.line)]
+                pos += len(piece)
+                line = self.line = self.line + piece
+                if len(line) == 2:
+                    if line != b"\r\n":
+                        raise _Malformed("a chunk did not end with CRLF")
+                    self.line = b""
+                    self.state = _SIZE
+            else:
+                eol = data.find(b"\n", pos)
+                if eol < 0:
+                    self.line += data[pos:]
+                    if state == _SIZE and len(self.line) > _MAX_CHUNK_LINE:
+                        raise _Malformed("a chunk-size line is too long")
+                    if self.trailerBytes + len(self.line) > _MAX_TRAILERS:
+                        raise _Malformed("the trailers are too long")
+                    return -1
+                line = self.line + data[pos : eol + 1]
+                self.line = b""
+                pos = eol + 1
+                if line[-2:-1] != b"\r":
+                    raise _Malformed("a bare LF in chunked framing")
+                line = line[:-2]
+                if state == _SIZE:
+                    if len(line) >= _MAX_CHUNK_LINE:
+                        raise _Malformed("a chunk-size line is too long")
+                    try:
+                        length = chunkSize(line.partition(b";")[0])
+                    except ValueError:
+                        raise _Malformed("a chunk-size is not hex") from None
+                    if limit is not None and self.total + length > limit:
+                        raise _TooLarge()
+                    self.total += length
+                    if length:
+                        self.remaining = length
+                        self.state = _DATA
+                    else:
+                        self.state = _TRAILER
+                else:
+                    self.trailerBytes += len(line) + 2
+                    if self.trailerBytes > _MAX_TRAILERS:
+                        raise _Malformed("the trailers are too long")
+                    if not line:
+                        return pos
+        return -1
+
+    def partialSize(self) -> int | None:
+        """
+        The size declared so far by a chunk-size line still being read, if
+        its digits so far are hex.
+        """
+        if self.state != _SIZE or not self.line:
+            return None
+        try:
+            return chunkSize(self.line.partition(b";")[0].rstrip(b"\r"))
+        except ValueError:
+            return None
+
+
+class HTTP1Request:
+    """
+    One request on an L{HTTP1Channel}: it routes itself as soon as its
+    headers are in, holds its body in memory, answers through Twisted's
+    request API, and accounts for itself (access log, metrics, in-flight
+    count) exactly once, however it ends.
+    """
+
+    site: ProxySite
+    channel: Any
+    #: The exchange proxying this request, once it has started.
+    exchange: ProxyExchange | None = None
+
+    # Per-request state, its defaults on the class.
+    hasBody = False
+    content: IO[bytes] | None = None
+    code = 200
+    code_message = b"OK"
+    startedWriting = 0
+    finished = 0
+    disconnected = False
+    sentLength = 0
+    chunked = False
+    producer: Any = None
+    _noBody = False
+    _bodyLimit: int | None = None
+    _refused = False
+    _accounted = False
+    _inFlight = False
+    _requestId: bytes | None = None
+    _peerAddress: bytes | None = None
+
+    def __init__(
+        self, channel: HTTP1Channel, method: bytes, uri: bytes, version: bytes
+    ) -> None:
+        self.channel = channel
+        site = self.site = channel.site
+        self.method = method
+        self.uri = uri
+        self.clientproto = version
+        self.path = uri.partition(b"?")[0]
+        #: What this request did (L{monedge.record}): this request owns it.
+        self.record = RequestRecord(site.reactor.seconds())
+        self.requestHeaders = Headers()
+        self.responseHeaders = Headers()
+        self.headerTable: HeaderTable = rawHeaderTable(self.requestHeaders)
+        self.client = channel.getPeer()
+        self.host = channel.getHost()
+        self._metrics: Any = None
+
+    # Identity
+
+    @property
+    def requestId(self) -> bytes:
+        """
+        This request's id: a trusted hop's valid C{X-Request-Id}, or a new
+        one.
+        """
+        rid = self._requestId
+        if rid is None:
+            rid = self._requestId = requestIdFor(
+                self.requestHeaders, self.site.forwarding.isTrusted(self.peerAddress)
+            )
+        return rid
+
+    @property
+    def peerAddress(self) -> bytes:
+        """
+        The client's address, worked out once.
+        """
+        address = self._peerAddress
+        if address is None:
+            host = getattr(self.client, "host", None)
+            if host is None:
+                address = b"unknown"
+            elif isinstance(host, str):
+                address = host.encode("ascii")
+            else:
+                address = bytes(host)
+            self._peerAddress = address
+        return address
+
+    @property
+    def listenerPort(self) -> bytes:
+        """
+        The port the request arrived on.
+        """
+        return str(getattr(self.host, "port", 0)).encode("ascii")
+
+    @property
+    def isHTTP2(self) -> bool:
+        """
+        Never: this front end speaks HTTP/1.1.
+        """
+        return False
+
+    def isSecure(self) -> bool:
+        channel = getattr(self, "channel", None)
+        return bool(channel is not None and channel.isSecure())
+
+    # Receiving
+
+    def gotLength(self, length: int | None) -> None:
+        """
+        The headers are in: route, and refuse a body that will not be read
+        or may not be held.  C{length} is the body's declared length, or
+        L{None} for a chunked body.
+        """
+        self.hasBody = length is None or length > 0
+        decision = self.site.resource.decide(
+            self.method, self.uri, self.clientproto, self.headerTable, self.record
+        )
+        error = getattr(decision, "error", None)
+        if error is not None and self.hasBody:
+            self._refuse(error.code, error.message)
+            return
+        policy = getattr(decision, "policy", None)
+        if policy is not None:
+            limit = policy.maxBodySize
+            if length is not None and length > limit:
+                self._refuse("body_too_large")
+                return
+            if length is None:
+                self._bodyLimit = limit
+        self.content = BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        record = self.record
+        record.bytesIn += len(data)
+        if self._bodyLimit is not None and record.bytesIn > self._bodyLimit:
+            self._refuse("body_too_large")
+            return
+        content = self.content
+        assert content is not None
+        content.write(data)
+
+    def _refuse(self, code: str, message: str | None = None) -> None:
+        self._refused = True
+        self._accounted = True
+        self.channel.refuse(code, self.requestId, message, request=self)
+
+    def requestReceived(self) -> None:
+        """
+        The whole request is in: answer it.
+        """
+        if self._refused:
+            return
+        content = self.content
+        if content is not None:
+            content.seek(0, 0)
+        self.process()
+
+    def process(self) -> None:
+        site = self.site
+        self._inFlight = True
+        site.inFlight += 1
+        self._metrics = metrics = (
+            getattr(self.record.decision, "metrics", None) or site._unrouted
+        )
+        metrics.inFlight += 1
+        if site.draining:
+            self._closeAfterResponse()
+        try:
+            resource = site.resource.getChildWithDefault(b"", self)
+            self.render(resource)
+        except BaseException:
+            self.processingFailed(Failure())
+
+    def render(self, resource: Any) -> None:
+        """
+        Ask C{resource} to answer (Twisted's C{Request.render}, for the
+        leaves monedge has, which answer every method).
+        """
+        body = resource.render(self)
+        if body is NOT_DONE_YET:
+            return
+        self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % (len(body),)])
+        self.write(b"" if self.method == b"HEAD" else body)
+        self.finish()
+
+    def _closeAfterResponse(self) -> None:
+        self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        self.channel.persistent = False
+
+    def processingFailed(self, reason: Failure) -> None:
+        """
+        An internal error: log the traceback, never show it.
+        """
+        _log.failure(
+            "internal error handling {method} {uri}",
+            failure=reason,
+            method=self.method,
+            uri=self.uri,
+        )
+        self.record.failed("internal_error")
+        if self.disconnected or self.finished:
+            return
+        if self.startedWriting:
+            self.loseConnection()
+            return
+        self.responseHeaders = Headers()
+        body = renderError(self, ProxyError("internal_error"), self.requestId)
+        self.write(body)
+        self.finish()
+
+    # Answering (Twisted's request API)
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        self.code = code
+        if message is not None:
+            self.code_message = message
+        else:
+            self.code_message = RESPONSES.get(code, b"Unknown Status")
+
+    def write(self, data: bytes) -> None:
+        if self.finished:
+            raise RuntimeError(
+                "Request.write called on a request after Request.finish was called."
+            )
+        if self.disconnected:
+            return
+        channel = self.channel
+        if not self.startedWriting:
+            if self.site.draining:
+                self._closeAfterResponse()
+            self.startedWriting = 1
+            version = self.clientproto
+            headers = self.responseHeaders
+            noBody = self.method == b"HEAD" or self.code in NO_BODY_CODES
+            if (
+                version == b"HTTP/1.1"
+                and b"Content-Length" not in rawHeaderTable(headers)
+                and not noBody
+            ):
+                headers.setRawHeaders(b"Transfer-Encoding", [b"chunked"])
+                self.chunked = True
+            channel.writeHeaders(
+                version, b"%d" % (self.code,), self.code_message, headers
+            )
+            if noBody:
+                self._noBody = True
+                return
+        if self._noBody:
+            return
+        self.sentLength += len(data)
+        if data:
+            if self.chunked:
+                channel.writeSequence([b"%x\r\n" % (len(data),), data, b"\r\n"])
+            else:
+                channel.write(data)
+
+    def finish(self) -> None:
+        if self.disconnected:
+            raise RuntimeError(
+                "Request.finish called on a request after its connection was lost"
+            )
+        if self.finished:
+            return
+        if not self.startedWriting:
+            self.write(b"")
+        if self.chunked:
+            self.channel.write(b"0\r\n\r\n")
+        self.finished = 1
+        if self.producer is not None:
+            _log.failure(
+                "",
+                Failure(
+                    RuntimeError(f"Producer was not unregistered for {self.uri!r}")
+                ),
+            )
+            self.unregisterProducer()
+        channel = self.channel
+        del self.channel
+        content = self.content
+        if content is not None:
+            content.close()
+            self.content = None
+        channel.requestDone(self)
+        self._account(self.code)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self.producer is not None:
+            raise ValueError(
+                f"registering producer {producer} before previous one"
+                f" ({self.producer}) was unregistered"
+            )
+        self.producer = producer
+        self.channel.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.unregisterProducer()
+        self.producer = None
+
+    def loseConnection(self) -> None:
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.loseConnection()
+
+    def flushHead(self) -> None:
+        """
+        Send the response head now if it is still held for the body's
+        first bytes.
+        """
+        if self.finished or self.disconnected:
+            return
+        self.channel.flushHead()
+
+    # Ending
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.disconnected = True
+        if self.finished:
+            return
+        self.channel = None
+        content = self.content
+        if content is not None:
+            content.close()
+            self.content = None
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.clientLost(reason)
+        if self.record.tunnelled:
+            # Accounted for when the tunnel, both its connections, ends.
+            return
+        self._account(CLIENT_CLOSED if not self.record.errorCode else self.code)
+
+    def tunnelDone(self) -> None:
+        """
+        The tunnel this request opened has closed: log it, as a 101.
+        """
+        self._account(101)
+
+    def _account(self, status: int) -> None:
+        if self._accounted:
+            return
+        self._accounted = True
+        self.exchange = None
+        site = self.site
+        if self._inFlight:
+            self._inFlight = False
+            site.inFlight -= 1
+            self._metrics.inFlight -= 1
+        record = self.record
+        record.requestId = self.requestId
+        record.client = self.peerAddress
+        record.method = self.method
+        record.path = self.uri
+        if not record.tunnelled:
+            record.bytesOut = self.sentLength
+        record.finished(status, site.reactor.seconds(), self.code)
+        site.requestDone(record)
+
+
+_HEAD, _BODY = range(2)
+
+
+@implementer(IPushProducer)
+class HTTP1Channel(Protocol):
+    """
+    An HTTP/1.1 connection from a client, read with llhttp, with monedge's
+    limits; it answers one request at a time, holding what a client
+    pipelines behind it.
+
+    The attributes C{site}, C{factory}, C{requestFactory}, C{timeOut} and
+    C{callLater} are set by the site and by Twisted's protocol switch, as
+    on Twisted's channel; C{_networkProducer} and L{setTimeout} are what
+    the switch uses when ALPN chooses HTTP/2 instead.
+    """
+
+    site: ProxySite
+    #: The class of this channel's requests.
+    requestClass: type[HTTP1Request] = HTTP1Request
+    factory: Any = None
+    requestFactory: Any = None
+    timeOut: float | None = None
+    callLater: Any = None
+    persistent = True
+
+    def __init__(self) -> None:
+        self.requests: list[HTTP1Request] = []
+        #: Once the connection is a tunnel: where its bytes go.
+        self.tunnelSide: TunnelSide | None = None
+        self._state = _HEAD
+        # The head being read: its bytes so far (from the start of the line
+        # being read), and what its complete lines said.
+        self._buffer = b""
+        self._inRequestLine = True
+        self._blankSkipped = False
+        self._headerBytes = 0
+        self._headerCount = 0
+        self._pendingHeader: bytes | None = None
+        self._headerLines: list[bytes] = []
+        self._length: int | None = 0
+        self._framing: str | None = None
+        self._version = b""
+        # The body being read.
+        self._remaining = 0
+        self._chunks: _ChunkFraming | None = None
+        self._parser: Any = None
+        self._messageDone = False
+        #: llhttp refused a chunk-size line not all read yet.
+        self._parserFailed = False
+        # Answering.
+        self._answering = False
+        self._held: list[bytes] = []
+        self._heldBytes = 0
+        self._dispatching = False
+        self._heldHead: bytes | None = None
+        self._requestProducer: Any = None
+        self._waitingForTransport = False
+        self._readPaused = False
+        # Timers: the header and body deadline, keep-alive idleness, the
+        # lingering close and the abort after a time-out.
+        self._deadline: IDelayedCall | None = None
+        self._deadlineAt: float | None = None
+        self._idle: IDelayedCall | None = None
+        self._lastActive = 0.0
+        self._lingering: IDelayedCall | None = None
+        self._aborting: IDelayedCall | None = None
+        self._refused = False
+        #: The last response closes the connection.
+        self._closing = False
+        self._inBody = False
+        self._host: Any = None
+        self._peer: Any = None
+        self._secure: bool | None = None
+        self._networkProducer: Any = None
+
+    @property
+    def limits(self) -> Limits:
+        return self.site.limits
+
+    def _later(self, delay: float, f: Any) -> IDelayedCall:
+        call: IDelayedCall = self.site.reactor.callLater(delay, f)
+        return call
+
+    # The connection
+
+    def getHost(self) -> Any:
+        host = self._host
+        if host is None:
+            assert self.transport is not None
+            host = self._host = self.transport.getHost()
+        return host
+
+    def getPeer(self) -> Any:
+        peer = self._peer
+        if peer is None:
+            assert self.transport is not None
+            peer = self._peer = self.transport.getPeer()
+        return peer
+
+    def isSecure(self) -> bool:
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = ISSLTransport.providedBy(self.transport)
+        return secure
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        sendAtOnce(transport)
+        setNoDelay = getattr(transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            try:
+                setNoDelay(True)
+            except OSError:
+                pass
+        self._networkProducer = transport
+        transport.registerProducer(self, True)
+        self.site.channels.add(self)
+        self._lastActive = self.site.reactor.seconds()
+        self._idle = self._later(self._idleTimeout(), self._idleFired)
+        self._startDeadline()
+
+    def _release(self) -> None:
+        """
+        Stop being the producer the transport pauses (once: a test's
+        transport refuses a second time).
+        """
+        if self._networkProducer is not None:
+            self._networkProducer = None
+            transport: Any = self.transport
+            transport.unregisterProducer()
+
+    def _idleTimeout(self) -> float:
+        timeout = self.timeOut
+        if timeout is None:
+            timeout = self.limits.keepAliveTimeout
+        return timeout
+
+    def setTimeout(self, timeout: float | None) -> None:
+        """
+        Only to stop idleness timing out the connection (L{None}), as
+        Twisted's protocol switch does when HTTP/2 takes it over.
+        """
+        if timeout is None and self._idle is not None:
+            if self._idle.active():
+                self._idle.cancel()
+            self._idle = None
+
+    def abandon(self) -> None:
+        """
+        Another protocol (HTTP/2) took the connection: stop timing it and
+        stop counting it as an HTTP/1.1 connection.
+        """
+        self._cancelDeadline()
+        self.setTimeout(None)
+        self.site.channels.discard(self)
+
+    def startTunnel(self, side: TunnelSide) -> bytes:
+        """
+        Stop speaking HTTP: every byte from now on goes to C{side}.
+
+        @return: the bytes that arrived after the request and were held.
+        """
+        self.tunnelSide = side
+        self.setTimeout(None)
+        self._cancelDeadline()
+        held = b"".join(self._held)
+        self._held = []
+        self._heldBytes = 0
+        transport: Any = self.transport
+        self._release()
+        if self._readPaused:
+            self._readPaused = False
+            transport.resumeProducing()
+        return held
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        side = self.tunnelSide
+        if side is not None:
+            side.lost(reason)
+        self._cancelDeadline()
+        self.setTimeout(None)
+        for call in (self._lingering, self._aborting):
+            if call is not None and call.active():
+                call.cancel()
+        self._lingering = self._aborting = None
+        self.site.channels.discard(self)
+        for request in list(self.requests):
+            request.connectionLost(reason)
+        self.requests = []
+        self.site.checkDrained()
+
+    def isIdle(self) -> bool:
+        """
+        Is the connection between requests, with nothing in progress?
+        """
+        return not self._answering and not self.requests and not self._buffer
+
+    def loseConnection(self) -> None:
+        self.flushHead()
+        transport: Any = self.transport
+        if transport is None:
+            return
+        self._release()
+        transport.loseConnection()
+
+    # Idleness: one timer, which re-arms itself for a later deadline.
+
+    def _idleFired(self) -> None:
+        self._idle = None
+        timeout = self._idleTimeout()
+        if self._answering:
+            # Answering a request is not idleness.
+            self._idle = self._later(timeout, self._idleFired)
+            return
+        remaining = self._lastActive + timeout - self.site.reactor.seconds()
+        if remaining > 0:
+            self._idle = self._later(remaining, self._idleFired)
+            return
+        self.loseConnection()
+        transport: Any = self.transport
+        if transport is not None:
+            self._aborting = self._later(_ABORT_TIMEOUT, transport.abortConnection)
+
+    # The header deadline (one timer per connection, as in ProxyChannel)
+
+    def _startDeadline(self, timeout: float | None = None) -> None:
+        if self._deadlineAt is not None:
+            return
+        if timeout is None:
+            timeout = self.limits.headerTimeout
+        self._deadlineAt = self.site.reactor.seconds() + timeout
+        if self._deadline is None:
+            self._deadline = self._later(timeout, self._deadlineFired)
+        elif self._deadline.getTime() > self._deadlineAt:
+            self._deadline.reset(timeout)
+
+    def _stopDeadline(self) -> None:
+        self._deadlineAt = None
+
+    def _cancelDeadline(self) -> None:
+        self._deadlineAt = None
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _deadlineFired(self) -> None:
+        self._deadline = None
+        at = self._deadlineAt
+        if at is None:
+            return
+        remaining = at - self.site.reactor.seconds()
+        if remaining > 0:
+            self._deadline = self._later(remaining, self._deadlineFired)
+            return
+        self._deadlineAt = None
+        request = self.requests[-1] if self.requests else None
+        message = None
+        if self._inBody:
+            message = f"the request body stalled for {self.limits.bodyTimeout:g} s"
+        self.refuse(
+            "request_timeout",
+            request.requestId if request is not None else None,
+            message,
+            request=request,
+        )
+
+    # Reading
+
+    def dataReceived(self, data: bytes) -> None:
+        side = self.tunnelSide
+        if side is not None:
+            side.received(data)
+            return
+        if self._refused or self._closing:
+            return
+        now = self.site.reactor.seconds()
+        self._lastActive = now
+        if self._inBody:
+            # The body moved: its idle deadline starts again.
+            self._deadlineAt = now + self.limits.bodyTimeout
+        self._dispatch(data)
+
+    def _dispatch(self, data: bytes) -> None:
+        self._dispatching = True
+        try:
+            while (
+                data
+                and not self._refused
+                and not self._closing
+                and self.tunnelSide is None
+            ):
+                if self._answering:
+                    self._hold(data)
+                    return
+                if self._state == _HEAD:
+                    data = self._readHead(data)
+                else:
+                    data = self._readBody(data)
+        finally:
+            self._dispatching = False
+
+    def _hold(self, data: bytes) -> None:
+        """
+        Keep bytes that came while a request is answered, for after it;
+        stop reading past a small amount.
+        """
+        self._held.append(data)
+        self._heldBytes += len(data)
+        if (
+            self._heldBytes > _EAGER_READ
+            and not self._readPaused
+            and not self._waitingForTransport
+        ):
+            self._readPaused = True
+            transport: Any = self.transport
+            transport.pauseProducing()
+
+    def _readHead(self, data: bytes) -> bytes:
+        """
+        Read head lines from C{data}; return what follows the head, if it
+        ended in C{data}.
+        """
+        if self._inRequestLine:
+            self._startDeadline()
+        buf = self._buffer + data if self._buffer else data
+        pos = 0
+        while True:
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                break
+            line = buf[pos:end]
+            pos = end + 2
+            done = self._lineReceived(line)
+            if self._refused:
+                self._buffer = b""
+                return b""
+            if done:
+                self._buffer = b""
+                rest = buf[pos:]
+                self._headReceived()
+                return b"" if self._refused else rest
+        partial = buf[pos:] if pos else buf
+        self._buffer = partial
+        limits = self.limits
+        if len(partial) > max(limits.maxRequestLine, limits.maxHeaderLine):
+            self._buffer = b""
+            if self._inRequestLine:
+                self.refuse("uri_too_long")
+            else:
+                self._refuseForRequest("headers_too_large")
+        return b""
+
+    def _lineReceived(self, line: bytes) -> bool:
+        """
+        One line of the head; whether it was the head's last.
+        """
+        limits = self.limits
+        if self._inRequestLine:
+            if len(line) > limits.maxRequestLine:
+                self.refuse("uri_too_long")
+                return False
+            if not line and not self._blankSkipped:
+                # An empty line before a request line is skipped, once per
+                # request (Twisted's channel does).
+                self._blankSkipped = True
+                return False
+            self._inRequestLine = False
+            try:
+                method, target, version = parseRequestLine(line)
+            except ValueError:
+                self.refuse("bad_request")
+                return False
+            self._version = version
+            self.requests.append(self.requestClass(self, method, target, version))
+            return False
+        if not line:
+            pending = self._pendingHeader
+            if pending is not None:
+                self._pendingHeader = None
+                self._headerReceived(pending)
+            return not self._refused
+        if len(line) > limits.maxHeaderLine:
+            self._refuseForRequest("headers_too_large")
+            return False
+        if line[0] in b" \t":
+            self.refuse("bad_request", message="obsolete line folding is refused")
+            return False
+        self._headerCount += 1
+        self._headerBytes += len(line)
+        if (
+            self._headerCount > limits.maxHeaderCount
+            or self._headerBytes > limits.maxHeadersSize
+        ):
+            self._refuseForRequest("headers_too_large")
+            return False
+        pending = self._pendingHeader
+        self._pendingHeader = line
+        if pending is not None:
+            self._headerReceived(pending)
+        return False
+
+    def _headerReceived(self, line: bytes) -> None:
+        """
+        One header line, checked as today's channel checks it, and kept.
+        """
+        name, sep, value = line.partition(b":")
+        underscore = name.find(b"_") >= 0 and self.limits.underscoreHeaders != "allow"
+        if (
+            not underscore
+            and sep
+            and name.strip(b" \t").lower() == b"transfer-encoding"
+        ):
+            if self._version != b"HTTP/1.1":
+                self._refuseForRequest("bad_request")
+                return
+            if value.strip(b" \t").lower() != b"chunked":
+                self._refuseForRequest("bad_request")
+                return
+        if not sep:
+            self._refuseForRequest("bad_request")
+            return
+        try:
+            canonical = canonicalHeaderName(name)
+        except ValueError:
+            self._refuseForRequest("bad_request")
+            return
+        value = value.strip(b" \t")
+        if len(value.translate(None, b"\x00\r\n")) != len(value):
+            self._refuseForRequest("bad_request")
+            return
+        if canonical == b"Content-Length":
+            if not value.isdigit() or self._framing is not None:
+                self._refuseForRequest("bad_request")
+                return
+            self._framing = "length"
+            self._length = int(value)
+        elif canonical == b"Transfer-Encoding":
+            lowered = value.lower()
+            if lowered == b"chunked":
+                if self._framing is not None:
+                    self._refuseForRequest("bad_request")
+                    return
+                self._framing = "chunked"
+                self._length = None
+            elif lowered != b"identity":
+                self._refuseForRequest("bad_request")
+                return
+        request = self.requests[-1]
+        request.headerTable.setdefault(canonical, []).append(value)
+        if canonical != b"Upgrade" and canonical != b"Content-Length":
+            # llhttp reads an Upgrade as the end of HTTP (see the module's
+            # docstring), and a Content-Length over 64 bits as malformed
+            # (Twisted's channel as too large, 413), and never reads a
+            # Content-Length body here: it checks every other header, as
+            # Twisted read it (its value without the whitespace around it,
+            # which llhttp reads differently in some headers: "chunked\t").
+            self._headerLines.append(canonical + b": " + value)
+        if underscore:
+            if self.limits.underscoreHeaders == "reject":
+                self._refuseForRequest("bad_request", UNDERSCORE_REFUSED)
+                return
+            request.requestHeaders.removeHeader(canonical)
+
+    def _headReceived(self) -> None:
+        """
+        The head is in: llhttp checks it, the request routes itself, and
+        the body, if any, is read next.
+        """
+        self._stopDeadline()
+        request = self.requests[-1]
+        version = self._version
+        parser = httptools.HttpRequestParser(self)
+        self._messageDone = False
+        head = b"\r\n".join([b"PUT / " + version, *self._headerLines, b"", b""])
+        self._headerLines = []
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserError:
+            self._refuseForRequest("bad_request")
+            return
+        self.persistent = self._checkPersistence(request, version)
+        length = self._length
+        request.gotLength(length)
+        if self._refused:
+            return
+        expect = request.headerTable.get(b"Expect")
+        if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
+            transport: Any = self.transport
+            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._inBody = True
+        self._startDeadline(self.limits.bodyTimeout)
+        if length == 0:
+            self._allContentReceived()
+            return
+        self._state = _BODY
+        if length is None:
+            self._parser = parser
+            self._chunks = _ChunkFraming()
+        else:
+            self._remaining = length
+
+    def _readBody(self, data: bytes) -> bytes:
+        """
+        Read body bytes from C{data}; return what follows the body, if it
+        ended in C{data}.
+        """
+        request = self.requests[-1]
+        chunks = self._chunks
+        if chunks is None:
+            remaining = self._remaining
+            if len(data) <= remaining:
+                body, rest = data, b""
+            else:
+                body, rest = data[:remaining], data[remaining:]
+            self._remaining = remaining - len(body)
+            request.handleContentChunk(body)
+            if self._refused:
+                return b""
+            if not self._remaining:
+                self._allContentReceived()
+                return rest
+            return b""
+        failed = self._parserFailed
+        try:
+            end = chunks.scan(data, request._bodyLimit)
+        except _TooLarge:
+            request._refuse("body_too_large")
+            return b""
+        except _Malformed:
+            self._refuseForRequest("bad_request")
+            return b""
+        if failed:
+            if chunks.partialSize() is None:
+                # The line llhttp refused is all in, and no worse than
+                # malformed.
+                self._refuseForRequest("bad_request")
+            return b""
+        body = data if end < 0 else data[:end]
+        try:
+            self._parser.feed_data(body)
+        except httptools.HttpParserError:
+            if chunks.partialSize() is not None:
+                # llhttp refuses a chunk-size over 64 bits as soon as it
+                # reads its digits; Twisted's channel read the whole line
+                # first, and found it malformed (400) or too large (413):
+                # so does this one, by the framing.
+                self._parserFailed = True
+                return b""
+            self._refuseForRequest("bad_request")
+            return b""
+        if self._refused:
+            return b""
+        if self._messageDone != (end >= 0):
+            # llhttp and the framing disagree on where the body ends.
+            self._refuseForRequest("bad_request")
+            return b""
+        if end < 0:
+            return b""
+        self._allContentReceived()
+        return data[end:]
+
+    # llhttp's callbacks
+
+    def on_body(self, body: bytes) -> None:
+        self.requests[-1].handleContentChunk(body)
+
+    def on_message_complete(self) -> None:
+        self._messageDone = True
+
+    def _checkPersistence(self, request: HTTP1Request, version: bytes) -> bool:
+        """
+        Whether the connection stays open after this request: HTTP/1.1
+        unless a C{Connection} header's token list says C{close}.
+        """
+        tokens = connectionTokens(request.headerTable.get(b"Connection"))
+        if version == b"HTTP/1.1" and b"close" not in tokens:
+            return True
+        if version == b"HTTP/1.1":
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        return False
+
+    def _allContentReceived(self) -> None:
+        self._inBody = False
+        self._stopDeadline()
+        self._state = _HEAD
+        self._inRequestLine = True
+        self._blankSkipped = False
+        self._headerBytes = 0
+        self._headerCount = 0
+        self._length = 0
+        self._framing = None
+        self._parser = None
+        self._chunks = None
+        self._parserFailed = False
+        self._answering = True
+        self.requests[-1].requestReceived()
+
+    # Answering
+
+    def requestDone(self, request: HTTP1Request) -> None:
+        """
+        C{request}'s response is all written.
+        """
+        self.flushHead()
+        if self.site.draining:
+            self.persistent = False
+        if request in self.requests:
+            self.requests.remove(request)
+        if self._readPaused and not self._waitingForTransport:
+            self._readPaused = False
+            transport: Any = self.transport
+            transport.resumeProducing()
+        if not self.persistent:
+            # Nothing more is read as a request (Twisted's channel drops it).
+            self._closing = True
+            self._held = []
+            self._heldBytes = 0
+            self.loseConnection()
+            return
+        self._answering = False
+        # Idleness is measured from the end of the response.
+        self._lastActive = self.site.reactor.seconds()
+        if self._dispatching:
+            # Answered while its own read is parsed: the rest of that read
+            # is parsed next, by _dispatch.
+            return
+        held = b"".join(self._held)
+        self._held = []
+        self._heldBytes = 0
+        if held:
+            self._dispatch(held)
+
+    def writeHeaders(
+        self, version: bytes, code: bytes, reason: bytes, headers: Headers
+    ) -> None:
+        """
+        Write the response head as one piece, held until the body's first
+        bytes so that both go in one send.
+        """
+        lines = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                lines += (name, b": ", value, b"\r\n")
+        lines.append(b"\r\n")
+        self._heldHead = b"".join(lines)
+
+    def flushHead(self) -> None:
+        """
+        Send the response head held by L{writeHeaders}, if any.
+        """
+        head = self._heldHead
+        if head is not None:
+            self._heldHead = None
+            assert self.transport is not None
+            self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        head = self._heldHead
+        if head is not None:
+            self._heldHead = None
+            data = head + data
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        head = self._heldHead
+        if head is not None:
+            self._heldHead = None
+            iovec = [head, *iovec]
+        assert self.transport is not None
+        self.transport.write(b"".join(iovec))
+
+    # The request's producer, and this channel as the transport's
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self._requestProducer is not None:
+            raise RuntimeError(
+                f"Cannot register producer {producer}, because producer"
+                f" {self._requestProducer} was never unregistered."
+            )
+        if not streaming:
+            raise RuntimeError("only streaming producers are supported")
+        self._requestProducer = producer
+        if self._waitingForTransport:
+            producer.pauseProducing()
+
+    def unregisterProducer(self) -> None:
+        self._requestProducer = None
+
+    def pauseProducing(self) -> None:
+        self._waitingForTransport = True
+        if self._requestProducer is not None:
+            self._requestProducer.pauseProducing()
+        if not self._answering and not self._readPaused:
+            self._readPaused = True
+            transport: Any = self.transport
+            transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._waitingForTransport = False
+        if self._requestProducer is not None:
+            self._requestProducer.resumeProducing()
+        if self._readPaused and self._heldBytes <= _EAGER_READ:
+            self._readPaused = False
+            transport: Any = self.transport
+            transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self._requestProducer is not None:
+            self._requestProducer.stopProducing()
+
+    # Refusals
+
+    def _refuseForRequest(self, code: str, message: str | None = None) -> None:
+        request = self.requests[-1] if self.requests else None
+        self.refuse(code, None, message, request=request)
+
+    def refuse(
+        self,
+        code: str,
+        requestId: bytes | None = None,
+        message: str | None = None,
+        request: HTTP1Request | None = None,
+    ) -> None:
+        """
+        Answer with an error and close the connection, parsing nothing
+        more from it; the close lingers (L{LINGER}), as today's channel's.
+        """
+        if self._refused:
+            return
+        self._refused = True
+        self._cancelDeadline()
+        self.setTimeout(None)
+        rid = requestId or newRequestId()
+        current = self.requests[-1] if self.requests else None
+        if request is not None:
+            request._accounted = True
+            record = request.record
+        else:
+            record = RequestRecord(None)
+            if current is not None:
+                # The request line was read: the request is refused here.
+                current._accounted = True
+        transport: Any = self.transport
+        method = current.method if current is not None else None
+        path = current.uri if current is not None else None
+        head = method == b"HEAD"
+        transport.write(rawErrorResponse(code, rid, message, head))
+        record.requestId = rid
+        host = getattr(self.getPeer(), "host", None)
+        record.client = b"unknown" if host is None else str(host).encode("ascii")
+        record.method, record.path = method, path
+        record.failed(code)
+        record.finished(CATALOGUE[code][0], self.site.reactor.seconds())
+        self.site.refusalLogged(record)
+        self._release()
+        halfClose = getattr(transport, "loseWriteConnection", None)
+        if halfClose is None or self.isSecure():
+            transport.loseConnection()
+            return
+        halfClose()
+        abort = getattr(transport, "abortConnection", transport.loseConnection)
+        self._lingering = self._later(LINGER, abort)
+
+
+if typing.TYPE_CHECKING:
+    # For mypy: the request is what the exchange and the resource tree use
+    # of one, and the channel what a WebSocket handshake's exchange uses.
+    _requestType: type[ClientRequest] = HTTP1Request
+    _channelType: type[TunnelChannel] = HTTP1Channel

@@ -1,0 +1,377 @@
+"""
+monedge's own HTTP/1.1 front end (L{monedge.edge.http1}), where the suite
+run with C{MONEDGE_FRONT_END=monedge} does not reach it: its selection, the
+chunked-body framing read beside llhttp, what llhttp is and is not shown,
+and pipelining.  Each test builds its site with the new channel whatever
+the environment says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from monedge.edge import http1
+from monedge.edge.http1 import HTTP1Channel, _ChunkFraming, _Malformed, _TooLarge
+from monedge.edge.server import ProxyChannel
+from monedge.registry import ServiceEntry
+from monedge.rules.limits import Limits
+from monedge.rules.policy import Policy
+from monedge.testing import FakeResponse, endpoint
+from tests.proxy.test_proxy import Harness
+
+
+def _service(**policy: Any) -> ServiceEntry:
+    return ServiceEntry(
+        name="service.api.echo",
+        endpoints=(endpoint("10.0.0.1:80"),),
+        policy=Policy(**policy),
+    )
+
+
+def _harness(limits: Limits | None = None, **policy: Any) -> Harness:
+    """
+    A L{Harness} whose connections use L{HTTP1Channel}.
+    """
+    h = Harness([_service(**policy)], limits)
+    h.site.channelFactory = HTTP1Channel
+    return h
+
+
+def _statuses(transport: StringTransport) -> list[int]:
+    return [
+        int(code) for code in re.findall(rb"HTTP/1\.[01] (\d{3}) ", transport.value())
+    ]
+
+
+def _body(call: Any) -> bytes:
+    body: bytes = call.body._content.getvalue()
+    return body
+
+
+def _answer(call: Any, body: bytes = b"ok") -> None:
+    response = FakeResponse(200, length=len(body))
+    call.result.callback(response)
+    response.deliver(body)
+    response.end()
+
+
+class SelectionTests(SynchronousTestCase):
+    """
+    C{MONEDGE_FRONT_END=monedge} selects the new channel; anything else
+    leaves today's.
+    """
+
+    def test_selectedByTheEnvironment(self) -> None:
+        """
+        The composition root gives the site the new channel only when the
+        variable says C{monedge}.
+        """
+        for value, expected in [
+            ("monedge", HTTP1Channel),
+            ("twisted", ProxyChannel),
+            (None, ProxyChannel),
+        ]:
+            environment = dict(os.environ)
+            environment.pop(http1.FRONT_END_VARIABLE, None)
+            if value is not None:
+                environment[http1.FRONT_END_VARIABLE] = value
+            self.patch(os, "environ", environment)
+            h = Harness([_service()])
+            self.assertIs(h.site.channelFactory, expected, value)
+
+    def test_alpnH2LeavesTheChannel(self) -> None:
+        """
+        A TLS connection whose ALPN chose h2 goes to Twisted's HTTP/2, and
+        the new channel made for it stops timing it and counting it.
+        """
+        h = _harness()
+        protocol = h.site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 1))
+        transport = StringTransport()
+        transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+        protocol.makeConnection(transport)
+        channel = protocol._channel
+        self.assertIsInstance(channel, HTTP1Channel)
+        protocol.dataReceived(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        )
+        self.assertIsNot(protocol._channel, channel)
+        self.assertNotIn(channel, h.site.channels)
+        self.assertFalse(
+            [
+                c
+                for c in h.clock.getDelayedCalls()
+                if getattr(getattr(c, "func", None), "__self__", None) is channel
+            ]
+        )
+
+
+class ReadingTests(SynchronousTestCase):
+    """
+    What the new channel accepts and refuses that llhttp alone would read
+    differently.
+    """
+
+    def test_anyTokenMethod(self) -> None:
+        """
+        A method llhttp does not know, but which is a token, is forwarded,
+        as today's channel forwards it.
+        """
+        h = _harness()
+        h.send(b"FROB /echo/x HTTP/1.1\r\nHost: a\r\n\r\n")
+        [call] = h.client.calls
+        self.assertEqual(call.method, b"FROB")
+
+    def test_upgradeWithABodyIsFramedByItsLength(self) -> None:
+        """
+        A request with C{Upgrade} and C{Connection: upgrade} and a body has
+        its body read by its Content-Length (llhttp would take the body for
+        the upgraded protocol's bytes), and a request after it is a request.
+        """
+        h = _harness()
+        protocol, transport = h.send(
+            b"POST /echo/a HTTP/1.1\r\nHost: a\r\nUpgrade: foo\r\n"
+            b"Connection: upgrade\r\nContent-Length: 3\r\n\r\nabc"
+            b"GET /echo/b HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        [first] = h.client.calls
+        self.assertEqual(_body(first), b"abc")
+        _answer(first)
+        second = h.client.calls[1]
+        self.assertEqual(second.url, b"http://10.0.0.1:80/b")
+
+    def test_hugeContentLengthIsTooLarge(self) -> None:
+        """
+        A Content-Length over 64 bits, which llhttp would refuse as
+        malformed, is refused as too large (413), as today.
+        """
+        h = _harness()
+        _, transport = h.send(
+            b"POST /echo/ HTTP/1.1\r\nHost: a\r\nContent-Length: "
+            + b"9" * 30
+            + b"\r\n\r\n"
+        )
+        self.assertEqual(_statuses(transport), [413])
+
+    def test_controlByteInAValueRefused(self) -> None:
+        """
+        llhttp refuses a header value with a control byte (other than a
+        tab) with 400; Twisted's channel refused only NUL, CR and LF.
+        """
+        h = _harness()
+        _, transport = h.send(b"GET /echo/ HTTP/1.1\r\nHost: a\r\nX-A: b\x01c\r\n\r\n")
+        self.assertEqual(_statuses(transport), [400])
+        self.assertEqual(h.client.calls, [])
+        self.assertTrue(transport.disconnecting)
+
+    def test_chunkedBodyByteByByte(self) -> None:
+        """
+        A chunked body with an extension and a trailer, sent one byte at a
+        time, is decoded whole and the request ends where it does.
+        """
+        h = _harness()
+        protocol, transport = h.connect()
+        raw = (
+            b"POST /echo/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3;name=value\r\nabc\r\n10\r\n" + b"d" * 16 + b"\r\n0\r\nX-T: 1\r\n\r\n"
+        )
+        for i in range(len(raw)):
+            protocol.dataReceived(raw[i : i + 1])
+        [call] = h.client.calls
+        self.assertEqual(_body(call), b"abc" + b"d" * 16)
+
+    def test_bareLFInChunkedFramingRefused(self) -> None:
+        """
+        A chunk-size line ended by a bare LF is a 400, and nothing goes
+        upstream.
+        """
+        h = _harness()
+        _, transport = h.send(
+            b"POST /echo/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\nabc\r\n0\r\n\r\n"
+        )
+        self.assertEqual(_statuses(transport), [400])
+        self.assertEqual(h.client.calls, [])
+
+    def test_chunkOverTheLimitRefusedOnItsSizeLine(self) -> None:
+        """
+        A chunk that declares more than max-body-size is refused (413) as
+        soon as its size line is read, before any of its bytes.
+        """
+        h = _harness(maxBodySize=10)
+        _, transport = h.send(
+            b"POST /echo/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nabcde\r\n6\r\n"
+        )
+        self.assertEqual(_statuses(transport), [413])
+        self.assertTrue(transport.disconnecting)
+
+    def test_http10AnsweredInKind(self) -> None:
+        """
+        An HTTP/1.0 request is answered with an HTTP/1.0 status line, no
+        chunking, and the connection closed after it.
+        """
+        h = _harness()
+        _, transport = h.send(b"GET /echo/ HTTP/1.0\r\nHost: a\r\n\r\n")
+        [call] = h.client.calls
+        response = FakeResponse(200)
+        call.result.callback(response)
+        response.deliver(b"hello")
+        response.end()
+        self.assertTrue(transport.value().startswith(b"HTTP/1.0 200 OK\r\n"))
+        self.assertNotIn(b"chunked", transport.value())
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nhello"))
+        self.assertTrue(transport.disconnecting)
+
+
+class PipeliningTests(SynchronousTestCase):
+    """
+    One request is answered at a time; what comes behind it waits.
+    """
+
+    def test_chunkedThenPipelined(self) -> None:
+        """
+        A request pipelined after a chunked one in the same read waits for
+        the first's response, then is answered in turn.
+        """
+        h = _harness()
+        _, transport = h.send(
+            b"POST /echo/a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nhi\r\n0\r\n\r\n"
+            b"GET /echo/b HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        [first] = h.client.calls
+        self.assertEqual(_body(first), b"hi")
+        _answer(first, b"one")
+        second = h.client.calls[1]
+        self.assertEqual(second.url, b"http://10.0.0.1:80/b")
+        _answer(second, b"two")
+        self.assertEqual(_statuses(transport), [200, 200])
+        self.assertTrue(transport.value().endswith(b"two"))
+        self.assertEqual([r["status"] for r in h.records()], [200, 200])
+
+    def test_heldInputPausesReading(self) -> None:
+        """
+        Past 16 KiB pipelined behind a request being answered, the
+        connection stops being read, and is read again once the answer is
+        sent.
+        """
+        h = _harness()
+        protocol, transport = h.send(b"GET /echo/a HTTP/1.1\r\nHost: a\r\n\r\n")
+        later = (
+            b"GET /echo/b HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"p" * 4000 + b"\r\n\r\n"
+        )
+        for _ in range(5):
+            protocol.dataReceived(later)
+        self.assertEqual(transport.producerState, "paused")
+        _answer(h.client.calls[0])
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(len(h.client.calls), 2)
+
+    def test_closeDropsWhatFollows(self) -> None:
+        """
+        After a request with C{Connection: close}, what the client sends
+        is never read as a request.
+        """
+        h = _harness()
+        _, transport = h.send(
+            b"GET /echo/a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            b"GET /echo/b HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        _answer(h.client.calls[0])
+        self.assertEqual(len(h.client.calls), 1)
+        self.assertIn(b"Connection: close", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+
+class ClosingTests(SynchronousTestCase):
+    """
+    A connection may be closed several ways at once.
+    """
+
+    def test_closedTwice(self) -> None:
+        """
+        A connection closed after its last response, then again by the
+        request's exchange, closes once and raises nothing.
+        """
+        h = _harness()
+        protocol, transport = h.send(
+            b"GET /echo/a HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+        request = protocol._channel.requests[0]
+        _answer(h.client.calls[0])
+        self.assertTrue(transport.disconnecting)
+        request.loseConnection()
+        protocol._channel.loseConnection()
+        self.assertEqual([r["status"] for r in h.records()], [200])
+
+
+class ChunkFramingTests(SynchronousTestCase):
+    """
+    L{_ChunkFraming} finds where a chunked body ends.
+    """
+
+    def test_endAndWhatFollows(self) -> None:
+        """
+        The offset returned is just past the body's last CRLF, wherever the
+        reads split it.
+        """
+        body = b"4\r\nwiki\r\n5;x=y\r\npedia\r\n0\r\nA: b\r\n\r\n"
+        framing = _ChunkFraming()
+        self.assertEqual(framing.scan(body + b"GET", None), len(body))
+        for split in range(1, len(body)):
+            framing = _ChunkFraming()
+            self.assertEqual(framing.scan(body[:split], None), -1)
+            self.assertEqual(framing.scan(body[split:] + b"X", None), len(body) - split)
+            self.assertEqual(framing.total, 9)
+
+    def test_malformed(self) -> None:
+        """
+        A size that is not hex, a chunk without its CRLF, or a size line
+        over 1024 bytes is malformed.
+        """
+        for bad in [b"x\r\n", b"2\r\nabXY", b"1" + b";" * 1100]:
+            self.assertRaises(_Malformed, _ChunkFraming().scan, bad, None)
+
+    def test_limit(self) -> None:
+        """
+        The declared sizes are counted against the limit as each size line
+        is read.
+        """
+        framing = _ChunkFraming()
+        framing.scan(b"5\r\nabcde\r\n", 10)
+        self.assertRaises(_TooLarge, framing.scan, b"6\r\n", 10)
+
+
+class RecordTests(SynchronousTestCase):
+    """
+    The access log sees the new channel's requests as it saw today's.
+    """
+
+    def test_refusalLoggedOnce(self) -> None:
+        """
+        A request refused on its headers (obsolete line folding) is logged
+        once, as the refusal, and not again as a 499 when its connection
+        closes.
+        """
+        h = _harness()
+        protocol, transport = h.send(
+            b"GET /echo/ HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n"
+        )
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        protocol.connectionLost(Failure(ConnectionDone()))
+        records = h.records()
+        self.assertEqual([r["status"] for r in records], [400])
+        self.assertEqual(
+            json.loads(transport.value().partition(b"\r\n\r\n")[2])["message"],
+            "obsolete line folding is refused",
+        )
