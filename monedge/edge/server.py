@@ -710,7 +710,9 @@ class ProxyChannel(HTTPChannelBase):
                 self._refuseForRequest("headers_too_large")
                 return
             if line[0] in b" \t":
-                self.refuse("bad_request", message="obsolete line folding is refused")
+                self._refuseForRequest(
+                    "bad_request", "obsolete line folding is refused"
+                )
                 return
             self._headerCount += 1
             self._headerBytes += len(line)

@@ -330,6 +330,20 @@ class ProxyPathTests(SynchronousTestCase):
         request.connectionLost(Failure(ConnectionDone()))
         self.assertEqual([r["status"] for r in h.records()], [200])
 
+    def test_foldedHeaderLoggedOnce(self) -> None:
+        """
+        A request refused for obsolete line folding is logged once, as the
+        400 it got, and not again as a 499 when its connection closes (it
+        was logged twice).
+        """
+        h = Harness([_service()])
+        protocol, transport = h.send(
+            b"GET /echo/ HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n"
+        )
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([r["status"] for r in h.records()], [400])
+        self.assertEqual(_jsonBody(transport)["code"], "bad_request")
+
     def test_slowClientPausesUpstream(self) -> None:
         """
         When the client connection stops taking data, the upstream body is
