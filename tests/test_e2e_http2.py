@@ -285,6 +285,52 @@ class HTTP2Tests(ProxyTestCase):
 
         self.assertEqual(await threads.deferToThread(settings), 100)
 
+    async def test_hostBesideAuthority(self) -> None:
+        """
+        A request with a C{host} header beside C{:authority} naming the
+        same host is answered as if it had only C{:authority} (it was
+        refused 400, as if Host were repeated).
+        """
+        await self.startTLS()
+
+        def exchange() -> tuple[int, bool]:
+            context = ssl.create_default_context(cafile=self.caFile)
+            context.set_alpn_protocols(["h2"])
+            status, ended = 0, False
+            with socket.create_connection(
+                ("127.0.0.1", self.tlsPort), timeout=10
+            ) as raw:
+                with context.wrap_socket(raw, server_hostname=HOST) as tls:
+                    connection = h2.connection.H2Connection()
+                    connection.initiate_connection()
+                    stream = connection.get_next_available_stream_id()
+                    connection.send_headers(
+                        stream,
+                        [
+                            (":method", "GET"),
+                            (":path", "/svc/x"),
+                            (":scheme", "https"),
+                            (":authority", HOST),
+                            ("host", HOST),
+                        ],
+                        end_stream=True,
+                    )
+                    tls.sendall(connection.data_to_send())
+                    while not ended:
+                        data = tls.recv(65536)
+                        if not data:
+                            break
+                        for event in connection.receive_data(data):
+                            if isinstance(event, h2.events.ResponseReceived):
+                                status = int(dict(event.headers)[b":status"])
+                            elif isinstance(event, h2.events.StreamEnded):
+                                ended = True
+                        tls.sendall(connection.data_to_send())
+            return status, ended
+
+        status, ended = await threads.deferToThread(exchange)
+        self.assertEqual((status, ended), (200, True))
+
     async def test_resetFloodIsCut(self) -> None:
         """
         A client that opens and resets streams as fast as it can (the

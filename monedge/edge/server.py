@@ -187,6 +187,7 @@ class ProxyRequest(server.Request):
             command, path, version = channel.command, channel.path, b"HTTP/2"
             if self._underscoreNames():
                 return
+            self._hostBesideAuthority()
         decision = self.site.resource.decide(
             command, path, version, self.headerTable, self.record
         )
@@ -205,6 +206,17 @@ class ProxyRequest(server.Request):
             if length is None:
                 self._bodyLimit = limit
         super().gotLength(length)
+
+    def _hostBesideAuthority(self) -> None:
+        """
+        Over HTTP/2, a C{host} header beside C{:authority} (which Twisted
+        turns into a first C{Host}) that names it again is the same one
+        host (RFC 9113, 8.3.1), not a repeated Host.  (The C{h2} package
+        refuses a C{host} that differs, as a connection error.)
+        """
+        hosts = self.headerTable.get(b"Host")
+        if hosts is not None and len(hosts) == 2 and hosts[0] == hosts[1]:
+            del hosts[1]
 
     def _underscoreNames(self) -> bool:
         """
