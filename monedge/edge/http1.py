@@ -66,6 +66,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from monedge.edge.base import SharedChannel, SharedRequest
 from monedge.edge.server import (
     CLIENT_CLOSED,
     LINGER,
@@ -75,8 +76,7 @@ from monedge.edge.server import (
 from monedge.proxy.exchange import ClientRequest, ProxyExchange, TunnelChannel
 from monedge.record import RequestRecord
 from monedge.rules.errors import CATALOGUE, ProxyError, rawErrorResponse, renderError
-from monedge.rules.headers import connectionTokens, newRequestId, requestIdFor
-from monedge.rules.limits import Limits
+from monedge.rules.headers import connectionTokens, newRequestId
 from monedge.twistedseam import (
     HeaderTable,
     canonicalHeaderName,
@@ -225,7 +225,7 @@ class _ChunkFraming:
             return None
 
 
-class HTTP1Request:
+class HTTP1Request(SharedRequest):
     """
     One request on an L{HTTP1Channel}: it routes itself as soon as its
     headers are in, holds its body in memory, answers through Twisted's
@@ -275,44 +275,7 @@ class HTTP1Request:
         self.host = channel.getHost()
         self._metrics: Any = None
 
-    # Identity
-
-    @property
-    def requestId(self) -> bytes:
-        """
-        This request's id: a trusted hop's valid C{X-Request-Id}, or a new
-        one.
-        """
-        rid = self._requestId
-        if rid is None:
-            rid = self._requestId = requestIdFor(
-                self.requestHeaders, self.site.forwarding.isTrusted(self.peerAddress)
-            )
-        return rid
-
-    @property
-    def peerAddress(self) -> bytes:
-        """
-        The client's address, worked out once.
-        """
-        address = self._peerAddress
-        if address is None:
-            host = getattr(self.client, "host", None)
-            if host is None:
-                address = b"unknown"
-            elif isinstance(host, str):
-                address = host.encode("ascii")
-            else:
-                address = bytes(host)
-            self._peerAddress = address
-        return address
-
-    @property
-    def listenerPort(self) -> bytes:
-        """
-        The port the request arrived on.
-        """
-        return str(getattr(self.host, "port", 0)).encode("ascii")
+    # Its identity, its body and its tunnel's end: monedge.edge.base.
 
     @property
     def isHTTP2(self) -> bool:
@@ -350,18 +313,6 @@ class HTTP1Request:
             if length is None:
                 self._bodyLimit = limit
         self.content = BytesIO()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        record = self.record
-        record.bytesIn += len(data)
-        if self._bodyLimit is not None and record.bytesIn > self._bodyLimit:
-            self._refuse("body_too_large")
-            return
-        content = self.content
-        assert content is not None
-        content.write(data)
 
     def _refuse(self, code: str, message: str | None = None) -> None:
         self._refused = True
@@ -555,12 +506,6 @@ class HTTP1Request:
             return
         self._account(CLIENT_CLOSED if not self.record.errorCode else self.code)
 
-    def tunnelDone(self) -> None:
-        """
-        The tunnel this request opened has closed: log it, as a 101.
-        """
-        self._account(101)
-
     def _account(self, status: int) -> None:
         if self._accounted:
             return
@@ -586,7 +531,7 @@ _HEAD, _BODY = range(2)
 
 
 @implementer(IPushProducer)
-class HTTP1Channel(Protocol):
+class HTTP1Channel(SharedChannel, Protocol):
     """
     An HTTP/1.1 connection from a client, read with llhttp, with monedge's
     limits; it answers one request at a time, holding what a client
@@ -657,10 +602,6 @@ class HTTP1Channel(Protocol):
         self._secure: bool | None = None
         self._networkProducer: Any = None
 
-    @property
-    def limits(self) -> Limits:
-        return self.site.limits
-
     def _later(self, delay: float, f: Any) -> IDelayedCall:
         call: IDelayedCall = self.site.reactor.callLater(delay, f)
         return call
@@ -729,15 +670,6 @@ class HTTP1Channel(Protocol):
                 self._idle.cancel()
             self._idle = None
 
-    def abandon(self) -> None:
-        """
-        Another protocol (HTTP/2) took the connection: stop timing it and
-        stop counting it as an HTTP/1.1 connection.
-        """
-        self._cancelDeadline()
-        self.setTimeout(None)
-        self.site.channels.discard(self)
-
     def startTunnel(self, side: TunnelSide) -> bytes:
         """
         Stop speaking HTTP: every byte from now on goes to C{side}.
@@ -804,50 +736,6 @@ class HTTP1Channel(Protocol):
         transport: Any = self.transport
         if transport is not None:
             self._aborting = self._later(_ABORT_TIMEOUT, transport.abortConnection)
-
-    # The header deadline (one timer per connection, as in ProxyChannel)
-
-    def _startDeadline(self, timeout: float | None = None) -> None:
-        if self._deadlineAt is not None:
-            return
-        if timeout is None:
-            timeout = self.limits.headerTimeout
-        self._deadlineAt = self.site.reactor.seconds() + timeout
-        if self._deadline is None:
-            self._deadline = self._later(timeout, self._deadlineFired)
-        elif self._deadline.getTime() > self._deadlineAt:
-            self._deadline.reset(timeout)
-
-    def _stopDeadline(self) -> None:
-        self._deadlineAt = None
-
-    def _cancelDeadline(self) -> None:
-        self._deadlineAt = None
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
-
-    def _deadlineFired(self) -> None:
-        self._deadline = None
-        at = self._deadlineAt
-        if at is None:
-            return
-        remaining = at - self.site.reactor.seconds()
-        if remaining > 0:
-            self._deadline = self._later(remaining, self._deadlineFired)
-            return
-        self._deadlineAt = None
-        request = self.requests[-1] if self.requests else None
-        message = None
-        if self._inBody:
-            message = f"the request body stalled for {self.limits.bodyTimeout:g} s"
-        self.refuse(
-            "request_timeout",
-            request.requestId if request is not None else None,
-            message,
-            request=request,
-        )
 
     # Reading
 
@@ -1215,46 +1103,6 @@ class HTTP1Channel(Protocol):
         if held:
             self._dispatch(held)
 
-    def writeHeaders(
-        self, version: bytes, code: bytes, reason: bytes, headers: Headers
-    ) -> None:
-        """
-        Write the response head as one piece, held until the body's first
-        bytes so that both go in one send.
-        """
-        lines = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                lines += (name, b": ", value, b"\r\n")
-        lines.append(b"\r\n")
-        self._heldHead = b"".join(lines)
-
-    def flushHead(self) -> None:
-        """
-        Send the response head held by L{writeHeaders}, if any.
-        """
-        head = self._heldHead
-        if head is not None:
-            self._heldHead = None
-            assert self.transport is not None
-            self.transport.write(head)
-
-    def write(self, data: bytes) -> None:
-        head = self._heldHead
-        if head is not None:
-            self._heldHead = None
-            data = head + data
-        assert self.transport is not None
-        self.transport.write(data)
-
-    def writeSequence(self, iovec: list[bytes]) -> None:
-        head = self._heldHead
-        if head is not None:
-            self._heldHead = None
-            iovec = [head, *iovec]
-        assert self.transport is not None
-        self.transport.write(b"".join(iovec))
-
     # The request's producer, and this channel as the transport's
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
@@ -1295,10 +1143,6 @@ class HTTP1Channel(Protocol):
             self._requestProducer.stopProducing()
 
     # Refusals
-
-    def _refuseForRequest(self, code: str, message: str | None = None) -> None:
-        request = self.requests[-1] if self.requests else None
-        self.refuse(code, None, message, request=request)
 
     def refuse(
         self,

@@ -36,6 +36,7 @@ from twisted.web.http import H2_ENABLED
 from twisted.web.http import Request as HTTPRequest
 from zope.interface import implementer
 
+from monedge.edge.base import SharedChannel, SharedRequest
 from monedge.observe.accesslog import AccessLog
 from monedge.observe.metrics import NO_SERVICE, Metrics, ServiceMetrics
 from monedge.record import RequestRecord
@@ -45,7 +46,6 @@ from monedge.rules.headers import (
     ForwardingRules,
     connectionTokens,
     newRequestId,
-    requestIdFor,
 )
 from monedge.rules.limits import DEFAULT_LIMITS, Limits
 from monedge.twistedseam import (
@@ -85,7 +85,7 @@ CLIENT_CLOSED = 499
 LINGER = 2.0
 
 
-class ProxyRequest(server.Request):
+class ProxyRequest(SharedRequest, server.Request):
     """
     A request to the proxy.  It routes itself as soon as its headers
     arrive, and accounts for itself (access log, metrics, in-flight count)
@@ -127,44 +127,6 @@ class ProxyRequest(server.Request):
         self.record = RequestRecord(site.reactor.seconds())
         #: The request headers' table (L{rawHeaderTable}), looked up once.
         self.headerTable = rawHeaderTable(self.requestHeaders)
-
-    @property
-    def requestId(self) -> bytes:
-        """
-        This request's id: a trusted hop's valid C{X-Request-Id}, or a new
-        one.
-        """
-        rid = self._requestId
-        if rid is None:
-            rid = self._requestId = requestIdFor(
-                self.requestHeaders, self.site.forwarding.isTrusted(self.peerAddress)
-            )
-        return rid
-
-    @property
-    def peerAddress(self) -> bytes:
-        """
-        The client's address, for C{X-Forwarded-For} and the log (worked
-        out once: routing, the request id and the log all read it).
-        """
-        address = self._peerAddress
-        if address is None:
-            host = getattr(self.client, "host", None)
-            if host is None:
-                address = b"unknown"
-            elif isinstance(host, str):
-                address = host.encode("ascii")
-            else:
-                address = bytes(host)
-            self._peerAddress = address
-        return address
-
-    @property
-    def listenerPort(self) -> bytes:
-        """
-        The port the request arrived on.
-        """
-        return str(getattr(self.host, "port", 0)).encode("ascii")
 
     # Receiving
 
@@ -237,18 +199,6 @@ class ProxyRequest(server.Request):
         for name in names:
             headers.removeHeader(name)
         return False
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        record = self.record
-        record.bytesIn += len(data)
-        if self._bodyLimit is not None and record.bytesIn > self._bodyLimit:
-            self._refuse("body_too_large")
-            return
-        content = self.content
-        assert content is not None
-        content.write(data)
 
     def _refuse(self, code: str, message: str | None = None) -> None:
         self._refused = True
@@ -366,12 +316,6 @@ class ProxyRequest(server.Request):
         if not self.finished:
             self._account(CLIENT_CLOSED if not self.record.errorCode else self.code)
 
-    def tunnelDone(self) -> None:
-        """
-        The tunnel this request opened has closed: log it, as a 101.
-        """
-        self._account(101)
-
     def _account(self, status: int) -> None:
         if self._accounted:
             return
@@ -433,7 +377,7 @@ class ProxyRequest(server.Request):
             channel.flushHead()
 
 
-class ProxyChannel(HTTPChannelBase):
+class ProxyChannel(SharedChannel, HTTPChannelBase):
     """
     An HTTP/1.1 connection from a client, with monedge's limits.
 
@@ -465,10 +409,6 @@ class ProxyChannel(HTTPChannelBase):
         #: Once the connection is a tunnel: where its bytes go.
         self.tunnelSide: TunnelSide | None = None
 
-    @property
-    def limits(self) -> Limits:
-        return self.site.limits
-
     # A connection's addresses and security do not change: each request
     # asked the transport again (a getsockname system call, a new address
     # object, an interface adaptation).
@@ -498,15 +438,6 @@ class ProxyChannel(HTTPChannelBase):
         self.site.channels.add(self)
         self._startDeadline()
 
-    def abandon(self) -> None:
-        """
-        Another protocol (HTTP/2) took the connection: stop timing it and
-        stop counting it as an HTTP/1.1 connection.
-        """
-        self._cancelDeadline()
-        self.setTimeout(None)
-        self.site.channels.discard(self)
-
     def startTunnel(self, side: TunnelSide) -> bytes:
         """
         Stop speaking HTTP: every byte from now on goes to C{side}, and
@@ -523,7 +454,7 @@ class ProxyChannel(HTTPChannelBase):
         assert transport is not None
         # The channel stops being the producer the connection pauses; the
         # tunnel's other side becomes it.
-        transport.unregisterProducer()  # type: ignore[attr-defined]
+        transport.unregisterProducer()
         return held
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
@@ -537,56 +468,12 @@ class ProxyChannel(HTTPChannelBase):
         super().connectionLost(reason)
         self.site.checkDrained()
 
-    # The header deadline
-
-    # One timer serves many requests on a keep-alive connection: stopping
-    # the deadline only clears _deadlineAt, and the timer, when it fires,
-    # re-arms itself for a later deadline or lapses.  A request then costs
-    # no timer of its own.
-
-    def _startDeadline(self, timeout: float | None = None) -> None:
-        if self._deadlineAt is not None:
-            return
-        if timeout is None:
-            timeout = self.limits.headerTimeout
-        self._deadlineAt = self.site.reactor.seconds() + timeout
-        if self._deadline is None:
-            self._deadline = self.callLater(timeout, self._deadlineFired)
-        elif self._deadline.getTime() > self._deadlineAt:
-            # A shorter deadline than the timer's (a body timeout below the
-            # header timeout): bring the timer forward.
-            self._deadline.reset(timeout)
-
-    def _stopDeadline(self) -> None:
-        self._deadlineAt = None
-
-    def _cancelDeadline(self) -> None:
-        self._deadlineAt = None
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
-
-    def _deadlineFired(self) -> None:
-        self._deadline = None
-        at = self._deadlineAt
-        if at is None:
-            return
-        remaining = at - self.site.reactor.seconds()
-        if remaining > 0:
-            self._deadline = self.callLater(remaining, self._deadlineFired)
-            return
-        self._deadlineAt = None
-        request = self.requests[-1] if self.requests else None
-        message = None
-        if self._inBody:
-            message = f"the request body stalled for {self.limits.bodyTimeout:g} s"
-        self.refuse(
-            "request_timeout",
-            request.requestId if request is not None else None,
-            message,
-            request=request,
-        )
+    def _later(self, delay: float, f: Any) -> IDelayedCall:
+        """
+        Schedule C{f} on the channel's clock (L{SharedChannel}'s timer).
+        """
+        call: IDelayedCall = self.callLater(delay, f)
+        return call
 
     def dataReceived(self, data: bytes) -> None:
         side = self.tunnelSide
@@ -610,50 +497,6 @@ class ProxyChannel(HTTPChannelBase):
         # same timer is the body's idle deadline, pushed back by each read.
         self._inBody = True
         self._startDeadline(self.limits.bodyTimeout)
-
-    def writeHeaders(
-        self, version: bytes, code: bytes, reason: bytes, headers: Any
-    ) -> None:
-        """
-        Write the response head as one piece (Twisted's own writes a
-        sequence of small pieces, each checked): this runs per response.
-        Names and values come from L{Headers}, which validated them.
-        """
-        lines = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                lines += (name, b": ", value, b"\r\n")
-        lines.append(b"\r\n")
-        # Held until the body's first bytes, so that both go in one send
-        # (see monedge.twistedseam.sendAtOnce): flushHead sends it alone if
-        # need be.
-        self._heldHead = b"".join(lines)
-
-    def flushHead(self) -> None:
-        """
-        Send the response head held by L{writeHeaders}, if any.
-        """
-        head = self._heldHead
-        if head is not None:
-            self._heldHead = None
-            assert self.transport is not None
-            self.transport.write(head)
-
-    def write(self, data: bytes) -> None:
-        head = self._heldHead
-        if head is not None:
-            self._heldHead = None
-            data = head + data
-        assert self.transport is not None
-        self.transport.write(data)
-
-    def writeSequence(self, iovec: list[bytes]) -> None:
-        head = self._heldHead
-        if head is not None:
-            self._heldHead = None
-            iovec = [head, *iovec]
-        assert self.transport is not None
-        self.transport.write(b"".join(iovec))
 
     def loseConnection(self) -> None:
         self.flushHead()
@@ -808,10 +651,6 @@ class ProxyChannel(HTTPChannelBase):
 
     def badRequest(self) -> None:
         self._refuseForRequest("bad_request")
-
-    def _refuseForRequest(self, code: str, message: str | None = None) -> None:
-        request = self.requests[-1] if self.requests else None
-        self.refuse(code, None, message, request=request)
 
     def refuse(
         self,
