@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IDelayedCall
 from monedge.record import RequestRecord
 from monedge.rules.headers import requestIdFor
 from monedge.rules.limits import Limits
+from monedge.upstream.streaming import StreamingBody
 
 
 class SharedRequest:
@@ -39,6 +40,9 @@ class SharedRequest:
     host: Any
     record: RequestRecord
     content: IO[bytes] | None
+    #: The body as it streams to the upstream (monedge's own front ends),
+    #: or None: the exchange then sends C{content}, held whole.
+    bodyStream: StreamingBody | None = None
     _requestId: bytes | None = None
     _peerAddress: bytes | None = None
     _bodyLimit: int | None = None

@@ -39,6 +39,7 @@ from monedge.upstream.balancer import Balancer, EndpointState
 from monedge.upstream.client import UpstreamHeadersTooLarge
 from monedge.upstream.endpoints import UpstreamTLS, UpstreamTLSError
 from monedge.upstream.replay import BufferedBody
+from monedge.upstream.streaming import StreamingBody
 from monedge.upstream.tunnel import Tunnel, TunnelSet, TunnelSide
 from monedge.upstream.upgrade import isWebSocketAccept
 
@@ -67,6 +68,9 @@ class ClientRequest(typing.Protocol):
     disconnected: bool
     hasBody: bool
     content: IO[bytes] | None
+    #: The body as it streams from the client, if the front end streams
+    #: it (else C{content} holds it whole).
+    bodyStream: StreamingBody | None
     requestHeaders: Headers
     responseHeaders: Headers
     #: The request headers' table (L{monedge.twistedseam.rawHeaderTable}).
@@ -294,6 +298,9 @@ class ProxyExchange:
         request = self.request
         if not request.hasBody:
             return None
+        stream = request.bodyStream
+        if stream is not None:
+            return stream
         content = request.content
         assert content is not None
         return BufferedBody(content)
