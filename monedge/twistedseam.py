@@ -38,7 +38,6 @@ from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import (
     HTTPChannel,
     _ChunkedTransferDecoder,
-    _GenericHTTPChannelProtocol,
     _parseRequestLine,
 )
 from twisted.web.http import Request as HTTPRequest
@@ -48,7 +47,6 @@ __all__ = [
     "TWISTED_BELOW",
     "TWISTED_LOWEST",
     "HTTPChannelBase",
-    "HTTPConnectionProtocol",
     "canonicalHeaderName",
     "chunkSize",
     "parseRequestLine",
@@ -238,36 +236,12 @@ def releaseTransport(channel: HTTPChannel) -> None:
     channel._networkProducer.unregisterProducer()  # type: ignore[attr-defined]
 
 
-class HTTPConnectionProtocol(_GenericHTTPChannelProtocol):
-    """
-    Twisted's protocol for one server connection: it speaks through an
-    HTTP/1.1 channel until ALPN picks HTTP/2, then through an HTTP/2
-    connection that replaces it (L{channelReplaced}).
-    """
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._negotiatedProtocol is not None:
-            # Chosen on the first bytes: from then on Twisted's would only
-            # hand them to the channel (this runs per read).
-            self._channel.dataReceived(data)
-            return
-        channel = self._channel
-        super().dataReceived(data)
-        if self._channel is not channel:
-            self.channelReplaced(channel)
-
-    def channelReplaced(self, previous: Any) -> None:
-        """
-        ALPN chose HTTP/2: C{previous}, the HTTP/1.1 channel made for the
-        connection, no longer speaks on it.
-        """
-
-
 def channelOf(protocol: object) -> Any:
     """
-    The channel an L{HTTPConnectionProtocol} speaks through now (an
-    L{HTTPChannel} or, after ALPN, an HTTP/2 connection); L{None} for any
-    other protocol.
+    The channel a client connection's protocol
+    (L{monedge.edge.switch.ProtocolSwitch}) speaks through now: its HTTP/1.1
+    channel, or the HTTP/2 channel that replaced it; L{None} for any other
+    protocol.
     """
     return getattr(protocol, "_channel", None)
 

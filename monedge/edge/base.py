@@ -27,6 +27,13 @@ from monedge.rules.headers import requestIdFor
 from monedge.rules.limits import Limits
 from monedge.upstream.streaming import StreamingBody
 
+#: The status logged for a request whose client went away first.
+CLIENT_CLOSED = 499
+
+#: The message of the 400 for a header name with an underscore, with
+#: C{--underscore-headers reject}.
+UNDERSCORE_REFUSED = "header names with underscores are refused"
+
 
 class SharedRequest:
     """

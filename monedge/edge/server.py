@@ -25,18 +25,19 @@ from typing import IO, TYPE_CHECKING, Any, cast
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
-    IHalfCloseableProtocol,
     IProtocolNegotiationFactory,
 )
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import H2_ENABLED
 from twisted.web.http import Request as HTTPRequest
 from zope.interface import implementer
 
+from monedge.edge.base import CLIENT_CLOSED as CLIENT_CLOSED
+from monedge.edge.base import UNDERSCORE_REFUSED as UNDERSCORE_REFUSED
 from monedge.edge.base import SharedChannel, SharedRequest
+from monedge.edge.switch import ProtocolSwitch
 from monedge.observe.accesslog import AccessLog
 from monedge.observe.metrics import NO_SERVICE, Metrics, ServiceMetrics
 from monedge.record import RequestRecord
@@ -50,7 +51,6 @@ from monedge.rules.headers import (
 from monedge.rules.limits import DEFAULT_LIMITS, Limits
 from monedge.twistedseam import (
     HTTPChannelBase,
-    HTTPConnectionProtocol,
     channelOf,
     chunkRemaining,
     rawHeaderTable,
@@ -66,19 +66,12 @@ from monedge.upstream.tunnel import TunnelSide
 if TYPE_CHECKING:
     from monedge.proxy.exchange import ProxyExchange
 
-#: The message of the 400 for a header name with an underscore, with
-#: C{--underscore-headers reject}.
-UNDERSCORE_REFUSED = "header names with underscores are refused"
-
 _log = Logger()
 
 #: Twisted's HTTP write, under twisted.web.server's (see ProxyRequest.write).
 #: Bound at import: attribute lookups on twisted.web.http go through its
 #: deprecation proxy, which costs more than the layer skipped.
 _httpWrite = HTTPRequest.write
-
-#: The status logged for a request whose client went away first.
-CLIENT_CLOSED = 499
 
 #: Seconds a refused connection is kept half-open, discarding input, so the
 #: client reads the refusal instead of a reset.
@@ -113,8 +106,6 @@ class ProxyRequest(SharedRequest, server.Request):
     #: Whether the connection the request came on was lost (set by
     #: connectionLost, which Twisted calls when it is).
     disconnected = False
-    #: An HTTP/2 refusal waiting for the request to be received.
-    _deferredRefusal: ProxyError | None = None
 
     def __init__(self, channel: Any, queued: object = None) -> None:
         if queued is None:
@@ -133,23 +124,13 @@ class ProxyRequest(SharedRequest, server.Request):
     @property
     def isHTTP2(self) -> bool:
         """
-        Whether this request came on an HTTP/2 stream.
+        Never: HTTP/2 is served by L{monedge.edge.http2}.
         """
-        return not isinstance(self.channel, ProxyChannel)
+        return False
 
     def gotLength(self, length: int | None) -> None:
         self.hasBody = length is None or length > 0
-        channel: Any = self.channel
-        if isinstance(channel, ProxyChannel):
-            command, path, version = requestLine(channel)
-        else:
-            # An H2Stream (isHTTP2, without the property's call: this runs
-            # per request): its pseudo-headers (method, path, authority)
-            # come before any other header, so they are known here.
-            command, path, version = channel.command, channel.path, b"HTTP/2"
-            if self._underscoreNames():
-                return
-            self._hostBesideAuthority()
+        command, path, version = requestLine(self.channel)
         decision = self.site.resource.decide(
             command, path, version, self.headerTable, self.record
         )
@@ -169,46 +150,8 @@ class ProxyRequest(SharedRequest, server.Request):
                 self._bodyLimit = limit
         super().gotLength(length)
 
-    def _hostBesideAuthority(self) -> None:
-        """
-        Over HTTP/2, a C{host} header beside C{:authority} (which Twisted
-        turns into a first C{Host}) that names it again is the same one
-        host (RFC 9113, 8.3.1), not a repeated Host.  (The C{h2} package
-        refuses a C{host} that differs, as a connection error.)
-        """
-        hosts = self.headerTable.get(b"Host")
-        if hosts is not None and len(hosts) == 2 and hosts[0] == hosts[1]:
-            del hosts[1]
-
-    def _underscoreNames(self) -> bool:
-        """
-        Over HTTP/2, apply C{--underscore-headers} to the request's header
-        names at once (HTTP/1.1 does as each line is read); whether the
-        request was refused.
-        """
-        action = self.site.limits.underscoreHeaders
-        if action == "allow":
-            return False
-        headers = self.requestHeaders
-        names = [name for name, _ in headers.getAllRawHeaders() if b"_" in name]
-        if not names:
-            return False
-        if action == "reject":
-            self._refuse("bad_request", UNDERSCORE_REFUSED)
-            return True
-        for name in names:
-            headers.removeHeader(name)
-        return False
-
     def _refuse(self, code: str, message: str | None = None) -> None:
         self._refused = True
-        if self.isHTTP2:
-            # Only this stream is refused, and the connection carries on.
-            # Twisted's HTTP/2 stream cannot answer before the request has
-            # been received: the rest of the body is read, dropped, and the
-            # refusal sent then (see requestReceived).
-            self._deferredRefusal = ProxyError(code, message)
-            return
         self._accounted = True
         channel = cast(ProxyChannel, self.channel)
         channel.refuse(code, self.requestId, message, request=self)
@@ -219,10 +162,6 @@ class ProxyRequest(SharedRequest, server.Request):
         query string or form bodies: a proxy forwards them untouched.
         """
         if self._refused:
-            refusal, self._deferredRefusal = self._deferredRefusal, None
-            if refusal is not None:
-                self.write(renderError(self, refusal, self.requestId))
-                self.finish()
             return
         content = self.content
         assert content is not None
@@ -256,10 +195,6 @@ class ProxyRequest(SharedRequest, server.Request):
             self.processingFailed(Failure())
 
     def _closeAfterResponse(self) -> None:
-        if self.isHTTP2:
-            # HTTP/2 has no Connection header; the connection is closed
-            # when the drain stops the listener's connections.
-            return
         self.responseHeaders.setRawHeaders(b"connection", [b"close"])
         self.channel.persistent = False
 
@@ -294,9 +229,8 @@ class ProxyRequest(SharedRequest, server.Request):
         self.disconnected = True
         channel = getattr(self, "channel", None)
         if channel is None and self.finished:
-            # Twisted lets go of a finished request's channel; its HTTP/2
-            # stream may still report the connection's loss to it after.
-            # The request was accounted for when it finished.
+            # Twisted lets go of a finished request's channel: the request
+            # was accounted for when it finished.
             return
         super().connectionLost(reason)
         if self.method is HTTPRequest.method and isinstance(channel, ProxyChannel):
@@ -372,9 +306,7 @@ class ProxyRequest(SharedRequest, server.Request):
         """
         if self.finished or self.disconnected:
             return
-        channel = self.channel
-        if isinstance(channel, ProxyChannel):
-            channel.flushHead()
+        cast(ProxyChannel, self.channel).flushHead()
 
 
 class ProxyChannel(SharedChannel, HTTPChannelBase):
@@ -712,43 +644,6 @@ class ProxyChannel(SharedChannel, HTTPChannelBase):
         return not self._answering and not self.requests and not unparsedInput(self)
 
 
-@implementer(IHalfCloseableProtocol)
-class _ProxyChannelProtocol(HTTPConnectionProtocol):
-    """
-    The protocol on a client connection (Twisted's switch between HTTP/1.1
-    and HTTP/2), told of half-closes so that a tunnel can pass them on.
-    """
-
-    def channelReplaced(self, previous: Any) -> None:
-        abandon = getattr(previous, "abandon", None)
-        if abandon is not None:
-            # ALPN chose HTTP/2: the HTTP/1.1 channel made for the
-            # connection is replaced, and must not time it out.
-            abandon()
-
-    def readConnectionLost(self) -> None:
-        channel = channelOf(self)
-        side = getattr(channel, "tunnelSide", None)
-        if side is not None:
-            side.readClosed()
-            return
-        # An HTTP client that stops sending has gone, as before half-closes
-        # were reported.
-        transport = channel.transport
-        if transport is not None:
-            transport.abortConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
-        listener = getattr(self, "listener", None)
-        if listener is not None:
-            self.listener = None
-            listener.connectionClosed(self)
-
-
 class ProxySite(server.Site):
     """
     The proxy's site: its resource is a L{monedge.proxy.resource.RootResource}.
@@ -783,7 +678,8 @@ class ProxySite(server.Site):
         self.limits = limits
         self.draining = False
         self.inFlight = 0
-        #: Open HTTP/1.1 connections (L{ProxyChannel}s, or monedge's own).
+        #: Open client connections: HTTP/1.1 (L{ProxyChannel}s, or
+        #: monedge's own) and HTTP/2 (L{monedge.edge.http2.H2Channel}s).
         self.channels: set[Any] = set()
         self._drainWaiters: list[Deferred[None]] = []
         self._unrouted = metrics.forService(NO_SERVICE)
@@ -799,15 +695,25 @@ class ProxySite(server.Site):
             return BytesIO()
         return tempfile.TemporaryFile()
 
-    def protocol(self) -> HTTPConnectionProtocol:
-        return _ProxyChannelProtocol(self.channelFactory())
+    def buildProtocol(self, addr: Any) -> ProtocolSwitch:  # type: ignore[override]
+        """
+        A client connection: monedge's protocol switch, speaking through a
+        new HTTP/1.1 channel (L{channelFactory}) until the connection turns
+        out to speak HTTP/2 (L{monedge.edge.switch}).
+        """
+        channel = self.channelFactory()
+        channel.factory = self
+        channel.site = self
+        channel.requestFactory = self.requestFactory
+        channel.callLater = self.reactor.callLater
+        channel.timeOut = self.timeOut
+        return ProtocolSwitch(self, channel)
 
     def acceptableProtocols(self) -> list[bytes]:
         """
-        What ALPN offers on a TLS listener: HTTP/2 (when the C{h2} package
-        is installed) and HTTP/1.1.
+        What ALPN offers on a TLS listener: HTTP/2 and HTTP/1.1.
         """
-        return [b"h2", b"http/1.1"] if H2_ENABLED else [b"http/1.1"]
+        return [b"h2", b"http/1.1"]
 
     def log(self, request: Any) -> None:
         """
@@ -854,9 +760,14 @@ class ProxySite(server.Site):
 
     def startDraining(self) -> None:
         """
-        From now on, every response closes its connection.
+        From now on, every response closes its connection, and each HTTP/2
+        connection says GOAWAY: it answers the streams it has, then closes.
         """
         self.draining = True
+        for channel in list(self.channels):
+            drain = getattr(channel, "drain", None)
+            if drain is not None:
+                drain()
 
     def closeIdleConnections(self) -> int:
         """
@@ -917,7 +828,7 @@ class ListenerFactory(ServerFactory):
         for protocol in list(self.connections):
             channel = channelOf(protocol)
             # A ProxyChannel, or monedge's own HTTP/1.1 channel: each has a
-            # tunnelSide, which Twisted's HTTP/2 connection has not.
+            # tunnelSide, which an H2Channel has not.
             if hasattr(channel, "tunnelSide"):
                 found.append("http/1.1" if channel.tunnelSide is None else "websocket")
             else:
