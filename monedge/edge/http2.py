@@ -1045,11 +1045,12 @@ class H2Channel(Protocol):
             assert event.stream_id is not None
             request = self.requests.get(event.stream_id)
             if request is not None:
-                if not request.finished:
-                    self._countReset()
+                premature = not request.finished
                 request.streamLost(
                     Failure(ConnectionLost("the client reset the stream"))
                 )
+                if premature:
+                    self._countReset()
         elif isinstance(
             event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)
         ):
