@@ -41,7 +41,6 @@ import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import h2.config
@@ -102,7 +101,13 @@ DEFAULT_FRAME = 16384
 #: Response headers that are HTTP/1.1's connection management (RFC 9113,
 #: 8.2.2).
 _CONNECTION_SPECIFIC = frozenset(
-    [b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"]
+    [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+    ]
 )
 
 _NO_ERROR = 0
@@ -185,6 +190,8 @@ class ClientModel:
     streams: dict[int, ClientStream] = field(default_factory=dict)
     connectionWindow: int = DEFAULT_WINDOW
     maxFrame: int = DEFAULT_FRAME
+    #: The largest HPACK table the client allowed the server's encoder.
+    headerTable: int = 4096
     broken: bool = False
     goaway: bool = False
 
@@ -221,6 +228,8 @@ def readClient(data: bytes) -> ClientModel:
                         stream.window = max(stream.window, value)
                 elif code == h2.settings.SettingCodes.MAX_FRAME_SIZE:
                     model.maxFrame = max(model.maxFrame, value)
+                elif code == h2.settings.SettingCodes.HEADER_TABLE_SIZE:
+                    model.headerTable = max(model.headerTable, value)
         elif isinstance(frame, WindowUpdateFrame):
             if frame.stream_id == 0:
                 model.connectionWindow += frame.window_increment
@@ -255,9 +264,9 @@ def readClient(data: bytes) -> ClientModel:
                 continue
             highest = streamId
             method = b""
-            for name, value in headers:
-                if bytes(name) == b":method":
-                    method = bytes(value)
+            for fieldName, fieldValue in headers:
+                if bytes(fieldName) == b":method":
+                    method = bytes(fieldValue)
             model.streams[streamId] = ClientStream(streamId, method, window=initial)
     return model
 
@@ -314,6 +323,7 @@ def readServer(output: bytes, client: ClientModel) -> ServerOutput:
     """
     result = ServerOutput()
     decoder = hpack.Decoder(max_header_list_size=1 << 24)
+    decoder.max_allowed_table_size = client.headerTable
     block: tuple[int, bool, bytearray] | None = None
     pos = 0
     first = True
@@ -367,7 +377,9 @@ def readServer(output: bytes, client: ClientModel) -> ServerOutput:
             _, endStream, raw = block
             block = None
             try:
-                head = [(bytes(n), bytes(v)) for n, v in decoder.decode(bytes(raw), True)]
+                head = [
+                    (bytes(n), bytes(v)) for n, v in decoder.decode(bytes(raw), True)
+                ]
             except Exception as e:
                 raise fail("an undecodable response head", repr(e)) from None
             if stream.final() is not None and not endStream:
@@ -429,7 +441,9 @@ class H2Outcome:
     upstream: TaggingUpstream
 
 
-def runH2Connection(chunks: Sequence[bytes], answerAfter: Sequence[bool] = ()) -> H2Outcome:
+def runH2Connection(
+    chunks: Sequence[bytes], answerAfter: Sequence[bool] = ()
+) -> H2Outcome:
     """
     Open one cleartext connection to a fresh proxy, send the client preface
     and C{chunks} (one C{dataReceived} each, stopping once the proxy closes
@@ -529,8 +543,8 @@ def checkH2Outcome(outcome: H2Outcome, client: ClientModel) -> list[tuple[Any, .
         for streamId, opened in client.streams.items():
             if opened.reset or (last is not None and streamId > last):
                 continue
-            stream = server.streams.get(streamId)
-            if stream is None or not (stream.ended or stream.reset is not None):
+            answer = server.streams.get(streamId)
+            if answer is None or not (answer.ended or answer.reset is not None):
                 raise fail("a stream the client opened is never answered", streamId)
     return summary
 
@@ -586,14 +600,18 @@ def _afterPreface(connection: h2.connection.H2Connection) -> bytes:
 
 def _get() -> bytes:
     c = _conversation()
-    c.send_headers(1, _request(b"/echo/a?x=1", b"GET", (b"accept", b"*/*")), end_stream=True)
+    c.send_headers(
+        1, _request(b"/echo/a?x=1", b"GET", (b"accept", b"*/*")), end_stream=True
+    )
     return _afterPreface(c)
 
 
 def _post() -> bytes:
     c = _conversation()
     c.send_headers(
-        1, _request(b"/echo/upload", b"POST", (b"content-length", b"11")), end_stream=False
+        1,
+        _request(b"/echo/upload", b"POST", (b"content-length", b"11")),
+        end_stream=False,
     )
     c.send_data(1, b"hello ")
     c.send_data(1, b"world", end_stream=True)

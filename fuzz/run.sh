@@ -4,8 +4,8 @@
 # and exit non-zero if one found a crash.
 #
 #  - fuzz/request_path.py (the HTTP/1.1 request path), seeded from
-#    tests/corpus_cases.py and fuzz/regressions/, for ${FUZZ_SECONDS:-60} s;
-#    its summary line starts "fuzz: ".
+#    tests/corpus_cases.py and fuzz/regressions/, for ${FUZZ_SECONDS:-60} s
+#    (0 skips it); its summary line starts "fuzz: ".
 #  - fuzz/http2_frames.py (the HTTP/2 server, fed frames after the client
 #    preface), seeded from conversations built with the h2 package and
 #    fuzz/regressions/http2/, for ${FUZZ_HTTP2_SECONDS:-30} s (0 skips it);
@@ -90,8 +90,11 @@ fuzzTarget() {
 }
 
 result=0
-fuzzTarget "fuzz" request_path.py "${FUZZ_SECONDS:-60}" "${FUZZ_MAX_LEN:-50000}" ||
-    result=$?
+seconds="${FUZZ_SECONDS:-60}"
+if [[ "$seconds" != 0 ]]; then
+    fuzzTarget "fuzz" request_path.py "$seconds" "${FUZZ_MAX_LEN:-50000}" ||
+        result=$?
+fi
 http2Seconds="${FUZZ_HTTP2_SECONDS:-30}"
 if [[ "$http2Seconds" != 0 ]]; then
     fuzzTarget "fuzz http2" http2_frames.py "$http2Seconds" \
