@@ -76,7 +76,7 @@ from monedge.rules.policy import Policy
 from monedge.rules.trust import Trust
 from monedge.runtime.compose import buildProxy
 from monedge.runtime.config import Configuration
-from monedge.testing import FakeResponse, MemoryRegistry, endpoint
+from monedge.testing import BodySink, FakeResponse, MemoryRegistry, endpoint
 from monedge.upstream.balancer import Balancer
 from monedge.upstream.endpoints import UpstreamTLS
 from monedge.upstream.upgrade import wantsWebSocket
@@ -184,6 +184,14 @@ class Call:
     result: Deferred[IResponse]
     answered: bool = False
     cancelled: bool = False
+    #: The body as the upstream took it, and whether it came whole (a
+    #: request with no body is whole at once).
+    sink: BodySink | None = None
+    whole: bool = True
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.sink.data) if self.sink is not None else b""
 
 
 def answerBody(call: Call) -> bytes:
@@ -235,6 +243,16 @@ class TaggingUpstream:
         if self.mangle is not None:
             self.mangle(headers)
         call = Call(len(self.calls), method, url, headers, self.current, result)
+        if body is not None:
+            # Taken as an upstream connection takes it; the upstream answers
+            # only once it has the whole body, as most do.
+            call.whole = False
+            sink = call.sink = BodySink()
+
+            def whole(_: object) -> None:
+                call.whole = True
+
+            body.startProducing(sink).addCallbacks(whole, lambda _: None)
         self.calls.append(call)
         self.pending.append(call)
         return result
@@ -244,9 +262,13 @@ class TaggingUpstream:
         Answer every pending call, last first; return how many.
         """
         count = 0
+        waiting = []
         while self.pending:
             call = self.pending.pop()
             if call.cancelled or call.result.called:
+                continue
+            if not call.whole:
+                waiting.append(call)
                 continue
             body = answerBody(call)
             tag = b"%d" % (call.index + self.tagOffset,)
@@ -263,6 +285,7 @@ class TaggingUpstream:
             if not response.transport.stopped:
                 response.deliver(body)
             response.end()
+        self.pending[:0] = reversed(waiting)
         return count
 
     def close(self) -> Deferred[None]:
@@ -618,6 +641,7 @@ class Framed:
     method: bytes
     target: bytes
     version: bytes
+    body: bytes = b""
 
 
 def frameRequests(data: bytes) -> list[Framed]:
@@ -672,6 +696,7 @@ def frameRequests(data: bytes) -> list[Framed]:
             chunked = [coding.lower() for coding in codings] == [b"chunked"]
             if lengths or not chunked or version != b"HTTP/1.1":
                 return framed
+            pieces: list[bytes] = []
             while True:
                 end = data.find(b"\r\n", index)
                 if end < 0:
@@ -693,15 +718,20 @@ def frameRequests(data: bytes) -> list[Framed]:
                     break
                 if data[index + length : index + length + 2] != b"\r\n":
                     return framed
+                pieces.append(data[index : index + length])
                 index += length + 2
+            body = b"".join(pieces)
         elif lengths:
             if len(lengths) != 1 or not lengths[0].isdigit():
                 return framed
             length = int(lengths[0])
             if index + length > len(data):
                 return framed
+            body = data[index : index + length]
             index += length
-        framed.append(Framed(method, target, version))
+        else:
+            body = b""
+        framed.append(Framed(method, target, version, body))
 
 
 # The checks
@@ -860,7 +890,19 @@ def checkOutcome(outcome: Outcome, framed: Sequence[Framed]) -> list[tuple[Any, 
             raise fail("one request went upstream twice", call.url)
         byRequest[key] = call
     for index, request in enumerate(requests):
-        if id(request) not in byRequest:
+        made = byRequest.get(id(request))
+        if made is None:
+            continue
+        if not made.whole:
+            # Its body went up as it came, and never came whole (malformed,
+            # too large, or the client left): the upstream request must have
+            # been given up, never answered.
+            if made.answered or not made.cancelled:
+                raise fail(
+                    "a request whose body never came whole was not given up",
+                    request.method,
+                    request.uri,
+                )
             continue
         if index >= len(framed):
             raise fail(
@@ -868,13 +910,14 @@ def checkOutcome(outcome: Outcome, framed: Sequence[Framed]) -> list[tuple[Any, 
                 request.method,
                 request.uri,
             )
-        if (framed[index].method, framed[index].target) != (
+        if (framed[index].method, framed[index].target, framed[index].body) != (
             request.method,
             request.uri,
+            made.body,
         ):
             raise fail(
                 "monedge framed a request that a strict framer frames otherwise",
-                (request.method, request.uri),
+                (request.method, request.uri, made.body),
                 framed[index],
             )
     calls = outcome.calls

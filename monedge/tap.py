@@ -31,7 +31,7 @@ from monedge.rules.headers import (
 )
 from monedge.rules.limits import Limits
 from monedge.rules.policy import parseHooks
-from monedge.rules.syntax import isToken, parseDuration
+from monedge.rules.syntax import isToken, parseDuration, parseSize
 from monedge.rules.trust import Trust, parseNetwork
 from monedge.runtime import compose
 from monedge.runtime.config import Configuration
@@ -261,6 +261,20 @@ class Options(usage.Options):
             "Longest single request header (431 beyond).",
         ],
         [
+            "replay-body-size",
+            None,
+            "64KiB",
+            "Most bytes of a streamed request body kept so that it can be sent"
+            " once more on a stale pooled upstream connection.",
+        ],
+        [
+            "request-buffer-budget",
+            None,
+            "256MiB",
+            "Most bytes of request bodies held in memory at once for services"
+            " with request-buffering (503 beyond).",
+        ],
+        [
             "upstream-idle-timeout",
             None,
             f"{DEFAULT_POOL_IDLE:g}s",
@@ -451,6 +465,11 @@ class Options(usage.Options):
             self[option] = _positive(option, self[option], int)
             if self[option] == 0:
                 raise usage.UsageError(f"--{option}: must be at least 1")
+        for option in ("replay-body-size", "request-buffer-budget"):
+            try:
+                self[option] = parseSize(self[option])
+            except ValueError as e:
+                raise usage.UsageError(f"--{option}: {e}") from None
         self["upstream-pool-size"] = _positive(
             "upstream-pool-size", self["upstream-pool-size"], int
         )
@@ -520,6 +539,8 @@ class Options(usage.Options):
                 sendTimeout=self["send-timeout"],
                 maxConnections=self["max-connections"],
                 underscoreHeaders=self["underscore-headers"],
+                replayBodySize=self["replay-body-size"],
+                requestBufferBudget=self["request-buffer-budget"],
             ),
             upstreamPoolSize=self["upstream-pool-size"],
             upstreamIdleTimeout=self["upstream-idle-timeout"],

@@ -887,7 +887,8 @@ def framingCases() -> list[Case]:
             ),
             200,
             uri=b"/up",
-            upstream={b"content-length": [b"11"], b"transfer-encoding": ()},
+            # Streamed as it comes: chunked on the way up too.
+            upstream={b"content-length": (), b"transfer-encoding": [b"chunked"]},
             body=b"hello world",
         ),
         Case(
@@ -901,8 +902,9 @@ def framingCases() -> list[Case]:
             200,
             uri=b"/up",
             upstream={
-                b"content-length": [b"3"],
-                b"transfer-encoding": (),
+                b"content-length": (),
+                b"transfer-encoding": [b"chunked"],
+                # A trailer, never a header.
                 b"x-trailer": (),
             },
             body=b"abc",
@@ -989,7 +991,10 @@ def transferEncodingCases() -> list[Case]:
                     post(header),
                     200,
                     uri=b"/up",
-                    upstream={b"content-length": [b"3"], b"transfer-encoding": ()},
+                    upstream={
+                        b"content-length": (),
+                        b"transfer-encoding": [b"chunked"],
+                    },
                     body=b"abc",
                 )
             )

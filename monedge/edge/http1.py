@@ -49,10 +49,10 @@ from __future__ import annotations
 
 import os
 import typing
-from io import BytesIO
 from typing import IO, Any
 
 import httptools
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IDelayedCall,
     IPushProducer,
@@ -63,6 +63,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES, RESPONSES
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
@@ -76,7 +77,7 @@ from monedge.edge.server import (
 from monedge.proxy.exchange import ClientRequest, ProxyExchange, TunnelChannel
 from monedge.record import RequestRecord
 from monedge.rules.errors import CATALOGUE, ProxyError, rawErrorResponse, renderError
-from monedge.rules.headers import connectionTokens, newRequestId
+from monedge.rules.headers import connectionTokens, newRequestId, trailerFields
 from monedge.twistedseam import (
     HeaderTable,
     canonicalHeaderName,
@@ -85,6 +86,7 @@ from monedge.twistedseam import (
     rawHeaderTable,
     sendAtOnce,
 )
+from monedge.upstream.streaming import BufferFull, StreamingBody
 from monedge.upstream.tunnel import TunnelSide
 
 #: The environment variable that selects this front end, and its value.
@@ -126,6 +128,41 @@ class _TooLarge(Exception):
     """
 
 
+class _TrailersTooLarge(Exception):
+    """
+    A chunked body's trailer section is longer than a header block may be.
+    """
+
+
+#: Why an abandoned request's exchange and body stop.
+_REFUSED = Failure(ConnectionDone("the request was refused"))
+
+#: Reasons to stop reading the client besides a body's source: input held
+#: while a request is answered, and a transport that takes no more writes.
+_FOR_HELD = "held"
+_FOR_WRITES = "writes"
+
+
+@implementer(IPushProducer)
+class _BodySource:
+    """
+    A request body's source, for its L{StreamingBody}: pausing it stops
+    reading the client connection (until every reason to is gone).
+    """
+
+    def __init__(self, channel: HTTP1Channel) -> None:
+        self._channel = channel
+
+    def pauseProducing(self) -> None:
+        self._channel._pauseReading(self)
+
+    def resumeProducing(self) -> None:
+        self._channel._resumeReading(self)
+
+    def stopProducing(self) -> None:
+        pass
+
+
 _SIZE, _DATA, _CRLF, _TRAILER = range(4)
 
 
@@ -138,12 +175,13 @@ class _ChunkFraming:
     @ivar total: the chunk sizes declared so far.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, maxTrailers: int = _MAX_TRAILERS) -> None:
         self.state = _SIZE
         self.remaining = 0
         self.total = 0
         self.line = b""
         self.trailerBytes = 0
+        self.maxTrailers = maxTrailers
 
     def scan(self, data: bytes, limit: int | None) -> int:
         """
@@ -154,6 +192,7 @@ class _ChunkFraming:
             it does not end in it.
         @raise _Malformed: for framing Twisted's decoder would refuse.
         @raise _TooLarge: for a chunk that takes the body past C{limit}.
+        @raise _TrailersTooLarge: for trailers longer than C{maxTrailers}.
         """
         pos = 0
         size = len(data)
@@ -180,8 +219,8 @@ class _ChunkFraming:
                     self.line += data[pos:]
                     if state == _SIZE and len(self.line) > _MAX_CHUNK_LINE:
                         raise _Malformed("a chunk-size line is too long")
-                    if self.trailerBytes + len(self.line) > _MAX_TRAILERS:
-                        raise _Malformed("the trailers are too long")
+                    if self.trailerBytes + len(self.line) > self.maxTrailers:
+                        raise _TrailersTooLarge()
                     return -1
                 line = self.line + data[pos : eol + 1]
                 self.line = b""
@@ -206,8 +245,8 @@ class _ChunkFraming:
                         self.state = _TRAILER
                 else:
                     self.trailerBytes += len(line) + 2
-                    if self.trailerBytes > _MAX_TRAILERS:
-                        raise _Malformed("the trailers are too long")
+                    if self.trailerBytes > self.maxTrailers:
+                        raise _TrailersTooLarge()
                     if not line:
                         return pos
         return -1
@@ -250,6 +289,7 @@ class HTTP1Request(SharedRequest):
     chunked = False
     producer: Any = None
     _noBody = False
+    _trailers: list[tuple[bytes, bytes]] | None = None
     _bodyLimit: int | None = None
     _refused = False
     _accounted = False
@@ -292,9 +332,10 @@ class HTTP1Request(SharedRequest):
 
     def gotLength(self, length: int | None) -> None:
         """
-        The headers are in: route, and refuse a body that will not be read
-        or may not be held.  C{length} is the body's declared length, or
-        L{None} for a chunked body.
+        The headers are in: route, refuse a body that will not be read or
+        may not be held, and make the stream a body will go upstream on.
+        C{length} is the body's declared length, or L{None} for a chunked
+        body.
         """
         self.hasBody = length is None or length > 0
         decision = self.site.resource.decide(
@@ -310,25 +351,59 @@ class HTTP1Request(SharedRequest):
             if length is not None and length > limit:
                 self._refuse("body_too_large")
                 return
-            if length is None:
-                self._bodyLimit = limit
-        self.content = BytesIO()
+            self._bodyLimit = limit
+        if self.hasBody:
+            self.bodyStream = StreamingBody(
+                UNKNOWN_LENGTH if length is None else length,
+                _BodySource(self.channel),
+                replayLimit=self.site.limits.replayBodySize,
+            )
 
     def _refuse(self, code: str, message: str | None = None) -> None:
         self._refused = True
-        self._accounted = True
         self.channel.refuse(code, self.requestId, message, request=self)
 
-    def requestReceived(self) -> None:
+    def handleContentChunk(self, data: bytes) -> None:
         """
-        The whole request is in: answer it.
+        The body's next bytes: on to the upstream, within the service's
+        max-body-size (and, buffered, the process's budget).
         """
         if self._refused:
             return
-        content = self.content
-        if content is not None:
-            content.seek(0, 0)
-        self.process()
+        record = self.record
+        record.bytesIn += len(data)
+        limit = self._bodyLimit
+        if limit is not None and record.bytesIn > limit:
+            self._refuse("body_too_large")
+            return
+        stream = self.bodyStream
+        if stream is not None:
+            try:
+                stream.write(data)
+            except BufferFull:
+                self._refuse("request_buffer_full")
+
+    def bodyEnded(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """
+        The whole body is in, then C{trailers} (checked and filtered).
+        """
+        stream = self.bodyStream
+        if stream is not None:
+            stream.finish(trailers)
+
+    def abandon(self) -> None:
+        """
+        The channel refused this request after it started: nothing more is
+        written for it, its exchange stops, and its body fails.
+        """
+        self._refused = True
+        self.disconnected = True
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.clientLost(_REFUSED)
+        stream = self.bodyStream
+        if stream is not None:
+            stream.fail(_REFUSED)
 
     def process(self) -> None:
         site = self.site
@@ -429,6 +504,18 @@ class HTTP1Request(SharedRequest):
             else:
                 channel.write(data)
 
+    def setTrailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """
+        Fields to send after the response body, already checked: sent only
+        in a chunked response to a client that said C{TE: trailers}.
+        """
+        if (
+            trailers
+            and self.chunked
+            and b"trailers" in connectionTokens(self.headerTable.get(b"Te"))
+        ):
+            self._trailers = trailers
+
     def finish(self) -> None:
         if self.disconnected:
             raise RuntimeError(
@@ -439,7 +526,15 @@ class HTTP1Request(SharedRequest):
         if not self.startedWriting:
             self.write(b"")
         if self.chunked:
-            self.channel.write(b"0\r\n\r\n")
+            trailers = self._trailers
+            if trailers is None:
+                self.channel.write(b"0\r\n\r\n")
+            else:
+                lines = [b"0\r\n"]
+                for name, value in trailers:
+                    lines += (name, b": ", value, b"\r\n")
+                lines.append(b"\r\n")
+                self.channel.write(b"".join(lines))
         self.finished = 1
         if self.producer is not None:
             _log.failure(
@@ -451,10 +546,6 @@ class HTTP1Request(SharedRequest):
             self.unregisterProducer()
         channel = self.channel
         del self.channel
-        content = self.content
-        if content is not None:
-            content.close()
-            self.content = None
         channel.requestDone(self)
         self._account(self.code)
 
@@ -494,13 +585,12 @@ class HTTP1Request(SharedRequest):
         if self.finished:
             return
         self.channel = None
-        content = self.content
-        if content is not None:
-            content.close()
-            self.content = None
         exchange = self.exchange
         if exchange is not None:
             exchange.clientLost(reason)
+        stream = self.bodyStream
+        if stream is not None:
+            stream.fail(reason)
         if self.record.tunnelled:
             # Accounted for when the tunnel, both its connections, ends.
             return
@@ -584,7 +674,11 @@ class HTTP1Channel(SharedChannel, Protocol):
         self._heldHead: bytes | None = None
         self._requestProducer: Any = None
         self._waitingForTransport = False
-        self._readPaused = False
+        #: Why reading is paused, if it is: held input, a full transport,
+        #: or a body the upstream takes slowly (its source).
+        self._pauses: set[object] = set()
+        #: A chunked body's trailer fields, as llhttp reads them.
+        self._trailers: list[tuple[bytes, bytes]] = []
         # Timers: the header and body deadline, keep-alive idleness, the
         # lingering close and the abort after a time-out.
         self._deadline: IDelayedCall | None = None
@@ -684,8 +778,8 @@ class HTTP1Channel(SharedChannel, Protocol):
         self._heldBytes = 0
         transport: Any = self.transport
         self._release()
-        if self._readPaused:
-            self._readPaused = False
+        if self._pauses:
+            self._pauses.clear()
             transport.resumeProducing()
         return held
 
@@ -749,8 +843,12 @@ class HTTP1Channel(SharedChannel, Protocol):
         now = self.site.reactor.seconds()
         self._lastActive = now
         if self._inBody:
-            # The body moved: its idle deadline starts again.
-            self._deadlineAt = now + self.limits.bodyTimeout
+            # The body moved: its idle deadline starts again (or starts: a
+            # client asked to wait for 100 Continue may send it anyway).
+            if self._deadlineAt is None:
+                self._startDeadline(self.limits.bodyTimeout)
+            else:
+                self._deadlineAt = now + self.limits.bodyTimeout
         self._dispatch(data)
 
     def _dispatch(self, data: bytes) -> None:
@@ -762,7 +860,7 @@ class HTTP1Channel(SharedChannel, Protocol):
                 and not self._closing
                 and self.tunnelSide is None
             ):
-                if self._answering:
+                if self._answering and self._state == _HEAD:
                     self._hold(data)
                     return
                 if self._state == _HEAD:
@@ -779,14 +877,39 @@ class HTTP1Channel(SharedChannel, Protocol):
         """
         self._held.append(data)
         self._heldBytes += len(data)
-        if (
-            self._heldBytes > _EAGER_READ
-            and not self._readPaused
-            and not self._waitingForTransport
-        ):
-            self._readPaused = True
+        if self._heldBytes > _EAGER_READ:
+            self._pauseReading(_FOR_HELD)
+
+    def _pauseReading(self, reason: object) -> None:
+        """
+        Stop reading the client, for C{reason} (until it is resumed).
+        """
+        pauses = self._pauses
+        if reason in pauses:
+            return
+        if not pauses:
             transport: Any = self.transport
-            transport.pauseProducing()
+            if transport is not None:
+                transport.pauseProducing()
+        pauses.add(reason)
+        if isinstance(reason, _BodySource) and self._inBody:
+            # monedge stopped reading the body: it is not the client's stall.
+            self._stopDeadline()
+
+    def _resumeReading(self, reason: object) -> None:
+        """
+        C{reason} to stop reading the client is gone.
+        """
+        pauses = self._pauses
+        if reason not in pauses:
+            return
+        pauses.discard(reason)
+        if isinstance(reason, _BodySource) and self._inBody:
+            self._startDeadline(self.limits.bodyTimeout)
+        if not pauses:
+            transport: Any = self.transport
+            if transport is not None:
+                transport.resumeProducing()
 
     def _readHead(self, data: bytes) -> bytes:
         """
@@ -956,21 +1079,48 @@ class HTTP1Channel(SharedChannel, Protocol):
         request.gotLength(length)
         if self._refused:
             return
-        expect = request.headerTable.get(b"Expect")
-        if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
-            transport: Any = self.transport
-            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._inBody = True
-        self._startDeadline(self.limits.bodyTimeout)
-        if length == 0:
-            self._allContentReceived()
-            return
-        self._state = _BODY
-        if length is None:
-            self._parser = parser
-            self._chunks = _ChunkFraming()
+        self._answering = True
+        stream = request.bodyStream
+        if stream is None:
+            self._bodyEnded()
         else:
-            self._remaining = length
+            self._state = _BODY
+            self._inBody = True
+            expect = request.headerTable.get(b"Expect")
+            if (
+                expect
+                and expect[0].lower() == b"100-continue"
+                and version == b"HTTP/1.1"
+            ):
+                # 100 only once the body is wanted: when the upstream starts
+                # taking it (or it starts to be buffered), never when a hook
+                # or a refusal answers first.  The body deadline starts then,
+                # or with the body's first bytes.
+                stream.started = self._sendContinue
+            else:
+                self._startDeadline(self.limits.bodyTimeout)
+            if length is None:
+                self._parser = parser
+                self._chunks = _ChunkFraming(self.limits.maxHeadersSize)
+                self._trailers = []
+            else:
+                self._remaining = length
+        # Decided on the headers: the request is answered while its body,
+        # if any, streams.
+        request.process()
+
+    def _sendContinue(self) -> None:
+        """
+        The upstream takes the body now: tell a client waiting for it.
+        """
+        if self._refused or self._closing or not self._inBody or not self.requests:
+            return
+        request = self.requests[-1]
+        if request.startedWriting or request.finished:
+            return
+        transport: Any = self.transport
+        transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._startDeadline(self.limits.bodyTimeout)
 
     def _readBody(self, data: bytes) -> bytes:
         """
@@ -987,10 +1137,10 @@ class HTTP1Channel(SharedChannel, Protocol):
                 body, rest = data[:remaining], data[remaining:]
             self._remaining = remaining - len(body)
             request.handleContentChunk(body)
-            if self._refused:
+            if self._refused or self._closing:
                 return b""
             if not self._remaining:
-                self._allContentReceived()
+                self._bodyEnded()
                 return rest
             return b""
         failed = self._parserFailed
@@ -998,6 +1148,9 @@ class HTTP1Channel(SharedChannel, Protocol):
             end = chunks.scan(data, request._bodyLimit)
         except _TooLarge:
             request._refuse("body_too_large")
+            return b""
+        except _TrailersTooLarge:
+            self._refuseForRequest("headers_too_large")
             return b""
         except _Malformed:
             self._refuseForRequest("bad_request")
@@ -1021,7 +1174,7 @@ class HTTP1Channel(SharedChannel, Protocol):
                 return b""
             self._refuseForRequest("bad_request")
             return b""
-        if self._refused:
+        if self._refused or self._closing:
             return b""
         if self._messageDone != (end >= 0):
             # llhttp and the framing disagree on where the body ends.
@@ -1029,13 +1182,26 @@ class HTTP1Channel(SharedChannel, Protocol):
             return b""
         if end < 0:
             return b""
-        self._allContentReceived()
+        trailers = self._trailers
+        if len(trailers) > self.limits.maxHeaderCount:
+            self._refuseForRequest("headers_too_large")
+            return b""
+        checked = trailerFields(trailers, self.limits.underscoreHeaders)
+        if checked is None:
+            self._refuseForRequest("bad_request", UNDERSCORE_REFUSED)
+            return b""
+        self._bodyEnded(checked)
         return data[end:]
 
     # llhttp's callbacks
 
     def on_body(self, body: bytes) -> None:
         self.requests[-1].handleContentChunk(body)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._state == _BODY:
+            # A trailer field (the head's fields are read line by line).
+            self._trailers.append((name, value))
 
     def on_message_complete(self) -> None:
         self._messageDone = True
@@ -1052,7 +1218,11 @@ class HTTP1Channel(SharedChannel, Protocol):
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
         return False
 
-    def _allContentReceived(self) -> None:
+    def _bodyEnded(self, trailers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """
+        The request's body is all in (or it had none): the next bytes are
+        the next request's, held until this one is answered.
+        """
         self._inBody = False
         self._stopDeadline()
         self._state = _HEAD
@@ -1064,9 +1234,11 @@ class HTTP1Channel(SharedChannel, Protocol):
         self._framing = None
         self._parser = None
         self._chunks = None
+        self._trailers = []
         self._parserFailed = False
-        self._answering = True
-        self.requests[-1].requestReceived()
+        request = self.requests[-1]
+        if trailers is not None or request.bodyStream is not None:
+            request.bodyEnded(trailers or [])
 
     # Answering
 
@@ -1079,10 +1251,18 @@ class HTTP1Channel(SharedChannel, Protocol):
             self.persistent = False
         if request in self.requests:
             self.requests.remove(request)
-        if self._readPaused and not self._waitingForTransport:
-            self._readPaused = False
-            transport: Any = self.transport
-            transport.resumeProducing()
+        if self._state == _BODY:
+            # Answered before its body was all read (a refusal, a hook's
+            # answer, an upstream's early one): the rest is not read as a
+            # request; the connection closes, lingering so that the client
+            # reads the answer.
+            self._inBody = False
+            self._cancelDeadline()
+            self._refused = True
+            self._lingeringClose()
+            return
+        if not self._waitingForTransport:
+            self._resumeReading(_FOR_HELD)
         if not self.persistent:
             # Nothing more is read as a request (Twisted's channel drops it).
             self._closing = True
@@ -1124,19 +1304,16 @@ class HTTP1Channel(SharedChannel, Protocol):
         self._waitingForTransport = True
         if self._requestProducer is not None:
             self._requestProducer.pauseProducing()
-        if not self._answering and not self._readPaused:
-            self._readPaused = True
-            transport: Any = self.transport
-            transport.pauseProducing()
+        if not self._answering:
+            self._pauseReading(_FOR_WRITES)
 
     def resumeProducing(self) -> None:
         self._waitingForTransport = False
         if self._requestProducer is not None:
             self._requestProducer.resumeProducing()
-        if self._readPaused and self._heldBytes <= _EAGER_READ:
-            self._readPaused = False
-            transport: Any = self.transport
-            transport.resumeProducing()
+        self._resumeReading(_FOR_WRITES)
+        if self._heldBytes <= _EAGER_READ:
+            self._resumeReading(_FOR_HELD)
 
     def stopProducing(self) -> None:
         if self._requestProducer is not None:
@@ -1160,6 +1337,9 @@ class HTTP1Channel(SharedChannel, Protocol):
         self._refused = True
         self._cancelDeadline()
         self.setTimeout(None)
+        if request is not None and request._inFlight:
+            self._refuseInFlight(request, code, message)
+            return
         rid = requestId or newRequestId()
         current = self.requests[-1] if self.requests else None
         if request is not None:
@@ -1182,7 +1362,48 @@ class HTTP1Channel(SharedChannel, Protocol):
         record.failed(code)
         record.finished(CATALOGUE[code][0], self.site.reactor.seconds())
         self.site.refusalLogged(record)
+        self._lingeringClose()
+
+    def _refuseInFlight(
+        self, request: HTTP1Request, code: str, message: str | None
+    ) -> None:
+        """
+        Refuse a request whose body was still being read when it was
+        already being answered (too large, malformed, stalled): its
+        exchange stops, and the client gets the refusal if no response has
+        started, else a cut-off connection.
+        """
+        request.abandon()
+        request.record.failed(code)
+        status = CATALOGUE[code][0]
+        transport: Any = self.transport
+        if request.startedWriting or request.finished:
+            request._account(status)
+            self._release()
+            transport.abortConnection()
+            return
+        request.code = status
+        transport.write(
+            rawErrorResponse(
+                code, request.requestId, message, request.method == b"HEAD"
+            )
+        )
+        request._account(status)
+        self._lingeringClose()
+
+    def _lingeringClose(self) -> None:
+        """
+        Close after an answer the client may still be sending a request
+        behind: half-close, discard what comes, and abort after L{LINGER}
+        (a TLS connection closes whole, its answer first).
+        """
+        self._closing = True
+        transport: Any = self.transport
         self._release()
+        if self._pauses:
+            # Drain what comes while lingering, a body too.
+            self._pauses.clear()
+            transport.resumeProducing()
         halfClose = getattr(transport, "loseWriteConnection", None)
         if halfClose is None or self.isSecure():
             transport.loseConnection()

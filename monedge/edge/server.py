@@ -298,6 +298,11 @@ class ProxyRequest(SharedRequest, server.Request):
             self._closeAfterResponse()
         _httpWrite(self, data)
 
+    def setTrailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """
+        Twisted's request sends no trailers: they are dropped.
+        """
+
     def flushHead(self) -> None:
         """
         Send the response head now if it is still held for the body's

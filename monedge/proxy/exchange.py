@@ -33,13 +33,14 @@ from monedge.hooks import HookFailed, HookResponse, HookResponseHead, HookSet
 from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
 from monedge.record import RequestRecord
 from monedge.rules.errors import ProxyError, errorBody, renderError
-from monedge.rules.headers import downstreamHeaders
+from monedge.rules.headers import downstreamHeaders, trailerFields
+from monedge.rules.limits import DEFAULT_LIMITS
 from monedge.twistedseam import HeaderTable
 from monedge.upstream.balancer import Balancer, EndpointState
 from monedge.upstream.client import UpstreamHeadersTooLarge
 from monedge.upstream.endpoints import UpstreamTLS, UpstreamTLSError
 from monedge.upstream.replay import BufferedBody
-from monedge.upstream.streaming import StreamingBody
+from monedge.upstream.streaming import BufferBudget, BufferFull, StreamingBody
 from monedge.upstream.tunnel import Tunnel, TunnelSet, TunnelSide
 from monedge.upstream.upgrade import isWebSocketAccept
 
@@ -105,6 +106,8 @@ class ClientRequest(typing.Protocol):
 
     def tunnelDone(self) -> None: ...
 
+    def setTrailers(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
+
 
 class TunnelChannel(typing.Protocol):
     """
@@ -131,6 +134,7 @@ class ProxyContext:
         hooks: HookSet | None = None,
         upgrader: IUpstreamUpgrader | None = None,
         tunnels: TunnelSet | None = None,
+        bufferBudget: BufferBudget | None = None,
     ) -> None:
         self.client = client
         self.balancer = balancer
@@ -139,6 +143,12 @@ class ProxyContext:
         #: Sends WebSocket handshakes; None refuses them (502).
         self.upgrader = upgrader
         self.tunnels = tunnels if tunnels is not None else TunnelSet()
+        #: What request bodies services with request buffering may hold.
+        self.bufferBudget = (
+            bufferBudget
+            if bufferBudget is not None
+            else BufferBudget(DEFAULT_LIMITS.requestBufferBudget)
+        )
 
 
 _DONE = Failure(ResponseDone())
@@ -273,6 +283,7 @@ class ProxyExchange:
         self._timeoutCall: IDelayedCall | None = None
         self._timedOut = False
         self._relay: _BodyRelay | None = None
+        self._response: IResponse | None = None
         self._clientGone = False
         #: Runs the response hooks on the response's head, if there are any.
         self.responseHooks: Callable[[HookResponseHead], Deferred[None]] | None = None
@@ -287,7 +298,27 @@ class ProxyExchange:
         """
         # The request tells its exchange when its client goes (cheaper than
         # a notifyFinish Deferred on every request).
-        self.request.exchange = self
+        request = self.request
+        request.exchange = self
+        stream = request.bodyStream
+        if (
+            stream is not None
+            and self._policy.requestBuffering
+            and not stream.replayable()
+        ):
+            # The service wants the whole body first: hold it, then send.
+            try:
+                stream.buffer(self.context.bufferBudget)
+            except BufferFull:
+                self._fail(ProxyError("request_buffer_full"))
+                return
+            stream.whenComplete().addCallbacks(lambda _: self._pick(), lambda _: None)
+            return
+        self._pick()
+
+    def _pick(self) -> None:
+        if self._clientGone:
+            return
         state = self.context.balancer.pick(self._candidates)
         if state is None:
             self._fail(ProxyError("no_ready_endpoint"))
@@ -300,6 +331,9 @@ class ProxyExchange:
             return None
         stream = request.bodyStream
         if stream is not None:
+            if self._policy.requestBuffering:
+                # Held whole: sent with its length, unless it has trailers.
+                return stream.held() or stream
             return stream
         content = request.content
         assert content is not None
@@ -518,6 +552,7 @@ class ProxyExchange:
         # stream must not wait for the first body byte to see them.
         request.write(b"")
         timer, self._timeoutCall = self._timeoutCall, None
+        self._response = response
         self._relay = _BodyRelay(self, self._policy.idleTimeout, timer)
         response.deliverBody(self._relay)
         # The head went out with the body's first bytes if they were here
@@ -532,10 +567,18 @@ class ProxyExchange:
         self._release()
         request = self.request
         if self._clientGone:
+            self._response = None
             return
         # isinstance, not reason.check: the same test, at a fortieth of the
         # cost, on every request.
+        # The response refers to the relay, and the relay to this exchange.
+        response, self._response = self._response, None
         if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
+            trailers = getattr(response, "monedgeTrailers", None)
+            if trailers:
+                kept = trailerFields(trailers, "allow")
+                if kept:
+                    request.setTrailers(kept)
             request.finish()
             return
         # The upstream failed mid-body: the client must see a cut-off

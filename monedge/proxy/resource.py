@@ -32,7 +32,7 @@ from monedge.record import RequestRecord
 from monedge.registry import ServiceEntry
 from monedge.rules.convention import HostTiers, isValidName, normaliseHost, serviceName
 from monedge.rules.errors import ErrorResource, ProxyError, renderError
-from monedge.rules.headers import upstreamHeaders
+from monedge.rules.headers import connectionTokens, upstreamHeaders
 from monedge.rules.paths import PathError, RoutedPath, normalise, splitAbsoluteForm
 from monedge.twistedseam import HeaderTable
 from monedge.upstream.balancer import eligible
@@ -141,6 +141,12 @@ class ServiceResource(Resource):
             requestId=request.requestId,
             rules=request.site.forwarding,
         )
+        if b"Te" in request.headerTable and b"trailers" in connectionTokens(
+            request.headerTable[b"Te"]
+        ):
+            # The client takes trailers, so monedge passes them on: the
+            # upstream may send them (TE is hop-by-hop: this is monedge's).
+            headers.setRawHeaders(b"te", [b"trailers"])
         if upgradeKey is not None:
             # The one upgrade monedge carries, on a connection of its own.
             headers.setRawHeaders(b"connection", [b"Upgrade"])

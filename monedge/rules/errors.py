@@ -64,6 +64,10 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     ),
     "no_ready_endpoint": (503, "the service has no ready endpoint"),
     "too_many_connections": (503, "this listener has too many connections open"),
+    "request_buffer_full": (
+        503,
+        "monedge holds too many request bodies for buffering; retry later",
+    ),
     "hook_config_invalid": (503, "the service's hook configuration is invalid"),
     "upstream_timeout": (504, "the upstream did not answer in time"),
     "upstream_connect_timeout": (

@@ -396,3 +396,57 @@ def downstreamHeaders(
             continue
         raw[name] = list(values)
     return raw
+
+
+#: Fields that never cross in a trailer section, either way (RFC 9110,
+#: 6.5.1): hop-by-hop fields, framing, routing, and the fields monedge
+#: itself sets on a request.
+_NOT_TRAILERS = (
+    HOP_BY_HOP
+    | _OWNED_UP
+    | frozenset(
+        [
+            b"content-encoding",
+            b"content-range",
+            b"content-type",
+            b"authorization",
+            b"cookie",
+            b"set-cookie",
+        ]
+    )
+)
+
+_FIELD_VALUE_BAD = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def trailerFields(
+    fields: Iterable[tuple[bytes, bytes]], underscores: str = "drop"
+) -> list[tuple[bytes, bytes]] | None:
+    """
+    The trailer fields that may cross, from C{fields} as a peer sent them:
+    names canonical, values without surrounding whitespace; a field that
+    may not be a trailer, or whose name or value is malformed, is dropped.
+
+    @param underscores: what to do with a name with an underscore, as
+        C{--underscore-headers} says: C{"drop"}, C{"reject"} or
+        C{"allow"}.
+    @return: the fields, or L{None} if C{underscores} is C{"reject"} and a
+        name has one.
+    """
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in fields:
+        lowered = name.lower()
+        if lowered in _NOT_TRAILERS:
+            continue
+        if b"_" in name and underscores != "allow":
+            if underscores == "reject":
+                return None
+            continue
+        value = value.strip(b" \t")
+        if _FIELD_VALUE_BAD.search(value) is not None:
+            continue
+        try:
+            kept.append((canonicalName(name), value))
+        except ValueError:
+            continue
+    return kept

@@ -29,6 +29,12 @@ class Limits:
     #: What to do with a request header whose name has an underscore:
     #: C{"drop"} it, C{"reject"} the request (400), or C{"allow"} it.
     underscoreHeaders: str = "drop"
+    #: The most bytes of a streamed request body kept so that the request
+    #: can be sent again on a stale pooled connection.
+    replayBodySize: int = 64 * 1024
+    #: The most bytes of request bodies held in memory at once, over the
+    #: process, for services with request buffering.
+    requestBufferBudget: int = 256 * 1024 * 1024
 
 
 #: The limits monedge runs with when no option changes them.

@@ -146,6 +146,9 @@ class Policy:
     @ivar idleTimeout: seconds the response body may stall.
     @ivar stripPrefix: forward C{/<rest>} rather than C{/<name>/<rest>}.
     @ivar maxBodySize: the largest request body accepted, in bytes.
+    @ivar requestBuffering: hold the whole request body before sending the
+        request upstream (in memory, within maxBodySize and the process's
+        budget), for upstreams that need it whole; off, bodies stream.
     @ivar expose: whether the service is reachable at all.
     @ivar hooks: the service's own hooks, run after the global ones.
     @ivar tunnelIdleTimeout: seconds an upgraded (WebSocket) connection may
@@ -163,6 +166,7 @@ class Policy:
     idleTimeout: float = 60.0
     stripPrefix: bool = True
     maxBodySize: int = 10 * MIB
+    requestBuffering: bool = False
     expose: bool = True
     hooks: tuple[HookSpec, ...] = ()
     tunnelIdleTimeout: float = 3600.0
@@ -189,6 +193,7 @@ POLICY_KEYS: dict[str, tuple[str, Any]] = {
     "idle-timeout": ("idleTimeout", parseDuration),
     "strip-prefix": ("stripPrefix", parseBool),
     "max-body-size": ("maxBodySize", parseSize),
+    "request-buffering": ("requestBuffering", parseBool),
     "expose": ("expose", parseBool),
     "hooks": ("hooks", parseHooks),
     "tunnel-idle-timeout": ("tunnelIdleTimeout", parseDuration),

@@ -59,6 +59,7 @@ from monedge.runtime.workers import (
 )
 from monedge.upstream.balancer import Balancer
 from monedge.upstream.client import FastUpstreamClient
+from monedge.upstream.streaming import BufferBudget
 from monedge.upstream.tunnel import TunnelSet
 
 _log = Logger()
@@ -292,7 +293,15 @@ def buildProxy(
         balancer = Balancer(reactor)
     tunnels = TunnelSet()
     metrics.tunnelsOpen.set_function(lambda: len(tunnels.open))
-    context = ProxyContext(client, balancer, reactor, hooks, upgrader, tunnels)
+    context = ProxyContext(
+        client,
+        balancer,
+        reactor,
+        hooks,
+        upgrader,
+        tunnels,
+        BufferBudget(config.limits.requestBufferBudget),
+    )
     root = RootResource(registry, context, metrics, config.hostTiers)
     site = siteFactory(
         resource=root,
@@ -302,10 +311,8 @@ def buildProxy(
         forwarding=config.forwarding,
         limits=config.limits,
     )
-    if http1.selected():
-        # MONEDGE_FRONT_END=monedge: the HTTP/1.1 front end in development
-        # (monedge.edge.http1).
-        site.channelFactory = http1.HTTP1Channel
+    # monedge's own HTTP/1.1 front end (monedge.edge.http1).
+    site.channelFactory = http1.HTTP1Channel
     return Proxy(
         config=config,
         reactor=reactor,

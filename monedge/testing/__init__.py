@@ -40,7 +40,12 @@ from typing import Any
 import yaml
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IProtocol, IPushProducer
+from twisted.internet.interfaces import (
+    IConsumer,
+    IListeningPort,
+    IProtocol,
+    IPushProducer,
+)
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import Request as HTTPRequest
@@ -132,6 +137,62 @@ class UpstreamCall:
     result: Deferred[IResponse]
     cancelled: bool = False
     tls: UpstreamTLS | None = None
+    #: Where the body went, once L{takeBody} started taking it.
+    sink: BodySink | None = None
+
+    def takeBody(self) -> BodySink:
+        """
+        Take the body as an upstream connection does: start producing it
+        into a L{BodySink}, which collects it (and can pause it).
+        """
+        if self.sink is None:
+            assert self.body is not None
+            sink = self.sink = BodySink()
+            self.body.startProducing(sink).addCallbacks(sink.finished, sink.failed)
+        return sink
+
+    def bodyBytes(self) -> bytes:
+        """
+        The body's bytes so far: a body held whole is read, a streamed one
+        taken (L{takeBody}).
+        """
+        body = self.body
+        content = getattr(body, "_content", None)
+        if content is not None:
+            data: bytes = content.getvalue()
+            return data
+        return b"".join(self.takeBody().data)
+
+
+@implementer(IConsumer)
+class BodySink:
+    """
+    Collects a request body written to it, as an upstream connection's
+    transport would take it.
+
+    @ivar complete: the body producer said the body is all written.
+    @ivar failure: why the body producer failed, if it did.
+    """
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.complete = False
+        self.failure: Failure | None = None
+
+    def finished(self, _: object) -> None:
+        self.complete = True
+
+    def failed(self, failure: Failure) -> None:
+        self.failure = failure
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.data.append(data)
 
 
 @implementer(IPushProducer)

@@ -38,6 +38,7 @@ Its contract:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import httptools
@@ -239,11 +240,19 @@ class _ChunkedWriter:
         if data:
             self._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
-    def end(self) -> None:
+    def end(self, trailers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """
-        The body is whole: write the last chunk (and no trailer).
+        The body is whole: write the last chunk, and C{trailers} (fields
+        the front end read and checked).
         """
-        self._transport.write(b"0\r\n\r\n")
+        if not trailers:
+            self._transport.write(b"0\r\n\r\n")
+            return
+        lines = [b"0\r\n"]
+        for name, value in trailers:
+            lines += (name, b": ", value, b"\r\n")
+        lines.append(b"\r\n")
+        self._transport.write(b"".join(lines))
 
 
 @implementer(IResponse)
@@ -430,10 +439,12 @@ class _Connection(Protocol):
             transport.registerProducer(body, True)  # type: ignore[attr-defined]
             writing = body.startProducing(writer or transport)
             self._bodyWriter = writing
-            writing.addBoth(self._bodyWritten, writer)
+            writing.addBoth(self._bodyWritten, writer, body)
         return result
 
-    def _bodyWritten(self, result: object, writer: _ChunkedWriter | None) -> None:
+    def _bodyWritten(
+        self, result: object, writer: _ChunkedWriter | None, body: IBodyProducer
+    ) -> None:
         """
         The body is written (or failed): it is no longer the connection's
         producer, and a chunked body gets its last chunk.
@@ -444,7 +455,7 @@ class _Connection(Protocol):
         if isinstance(result, Failure):
             self._bodyFailed(result)
         elif writer is not None and transport is not None:
-            writer.end()
+            writer.end(getattr(body, "trailers", ()))
 
     def _bodyFailed(self, reason: Failure) -> None:
         if not reason.check(CancelledError):

@@ -21,9 +21,22 @@ Replays (L{monedge.upstream.replay}): a body that has started to stream
 cannot be produced again, unless it is small.  The first C{replayLimit}
 bytes are kept; a body that ended within them can be sent once more from
 its first byte (L{StreamingBody.again}).
+
+Request buffering (a service's C{request-buffering: true}): the exchange
+asks the body to L{StreamingBody.buffer} itself, and starts the upstream
+request only once it is L{StreamingBody.whenComplete}.  A buffered body
+holds its bytes in memory, never on disk, within the service's
+max-body-size and a L{BufferBudget} shared by the process: a body that
+would take the budget past its size fails with L{BufferFull}.
+
+Trailers: a chunked body's trailer fields, given to L{StreamingBody.finish},
+are in L{StreamingBody.trailers} once it is complete, for the upstream
+client to send after the last chunk.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IPushProducer
@@ -31,13 +44,55 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-__all__ = ["DEFAULT_HIGH_WATER", "DEFAULT_REPLAY_LIMIT", "HeldBody", "StreamingBody"]
+__all__ = [
+    "DEFAULT_HIGH_WATER",
+    "DEFAULT_REPLAY_LIMIT",
+    "BufferBudget",
+    "BufferFull",
+    "HeldBody",
+    "StreamingBody",
+]
 
 #: Body bytes held for the upstream before the client is paused.
 DEFAULT_HIGH_WATER = 64 * 1024
 
 #: Body bytes kept so that a small body can be sent once more.
 DEFAULT_REPLAY_LIMIT = 64 * 1024
+
+
+class BufferFull(Exception):
+    """
+    A buffered body would take the process's L{BufferBudget} past its size.
+    """
+
+
+class BufferBudget:
+    """
+    The bytes of request bodies that may be held in memory at once, over
+    the whole process, for services with request buffering.
+
+    @ivar size: the most bytes held at once.
+    @ivar held: the bytes held now.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.held = 0
+
+    def take(self, count: int) -> bool:
+        """
+        Hold C{count} more bytes, if the budget has room for them.
+        """
+        if self.held + count > self.size:
+            return False
+        self.held += count
+        return True
+
+    def give(self, count: int) -> None:
+        """
+        C{count} bytes are no longer held.
+        """
+        self.held -= count
 
 
 @implementer(IBodyProducer)
@@ -117,6 +172,15 @@ class StreamingBody:
         #: The source is paused by this body.
         self._sourcePaused = False
         self._stopped = False
+        #: Called once, when the upstream starts taking the body (or it
+        #: starts to be buffered): the front end's C{100 Continue}.
+        self.started: Callable[[], None] | None = None
+        #: The body's trailer fields, once it is complete.
+        self.trailers: Sequence[tuple[bytes, bytes]] = ()
+        #: The budget a buffered body's bytes are held in, once buffering.
+        self._budget: BufferBudget | None = None
+        self._budgeted = 0
+        self._completeWaiters: list[Deferred[None]] = []
 
     # The front end's side
 
@@ -126,6 +190,11 @@ class StreamingBody:
         """
         if not data or self._finished or self._stopped:
             return
+        budget = self._budget
+        if budget is not None and self._consumer is None:
+            if not budget.take(len(data)):
+                raise BufferFull()
+            self._budgeted += len(data)
         self.received += len(data)
         kept = self._kept
         if kept is not None:
@@ -141,13 +210,18 @@ class StreamingBody:
         self._pendingBytes += len(data)
         self._checkSource()
 
-    def finish(self) -> None:
+    def finish(self, trailers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """
-        The client sent the whole body.
+        The client sent the whole body, and then C{trailers}.
         """
         if self._finished or self._stopped:
             return
         self._finished = True
+        self.trailers = trailers
+        self._checkSource()
+        waiters, self._completeWaiters = self._completeWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         self._maybeDone()
 
     def fail(self, reason: Failure) -> None:
@@ -159,12 +233,13 @@ class StreamingBody:
             return
         self._finished = True
         self._failure = reason
-        self._pending.clear()
-        self._pendingBytes = 0
-        self._kept = None
+        self._drop()
         done, self._done = self._done, None
         if done is not None:
             done.errback(reason)
+        waiters, self._completeWaiters = self._completeWaiters, []
+        for waiter in waiters:
+            waiter.errback(reason)
 
     @property
     def complete(self) -> bool:
@@ -187,6 +262,7 @@ class StreamingBody:
         self._consumer = consumer
         self._done = Deferred(lambda d: self.stopProducing())
         done = self._done
+        self._signalStart()
         if self._failure is not None:
             self._done = None
             done.errback(self._failure)
@@ -218,13 +294,56 @@ class StreamingBody:
         if self._stopped:
             return
         self._stopped = True
-        self._pending.clear()
-        self._pendingBytes = 0
-        self._kept = None
+        self._drop()
         done, self._done = self._done, None
         self._resumeSource()
         if done is not None and not done.called:
             done.errback(Failure(CancelledError()))
+
+    # Request buffering
+
+    def buffer(self, budget: BufferBudget) -> None:
+        """
+        Hold the whole body before any of it is sent: the client is no
+        longer paused for it, and what is held counts against C{budget}
+        (what has come so far too).
+
+        @raise BufferFull: if what has come already does not fit.
+        """
+        if self._budget is not None:
+            return
+        if not budget.take(self._pendingBytes):
+            raise BufferFull()
+        self._budget = budget
+        self._budgeted = self._pendingBytes
+        self._highWater = 1 << 62
+        self._signalStart()
+        self._checkSource()
+
+    def whenComplete(self) -> Deferred[None]:
+        """
+        A L{Deferred} that fires once the client has sent the whole body,
+        and fails if it never will.
+        """
+        if self._failure is not None:
+            failed: Deferred[None] = Deferred()
+            failed.errback(self._failure)
+            return failed
+        if self._finished:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._completeWaiters.append(waiter)
+        return waiter
+
+    def held(self) -> HeldBody | None:
+        """
+        The whole body, held, as a producer with a known length, if it is
+        complete, has not started to go upstream, and has no trailers
+        (which only a chunked upload carries).
+        """
+        if not self.complete or self._consumer is not None or self.trailers:
+            return None
+        return HeldBody(b"".join(self._pending))
 
     # Replays
 
@@ -248,6 +367,26 @@ class StreamingBody:
 
     # Inside
 
+    def _signalStart(self) -> None:
+        started, self.started = self.started, None
+        if started is not None:
+            started()
+
+    def _drop(self) -> None:
+        """
+        Let go of every byte held.
+        """
+        self._pending.clear()
+        self._pendingBytes = 0
+        self._kept = None
+        self._release()
+
+    def _release(self) -> None:
+        budget = self._budget
+        if budget is not None and self._budgeted:
+            budget.give(self._budgeted)
+            self._budgeted = 0
+
     def _flush(self) -> None:
         consumer = self._consumer
         if consumer is None or self._stopped:
@@ -257,6 +396,8 @@ class StreamingBody:
             self._pendingBytes -= len(data)
             self.sent += len(data)
             consumer.write(data)
+        if not self._pending:
+            self._release()
         self._checkSource()
         self._maybeDone()
 

@@ -1,15 +1,13 @@
 """
-monedge's own HTTP/1.1 front end (L{monedge.edge.http1}), where the suite
-run with C{MONEDGE_FRONT_END=monedge} does not reach it: its selection, the
-chunked-body framing read beside llhttp, what llhttp is and is not shown,
-and pipelining.  Each test builds its site with the new channel whatever
-the environment says.
+monedge's own HTTP/1.1 front end (L{monedge.edge.http1}), where the rest
+of the suite does not reach it: its selection, the chunked-body framing
+read beside llhttp, what llhttp is and is not shown, pipelining, and
+request bodies that stream.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Any
 
@@ -17,9 +15,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from monedge.edge import http1
 from monedge.edge.http1 import HTTP1Channel, _ChunkFraming, _Malformed, _TooLarge
-from monedge.edge.server import ProxyChannel
 from monedge.registry import ServiceEntry
 from monedge.rules.limits import Limits
 from monedge.rules.policy import Policy
@@ -51,7 +47,7 @@ def _statuses(transport: StringTransport) -> list[int]:
 
 
 def _body(call: Any) -> bytes:
-    body: bytes = call.body._content.getvalue()
+    body: bytes = call.bodyBytes()
     return body
 
 
@@ -64,27 +60,16 @@ def _answer(call: Any, body: bytes = b"ok") -> None:
 
 class SelectionTests(SynchronousTestCase):
     """
-    C{MONEDGE_FRONT_END=monedge} selects the new channel; anything else
-    leaves today's.
+    The composition root serves HTTP/1.1 with monedge's own channel.
     """
 
-    def test_selectedByTheEnvironment(self) -> None:
+    def test_composedWithTheChannel(self) -> None:
         """
-        The composition root gives the site the new channel only when the
-        variable says C{monedge}.
+        The site the composition root builds makes an L{HTTP1Channel} for
+        each connection.
         """
-        for value, expected in [
-            ("monedge", HTTP1Channel),
-            ("twisted", ProxyChannel),
-            (None, ProxyChannel),
-        ]:
-            environment = dict(os.environ)
-            environment.pop(http1.FRONT_END_VARIABLE, None)
-            if value is not None:
-                environment[http1.FRONT_END_VARIABLE] = value
-            self.patch(os, "environ", environment)
-            h = Harness([_service()])
-            self.assertIs(h.site.channelFactory, expected, value)
+        h = Harness([_service()])
+        self.assertIs(h.site.channelFactory, HTTP1Channel)
 
     def test_alpnH2LeavesTheChannel(self) -> None:
         """
@@ -189,8 +174,8 @@ class ReadingTests(SynchronousTestCase):
 
     def test_bareLFInChunkedFramingRefused(self) -> None:
         """
-        A chunk-size line ended by a bare LF is a 400, and nothing goes
-        upstream.
+        A chunk-size line ended by a bare LF is a 400, and the upstream
+        request the headers started is given up, none of the body sent.
         """
         h = _harness()
         _, transport = h.send(
@@ -198,7 +183,9 @@ class ReadingTests(SynchronousTestCase):
             b"3\nabc\r\n0\r\n\r\n"
         )
         self.assertEqual(_statuses(transport), [400])
-        self.assertEqual(h.client.calls, [])
+        [call] = h.client.calls
+        self.assertTrue(call.cancelled)
+        self.assertEqual(_body(call), b"")
 
     def test_chunkOverTheLimitRefusedOnItsSizeLine(self) -> None:
         """

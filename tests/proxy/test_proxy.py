@@ -675,7 +675,8 @@ class ProxyPathTests(SynchronousTestCase):
     def test_chunkedBodyOverLimitIs413(self) -> None:
         """
         A chunked body that grows past max-body-size is refused with 413
-        as soon as it does, and never sent upstream.
+        as soon as it does; the upstream request it was streaming to is
+        given up, with no byte past the limit sent.
         """
         h = Harness([_service(maxBodySize=10)])
         _, transport = h.send(
@@ -684,7 +685,9 @@ class ProxyPathTests(SynchronousTestCase):
         )
         self.assertEqual(_status(transport), 413)
         self.assertTrue(transport.disconnecting)
-        self.assertEqual(h.client.calls, [])
+        [call] = h.client.calls
+        self.assertTrue(call.cancelled)
+        self.assertEqual(call.bodyBytes(), b"")
 
     def test_expectContinueRefusedBody(self) -> None:
         """
@@ -701,17 +704,21 @@ class ProxyPathTests(SynchronousTestCase):
 
     def test_expectContinueAccepted(self) -> None:
         """
-        Within the limit, the client is told to continue, and Expect is not
-        forwarded (the body is already here when the upstream is called).
+        Within the limit, the client is told to continue once the upstream
+        takes the body (not before), and Expect is not forwarded: monedge
+        answers it.
         """
         h = Harness([_service(maxBodySize=10)])
         protocol, transport = h.send(
             b"POST /echo/ HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
             b"Content-Length: 3\r\n\r\n"
         )
+        [call] = h.client.calls
+        self.assertEqual(transport.value(), b"")
+        sink = call.takeBody()
         self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
         protocol.dataReceived(b"abc")
-        [call] = h.client.calls
+        self.assertEqual(sink.data, [b"abc"])
         self.assertFalse(call.headers.hasHeader(b"expect"))
 
     def test_requestBodyStreamedUpstream(self) -> None:
@@ -915,7 +922,9 @@ class ClientLeavesTests(SynchronousTestCase):
     def test_leavesMidRequest(self) -> None:
         """
         A client that leaves in its request head or body is logged as 499
-        with the request line that came, and nothing goes upstream.
+        with the request line that came: nothing goes upstream for the
+        head, and the upstream request the body was streaming to is given
+        up.
         """
         h = Harness([_service()])
         protocol, _ = h.send(b"GET /echo/a HTTP/1.1\r\nHost: a\r\nX-Par")
@@ -923,8 +932,13 @@ class ClientLeavesTests(SynchronousTestCase):
         protocol, _ = h.send(
             b"POST /echo/b HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\n\r\nhalf"
         )
+        [call] = h.client.calls
+        sink = call.takeBody()
         protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(h.client.calls, [])
+        self.assertTrue(call.cancelled)
+        self.assertEqual(sink.data, [b"half"])
+        assert sink.failure is not None
+        sink.failure.trap(ConnectionDone)
         self.assertEqual(
             [(r["status"], r["method"], r["path"]) for r in h.records()],
             [(499, "GET", "/echo/a"), (499, "POST", "/echo/b")],

@@ -155,6 +155,7 @@ class PolicyJSONTests(SynchronousTestCase):
             idleTimeout=3.0,
             stripPrefix=False,
             maxBodySize=4,
+            requestBuffering=True,
             expose=False,
             tunnelIdleTimeout=5.0,
         )
@@ -166,6 +167,7 @@ class PolicyJSONTests(SynchronousTestCase):
                 "idle-timeout": 3.0,
                 "strip-prefix": False,
                 "max-body-size": 4,
+                "request-buffering": True,
                 "expose": False,
                 "tunnel-idle-timeout": 5.0,
                 "upstream-ca": None,
