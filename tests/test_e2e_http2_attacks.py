@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -184,6 +185,11 @@ class _AttackCases(ProxyTestCase):
         )
         self.proxy = proxy
         self.upstream = upstream
+        # The proxy is up once its plain and admin ports answer; the TLS
+        # listener may come a moment later.
+        await proxy.waitFor(
+            lambda: accepts(self.tlsPort), 10, "the TLS listener to accept"
+        )
         return proxy, upstream
 
     @property
@@ -718,6 +724,17 @@ class _AttackCases(ProxyTestCase):
         )
         self.assertCost(before, after, what="stream errors")
         await self.assertStillServes()
+
+
+def accepts(port: int) -> bool:
+    """
+    Whether something accepts connections on C{port} of 127.0.0.1.
+    """
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
 
 
 def errorAnswer(peer: H2Peer, streamId: int) -> tuple[int | None, str | None]:
