@@ -70,6 +70,7 @@ from monedge.edge.base import CLIENT_CLOSED, UNDERSCORE_REFUSED, SharedRequest
 from monedge.proxy.exchange import ClientRequest, ProxyExchange
 from monedge.record import RequestRecord
 from monedge.rules.errors import ProxyError, renderError
+from monedge.rules.headers import trailerFields
 from monedge.rules.limits import Limits
 from monedge.twistedseam import (
     HeaderTable,
@@ -295,8 +296,8 @@ class H2Request(SharedRequest):
         self.requestHeaders = Headers()
         self.responseHeaders = Headers()
         self.headerTable: HeaderTable = rawHeaderTable(self.requestHeaders)
-        #: The request's trailers, if it had any (hop-by-hop fields
-        #: dropped), for the upstream.
+        #: The request's trailers, if it had any (as L{trailerFields} keeps
+        #: them), for the upstream.
         self.requestTrailers: list[tuple[bytes, bytes]] = []
         self.client = connection.getPeer()
         self.host = connection.getHost()
@@ -483,21 +484,28 @@ class H2Request(SharedRequest):
 
     def trailersReceived(self, fields: list[tuple[bytes, bytes]]) -> None:
         """
-        The request's trailers: kept for the upstream, without the fields
-        that never cross a hop.
+        The request's trailers: kept for the upstream under HTTP/1.1's
+        rules (L{trailerFields}: no field that may not be a trailer,
+        C{--underscore-headers}, C{--max-header-count}).
         """
-        self.requestTrailers = [
-            (name, value) for name, value in fields if name not in HOP_BY_HOP
-        ]
+        limits: Limits = self.site.limits
+        if len(fields) > limits.maxHeaderCount:
+            self._refuse("headers_too_large")
+            return
+        checked = trailerFields(fields, limits.underscoreHeaders)
+        if checked is None:
+            self._refuse("bad_request", UNDERSCORE_REFUSED)
+            return
+        self.requestTrailers = checked
 
     def bodyEnded(self) -> None:
         """
-        The client sent END_STREAM.
+        The client sent END_STREAM: the body, and its trailers, are whole.
         """
         self._bodyAt = None
         stream = self.bodyStream
-        if stream is not None:
-            stream.finish()
+        if stream is not None and not self._closed and not self.finished:
+            stream.finish(self.requestTrailers)
 
     def process(self) -> None:
         site = self.site

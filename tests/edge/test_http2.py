@@ -482,17 +482,22 @@ class BodyTests(SynchronousTestCase):
 
     def test_trailers(self) -> None:
         """
-        Request trailers are kept on the request, without hop-by-hop
-        fields; response trailers end the stream in a HEADERS frame.
+        Request trailers go to the upstream with the body, without fields
+        that may not be trailers; response trailers end the stream in a
+        HEADERS frame, without hop-by-hop fields.
         """
         h = _harness()
         c = Client(h)
         stream = c.get(_request(method="POST"), end=False)
         request = c.channel.requests[stream]
         c.conn.send_data(stream, b"x")
-        c.conn.send_headers(stream, [("grpc-status", "0")], end_stream=True)
+        c.conn.send_headers(
+            stream, [("grpc-status", "0"), ("content-length", "1")], end_stream=True
+        )
         c.pump()
-        self.assertEqual(request.requestTrailers, [(b"grpc-status", b"0")])
+        self.assertEqual(request.requestTrailers, [(b"Grpc-Status", b"0")])
+        body: Any = h.client.calls[0].body
+        self.assertEqual(list(body.trailers), [(b"Grpc-Status", b"0")])
         request.setTrailers([(b"Grpc-Status", b"0"), (b"Connection", b"x")])
         _answer(h.client.calls[0])
         c.pump()
