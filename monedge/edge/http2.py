@@ -51,10 +51,11 @@ import h2.events
 import h2.settings
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, ProtocolError
+from h2.stream import StreamClosedBy
 from h2.utilities import HeaderValidationFlags, validate_headers
 from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, RstStreamFrame
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, ISSLTransport
 from twisted.internet.protocol import Protocol, connectionDone
@@ -122,6 +123,10 @@ MAX_RESETS = 200
 #: Seconds a connection being closed has to go before it is aborted.
 CLOSE_TIMEOUT = 5.0
 
+#: The same after a connection error, while nothing more is read: time for
+#: the GOAWAY to be sent, not for a client to keep a connection open.
+ERROR_CLOSE_TIMEOUT = 1.0
+
 #: Response headers that are HTTP/1.1's connection management, never sent
 #: over HTTP/2 (RFC 9113, 8.2.2).
 HOP_BY_HOP = frozenset(
@@ -184,6 +189,19 @@ class _ServerConnection(h2.connection.H2Connection):
         # before it opens a stream: it never reaches the limit.
         count: int = super().open_inbound_streams
         return min(count, self.local_settings.max_concurrent_streams - 1)
+
+    def _receive_data_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        # DATA the client sent before it read a RST_STREAM monedge sent (a
+        # body stopped after an early answer) is ignored (RFC 9113, 5.1),
+        # not reset a second time; it still counts in the connection's
+        # window, which h2 gives back.
+        resetHere = self._stream_closed_by(frame.stream_id) == (
+            StreamClosedBy.SEND_RST_STREAM
+        )
+        frames, events = super()._receive_data_frame(frame)
+        if resetHere:
+            frames = [f for f in frames if not isinstance(f, RstStreamFrame)]
+        return frames, events
 
 
 class _Refused(Exception):
@@ -890,10 +908,15 @@ class H2Channel(Protocol):
         transport: Any = self.transport
         transport.write(frame.serialize())
 
-    def _close(self) -> None:
+    def _close(self, error: bool = False) -> None:
         """
         Close the connection (once what is written has gone), aborting it if
         it has not closed in L{CLOSE_TIMEOUT} seconds.
+
+        @param error: the close follows a connection error's GOAWAY: nothing
+            more is read from the client (RFC 9113, 5.4.1), even while a
+            TLS close waits for the client's own, and the connection is
+            aborted after L{ERROR_CLOSE_TIMEOUT}.
         """
         if self._closing:
             return
@@ -902,7 +925,11 @@ class H2Channel(Protocol):
         transport: Any = self.transport
         if transport is None:
             return
-        if self._readPaused:
+        if error:
+            if not self._readPaused:
+                self._readPaused = True
+                transport.pauseProducing()
+        elif self._readPaused:
             self._readPaused = False
             transport.resumeProducing()
         # A TLS transport closes only once no producer is registered.
@@ -910,7 +937,9 @@ class H2Channel(Protocol):
         transport.loseConnection()
         abort = getattr(transport, "abortConnection", None)
         if abort is not None:
-            self._aborting = self.site.reactor.callLater(CLOSE_TIMEOUT, abort)
+            self._aborting = self.site.reactor.callLater(
+                ERROR_CLOSE_TIMEOUT if error else CLOSE_TIMEOUT, abort
+            )
 
     def _connectionError(self, code: ErrorCodes, message: str) -> None:
         """
@@ -929,7 +958,7 @@ class H2Channel(Protocol):
         except H2Error:
             # Already closed in h2 (its own GOAWAY went first).
             pass
-        self._close()
+        self._close(error=code != ErrorCodes.NO_ERROR)
 
     # Reading
 
@@ -952,7 +981,7 @@ class H2Channel(Protocol):
                 peer=getattr(self.getPeer(), "host", "?"),
                 error=e,
             )
-            self._close()
+            self._close(error=True)
             return
         try:
             for event in events:
@@ -1296,10 +1325,14 @@ class H2Channel(Protocol):
                     conn.send_headers(streamId, trailers, end_stream=True)
                 else:
                     conn.end_stream(streamId)
-                if request._resetWhenSent:
+                stream = conn.streams.get(streamId)
+                if request._resetWhenSent and stream is not None and not stream.closed:
+                    # A body still to come is stopped (the client may have
+                    # ended its side already: then there is nothing to stop).
                     conn.reset_stream(streamId, ErrorCodes.NO_ERROR)
         except H2Error:
             request.streamLost(Failure(ConnectionLost("the stream closed")))
+            self._requestDone(request)
             return
         if request._closed:
             request._blockedSince = None
