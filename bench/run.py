@@ -265,9 +265,16 @@ def treeState() -> str:
     return commit
 
 
-def machine(wrk: str, nginx: str | None, haproxy: str | None) -> dict[str, str]:
+def machine(
+    wrk: str | None,
+    nginx: str | None,
+    haproxy: str | None,
+    tools: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """
-    What the figures were measured on.
+    What the figures were measured on: the machine, and the versions of
+    wrk, nginx and HAProxy (each left out when C{None}) and of C{tools}
+    (a name and its version each, as given).
     """
     import twisted
 
@@ -279,12 +286,15 @@ def machine(wrk: str, nginx: str | None, haproxy: str | None) -> dict[str, str]:
                     memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
     except OSError:
         pass
-    version = run([wrk, "-v"])
     others = {}
+    if wrk is not None:
+        version = run([wrk, "-v"])
+        others["wrk"] = version.splitlines()[0] if version else "unknown"
     if nginx is not None:
         others["nginx"] = run([nginx, "-v"]).removeprefix("nginx version: ")
     if haproxy is not None:
         others["haproxy"] = (run([haproxy, "-v"]).splitlines() or ["unknown"])[0]
+    others.update(tools or {})
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "nproc": run(["nproc"]) or str(len(os.sched_getaffinity(0))),
@@ -293,7 +303,6 @@ def machine(wrk: str, nginx: str | None, haproxy: str | None) -> dict[str, str]:
         "kernel": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "twisted": twisted.__version__,
-        "wrk": version.splitlines()[0] if version else "unknown",
         **others,
         "commit": treeState(),
     }
@@ -562,48 +571,72 @@ class Wrk:
         processes in C{watch} their CPU use in percent of one CPU and the
         peak of their summed RSS.
         """
-
-        def cpu(pids: Sequence[int]) -> float:
-            return sum(cpuSeconds(pid) for pid in pids)
-
-        def rss(pids: Sequence[int]) -> int:
-            return sum(rssBytes(pid) for pid in pids)
-
-        watch = watch or {}
-        before = {name: cpu(pids) for name, pids in watch.items()}
-        peak = {name: rss(pids) for name, pids in watch.items()}
-        started = time.monotonic()
-        process = subprocess.Popen(
-            self.command(url, seconds),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        output, elapsed, used, peak = runWatching(
+            "wrk", self.command(url, seconds), seconds + 30, watch or {}
         )
-        try:
-            deadline = started + seconds + 30
-            while process.poll() is None:
-                for name, pids in watch.items():
-                    peak[name] = max(peak[name], rss(pids))
-                if time.monotonic() > deadline:
-                    raise BenchError(f"wrk ran past {seconds + 30:g} s on {url}")
-                time.sleep(SAMPLE_INTERVAL)
-            elapsed = time.monotonic() - started
-            assert process.stdout is not None
-            output = process.stdout.read().decode(errors="replace")
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
-        if process.returncode != 0:
-            raise BenchError(f"wrk exited {process.returncode} on {url}:\n{output}")
-        used = {
-            name: 100.0 * (cpu(pids) - before[name]) / elapsed
-            for name, pids in watch.items()
-        }
-        return output, used, peak
+        percent = {name: 100.0 * spent / elapsed for name, spent in used.items()}
+        return output, percent, peak
+
+
+def runWatching(
+    name: str,
+    command: Sequence[str],
+    timeout: float,
+    watch: Mapping[str, Sequence[int]],
+) -> tuple[str, float, dict[str, float], dict[str, int]]:
+    """
+    Run a load generator to its end, watching processes meanwhile.
+
+    @param name: the generator's name, for messages.
+    @param command: its command line.
+    @param timeout: the seconds after which it is killed, and the run fails.
+    @param watch: named groups of processes to watch.
+
+    @return: its output (stdout and stderr), the wall-clock seconds it ran,
+        and for each group in C{watch} the CPU seconds its processes used
+        meanwhile and the peak of their summed RSS, sampled every
+        L{SAMPLE_INTERVAL}.
+    """
+
+    def cpu(pids: Sequence[int]) -> float:
+        return sum(cpuSeconds(pid) for pid in pids)
+
+    def rss(pids: Sequence[int]) -> int:
+        return sum(rssBytes(pid) for pid in pids)
+
+    before = {group: cpu(pids) for group, pids in watch.items()}
+    peak = {group: rss(pids) for group, pids in watch.items()}
+    started = time.monotonic()
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = started + timeout
+        while process.poll() is None:
+            for group, pids in watch.items():
+                peak[group] = max(peak[group], rss(pids))
+            if time.monotonic() > deadline:
+                raise BenchError(f"{shlex.join(command)} ran past {timeout:g} s")
+            time.sleep(SAMPLE_INTERVAL)
+        elapsed = time.monotonic() - started
+        assert process.stdout is not None
+        output = process.stdout.read().decode(errors="replace")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    if process.returncode != 0:
+        raise BenchError(
+            f"{name} exited {process.returncode}: {shlex.join(command)}\n{output}"
+        )
+    used = {group: cpu(pids) - before[group] for group, pids in watch.items()}
+    return output, elapsed, used, peak
 
 
 # -- the benchmark -----------------------------------------------------------
@@ -801,11 +834,27 @@ _NGINX_TEMP_PATHS = {
 }
 
 
-def writeNginxConfig(nginx: str, directory: Path, port: int, upstreamPort: int) -> Path:
+def writeNginxConfig(
+    nginx: str,
+    directory: Path,
+    port: int,
+    upstreamPort: int,
+    listen: Sequence[str] | None = None,
+    certificate: Path | None = None,
+) -> Path:
     """
     An nginx configuration for one worker proxying C{/bench/} to the
     upstream's C{/} over pooled keep-alive connections, with every path it
     writes (pid, error log, temporary files) inside C{directory}.
+
+    @param port: the port it listens on, for plain HTTP/1.1 (unless
+        C{listen} is given).
+    @param listen: the arguments of each C{listen} directive instead, such
+        as C{127.0.0.1:8443 ssl http2}.
+    @param certificate: a PEM file holding the private key and the
+        certificate, for listeners with C{ssl}; TLS 1.2 and 1.3 are
+        enabled, as monedge enables them (nginx 1.22's default leaves 1.3
+        out).
     """
     directory.mkdir()
     built = run([nginx, "-V"])
@@ -817,6 +866,16 @@ def writeNginxConfig(nginx: str, directory: Path, port: int, upstreamPort: int) 
     # As root, the worker would otherwise run as nobody, which cannot
     # reach the temporary directory.
     user = "user root;\n" if os.geteuid() == 0 else ""
+    listens = "\n".join(
+        f"        listen {arguments};"
+        for arguments in (listen or [f"127.0.0.1:{port} backlog=1024"])
+    )
+    if certificate is not None:
+        listens += (
+            f"\n        ssl_certificate {certificate};"
+            f"\n        ssl_certificate_key {certificate};"
+            "\n        ssl_protocols TLSv1.2 TLSv1.3;"
+        )
     path = directory / "nginx.conf"
     path.write_text(
         f"""\
@@ -839,7 +898,7 @@ http {{
     }}
 
     server {{
-        listen 127.0.0.1:{port} backlog=1024;
+{listens}
 
         location /bench/ {{
             proxy_pass http://upstream/;

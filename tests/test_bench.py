@@ -5,6 +5,7 @@ request" run as documented and print what they say.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -33,8 +34,8 @@ def _run(*command: str, timeout: float) -> str:
 
 class BenchToolTests(TestCase):
     """
-    bench/inprocess.py, bench/instructions.sh and bench/upload.py, on
-    small counts.
+    bench/inprocess.py, bench/instructions.sh, bench/upload.py and
+    bench/h2load.py, on small counts.
     """
 
     def test_inprocess(self) -> None:
@@ -120,3 +121,45 @@ class BenchToolTests(TestCase):
         )
         self.assertIn("3 concurrent x 1 MiB (chunked)", out)
         self.assertIn("3 answered", out)
+
+    def test_h2load(self) -> None:
+        """
+        bench/h2load.py, on a tiny run without nginx, loads monedge over h2
+        on its TLS listener, HTTP/1.1 over TLS and h2c, every request
+        answered, and prints and writes a row for each with its CPU per
+        request.
+        """
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "h2load.json")
+            out = _run(
+                sys.executable,
+                "bench/h2load.py",
+                "--requests",
+                "200",
+                "--warmup",
+                "50",
+                "--rounds",
+                "1",
+                "--no-nginx",
+                "--json",
+                path,
+                timeout=60,
+            )
+            with open(path) as f:
+                document = json.load(f)
+        summary = {row["protocol"]: row for row in document["summary"]}
+        self.assertEqual(sorted(summary), ["HTTP/1.1 (TLS)", "h2 (TLS)", "h2c"])
+        for protocol, row in summary.items():
+            self.assertEqual(row["server"], "monedge")
+            self.assertEqual((row["requests"], row["errors"]), (200, 0), protocol)
+            self.assertGreater(row["cpuMicrosecondsPerRequest"], 0, protocol)
+            self.assertGreater(row["p99ms"], 0, protocol)
+            self.assertRegex(
+                out,
+                rf"\| monedge +\| {re.escape(protocol)} +\| +[\d,]+ .*\| 0 of 200 \|",
+            )
+        (run,) = document["runs"]["monedge h2 (TLS)"]
+        self.assertEqual(run["protocol"], "h2")
+        self.assertEqual(run["loggedStatuses"], {"200": 200})
+        self.assertEqual(document["errorsLogged"], {"monedge": []})
+        self.assertIn("monedge's log: no error logged", out)

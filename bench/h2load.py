@@ -1,0 +1,753 @@
+"""
+monedge over HTTP/2 and TLS, beside nginx, loaded with h2load on loopback.
+
+    .venv/bin/python bench/h2load.py [--requests N] [--rounds R] [--no-nginx]
+
+It starts bench/upstream.py (HTTP/1.1, C{hello\\n} to every request), then
+in front of it:
+
+  - monedge, every default feature on and its access log written to a file,
+    with a TLS listener (C{--tls-port}, C{--tls-dir} holding a throwaway
+    certificate made here) and its plain listener, which takes HTTP/2 with
+    prior knowledge (h2c) beside HTTP/1.1;
+  - nginx (unless C{--no-nginx}), one worker, on the same upstream with a
+    keep-alive upstream pool as bench/run.py configures it, listening with
+    C{ssl http2} and, on a second port, C{http2} alone (h2c).
+
+Each is loaded, in turn within each round, with:
+
+  - C{h2load -c50 -m10 -n N https://...}: HTTP/2 over TLS, ALPN C{h2};
+  - C{h2load --h1 -c50 -n N https://...}: HTTP/1.1 over TLS;
+  - C{h2load -c50 -m10 -n N http://...}: h2c with prior knowledge.
+
+The servers run pinned to one CPU, the upstream and h2load to another (as
+bench/run.py pins).  Each run is preceded by an untimed warm-up.  Reported
+per target: req/s (h2load's, median over rounds), the server's CPU time per
+request (its whole process tree, from /proc), request-time percentiles
+(from h2load's C{--log-file}), failed requests, peak RSS, and monedge's CPU
+per request as a multiple of nginx's on the same protocol.  See
+docs/performance.md, "HTTP/2".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import re
+import shlex
+import signal
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(ROOT))
+
+from run import (  # noqa: E402
+    RESULTS,
+    BenchError,
+    Server,
+    ensureCommand,
+    ensureNginx,
+    machine,
+    monedgeCommand,
+    nginxCommand,
+    pinning,
+    processTree,
+    run,
+    runWatching,
+    stopAll,
+    writeNginxConfig,
+    writeRegistry,
+)
+
+from monedge.testing import freePort  # noqa: E402
+
+MONEDGE = "monedge"
+NGINX = "nginx"
+
+H2 = "h2 (TLS)"
+H1_TLS = "HTTP/1.1 (TLS)"
+H2C = "h2c"
+PROTOCOLS = (H2, H1_TLS, H2C)
+# What h2load must report as the protocol it spoke, for each.
+APPLICATION_PROTOCOL = {H2: "h2", H1_TLS: "http/1.1", H2C: "h2c"}
+
+# Seconds an h2load run may take, besides a generous floor rate.
+RUN_SLACK = 60.0
+FLOOR_RATE = 200.0
+
+
+# -- h2load ------------------------------------------------------------------
+
+
+_FINISHED = re.compile(r"^finished in [\d.]+\w+, ([\d.]+) req/s", re.M)
+_REQUESTS = re.compile(
+    r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+    r"(\d+) failed, (\d+) errored, (\d+) timeout",
+    re.M,
+)
+_STATUS = re.compile(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", re.M)
+_PROTOCOL = re.compile(r"^Application protocol: (\S+)", re.M)
+_TLS = re.compile(r"^TLS Protocol: (\S+)\s*\nCipher: (\S+)", re.M)
+
+
+@dataclass
+class H2loadResult:
+    """
+    What one h2load run reported.
+    """
+
+    requestsPerSecond: float
+    total: int
+    succeeded: int
+    failed: int
+    errored: int
+    timeout: int
+    status: dict[str, int]
+    protocol: str
+    tls: str
+
+    @property
+    def errors(self) -> int:
+        """
+        Requests that did not end in a 2xx answer.
+        """
+        return self.total - min(self.succeeded, self.status["2xx"])
+
+
+def parseH2load(output: str) -> H2loadResult:
+    """
+    Parse h2load's report.
+    """
+    rate = _FINISHED.search(output)
+    requests = _REQUESTS.search(output)
+    status = _STATUS.search(output)
+    protocol = _PROTOCOL.search(output)
+    if rate is None or requests is None or status is None or protocol is None:
+        raise BenchError(f"could not parse h2load's output:\n{output}")
+    total, _, _, succeeded, failed, errored, timeout = map(int, requests.groups())
+    tls = _TLS.search(output)
+    return H2loadResult(
+        requestsPerSecond=float(rate.group(1)),
+        total=total,
+        succeeded=succeeded,
+        failed=failed,
+        errored=errored,
+        timeout=timeout,
+        status=dict(
+            zip(("2xx", "3xx", "4xx", "5xx"), map(int, status.groups()), strict=True)
+        ),
+        protocol=protocol.group(1),
+        tls=f"{tls.group(1)} {tls.group(2)}" if tls else "",
+    )
+
+
+def requestTimes(logFile: Path) -> tuple[list[float], dict[str, int]]:
+    """
+    The request times in h2load's C{--log-file} (start in µs since the
+    epoch, status, µs to the end of the response; one request a line), in
+    ms and sorted; and how many requests ended with each status (C{-1} for
+    a failed stream).
+    """
+    times: list[float] = []
+    statuses: dict[str, int] = {}
+    with open(logFile) as f:
+        for line in f:
+            columns = line.split("\t")
+            if len(columns) < 3:
+                continue
+            statuses[columns[1]] = statuses.get(columns[1], 0) + 1
+            times.append(int(columns[2]) / 1000.0)
+    times.sort()
+    return times, statuses
+
+
+def percentile(ordered: Sequence[float], fraction: float) -> float:
+    """
+    The nearest-rank percentile of C{ordered} (sorted), or 0 when empty.
+    """
+    if not ordered:
+        return 0.0
+    rank = math.ceil(fraction * len(ordered))
+    return ordered[min(max(rank, 1), len(ordered)) - 1]
+
+
+@dataclass
+class H2load:
+    """
+    How to run h2load.
+    """
+
+    path: str
+    prefix: list[str]
+    connections: int
+    streams: int
+
+    def command(
+        self,
+        protocol: str,
+        url: str,
+        requests: int,
+        logFile: Path | None = None,
+        connections: int | None = None,
+    ) -> list[str]:
+        """
+        The command line for C{requests} requests to C{url} over
+        C{protocol} on L{connections} connections (or C{connections}),
+        logging each request to C{logFile} if given.
+        """
+        options = (["--h1"] if protocol == H1_TLS else [f"-m{self.streams}"]) + [
+            f"-c{connections or self.connections}",
+            f"-n{requests}",
+        ]
+        if logFile is not None:
+            options.append(f"--log-file={logFile}")
+        return [*self.prefix, self.path, *options, url]
+
+    def run(
+        self,
+        protocol: str,
+        url: str,
+        requests: int,
+        watch: dict[str, list[int]],
+        logFile: Path | None = None,
+        connections: int | None = None,
+    ) -> tuple[str, float, dict[str, float], dict[str, int]]:
+        """
+        Run h2load to its end; as L{runWatching}.
+        """
+        return runWatching(
+            "h2load",
+            self.command(protocol, url, requests, logFile, connections),
+            RUN_SLACK + requests / FLOOR_RATE,
+            watch,
+        )
+
+
+# -- the targets -------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """
+    One server over one protocol.
+    """
+
+    server: Server
+    protocol: str
+    url: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.server.name} {self.protocol}"
+
+
+@dataclass
+class Summary:
+    """
+    One target over every round.
+    """
+
+    target: str
+    server: str
+    protocol: str
+    url: str
+    requestsPerSecond: float
+    rounds: list[float]
+    p50ms: float
+    p99ms: float
+    requests: int
+    errors: int
+    cpuMicrosecondsPerRequest: float
+    cpuPerRequestRounds: list[float]
+    cpuPercent: float
+    upstreamCpuPercent: float
+    rssMiB: float
+    tls: str
+
+    @classmethod
+    def of(cls, target: Target) -> Summary:
+        def median(key: str) -> float:
+            return float(statistics.median(run[key] for run in target.runs))
+
+        return cls(
+            target=target.label,
+            server=target.server.name,
+            protocol=target.protocol,
+            url=target.url,
+            requestsPerSecond=median("requestsPerSecond"),
+            rounds=[run["requestsPerSecond"] for run in target.runs],
+            p50ms=median("p50ms"),
+            p99ms=median("p99ms"),
+            requests=sum(run["total"] for run in target.runs),
+            errors=sum(run["errors"] for run in target.runs),
+            cpuMicrosecondsPerRequest=median("cpuMicrosecondsPerRequest"),
+            cpuPerRequestRounds=[
+                run["cpuMicrosecondsPerRequest"] for run in target.runs
+            ],
+            cpuPercent=median("cpuPercent"),
+            upstreamCpuPercent=median("upstreamCpuPercent"),
+            rssMiB=max(run["rssBytes"] for run in target.runs) / 2**20,
+            tls=target.runs[-1]["tls"],
+        )
+
+
+def againstNginx(summaries: Sequence[Summary]) -> dict[str, float]:
+    """
+    For each protocol measured on both, monedge's CPU per request as a
+    multiple of nginx's.
+    """
+    cpu = {(s.server, s.protocol): s.cpuMicrosecondsPerRequest for s in summaries}
+    return {
+        protocol: cpu[MONEDGE, protocol] / cpu[NGINX, protocol]
+        for protocol in PROTOCOLS
+        if (MONEDGE, protocol) in cpu and cpu.get((NGINX, protocol))
+    }
+
+
+def table(summaries: Sequence[Summary]) -> str:
+    """
+    The results, as a Markdown table aligned for a terminal.
+    """
+    ratios = againstNginx(summaries)
+    header = [
+        "server",
+        "protocol",
+        "req/s (median)",
+        "req/s per round",
+        "p50 ms",
+        "p99 ms",
+        "failed",
+        "server CPU %",
+        "CPU µs/request",
+        "upstream CPU %",
+        "RSS MiB",
+        "CPU/request ÷ nginx's",
+    ]
+    rows = [
+        [
+            s.server,
+            s.protocol,
+            f"{s.requestsPerSecond:,.0f}",
+            " / ".join(f"{r:,.0f}" for r in s.rounds),
+            f"{s.p50ms:.2f}",
+            f"{s.p99ms:.2f}",
+            f"{s.errors} of {s.requests:,}",
+            f"{s.cpuPercent:.0f}",
+            f"{s.cpuMicrosecondsPerRequest:.0f}",
+            f"{s.upstreamCpuPercent:.0f}",
+            f"{s.rssMiB:.1f}",
+            f"{ratios[s.protocol]:.2f}x"
+            if s.server == MONEDGE and s.protocol in ratios
+            else "",
+        ]
+        for s in summaries
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|".join(
+        ":" + "-" * (w + 1) if i < 2 else "-" * (w + 1) + ":"
+        for i, w in enumerate(widths)
+    )
+    return "\n".join([line(header), f"|{rule}|", *map(line, rows)])
+
+
+# -- the servers -------------------------------------------------------------
+
+
+def writeCertificate(directory: Path) -> Path:
+    """
+    A throwaway certificate for C{localhost} and C{127.0.0.1}'s clients:
+    C{directory/default.pem}, its private key then the certificate (the
+    form C{--tls-dir} reads, and nginx reads as both its certificate and
+    its key).
+    """
+    from monedge.testing.tls import CertificateAuthority
+
+    directory.mkdir()
+    path = directory / "default.pem"
+    path.write_bytes(CertificateAuthority().issue(["localhost"]))
+    return path
+
+
+_TROUBLE = re.compile(
+    r"Traceback|Unhandled|\b(?:error|crit|alert|emerg)\b", re.IGNORECASE
+)
+
+
+def troubleIn(path: Path, limit: int = 40) -> list[str]:
+    """
+    The lines of a server's log that look like errors (a traceback, an
+    unhandled error, nginx's C{[error]} and worse), at most C{limit}.
+    """
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line for line in lines if _TROUBLE.search(line)][:limit]
+
+
+def waitForPort(server: Server, port: int) -> None:
+    """
+    Return once C{server} accepts connections on C{port}, besides its own.
+    """
+    dataclasses.replace(server, port=port).waitUntilListening()
+
+
+def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Load monedge and nginx with h2load over HTTP/2 (TLS and "
+        "h2c) and HTTP/1.1 over TLS, on loopback, and compare them."
+    )
+    parser.add_argument(
+        "--requests", type=int, default=20000, help="requests per measured run (20000)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (3)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="requests of the untimed run before each measured one "
+        "(a fifth of --requests)",
+    )
+    parser.add_argument(
+        "--connections", type=int, default=50, help="h2load clients, -c (50)"
+    )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=10,
+        help="concurrent streams per HTTP/2 connection, -m (10)",
+    )
+    parser.add_argument(
+        "--no-nginx", action="store_true", help="leave nginx out of the comparison"
+    )
+    parser.add_argument(
+        "--no-pin", action="store_true", help="do not pin processes to CPUs"
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where to write the results (bench/results/h2load-<time>.json)",
+    )
+    parser.add_argument(
+        "--no-json", action="store_true", help="do not write the results as JSON"
+    )
+    args = parser.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = max(args.connections, args.requests // 5)
+    if args.rounds < 1 or args.connections < 1 or args.streams < 1:
+        parser.error("--rounds, --connections and --streams must be positive")
+    if args.requests < args.connections or (
+        args.warmup and args.warmup < args.connections
+    ):
+        parser.error(
+            "--requests and --warmup (unless 0) must be at least --connections"
+        )
+    return args
+
+
+def benchmark(args: argparse.Namespace, directory: Path) -> None:
+    h2loadPath = ensureCommand("h2load", ["nghttp2-client"])
+    nginxPath = None if args.no_nginx else ensureNginx()
+    serverPin, loadPin = pinning(not args.no_pin)
+    about = machine(
+        None,
+        nginxPath,
+        None,
+        {"h2load": run([h2loadPath, "--version"]) or "unknown"},
+    )
+    invocation = shlex.join([sys.executable, *sys.argv])
+    certificate = writeCertificate(directory / "tls")
+
+    upstreamPort = freePort()
+    registry = directory / "services.yaml"
+    writeRegistry(registry, upstreamPort)
+    upstream = Server(
+        "upstream",
+        [
+            *loadPin,
+            sys.executable,
+            str(BENCH / "upstream.py"),
+            "--port",
+            str(upstreamPort),
+        ],
+        upstreamPort,
+        directory / "upstream.log",
+    )
+    servers = [upstream]
+    targets: list[Target] = []
+    tlsPorts: dict[str, int] = {}
+
+    # monedge as deployed, its access log to a file, with a TLS listener.
+    port, tlsPort = freePort(), freePort()
+    monedge = Server(
+        MONEDGE,
+        [
+            *monedgeCommand(
+                serverPin, port, freePort(), registry, str(directory / "access.log")
+            ),
+            "--tls-port",
+            f"tcp:{tlsPort}:interface=127.0.0.1:backlog=1024",
+            "--tls-dir",
+            str(certificate.parent),
+        ],
+        port,
+        directory / "monedge.log",
+    )
+    servers.append(monedge)
+    tlsPorts[MONEDGE] = tlsPort
+    configs: list[Path] = []
+    if nginxPath is not None:
+        port, tlsPort = freePort(), freePort()
+        config = writeNginxConfig(
+            nginxPath,
+            directory / "nginx",
+            port,
+            upstreamPort,
+            listen=[
+                f"127.0.0.1:{tlsPort} ssl http2 backlog=1024",
+                f"127.0.0.1:{port} http2 backlog=1024",
+            ],
+            certificate=certificate,
+        )
+        nginx = Server(
+            NGINX,
+            nginxCommand(serverPin, nginxPath, config),
+            port,
+            directory / "nginx.log",
+        )
+        servers.append(nginx)
+        configs.append(config)
+        tlsPorts[NGINX] = tlsPort
+    # Interleaved: each protocol on monedge, then on nginx.
+    for protocol in PROTOCOLS:
+        for server in servers[1:]:
+            if protocol == H2C:
+                url = f"http://127.0.0.1:{server.port}/bench/"
+            else:
+                url = f"https://127.0.0.1:{tlsPorts[server.name]}/bench/"
+            targets.append(Target(server, protocol, url))
+    h2load = H2load(h2loadPath, loadPin, args.connections, args.streams)
+
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.waitUntilListening()
+            if server.name in tlsPorts:
+                waitForPort(server, tlsPorts[server.name])
+        for target in targets:
+            output = h2load.run(target.protocol, target.url, 1, {}, None, 1)[0]
+            check = parseH2load(output)
+            spoken = APPLICATION_PROTOCOL[target.protocol]
+            if check.status["2xx"] != 1 or check.protocol != spoken:
+                raise BenchError(
+                    f"{target.label}: one request to {target.url} did not get a "
+                    f"2xx answer over {spoken}:\n"
+                    f"{output}\n{target.server.logTail()}"
+                )
+
+        print("monedge HTTP/2 benchmark")
+        print(f"  command:  {invocation}")
+        for key, value in about.items():
+            print(f"  {key + ':':9} {value}")
+        print(
+            "  load:     "
+            + "; ".join(
+                shlex.join(h2load.command(p, "URL", args.requests)[len(loadPin) :])
+                for p in PROTOCOLS
+            )
+            + f" (each after {args.warmup:,} requests of warm-up), "
+            f"{args.rounds} round(s)"
+        )
+        print(
+            "  pinning:  "
+            + (
+                f"servers on CPU {serverPin[-1]}, upstream and h2load on CPU "
+                f"{loadPin[-1]}"
+                if serverPin
+                else "none"
+            )
+        )
+        for server in servers:
+            print(f"  {server.name}: {shlex.join(server.command)}")
+        for config in configs:
+            print(f"\n  {config.name}:")
+            for line in config.read_text().splitlines():
+                print(f"    {line}".rstrip())
+        print(flush=True)
+
+        for number in range(1, args.rounds + 1):
+            for target in targets:
+                for server in servers:
+                    server.checkAlive()
+                if args.warmup:
+                    h2load.run(target.protocol, target.url, args.warmup, {})
+                watch = {
+                    "server": processTree(target.server.pid),
+                    "upstream": [upstream.pid],
+                }
+                logFile = directory / "requests.log"
+                output, elapsed, cpu, peak = h2load.run(
+                    target.protocol, target.url, args.requests, watch, logFile
+                )
+                result = parseH2load(output)
+                times, statuses = requestTimes(logFile)
+                logFile.unlink()
+                if result.protocol != APPLICATION_PROTOCOL[target.protocol]:
+                    raise BenchError(
+                        f"{target.label}: h2load spoke {result.protocol}:\n{output}"
+                    )
+                target.runs.append(
+                    {
+                        **asdict(result),
+                        "errors": result.errors,
+                        "loggedStatuses": statuses,
+                        "p50ms": percentile(times, 0.50),
+                        "p99ms": percentile(times, 0.99),
+                        "elapsedSeconds": elapsed,
+                        "cpuSeconds": cpu["server"],
+                        "cpuMicrosecondsPerRequest": 1e6
+                        * cpu["server"]
+                        / max(result.total, 1),
+                        "cpuPercent": 100.0 * cpu["server"] / elapsed,
+                        "upstreamCpuPercent": 100.0 * cpu["upstream"] / elapsed,
+                        "rssBytes": peak["server"],
+                        "serverPids": watch["server"],
+                        "h2loadOutput": output,
+                    }
+                )
+                latest = target.runs[-1]
+                print(
+                    f"round {number}/{args.rounds}  {target.label:22} "
+                    f"{result.requestsPerSecond:10,.0f} req/s  "
+                    f"{latest['cpuMicrosecondsPerRequest']:6.0f} µs CPU/request  "
+                    f"p99 {latest['p99ms']:6.2f} ms  failed {result.errors}",
+                    flush=True,
+                )
+                if result.errors:
+                    print(
+                        f"  {target.label}: {result.errors} of {result.total} "
+                        f"requests failed; statuses {statuses}; h2load said:\n"
+                        + output
+                        + f"\n  {target.server.name}'s log ends:\n"
+                        + target.server.logTail(),
+                        flush=True,
+                    )
+        for server in servers:
+            server.checkAlive()
+    finally:
+        stopAll(servers)
+
+    logs = {monedge.name: monedge.logPath}
+    for config in configs:
+        logs[NGINX] = config.parent / "error.log"
+    trouble = {name: troubleIn(path) for name, path in logs.items()}
+    summaries = [Summary.of(target) for target in targets]
+    ratios = againstNginx(summaries)
+    print()
+    print(table(summaries))
+    print()
+    for protocol, ratio in ratios.items():
+        each = [
+            m / n
+            for m, n in zip(
+                *(
+                    next(
+                        s.cpuPerRequestRounds
+                        for s in summaries
+                        if (s.server, s.protocol) == (name, protocol)
+                    )
+                    for name in (MONEDGE, NGINX)
+                ),
+                strict=True,
+            )
+            if n
+        ]
+        print(
+            f"monedge / nginx, {protocol:14} = {ratio:5.2f}x CPU per request; "
+            "per round " + " / ".join(f"{r:.2f}" for r in each)
+        )
+    tls = sorted({f"{s.tls} ({s.server})" for s in summaries if s.tls})
+    if tls:
+        print(f"TLS negotiated: {', '.join(tls)}")
+    for name, lines in trouble.items():
+        if lines:
+            print(f"{name}'s log has lines that look like errors:")
+            for line in lines:
+                print(f"  {line}")
+        else:
+            print(f"{name}'s log: no error logged")
+
+    if not args.no_json:
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        path = args.json
+        if path is None:
+            RESULTS.mkdir(exist_ok=True)
+            path = RESULTS / f"h2load-{stamp}.json"
+        document = {
+            "command": invocation,
+            "machine": about,
+            "settings": {
+                "requests": args.requests,
+                "warmup": args.warmup,
+                "rounds": args.rounds,
+                "connections": args.connections,
+                "streams": args.streams,
+                "pinned": not args.no_pin,
+            },
+            "configs": {config.name: config.read_text() for config in configs},
+            "servers": {server.name: server.command for server in servers},
+            "summary": [asdict(s) for s in summaries],
+            "cpuPerRequestAgainstNginx": ratios,
+            "errorsLogged": trouble,
+            "runs": {target.label: target.runs for target in targets},
+        }
+        path.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"\nresults: {path}")
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parseArguments(argv)
+    signal.signal(signal.SIGTERM, _terminated)
+    # Even when started in the background with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with tempfile.TemporaryDirectory(prefix="monedge-h2load-") as directory:
+            benchmark(args, Path(directory))
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
