@@ -512,7 +512,7 @@ class HTTP1Request(SharedRequest):
         if (
             trailers
             and self.chunked
-            and b"trailers" in connectionTokens(self.headerTable.get(b"Te"))
+            and b"trailers" in connectionTokens(self.headerTable.get(b"TE"))
         ):
             self._trailers = trailers
 
