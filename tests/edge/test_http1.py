@@ -416,3 +416,14 @@ class TrailerTests(SynchronousTestCase):
             call, sent = self._exchange(te)
             self.assertIsNone(call.headers.getRawHeaders(b"te"), te)
             self.assertTrue(sent.endswith(b"5\r\nhello\r\n0\r\n\r\n"), (te, sent))
+
+    def test_wholeResponse(self) -> None:
+        """
+        A chunked response that came whole with its head (the common small
+        response, relayed in one write) keeps its trailer fields for a
+        client that asked for them, and only for one.
+        """
+        _, sent = self._exchange(b"trailers", whole=True)
+        self.assertTrue(sent.endswith(b"5\r\nhello\r\n0\r\nX-Sig: s1\r\n\r\n"), sent)
+        _, sent = self._exchange(None, whole=True)
+        self.assertTrue(sent.endswith(b"5\r\nhello\r\n0\r\n\r\n"), sent)
