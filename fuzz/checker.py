@@ -54,7 +54,7 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from monedge.edge.http1 import HTTP1Channel, HTTP1Request
-from monedge.edge.server import ProxyRequest, ProxySite
+from monedge.edge.server import ProxySite
 from monedge.interfaces import IUpstreamClient
 from monedge.observe.accesslog import AccessLog
 from monedge.observe.metrics import Metrics
@@ -180,7 +180,7 @@ class Call:
     method: bytes
     url: bytes
     headers: Headers
-    request: ProxyRequest | HTTP1Request | None
+    request: HTTP1Request | None
     result: Deferred[IResponse]
     answered: bool = False
     cancelled: bool = False
@@ -221,7 +221,7 @@ class TaggingUpstream:
     ) -> None:
         self.calls: list[Call] = []
         self.pending: list[Call] = []
-        self.current: ProxyRequest | HTTP1Request | None = None
+        self.current: HTTP1Request | None = None
         self.tagOffset = tagOffset
         self.mangle = mangle
 
@@ -297,31 +297,10 @@ class TaggingUpstream:
 # The proxy
 
 
-class _RecordingRequest(ProxyRequest):
-    """
-    A L{ProxyRequest} that records itself, in the order the channel makes
-    requests, and tells the upstream which request is being processed.
-    """
-
-    site: _FuzzSite
-
-    def __init__(self, channel: Any, queued: object = None) -> None:
-        super().__init__(channel, queued)
-        self.site.made.append(self)
-
-    def process(self) -> None:
-        upstream = self.site.upstream
-        upstream.current = self
-        try:
-            super().process()
-        finally:
-            upstream.current = None
-
-
 class _RecordingHTTP1Request(HTTP1Request):
     """
-    An L{HTTP1Request} that records itself, as L{_RecordingRequest} does,
-    for monedge's own HTTP/1.1 front end (C{MONEDGE_FRONT_END=monedge}).
+    An L{HTTP1Request} that records itself, in the order the channel makes
+    requests, and tells the upstream which request is being processed.
     """
 
     site: _FuzzSite
@@ -344,12 +323,12 @@ class _RecordingHTTP1Channel(HTTP1Channel):
 
 
 class _FuzzSite(ProxySite):
-    requestFactory = _RecordingRequest
+    channelFactory = _RecordingHTTP1Channel
 
     def __init__(self, upstream: TaggingUpstream, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.upstream = upstream
-        self.made: list[_RecordingRequest | _RecordingHTTP1Request] = []
+        self.made: list[_RecordingHTTP1Request] = []
 
 
 #: The proxy's configuration: the options' defaults.
@@ -390,7 +369,7 @@ class Outcome:
 
     output: bytes
     closed: bool
-    requests: list[_RecordingRequest | _RecordingHTTP1Request]
+    requests: list[_RecordingHTTP1Request]
     calls: list[Call]
 
 
@@ -424,8 +403,6 @@ def runConnection(
         siteFactory=partial(_FuzzSite, upstream),
     ).site
     assert isinstance(site, _FuzzSite)
-    if site.channelFactory is HTTP1Channel:
-        site.channelFactory = _RecordingHTTP1Channel
     address = IPv4Address("TCP", PEER, 40000)
     protocol = site.buildProtocol(address)
     transport = StringTransport(
@@ -738,7 +715,7 @@ def frameRequests(data: bytes) -> list[Framed]:
 
 
 def _expectedTarget(
-    request: ProxyRequest | HTTP1Request,
+    request: HTTP1Request,
 ) -> tuple[FuzzService, RoutedPath]:
     """
     Where C{request} must go, recomputed from its raw target alone.
@@ -802,9 +779,15 @@ def checkCall(call: Call) -> None:
     headers = call.headers
     clientTokens = connectionTokens(request.requestHeaders.getRawHeaders(b"connection"))
     webSocket = wantsWebSocket(request.requestHeaders)
+    takesTrailers = b"trailers" in connectionTokens(
+        request.requestHeaders.getRawHeaders(b"te")
+    )
     for name, values in headers.getAllRawHeaders():
         lowered = name.lower()
         if webSocket and lowered in (b"connection", b"upgrade"):
+            continue
+        if lowered == b"te" and values == [b"trailers"] and takesTrailers:
+            # monedge's own: it passes trailers on to this client.
             continue
         if lowered in HOP_BY_HOP or lowered.startswith(b"proxy-"):
             raise fail("a hop-by-hop header went upstream", name, values, request.uri)
@@ -845,10 +828,6 @@ def checkCall(call: Call) -> None:
         raise fail("the request id sent up is not the request's", ids)
 
 
-#: The method of a twisted.web request whose body is not all in yet.
-_NO_METHOD = b"(no method yet)"
-
-
 def checkOutcome(outcome: Outcome, framed: Sequence[Framed]) -> list[tuple[Any, ...]]:
     """
     Check invariants 2 to 4 on one connection's outcome.
@@ -859,13 +838,7 @@ def checkOutcome(outcome: Outcome, framed: Sequence[Framed]) -> list[tuple[Any, 
     if b"Traceback" in outcome.output:
         raise fail("a traceback reached the client", outcome.output[:2000])
     requests = outcome.requests
-    # Twisted sets a request's method only once its body is in: a request
-    # refused while its body arrives (too large) has none yet, and its
-    # answer's framing follows the method the strict framer read.
-    methods = [
-        framed[i].method if r.method == _NO_METHOD and i < len(framed) else r.method
-        for i, r in enumerate(requests)
-    ]
+    methods = [r.method for r in requests]
     responses, _ = parseResponses(outcome.output, methods, outcome.closed)
     if len(responses) == len(requests) + 1:
         # The channel refused a request before making a request object for

@@ -35,19 +35,16 @@ from twisted.logger import Logger
 from twisted.python.usage import UsageError
 from twisted.web._abnf import _hexint
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http import Request as HTTPRequest
 from twisted.web.http import (
-    HTTPChannel,
-    _ChunkedTransferDecoder,
     _GenericHTTPChannelProtocol,
     _parseRequestLine,
 )
-from twisted.web.http import Request as HTTPRequest
 from twisted.web.http_headers import Headers, _nameEncoder
 
 __all__ = [
     "TWISTED_BELOW",
     "TWISTED_LOWEST",
-    "HTTPChannelBase",
     "HTTPConnectionProtocol",
     "canonicalHeaderName",
     "chunkSize",
@@ -55,18 +52,12 @@ __all__ = [
     "acceptOneAtATime",
     "channelOf",
     "checkTwistedVersion",
-    "chunkRemaining",
     "leanDispatch",
     "quietConnectionPool",
     "rawHeaderTable",
     "HeaderTable",
-    "releaseTransport",
     "requestDisconnected",
-    "requestLine",
-    "requestLineSoFar",
     "sendAtOnce",
-    "takeHeldInput",
-    "unparsedInput",
 ]
 
 _log = Logger()
@@ -145,97 +136,7 @@ chunkSize: Callable[[bytes], int] = _hexint
 requestDisconnected: Callable[[HTTPRequest], bool] = attrgetter("_disconnected")
 
 
-# The HTTP/1.1 channel (tests/proxy/test_proxy.py, tests/test_e2e_limits.py,
-# tests/test_e2e_corpus.py, tests/test_e2e_http2.py)
-
-
-class HTTPChannelBase(HTTPChannel):
-    """
-    Twisted's L{HTTPChannel}, with public names for the two private steps
-    monedge's channel changes: L{continueAllowed} decides whether the
-    C{100 Continue} an C{Expect: 100-continue} asks for is sent, and
-    L{badRequest} answers what Twisted's parser finds malformed.
-    """
-
-    def continueAllowed(self) -> bool:
-        """
-        Whether to send the C{100 Continue} the request asks for: yes.
-        """
-        return True
-
-    def badRequest(self) -> None:
-        """
-        Answer a request Twisted's parser refused: Twisted's bare 400, and
-        the connection closed.
-        """
-        super()._respondToBadRequestAndDisconnect()
-
-    def _send100Continue(self) -> None:
-        if self.continueAllowed():
-            super()._send100Continue()
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        self.badRequest()
-
-
-#: The request line a channel is reading the request of: method, target
-#: and version.  Only from the request line's end until the request is all
-#: in (Twisted then forgets it); see L{requestLineSoFar} for any time.  Per
-#: request.
-requestLine: Callable[[HTTPChannel], tuple[bytes, bytes, bytes]] = attrgetter(
-    "_command", "_path", "_version"
-)
-
-
-def requestLineSoFar(
-    channel: HTTPChannel,
-) -> tuple[bytes | None, bytes | None, bytes | None]:
-    """
-    L{requestLine} at any time: L{None}s before a request line is read
-    and once its request is all in.
-    """
-    return (
-        getattr(channel, "_command", None),
-        getattr(channel, "_path", None),
-        getattr(channel, "_version", None),
-    )
-
-
-#: The bytes a channel has read but not parsed yet: part of a line, or,
-#: once a request is done, the next pipelined one.  Per request.
-unparsedInput: Callable[[HTTPChannel], bytes] = attrgetter("_buffer")
-
-
-def takeHeldInput(channel: HTTPChannel) -> bytes:
-    """
-    Take the bytes a channel held back while it answered a request: they
-    are not parsed later.
-    """
-    held = b"".join(channel._dataBuffer)
-    channel._dataBuffer = []
-    return held
-
-
-def chunkRemaining(channel: HTTPChannel) -> int | None:
-    """
-    While a channel reads a chunk of a chunked request body: how many of
-    the chunk's declared bytes are still to come (its size line is read);
-    else L{None}.
-    """
-    decoder = channel._transferDecoder
-    if type(decoder) is _ChunkedTransferDecoder and decoder.state == "BODY":
-        length: int = decoder.length
-        return length
-    return None
-
-
-def releaseTransport(channel: HTTPChannel) -> None:
-    """
-    Stop a channel being the producer its transport pauses, as Twisted
-    does when it closes the connection, whatever the transport (one that
-    cannot pause has nothing to release).
-    """
-    channel._networkProducer.unregisterProducer()  # type: ignore[attr-defined]
+# The protocol switch (tests/edge/test_http1.py)
 
 
 class HTTPConnectionProtocol(_GenericHTTPChannelProtocol):

@@ -30,7 +30,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 import tests
-from monedge.edge.server import CLIENT_CLOSED, ProxySite
+from monedge.edge.base import CLIENT_CLOSED
+from monedge.edge.server import ProxySite
 from monedge.hooks import HookConfigError, HookContext, HookSet, availableFactories
 from monedge.observe.accesslog import AccessLog
 from monedge.observe.metrics import Metrics

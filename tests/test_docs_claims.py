@@ -121,13 +121,15 @@ def requestReason(status: int) -> bytes:
 
 def refusedOnTheConnection() -> set[str]:
     """
-    The error codes monedge/edge/server.py writes straight to the connection
-    (with L{rawErrorResponse}) rather than through a request.
+    The error codes the front ends (monedge/edge/) write straight to the
+    connection (with L{rawErrorResponse}) rather than through a request.
     """
-    with open(
-        os.path.join(ROOT, "monedge", "edge", "server.py"), encoding="utf-8"
-    ) as f:
-        source = f.read()
+    edge = os.path.join(ROOT, "monedge", "edge")
+    source = ""
+    for name in sorted(os.listdir(edge)):
+        if name.endswith(".py"):
+            with open(os.path.join(edge, name), encoding="utf-8") as f:
+                source += f.read()
     called = r"(?:refuse|_refuse|_refuseForRequest|rawErrorResponse)\(\s*"
     codes = set(re.findall(called + r'"([a-z_]+)"', source))
     # The header deadline's code is passed on to refuse() by name.

@@ -111,9 +111,11 @@ CASES = [
         "hop-by-hop request headers",
         "/svc/h",
         200,
-        curl=["-H", "Proxy-Authorization: Basic eDp5", "-H", "TE: trailers"],
+        # (TE is monedge's own upstream, "trailers" for a client that
+        # takes them: pinned by the corpus and the trailer tests.)
+        curl=["-H", "Proxy-Authorization: Basic eDp5"],
         upstreamPath="/h",
-        upstreamHeaders={"proxy-authorization": [], "te": []},
+        upstreamHeaders={"proxy-authorization": []},
     ),
     Case(
         "body forwarded",

@@ -26,19 +26,15 @@ from monedge.testing import ProxyProcess, writeRegistry
 from monedge.twistedseam import (
     TWISTED_BELOW,
     TWISTED_LOWEST,
-    HTTPChannelBase,
     HTTPConnectionProtocol,
+    canonicalHeaderName,
     channelOf,
     checkTwistedVersion,
-    chunkRemaining,
+    chunkSize,
+    parseRequestLine,
     quietConnectionPool,
     rawHeaderTable,
-    releaseTransport,
     requestDisconnected,
-    requestLine,
-    requestLineSoFar,
-    takeHeldInput,
-    unparsedInput,
 )
 
 #: The repository root: the parent of the tests package.
@@ -200,128 +196,38 @@ class _Held(Resource):
         return NOT_DONE_YET
 
 
-class _Channel(HTTPChannelBase):
+class ReadersTests(SynchronousTestCase):
     """
-    Records the seam's public hooks.
-    """
-
-    allowContinue = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.badRequests = 0
-
-    def continueAllowed(self) -> bool:
-        return self.allowContinue
-
-    def badRequest(self) -> None:
-        self.badRequests += 1
-        super().badRequest()
-
-
-class ChannelTests(SynchronousTestCase):
-    """
-    What the seam reads from and changes in Twisted's L{HTTPChannel}.
+    Twisted's own rules for reading a request, as the HTTP/1.1 front end
+    uses them.
     """
 
-    def connect(
-        self, channel: HTTPChannel | None = None
-    ) -> tuple[Any, StringTransport]:
-        channel = _Channel() if channel is None else channel
-        channel.requestFactory = Request
-        site = Site(_Held(), reactor=MemoryReactorClock())
-        channel.site = site  # type: ignore[attr-defined]
-        channel.factory = site
-        transport = StringTransport()
-        channel.makeConnection(transport)
-        return channel, transport
+    def test_parseRequestLine(self) -> None:
+        """
+        A request line is three space-separated parts, any token as the
+        method; anything else is refused with L{ValueError}.
+        """
+        self.assertEqual(
+            parseRequestLine(b"PURGE /a?b HTTP/1.1"), (b"PURGE", b"/a?b", b"HTTP/1.1")
+        )
+        for bad in [b"GET", b"GET /a", b"GET /a HTTP/1.1 x"]:
+            self.assertRaises(ValueError, parseRequestLine, bad)
 
-    def test_requestLine(self) -> None:
+    def test_canonicalHeaderName(self) -> None:
         """
-        The request line is known from its end until the request is all
-        in; L{requestLineSoFar} is L{None}s before and after.
+        A header name is stored in Twisted's canonical case; a name that
+        is not a token is refused with L{ValueError}.
         """
-        channel, _ = self.connect(HTTPChannel())
-        self.assertEqual(requestLineSoFar(channel), (None, None, None))
-        channel.dataReceived(b"POST /a?b HTTP/1.1\r\nContent-Length: 2\r\n")
-        self.assertEqual(requestLine(channel), (b"POST", b"/a?b", b"HTTP/1.1"))
-        self.assertEqual(requestLineSoFar(channel), (b"POST", b"/a?b", b"HTTP/1.1"))
-        channel.dataReceived(b"\r\nhi")
-        self.assertEqual(requestLineSoFar(channel), (None, None, None))
+        self.assertEqual(canonicalHeaderName(b"x-forwarded-for"), b"X-Forwarded-For")
+        self.assertRaises(ValueError, canonicalHeaderName, b"bad name")
 
-    def test_unparsedInput(self) -> None:
+    def test_chunkSize(self) -> None:
         """
-        Part of a line is kept unparsed until the rest comes.
+        A chunk size is hex digits only: no sign, no spaces, no C{0x}.
         """
-        channel, _ = self.connect()
-        self.assertEqual(unparsedInput(channel), b"")
-        channel.dataReceived(b"GET /a HT")
-        self.assertEqual(unparsedInput(channel), b"GET /a HT")
-        channel.dataReceived(b"TP/1.1\r\n")
-        self.assertEqual(unparsedInput(channel), b"")
-
-    def test_heldInput(self) -> None:
-        """
-        What arrives while a request is answered is held, and once taken,
-        it is not parsed later.
-        """
-        channel, _ = self.connect()
-        channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HT")
-        channel.dataReceived(b"TP/1.1\r\n")
-        self.assertEqual(takeHeldInput(channel), b"GET /b HTTP/1.1\r\n")
-        self.assertEqual(takeHeldInput(channel), b"")
-        request = channel.requests[0]
-        request.finish()
-        self.assertEqual(channel.requests, [])
-        self.assertEqual(unparsedInput(channel), b"")
-
-    def test_chunkRemaining(self) -> None:
-        """
-        While a chunk is read: what its size line declared and has not
-        come yet.  Between chunks, and without a chunked body, L{None}.
-        """
-        channel, _ = self.connect()
-        channel.dataReceived(b"POST /a HTTP/1.1\r\nHost: x\r\n")
-        self.assertIsNone(chunkRemaining(channel))
-        channel.dataReceived(b"Transfer-Encoding: chunked\r\n\r\n")
-        self.assertIsNone(chunkRemaining(channel))
-        channel.dataReceived(b"10\r\nabc")
-        self.assertEqual(chunkRemaining(channel), 13)
-        channel.dataReceived(b"0123456789abc\r\n")
-        self.assertIsNone(chunkRemaining(channel))
-
-    def test_releaseTransport(self) -> None:
-        """
-        The channel stops being its transport's producer.
-        """
-        channel, transport = self.connect()
-        self.assertIs(transport.producer, channel)
-        releaseTransport(channel)
-        self.assertIsNone(transport.producer)
-
-    def test_continue(self) -> None:
-        """
-        C{100 Continue} is sent for C{Expect: 100-continue} only if
-        L{HTTPChannelBase.continueAllowed} says so.
-        """
-        head = b"POST /a HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
-        for allowed in [True, False]:
-            channel, transport = self.connect()
-            channel.allowContinue = allowed
-            channel.dataReceived(head)
-            self.assertEqual(
-                transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n" if allowed else b""
-            )
-
-    def test_badRequest(self) -> None:
-        """
-        A request line Twisted cannot parse goes to
-        L{HTTPChannelBase.badRequest}, whose own answer is Twisted's 400.
-        """
-        channel, transport = self.connect()
-        channel.dataReceived(b"GET\r\n")
-        self.assertEqual(channel.badRequests, 1)
-        self.assertEqual(transport.value(), b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        self.assertEqual(chunkSize(b"1F"), 31)
+        for bad in [b"-1", b" 1", b"0x1", b"", b"g"]:
+            self.assertRaises(ValueError, chunkSize, bad)
 
 
 class _Protocol(HTTPConnectionProtocol):

@@ -1,7 +1,7 @@
 """
-What monedge's two HTTP/1.1 front ends share while both exist: twisted.web's
-(L{monedge.edge.server}, the default) and monedge's own on httptools
-(L{monedge.edge.http1}, in development).
+What the front ends' requests and connections share: HTTP/1.1's
+(L{monedge.edge.http1}) and the request of HTTP/2 streams
+(L{monedge.edge.server.ProxyRequest}).
 
   - L{SharedRequest}: a request's identity (its request id, client address
     and listener port), its body read within the service's limit, and the
@@ -26,6 +26,17 @@ from monedge.record import RequestRecord
 from monedge.rules.headers import requestIdFor
 from monedge.rules.limits import Limits
 from monedge.upstream.streaming import StreamingBody
+
+#: The status logged for a request whose client went away first.
+CLIENT_CLOSED = 499
+
+#: Seconds a refused connection is kept half-open, discarding input, so the
+#: client reads the refusal instead of a reset.
+LINGER = 2.0
+
+#: The message of the 400 for a header name with an underscore, with
+#: C{--underscore-headers reject}.
+UNDERSCORE_REFUSED = "header names with underscores are refused"
 
 
 class SharedRequest:

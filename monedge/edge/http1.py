@@ -1,26 +1,16 @@
 """
-monedge's own HTTP/1.1 front end, on httptools (llhttp): issue 15, item 7,
-first increment.
+monedge's HTTP/1.1 front end, on httptools (llhttp).
 
 L{HTTP1Channel} reads client connections and L{HTTP1Request} answers
-through the same API as twisted.web's request, so that the exchange and
-the resource tree cannot tell them apart (L{ClientRequest}).  The site
-state (routing, limits, metrics, the access log, draining) stays
-L{monedge.edge.server.ProxySite}'s.
+through the API of twisted.web's request that the exchange and the
+resource tree use (L{ClientRequest}).  The site state (routing, limits,
+metrics, the access log, draining) stays L{monedge.edge.server.ProxySite}'s.
 
-It is not the default yet.  It is selected only when the environment
-variable C{MONEDGE_FRONT_END} is C{monedge} (a development switch, read
-when the proxy is built: L{monedge.runtime.compose.buildProxy}), so that
-the whole suite can be run against it::
+Every connection starts on Twisted's protocol switch, so that a TLS
+connection whose ALPN chose C{h2} goes on to HTTP/2; only HTTP/1.1
+connections use this channel.
 
-    MONEDGE_FRONT_END=monedge python -m twisted.trial tests
-
-Every connection still starts on Twisted's protocol switch, so that a TLS
-connection whose ALPN chose C{h2} goes on to Twisted's HTTP/2, as before;
-only HTTP/1.1 connections use this channel.
-
-How a request is read, to accept and refuse exactly what today's front
-end does (L{monedge.edge.server.ProxyChannel}):
+How a request is read:
 
   - The head is framed here, line by line on CRLF, so that the limits
     apply to raw lines as they come: the request line (414), each header
@@ -33,21 +23,25 @@ end does (L{monedge.edge.server.ProxyChannel}):
     framings) with 400.  llhttp knows only the methods it lists, and reads
     an C{Upgrade} as the end of HTTP: it is given a neutral request line
     and no C{Upgrade} header, so the body is framed by Content-Length or
-    chunked as Twisted would, and a WebSocket handshake waits for the
-    upstream's 101 like any other request.
+    chunked, and a WebSocket handshake waits for the upstream's 101 like
+    any other request.
+  - The request is decided on its head: routed, and answered (hooks, the
+    exchange) at once, while its body streams upstream through a
+    L{StreamingBody} as it is read.  The body's source is the connection:
+    it is paused while the upstream takes the body slowly.
   - A Content-Length body is counted here and taken as it comes; a chunked
-    body is decoded by llhttp, while a small scanner (L{_ChunkFraming})
-    finds where it ends, so that a pipelined request after it is held
-    until the response is sent, and refuses a chunk that declares more
-    than the body may hold as soon as its size line is read (413).
-
-Bodies are held in memory, within the service's max-body-size, and sent
-upstream whole, as today (streaming them is issue 15, item 1).
+    body is decoded by llhttp (its trailers too), while a small scanner
+    (L{_ChunkFraming}) finds where it ends, so that a pipelined request
+    after it is held until the response is sent, and refuses a chunk that
+    declares more than the body may hold as soon as its size line is read
+    (413).
+  - A response that ends before the body was all read (a refusal, a
+    hook's answer, an upstream's early one) closes the connection,
+    lingering; a body refused while it streams gives up its exchange.
 """
 
 from __future__ import annotations
 
-import os
 import typing
 from typing import IO, Any
 
@@ -67,12 +61,12 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from monedge.edge.base import SharedChannel, SharedRequest
-from monedge.edge.server import (
+from monedge.edge.base import (
     CLIENT_CLOSED,
     LINGER,
     UNDERSCORE_REFUSED,
-    ProxySite,
+    SharedChannel,
+    SharedRequest,
 )
 from monedge.proxy.exchange import ClientRequest, ProxyExchange, TunnelChannel
 from monedge.record import RequestRecord
@@ -89,9 +83,8 @@ from monedge.twistedseam import (
 from monedge.upstream.streaming import BufferFull, StreamingBody
 from monedge.upstream.tunnel import TunnelSide
 
-#: The environment variable that selects this front end, and its value.
-FRONT_END_VARIABLE = "MONEDGE_FRONT_END"
-FRONT_END_VALUE = "monedge"
+if typing.TYPE_CHECKING:
+    from monedge.edge.server import ProxySite
 
 _log = Logger()
 
@@ -107,13 +100,6 @@ _ABORT_TIMEOUT = 15.0
 #: chunked body may have (Twisted's limits).
 _MAX_CHUNK_LINE = 1024
 _MAX_TRAILERS = 1 << 16
-
-
-def selected() -> bool:
-    """
-    Whether C{MONEDGE_FRONT_END=monedge} asks for this front end.
-    """
-    return os.environ.get(FRONT_END_VARIABLE) == FRONT_END_VALUE
 
 
 class _Malformed(Exception):
@@ -279,6 +265,7 @@ class HTTP1Request(SharedRequest):
 
     # Per-request state, its defaults on the class.
     hasBody = False
+    sendsTrailers = True
     content: IO[bytes] | None = None
     code = 200
     code_message = b"OK"

@@ -1,18 +1,12 @@
 """
-The client side of the wire: monedge's L{Site}, its HTTP/1.1 channel and
-its request class.
+The client side of the wire: monedge's L{Site}, its listeners, the
+protocol switch on each connection, and the request class of Twisted's
+HTTP/2 streams.
 
-The channel enforces the limits that must be checked before there is a
-request to answer through: the request line and header sizes (414, 431),
-the header deadline (408) and malformed framing (400), each answered with
-the JSON error body and a closed connection.  The request routes itself as
-soon as its headers are in, so that an oversized body is refused (413)
-before it is read.
-
-What these classes need of Twisted's that is not public (the table
-inside L{Headers}, the request line as it is read, the channel's private
-steps and its state between requests) they get from
-L{monedge.twistedseam}.
+HTTP/1.1 connections are served by L{monedge.edge.http1}; a TLS
+connection whose ALPN chose C{h2} goes on to Twisted's HTTP/2, whose
+streams answer through L{ProxyRequest}.  What these classes need of
+Twisted's that is not public they get from L{monedge.twistedseam}.
 """
 
 from __future__ import annotations
@@ -20,11 +14,10 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from io import BytesIO
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
-    IDelayedCall,
     IHalfCloseableProtocol,
     IProtocolNegotiationFactory,
 )
@@ -36,39 +29,30 @@ from twisted.web.http import H2_ENABLED
 from twisted.web.http import Request as HTTPRequest
 from zope.interface import implementer
 
-from monedge.edge.base import SharedChannel, SharedRequest
+from monedge.edge.base import (
+    CLIENT_CLOSED,
+    UNDERSCORE_REFUSED,
+    SharedRequest,
+)
 from monedge.observe.accesslog import AccessLog
 from monedge.observe.metrics import NO_SERVICE, Metrics, ServiceMetrics
 from monedge.record import RequestRecord
-from monedge.rules.errors import CATALOGUE, ProxyError, rawErrorResponse, renderError
+from monedge.rules.errors import ProxyError, rawErrorResponse, renderError
 from monedge.rules.headers import (
     DEFAULT_RULES,
     ForwardingRules,
-    connectionTokens,
     newRequestId,
 )
 from monedge.rules.limits import DEFAULT_LIMITS, Limits
 from monedge.twistedseam import (
-    HTTPChannelBase,
     HTTPConnectionProtocol,
     channelOf,
-    chunkRemaining,
     rawHeaderTable,
-    releaseTransport,
-    requestLine,
-    requestLineSoFar,
-    sendAtOnce,
-    takeHeldInput,
-    unparsedInput,
 )
-from monedge.upstream.tunnel import TunnelSide
 
 if TYPE_CHECKING:
     from monedge.proxy.exchange import ProxyExchange
 
-#: The message of the 400 for a header name with an underscore, with
-#: C{--underscore-headers reject}.
-UNDERSCORE_REFUSED = "header names with underscores are refused"
 
 _log = Logger()
 
@@ -77,19 +61,14 @@ _log = Logger()
 #: deprecation proxy, which costs more than the layer skipped.
 _httpWrite = HTTPRequest.write
 
-#: The status logged for a request whose client went away first.
-CLIENT_CLOSED = 499
-
-#: Seconds a refused connection is kept half-open, discarding input, so the
-#: client reads the refusal instead of a reset.
-LINGER = 2.0
-
 
 class ProxyRequest(SharedRequest, server.Request):
     """
-    A request to the proxy.  It routes itself as soon as its headers
+    A request on one of Twisted's HTTP/2 streams (HTTP/1.1 is served by
+    L{monedge.edge.http1}).  It routes itself as soon as its headers
     arrive, and accounts for itself (access log, metrics, in-flight count)
-    exactly once, however it ends.
+    exactly once, however it ends.  Twisted reads its body whole before
+    it is answered.
     """
 
     defaultContentType = None
@@ -102,6 +81,8 @@ class ProxyRequest(SharedRequest, server.Request):
     # what it changes (this runs per request).  What the request did, for
     # the access log and the metrics, is in its record.
     hasBody = False
+    #: Twisted's HTTP/2 stream sends no trailers.
+    sendsTrailers = False
     _bodyLimit: int | None = None
     _refused = False
     _accounted = False
@@ -133,23 +114,19 @@ class ProxyRequest(SharedRequest, server.Request):
     @property
     def isHTTP2(self) -> bool:
         """
-        Whether this request came on an HTTP/2 stream.
+        Always: this request comes on an HTTP/2 stream.
         """
-        return not isinstance(self.channel, ProxyChannel)
+        return True
 
     def gotLength(self, length: int | None) -> None:
         self.hasBody = length is None or length > 0
         channel: Any = self.channel
-        if isinstance(channel, ProxyChannel):
-            command, path, version = requestLine(channel)
-        else:
-            # An H2Stream (isHTTP2, without the property's call: this runs
-            # per request): its pseudo-headers (method, path, authority)
-            # come before any other header, so they are known here.
-            command, path, version = channel.command, channel.path, b"HTTP/2"
-            if self._underscoreNames():
-                return
-            self._hostBesideAuthority()
+        # An H2Stream: its pseudo-headers (method, path, authority) come
+        # before any other header, so they are known here.
+        command, path, version = channel.command, channel.path, b"HTTP/2"
+        if self._underscoreNames():
+            return
+        self._hostBesideAuthority()
         decision = self.site.resource.decide(
             command, path, version, self.headerTable, self.record
         )
@@ -201,17 +178,12 @@ class ProxyRequest(SharedRequest, server.Request):
         return False
 
     def _refuse(self, code: str, message: str | None = None) -> None:
+        # Only this stream is refused, and the connection carries on.
+        # Twisted's HTTP/2 stream cannot answer before the request has been
+        # received: the rest of the body is read, dropped, and the refusal
+        # sent then (see requestReceived).
         self._refused = True
-        if self.isHTTP2:
-            # Only this stream is refused, and the connection carries on.
-            # Twisted's HTTP/2 stream cannot answer before the request has
-            # been received: the rest of the body is read, dropped, and the
-            # refusal sent then (see requestReceived).
-            self._deferredRefusal = ProxyError(code, message)
-            return
-        self._accounted = True
-        channel = cast(ProxyChannel, self.channel)
-        channel.refuse(code, self.requestId, message, request=self)
+        self._deferredRefusal = ProxyError(code, message)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         """
@@ -256,12 +228,10 @@ class ProxyRequest(SharedRequest, server.Request):
             self.processingFailed(Failure())
 
     def _closeAfterResponse(self) -> None:
-        if self.isHTTP2:
-            # HTTP/2 has no Connection header; the connection is closed
-            # when the drain stops the listener's connections.
-            return
-        self.responseHeaders.setRawHeaders(b"connection", [b"close"])
-        self.channel.persistent = False
+        """
+        Nothing: HTTP/2 has no Connection header; the connection is closed
+        when the drain stops the listener's connections.
+        """
 
     def processingFailed(self, reason: Failure) -> None:
         """
@@ -299,14 +269,6 @@ class ProxyRequest(SharedRequest, server.Request):
             # The request was accounted for when it finished.
             return
         super().connectionLost(reason)
-        if self.method is HTTPRequest.method and isinstance(channel, ProxyChannel):
-            # The client left before its request was all in: log the request
-            # line that came (this request is the one the channel parsed).
-            command, path, _ = requestLineSoFar(channel)
-            if command is not None:
-                self.method = command
-            if path is not None:
-                self.uri = path
         exchange = self.exchange
         if exchange is not None and not self.finished:
             exchange.clientLost(reason)
@@ -371,350 +333,8 @@ class ProxyRequest(SharedRequest, server.Request):
 
     def flushHead(self) -> None:
         """
-        Send the response head now if it is still held for the body's
-        first bytes (HTTP/1.1 only; see L{ProxyChannel.writeHeaders}).  A
-        finished request has nothing held: its channel sent it all.
+        Nothing: an HTTP/2 stream holds no response head.
         """
-        if self.finished or self.disconnected:
-            return
-        channel = self.channel
-        if isinstance(channel, ProxyChannel):
-            channel.flushHead()
-
-
-class ProxyChannel(SharedChannel, HTTPChannelBase):
-    """
-    An HTTP/1.1 connection from a client, with monedge's limits.
-
-    Twisted's own limits are set above monedge's, so that monedge's checks
-    answer first, with the right status and a JSON body.
-    """
-
-    site: ProxySite
-    maxHeaders = 10_000
-    totalHeadersSize = 1 << 20
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._inRequestLine = True
-        self._headerBytes = 0
-        self._headerCount = 0
-        self._deadline: IDelayedCall | None = None
-        self._deadlineAt: float | None = None
-        self._lingering: IDelayedCall | None = None
-        self._refused = False
-        self._inBody = False
-        self._host: Any = None
-        self._peer: Any = None
-        self._secure: bool | None = None
-        self._heldHead: bytes | None = None
-        #: Answering a request: from its being all in until its response
-        #: is done (Twisted holds what arrives meanwhile).
-        self._answering = False
-        #: Once the connection is a tunnel: where its bytes go.
-        self.tunnelSide: TunnelSide | None = None
-
-    # A connection's addresses and security do not change: each request
-    # asked the transport again (a getsockname system call, a new address
-    # object, an interface adaptation).
-
-    def getHost(self) -> Any:
-        host = self._host
-        if host is None:
-            host = self._host = super().getHost()
-        return host
-
-    def getPeer(self) -> Any:
-        peer = self._peer
-        if peer is None:
-            peer = self._peer = super().getPeer()
-        return peer
-
-    def isSecure(self) -> bool:
-        secure = self._secure
-        if secure is None:
-            secure = self._secure = super().isSecure()
-        return secure
-
-    def connectionMade(self) -> None:
-        self.MAX_LENGTH = max(self.limits.maxRequestLine, self.limits.maxHeaderLine)
-        sendAtOnce(self.transport)
-        super().connectionMade()
-        self.site.channels.add(self)
-        self._startDeadline()
-
-    def startTunnel(self, side: TunnelSide) -> bytes:
-        """
-        Stop speaking HTTP: every byte from now on goes to C{side}, and
-        nothing here times the connection out any more (the tunnel has its
-        own idle timeout).
-
-        @return: the bytes that arrived after the request and were held.
-        """
-        self.tunnelSide = side
-        self.setTimeout(None)
-        self._cancelDeadline()
-        held = takeHeldInput(self)
-        transport = self.transport
-        assert transport is not None
-        # The channel stops being the producer the connection pauses; the
-        # tunnel's other side becomes it.
-        transport.unregisterProducer()
-        return held
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        side = self.tunnelSide
-        if side is not None:
-            side.lost(reason)
-        self._cancelDeadline()
-        if self._lingering is not None and self._lingering.active():
-            self._lingering.cancel()
-        self.site.channels.discard(self)
-        super().connectionLost(reason)
-        self.site.checkDrained()
-
-    def _later(self, delay: float, f: Any) -> IDelayedCall:
-        """
-        Schedule C{f} on the channel's clock (L{SharedChannel}'s timer).
-        """
-        call: IDelayedCall = self.callLater(delay, f)
-        return call
-
-    def dataReceived(self, data: bytes) -> None:
-        side = self.tunnelSide
-        if side is not None:
-            side.received(data)
-            return
-        if self._refused:
-            # Refused: nothing more is parsed (see refuse).
-            return
-        if self._inBody:
-            # The body moved: its idle deadline starts again.
-            self._deadlineAt = self.site.reactor.seconds() + self.limits.bodyTimeout
-        elif self._inRequestLine and not self._answering:
-            self._startDeadline()
-        super().dataReceived(data)
-
-    def allHeadersReceived(self) -> None:
-        self._stopDeadline()
-        super().allHeadersReceived()
-        # Until the body is in (at once, for a request without one), the
-        # same timer is the body's idle deadline, pushed back by each read.
-        self._inBody = True
-        self._startDeadline(self.limits.bodyTimeout)
-
-    def loseConnection(self) -> None:
-        self.flushHead()
-        super().loseConnection()
-
-    def continueAllowed(self) -> bool:
-        # A request refused on its headers (413) gets its refusal, not an
-        # invitation to send the body after it.
-        return not self._refused
-
-    def allContentReceived(self) -> None:
-        self._inBody = False
-        self._stopDeadline()
-        self._inRequestLine = True
-        self._headerBytes = 0
-        self._headerCount = 0
-        # Twisted cancels the idle timer here and makes a new one when the
-        # response is done: a timer per request.  Instead the timer stays,
-        # and timeoutConnection ignores it while a request is answered.
-        idle, self.timeOut = self.timeOut, None
-        self._answering = True
-        try:
-            super().allContentReceived()
-        finally:
-            self.timeOut = idle
-
-    def timeoutConnection(self) -> None:
-        if self._answering:
-            # Answering a request is not idleness: look again later (the
-            # fired timer is spent, so arm a new one).
-            self.setTimeout(self.timeOut)
-            return
-        super().timeoutConnection()
-
-    def requestDone(self, request: Any) -> None:
-        self.flushHead()
-        if self.site.draining:
-            self.persistent = False
-        if self.persistent:
-            # Before Twisted's: it hands on at once what arrived meanwhile.
-            self._answering = False
-        # What arrived meanwhile, a pipelined request, is handed to
-        # dataReceived, which starts its header deadline.
-        super().requestDone(request)
-        # Idleness is measured from the end of the response.
-        self.resetTimeout()
-        if self.persistent and unparsedInput(self):
-            # A pipelined request is partly here already, parsed in the
-            # same read as the last (so dataReceived will not see it
-            # again): its header deadline runs now.
-            self._startDeadline()
-
-    # Limits
-
-    def lineReceived(self, line: bytes) -> None:
-        if self._refused:
-            return
-        if self._inRequestLine:
-            if len(line) > self.limits.maxRequestLine:
-                self.refuse("uri_too_long")
-                return
-            if line:
-                self._inRequestLine = False
-        elif line:
-            if len(line) > self.limits.maxHeaderLine:
-                self._refuseForRequest("headers_too_large")
-                return
-            if line[0] in b" \t":
-                self._refuseForRequest(
-                    "bad_request", "obsolete line folding is refused"
-                )
-                return
-            self._headerCount += 1
-            self._headerBytes += len(line)
-            limits = self.limits
-            if (
-                self._headerCount > limits.maxHeaderCount
-                or self._headerBytes > limits.maxHeadersSize
-            ):
-                self._refuseForRequest("headers_too_large")
-                return
-        super().lineReceived(line)
-
-    def headerReceived(self, line: bytes) -> bool:
-        """
-        Refuse framing Twisted would accept but other hops may read
-        differently: any transfer coding but C{chunked} (C{identity}
-        included), and any transfer coding on an HTTP/1.0 request.
-        """
-        name, sep, value = line.partition(b":")
-        # find, not "in" (see monedge.rules.paths.normalise): per header line.
-        if name.find(b"_") >= 0 and self.limits.underscoreHeaders != "allow":
-            return self._underscoreHeader(line, name)
-        if sep and name.strip(b" \t").lower() == b"transfer-encoding":
-            if requestLineSoFar(self)[2] != b"HTTP/1.1":
-                self._refuseForRequest("bad_request")
-                return False
-            if value.strip(b" \t").lower() != b"chunked":
-                self._refuseForRequest("bad_request")
-                return False
-        ok: bool = super().headerReceived(line)
-        return ok
-
-    def _underscoreHeader(self, line: bytes, name: bytes) -> bool:
-        """
-        A header whose name has an underscore: checked like any other, then
-        dropped, or, with C{--underscore-headers reject}, refused.  An
-        upstream that reads C{-} and C{_} as one (CGI, WSGI) cannot then
-        take it for a header monedge sets or strips.
-        """
-        ok: bool = super().headerReceived(line)
-        if not ok:
-            return False
-        if self.limits.underscoreHeaders == "reject":
-            self._refuseForRequest("bad_request", UNDERSCORE_REFUSED)
-            return False
-        self.requests[-1].requestHeaders.removeHeader(name)
-        return True
-
-    def checkPersistence(self, request: Any, version: bytes) -> bool:
-        """
-        Like Twisted's, but reads every C{Connection} header as the
-        comma-separated token list it is (C{Connection: close, X-Foo}
-        closes).
-        """
-        tokens = connectionTokens(request.headerTable.get(b"Connection"))
-        if version == b"HTTP/1.1" and b"close" not in tokens:
-            return True
-        if version == b"HTTP/1.1":
-            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
-        return False
-
-    def rawDataReceived(self, data: bytes) -> None:
-        super().rawDataReceived(data)
-        # A chunk that declares more than the body may hold is refused as
-        # soon as its size line is read (as nginx does), not once the
-        # bytes have come: a client cannot hold the connection on a size
-        # it will never send.
-        remaining = chunkRemaining(self)
-        if remaining is not None:
-            request = self.requests[-1] if self.requests else None
-            if request is not None and not request._refused:
-                limit = request._bodyLimit
-                if limit is not None and request.record.bytesIn + remaining > limit:
-                    request._refuse("body_too_large")
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        if self._inRequestLine:
-            self.refuse("uri_too_long")
-        else:
-            self._refuseForRequest("headers_too_large")
-
-    def badRequest(self) -> None:
-        self._refuseForRequest("bad_request")
-
-    def refuse(
-        self,
-        code: str,
-        requestId: bytes | None = None,
-        message: str | None = None,
-        request: ProxyRequest | None = None,
-    ) -> None:
-        """
-        Answer with an error and close the connection, parsing nothing
-        more from it.
-
-        The close lingers: monedge half-closes after the response and
-        discards what the client still sends for up to L{LINGER} seconds.
-        Closing at once with unread data would make the kernel reset the
-        connection, and a client still uploading would see the reset
-        instead of the answer.
-        """
-        if self._refused:
-            return
-        self._refused = True
-        self._cancelDeadline()
-        self.setTimeout(None)
-        rid = requestId or newRequestId()
-        if request is not None:
-            request._accounted = True
-            record = request.record
-        else:
-            record = RequestRecord(None)
-        transport = self.transport
-        assert transport is not None
-        # A request line already read says whether this answers a HEAD
-        # (Twisted deletes it once a request is all in).
-        command, path, _ = requestLineSoFar(self)
-        head = command == b"HEAD"
-        transport.write(rawErrorResponse(code, rid, message, head))
-        record.requestId = rid
-        host = getattr(transport.getPeer(), "host", None)
-        record.client = b"unknown" if host is None else str(host).encode("ascii")
-        record.method, record.path = command, path
-        record.failed(code)
-        record.finished(CATALOGUE[code][0], self.site.reactor.seconds())
-        self.site.refusalLogged(record)
-        releaseTransport(self)
-        halfClose = getattr(transport, "loseWriteConnection", None)
-        if halfClose is None or self.isSecure():
-            # Over TLS a half-close would end the session before Twisted's
-            # TLS layer has sent the answer: close it whole, answer first.
-            transport.loseConnection()
-            return
-        halfClose()
-        abort = getattr(transport, "abortConnection", transport.loseConnection)
-        self._lingering = self.callLater(LINGER, abort)
-
-    def isIdle(self) -> bool:
-        """
-        Is the connection between requests, with nothing in progress?
-        """
-        return not self._answering and not self.requests and not unparsedInput(self)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -765,10 +385,10 @@ class ProxySite(server.Site):
 
     requestFactory = ProxyRequest  # type: ignore[assignment]
     displayTracebacks = False
-    #: Makes the HTTP/1.1 channel of each connection: L{ProxyChannel}, or
-    #: monedge's own (L{monedge.edge.http1}) when the composition root
-    #: chooses it.
-    channelFactory: Callable[[], Any] = ProxyChannel
+    #: Makes the HTTP/1.1 channel of each connection: the composition root
+    #: sets it (L{monedge.edge.http1.HTTP1Channel}, which depends on this
+    #: module, not this module on it).
+    channelFactory: Callable[[], Any]
 
     def __init__(
         self,
@@ -788,7 +408,7 @@ class ProxySite(server.Site):
         self.limits = limits
         self.draining = False
         self.inFlight = 0
-        #: Open HTTP/1.1 connections (L{ProxyChannel}s, or monedge's own).
+        #: Open HTTP/1.1 connections (L{monedge.edge.http1.HTTP1Channel}s).
         self.channels: set[Any] = set()
         self._drainWaiters: list[Deferred[None]] = []
         self._unrouted = metrics.forService(NO_SERVICE)
@@ -921,8 +541,8 @@ class ListenerFactory(ServerFactory):
         found = []
         for protocol in list(self.connections):
             channel = channelOf(protocol)
-            # A ProxyChannel, or monedge's own HTTP/1.1 channel: each has a
-            # tunnelSide, which Twisted's HTTP/2 connection has not.
+            # An HTTP/1.1 channel has a tunnelSide, which Twisted's HTTP/2
+            # connection has not.
             if hasattr(channel, "tunnelSide"):
                 found.append("http/1.1" if channel.tunnelSide is None else "websocket")
             else:

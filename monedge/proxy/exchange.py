@@ -68,6 +68,8 @@ class ClientRequest(typing.Protocol):
     startedWriting: int
     disconnected: bool
     hasBody: bool
+    #: Whether trailers given to L{setTrailers} can reach the client.
+    sendsTrailers: bool
     content: IO[bytes] | None
     #: The body as it streams from the client, if the front end streams
     #: it (else C{content} holds it whole).
@@ -112,7 +114,7 @@ class ClientRequest(typing.Protocol):
 class TunnelChannel(typing.Protocol):
     """
     What a WebSocket handshake's exchange uses of the client's connection
-    to make it a tunnel (L{monedge.edge.server.ProxyChannel} provides it).
+    to make it a tunnel (L{monedge.edge.http1.HTTP1Channel} provides it).
     """
 
     transport: Any

@@ -141,8 +141,10 @@ class ServiceResource(Resource):
             requestId=request.requestId,
             rules=request.site.forwarding,
         )
-        if b"TE" in request.headerTable and b"trailers" in connectionTokens(
-            request.headerTable[b"TE"]
+        if (
+            request.sendsTrailers
+            and b"TE" in request.headerTable
+            and b"trailers" in connectionTokens(request.headerTable[b"TE"])
         ):
             # The client takes trailers, so monedge passes them on: the
             # upstream may send them (TE is hop-by-hop: this is monedge's).

@@ -312,8 +312,10 @@ def buildProxy(
         forwarding=config.forwarding,
         limits=config.limits,
     )
-    # monedge's own HTTP/1.1 front end (monedge.edge.http1).
-    site.channelFactory = http1.HTTP1Channel
+    if getattr(site, "channelFactory", None) is None:
+        # HTTP/1.1 is monedge's own front end (monedge.edge.http1), unless
+        # the site class brings a channel of its own (the fuzz target's).
+        site.channelFactory = http1.HTTP1Channel
     return Proxy(
         config=config,
         reactor=reactor,

@@ -36,6 +36,7 @@ client to send after the last chunk.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -159,7 +160,7 @@ class StreamingBody:
         self.received = 0
         self.sent = 0
         #: Bytes received and not yet written to the consumer.
-        self._pending: list[bytes] = []
+        self._pending: deque[bytes] = deque()
         self._pendingBytes = 0
         #: The first replayLimit bytes, while the body fits in them.
         self._kept: list[bytes] | None = []
@@ -392,7 +393,7 @@ class StreamingBody:
         if consumer is None or self._stopped:
             return
         while self._pending and not self._consumerPaused:
-            data = self._pending.pop(0)
+            data = self._pending.popleft()
             self._pendingBytes -= len(data)
             self.sent += len(data)
             consumer.write(data)

@@ -5,7 +5,7 @@ the other, with backpressure both ways, half-closes carried across, and an
 idle timeout of its own.
 
 A tunnel knows nothing of HTTP. The client side is fed by
-L{monedge.edge.server.ProxyChannel} once it stops parsing; the upstream side by
+L{monedge.edge.http1.HTTP1Channel} once it stops parsing; the upstream side by
 the upstream client's upgraded connection.
 """
 

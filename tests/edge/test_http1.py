@@ -12,14 +12,18 @@ import re
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from monedge.edge.http1 import HTTP1Channel, _ChunkFraming, _Malformed, _TooLarge
 from monedge.registry import ServiceEntry
 from monedge.rules.limits import Limits
 from monedge.rules.policy import Policy
 from monedge.testing import FakeResponse, endpoint
+from monedge.upstream.replay import NotReplayable, bodyAgain
 from tests.proxy.test_proxy import Harness
 
 
@@ -364,7 +368,287 @@ class RecordTests(SynchronousTestCase):
         )
 
 
-class TrailerTests(SynchronousTestCase):
+_POST = b"POST /echo/up HTTP/1.1\r\nHost: a\r\n"
+
+
+class StreamingTests(SynchronousTestCase):
+    """
+    Request bodies stream: the request is decided on its head, and its body
+    goes upstream as it comes, with backpressure both ways.
+    """
+
+    def test_decidedOnTheHead(self) -> None:
+        """
+        The upstream request starts as soon as the head is in, and each
+        piece of the body reaches the upstream as it is read.
+        """
+        h = _harness()
+        protocol, transport = h.send(_POST + b"Content-Length: 6\r\n\r\n")
+        [call] = h.client.calls
+        self.assertEqual(call.method, b"POST")
+        assert call.body is not None
+        self.assertEqual(call.body.length, 6)
+        sink = call.takeBody()
+        protocol.dataReceived(b"abc")
+        self.assertEqual(sink.data, [b"abc"])
+        self.assertFalse(sink.complete)
+        protocol.dataReceived(b"def")
+        self.assertEqual(sink.data, [b"abc", b"def"])
+        self.assertTrue(sink.complete)
+        _answer(call)
+        self.assertEqual(_statuses(transport), [200])
+        self.assertFalse(transport.disconnecting)
+
+    def test_chunkedGoesUpChunkedWithTrailers(self) -> None:
+        """
+        A chunked body goes up with an unknown length (so chunked), and its
+        trailer fields after it: those that may be trailers, checked.
+        """
+        h = _harness()
+        protocol, _ = h.send(
+            _POST + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+            b"X-Checksum: 123 \r\nConnection: close\r\nHost: evil\r\n\r\n"
+        )
+        [call] = h.client.calls
+        assert call.body is not None
+        self.assertIs(call.body.length, UNKNOWN_LENGTH)
+        self.assertEqual(_body(call), b"abc")
+        trailers = call.body.trailers  # type: ignore[attr-defined]
+        self.assertEqual(list(trailers), [(b"X-Checksum", b"123")])
+
+    def test_trailersOverTheLimit(self) -> None:
+        """
+        A trailer section longer than a header block may be is 431.
+        """
+        h = _harness(Limits(maxHeadersSize=100))
+        _, transport = h.send(
+            _POST + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+            b"X-Long: " + b"v" * 200 + b"\r\n\r\n"
+        )
+        self.assertEqual(_statuses(transport), [431])
+        [call] = h.client.calls
+        self.assertTrue(call.cancelled)
+
+    def test_slowUpstreamPausesTheClient(self) -> None:
+        """
+        Past 64 KiB waiting for the upstream, the client connection is
+        paused, and resumed once the upstream has taken them; meanwhile the
+        body deadline does not run.
+        """
+        h = _harness()
+        protocol, transport = h.send(_POST + b"Content-Length: 200000\r\n\r\n")
+        [call] = h.client.calls
+        protocol.dataReceived(b"x" * 70000)
+        self.assertEqual(transport.producerState, "paused")
+        h.clock.advance(Limits().bodyTimeout + 1)
+        self.assertEqual(_statuses(transport), [])
+        sink = call.takeBody()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(b"".join(sink.data), b"x" * 70000)
+
+    def test_upstreamPausingPausesTheClient(self) -> None:
+        """
+        An upstream connection that stops reading (pauses the body) makes
+        the client connection pause once 64 KiB wait.
+        """
+        h = _harness()
+        protocol, transport = h.send(_POST + b"Content-Length: 200000\r\n\r\n")
+        [call] = h.client.calls
+        sink = call.takeBody()
+        assert call.body is not None
+        call.body.pauseProducing()
+        protocol.dataReceived(b"x" * 60000)
+        self.assertEqual(transport.producerState, "producing")
+        protocol.dataReceived(b"x" * 10000)
+        self.assertEqual(transport.producerState, "paused")
+        call.body.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(len(b"".join(sink.data)), 70000)
+
+    def test_continueWhenTheUpstreamTakesTheBody(self) -> None:
+        """
+        C{100 Continue} goes out when the upstream starts taking the body,
+        not before; never when the answer comes first.
+        """
+        h = _harness()
+        _, transport = h.send(
+            _POST + b"Content-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+        )
+        [call] = h.client.calls
+        self.assertEqual(transport.value(), b"")
+        call.takeBody()
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        h2 = _harness()
+        _, transport = h2.send(
+            _POST + b"Content-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+        )
+        [call] = h2.client.calls
+        _answer(call, b"early")
+        self.assertEqual(_statuses(transport), [200])
+        self.assertNotIn(b"100 Continue", transport.value())
+
+    def test_answerBeforeTheBodyCloses(self) -> None:
+        """
+        An answer that ends before the body was all read closes the
+        connection: the rest is never read as a request.
+        """
+        h = _harness()
+        protocol, transport = h.send(_POST + b"Content-Length: 100\r\n\r\nabc")
+        [call] = h.client.calls
+        _answer(call, b"early")
+        self.assertEqual(_statuses(transport), [200])
+        self.assertTrue(transport.disconnecting)
+        protocol.dataReceived(b"GET /echo/smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(len(h.client.calls), 1)
+
+    def test_tooLargeAfterTheAnswerStarted(self) -> None:
+        """
+        A chunked body that grows past max-body-size after the upstream's
+        answer has started cuts the connection off (the answer cannot be
+        replaced), and gives up the upstream request.
+        """
+        h = _harness(maxBodySize=10)
+        protocol, transport = h.send(
+            _POST + b"Transfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\n"
+        )
+        [call] = h.client.calls
+        response = FakeResponse(200)
+        call.result.callback(response)
+        response.deliver(b"partial")
+        protocol.dataReceived(b"9\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(response.transport.stopped)
+        [record] = h.records()
+        self.assertEqual((record["status"], record["error"]), (413, "body_too_large"))
+
+    def test_clientLeavesMidBody(self) -> None:
+        """
+        A client that leaves mid-body gives up the upstream request, whose
+        body never completes; logged as 499.
+        """
+        h = _harness()
+        protocol, _ = h.send(_POST + b"Content-Length: 10\r\n\r\nabc")
+        [call] = h.client.calls
+        sink = call.takeBody()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(call.cancelled)
+        self.assertFalse(sink.complete)
+        self.assertIsNotNone(sink.failure)
+        self.assertEqual([r["status"] for r in h.records()], [499])
+
+    def test_replayOnlyWithinTheKeptBytes(self) -> None:
+        """
+        A body within --replay-body-size can be produced again once whole;
+        a larger one never.
+        """
+        h = _harness(Limits(replayBodySize=4))
+        protocol, _ = h.send(_POST + b"Content-Length: 3\r\n\r\nabc")
+        [call] = h.client.calls
+        again = bodyAgain(call.body)
+        assert again is not None
+        self.assertEqual(again.length, 3)
+        protocol, _ = h.send(_POST + b"Content-Length: 5\r\n\r\nabcde")
+        self.assertRaises(NotReplayable, bodyAgain, h.client.calls[1].body)
+
+
+class BufferingTests(SynchronousTestCase):
+    """
+    A service with C{request-buffering: true} gets the whole body first,
+    held in memory within the process's budget.
+    """
+
+    def test_wholeBodyFirst(self) -> None:
+        """
+        The upstream request starts only once the whole body is in, and is
+        sent with its length; C{100 Continue} goes out when holding starts.
+        """
+        h = _harness(requestBuffering=True)
+        protocol, transport = h.send(
+            _POST + b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+        )
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        protocol.dataReceived(b"3\r\nabc\r\n")
+        self.assertEqual(h.client.calls, [])
+        protocol.dataReceived(b"2\r\nde\r\n0\r\n\r\n")
+        [call] = h.client.calls
+        assert call.body is not None
+        self.assertEqual(call.body.length, 5)
+        self.assertEqual(_body(call), b"abcde")
+
+    def test_noPauseWhileHolding(self) -> None:
+        """
+        A body held for buffering never pauses the client (nothing would
+        resume it before the body is whole).
+        """
+        h = _harness(requestBuffering=True)
+        protocol, transport = h.send(_POST + b"Content-Length: 200000\r\n\r\n")
+        protocol.dataReceived(b"x" * 150000)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_budget(self) -> None:
+        """
+        A body that would take what the process holds past
+        --request-buffer-budget is refused with 503 request_buffer_full,
+        and the budget is given back.
+        """
+        h = _harness(Limits(requestBufferBudget=10), requestBuffering=True)
+        protocol, transport = h.send(_POST + b"Content-Length: 20\r\n\r\n")
+        protocol.dataReceived(b"x" * 8)
+        protocol.dataReceived(b"x" * 8)
+        self.assertEqual(_statuses(transport), [503])
+        self.assertEqual(_error(transport), "request_buffer_full")
+        self.assertEqual(h.proxy.context.bufferBudget.held, 0)
+        self.assertEqual(h.client.calls, [])
+
+
+class TrailersTests(SynchronousTestCase):
+    """
+    An upstream response's trailers reach a client that said
+    C{TE: trailers}, and only such a client.
+    """
+
+    def answerWithTrailers(self, te: bytes) -> StringTransport:
+        h = _harness()
+        _, transport = h.send(b"GET /echo/ HTTP/1.1\r\nHost: a\r\n" + te + b"\r\n")
+        [call] = h.client.calls
+        if te:
+            self.assertEqual(call.headers.getRawHeaders(b"te"), [b"trailers"])
+        else:
+            self.assertIsNone(call.headers.getRawHeaders(b"te"))
+        response = FakeResponse(200)
+        call.result.callback(response)
+        response.deliver(b"data")
+        response.monedgeTrailers = [  # type: ignore[attr-defined]
+            (b"Grpc-Status", b"0"),
+            (b"Connection", b"close"),
+        ]
+        response.end()
+        return transport
+
+    def test_toAClientThatTakesThem(self) -> None:
+        """
+        After the last chunk, the trailers that may cross.
+        """
+        transport = self.answerWithTrailers(b"TE: trailers\r\n")
+        self.assertTrue(
+            transport.value().endswith(b"4\r\ndata\r\n0\r\nGrpc-Status: 0\r\n\r\n")
+        )
+
+    def test_notToOthers(self) -> None:
+        """
+        A client that did not say C{TE: trailers} gets none.
+        """
+        transport = self.answerWithTrailers(b"")
+        self.assertTrue(transport.value().endswith(b"4\r\ndata\r\n0\r\n\r\n"))
+
+
+def _error(transport: StringTransport) -> str:
+    body = transport.value().split(b"\r\n\r\n", 1)[1]
+    code: str = json.loads(body)["code"]
+    return code
+
+
+class TrailerRelayTests(SynchronousTestCase):
     """
     Upstream response trailers go to a client that said C{TE: trailers},
     and only to one.

@@ -19,6 +19,7 @@ from monedge.rules.headers import (
     downstreamHeaders,
     newRequestId,
     requestIdFor,
+    trailerFields,
     upstreamHeaders,
 )
 from monedge.rules.trust import Trust
@@ -673,3 +674,51 @@ class DownstreamHeadersTests(SynchronousTestCase):
         downstreamHeaders(headers((b"X-A", b"1")), None, out)
         self.assertEqual(out.getRawHeaders(b"server"), [b"monedge"])
         self.assertEqual(out.getRawHeaders(b"x-a"), [b"1"])
+
+
+class TrailerFieldsTests(SynchronousTestCase):
+    """
+    Which trailer fields may cross, either way.
+    """
+
+    def test_kept(self) -> None:
+        """
+        Ordinary fields are kept, in order, canonical, values stripped.
+        """
+        self.assertEqual(
+            trailerFields([(b"grpc-status", b" 0 "), (b"X-Checksum", b"abc")]),
+            [(b"Grpc-Status", b"0"), (b"X-Checksum", b"abc")],
+        )
+
+    def test_forbiddenDropped(self) -> None:
+        """
+        Hop-by-hop, framing, routing, credential and forwarding fields are
+        dropped, as are malformed names and values.
+        """
+        names = [
+            b"Connection",
+            b"Transfer-Encoding",
+            b"Content-Length",
+            b"Content-Type",
+            b"Host",
+            b"Authorization",
+            b"Set-Cookie",
+            b"X-Forwarded-For",
+            b"TE",
+            b"Trailer",
+            b"bad name",
+        ]
+        fields = [(name, b"v") for name in names] + [(b"X-Ok", b"a\x01b")]
+        self.assertEqual(trailerFields(fields), [])
+
+    def test_underscores(self) -> None:
+        """
+        The underscore policy applies: dropped by default, kept with
+        C{allow}, and the whole section refused (L{None}) with C{reject}.
+        """
+        fields = [(b"X_User", b"1"), (b"X-Ok", b"2")]
+        self.assertEqual(trailerFields(fields), [(b"X-Ok", b"2")])
+        self.assertEqual(
+            trailerFields(fields, "allow"), [(b"X_user", b"1"), (b"X-Ok", b"2")]
+        )
+        self.assertIsNone(trailerFields(fields, "reject"))

@@ -21,7 +21,12 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from monedge.upstream.client import FastUpstreamClient, StaleConnection
-from monedge.upstream.streaming import HeldBody, StreamingBody
+from monedge.upstream.streaming import (
+    BufferBudget,
+    BufferFull,
+    HeldBody,
+    StreamingBody,
+)
 
 
 @implementer(IPushProducer)
@@ -196,6 +201,77 @@ class StreamingBodyTests(SynchronousTestCase):
         self.assertFalse(large.replayable())
 
 
+class BufferingTests(SynchronousTestCase):
+    """
+    A body held whole before it is sent (a service's request-buffering),
+    within a budget shared by the process.
+    """
+
+    def test_heldWithinTheBudget(self) -> None:
+        """
+        Buffering counts what has come and what comes against the budget,
+        never pauses the source, and the body is then held whole with its
+        length; the budget is given back once it is sent.
+        """
+        source = Source()
+        budget = BufferBudget(100)
+        body = StreamingBody(UNKNOWN_LENGTH, source, highWater=4)
+        body.write(b"abcdef")
+        self.assertTrue(source.paused)
+        body.buffer(budget)
+        self.assertFalse(source.paused)
+        self.assertEqual(budget.held, 6)
+        done = body.whenComplete()
+        self.assertNoResult(done)
+        body.write(b"gh")
+        body.finish()
+        self.successResultOf(done)
+        held = body.held()
+        assert held is not None
+        self.assertEqual(held.length, 8)
+        consumer = Consumer()
+        self.successResultOf(held.startProducing(consumer))
+        self.assertEqual(consumer.value(), b"abcdefgh")
+        body.startProducing(Consumer())
+        self.assertEqual(budget.held, 0)
+
+    def test_overTheBudget(self) -> None:
+        """
+        A write that would take the budget past its size fails with
+        L{BufferFull}; failing the body gives back what it held.
+        """
+        budget = BufferBudget(5)
+        body = StreamingBody(10, Source())
+        body.buffer(budget)
+        body.write(b"abc")
+        self.assertRaises(BufferFull, body.write, b"def")
+        body.fail(Failure(ConnectionDone()))
+        self.assertEqual(budget.held, 0)
+
+    def test_startedOnce(self) -> None:
+        """
+        C{started} is called once, when the upstream starts taking the body
+        or when buffering starts, whichever is first.
+        """
+        calls: list[int] = []
+        body = StreamingBody(3, Source())
+        body.started = lambda: calls.append(1)
+        body.buffer(BufferBudget(10))
+        body.startProducing(Consumer())
+        self.assertEqual(calls, [1])
+
+    def test_heldOnlyWithoutTrailers(self) -> None:
+        """
+        A body with trailers is not turned into one with a length: its
+        trailers need it chunked.
+        """
+        body = StreamingBody(UNKNOWN_LENGTH, Source())
+        body.write(b"abc")
+        body.finish([(b"X-Checksum", b"1")])
+        self.assertIsNone(body.held())
+        self.assertEqual(list(body.trailers), [(b"X-Checksum", b"1")])
+
+
 class StreamedRequestTests(SynchronousTestCase):
     """
     Streamed bodies through the real upstream client.
@@ -348,3 +424,34 @@ class _Discard:
 
     def connectionLost(self, reason: Failure) -> None:
         pass
+
+
+class TrailersUpTests(SynchronousTestCase):
+    """
+    A chunked body's trailers, through the real upstream client.
+    """
+
+    def test_trailersAfterTheLastChunk(self) -> None:
+        """
+        The trailers a streamed body ends with follow its last chunk.
+        """
+        reactor = MemoryReactorClock()
+        client = FastUpstreamClient(reactor, poolIdle=4.0)
+        body = StreamingBody(UNKNOWN_LENGTH, Source())
+        client.request(
+            b"POST",
+            b"http://10.0.0.1:8080/up",
+            Headers({b"host": [b"a"]}),
+            body,
+            5.0,
+        )
+        host, port, factory, _, _ = reactor.tcpClients[-1]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        assert protocol is not None
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        body.write(b"abc")
+        body.finish([(b"X-Checksum", b"9")])
+        self.assertTrue(
+            transport.value().endswith(b"3\r\nabc\r\n0\r\nX-Checksum: 9\r\n\r\n")
+        )
