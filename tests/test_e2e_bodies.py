@@ -396,11 +396,11 @@ class BodyUpstream(ServerFactory):
         stopping = self._port.stopListening()
         if stopping is not None:
             await stopping
-        open = [c for c in self.connections if not c.gone]
-        for connection in open:
+        still = [c for c in self.connections if not c.gone]
+        for connection in still:
             if connection.transport is not None:
                 connection.transport.abortConnection()  # type: ignore[attr-defined]
-        await defer.gatherResults([c.lost for c in open])
+        await defer.gatherResults([c.lost for c in still])
 
 
 # The client: blocking sockets, run in threads.
