@@ -45,7 +45,7 @@ typecheck: install-dev
 
 test: install-dev
 	$(BIN)/python -m twisted.trial tests
-	FUZZ_SECONDS=60 VENV=$(VENV) fuzz/run.sh
+	FUZZ_SECONDS=60 FUZZ_HTTP2_SECONDS=30 VENV=$(VENV) fuzz/run.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -54,6 +54,7 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from monedge.edge.http1 import HTTP1Channel, HTTP1Request
+from monedge.edge.http2 import PREFACE
 from monedge.edge.server import ProxySite
 from monedge.interfaces import IUpstreamClient
 from monedge.observe.accesslog import AccessLog
@@ -1114,6 +1115,14 @@ def checkProxy(data: bytes) -> None:
         raise fail(
             "something was logged at error level", *(_describe(e) for e in bad[:3])
         )
+    if data.startswith(PREFACE):
+        # HTTP/2 with prior knowledge (monedge.edge.http2), which this
+        # HTTP/1.1 oracle does not read: the server answers in HTTP/2, its
+        # SETTINGS first, and logs nothing at error level.
+        for outcome in (whole, split):
+            if outcome.output[3:4] != b"\x04":
+                raise fail("h2c was not answered with SETTINGS", outcome.output[:40])
+        return
     first = checkOutcome(whole, framed)
     second = checkOutcome(split, framed)
     if first != second:

@@ -3,8 +3,9 @@ The per-request record: what one request did, from its first byte to its
 accounting, in the spirit of Envoy's StreamInfo.
 
 One L{RequestRecord} is made for each request, and owned by the object
-that made it: the request (L{monedge.edge.server.ProxyRequest}), or the channel
-for a request it refuses before any request object could answer it.  The
+that made it: the request (L{monedge.edge.http1.HTTP1Request} or
+L{monedge.edge.http2.H2Request}), or the channel for a request it refuses
+before any request object could answer it.  The
 stages write it through a narrow set of methods:
 
   - routing (L{monedge.proxy.resource}) records its decision: L{routed},

@@ -4,8 +4,8 @@ promise.
 
 monedge is a Twisted program, and some of its speed and some of its
 behaviour come from reaching past Twisted's public API: reading the table
-inside L{Headers}, the state of an L{HTTPChannel} between requests,
-replacing a reactor's dispatch or a transport's C{write}.  This module is
+inside L{Headers}, a request's disconnection, Twisted's own readers of a
+request line, a header name and a chunk size, replacing a reactor's dispatch or a transport's C{write}.  This module is
 the only one that names a private attribute, class or method of Twisted
 (a C{_}-prefixed name), or replaces a method of one of Twisted's objects;
 the rest of monedge calls the small functions here
@@ -37,7 +37,6 @@ from twisted.web._abnf import _hexint
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.http import (
-    _GenericHTTPChannelProtocol,
     _parseRequestLine,
 )
 from twisted.web.http_headers import Headers, _nameEncoder
@@ -45,12 +44,10 @@ from twisted.web.http_headers import Headers, _nameEncoder
 __all__ = [
     "TWISTED_BELOW",
     "TWISTED_LOWEST",
-    "HTTPConnectionProtocol",
     "canonicalHeaderName",
     "chunkSize",
     "parseRequestLine",
     "acceptOneAtATime",
-    "channelOf",
     "checkTwistedVersion",
     "leanDispatch",
     "quietConnectionPool",
@@ -134,43 +131,6 @@ chunkSize: Callable[[bytes], int] = _hexint
 #: Whether the connection a request came on is gone (Twisted's request
 #: then drops its channel, and ignores writes).
 requestDisconnected: Callable[[HTTPRequest], bool] = attrgetter("_disconnected")
-
-
-# The protocol switch (tests/edge/test_http1.py)
-
-
-class HTTPConnectionProtocol(_GenericHTTPChannelProtocol):
-    """
-    Twisted's protocol for one server connection: it speaks through an
-    HTTP/1.1 channel until ALPN picks HTTP/2, then through an HTTP/2
-    connection that replaces it (L{channelReplaced}).
-    """
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._negotiatedProtocol is not None:
-            # Chosen on the first bytes: from then on Twisted's would only
-            # hand them to the channel (this runs per read).
-            self._channel.dataReceived(data)
-            return
-        channel = self._channel
-        super().dataReceived(data)
-        if self._channel is not channel:
-            self.channelReplaced(channel)
-
-    def channelReplaced(self, previous: Any) -> None:
-        """
-        ALPN chose HTTP/2: C{previous}, the HTTP/1.1 channel made for the
-        connection, no longer speaks on it.
-        """
-
-
-def channelOf(protocol: object) -> Any:
-    """
-    The channel an L{HTTPConnectionProtocol} speaks through now (an
-    L{HTTPChannel} or, after ALPN, an HTTP/2 connection); L{None} for any
-    other protocol.
-    """
-    return getattr(protocol, "_channel", None)
 
 
 # Transports (tests/test_sockets.py)

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Runs the h2spec HTTP/2 conformance suite in strict mode (h2spec -S), by
-# hand; it is not part of `make test` or CI.  See docs/h2spec-notes.md.
+# hand; it is not part of `make test` or CI.  See docs/h2spec.md.
 #
 #   scripts/h2spec.sh [monedge] [ARGS...]   (the default) start an echo
 #       upstream and this tree's monedge on loopback, with a throwaway
@@ -32,7 +32,7 @@ cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
 H2SPEC_HOME="${H2SPEC_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/monedge-h2spec}"
 H2SPEC_SRC="${H2SPEC_SRC:-$H2SPEC_HOME/src}"
-# The commit docs/h2spec-notes.md records a run of; another one builds, too.
+# The commit docs/h2spec.md records a run of; another one builds, too.
 TESTED_COMMIT=af83a65f0b6273ef38bf778d400d98892e7653d8
 BIN="${VENV:-.venv}/bin"
 H2SPEC="$H2SPEC_HOME/bin/h2spec"

@@ -1,7 +1,9 @@
 """
 End-to-end HTTP/2 to clients: the same cases over HTTP/1.1 and HTTP/2
 (curl, through a real C{twistd monedge}'s TLS listener), the stream limit
-and h2load under load.
+and h2load under load; and HTTP/2 with prior knowledge on the cleartext
+listener, with the h2 library over real sockets: streamed uploads,
+refusals, REFUSED_STREAM, floods and a zero window.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +24,9 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-from twisted.internet import threads
+from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame
+from twisted.internet import reactor, threads
+from twisted.internet.protocol import Factory, Protocol
 from twisted.web.server import Request
 
 from monedge.testing import ProxyProcess, Received, freePort
@@ -418,3 +423,279 @@ class HTTP2Tests(ProxyTestCase):
             output,
         )
         self.assertIn("Application protocol: h2", output)
+
+
+class _RawUpstream(Protocol):
+    """
+    An upstream that records the bytes of its one request as they arrive,
+    and answers 200 once a chunked body has ended.
+    """
+
+    def __init__(self, seen: list[bytes]) -> None:
+        self.seen = seen
+
+    def dataReceived(self, data: bytes) -> None:
+        self.seen.append(data)
+        if b"".join(self.seen).endswith(b"0\r\n\r\n"):
+            assert self.transport is not None
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+def _h2c(port: int) -> tuple[socket.socket, h2.connection.H2Connection]:
+    """
+    A cleartext HTTP/2 connection with prior knowledge (no ALPN, no
+    Upgrade: the preface first).  Blocking: in a thread.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    connection = h2.connection.H2Connection()
+    connection.initiate_connection()
+    sock.sendall(connection.data_to_send())
+    return sock, connection
+
+
+def _until(
+    sock: socket.socket,
+    connection: h2.connection.H2Connection,
+    done: Any,
+    events: list[Any],
+) -> bool:
+    """
+    Read events into C{events} until C{done(events)}, the connection
+    closes or the socket times out; whether it closed.  Blocking.
+    """
+    try:
+        while not done(events):
+            data = sock.recv(65536)
+            if not data:
+                return True
+            try:
+                events += connection.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                pass
+            pending = connection.data_to_send()
+            if pending:
+                sock.sendall(pending)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return False
+
+
+_REQUEST = [
+    (":method", "GET"),
+    (":path", "/svc/x"),
+    (":scheme", "http"),
+    (":authority", HOST),
+]
+
+
+class PriorKnowledgeTests(ProxyTestCase):
+    """
+    HTTP/2 on the cleartext listener (h2c with prior knowledge), through a
+    real C{twistd monedge}: bodies stream, refusals come at once, and each
+    attack is cut short.
+    """
+
+    timeout = 60
+
+    async def test_uploadStreams(self) -> None:
+        """
+        A POST's first DATA reaches the upstream before the client has
+        sent the rest of the body; the answer comes once it has.
+        """
+        seen: list[bytes] = []
+        factory: Any = Factory.forProtocol(lambda: _RawUpstream(seen))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        proxy = await self.startProxy(
+            {"service.api.svc": {"endpoints": [f"127.0.0.1:{port.getHost().port}"]}}  # type: ignore[attr-defined]
+        )
+
+        def upload() -> tuple[bool, int | None]:
+            sock, connection = _h2c(proxy.port)
+            with sock:
+                stream = connection.get_next_available_stream_id()
+                post = [(":method", "POST"), *_REQUEST[1:]]
+                connection.send_headers(stream, post)
+                connection.send_data(stream, b"first-chunk")
+                sock.sendall(connection.data_to_send())
+                deadline = time.monotonic() + 10
+                while b"first-chunk" not in b"".join(seen):
+                    if time.monotonic() > deadline:
+                        return False, None
+                    time.sleep(0.05)
+                connection.send_data(stream, b"rest", end_stream=True)
+                sock.sendall(connection.data_to_send())
+                events: list[Any] = []
+                _until(
+                    sock,
+                    connection,
+                    lambda e: any(isinstance(x, h2.events.StreamEnded) for x in e),
+                    events,
+                )
+                for event in events:
+                    if isinstance(event, h2.events.ResponseReceived):
+                        return True, int(dict(event.headers)[b":status"])
+                return True, None
+
+        early, status = await threads.deferToThread(upload)
+        self.assertTrue(early, b"".join(seen))
+        self.assertEqual(status, 200)
+        self.assertIn(b"first-chunkrest", b"".join(seen).replace(b"\r\n4\r\n", b""))
+
+    async def test_refusalsAndLimit(self) -> None:
+        """
+        A body too large is refused 413 at once and stopped with
+        RST_STREAM(NO_ERROR); of 101 streams opened at once, the 101st is
+        refused with REFUSED_STREAM and the other 100 are answered.
+        """
+        upstream = self.startUpstream()
+        proxy = await self.startProxy(
+            {
+                "service.api.svc": {
+                    "endpoints": [upstream.address],
+                    "policy": {"max-body-size": "1KiB"},
+                }
+            }
+        )
+
+        def exchange() -> tuple[list[Any], list[Any]]:
+            sock, connection = _h2c(proxy.port)
+            with sock:
+                stream = connection.get_next_available_stream_id()
+                post = [(":method", "POST"), *_REQUEST[1:], ("content-length", "5000")]
+                connection.send_headers(stream, post)
+                sock.sendall(connection.data_to_send())
+                first: list[Any] = []
+                _until(
+                    sock,
+                    connection,
+                    lambda e: any(isinstance(x, h2.events.StreamReset) for x in e),
+                    first,
+                )
+                # Past the limit the server advertised: the client is told
+                # there is room.
+                connection.remote_settings[
+                    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+                ] = 1000
+                connection.remote_settings.acknowledge()
+                for _ in range(101):
+                    connection.send_headers(
+                        connection.get_next_available_stream_id(),
+                        _REQUEST,
+                        end_stream=True,
+                    )
+                sock.sendall(connection.data_to_send())
+                events: list[Any] = []
+                _until(
+                    sock,
+                    connection,
+                    lambda e: (
+                        len(
+                            [
+                                x
+                                for x in e
+                                if isinstance(
+                                    x, (h2.events.StreamEnded, h2.events.StreamReset)
+                                )
+                            ]
+                        )
+                        >= 101
+                    ),
+                    events,
+                )
+                return first, events
+
+        first, events = await threads.deferToThread(exchange)
+        statuses = [
+            dict(e.headers)[b":status"]
+            for e in first
+            if isinstance(e, h2.events.ResponseReceived)
+        ]
+        self.assertEqual(statuses, [b"413"])
+        resets = [e.error_code for e in first if isinstance(e, h2.events.StreamReset)]
+        self.assertEqual(resets, [h2.errors.ErrorCodes.NO_ERROR])
+        answered = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+        refused = [e.error_code for e in events if isinstance(e, h2.events.StreamReset)]
+        self.assertEqual(len(answered), 100)
+        self.assertEqual(refused, [h2.errors.ErrorCodes.REFUSED_STREAM])
+
+    async def test_floodsCut(self) -> None:
+        """
+        A PING flood and a CONTINUATION flood each get
+        GOAWAY(ENHANCE_YOUR_CALM) and a closed connection, within seconds;
+        monedge answers others after.
+        """
+        upstream = self.startUpstream()
+        proxy = await self.startProxy(
+            {"service.api.svc": {"endpoints": [upstream.address]}}
+        )
+
+        def flood(frames: bytes) -> tuple[int | None, bool]:
+            sock, connection = _h2c(proxy.port)
+            with sock:
+                try:
+                    for _ in range(50):
+                        sock.sendall(frames)
+                except OSError:
+                    pass
+                events: list[Any] = []
+                closed = _until(sock, connection, lambda e: False, events)
+                codes = [
+                    e.error_code
+                    for e in events
+                    if isinstance(e, h2.events.ConnectionTerminated)
+                ]
+                return (codes[0] if codes else None), closed
+
+        ping = PingFrame(0, opaque_data=b"12345678").serialize() * 100
+        code, closed = await threads.deferToThread(flood, ping)
+        self.assertEqual((code, closed), (h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, True))
+        encoder = h2.connection.H2Connection().encoder
+        headers = HeadersFrame(1)
+        headers.data = encoder.encode(_REQUEST)
+        continuation = ContinuationFrame(1)
+        continuation.data = b"\x00" * 16000
+        code, closed = await threads.deferToThread(
+            flood, headers.serialize() + continuation.serialize() * 20
+        )
+        self.assertEqual((code, closed), (h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, True))
+        response, _ = await self.get(proxy.url + "/svc/after")
+        self.assertEqual(response.code, 200)
+
+    async def test_zeroWindowTimesOut(self) -> None:
+        """
+        A client that advertises a zero window gets its response's head,
+        then, after C{--send-timeout}, RST_STREAM(CANCEL) for that stream.
+        """
+        upstream = self.startUpstream()
+        proxy = await self.startProxy(
+            {"service.api.svc": {"endpoints": [upstream.address]}},
+            ["--send-timeout", "1s"],
+        )
+
+        def stall() -> tuple[list[Any], float]:
+            sock, connection = _h2c(proxy.port)
+            with sock:
+                connection.update_settings(
+                    {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+                )
+                stream = connection.get_next_available_stream_id()
+                connection.send_headers(stream, _REQUEST, end_stream=True)
+                sock.sendall(connection.data_to_send())
+                start = time.monotonic()
+                events: list[Any] = []
+                _until(
+                    sock,
+                    connection,
+                    lambda e: any(isinstance(x, h2.events.StreamReset) for x in e),
+                    events,
+                )
+                return events, time.monotonic() - start
+
+        events, took = await threads.deferToThread(stall)
+        kinds = [type(e) for e in events]
+        self.assertIn(h2.events.ResponseReceived, kinds)
+        self.assertNotIn(h2.events.DataReceived, kinds)
+        resets = [e.error_code for e in events if isinstance(e, h2.events.StreamReset)]
+        self.assertEqual(resets, [h2.errors.ErrorCodes.CANCEL])
+        self.assertLess(took, 8)

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from zope.interface.verify import verifyObject
 
-from fuzz import checker
+from fuzz import checker, h2checker
 from fuzz.checker import (
     TaggingUpstream,
     checkOutcome,
@@ -32,6 +32,7 @@ from tests import corpus_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REGRESSIONS = os.path.join(ROOT, "fuzz", "regressions")
+H2_REGRESSIONS = os.path.join(REGRESSIONS, "http2")
 
 
 def _corpus() -> list[tuple[str, bytes]]:
@@ -323,6 +324,184 @@ class CheckerTests(SynchronousTestCase):
             self.assertEqual(splitPoints(data), (chunks, answer))
 
 
+class HTTP2SeedTests(SynchronousTestCase):
+    """
+    The HTTP/2 target's seeds and regressions pass its checker
+    (L{fuzz.h2checker}).
+    """
+
+    def test_seeds(self) -> None:
+        """
+        Every seed conversation (GET, POST with DATA, trailers, PING,
+        SETTINGS, several streams with refusals, a reset, a GOAWAY), built
+        with the h2 package's client, keeps every invariant: nothing
+        logged as an error, well-formed frames within the client's
+        windows, exactly one final answer or reset per stream, and the
+        connection closed once every limit has passed.
+        """
+        self.assertEqual(
+            sorted(h2checker.H2_SEEDS),
+            [
+                "get",
+                "goaway",
+                "ping",
+                "post-data",
+                "reset",
+                "settings",
+                "streams",
+                "trailers",
+            ],
+        )
+        failures = []
+        for name, raw in h2checker.H2_SEEDS.items():
+            try:
+                h2checker.checkFrameBytes(raw)
+            except AssertionError as e:
+                failures.append(f"seed {name!r}: {e}")
+        self.assertEqual(failures, [])
+
+    def test_regressions(self) -> None:
+        """
+        Every reproducer in fuzz/regressions/http2/ passes the checker.
+        """
+        failures = []
+        for name in sorted(os.listdir(H2_REGRESSIONS)):
+            with open(os.path.join(H2_REGRESSIONS, name), "rb") as f:
+                try:
+                    h2checker.checkFrameBytes(f.read())
+                except AssertionError as e:
+                    failures.append(f"regression {name!r}: {e}")
+        self.assertEqual(failures, [])
+
+    def test_overLimitPostClosesItsStream(self) -> None:
+        """
+        fuzz/regressions/http2/post-over-limit-left-open: a POST whose
+        Content-Length is over its service's max-body-size, sent whole, is
+        answered 413 and its stream is done: once the keep-alive timeout
+        has passed, monedge closes the connection (the stream stayed open
+        in the channel, so the connection never went idle).
+        """
+        path = os.path.join(H2_REGRESSIONS, "post-over-limit-left-open")
+        with open(path, "rb") as f:
+            h2checker.checkFrameBytes(f.read())
+
+    def test_dataAfterResetIgnored(self) -> None:
+        """
+        fuzz/regressions/http2/data-after-reset-reset-again: a POST refused
+        on its head (here its path) is answered at once and its stream
+        reset with NO_ERROR to stop the body; DATA the client had already
+        sent on it, read after the reset, is ignored (RFC 9113, 5.1), not
+        answered with a second RST_STREAM (STREAM_CLOSED).  Fed whole, the
+        DATA is read with the head and all is well; split, it came after.
+        """
+        path = os.path.join(H2_REGRESSIONS, "data-after-reset-reset-again")
+        with open(path, "rb") as f:
+            h2checker.checkFrameBytes(f.read())
+
+    def test_seedsWritten(self) -> None:
+        """
+        fuzz/seeds.py's HTTP/2 writer writes one file per seed and per
+        regression, with the exact bytes, and a dictionary of quoted tokens.
+        """
+        directory = self.mktemp()
+        written = h2checker.writeH2Seeds(directory, H2_REGRESSIONS)
+        self.assertEqual(
+            len(written), len(h2checker.H2_SEEDS) + len(os.listdir(H2_REGRESSIONS))
+        )
+        contents = set()
+        for path in written:
+            with open(path, "rb") as f:
+                contents.add(f.read())
+        self.assertTrue(set(h2checker.H2_SEEDS.values()) <= contents)
+        dictionary = os.path.join(directory, "fuzz.dict")
+        h2checker.writeH2Dictionary(dictionary)
+        with open(dictionary) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(len(lines), len(h2checker.H2_DICTIONARY))
+        self.assertTrue(all(re.match(r'"[^"]*"\Z', line) for line in lines))
+
+
+class HTTP2CheckerTests(SynchronousTestCase):
+    """
+    The HTTP/2 checker is not vacuous: each invariant fails when broken.
+    """
+
+    def outcome(self, data: bytes) -> h2checker.H2Outcome:
+        return h2checker.runH2Connection([data])
+
+    def test_answersRead(self) -> None:
+        """
+        The checker reads the answers of the seed with several streams:
+        200s from the upstream, and monedge's own 404, 413 and 400.
+        """
+        data = h2checker.H2_SEEDS["streams"]
+        outcome = self.outcome(data)
+        server = h2checker.readServer(outcome.output, h2checker.readClient(data))
+        statuses = {
+            s: h2checker._status(stream.final() or [])
+            for s, stream in server.streams.items()
+        }
+        self.assertEqual(statuses, {1: 200, 3: 200, 5: 404, 7: 413, 9: 400, 11: 200})
+
+    def test_unansweredStream(self) -> None:
+        """
+        A stream the client opened that the server never answers is
+        caught (here, the server's output cut before its answer).
+        """
+        data = h2checker.H2_SEEDS["get"]
+        outcome = self.outcome(data)
+        settings = outcome.output[: 9 + int.from_bytes(outcome.output[:3], "big")]
+        outcome.output = settings
+        outcome.closed = True
+        with self.assertRaises(AssertionError) as raised:
+            h2checker.checkH2Outcome(outcome, h2checker.readClient(data))
+        self.assertIn("never answered", str(raised.exception))
+
+    def test_frameAfterTheEnd(self) -> None:
+        """
+        A frame on a stream after the server ended it is caught.
+        """
+        data = h2checker.H2_SEEDS["get"]
+        outcome = self.outcome(data)
+        outcome.output += b"\x00\x00\x01\x00\x00\x00\x00\x00\x01x"
+        with self.assertRaises(AssertionError) as raised:
+            h2checker.checkH2Outcome(outcome, h2checker.readClient(data))
+        self.assertIn("had ended", str(raised.exception))
+
+    def test_dataPastTheWindow(self) -> None:
+        """
+        More DATA than the client's window allowed is caught: the seed
+        whose SETTINGS set a 16-byte initial window (and grant 1 KiB)
+        read as if the window were smaller.
+        """
+        data = h2checker.H2_SEEDS["settings"]
+        outcome = self.outcome(data)
+        client = h2checker.readClient(data)
+        client.streams[1].window = 1
+        with self.assertRaises(AssertionError) as raised:
+            h2checker.checkH2Outcome(outcome, client)
+        self.assertIn("stream window", str(raised.exception))
+
+    def test_crossedAnswer(self) -> None:
+        """
+        An upstream that answers with another call's tag is caught.
+        """
+        data = h2checker.H2_SEEDS["streams"]
+        self.patch(
+            h2checker,
+            "BodyReadingUpstream",
+            type(
+                "Lying",
+                (h2checker.BodyReadingUpstream,),
+                {"__init__": lambda self: checker.TaggingUpstream.__init__(self, 1)},
+            ),
+        )
+        outcome = self.outcome(data)
+        with self.assertRaises(AssertionError) as raised:
+            h2checker.checkH2Outcome(outcome, h2checker.readClient(data))
+        self.assertIn("call", str(raised.exception))
+
+
 class EntryPointTests(SynchronousTestCase):
     """
     The atheris entry point.
@@ -342,6 +521,20 @@ class EntryPointTests(SynchronousTestCase):
         for data in [b"", b"\x00\xff", PIPELINED, checker.EXTRA_SEEDS["post-chunked"]]:
             module.TestOneInput(data)
 
+    def test_importAndRunHTTP2(self) -> None:
+        """
+        fuzz/http2_frames.py imports (under atheris' import
+        instrumentation) and its TestOneInput runs on a few inputs, garbage
+        included, without atheris' fuzz loop.
+        """
+        path = os.path.join(ROOT, "fuzz", "http2_frames.py")
+        spec = importlib.util.spec_from_file_location("_fuzz_http2_frames", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for data in [b"", b"\x00\xff" * 9, h2checker.H2_SEEDS["trailers"]]:
+            module.TestOneInput(data)
+
 
 class FuzzRunTests(SynchronousTestCase):
     """
@@ -350,12 +543,29 @@ class FuzzRunTests(SynchronousTestCase):
 
     def test_shortRun(self) -> None:
         """
-        fuzz/run.sh with FUZZ_SECONDS=5 exits 0 and reports a number of
+        fuzz/run.sh with FUZZ_SECONDS=5 (and the HTTP/2 run skipped) exits
+        0 and reports a number of executions above 0 in its one-line
+        summary.
+        """
+        self.assertRuns("5", "0", "fuzz")
+
+    def test_shortHTTP2Run(self) -> None:
+        """
+        fuzz/run.sh with FUZZ_HTTP2_SECONDS=5 (and the request path's run
+        skipped) runs the HTTP/2 target: it exits 0 and reports a number of
         executions above 0 in its one-line summary.
+        """
+        self.assertRuns("0", "5", "fuzz http2")
+
+    def assertRuns(self, seconds: str, http2Seconds: str, label: str) -> None:
+        """
+        fuzz/run.sh with these durations exits 0 and its C{label} summary
+        line reports executions.
         """
         env = dict(
             os.environ,
-            FUZZ_SECONDS="5",
+            FUZZ_SECONDS=seconds,
+            FUZZ_HTTP2_SECONDS=http2Seconds,
             VENV=os.path.dirname(os.path.dirname(sys.executable)),
         )
         env.pop("FUZZ_KEEP", None)
@@ -368,7 +578,9 @@ class FuzzRunTests(SynchronousTestCase):
         )
         output = result.stdout.decode("utf-8", "replace")
         self.assertEqual(result.returncode, 0, output + result.stderr.decode()[-3000:])
-        match = re.search(r"^fuzz: ok executions=(\d+) ", output, re.MULTILINE)
+        match = re.search(
+            rf"^{re.escape(label)}: ok executions=(\d+) ", output, re.MULTILINE
+        )
         self.assertIsNotNone(match, output)
         assert match is not None
         self.assertGreater(int(match.group(1)), 0)

@@ -16,19 +16,17 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.http import H2_ENABLED, HTTPChannel, Request
+from twisted.web.http import HTTPChannel, Request
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
 import tests
 from monedge.testing import ProxyProcess, writeRegistry
 from monedge.twistedseam import (
     TWISTED_BELOW,
     TWISTED_LOWEST,
-    HTTPConnectionProtocol,
     canonicalHeaderName,
-    channelOf,
     checkTwistedVersion,
     chunkSize,
     parseRequestLine,
@@ -228,71 +226,6 @@ class ReadersTests(SynchronousTestCase):
         self.assertEqual(chunkSize(b"1F"), 31)
         for bad in [b"-1", b" 1", b"0x1", b"", b"g"]:
             self.assertRaises(ValueError, chunkSize, bad)
-
-
-class _Protocol(HTTPConnectionProtocol):
-    """
-    Records the channels replaced.
-    """
-
-    def __init__(self, channel: HTTPChannel) -> None:
-        super().__init__(channel)
-        self.replaced: list[object] = []
-
-    def channelReplaced(self, previous: Any) -> None:
-        self.replaced.append(previous)
-
-
-class _Site(Site):
-    def protocol(self) -> _Protocol:
-        return _Protocol(HTTPChannel())
-
-
-class ConnectionProtocolTests(SynchronousTestCase):
-    """
-    L{HTTPConnectionProtocol} says when ALPN's choice of HTTP/2 replaces
-    the HTTP/1.1 channel, and L{channelOf} which channel speaks.
-    """
-
-    def connect(self, negotiated: bytes | None) -> tuple[_Protocol, HTTPChannel]:
-        site = _Site(_Held(), reactor=MemoryReactorClock())
-        protocol = site.buildProtocol(None)
-        assert isinstance(protocol, _Protocol)
-        first = channelOf(protocol)
-        assert isinstance(first, HTTPChannel)
-        transport = StringTransport()
-        transport.negotiatedProtocol = negotiated  # type: ignore[attr-defined]
-        protocol.makeConnection(transport)
-        return protocol, first
-
-    def test_http11(self) -> None:
-        """
-        Over HTTP/1.1 the first channel stays.
-        """
-        protocol, first = self.connect(None)
-        protocol.dataReceived(b"GET / HTTP/1.1\r\n")
-        self.assertIs(channelOf(protocol), first)
-        self.assertEqual(protocol.replaced, [])
-
-    def test_http2(self) -> None:
-        """
-        When ALPN chose C{h2}, the first data replaces the HTTP/1.1 channel
-        with an HTTP/2 connection, once.
-        """
-        if not H2_ENABLED:
-            raise self.skipTest("the h2 package is not installed")
-        protocol, first = self.connect(b"h2")
-        protocol.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        protocol.dataReceived(b"")
-        self.assertEqual(protocol.replaced, [first])
-        self.assertIsNot(channelOf(protocol), first)
-        self.assertNotIsInstance(channelOf(protocol), HTTPChannel)
-
-    def test_otherProtocol(self) -> None:
-        """
-        Any other protocol has no channel.
-        """
-        self.assertIsNone(channelOf(object()))
 
 
 class PoolTests(SynchronousTestCase):

@@ -1,7 +1,6 @@
 """
 What the front ends' requests and connections share: HTTP/1.1's
-(L{monedge.edge.http1}) and the request of HTTP/2 streams
-(L{monedge.edge.server.ProxyRequest}).
+(L{monedge.edge.http1}) and HTTP/2's (L{monedge.edge.http2}).
 
   - L{SharedRequest}: a request's identity (its request id, client address
     and listener port), its body read within the service's limit, and the
@@ -41,7 +40,7 @@ UNDERSCORE_REFUSED = "header names with underscores are refused"
 
 class SharedRequest:
     """
-    What both front ends' requests share.
+    What the front ends' requests share.
     """
 
     #: The proxy's site (a L{monedge.edge.server.ProxySite}).

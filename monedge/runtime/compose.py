@@ -32,7 +32,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
-from twisted.web.http import H2_ENABLED
 
 from monedge.edge import http1
 from monedge.edge.server import ListenerFactory, ProxySite
@@ -190,7 +189,7 @@ def certificateStore(config: Configuration, reactor: Any) -> CertificateStore | 
         return CertificateStore(
             config.tlsDir,
             reactor,
-            protocols=(b"h2", b"http/1.1") if H2_ENABLED else (b"http/1.1",),
+            protocols=(b"h2", b"http/1.1"),
         )
     except CertificateFileError as e:
         raise usage.UsageError(f"--tls-dir: {e}") from None
