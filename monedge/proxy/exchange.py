@@ -589,8 +589,8 @@ class ProxyExchange:
 
     def _passTrailers(self, response: IResponse | None) -> None:
         """
-        Give the request the trailer fields of C{response}, whose body has
-        ended, that may cross (it sends them only to a client that asked).
+        Give the client request the trailers of C{response}'s body that
+        may cross, if it had any.
         """
         trailers = getattr(response, "monedgeTrailers", None)
         if trailers:

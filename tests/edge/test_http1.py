@@ -634,6 +634,22 @@ class TrailersTests(SynchronousTestCase):
             transport.value().endswith(b"4\r\ndata\r\n0\r\nGrpc-Status: 0\r\n\r\n")
         )
 
+    def test_withABodyThatCameWhole(self) -> None:
+        """
+        A small response that came whole with its head (monedge's own
+        client hands such a body over at once) keeps its trailers.
+        """
+        h = _harness()
+        _, transport = h.send(b"GET /echo/ HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n")
+        [call] = h.client.calls
+        response = FakeResponse(200)
+        response.monedgeTrailers = [(b"Grpc-Status", b"0")]  # type: ignore[attr-defined]
+        response.monedgeTakeBody = lambda: b"data"  # type: ignore[attr-defined]
+        call.result.callback(response)
+        self.assertTrue(
+            transport.value().endswith(b"4\r\ndata\r\n0\r\nGrpc-Status: 0\r\n\r\n")
+        )
+
     def test_notToOthers(self) -> None:
         """
         A client that did not say C{TE: trailers} gets none.
