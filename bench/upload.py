@@ -4,24 +4,31 @@ What request bodies cost monedge: memory, temporary files and time.
     .venv/bin/python bench/upload.py one [--mib 1024] [--chunked]
     .venv/bin/python bench/upload.py many [--count 100] [--mib 10] [--rate 1]
 
+Either mode also takes C{--request-buffering} (the service holds each body
+whole before sending it) and C{--profile FILE} (monedge runs under
+C{twistd --profile}, cProfile, and leaves its stats in FILE).
+
 Starts, on 127.0.0.1, an upstream that reads each request's body (by its
 Content-Length, or chunked), counts it, and answers 200 with the count, and
 monedge in front of it (C{--access-log none}, its TMPDIR a directory of
 the bench's own).  While the uploads run, monedge's RSS is sampled every
-0.1 s, and so are the sizes of the files it holds open in that TMPDIR
-(temporary files are unlinked at once: they are found through
-C{/proc/PID/fd}), and the upstream says when it saw each body's first
-byte.
+0.1 s, and so are the sizes of the files it holds open in that TMPDIR (a
+temporary file unlinked at once is still found through C{/proc/PID/fd});
+monedge streams bodies and should hold none.  The upstream notes when each
+request's head and its body's first byte reached it, and monedge's CPU
+time (user and system) over the uploads is read from C{/proc/PID/stat}.
 
   - C{one}: one upload of N MiB (1 GiB by default) sent as fast as the
     client can, through monedge and then straight to the upstream: the
-    throughput of each, monedge's RSS growth and temporary-file peak, and
-    when the upstream saw the request against when the client had sent
-    the whole body (before it when the body streams; after it when monedge
-    holds the body whole first).
+    throughput of each, monedge's RSS growth, temporary-file peak and CPU
+    time, and when the upstream saw the request and its first body byte
+    against when the client had sent the whole body (long before it when
+    the body streams; after it when monedge holds the body whole first).
   - C{many}: C{--count} concurrent uploads of N MiB each to an upstream
-    that reads each body at C{--rate} MiB/s: monedge's RSS growth and
-    temporary-file peak.
+    that reads each body at C{--rate} MiB/s: monedge's RSS growth,
+    temporary-file peak and CPU time, and how many requests reached the
+    upstream (head and first body byte) before their client had sent the
+    whole body.
 
 Every body is checked: the upstream's count must be the size sent.
 Loopback only; bounded in time; every process it starts is stopped on exit.
@@ -119,14 +126,19 @@ def _readBody(conn: socket.socket, head: bytes, rest: bytes, rate: float) -> int
 def serveUpstream(port: int, rate: float, log: Path) -> None:
     """
     Answer each request on 127.0.0.1:C{port} with its body's size, on a
-    thread per connection, and close it; append to C{log} when each body's first byte
-    came (C{first} lines, monotonic seconds).
+    thread per connection, and close it; append to C{log} when each
+    request's head came and when its body's first byte did (C{head PATH
+    SECONDS} and C{body PATH SECONDS} lines, monotonic seconds).
     """
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", port))
     listener.listen(512)
     lock = threading.Lock()
+
+    def note(line: str) -> None:
+        with lock, open(log, "a") as f:
+            f.write(line + "\n")
 
     def handle(conn: socket.socket) -> None:
         with conn:
@@ -138,9 +150,12 @@ def serveUpstream(port: int, rate: float, log: Path) -> None:
                         head, rest = readHead(conn)
                     except BenchError:
                         return
-                    if rest or head.startswith(b"POST"):
-                        with lock, open(log, "a") as f:
-                            f.write(f"first {time.monotonic()}\n")
+                    path = head.split(b" ", 2)[1].decode()
+                    note(f"head {path} {time.monotonic()}")
+                    if not rest:
+                        # The body's first bytes: peeked, left for _readBody.
+                        conn.recv(1, socket.MSG_PEEK)
+                    note(f"body {path} {time.monotonic()}")
                     size = _readBody(conn, head, rest, rate)
                     body = b"%d" % size
                     conn.sendall(
@@ -215,6 +230,7 @@ class Sampler:
 
 @dataclass
 class Upload:
+    path: str
     status: bytes
     answered: int
     seconds: float
@@ -226,7 +242,8 @@ class Upload:
 def upload(port: int, total: int, chunked: bool, path: bytes = b"/bench/up") -> Upload:
     """
     POST C{total} bytes to 127.0.0.1:C{port} as fast as the socket takes
-    them; the status and the size the upstream counted.
+    them; the status and the size the upstream counted.  The path is
+    monedge's: the upstream sees it without C{/bench}.
     """
     s = socket.create_connection(("127.0.0.1", port), timeout=600)
     try:
@@ -255,15 +272,34 @@ def upload(port: int, total: int, chunked: bool, path: bytes = b"/bench/up") -> 
         seconds = time.monotonic() - started
         status = head.split(b"\r\n", 1)[0]
         answered = int(body) if body.isdigit() else -1
-        return Upload(status, answered, seconds, started, sentAt)
+        upstreamPath = path.decode().removeprefix("/bench")
+        return Upload(upstreamPath, status, answered, seconds, started, sentAt)
     finally:
         s.close()
 
 
-def firstBytes(log: Path) -> list[float]:
+def arrivals(log: Path) -> dict[tuple[str, str], float]:
+    """
+    When the upstream saw each request's head and its body's first byte:
+    (C{"head"} or C{"body"}, path) -> monotonic seconds.
+    """
     if not log.exists():
-        return []
-    return [float(line.split()[1]) for line in log.read_text().splitlines()]
+        return {}
+    seen = {}
+    for line in log.read_text().splitlines():
+        what, path, when = line.split()
+        seen[(what, path)] = float(when)
+    return seen
+
+
+def cpuSeconds(pid: int) -> tuple[float, float]:
+    """
+    The user and system CPU seconds C{pid} has used so far.
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def measure(args: argparse.Namespace, directory: Path) -> bool:
@@ -275,8 +311,9 @@ def measure(args: argparse.Namespace, directory: Path) -> bool:
         f'services:\n  {SERVICE}:\n    endpoints: ["127.0.0.1:{upstreamPort}"]\n'
         f"    policy:\n      max-body-size: {args.mib * MIB + 1}\n"
         "      timeout: 600s\n"
+        + ("      request-buffering: true\n" if args.request_buffering else "")
     )
-    firstLog = directory / "first.log"
+    arrivalLog = directory / "arrivals.log"
     upstream = Server(
         "upstream",
         [
@@ -287,17 +324,25 @@ def measure(args: argparse.Namespace, directory: Path) -> bool:
             "--rate",
             str(args.rate if args.mode == "many" else 0),
             "--first-log",
-            str(firstLog),
+            str(arrivalLog),
         ],
         upstreamPort,
         directory / "upstream.log",
     )
-    monedge = Server(
-        "monedge",
-        monedgeCommand(["env", f"TMPDIR={spool}"], port, adminPort, registry, "none"),
-        port,
-        directory / "monedge.log",
+    command = monedgeCommand(
+        ["env", f"TMPDIR={spool}"], port, adminPort, registry, "none"
     )
+    if args.request_buffering:
+        # Room for every body at once.
+        command += ["--request-buffer-budget", str(args.count * (args.mib * MIB + 1))]
+    if args.profile is not None:
+        at = command.index("-n") + 1
+        command[at:at] = [
+            f"--profile={args.profile.resolve()}",
+            "--profiler=cprofile",
+            "--savestats",
+        ]
+    monedge = Server("monedge", command, port, directory / "monedge.log")
     children = [upstream, monedge]
     total = args.mib * MIB
     ok = True
@@ -309,9 +354,10 @@ def measure(args: argparse.Namespace, directory: Path) -> bool:
         warm = upload(port, 1024, False)
         if not warm.status.startswith(b"HTTP/1.1 200") or warm.answered != 1024:
             raise BenchError(f"the warm-up answered {warm}")
-        firstLog.unlink(missing_ok=True)
+        arrivalLog.unlink(missing_ok=True)
         time.sleep(0.5)
         before = rssBytes(monedge.pid)
+        cpuBefore = cpuSeconds(monedge.pid)
         sampler = Sampler(monedge.pid, str(spool))
         sampler.start()
         results: list[Upload] = []
@@ -321,22 +367,26 @@ def measure(args: argparse.Namespace, directory: Path) -> bool:
                 results.append(upload(port, total, args.chunked))
             else:
 
-                def one() -> None:
+                def one(n: int) -> None:
                     try:
-                        results.append(upload(port, total, args.chunked))
+                        path = b"/bench/up/%d" % (n,)
+                        results.append(upload(port, total, args.chunked, path))
                     except BaseException as e:
                         errors.append(e)
 
-                threads = [threading.Thread(target=one) for _ in range(args.count)]
+                threads = [
+                    threading.Thread(target=one, args=(n,)) for n in range(args.count)
+                ]
                 for thread in threads:
                     thread.start()
                 for thread in threads:
                     thread.join()
         finally:
             sampler.stop()
+        cpuAfter = cpuSeconds(monedge.pid)
         for child in children:
             child.checkAlive()
-        firsts = firstBytes(firstLog)
+        seen = arrivals(arrivalLog)
         direct: Upload | None = None
         if args.mode == "one":
             direct = upload(upstreamPort, total, args.chunked)
@@ -351,6 +401,8 @@ def measure(args: argparse.Namespace, directory: Path) -> bool:
             ok = False
     print(f"command:        {shlex.join([sys.executable, *sys.argv])}")
     framing = "chunked" if args.chunked else "Content-Length"
+    if args.request_buffering:
+        framing += ", request-buffering"
     if args.mode == "one" and results:
         through = results[0]
         print(
@@ -366,12 +418,18 @@ def measure(args: argparse.Namespace, directory: Path) -> bool:
                 f"direct:         {direct.seconds:.2f} s, {args.mib / direct.seconds:.1f} MiB/s"
                 f" (monedge / direct = {direct.seconds / through.seconds:.2f}x)"
             )
-        if firsts:
-            first = firsts[0] - through.started
+        head = seen.get(("head", through.path))
+        body = seen.get(("body", through.path))
+        if head is not None and body is not None:
             print(
-                f"first byte:     the upstream saw the request {first:.2f} s in; the "
-                f"client had sent the whole body {through.sent:.2f} s in"
-                + (" (monedge held it first)" if first >= through.sent else "")
+                f"first byte:     the upstream saw the request {head - through.started:.2f} s"
+                f" in and its body {body - through.started:.2f} s in; the client had sent"
+                f" the whole body {through.sent:.2f} s in"
+                + (
+                    " (monedge held it first)"
+                    if head >= through.started + through.sent
+                    else ""
+                )
             )
     else:
         print(
@@ -380,12 +438,31 @@ def measure(args: argparse.Namespace, directory: Path) -> bool:
         )
         if results:
             print(f"slowest:        {max(r.seconds for r in results):.1f} s")
+            early = [
+                r
+                for r in results
+                if seen.get(("body", r.path), float("inf")) < r.started + r.sent
+            ]
+            latest = max(
+                seen.get(("head", r.path), float("inf")) - r.started for r in results
+            )
+            print(
+                f"first byte:     {len(early)} of {len(results)} bodies reached the upstream"
+                f" before their client had sent them whole; the latest head came"
+                f" {latest:.2f} s after its upload started"
+            )
     growth = sampler.rss - before
     print(
         f"monedge RSS:    {before / MIB:.1f} MiB before, {sampler.rss / MIB:.1f} MiB peak, "
         f"growth {growth / MIB:.1f} MiB"
     )
     print(f"temp files:     {sampler.files / MIB:.1f} MiB at peak in monedge's TMPDIR")
+    user, system = (
+        after - start for after, start in zip(cpuAfter, cpuBefore, strict=True)
+    )
+    print(f"monedge CPU:    {user:.2f} s user, {system:.2f} s system")
+    if args.profile is not None:
+        print(f"profile:        {args.profile} (cProfile stats: python -m pstats)")
     return ok
 
 
@@ -403,6 +480,17 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
         "--rate", type=float, default=1.0, help="many: upstream read MiB/s (1)"
     )
     parser.add_argument("--chunked", action="store_true", help="send bodies chunked")
+    parser.add_argument(
+        "--request-buffering",
+        action="store_true",
+        help="the service holds each body whole first (request-buffering: true)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="run monedge under cProfile (twistd --profile), stats to FILE",
+    )
     parser.add_argument(
         "--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS
     )

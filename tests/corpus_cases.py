@@ -394,6 +394,13 @@ def hopByHopRequestCases() -> list[Case]:
             upstream={**gone, b"te": [b"trailers"]},
         ),
         Case(
+            "TE without trailers",
+            request(b"/echo/h", b"TE: gzip"),
+            200,
+            uri=b"/h",
+            upstream={**gone, b"te": ()},
+        ),
+        Case(
             "Trailer",
             request(b"/echo/h", b"Trailer: X"),
             200,

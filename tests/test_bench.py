@@ -98,14 +98,17 @@ class BenchToolTests(TestCase):
         """
         bench/upload.py uploads through monedge and straight to the
         upstream, checks the size the upstream counted, and reports
-        monedge's memory and temporary files; with many concurrent uploads
-        to a slow upstream, likewise.
+        monedge's memory, temporary files (none: bodies stream), CPU time
+        and when the upstream saw the request; with many concurrent
+        uploads to a slow upstream, likewise.
         """
         out = _run(sys.executable, "bench/upload.py", "one", "--mib", "4", timeout=120)
         self.assertIn("4,194,304 bytes counted", out)
         self.assertRegex(out, r"through monedge: [\d.]+ s")
         self.assertRegex(out, r"monedge RSS: .* growth -?[\d.]+ MiB")
-        self.assertRegex(out, r"temp files: +[\d.]+ MiB")
+        self.assertRegex(out, r"temp files: +0\.0 MiB")
+        self.assertRegex(out, r"first byte: +the upstream saw the request [\d.]+ s in")
+        self.assertRegex(out, r"monedge CPU: +[\d.]+ s user, [\d.]+ s system")
         out = _run(
             sys.executable,
             "bench/upload.py",
@@ -121,6 +124,8 @@ class BenchToolTests(TestCase):
         )
         self.assertIn("3 concurrent x 1 MiB (chunked)", out)
         self.assertIn("3 answered", out)
+        self.assertRegex(out, r"temp files: +0\.0 MiB")
+        self.assertRegex(out, r"first byte: +\d+ of 3 bodies reached the upstream")
 
     def test_h2load(self) -> None:
         """

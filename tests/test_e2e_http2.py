@@ -441,6 +441,28 @@ class _RawUpstream(Protocol):
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
 
+class _TrailingUpstream(Protocol):
+    """
+    An upstream that records the bytes of its one request, and once its
+    chunked body has ended (after any trailers) answers with a chunked body
+    and trailers of its own.
+    """
+
+    def __init__(self, seen: list[bytes]) -> None:
+        self.seen = seen
+
+    def dataReceived(self, data: bytes) -> None:
+        self.seen.append(data)
+        if b"".join(self.seen).endswith(b"\r\n\r\n") and b"\r\n0\r\n" in b"".join(
+            self.seen
+        ):
+            assert self.transport is not None
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"2\r\nok\r\n0\r\nGrpc-Status: 0\r\nConnection: x\r\n\r\n"
+            )
+
+
 def _h2c(port: int) -> tuple[socket.socket, h2.connection.H2Connection]:
     """
     A cleartext HTTP/2 connection with prior knowledge (no ALPN, no
@@ -541,6 +563,54 @@ class PriorKnowledgeTests(ProxyTestCase):
         self.assertTrue(early, b"".join(seen))
         self.assertEqual(status, 200)
         self.assertIn(b"first-chunkrest", b"".join(seen).replace(b"\r\n4\r\n", b""))
+
+    async def test_trailersBothWays(self) -> None:
+        """
+        A request's trailers go upstream after its chunked body, and the
+        upstream's trailers come back as a trailing HEADERS frame to a
+        client that said C{te: trailers}, both filtered (no hop-by-hop
+        field crosses).
+        """
+        seen: list[bytes] = []
+        factory: Any = Factory.forProtocol(lambda: _TrailingUpstream(seen))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        proxy = await self.startProxy(
+            {"service.api.svc": {"endpoints": [f"127.0.0.1:{port.getHost().port}"]}}  # type: ignore[attr-defined]
+        )
+
+        def call() -> list[Any]:
+            sock, connection = _h2c(proxy.port)
+            with sock:
+                stream = connection.get_next_available_stream_id()
+                post = [(":method", "POST"), *_REQUEST[1:], ("te", "trailers")]
+                connection.send_headers(stream, post)
+                connection.send_data(stream, b"body")
+                connection.send_headers(
+                    stream, [("x-checksum", "abc"), ("host", "evil")], end_stream=True
+                )
+                sock.sendall(connection.data_to_send())
+                events: list[Any] = []
+                _until(
+                    sock,
+                    connection,
+                    lambda e: any(isinstance(x, h2.events.StreamEnded) for x in e),
+                    events,
+                )
+                return events
+
+        events = await threads.deferToThread(call)
+        upstream = b"".join(seen)
+        self.assertIn(b"\r\nTE: trailers\r\n", upstream.replace(b"te:", b"TE:"))
+        self.assertTrue(
+            upstream.endswith(b"4\r\nbody\r\n0\r\nX-Checksum: abc\r\n\r\n"),
+            upstream,
+        )
+        trailers = [e for e in events if isinstance(e, h2.events.TrailersReceived)]
+        self.assertEqual(len(trailers), 1, events)
+        self.assertEqual(list(trailers[0].headers), [(b"grpc-status", b"0")])
+        data = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+        self.assertEqual(data, b"ok")
 
     async def test_refusalsAndLimit(self) -> None:
         """

@@ -398,6 +398,29 @@ class HTTP2SeedTests(SynchronousTestCase):
         with open(path, "rb") as f:
             h2checker.checkFrameBytes(f.read())
 
+    def test_stalledTrailersStreamAnswered(self) -> None:
+        """
+        fuzz/regressions/http2/stalled-trailers-stream-left-unanswered: a
+        POST whose trailers' header block never ends stalls the connection
+        (no other frame may come inside a header block); when the header
+        deadline passes, the GOAWAY (NO_ERROR) is preceded by RST_STREAM
+        (CANCEL) for the stream in flight, which is never left unanswered.
+        """
+        path = os.path.join(H2_REGRESSIONS, "stalled-trailers-stream-left-unanswered")
+        with open(path, "rb") as f:
+            h2checker.checkFrameBytes(f.read())
+
+    def test_trailersAfterResetIgnored(self) -> None:
+        """
+        fuzz/regressions/http2/trailers-after-reset-reset-again: trailers
+        (a HEADERS frame) the client sent on a stream monedge had answered
+        early and reset are ignored (RFC 9113, 5.1), as DATA is, not reset
+        a second time.
+        """
+        path = os.path.join(H2_REGRESSIONS, "trailers-after-reset-reset-again")
+        with open(path, "rb") as f:
+            h2checker.checkFrameBytes(f.read())
+
     def test_seedsWritten(self) -> None:
         """
         fuzz/seeds.py's HTTP/2 writer writes one file per seed and per

@@ -190,18 +190,37 @@ class _ServerConnection(h2.connection.H2Connection):
         count: int = super().open_inbound_streams
         return min(count, self.local_settings.max_concurrent_streams - 1)
 
-    def _receive_data_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
-        # DATA the client sent before it read a RST_STREAM monedge sent (a
-        # body stopped after an early answer) is ignored (RFC 9113, 5.1),
-        # not reset a second time; it still counts in the connection's
-        # window, which h2 gives back.
-        resetHere = self._stream_closed_by(frame.stream_id) == (
+    #: The stream a frame is being read for, if monedge reset it.
+    _ignoring: int | None = None
+
+    def _receive_frame(self, frame: Any) -> list[Any]:
+        # A frame the client sent before it read a RST_STREAM monedge sent
+        # (a body or trailers after an early answer) is ignored (RFC 9113,
+        # 5.1), not reset a second time.  h2 still reads it (HPACK state,
+        # the connection's window), and the RST_STREAM it would send for it
+        # is dropped (_prepare_for_sending).
+        streamId = frame.stream_id
+        if streamId and self._stream_closed_by(streamId) == (
             StreamClosedBy.SEND_RST_STREAM
-        )
-        frames, events = super()._receive_data_frame(frame)
-        if resetHere:
-            frames = [f for f in frames if not isinstance(f, RstStreamFrame)]
-        return frames, events
+        ):
+            self._ignoring = streamId
+            try:
+                events: list[Any] = super()._receive_frame(frame)
+            finally:
+                self._ignoring = None
+            return events
+        received: list[Any] = super()._receive_frame(frame)
+        return received
+
+    def _prepare_for_sending(self, frames: list[Any]) -> None:
+        ignoring = self._ignoring
+        if ignoring is not None:
+            frames = [
+                f
+                for f in frames
+                if not (isinstance(f, RstStreamFrame) and f.stream_id == ignoring)
+            ]
+        super()._prepare_for_sending(frames)
 
 
 class _Refused(Exception):
@@ -943,10 +962,19 @@ class H2Channel(Protocol):
 
     def _connectionError(self, code: ErrorCodes, message: str) -> None:
         """
-        A connection error: GOAWAY with C{code}, then close.
+        A connection error: GOAWAY with C{code}, then close.  Closed with
+        C{NO_ERROR} (a deadline passed), the streams still open are reset
+        (CANCEL) first: the GOAWAY does not promise to answer them.
         """
         if self._closing:
             return
+        if code == ErrorCodes.NO_ERROR:
+            for request in list(self.requests.values()):
+                if not request._closed:
+                    self._resetStream(request.streamId, ErrorCodes.CANCEL)
+                    request.streamLost(
+                        Failure(ConnectionLost("the connection timed out"))
+                    )
         _log.debug(
             "HTTP/2 connection error from {peer}: {code!r}, {message}",
             peer=getattr(self.getPeer(), "host", "?"),

@@ -548,6 +548,7 @@ class ProxyExchange:
             self._cancelTimeout()
             self._release()
             request.write(body)
+            self._passTrailers(response)
             request.finish()
             return
         # Send the headers now: a client waiting on a long poll or an event
@@ -576,11 +577,7 @@ class ProxyExchange:
         # The response refers to the relay, and the relay to this exchange.
         response, self._response = self._response, None
         if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
-            trailers = getattr(response, "monedgeTrailers", None)
-            if trailers:
-                kept = trailerFields(trailers, "allow")
-                if kept:
-                    request.setTrailers(kept)
+            self._passTrailers(response)
             request.finish()
             return
         # The upstream failed mid-body: the client must see a cut-off
@@ -589,6 +586,17 @@ class ProxyExchange:
             self._metrics.upstreamError("reset_mid_body")
             request.record.failed("reset_mid_body")
         request.loseConnection()
+
+    def _passTrailers(self, response: IResponse | None) -> None:
+        """
+        Give the client request the trailers of C{response}'s body that
+        may cross, if it had any.
+        """
+        trailers = getattr(response, "monedgeTrailers", None)
+        if trailers:
+            kept = trailerFields(trailers, "allow")
+            if kept:
+                self.request.setTrailers(kept)
 
     def clientStalled(self) -> None:
         """

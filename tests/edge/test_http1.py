@@ -634,6 +634,22 @@ class TrailersTests(SynchronousTestCase):
             transport.value().endswith(b"4\r\ndata\r\n0\r\nGrpc-Status: 0\r\n\r\n")
         )
 
+    def test_withABodyThatCameWhole(self) -> None:
+        """
+        A small response that came whole with its head (monedge's own
+        client hands such a body over at once) keeps its trailers.
+        """
+        h = _harness()
+        _, transport = h.send(b"GET /echo/ HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n")
+        [call] = h.client.calls
+        response = FakeResponse(200)
+        response.monedgeTrailers = [(b"Grpc-Status", b"0")]  # type: ignore[attr-defined]
+        response.monedgeTakeBody = lambda: b"data"  # type: ignore[attr-defined]
+        call.result.callback(response)
+        self.assertTrue(
+            transport.value().endswith(b"4\r\ndata\r\n0\r\nGrpc-Status: 0\r\n\r\n")
+        )
+
     def test_notToOthers(self) -> None:
         """
         A client that did not say C{TE: trailers} gets none.
@@ -646,3 +662,68 @@ def _error(transport: StringTransport) -> str:
     body = transport.value().split(b"\r\n\r\n", 1)[1]
     code: str = json.loads(body)["code"]
     return code
+
+
+class TrailerRelayTests(SynchronousTestCase):
+    """
+    Upstream response trailers go to a client that said C{TE: trailers},
+    and only to one.
+    """
+
+    def _exchange(self, te: bytes | None, whole: bool = False) -> tuple[Any, bytes]:
+        """
+        A request (with C{TE: te} if given) answered by a chunked upstream
+        response with trailer fields (with C{whole}, one that came whole
+        with its head, as monedge's client hands it over); the upstream
+        call and what the client got.
+        """
+        h = _harness()
+        extra = b"" if te is None else b"TE: " + te + b"\r\n"
+        _, transport = h.send(b"GET /echo/ HTTP/1.1\r\nHost: a\r\n" + extra + b"\r\n")
+        [call] = h.client.calls
+        response = FakeResponse(200)
+        response.monedgeTrailers = [  # type: ignore[attr-defined]
+            (b"X-Sig", b"s1"),
+            (b"Set-Cookie", b"a=b"),
+        ]
+        if whole:
+            response.monedgeTakeBody = lambda: b"hello"  # type: ignore[attr-defined]
+        call.result.callback(response)
+        if not whole:
+            response.deliver(b"hello")
+            response.end()
+        return call, transport.value()
+
+    def test_clientAsks(self) -> None:
+        """
+        A client that sends C{TE: trailers} (in any case, in a list) makes
+        monedge send C{TE: trailers} upstream, and gets the upstream's
+        trailer fields after the last chunk, those that may be trailers.
+        """
+        for te in (b"trailers", b"gzip, Trailers"):
+            call, sent = self._exchange(te)
+            self.assertEqual(call.headers.getRawHeaders(b"te"), [b"trailers"], te)
+            self.assertTrue(
+                sent.endswith(b"5\r\nhello\r\n0\r\nX-Sig: s1\r\n\r\n"), (te, sent)
+            )
+
+    def test_clientDoesNotAsk(self) -> None:
+        """
+        A client without C{TE: trailers} gets the body without the trailer
+        fields, and no C{TE} goes upstream.
+        """
+        for te in (None, b"gzip"):
+            call, sent = self._exchange(te)
+            self.assertIsNone(call.headers.getRawHeaders(b"te"), te)
+            self.assertTrue(sent.endswith(b"5\r\nhello\r\n0\r\n\r\n"), (te, sent))
+
+    def test_wholeResponse(self) -> None:
+        """
+        A chunked response that came whole with its head (the common small
+        response, relayed in one write) keeps its trailer fields for a
+        client that asked for them, and only for one.
+        """
+        _, sent = self._exchange(b"trailers", whole=True)
+        self.assertTrue(sent.endswith(b"5\r\nhello\r\n0\r\nX-Sig: s1\r\n\r\n"), sent)
+        _, sent = self._exchange(None, whole=True)
+        self.assertTrue(sent.endswith(b"5\r\nhello\r\n0\r\n\r\n"), sent)
