@@ -251,6 +251,9 @@ class Target:
 
     @property
     def label(self) -> str:
+        """
+        The server's name and the protocol.
+        """
         return f"{self.server.name} {self.protocol}"
 
 
@@ -279,6 +282,10 @@ class Summary:
 
     @classmethod
     def of(cls, target: Target) -> Summary:
+        """
+        The summary of C{target}'s runs.
+        """
+
         def median(key: str) -> float:
             return float(statistics.median(run[key] for run in target.runs))
 
@@ -414,6 +421,9 @@ def waitForPort(server: Server, port: int) -> None:
 
 
 def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    """
+    The command line's options, checked.
+    """
     parser = argparse.ArgumentParser(
         description="Load monedge and nginx with h2load over HTTP/2 (TLS and "
         "h2c) and HTTP/1.1 over TLS, on loopback, and compare them."
@@ -468,6 +478,11 @@ def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def benchmark(args: argparse.Namespace, directory: Path) -> None:
+    """
+    Start the upstream and the servers, with their files in C{directory},
+    load every target for every round, stop them, then print the table and
+    write the JSON.
+    """
     h2loadPath = ensureCommand("h2load", ["nghttp2-client"])
     nginxPath = None if args.no_nginx else ensureNginx()
     serverPin, loadPin = pinning(not args.no_pin)
@@ -575,7 +590,13 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
         print(
             "  load:     "
             + "; ".join(
-                shlex.join(h2load.command(p, "URL", args.requests)[len(loadPin) :])
+                shlex.join(
+                    h2load.command(
+                        p,
+                        ("http" if p == H2C else "https") + "://127.0.0.1:PORT/bench/",
+                        args.requests,
+                    )[len(loadPin) :]
+                )
                 for p in PROTOCOLS
             )
             + f" (each after {args.warmup:,} requests of warm-up), "
@@ -729,10 +750,16 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
 
 
 def _terminated(signum: int, frame: FrameType | None) -> None:
+    """
+    On SIGTERM, exit through the C{finally} that stops the servers.
+    """
     raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """
+    Run the benchmark; the exit status.
+    """
     args = parseArguments(argv)
     signal.signal(signal.SIGTERM, _terminated)
     # Even when started in the background with SIGINT ignored.
