@@ -12,13 +12,16 @@ in front of it:
     prior knowledge (h2c) beside HTTP/1.1;
   - nginx (unless C{--no-nginx}), one worker, on the same upstream with a
     keep-alive upstream pool as bench/run.py configures it, listening with
-    C{ssl http2} and, on a second port, C{http2} alone (h2c).
+    C{ssl http2}, with C{http2} alone (h2c) on a second port, and for plain
+    HTTP/1.1 on a third.
 
 Each is loaded, in turn within each round, with:
 
   - C{h2load -c50 -m10 -n N https://...}: HTTP/2 over TLS, ALPN C{h2};
   - C{h2load --h1 -c50 -n N https://...}: HTTP/1.1 over TLS;
-  - C{h2load -c50 -m10 -n N http://...}: h2c with prior knowledge.
+  - C{h2load -c50 -m10 -n N http://...}: h2c with prior knowledge;
+  - C{h2load --h1 -c50 -n N http://...}: plain HTTP/1.1, beside which the
+    other rows show what TLS and HTTP/2 cost.
 
 The servers run pinned to one CPU, the upstream and h2load to another (as
 bench/run.py pins).  Each run is preceded by an untimed warm-up.  Reported
@@ -79,9 +82,11 @@ NGINX = "nginx"
 H2 = "h2 (TLS)"
 H1_TLS = "HTTP/1.1 (TLS)"
 H2C = "h2c"
-PROTOCOLS = (H2, H1_TLS, H2C)
+H1 = "HTTP/1.1"
+PROTOCOLS = (H2, H1_TLS, H2C, H1)
 # What h2load must report as the protocol it spoke, for each.
-APPLICATION_PROTOCOL = {H2: "h2", H1_TLS: "http/1.1", H2C: "h2c"}
+APPLICATION_PROTOCOL = {H2: "h2", H1_TLS: "http/1.1", H2C: "h2c", H1: "http/1.1"}
+SCHEME = {H2: "https", H1_TLS: "https", H2C: "http", H1: "http"}
 
 # Seconds an h2load run may take, besides a generous floor rate.
 RUN_SLACK = 60.0
@@ -207,7 +212,7 @@ class H2load:
         C{protocol} on L{connections} connections (or C{connections}),
         logging each request to C{logFile} if given.
         """
-        options = (["--h1"] if protocol == H1_TLS else [f"-m{self.streams}"]) + [
+        options = (["--h1"] if protocol in (H1_TLS, H1) else [f"-m{self.streams}"]) + [
             f"-c{connections or self.connections}",
             f"-n{requests}",
         ]
@@ -512,7 +517,8 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
     )
     servers = [upstream]
     targets: list[Target] = []
-    tlsPorts: dict[str, int] = {}
+    # The port of each server for each protocol.
+    ports: dict[tuple[str, str], int] = {}
 
     # monedge as deployed, its access log to a file, with a TLS listener.
     port, tlsPort = freePort(), freePort()
@@ -531,10 +537,18 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
         directory / "monedge.log",
     )
     servers.append(monedge)
-    tlsPorts[MONEDGE] = tlsPort
+    ports.update(
+        {
+            (MONEDGE, H2): tlsPort,
+            (MONEDGE, H1_TLS): tlsPort,
+            (MONEDGE, H2C): port,
+            (MONEDGE, H1): port,
+        }
+    )
     configs: list[Path] = []
     if nginxPath is not None:
-        port, tlsPort = freePort(), freePort()
+        # nginx takes h2c (with prior knowledge) only on a port of its own.
+        port, tlsPort, h2cPort = freePort(), freePort(), freePort()
         config = writeNginxConfig(
             nginxPath,
             directory / "nginx",
@@ -542,7 +556,8 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
             upstreamPort,
             listen=[
                 f"127.0.0.1:{tlsPort} ssl http2 backlog=1024",
-                f"127.0.0.1:{port} http2 backlog=1024",
+                f"127.0.0.1:{h2cPort} http2 backlog=1024",
+                f"127.0.0.1:{port} backlog=1024",
             ],
             certificate=certificate,
         )
@@ -554,14 +569,19 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
         )
         servers.append(nginx)
         configs.append(config)
-        tlsPorts[NGINX] = tlsPort
+        ports.update(
+            {
+                (NGINX, H2): tlsPort,
+                (NGINX, H1_TLS): tlsPort,
+                (NGINX, H2C): h2cPort,
+                (NGINX, H1): port,
+            }
+        )
     # Interleaved: each protocol on monedge, then on nginx.
     for protocol in PROTOCOLS:
         for server in servers[1:]:
-            if protocol == H2C:
-                url = f"http://127.0.0.1:{server.port}/bench/"
-            else:
-                url = f"https://127.0.0.1:{tlsPorts[server.name]}/bench/"
+            port = ports[server.name, protocol]
+            url = f"{SCHEME[protocol]}://127.0.0.1:{port}/bench/"
             targets.append(Target(server, protocol, url))
     h2load = H2load(h2loadPath, loadPin, args.connections, args.streams)
 
@@ -570,8 +590,9 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
             server.start()
         for server in servers:
             server.waitUntilListening()
-            if server.name in tlsPorts:
-                waitForPort(server, tlsPorts[server.name])
+            for (name, _), port in ports.items():
+                if name == server.name:
+                    waitForPort(server, port)
         for target in targets:
             output = h2load.run(target.protocol, target.url, 1, {}, None, 1)[0]
             check = parseH2load(output)
@@ -593,7 +614,7 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
                 shlex.join(
                     h2load.command(
                         p,
-                        ("http" if p == H2C else "https") + "://127.0.0.1:PORT/bench/",
+                        f"{SCHEME[p]}://127.0.0.1:PORT/bench/",
                         args.requests,
                     )[len(loadPin) :]
                 )

@@ -130,9 +130,9 @@ class BenchToolTests(TestCase):
     def test_h2load(self) -> None:
         """
         bench/h2load.py, on a tiny run without nginx, loads monedge over h2
-        on its TLS listener, HTTP/1.1 over TLS and h2c, every request
-        answered, and prints and writes a row for each with its CPU per
-        request.
+        on its TLS listener, HTTP/1.1 over TLS, h2c and plain HTTP/1.1,
+        every request answered, and prints and writes a row for each with
+        its CPU per request.
         """
         with tempfile.TemporaryDirectory() as directory:
             path = os.path.join(directory, "h2load.json")
@@ -153,7 +153,9 @@ class BenchToolTests(TestCase):
             with open(path) as f:
                 document = json.load(f)
         summary = {row["protocol"]: row for row in document["summary"]}
-        self.assertEqual(sorted(summary), ["HTTP/1.1 (TLS)", "h2 (TLS)", "h2c"])
+        self.assertEqual(
+            sorted(summary), ["HTTP/1.1", "HTTP/1.1 (TLS)", "h2 (TLS)", "h2c"]
+        )
         for protocol, row in summary.items():
             self.assertEqual(row["server"], "monedge")
             self.assertEqual((row["requests"], row["errors"]), (200, 0), protocol)
