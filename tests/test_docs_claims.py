@@ -57,6 +57,7 @@ FOREIGN = {
     "--latency": "wrk",
     "--h1": "h2load",
     "--rps": "h2load",
+    "--log-file": "h2load",
     "--rm": "docker",
     "--target-group-arn": "aws",
     "--strict": "mypy",
