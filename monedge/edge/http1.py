@@ -588,6 +588,9 @@ class HTTP1Request(SharedRequest):
             return
         self._accounted = True
         self.exchange = None
+        stream = self.bodyStream
+        if stream is not None:
+            stream.close()
         site = self.site
         if self._inFlight:
             self._inFlight = False

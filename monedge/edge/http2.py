@@ -744,6 +744,9 @@ class H2Request(SharedRequest):
             return
         self._accounted = True
         self.exchange = None
+        stream = self.bodyStream
+        if stream is not None:
+            stream.close()
         site = self.site
         if self._inFlight:
             self._inFlight = False

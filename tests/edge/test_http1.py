@@ -575,6 +575,21 @@ class BufferingTests(SynchronousTestCase):
         self.assertEqual(call.body.length, 5)
         self.assertEqual(_body(call), b"abcde")
 
+    def test_budgetGivenBack(self) -> None:
+        """
+        Once a buffered request is over, what its body held of the budget
+        is given back.
+        """
+        h = _harness(requestBuffering=True)
+        protocol, transport = h.send(_POST + b"Content-Length: 5\r\n\r\nabcde")
+        budget = h.proxy.context.bufferBudget
+        self.assertEqual(budget.held, 5)
+        [call] = h.client.calls
+        self.assertEqual(_body(call), b"abcde")
+        _answer(call)
+        self.assertEqual(_statuses(transport), [200])
+        self.assertEqual(budget.held, 0)
+
     def test_noPauseWhileHolding(self) -> None:
         """
         A body held for buffering never pauses the client (nothing would
