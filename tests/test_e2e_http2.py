@@ -219,7 +219,9 @@ class HTTP2Tests(ProxyTestCase):
             *case.curl,
             f"https://{HOST}:{self.tlsPort}{case.path}",
         )
-        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(
+            result.returncode, 0, f"{case.name} over {protocol}: {result.stderr!r}"
+        )
         output, _, tail = result.stdout.rpartition(b"\n")
         status, version = tail.decode().split()
         head, _, body = output.partition(b"\r\n\r\n")

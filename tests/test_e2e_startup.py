@@ -166,11 +166,20 @@ class StartupFailureTests(TestCase):
             with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
                 if int(f.read()) <= 1:
                     raise SkipTest("port 1 is not privileged on this machine")
+        # The listeners a case does not name bind any free port (the
+        # process's own pick of one could be taken by a parallel test
+        # before it binds, failing the case on the wrong listener).
+        anyPort = [
+            "--port",
+            "tcp:0:interface=127.0.0.1",
+            "--admin-port",
+            "tcp:0:interface=127.0.0.1",
+        ]
         processes = [
             ProxyProcess(
                 self.registryPath,
                 self.directory,
-                [*self.extraArgs, *case.args],
+                [*anyPort, *self.extraArgs, *case.args],
                 unprivileged=case.unprivileged,
             )
             for case in cases

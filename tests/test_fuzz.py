@@ -421,6 +421,17 @@ class HTTP2SeedTests(SynchronousTestCase):
         with open(path, "rb") as f:
             h2checker.checkFrameBytes(f.read())
 
+    def test_dataOnNeverOpenedStream(self) -> None:
+        """
+        fuzz/regressions/http2/data-on-never-opened-stream: DATA on a stream
+        the client never opened (closed implicitly by a later one) is a
+        connection error, GOAWAY (STREAM_CLOSED), not a RST_STREAM answered
+        for each such frame.
+        """
+        path = os.path.join(H2_REGRESSIONS, "data-on-never-opened-stream")
+        with open(path, "rb") as f:
+            h2checker.checkFrameBytes(f.read())
+
     def test_seedsWritten(self) -> None:
         """
         fuzz/seeds.py's HTTP/2 writer writes one file per seed and per

@@ -50,12 +50,12 @@ import h2.connection
 import h2.events
 import h2.settings
 from h2.errors import ErrorCodes
-from h2.exceptions import H2Error, ProtocolError
+from h2.exceptions import H2Error, ProtocolError, StreamClosedError
 from h2.stream import StreamClosedBy
 from h2.utilities import HeaderValidationFlags, validate_headers
 from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
-from hyperframe.frame import GoAwayFrame, RstStreamFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, RstStreamFrame
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, ISSLTransport
 from twisted.internet.protocol import Protocol, connectionDone
@@ -200,6 +200,16 @@ class _ServerConnection(h2.connection.H2Connection):
         # the connection's window), and the RST_STREAM it would send for it
         # is dropped (_prepare_for_sending).
         streamId = frame.stream_id
+        if (
+            isinstance(frame, DataFrame)
+            and streamId
+            and streamId not in self.streams
+            and self._stream_closed_by(streamId) is None
+        ):
+            # DATA on a stream never opened (closed implicitly by a later
+            # one): a connection error (RFC 9113, 5.1), rather than a
+            # RST_STREAM answered for every such frame.
+            raise StreamClosedError(streamId)
         if streamId and self._stream_closed_by(streamId) == (
             StreamClosedBy.SEND_RST_STREAM
         ):
@@ -734,6 +744,9 @@ class H2Request(SharedRequest):
             return
         self._accounted = True
         self.exchange = None
+        stream = self.bodyStream
+        if stream is not None:
+            stream.close()
         site = self.site
         if self._inFlight:
             self._inFlight = False

@@ -96,29 +96,59 @@ class BufferBudget:
         self.held -= count
 
 
-@implementer(IBodyProducer)
+@implementer(IBodyProducer, IPushProducer)
 class HeldBody:
     """
-    A small body held whole in memory (a streamed body kept for a replay):
-    written in one piece, and as often as asked.
+    A body held whole in memory, as the pieces it came in (a streamed body
+    kept for a replay, or buffered for its service): written piece by
+    piece while the consumer takes them, paused with it, and as often as
+    asked.  Its pieces are shared, never joined or copied.
     """
 
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
+    def __init__(self, pieces: Sequence[bytes]) -> None:
+        self._pieces = pieces
+        self.length = sum(len(piece) for piece in pieces)
+        self._consumer: IConsumer | None = None
+        self._done: Deferred[None] | None = None
+        self._next = 0
+        self._paused = False
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
+        """
+        Write the pieces to C{consumer}: the result fires once all are
+        written; cancelling it stops the body.
+        """
+        self._consumer = consumer
+        done = self._done = Deferred(lambda d: self.stopProducing())
+        self._write()
+        return done
+
+    def _write(self) -> None:
+        consumer = self._consumer
+        pieces = self._pieces
+        while consumer is not None and not self._paused and self._next < len(pieces):
+            piece = pieces[self._next]
+            self._next += 1
+            # The consumer may pause this body within the write.
+            consumer.write(piece)
+        if self._next >= len(pieces):
+            self._consumer = None
+            done, self._done = self._done, None
+            if done is not None:
+                done.callback(None)
 
     def pauseProducing(self) -> None:
-        pass
+        self._paused = True
 
     def resumeProducing(self) -> None:
-        pass
+        self._paused = False
+        self._write()
 
     def stopProducing(self) -> None:
-        pass
+        self._consumer = None
+        done, self._done = self._done, None
+        if done is not None and not done.called:
+            done.errback(Failure(CancelledError()))
 
     def replayable(self) -> bool:
         """
@@ -130,7 +160,7 @@ class HeldBody:
         """
         The same body, from its first byte.
         """
-        return HeldBody(self._data)
+        return HeldBody(self._pieces)
 
 
 @implementer(IBodyProducer, IPushProducer)
@@ -182,6 +212,8 @@ class StreamingBody:
         self._budget: BufferBudget | None = None
         self._budgeted = 0
         self._completeWaiters: list[Deferred[None]] = []
+        #: The whole body, once handed over held (L{held}).
+        self._heldBody: HeldBody | None = None
 
     # The front end's side
 
@@ -344,7 +376,23 @@ class StreamingBody:
         """
         if not self.complete or self._consumer is not None or self.trailers:
             return None
-        return HeldBody(b"".join(self._pending))
+        held = self._heldBody
+        if held is not None:
+            return held.again()
+        # The pieces move to the held body (this body keeps no reference):
+        # they are in memory once, until the request is over (L{close}).
+        held = self._heldBody = HeldBody(list(self._pending))
+        self._pending.clear()
+        self._pendingBytes = 0
+        return held
+
+    def close(self) -> None:
+        """
+        The request is over: let go of the body, and give back what it held
+        of a buffering budget.
+        """
+        self._heldBody = None
+        self._drop()
 
     # Replays
 
@@ -364,7 +412,7 @@ class StreamingBody:
         kept = self._kept
         if not self.complete or kept is None:
             raise ValueError("a streamed body can be sent again only if kept whole")
-        return HeldBody(b"".join(kept))
+        return HeldBody(kept)
 
     # Inside
 

@@ -75,6 +75,22 @@ class SelectionTests(SynchronousTestCase):
         h = Harness([_service()])
         self.assertIs(h.site.channelFactory, HTTP1Channel)
 
+    def test_largeReads(self) -> None:
+        """
+        A client connection is read up to 256 KiB at a time (Twisted's
+        transports read 64 KiB), so a large upload takes fewer reads and
+        fewer sends upstream.
+        """
+
+        class _Transport(StringTransport):
+            bufferSize = 65536
+
+        h = _harness()
+        protocol = h.site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 1))
+        transport = _Transport()
+        protocol.makeConnection(transport)
+        self.assertEqual(transport.bufferSize, 256 * 1024)
+
     def test_alpnH2LeavesTheChannel(self) -> None:
         """
         A TLS connection whose ALPN chose h2 goes to Twisted's HTTP/2, and
@@ -574,6 +590,21 @@ class BufferingTests(SynchronousTestCase):
         assert call.body is not None
         self.assertEqual(call.body.length, 5)
         self.assertEqual(_body(call), b"abcde")
+
+    def test_budgetGivenBack(self) -> None:
+        """
+        Once a buffered request is over, what its body held of the budget
+        is given back.
+        """
+        h = _harness(requestBuffering=True)
+        protocol, transport = h.send(_POST + b"Content-Length: 5\r\n\r\nabcde")
+        budget = h.proxy.context.bufferBudget
+        self.assertEqual(budget.held, 5)
+        [call] = h.client.calls
+        self.assertEqual(_body(call), b"abcde")
+        _answer(call)
+        self.assertEqual(_statuses(transport), [200])
+        self.assertEqual(budget.held, 0)
 
     def test_noPauseWhileHolding(self) -> None:
         """

@@ -70,7 +70,8 @@ class StreamingBodyTests(SynchronousTestCase):
         body = StreamingBody(10, Source())
         verifyObject(IBodyProducer, body)
         verifyObject(IPushProducer, body)
-        verifyObject(IBodyProducer, HeldBody(b"x"))
+        verifyObject(IBodyProducer, HeldBody([b"x"]))
+        verifyObject(IPushProducer, HeldBody([b"x"]))
 
     def test_heldUntilStartedThenStreamed(self) -> None:
         """
@@ -234,6 +235,32 @@ class BufferingTests(SynchronousTestCase):
         self.assertEqual(consumer.value(), b"abcdefgh")
         body.startProducing(Consumer())
         self.assertEqual(budget.held, 0)
+
+    def test_heldBodyFollowsItsConsumer(self) -> None:
+        """
+        A held body is written piece by piece, stops while its consumer
+        has paused it, goes on when resumed, and can be written again.
+        """
+        consumer = Consumer()
+        held = HeldBody([b"ab", b"cd", b"ef"])
+        self.assertEqual(held.length, 6)
+
+        def write(data: bytes) -> None:
+            Consumer.write(consumer, data)
+            held.pauseProducing()
+
+        consumer.write = write  # type: ignore[method-assign]
+        done = held.startProducing(consumer)
+        self.assertEqual(consumer.value(), b"ab")
+        self.assertNoResult(done)
+        held.resumeProducing()
+        self.assertEqual(consumer.value(), b"abcd")
+        held.resumeProducing()
+        self.assertEqual(consumer.value(), b"abcdef")
+        self.successResultOf(done)
+        again = Consumer()
+        self.successResultOf(held.again().startProducing(again))
+        self.assertEqual(again.value(), b"abcdef")
 
     def test_overTheBudget(self) -> None:
         """
