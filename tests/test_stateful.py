@@ -709,6 +709,7 @@ class _PlainEndpoints(EndpointCache):
         port: int,
         timeout: float,
         tls: UpstreamTLS | None = None,
+        alpn: tuple[bytes, ...] = (),
     ) -> IStreamClientEndpoint:
         return TCP4ClientEndpoint(
             self._reactor, host.decode("ascii"), port, timeout=timeout

@@ -354,7 +354,7 @@ class ProxyExchange:
                 self._policy.connectTimeout,
                 self.tls,
             )
-        else:
+        elif self._policy.protocol == "http1":
             d = self.context.client.request(
                 self.request.method,
                 state.base + self._target,
@@ -362,6 +362,19 @@ class ProxyExchange:
                 self._body(),
                 self._policy.connectTimeout,
                 self.tls,
+            )
+        else:
+            # An HTTP/2 service: the client dispatches by protocol
+            # (monedge.upstream.dispatch.ProtocolDispatch).
+            dispatch: Any = self.context.client
+            d = dispatch.request(
+                self.request.method,
+                state.base + self._target,
+                self._headers,
+                self._body(),
+                self._policy.connectTimeout,
+                self.tls,
+                protocol=self._policy.protocol,
             )
         self._pending = d
         self._timeoutCall = clock.callLater(self._policy.timeout, self._headersTimedOut)

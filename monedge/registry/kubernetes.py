@@ -54,7 +54,14 @@ from monedge.registry.kubeapi import (
     WatchEvent,
 )
 from monedge.rules.convention import parseServiceName, serviceFromKubernetesName
-from monedge.rules.policy import POLICY_KEYS, HookSpec, Policy, PolicyError, parsePolicy
+from monedge.rules.policy import (
+    DEFAULT_POLICY,
+    POLICY_KEYS,
+    HookSpec,
+    Policy,
+    PolicyError,
+    parsePolicy,
+)
 
 __all__ = [
     "ANNOTATION_PREFIX",
@@ -94,10 +101,11 @@ def _key(obj: Mapping[str, Any]) -> ObjectKey:
 
 def policyFromAnnotations(
     annotations: Mapping[str, str] | None,
+    base: Policy = DEFAULT_POLICY,
 ) -> tuple[Policy, list[str]]:
     """
-    The policy a Service's C{monedge.io/<key>} annotations give, and a
-    message for each annotation that is invalid.  Each invalid annotation
+    The policy a Service's C{monedge.io/<key>} annotations give (on top of
+    C{base}), and a message for each annotation that is invalid.  Each invalid annotation
     falls back to its default and the valid ones still apply, except an
     invalid C{monedge.io/hooks}, which fails closed (see L{INVALID_HOOKS}).
     """
@@ -118,7 +126,7 @@ def policyFromAnnotations(
             hooksInvalid = hooksInvalid or key == "hooks"
             continue
         values[key] = value
-    policy = parsePolicy(values)
+    policy = parsePolicy(values, base)
     if hooksInvalid:
         # Hooks may be security (auth): an unreadable setting fails closed.
         # This hook name is never registered, so the service answers 503
@@ -139,12 +147,40 @@ def _conditions(endpoint: Mapping[str, Any]) -> tuple[bool, bool, bool]:
     return ready, (ready if serving is None else bool(serving)), terminating
 
 
+#: A Service port's C{appProtocol} -> the upstream protocol it means.
+APP_PROTOCOLS = {"kubernetes.io/h2c": "h2c", "h2c": "h2c", "h2": "h2"}
+
+
+def basePolicy(service: Mapping[str, Any]) -> Policy:
+    """
+    The policy a Service's port gives before its annotations: C{protocol}
+    from the port's C{appProtocol} (L{APP_PROTOCOLS}).
+    """
+    port = _chosenPort(service)
+    protocol = APP_PROTOCOLS.get(str((port or {}).get("appProtocol") or ""))
+    if protocol is None:
+        return DEFAULT_POLICY
+    return replace(DEFAULT_POLICY, protocol=protocol)
+
+
 def _servicePort(service: Mapping[str, Any]) -> tuple[str, str] | None:
     """
     The name of the port traffic goes to, and its scheme: the port named
     C{http}, else the one named C{https}, else the only one (C{""} if it
     has no name); L{None} if there is no such port. The scheme is C{https}
     for a port named C{https} or whose C{appProtocol} is C{https}.
+    """
+    chosen = _chosenPort(service)
+    if chosen is None:
+        return None
+    name = str(chosen.get("name") or "")
+    secure = name == "https" or chosen.get("appProtocol") == "https"
+    return name, "https" if secure else "http"
+
+
+def _chosenPort(service: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """
+    The Service port traffic goes to (see L{_servicePort}).
     """
     ports = (service.get("spec") or {}).get("ports") or []
     chosen = None
@@ -159,9 +195,8 @@ def _servicePort(service: Mapping[str, Any]) -> tuple[str, str] | None:
         if len(ports) != 1:
             return None
         chosen = ports[0]
-    name = str(chosen.get("name") or "")
-    secure = name == "https" or chosen.get("appProtocol") == "https"
-    return name, "https" if secure else "http"
+    result: Mapping[str, Any] = chosen
+    return result
 
 
 def endpointsFor(
@@ -333,7 +368,9 @@ class ClusterState:
             if key[0] == namespace
         ]
         meta = _meta(service)
-        policy, problems = policyFromAnnotations(meta.get("annotations"))
+        policy, problems = policyFromAnnotations(
+            meta.get("annotations"), basePolicy(service)
+        )
         self._noteProblems(owners[0], str(meta.get("resourceVersion", "")), problems)
         return ServiceEntry(
             name=name,

@@ -66,6 +66,22 @@ def parseServerName(value: object) -> str | None:
     return value.strip().lower()
 
 
+#: The protocols monedge speaks to a service's endpoints.
+PROTOCOLS = ("http1", "h2c", "h2")
+
+
+def parseProtocol(value: object) -> str:
+    """
+    Parse an upstream protocol: C{http1}, C{h2c} (cleartext HTTP/2 with
+    prior knowledge) or C{h2} (HTTP/2 over TLS, ALPN C{h2}).
+
+    @raise ValueError: for anything else.
+    """
+    if isinstance(value, str) and value.strip().lower() in PROTOCOLS:
+        return value.strip().lower()
+    raise ValueError(f"expected one of {', '.join(PROTOCOLS)}, got {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class HookSpec:
     """
@@ -159,6 +175,7 @@ class Policy:
         SNI and verify (None: the endpoint's host).
     @ivar upstreamClientCertificate: for C{https} endpoints, a PEM file
         (key and certificate) to present (None: none).
+    @ivar protocol: what the endpoints speak: C{http1}, C{h2c} or C{h2}.
     """
 
     connectTimeout: float = 5.0
@@ -173,6 +190,7 @@ class Policy:
     upstreamCA: str | None = None
     upstreamServerName: str | None = None
     upstreamClientCertificate: str | None = None
+    protocol: str = "http1"
 
     def asJSON(self) -> dict[str, Any]:
         """
@@ -200,6 +218,7 @@ POLICY_KEYS: dict[str, tuple[str, Any]] = {
     "upstream-ca": ("upstreamCA", parsePath),
     "upstream-server-name": ("upstreamServerName", parseServerName),
     "upstream-client-certificate": ("upstreamClientCertificate", parsePath),
+    "protocol": ("protocol", parseProtocol),
 }
 
 DEFAULT_POLICY = Policy()

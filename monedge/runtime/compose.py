@@ -59,6 +59,8 @@ from monedge.runtime.workers import (
 )
 from monedge.upstream.balancer import Balancer
 from monedge.upstream.client import FastUpstreamClient
+from monedge.upstream.dispatch import ProtocolDispatch
+from monedge.upstream.h2client import H2UpstreamClient
 from monedge.upstream.streaming import BufferBudget
 from monedge.upstream.tunnel import TunnelSet
 
@@ -280,12 +282,16 @@ def buildProxy(
     if client is None:
         # One client sends every request upstream, WebSocket handshakes
         # included (it can hand an upgraded connection to a tunnel).
-        client = FastUpstreamClient(
-            reactor,
-            maxPerHost=config.upstreamPoolSize,
-            poolIdle=config.upstreamIdleTimeout,
-            maxHeadersSize=config.maxUpstreamHeadersSize,
-            maxHeaderCount=config.maxUpstreamHeaderCount,
+        # HTTP/1.1, or HTTP/2 for services whose policy says h2c or h2.
+        client = ProtocolDispatch(
+            FastUpstreamClient(
+                reactor,
+                maxPerHost=config.upstreamPoolSize,
+                poolIdle=config.upstreamIdleTimeout,
+                maxHeadersSize=config.maxUpstreamHeadersSize,
+                maxHeaderCount=config.maxUpstreamHeaderCount,
+            ),
+            H2UpstreamClient(reactor, poolIdle=config.upstreamIdleTimeout),
         )
     if isinstance(upgrader, Build):
         upgrader = client if IUpstreamUpgrader.providedBy(client) else None

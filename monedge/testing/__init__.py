@@ -137,6 +137,8 @@ class UpstreamCall:
     result: Deferred[IResponse]
     cancelled: bool = False
     tls: UpstreamTLS | None = None
+    #: The service's upstream protocol (C{http1}, C{h2c}, C{h2}).
+    protocol: str = "http1"
     #: Where the body went, once L{takeBody} started taking it.
     sink: BodySink | None = None
 
@@ -281,6 +283,7 @@ class FakeUpstreamClient:
         body: IBodyProducer | None,
         connectTimeout: float,
         tls: UpstreamTLS | None = None,
+        protocol: str = "http1",
     ) -> Deferred[IResponse]:
         call: UpstreamCall
 
@@ -288,7 +291,16 @@ class FakeUpstreamClient:
             call.cancelled = True
 
         result: Deferred[IResponse] = Deferred(cancel)
-        call = UpstreamCall(method, url, headers, body, connectTimeout, result, tls=tls)
+        call = UpstreamCall(
+            method,
+            url,
+            headers,
+            body,
+            connectTimeout,
+            result,
+            tls=tls,
+            protocol=protocol,
+        )
         self.calls.append(call)
         return result
 

@@ -85,9 +85,10 @@ def _read(path: str) -> bytes:
     return data
 
 
-def clientTLS(settings: UpstreamTLS, host: str) -> Any:
+def clientTLS(settings: UpstreamTLS, host: str, alpn: tuple[bytes, ...] = ()) -> Any:
     """
-    The TLS connection creator for an endpoint at C{host}.
+    The TLS connection creator for an endpoint at C{host}, offering the
+    protocols C{alpn} (none: no ALPN).
 
     @raise UpstreamTLSError: if a file does not load.
     """
@@ -114,6 +115,7 @@ def clientTLS(settings: UpstreamTLS, host: str) -> Any:
         settings.serverName or host,
         trustRoot=trustRoot,
         clientCertificate=client,
+        acceptableProtocols=list(alpn) or None,
     )
 
 
@@ -124,9 +126,11 @@ def clientEndpoint(
     port: int,
     timeout: float,
     tls: UpstreamTLS | None = None,
+    alpn: tuple[bytes, ...] = (),
 ) -> IStreamClientEndpoint:
     """
-    A new endpoint for C{scheme://host:port} with a connect C{timeout}.
+    A new endpoint for C{scheme://host:port} with a connect C{timeout}
+    (offering C{alpn} over TLS).
 
     @raise UpstreamTLSError: for C{https}, if C{tls}'s files do not load.
     """
@@ -140,7 +144,7 @@ def clientEndpoint(
         kind = TCP4ClientEndpoint if version == 4 else TCP6ClientEndpoint
         endpoint = kind(reactor, text, port, timeout=timeout)
     if scheme == b"https":
-        endpoint = wrapClientTLS(clientTLS(tls or UpstreamTLS(), text), endpoint)
+        endpoint = wrapClientTLS(clientTLS(tls or UpstreamTLS(), text, alpn), endpoint)
     return endpoint
 
 
@@ -152,7 +156,7 @@ class EndpointCache:
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
         self._endpoints: dict[
-            tuple[bytes, bytes, int, float, UpstreamTLS | None],
+            tuple[bytes, bytes, int, float, UpstreamTLS | None, tuple[bytes, ...]],
             IStreamClientEndpoint,
         ] = {}
 
@@ -163,22 +167,24 @@ class EndpointCache:
         port: int,
         timeout: float,
         tls: UpstreamTLS | None = None,
+        alpn: tuple[bytes, ...] = (),
     ) -> IStreamClientEndpoint:
         """
         The endpoint for C{scheme://host:port}, built on first use (TLS
-        files are read again when they change).
+        files are read again when they change), offering C{alpn} over TLS.
 
         @raise UpstreamTLSError: if C{tls}'s files do not load.
         """
         if scheme != b"https":
             tls = None
-        key = (scheme, host, port, timeout, tls)
+            alpn = ()
+        key = (scheme, host, port, timeout, tls, alpn)
         endpoint = self._endpoints.get(key)
         if endpoint is None or (tls is not None and self._stale(tls)):
             if len(self._endpoints) >= MAX_ENDPOINTS:
                 self._endpoints.clear()
             endpoint = self._endpoints[key] = clientEndpoint(
-                self._reactor, scheme, host, port, timeout, tls
+                self._reactor, scheme, host, port, timeout, tls, alpn
             )
         return endpoint
 

@@ -847,7 +847,17 @@ class H2UpstreamClient:
         self.reactor = reactor
         self.poolIdle = poolIdle
         if endpointFor is None:
-            endpointFor = EndpointCache(reactor).get
+            cache = EndpointCache(reactor)
+
+            def endpointFor(
+                scheme: bytes,
+                host: bytes,
+                port: int,
+                timeout: float,
+                tls: UpstreamTLS | None,
+            ) -> Any:
+                return cache.get(scheme, host, port, timeout, tls, alpn=(b"h2",))
+
         self._endpointFor = endpointFor
         #: Each endpoint's connections, open or opening.
         self._pool: dict[Key, list[_H2Connection]] = {}

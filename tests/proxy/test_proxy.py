@@ -177,6 +177,21 @@ class ProxyPathTests(SynchronousTestCase):
         self.assertEqual(record["bytes_out"], 11)
         self.assertEqual(h.site.inFlight, 0)
 
+    def test_protocolGivenToTheClient(self) -> None:
+        """
+        A service whose policy says C{protocol: h2c} has its requests sent
+        with that protocol (the client dispatches on it); an C{http1}
+        service's go as they always did.
+        """
+        h = Harness([_service(protocol="h2c")])
+        h.send(GET)
+        [call] = h.client.calls
+        self.assertEqual(call.protocol, "h2c")
+        h = Harness([_service()])
+        h.send(GET)
+        [call] = h.client.calls
+        self.assertEqual(call.protocol, "http1")
+
     def test_contentLengthPassedThrough(self) -> None:
         """
         A response with a known length is sent with Content-Length, not

@@ -356,6 +356,39 @@ class ClusterStateTests(SynchronousTestCase):
         self.assertEqual(touched, {"service.api.y", "service.api.z"})
         self.assertEqual(list(state.services), [("c", "service-api-z")])
 
+    def test_appProtocolSetsProtocol(self) -> None:
+        """
+        A Service port whose C{appProtocol} is C{kubernetes.io/h2c} gives
+        the service the C{h2c} protocol; a C{monedge.io/protocol}
+        annotation overrides it; a Service without either is C{http1}.
+        """
+        state = ClusterState(tiers=frozenset(["api"]))
+        h2c = [{"name": "http", "port": 80, "appProtocol": "kubernetes.io/h2c"}]
+        state.event(SERVICES, "ADDED", service("service-api-a", ports=h2c))
+        state.event(
+            SERVICES,
+            "ADDED",
+            service(
+                "service-api-b",
+                ports=h2c,
+                annotations={"monedge.io/protocol": "http1"},
+            ),
+        )
+        state.event(
+            SERVICES,
+            "ADDED",
+            service("service-api-c", annotations={"monedge.io/protocol": "h2c"}),
+        )
+        state.event(SERVICES, "ADDED", service("service-api-d"))
+        protocols = {}
+        for name in "abcd":
+            entry = state.entry(f"service.api.{name}")
+            assert entry is not None
+            protocols[name] = entry.policy.protocol
+        self.assertEqual(
+            protocols, {"a": "h2c", "b": "http1", "c": "h2c", "d": "http1"}
+        )
+
     def test_invalidAnnotationsCountedOncePerVersion(self) -> None:
         """
         An invalid annotation is counted once per Service version, however

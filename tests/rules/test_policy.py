@@ -158,6 +158,7 @@ class PolicyJSONTests(SynchronousTestCase):
             requestBuffering=True,
             expose=False,
             tunnelIdleTimeout=5.0,
+            protocol="h2c",
         )
         self.assertEqual(
             policy.asJSON(),
@@ -173,10 +174,30 @@ class PolicyJSONTests(SynchronousTestCase):
                 "upstream-ca": None,
                 "upstream-server-name": None,
                 "upstream-client-certificate": None,
+                "protocol": "h2c",
                 "hooks": [],
             },
         )
         self.assertEqual(parsePolicy(policy.asJSON()), policy)
+
+
+class ProtocolKeyTests(SynchronousTestCase):
+    """
+    The C{protocol} key: what a service's endpoints speak.
+    """
+
+    def test_values(self) -> None:
+        """
+        C{http1} (the default), C{h2c} and C{h2} are read in any case; any
+        other value is refused naming the key.
+        """
+        self.assertEqual(Policy().protocol, "http1")
+        self.assertEqual(parsePolicy({"protocol": " H2C "}).protocol, "h2c")
+        self.assertEqual(parsePolicy({"protocol": "h2"}).protocol, "h2")
+        for bad in ("http2", "", 2, None):
+            with self.assertRaises(PolicyError) as caught:
+                parsePolicy({"protocol": bad})
+            self.assertEqual(caught.exception.field, "protocol")
 
 
 class UpstreamTLSKeyTests(SynchronousTestCase):

@@ -18,6 +18,8 @@ from monedge.runtime.lifecycle import ProxyService
 from monedge.tap import Options, makeService
 from monedge.testing import writeRegistry
 from monedge.upstream.client import FastUpstreamClient
+from monedge.upstream.dispatch import ProtocolDispatch
+from monedge.upstream.h2client import H2UpstreamClient
 
 
 class OptionsTestCase(SynchronousTestCase):
@@ -280,8 +282,10 @@ class MakeServiceTests(OptionsTestCase):
 
     def test_oneUpstreamClient(self) -> None:
         """
-        One L{FastUpstreamClient}, with the upstream head limits given,
-        sends every request upstream and every WebSocket handshake.
+        One L{ProtocolDispatch} sends every request upstream and every
+        WebSocket handshake: HTTP/1.1 with one L{FastUpstreamClient}, with
+        the upstream head limits given, and HTTP/2 with one
+        L{H2UpstreamClient}.
         """
         options = self.parse(
             "--max-upstream-headers-size", "1024", "--max-upstream-header-count", "7"
@@ -289,8 +293,11 @@ class MakeServiceTests(OptionsTestCase):
         service = makeService(options, MemoryReactorClock())
         assert isinstance(service, ProxyService)
         client = service.client
-        assert isinstance(client, FastUpstreamClient)
-        self.assertEqual((client.maxHeadersSize, client.maxHeaderCount), (1024, 7))
+        assert isinstance(client, ProtocolDispatch)
+        http1 = client.http1
+        assert isinstance(http1, FastUpstreamClient)
+        self.assertEqual((http1.maxHeadersSize, http1.maxHeaderCount), (1024, 7))
+        self.assertIsInstance(client.http2, H2UpstreamClient)
         context = service.site.resource._context
         self.assertIs(context.client, client)
         self.assertIs(context.upgrader, client)

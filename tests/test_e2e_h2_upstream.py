@@ -1,0 +1,200 @@
+"""
+End-to-end HTTP/2 to upstreams: a real C{twistd monedge} with a service
+whose policy says C{protocol: h2c}, and an upstream that speaks only
+cleartext HTTP/2 (an C{h2} server protocol here), reached by curl over
+HTTP/1.1 and by an C{h2} client over h2c: a streamed body and trailers
+both ways.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+from twisted.internet import reactor, threads
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from tests.e2e import ProxyTestCase
+from tests.test_e2e_http2 import _REQUEST, HOST, _h2c, _until
+
+
+class _Seen:
+    """
+    What the upstream saw: each request's header block, body and trailers.
+    """
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests: list[dict[str, Any]] = []
+
+
+class _H2Upstream(Protocol):
+    """
+    An upstream that speaks only h2c: it answers each request, once the
+    request has ended, with 200, its body echoed after C{echo:} (its length
+    for a body over 1,000 bytes), and the trailers C{grpc-status: 0} and
+    C{x-up: done}.
+    """
+
+    def __init__(self, seen: _Seen) -> None:
+        self.seen = seen
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        self.h2 = h2.connection.H2Connection(config=config)
+        self.streams: dict[int, dict[str, Any]] = {}
+
+    def connectionMade(self) -> None:
+        self.seen.connections += 1
+        self.h2.initiate_connection()
+        self._flush()
+
+    def _flush(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.h2.data_to_send())
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            assert self.transport is not None
+            self.transport.loseConnection()
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                request = {"headers": list(event.headers), "body": b"", "trailers": []}
+                self.streams[event.stream_id] = request
+                self.seen.requests.append(request)
+            elif isinstance(event, h2.events.DataReceived):
+                self.streams[event.stream_id]["body"] += event.data
+                self.h2.acknowledge_received_data(
+                    event.flow_controlled_length, event.stream_id
+                )
+            elif isinstance(event, h2.events.TrailersReceived):
+                self.streams[event.stream_id]["trailers"] = list(event.headers)
+            elif isinstance(event, h2.events.StreamEnded):
+                body = self.streams[event.stream_id]["body"]
+                self.h2.send_headers(
+                    event.stream_id, [(b":status", b"200"), (b"x-upstream", b"h2c")]
+                )
+                echo = body if len(body) <= 1000 else b"%d" % len(body)
+                self.h2.send_data(event.stream_id, b"echo:" + echo)
+                self.h2.send_headers(
+                    event.stream_id,
+                    [(b"grpc-status", b"0"), (b"x-up", b"done")],
+                    end_stream=True,
+                )
+        self._flush()
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:  # noqa: B008
+        pass
+
+
+class H2UpstreamTests(ProxyTestCase):
+    """
+    A service with C{protocol: h2c}, through a real C{twistd monedge}.
+    """
+
+    timeout = 60
+
+    async def _start(self) -> tuple[_Seen, Any]:
+        seen = _Seen()
+        factory: Any = Factory.forProtocol(lambda: _H2Upstream(seen))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        address = f"127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+        proxy = await self.startProxy(
+            {
+                "service.api.svc": {
+                    "endpoints": [address],
+                    "policy": {"protocol": "h2c"},
+                }
+            }
+        )
+        return seen, proxy
+
+    async def test_curlOverHTTP1(self) -> None:
+        """
+        curl over HTTP/1.1 reaches the h2c upstream: a streamed (chunked)
+        upload arrives whole, the answer comes back with the upstream's
+        headers, and its trailers reach a client that said C{TE: trailers}.
+        """
+        seen, proxy = await self._start()
+        upload = os.path.join(self.directory, "upload")
+        with open(upload, "wb") as f:
+            f.write(b"x" * 300000)
+        result = await self.curl(
+            "--raw",
+            "-i",
+            "-H",
+            f"Host: {HOST}",
+            "-H",
+            "TE: trailers",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            f"@{upload}",
+            f"http://127.0.0.1:{proxy.port}/svc/up?x=1",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        out = result.stdout
+        self.assertTrue(out.startswith(b"HTTP/1.1 200"), out[:200])
+        self.assertIn(b"x-upstream: h2c", out.lower())
+        self.assertIn(b"echo:300000", out)
+        self.assertIn(b"grpc-status: 0\r\n", out.lower())
+        [request] = seen.requests
+        headers = dict(request["headers"])
+        self.assertEqual(headers[b":method"], b"POST")
+        self.assertEqual(headers[b":path"], b"/up?x=1")
+        self.assertEqual(headers[b":authority"], HOST.encode())
+        self.assertNotIn(b"transfer-encoding", headers)
+        self.assertEqual(request["body"], b"x" * 300000)
+
+    async def test_h2cClientTrailersBothWays(self) -> None:
+        """
+        An HTTP/2 client's streamed body and trailers reach the h2c
+        upstream, and the upstream's trailers come back as a trailing
+        HEADERS frame; two requests share one upstream connection.
+        """
+        seen, proxy = await self._start()
+
+        def call() -> list[Any]:
+            sock, connection = _h2c(proxy.port)
+            events: list[Any] = []
+            with sock:
+                for _ in range(2):
+                    stream = connection.get_next_available_stream_id()
+                    post = [(":method", "POST"), *_REQUEST[1:], ("te", "trailers")]
+                    connection.send_headers(stream, post)
+                    connection.send_data(stream, b"part1-")
+                    sock.sendall(connection.data_to_send())
+                    connection.send_data(stream, b"part2")
+                    connection.send_headers(
+                        stream, [("x-checksum", "abc")], end_stream=True
+                    )
+                    sock.sendall(connection.data_to_send())
+                    _until(
+                        sock,
+                        connection,
+                        lambda e, s=stream: any(
+                            isinstance(x, h2.events.StreamEnded) and x.stream_id == s
+                            for x in e
+                        ),
+                        events,
+                    )
+            return events
+
+        events = await threads.deferToThread(call)
+        self.assertEqual(len(seen.requests), 2)
+        for request in seen.requests:
+            self.assertEqual(request["body"], b"part1-part2")
+            self.assertEqual(request["trailers"], [(b"x-checksum", b"abc")])
+            self.assertIn((b"te", b"trailers"), request["headers"])
+        self.assertEqual(seen.connections, 1)
+        trailers = [e for e in events if isinstance(e, h2.events.TrailersReceived)]
+        self.assertEqual(len(trailers), 2, events)
+        self.assertIn((b"grpc-status", b"0"), list(trailers[0].headers))
+        data = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+        self.assertEqual(data, b"echo:part1-part2" * 2)
