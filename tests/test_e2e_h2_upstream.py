@@ -3,7 +3,8 @@ End-to-end HTTP/2 to upstreams: a real C{twistd monedge} with a service
 whose policy says C{protocol: h2c}, and an upstream that speaks only
 cleartext HTTP/2 (an C{h2} server protocol here), reached by curl over
 HTTP/1.1 and by an C{h2} client over h2c: a streamed body and trailers
-both ways.
+both ways; and C{protocol: h2}, HTTP/2 over TLS with ALPN, verified
+against a test CA.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+from OpenSSL import crypto
 from twisted.internet import reactor, threads
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
 from twisted.python.failure import Failure
 
+from monedge.testing.tls import CertificateAuthority
 from tests.e2e import ProxyTestCase
 from tests.test_e2e_http2 import _REQUEST, HOST, _h2c, _until
 
@@ -30,6 +34,8 @@ class _Seen:
     def __init__(self) -> None:
         self.connections = 0
         self.requests: list[dict[str, Any]] = []
+        #: The protocol ALPN chose on each TLS connection.
+        self.negotiated: list[bytes | None] = []
 
 
 class _H2Upstream(Protocol):
@@ -63,6 +69,10 @@ class _H2Upstream(Protocol):
             self.transport.loseConnection()
             return
         for event in events:
+            if isinstance(event, h2.events.RemoteSettingsChanged):
+                negotiated = getattr(self.transport, "negotiatedProtocol", b"-")
+                if negotiated != b"-":
+                    self.seen.negotiated.append(negotiated)
             if isinstance(event, h2.events.RequestReceived):
                 request = {"headers": list(event.headers), "body": b"", "trailers": []}
                 self.streams[event.stream_id] = request
@@ -98,6 +108,19 @@ class H2UpstreamTests(ProxyTestCase):
     """
 
     timeout = 60
+
+    async def startProxy(self, *args: Any, **kwargs: Any) -> Any:
+        proxy = await super().startProxy(*args, **kwargs)
+
+        async def clean() -> None:
+            # Stopped first (stopping again is a no-op), so that what it
+            # logs as it stops is checked too.
+            await proxy.stop()
+            for bad in ("Traceback", "Unhandled", "CRITICAL"):
+                self.assertNotIn(bad, proxy.log())
+
+        self.addCleanup(clean)
+        return proxy
 
     async def _start(self) -> tuple[_Seen, Any]:
         seen = _Seen()
@@ -198,3 +221,52 @@ class H2UpstreamTests(ProxyTestCase):
         self.assertIn((b"grpc-status", b"0"), list(trailers[0].headers))
         data = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
         self.assertEqual(data, b"echo:part1-part2" * 2)
+
+    async def test_h2OverTLS(self) -> None:
+        """
+        A service with C{protocol: h2} is spoken to in HTTP/2 over TLS, ALPN
+        choosing C{h2}, its certificate verified with the service's
+        C{upstream-ca} and C{upstream-server-name}; curl over HTTP/1.1 gets
+        the answer and its trailers.
+        """
+        ca = CertificateAuthority()
+        caFile = os.path.join(self.directory, "ca.pem")
+        with open(caFile, "wb") as f:
+            f.write(ca.certificatePEM)
+        pem = ca.issue(["upstream.internal"])
+        options = CertificateOptions(
+            privateKey=crypto.load_privatekey(crypto.FILETYPE_PEM, pem),
+            certificate=crypto.load_certificate(crypto.FILETYPE_PEM, pem),
+            acceptableProtocols=[b"h2"],
+        )
+        seen = _Seen()
+        factory: Any = Factory.forProtocol(lambda: _H2Upstream(seen))
+        port: Any = reactor.listenSSL(0, factory, options, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        proxy = await self.startProxy(
+            {
+                "service.api.svc": {
+                    "endpoints": [f"https://127.0.0.1:{port.getHost().port}"],
+                    "policy": {
+                        "protocol": "h2",
+                        "upstream-ca": caFile,
+                        "upstream-server-name": "upstream.internal",
+                    },
+                }
+            }
+        )
+        result = await self.curl(
+            "--raw",
+            "-i",
+            "-H",
+            f"Host: {HOST}",
+            "-H",
+            "TE: trailers",
+            f"http://127.0.0.1:{proxy.port}/svc/secure",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertTrue(result.stdout.startswith(b"HTTP/1.1 200"), result.stdout)
+        self.assertIn(b"grpc-status: 0\r\n", result.stdout.lower())
+        self.assertEqual(seen.negotiated, [b"h2"])
+        [request] = seen.requests
+        self.assertEqual(dict(request["headers"])[b":scheme"], b"https")

@@ -240,7 +240,10 @@ class _Stream:
         self._finish()
         protocol, self.protocol = self.protocol, None
         if protocol is not None:
-            protocol.connectionLost(Failure(CancelledError()))
+            # As the HTTP/1.1 client's reader learns of its aborted body.
+            protocol.connectionLost(
+                Failure(ResponseFailed([Failure(CancelledError())]))
+            )
 
     def start(self, connection: _H2Connection, streamId: int) -> None:
         """
