@@ -43,7 +43,8 @@ import h2.events
 import h2.settings
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
-from h2.exceptions import H2Error
+from h2.exceptions import H2Error, TooManyStreamsError
+from h2.utilities import HeaderValidationFlags, validate_outbound_headers
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -93,6 +94,16 @@ STREAM_WINDOW = 262144
 
 #: The connection's receive window, shared by its streams.
 CONNECTION_WINDOW = 16 * 1024 * 1024
+
+
+#: How a request's header block is checked (L{validate_outbound_headers}).
+_REQUEST_FLAGS = HeaderValidationFlags(
+    is_client=True, is_trailer=False, is_response_header=False, is_push_promise=False
+)
+
+#: How many times a request goes out at most, when the upstream leaves it
+#: unprocessed (GOAWAY, REFUSED_STREAM) each time.
+MAX_ATTEMPTS = 3
 
 
 class StreamNotProcessed(Exception):
@@ -220,6 +231,8 @@ class _Stream:
         self._bodyStarted = False
         self.localEnded = False
         self.finished = False
+        #: How many times the request was sent, or queued to be.
+        self.attempts = 1
 
     # The request
 
@@ -435,7 +448,13 @@ class _Stream:
         The upstream did not process the stream: send it again on another
         connection, if its body can be produced again.
         """
-        if self.finished or self.result is None:
+        if self.finished:
+            return
+        self.attempts += 1
+        if self.result is None or self.attempts > MAX_ATTEMPTS:
+            # A response came after all, or the upstream refuses it again
+            # and again: it fails.
+            self.lost(StreamNotProcessed())
             return
         body = self.body
         if self._bodyStarted:
@@ -515,7 +534,22 @@ class _H2Connection(Protocol):
                 continue
             streamId = self.h2.get_next_available_stream_id()
             self.streams[streamId] = stream
-            stream.start(self, streamId)
+            try:
+                stream.start(self, streamId)
+            except TooManyStreamsError:
+                # The peer's limit fell below what was open: wait for room.
+                del self.streams[streamId]
+                stream.connection = stream.streamId = None
+                self.queued.insert(0, stream)
+                break
+            except (H2Error, ValueError) as e:
+                # Checked before (H2UpstreamClient.request), so never
+                # expected: h2 may have changed its HPACK state for a block
+                # it did not send, so the connection cannot go on.
+                self.streams.pop(streamId, None)
+                stream.lost(e)
+                self.abort()
+                return
         self._write()
         if self.goingAway and self.queued:
             queued, self.queued = self.queued, []
@@ -889,6 +923,13 @@ class H2UpstreamClient:
             headers.setRawHeaders(b"host", [url.split(b"/")[2]])
         key: Key = (scheme, host, port, tls if scheme == b"https" else None)
         block = requestHeaders(method, scheme, target, headers, body)
+        try:
+            # As h2 checks it when it sends it, but before any connection's
+            # state (HPACK's) is touched.
+            for _ in validate_outbound_headers(block, _REQUEST_FLAGS):
+                pass
+        except (H2Error, ValueError) as e:
+            return fail(ResponseNeverReceived([Failure(e)]))
         stream = _Stream(self, key, method, target, block, body, connectTimeout)
         result = stream.result
         assert result is not None

@@ -27,6 +27,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from monedge.interfaces import IUpstreamClient
+from monedge.upstream import h2client
 from monedge.upstream.h2client import H2UpstreamClient
 from monedge.upstream.streaming import HeldBody, StreamingBody
 
@@ -456,3 +457,57 @@ class H2UpstreamClientTests(SynchronousTestCase):
         peer.read()
         self.assertTrue(peer.of(h2.events.ConnectionTerminated))
         self.assertTrue(peer.transport.disconnecting)
+
+    def test_goAwayRetriesBounded(self) -> None:
+        """
+        A request the upstream leaves unprocessed again and again goes out
+        three times at most, then fails with L{ResponseNeverReceived}.
+        """
+        d = self.request()
+        for attempt in range(3):
+            peer = self.endpoint.peers[attempt]
+            peer.start()
+            peer.read()
+            peer.protocol.dataReceived(goAway(0))
+        self.assertEqual(len(self.endpoint.peers), 3)
+        self.failureResultOf(d, ResponseNeverReceived)
+
+    def test_refusedStreamRetried(self) -> None:
+        """
+        A stream reset with REFUSED_STREAM was not processed: it is sent
+        again (on the same connection, which still has room).
+        """
+        d = self.request()
+        peer = self.endpoint.peers[0]
+        peer.start()
+        peer.read()
+        peer.h2.reset_stream(1, ErrorCodes.REFUSED_STREAM)
+        peer.flush()
+        peer.read()
+        ids = [event.stream_id for event in peer.of(h2.events.RequestReceived)]
+        self.assertEqual(ids, [1, 3])
+        peer.respond(3, b"ok")
+        self.assertEqual(self.successResultOf(d).code, 200)
+
+    def test_forbiddenHeaderFailsTheRequest(self) -> None:
+        """
+        A request h2 will not send (here, a header block with an unknown
+        pseudo-header, as no request the edge passes has) fails on its own
+        with L{ResponseNeverReceived}, before any connection is touched;
+        the next request goes as usual.
+        """
+        real = h2client.requestHeaders
+        self.patch(
+            h2client,
+            "requestHeaders",
+            lambda *args: [*real(*args), (b":foo", b"x")],
+        )
+        self.failureResultOf(self.request(), ResponseNeverReceived)
+        self.assertEqual(self.endpoint.peers, [])
+        self.patch(h2client, "requestHeaders", real)
+        good = self.request()
+        peer = self.endpoint.peers[0]
+        peer.start()
+        peer.read()
+        peer.respond(1)
+        self.assertEqual(self.successResultOf(good).code, 200)
