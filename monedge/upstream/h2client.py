@@ -250,6 +250,10 @@ class _Stream:
         connection = self.connection
         if connection is not None:
             connection.resetStream(self, ErrorCodes.CANCEL)
+        # What it held goes, and its share of the connection's window
+        # comes back.
+        self._buffered = []
+        self._ack()
         self._finish()
         protocol, self.protocol = self.protocol, None
         if protocol is not None:
