@@ -25,7 +25,9 @@ Its contract, beside L{monedge.upstream.client.FastUpstreamClient}'s:
   be produced again: L{monedge.upstream.replay.bodyAgain}; else they fail
   with L{ResponseNeverReceived}), streams at or below it finish, and no new
   stream goes on that connection; a REFUSED_STREAM reset is a stream not
-  processed too;
+  processed too; a request goes out L{MAX_ATTEMPTS} times at most;
+- a header block h2 would refuse fails its request before any connection
+  is touched;
 - failures are those the HTTP/1.1 client has: the connect's own errors,
   L{ResponseNeverReceived} before the response's head, L{ResponseFailed}
   after it;
