@@ -52,6 +52,7 @@ from monedge.rules.convention import (
     serviceFromKubernetesName,
 )
 from monedge.rules.errors import CATALOGUE, ErrorResource, errorBody, rawErrorResponse
+from monedge.rules.grpc import STATUS_NAMES, grpcStatus
 from monedge.rules.headers import (
     HOP_BY_HOP,
     ForwardingRules,
@@ -556,6 +557,22 @@ class ErrorsDocTests(SynchronousTestCase):
                 span(row["Default message"]), CATALOGUE[span(row["Code"])][1]
             )
 
+    def test_grpcStatusTable(self) -> None:
+        """
+        The gRPC table lists every code of the catalogue once, with its
+        status and the grpc-status (number and name) that
+        monedge.rules.grpc.grpcStatus gives it.
+        """
+        rows = table(readDoc("errors.md"), "grpc-status")
+        self.assertEqual(sorted(span(row["Code"]) for row in rows), sorted(CATALOGUE))
+        for row in rows:
+            code = span(row["Code"])
+            status = CATALOGUE[code][0]
+            self.assertEqual(int(row["Status"]), status, code)
+            expected = grpcStatus(code, status)
+            self.assertEqual(int(row["grpc-status"]), expected, code)
+            self.assertEqual(span(row["Name"]), STATUS_NAMES[expected], code)
+
     def test_errorBodyExample(self) -> None:
         """
         The JSON body example is byte for byte what monedge sends for that
@@ -704,6 +721,7 @@ class ConfigurationDocTests(SynchronousTestCase):
         self.assertEqual(
             sorted(methods),
             [
+                "grpc-package-prefix",
                 "hook",
                 "host-tier",
                 "identity-header",
