@@ -961,6 +961,10 @@ class ConfigurationDocTests(SynchronousTestCase):
         children.observe(200, 0.1)
         children.upstreamError("reset")
         children.tunnelOpened()
+        grpcRefusal = RequestRecord(0.0)
+        grpcRefusal.grpcStatus = 14
+        grpcRefusal.finished(200, 0.1)
+        children.count(grpcRefusal)
         metrics.observeHook("headers", "pass", 0.001)
         metrics.watchListener(_Listener())
         families = {
