@@ -117,7 +117,11 @@ def errorBody(status: int, code: str, message: str, requestId: bytes) -> bytes:
 
 
 def rawErrorResponse(
-    code: str, requestId: bytes, message: str | None = None, head: bool = False
+    code: str,
+    requestId: bytes,
+    message: str | None = None,
+    head: bool = False,
+    grpc: bool = False,
 ) -> bytes:
     """
     A complete HTTP/1.1 error response that closes the connection, for
@@ -126,8 +130,25 @@ def rawErrorResponse(
 
     @param head: the refused request is a C{HEAD}: the response has the
         headers a C{GET} would get, and no body (RFC 9110 9.3.2).
+    @param grpc: the refused request is a gRPC call: the refusal takes
+        gRPC's form (L{setGrpcRefusal}), its fields as headers.
     """
     status, default = CATALOGUE[code]
+    if grpc:
+        return b"".join(
+            [
+                b"HTTP/1.1 200 OK\r\n",
+                b"Content-Type: application/grpc\r\n",
+                b"Grpc-Status: %d\r\n" % (grpcStatus(code, status),),
+                b"Grpc-Message: ",
+                grpcMessage(code),
+                b"\r\nContent-Length: 0\r\n",
+                b"Connection: close\r\n",
+                b"X-Request-Id: ",
+                requestId,
+                b"\r\n\r\n",
+            ]
+        )
     body = errorBody(status, code, message or default, requestId)
     reason = _REASONS.get(status) or RESPONSES.get(status, b"Error")
     return b"".join(
