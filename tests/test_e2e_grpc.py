@@ -26,6 +26,20 @@ SERVICES: dict[str, dict[str, Any]] = {
 }
 
 
+async def lastRecord(proxy: ProxyProcess) -> dict[str, Any]:
+    """
+    The last access-log record, once one is written.
+    """
+    records: list[dict[str, Any]] = []
+
+    def logged() -> bool:
+        records[:] = proxy.accessLog()
+        return bool(records)
+
+    await proxy.waitFor(logged, 5, "the access log")
+    return records[-1]
+
+
 def call(port: int, method: str, timeout: float = 10.0) -> tuple[Any, str]:
     """
     Make a unary call of C{method} with an empty message; return its status
@@ -62,10 +76,10 @@ class GrpcRefusalTests(ProxyTestCase):
         )
         self.assertEqual(code, grpc.StatusCode.UNIMPLEMENTED)
         self.assertEqual(details, "route_not_found")
-        records = proxy.accessLog()
-        self.assertEqual(records[-1]["grpc_status"], 12)
-        self.assertEqual(records[-1]["status"], 200)
-        self.assertEqual(records[-1]["error"], "route_not_found")
+        record = await lastRecord(proxy)
+        self.assertEqual(record["grpc_status"], 12)
+        self.assertEqual(record["status"], 200)
+        self.assertEqual(record["error"], "route_not_found")
 
     async def test_notTheShape(self) -> None:
         """
@@ -91,7 +105,8 @@ class GrpcRefusalTests(ProxyTestCase):
         )
         self.assertEqual(code, grpc.StatusCode.UNAVAILABLE)
         self.assertEqual(details, "no_ready_endpoint")
-        self.assertEqual(proxy.accessLog()[-1]["service"], "service.api.payments")
+        record = await lastRecord(proxy)
+        self.assertEqual(record["service"], "service.api.payments")
         _, body = await self.get(proxy.adminURL + "/metrics")
         metrics = body.decode("utf-8")
         self.assertIn(
