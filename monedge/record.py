@@ -67,6 +67,8 @@ class RequestRecord:
     @ivar tunnelled: whether it became a tunnel (a WebSocket).
     @ivar origin: who chose the status (L{UPSTREAM} or L{MONEDGE}), once
         finished.
+    @ivar grpcStatus: the C{grpc-status} monedge answered a gRPC call with
+        (a refusal in gRPC's form), else L{None}.
     """
 
     __slots__ = (
@@ -91,6 +93,7 @@ class RequestRecord:
         "errorCode",
         "tunnelled",
         "origin",
+        "grpcStatus",
     )
 
     def __init__(self, start: float | None) -> None:
@@ -115,6 +118,7 @@ class RequestRecord:
         self.errorCode: str | None = None
         self.tunnelled = False
         self.origin = MONEDGE
+        self.grpcStatus: int | None = None
 
     # Routing
 

@@ -24,6 +24,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from monedge.rules.convention import HostTiers
+from monedge.rules.grpc import checkPackagePrefix
 from monedge.rules.headers import (
     CLIENT_CONTROLLED_NAMES,
     CLIENT_CONTROLLED_PREFIXES,
@@ -349,6 +350,7 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["host-tier"] = []
+        self["grpc-package-prefix"] = []
         self["namespace"] = []
         self["hook"] = []
         self["trusted-proxies"] = []
@@ -425,6 +427,13 @@ class Options(usage.Options):
         if not sep:
             raise usage.UsageError(f"--host-tier: expected HOST=TIER, got {mapping!r}")
         self["host-tier"].append((host.strip(), tier.strip()))
+
+    def opt_grpc_package_prefix(self, prefix: str) -> None:
+        """PREFIX: a reverse-DNS package prefix (com.example) removed before a gRPC call's package names its service. Repeatable."""
+        try:
+            self["grpc-package-prefix"].append(checkPackagePrefix(prefix.strip()))
+        except ValueError as e:
+            raise usage.UsageError(f"--grpc-package-prefix: {e}") from None
 
     def postOptions(self) -> None:
         self["port"] = endpointDescription(self["port"])
@@ -523,6 +532,7 @@ class Options(usage.Options):
             namespaces=tuple(self["namespace"]),
             initialSyncTimeout=self["initial-sync-timeout"],
             hostTiers=self["host-tiers"],
+            grpcPackagePrefixes=tuple(self["grpc-package-prefix"]),
             trustedHops=self["trusted-hops"],
             trustedProxies=tuple(self["trusted-proxies"]),
             forwarding=self["forwarding"],

@@ -174,6 +174,8 @@ class StreamResult:
         included).
     @ivar ended: whether the server ended the stream (END_STREAM).
     @ivar reset: the error code of the server's RST_STREAM, if it sent one.
+    @ivar frames: the frames the server sent on it, in order: C{HEADERS}
+        and C{DATA}, with C{+END_STREAM} on the one that ended it.
     """
 
     headers: list[tuple[bytes, bytes]] | None = None
@@ -182,6 +184,7 @@ class StreamResult:
     flowControlled: int = 0
     ended: bool = False
     reset: int | None = None
+    frames: list[str] = field(default_factory=list)
 
     @property
     def status(self) -> int | None:
@@ -486,8 +489,10 @@ class H2Peer:
             stream = self._open(frame.stream_id, "DATA")
             stream.body += frame.data
             stream.flowControlled += frame.flow_controlled_length
+            stream.frames.append("DATA")
             if "END_STREAM" in frame.flags:
                 stream.ended = True
+                stream.frames[-1] += "+END_STREAM"
             if self.autoWindow and frame.flow_controlled_length:
                 self._outgoing += windowUpdateFrame(0, frame.flow_controlled_length)
                 if not stream.ended:
@@ -530,8 +535,10 @@ class H2Peer:
             stream.headers = headers
         else:
             stream.trailers = headers
+        stream.frames.append("HEADERS")
         if endStream:
             stream.ended = True
+            stream.frames[-1] += "+END_STREAM"
 
     # Conclusions
 

@@ -52,6 +52,7 @@ from monedge.rules.convention import (
     serviceFromKubernetesName,
 )
 from monedge.rules.errors import CATALOGUE, ErrorResource, errorBody, rawErrorResponse
+from monedge.rules.grpc import STATUS_NAMES, grpcStatus
 from monedge.rules.headers import (
     HOP_BY_HOP,
     ForwardingRules,
@@ -358,6 +359,61 @@ class ConventionDocTests(SynchronousTestCase):
             (False, "404 `route_not_found`"), [(p.expose, r) for p, r in policies]
         )
 
+    def test_grpcExamples(self) -> None:
+        """
+        Every row of the gRPC example table is what the real routing code
+        does with that content-type, --grpc-package-prefix and --host-tier:
+        the service (or the error), its Kubernetes Service name, and the
+        path the upstream receives (strip-prefix never applied).
+        """
+        registry = conventionRegistry()
+        rows = table(readDoc("convention.md"), "grpc-examples")
+        self.assertGreaterEqual(len(rows), 15)
+        for row in rows:
+            options = Options()
+            if row["--grpc-package-prefix"] != "none":
+                for prefix in spans(row["--grpc-package-prefix"]):
+                    options.opt_grpc_package_prefix(prefix)
+            root = buildProxy(
+                Configuration(
+                    hostTiers=hostTiers(row["--host-tier"]),
+                    grpcPackagePrefixes=tuple(options["grpc-package-prefix"]),
+                ),
+                MemoryReactorClock(),
+                registry=registry,
+                accessLog=AccessLog(None),
+                hooks=None,
+            ).root
+            headers = Headers()
+            headers.addRawHeader(b"host", span(row["Host"]).encode("ascii"))
+            headers.addRawHeader(
+                b"content-type", span(row["Content-type"]).encode("ascii")
+            )
+            record = RequestRecord(0.0)
+            target = span(row["Path"]).encode("ascii")
+            leaf = root.decide(
+                b"POST", target, b"HTTP/1.1", rawHeaderTable(headers), record
+            )
+            if isinstance(leaf, ErrorResource):
+                outcome = Outcome(status=leaf.error.status, code=leaf.error.code)
+                kname = None
+            else:
+                assert isinstance(leaf, ServiceResource), leaf
+                routed = record.routedPath
+                assert routed is not None
+                # The rule ServiceResource.render follows for a gRPC call.
+                outcome = Outcome(service=leaf.entry.name, upstream=routed.path)
+                kname = kubernetesName(leaf.entry.name)
+            self.assertEqual(
+                outcome,
+                expectedOutcome(row["Routed to"], row["Upstream receives"]),
+                row,
+            )
+            kubernetes = row["Kubernetes Service"]
+            self.assertEqual(
+                kname, None if kubernetes == NOTHING else span(kubernetes), row
+            )
+
     def test_kubernetesNames(self) -> None:
         """
         The Kubernetes name table holds both ways: kubernetesName maps each
@@ -556,6 +612,22 @@ class ErrorsDocTests(SynchronousTestCase):
                 span(row["Default message"]), CATALOGUE[span(row["Code"])][1]
             )
 
+    def test_grpcStatusTable(self) -> None:
+        """
+        The gRPC table lists every code of the catalogue once, with its
+        status and the grpc-status (number and name) that
+        monedge.rules.grpc.grpcStatus gives it.
+        """
+        rows = table(readDoc("errors.md"), "grpc-status")
+        self.assertEqual(sorted(span(row["Code"]) for row in rows), sorted(CATALOGUE))
+        for row in rows:
+            code = span(row["Code"])
+            status = CATALOGUE[code][0]
+            self.assertEqual(int(row["Status"]), status, code)
+            expected = grpcStatus(code, status)
+            self.assertEqual(int(row["grpc-status"]), expected, code)
+            self.assertEqual(span(row["Name"]), STATUS_NAMES[expected], code)
+
     def test_errorBodyExample(self) -> None:
         """
         The JSON body example is byte for byte what monedge sends for that
@@ -704,6 +776,7 @@ class ConfigurationDocTests(SynchronousTestCase):
         self.assertEqual(
             sorted(methods),
             [
+                "grpc-package-prefix",
                 "hook",
                 "host-tier",
                 "identity-header",
@@ -943,6 +1016,10 @@ class ConfigurationDocTests(SynchronousTestCase):
         children.observe(200, 0.1)
         children.upstreamError("reset")
         children.tunnelOpened()
+        grpcRefusal = RequestRecord(0.0)
+        grpcRefusal.grpcStatus = 14
+        grpcRefusal.finished(200, 0.1)
+        children.count(grpcRefusal)
         metrics.observeHook("headers", "pass", 0.001)
         metrics.watchListener(_Listener())
         families = {

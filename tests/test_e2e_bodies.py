@@ -737,7 +737,10 @@ class StreamedBodyCorpusTests(BodiesTestCase):
         send, not a few milliseconds), what the upstream has not read when
         the client is done is no more than the kernel's socket buffers on
         the way hold (monedge's send buffer to the upstream grows to
-        C{tcp_wmem}'s 4 MiB), and monedge's RSS grows by less than 16 MiB.
+        C{tcp_wmem}'s 4 MiB; its receive buffer from the client, the 64 KiB
+        buffers at both ends, and monedge's own high water and one 256 KiB
+        read add up to well under 2 MiB more), and monedge's RSS grows by
+        less than 16 MiB.
         """
         rate = 2 * MIB
         total = 8 * MIB
@@ -776,7 +779,7 @@ class StreamedBodyCorpusTests(BodiesTestCase):
         )
         self.assertGreater(sending, 1.0)
         self.assertLess(
-            unread[0], 5 * MIB, f"the client sent it all in {sending:.2f} s"
+            unread[0], 6 * MIB, f"the client sent it all in {sending:.2f} s"
         )
         growth = peak[0] - baseline
         self.assertLess(growth, 16 * MIB, f"RSS grew by {growth / MIB:.1f} MiB")

@@ -342,6 +342,7 @@ class AdminTests(ProxyTestCase):
                 "bytes_in",
                 "bytes_out",
                 "error",
+                "grpc_status",
             },
         )
         self.assertEqual(record["status"], 200)

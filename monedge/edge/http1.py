@@ -70,7 +70,14 @@ from monedge.edge.base import (
 )
 from monedge.proxy.exchange import ClientRequest, ProxyExchange, TunnelChannel
 from monedge.record import RequestRecord
-from monedge.rules.errors import CATALOGUE, ProxyError, rawErrorResponse, renderError
+from monedge.rules.errors import (
+    CATALOGUE,
+    ProxyError,
+    isGrpcRequest,
+    rawErrorResponse,
+    renderError,
+)
+from monedge.rules.grpc import grpcStatus
 from monedge.rules.headers import connectionTokens, newRequestId, trailerFields
 from monedge.twistedseam import (
     HeaderTable,
@@ -1350,13 +1357,18 @@ class HTTP1Channel(SharedChannel, Protocol):
         method = current.method if current is not None else None
         path = current.uri if current is not None else None
         head = method == b"HEAD"
-        transport.write(rawErrorResponse(code, rid, message, head))
+        grpc = request is not None and isGrpcRequest(request)
+        transport.write(rawErrorResponse(code, rid, message, head, grpc))
+        if grpc:
+            record.grpcStatus = grpcStatus(code, CATALOGUE[code][0])
         record.requestId = rid
         host = getattr(self.getPeer(), "host", None)
         record.client = b"unknown" if host is None else str(host).encode("ascii")
         record.method, record.path = method, path
         record.failed(code)
-        record.finished(CATALOGUE[code][0], self.site.reactor.seconds())
+        record.finished(
+            200 if grpc else CATALOGUE[code][0], self.site.reactor.seconds()
+        )
         self.site.refusalLogged(record)
         self._lingeringClose()
 
@@ -1378,10 +1390,14 @@ class HTTP1Channel(SharedChannel, Protocol):
             self._release()
             transport.abortConnection()
             return
+        grpc = isGrpcRequest(request)
+        if grpc:
+            request.record.grpcStatus = grpcStatus(code, status)
+            status = 200
         request.code = status
         transport.write(
             rawErrorResponse(
-                code, request.requestId, message, request.method == b"HEAD"
+                code, request.requestId, message, request.method == b"HEAD", grpc
             )
         )
         request._account(status)

@@ -499,7 +499,8 @@ class H2Request(SharedRequest):
         self.responseHeaders = Headers()
         body = renderError(self, ProxyError(code, message), self.requestId)
         self._resetWhenSent = bodyComing
-        self.write(body)
+        if body:
+            self.write(body)
         self.finish()
 
     def dataReceived(self, data: bytes, flowControlled: int) -> None:
@@ -573,8 +574,13 @@ class H2Request(SharedRequest):
         body = resource.render(self)
         if body is NOT_DONE_YET:
             return
-        self.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % (len(body),)])
-        self.write(b"" if self.method == b"HEAD" else body)
+        if body or self.record.grpcStatus is None:
+            # (A gRPC refusal is trailers-only: no Content-Length.)
+            self.responseHeaders.setRawHeaders(
+                b"Content-Length", [b"%d" % (len(body),)]
+            )
+        if body and self.method != b"HEAD":
+            self.write(body)
         self.finish()
 
     def processingFailed(self, reason: Failure) -> None:
@@ -595,7 +601,8 @@ class H2Request(SharedRequest):
             return
         self.responseHeaders = Headers()
         body = renderError(self, ProxyError("internal_error"), self.requestId)
-        self.write(body)
+        if body:
+            self.write(body)
         self.finish()
 
     # Answering
@@ -647,7 +654,11 @@ class H2Request(SharedRequest):
         if self.finished or self.disconnected:
             return
         if not self.startedWriting:
-            self.write(b"")
+            # Nothing written: the head goes when the stream ends, in the
+            # same HEADERS frame as END_STREAM (with no trailers), as a
+            # gRPC trailers-only response must.
+            self.startedWriting = 1
+            self._headOnly = not (self.disconnected or self._closed)
         self.finished = 1
         if self.producer is not None:
             self.unregisterProducer()
@@ -690,6 +701,8 @@ class H2Request(SharedRequest):
             producer.resumeProducing()
 
     _producerPaused = False
+    #: The response ends with no body written: its head goes with its end.
+    _headOnly = False
 
     def loseConnection(self) -> None:
         """
@@ -1362,7 +1375,13 @@ class H2Channel(Protocol):
             if not out and request._ending:
                 request._closed = True
                 trailers = request._trailers
-                if trailers:
+                if request._headOnly:
+                    conn.send_headers(
+                        streamId, request._head(), end_stream=not trailers
+                    )
+                    if trailers:
+                        conn.send_headers(streamId, trailers, end_stream=True)
+                elif trailers:
                     conn.send_headers(streamId, trailers, end_stream=True)
                 else:
                     conn.end_stream(streamId)

@@ -3,8 +3,9 @@ The access log: one JSON object per line per request, on its own stream
 (stdout by default), separate from the process's operational log.
 
 Fields: time, request_id, client, method, path, status, service, endpoint,
-upstream_latency, total_latency, bytes_in, bytes_out, and error (the
-refusal or upstream failure code, if any).
+upstream_latency, total_latency, bytes_in, bytes_out, error (the
+refusal or upstream failure code, if any), and grpc_status (the
+C{grpc-status} of monedge's refusal of a gRPC call, if any).
 
 Lines are formatted directly (the same bytes C{json.dumps} with compact
 separators would give) and, given a reactor, written once per reactor
@@ -95,6 +96,7 @@ def formatRecord(
     bytesIn: int,
     bytesOut: int,
     error: str | None,
+    grpcStatus: int | None = None,
 ) -> str:
     """
     One access-log line, newline included: exactly what
@@ -116,7 +118,8 @@ def formatRecord(
         f',"total_latency":{"null" if totalLatency is None else repr(totalLatency)}'
         f',"bytes_in":{bytesIn}'
         f',"bytes_out":{bytesOut}'
-        f',"error":{"null" if error is None else enc(error)}}}\n'
+        f',"error":{"null" if error is None else enc(error)}'
+        f',"grpc_status":{"null" if grpcStatus is None else grpcStatus}}}\n'
     )
 
 
@@ -243,5 +246,6 @@ class AccessLog:
                 record.bytesIn,
                 record.bytesOut,
                 record.errorCode,
+                record.grpcStatus,
             )
         )

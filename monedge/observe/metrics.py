@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from monedge.record import MONEDGE, RequestRecord
+from monedge.rules.grpc import STATUS_NAMES
 
 if TYPE_CHECKING:
     from monedge.interfaces import IServiceRegistry
@@ -168,6 +169,11 @@ class ServiceMetrics:
         upstreamSeconds = record.upstreamLatency
         if upstreamSeconds is not None:
             self.upstream.observe(upstreamSeconds)
+        grpc = record.grpcStatus
+        if grpc is not None:
+            self._metrics.grpcRefusals.labels(
+                self._service, STATUS_NAMES.get(grpc, "UNKNOWN")
+            ).inc()
 
     def observe(
         self,
@@ -373,6 +379,13 @@ class Metrics:
         self.connectionsRefused = Counter(
             "monedge_connections_refused",
             "Client connections refused because their listener had too many.",
+            registry=self.registry,
+        )
+        self.grpcRefusals = Counter(
+            "monedge_grpc_refusals",
+            "gRPC calls monedge refused itself, by service and grpc-status"
+            " name (docs/errors.md).",
+            ["service", "grpc_status"],
             registry=self.registry,
         )
         self.tunnelsOpen = Gauge(

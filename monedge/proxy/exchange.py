@@ -32,7 +32,13 @@ from zope.interface import implementer
 from monedge.hooks import HookFailed, HookResponse, HookResponseHead, HookSet
 from monedge.interfaces import IUpstreamClient, IUpstreamUpgrader
 from monedge.record import RequestRecord
-from monedge.rules.errors import ProxyError, errorBody, renderError
+from monedge.rules.errors import (
+    ProxyError,
+    errorBody,
+    isGrpcRequest,
+    renderError,
+    setGrpcRefusal,
+)
 from monedge.rules.headers import downstreamHeaders, trailerFields
 from monedge.rules.limits import DEFAULT_LIMITS
 from monedge.twistedseam import HeaderTable
@@ -293,6 +299,9 @@ class ProxyExchange:
         self.upgradeKey: bytes | None = None
         #: TLS settings for https endpoints (the service's policy).
         self.tls: UpstreamTLS | None = None
+        #: A gRPC call's C{grpc-timeout}, seconds: the wait for the
+        #: upstream's answer when shorter than the policy's C{timeout}.
+        self.deadline: float | None = None
 
     def start(self) -> None:
         """
@@ -377,7 +386,11 @@ class ProxyExchange:
                 protocol=self._policy.protocol,
             )
         self._pending = d
-        self._timeoutCall = clock.callLater(self._policy.timeout, self._headersTimedOut)
+        timeout = self._policy.timeout
+        deadline = self.deadline
+        if deadline is not None and deadline < timeout:
+            timeout = deadline
+        self._timeoutCall = clock.callLater(timeout, self._headersTimedOut)
         d.addCallbacks(self._gotResponse, self._failed, errbackArgs=(state, canRetry))
 
     def _release(self) -> None:
@@ -685,7 +698,8 @@ class ProxyExchange:
             request.loseConnection()
             return
         body = renderError(request, error, request.requestId)
-        request.write(body)
+        if body:
+            request.write(body)
         request.finish()
 
 
@@ -696,6 +710,19 @@ def writeHookResponse(request: ClientRequest, answer: HookResponse) -> None:
     body = answer.body
     if body is None and answer.code is None:
         body = b""
+    if answer.status >= 400 and isGrpcRequest(request):
+        # A hook's refusal of a gRPC call, in gRPC's form (its own body
+        # could not be read by a gRPC client); the hook's headers still go.
+        setGrpcRefusal(
+            request,
+            answer.code,
+            answer.status,
+            answer.message or "",
+            request.requestId,
+        )
+        _addHookHeaders(request, answer)
+        request.finish()
+        return
     if body is None:
         body = errorBody(
             answer.status,
@@ -706,17 +733,24 @@ def writeHookResponse(request: ClientRequest, answer: HookResponse) -> None:
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
         request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
     request.setResponseCode(answer.status)
+    _addHookHeaders(request, answer)
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
+    request.responseHeaders.setRawHeaders(b"x-request-id", [request.requestId])
+    request.record.failed(answer.code)
+    request.write(body)
+    request.finish()
+
+
+def _addHookHeaders(request: ClientRequest, answer: HookResponse) -> None:
+    """
+    Add a hook's response headers to C{request}'s.
+    """
     headers = request.responseHeaders
     for name in {name for name, _ in answer.headers}:
         # The hook's own Date or Server replaces Twisted's, never doubles it.
         headers.removeHeader(name)
     for name, value in answer.headers:
         headers.addRawHeader(name, value)
-    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
-    request.responseHeaders.setRawHeaders(b"x-request-id", [request.requestId])
-    request.record.failed(answer.code)
-    request.write(body)
-    request.finish()
 
 
 class _Discard(Protocol):

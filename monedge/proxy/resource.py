@@ -31,7 +31,17 @@ from monedge.proxy.exchange import (
 from monedge.record import RequestRecord
 from monedge.registry import ServiceEntry
 from monedge.rules.convention import HostTiers, isValidName, normaliseHost, serviceName
-from monedge.rules.errors import ErrorResource, ProxyError, renderError
+from monedge.rules.errors import (
+    ErrorResource,
+    ProxyError,
+    isGrpcRequest,
+    renderError,
+)
+from monedge.rules.grpc import (
+    grpcServiceLabel,
+    isGrpcContentType,
+    parseGrpcTimeout,
+)
 from monedge.rules.headers import connectionTokens, upstreamHeaders
 from monedge.rules.paths import PathError, RoutedPath, normalise, splitAbsoluteForm
 from monedge.twistedseam import HeaderTable
@@ -124,8 +134,18 @@ class ServiceResource(Resource):
                 )
             except ProxyError as e:
                 return renderError(request, e, request.requestId)
+        deadline: float | None = None
+        if b"Grpc-Timeout" in request.headerTable and isGrpcRequest(request):
+            # The call's deadline bounds the wait for the upstream's answer.
+            deadline = parseGrpcTimeout(request.headerTable[b"Grpc-Timeout"][0])
+            if deadline is None:
+                return renderError(
+                    request, ProxyError("grpc_timeout_invalid"), request.requestId
+                )
         policy = self.policy
-        if policy.stripPrefix:
+        if policy.stripPrefix and not isGrpcRequest(request):
+            # (strip-prefix never applies to a gRPC call: its path is its
+            # method's name.)
             target = routed.rest + routed.query
             prefix: bytes | None = self._prefix
         else:
@@ -163,6 +183,7 @@ class ServiceResource(Resource):
             target,
         )
         exchange.upgradeKey = upgradeKey
+        exchange.deadline = deadline
         exchange.tls = self._tls
         chain = self.hooks
         if chain is None:
@@ -214,12 +235,16 @@ class RootResource(Resource):
         metrics: Metrics,
         hostTiers: HostTiers | None = None,
         cacheSize: int = ROUTE_CACHE_SIZE,
+        grpcPrefixes: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self._registry = registry
         self._context = context
         self._metrics = metrics
         self.hostTiers = hostTiers or HostTiers({})
+        #: C{--grpc-package-prefix}: reverse-DNS prefixes removed from a
+        #: gRPC call's package before its first label names the service.
+        self.grpcPrefixes = grpcPrefixes
         self._cache: OrderedDict[str, ServiceResource] = OrderedDict()
         self._cacheSize = cacheSize
         self._hosts: dict[bytes, str | None] = {}
@@ -328,9 +353,18 @@ class RootResource(Resource):
         tier = self.hostTiers.tierFor(hostname)
         if tier is None:
             raise ProxyError("unknown_host")
-        if not isValidName(routed.name):
-            raise ProxyError("route_not_found")
-        service = serviceName(tier, routed.name)
+        name = routed.name
+        if not isValidName(name):
+            # Not an HTTP route: a gRPC call's, if it is one (a dot or a
+            # capital in the first segment; the content-type read only then).
+            types = headers.get(b"Content-Type")
+            if not types or not isGrpcContentType(types[0]):
+                raise ProxyError("route_not_found")
+            label = grpcServiceLabel(routed.path, self.grpcPrefixes)
+            if label is None:
+                raise ProxyError("route_not_found")
+            name = label
+        service = serviceName(tier, name)
         leaf = self.route(service)
         if leaf is None:
             raise ProxyError("route_not_found")

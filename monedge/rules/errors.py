@@ -16,6 +16,8 @@ from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
+from monedge.rules.grpc import grpcMessage, grpcStatus, isGrpcContentType
+
 if TYPE_CHECKING:
     from twisted.web.server import Request
 
@@ -43,6 +45,7 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "path_invalid_utf8": (400, "the path is not valid UTF-8"),
     "path_double_encoding": (400, "the path has a doubly encoded separator or dot"),
     "bad_upgrade": (400, "the WebSocket handshake is malformed"),
+    "grpc_timeout_invalid": (400, "the grpc-timeout header is malformed"),
     "route_not_found": (404, "no service serves this path"),
     "unknown_host": (404, "this host serves no services"),
     "method_not_allowed": (405, "this method is not proxied"),
@@ -114,7 +117,11 @@ def errorBody(status: int, code: str, message: str, requestId: bytes) -> bytes:
 
 
 def rawErrorResponse(
-    code: str, requestId: bytes, message: str | None = None, head: bool = False
+    code: str,
+    requestId: bytes,
+    message: str | None = None,
+    head: bool = False,
+    grpc: bool = False,
 ) -> bytes:
     """
     A complete HTTP/1.1 error response that closes the connection, for
@@ -123,8 +130,25 @@ def rawErrorResponse(
 
     @param head: the refused request is a C{HEAD}: the response has the
         headers a C{GET} would get, and no body (RFC 9110 9.3.2).
+    @param grpc: the refused request is a gRPC call: the refusal takes
+        gRPC's form (L{setGrpcRefusal}), its fields as headers.
     """
     status, default = CATALOGUE[code]
+    if grpc:
+        return b"".join(
+            [
+                b"HTTP/1.1 200 OK\r\n",
+                b"Content-Type: application/grpc\r\n",
+                b"Grpc-Status: %d\r\n" % (grpcStatus(code, status),),
+                b"Grpc-Message: ",
+                grpcMessage(code),
+                b"\r\nContent-Length: 0\r\n",
+                b"Connection: close\r\n",
+                b"X-Request-Id: ",
+                requestId,
+                b"\r\n\r\n",
+            ]
+        )
     body = errorBody(status, code, message or default, requestId)
     reason = _REASONS.get(status) or RESPONSES.get(status, b"Error")
     return b"".join(
@@ -141,10 +165,48 @@ def rawErrorResponse(
     )
 
 
+def isGrpcRequest(request: Answerable) -> bool:
+    """
+    Is C{request} a gRPC (or gRPC-Web) call, by its content-type?  Its
+    refusals then take the gRPC form (L{setGrpcRefusal}).
+    """
+    headers = getattr(request, "requestHeaders", None)
+    if headers is None:
+        return False
+    types = headers.getRawHeaders(b"content-type")
+    return bool(types) and isGrpcContentType(types[0])
+
+
+def setGrpcRefusal(
+    request: Answerable, code: str | None, status: int, message: str, requestId: bytes
+) -> None:
+    """
+    Set C{request}'s status and headers for a refusal in gRPC's form: 200,
+    C{application/grpc}, and a C{grpc-status} (from the table in
+    docs/errors.md) and C{grpc-message} (monedge's code, else the message)
+    in the head, with no body: a trailers-only response.
+    """
+    grpc = grpcStatus(code, status)
+    request.setResponseCode(200)
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"content-type", [b"application/grpc"])
+    headers.setRawHeaders(b"grpc-status", [b"%d" % (grpc,)])
+    headers.setRawHeaders(b"grpc-message", [grpcMessage(code or message)])
+    headers.setRawHeaders(b"x-request-id", [requestId])
+    record = getattr(request, "record", None)
+    if record is not None:
+        record.failed(code)
+        record.grpcStatus = grpc
+
+
 def renderError(request: Answerable, error: ProxyError, requestId: bytes) -> bytes:
     """
-    Set C{request}'s status and headers for C{error}; return the body.
+    Set C{request}'s status and headers for C{error}; return the body
+    (none for a gRPC call, whose refusal is trailers-only).
     """
+    if isGrpcRequest(request):
+        setGrpcRefusal(request, error.code, error.status, error.message, requestId)
+        return b""
     body = errorBody(error.status, error.code, error.message, requestId)
     request.setResponseCode(error.status)
     headers = request.responseHeaders

@@ -308,7 +308,13 @@ def buildProxy(
         tunnels,
         BufferBudget(config.limits.requestBufferBudget),
     )
-    root = RootResource(registry, context, metrics, config.hostTiers)
+    root = RootResource(
+        registry,
+        context,
+        metrics,
+        config.hostTiers,
+        grpcPrefixes=config.grpcPackagePrefixes,
+    )
     site = siteFactory(
         resource=root,
         reactor=reactor,

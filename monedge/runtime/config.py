@@ -48,6 +48,9 @@ class Configuration:
     initialSyncTimeout: float = 30.0
     #: Each C{--host-tier}: which tier each Host serves.
     hostTiers: HostTiers = field(default_factory=lambda: HostTiers({}))
+    #: Each C{--grpc-package-prefix}: package prefixes removed before a
+    #: gRPC call's package names its service.
+    grpcPackagePrefixes: tuple[str, ...] = ()
 
     #: C{--trusted-hops}, resolved (1 with C{--trusted-proxies} alone).
     trustedHops: int = 0

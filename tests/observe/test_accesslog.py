@@ -45,6 +45,7 @@ def _fields(**overrides: Any) -> dict[str, Any]:
         "bytes_in": 0,
         "bytes_out": 312,
         "error": None,
+        "grpc_status": None,
     }
     fields.update(overrides)
     return fields
