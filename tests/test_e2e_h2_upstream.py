@@ -3,15 +3,17 @@ End-to-end HTTP/2 to upstreams: a real C{twistd monedge} with a service
 whose policy says C{protocol: h2c}, and an upstream that speaks only
 cleartext HTTP/2 (an C{h2} server protocol here), reached by curl over
 HTTP/1.1 and by an C{h2} client over h2c: a streamed body and trailers
-both ways; and C{protocol: h2}, HTTP/2 over TLS with ALPN, verified
-against a test CA.
+both ways; C{protocol: h2}, HTTP/2 over TLS with ALPN, verified against a
+test CA; and the real grpcio client and server with monedge between them.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent import futures
 from typing import Any
 
+import grpc
 import h2.config
 import h2.connection
 import h2.events
@@ -270,3 +272,72 @@ class H2UpstreamTests(ProxyTestCase):
         self.assertEqual(seen.negotiated, [b"h2"])
         [request] = seen.requests
         self.assertEqual(dict(request["headers"])[b":scheme"], b"https")
+
+
+class GrpcUpstreamTests(ProxyTestCase):
+    """
+    The real C{grpcio} client and server, with monedge between them: the
+    gRPC convention routes the call to an C{h2c} service.
+    """
+
+    timeout = 60
+
+    async def test_unaryCallWithTrailingMetadata(self) -> None:
+        """
+        Unary calls reach a grpcio server through monedge over h2c: the
+        message both ways, the client's metadata upstream, and the status,
+        message and trailing metadata back.
+        """
+
+        def create(request: bytes, context: Any) -> bytes:
+            metadata = dict(context.invocation_metadata())
+            context.set_trailing_metadata([("x-trailing", "yes")])
+            context.set_code(grpc.StatusCode.ALREADY_EXISTS)
+            context.set_details("exists: " + metadata.get("x-caller", "?"))
+            return b"echo:" + request
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        handler = grpc.method_handlers_generic_handler(
+            "payments.v1.Payments",
+            {
+                "Create": grpc.unary_unary_rpc_method_handler(create),
+                "Echo": grpc.unary_unary_rpc_method_handler(
+                    lambda request, context: b"echo:" + request
+                ),
+            },
+        )
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        self.addCleanup(server.stop, None)
+        proxy = await self.startProxy(
+            {
+                "service.api.payments": {
+                    "endpoints": [f"127.0.0.1:{port}"],
+                    "policy": {"protocol": "h2c"},
+                }
+            }
+        )
+
+        def echo() -> bytes:
+            with grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as channel:
+                stub = channel.unary_unary("/payments.v1.Payments/Echo")
+                answer: bytes = stub(b"x" * 100000, timeout=10)
+                return answer
+
+        self.assertEqual(await threads.deferToThread(echo), b"echo:" + b"x" * 100000)
+
+        def call() -> tuple[Any, str, list[Any]]:
+            with grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as channel:
+                stub = channel.unary_unary("/payments.v1.Payments/Create")
+                try:
+                    stub(b"hi", timeout=10, metadata=[("x-caller", "me")])
+                except grpc.RpcError as e:
+                    trailing = list(e.trailing_metadata())
+                    return e.code(), e.details(), trailing
+            return grpc.StatusCode.OK, "", []
+
+        code, details, trailing = await threads.deferToThread(call)
+        self.assertEqual(code, grpc.StatusCode.ALREADY_EXISTS)
+        self.assertEqual(details, "exists: me")
+        self.assertIn(("x-trailing", "yes"), [(m.key, m.value) for m in trailing])
