@@ -634,7 +634,12 @@ class PriorKnowledgeTests(ProxyTestCase):
             sock, connection = _h2c(proxy.port)
             with sock:
                 stream = connection.get_next_available_stream_id()
-                post = [(":method", "POST"), *_REQUEST[1:], ("content-length", "5000")]
+                post = [
+                    (":method", "POST"),
+                    *_REQUEST[1:],
+                    # More than the client's window: it is stopped.
+                    ("content-length", "500000"),
+                ]
                 connection.send_headers(stream, post)
                 sock.sendall(connection.data_to_send())
                 first: list[Any] = []

@@ -120,6 +120,10 @@ MAX_CONTROL_FRAMES = 1000
 #: seconds: Rapid Reset (CVE-2023-44487).
 MAX_RESETS = 200
 
+#: The flow-control window a stream starts with (the protocol's default,
+#: which monedge advertises).
+INITIAL_STREAM_WINDOW = 65535
+
 #: Seconds a connection being closed has to go before it is aborted.
 CLOSE_TIMEOUT = 5.0
 
@@ -329,6 +333,8 @@ class H2Request(SharedRequest):
     #: Reset the stream with NO_ERROR once the response has gone (a body
     #: refused before it was read).
     _resetWhenSent = False
+    #: The body's declared length (its content-length), once read.
+    _declared: int | None = None
 
     def __init__(
         self, connection: H2Channel, streamId: int, method: bytes, path: bytes
@@ -457,6 +463,7 @@ class H2Request(SharedRequest):
         if lengths is not None:
             # h2 checked that they are digits and agree.
             length = int(lengths[0])
+            self._declared = length
             table[b"Content-Length"] = [lengths[0]]
             if ended and length:
                 raise _Malformed("a content-length without a body")
@@ -498,7 +505,15 @@ class H2Request(SharedRequest):
             return
         self.responseHeaders = Headers()
         body = renderError(self, ProxyError(code, message), self.requestId)
-        self._resetWhenSent = bodyComing
+        # A body still to come is stopped with RST_STREAM(NO_ERROR) once
+        # the answer has gone, unless what is left of it fits in the
+        # window the client already has: then it is let finish, and
+        # dropped (clients such as curl may report the reset as an error
+        # while they are still sending).
+        declared = self._declared
+        self._resetWhenSent = bodyComing and (
+            declared is None or declared - self.record.bytesIn > INITIAL_STREAM_WINDOW
+        )
         if body:
             self.write(body)
         self.finish()

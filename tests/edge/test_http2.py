@@ -440,18 +440,24 @@ class BodyTests(SynchronousTestCase):
 
     def test_tooLargeDeclared(self) -> None:
         """
-        A content-length over max-body-size is 413 at once, and the stream
-        is then reset with NO_ERROR to stop the body.
+        A content-length over max-body-size is 413 at once; a body larger
+        than the window the client has is then stopped with RST_STREAM
+        (NO_ERROR), one that fits in it is let finish (and dropped).
         """
         h = _harness(maxBodySize=10)
         c = Client(h)
         stream = c.get(
-            _request(method="POST", extra=[("content-length", "100")]), end=False
+            _request(method="POST", extra=[("content-length", "100000")]), end=False
         )
         self.assertEqual(c.status(stream), 413)
         self.assertEqual(c.resets(stream), [ErrorCodes.NO_ERROR])
+        small = c.get(
+            _request(method="POST", extra=[("content-length", "100")]), end=False
+        )
+        self.assertEqual(c.status(small), 413)
+        self.assertEqual(c.resets(small), [])
         self.assertEqual(h.client.calls, [])
-        self.assertEqual([r["status"] for r in h.records()], [413])
+        self.assertEqual([r["status"] for r in h.records()], [413, 413])
 
     def test_tooLargeStreamed(self) -> None:
         """
