@@ -58,12 +58,19 @@ class SharedRequest:
     _bodyLimit: int | None = None
     _refused = False
 
+    exchange: Any = None
+    method: bytes
+    uri: bytes
+    code: int
+    sentLength: int
+    _accounted = False
+    _inFlight = False
+    _metrics: Any = None
+
     if TYPE_CHECKING:
         # Provided by the request class.
 
         def _refuse(self, code: str, message: str | None = None) -> None: ...
-
-        def _account(self, status: int) -> None: ...
 
     @property
     def requestId(self) -> bytes:
@@ -114,6 +121,34 @@ class SharedRequest:
         content = self.content
         assert content is not None
         content.write(data)
+
+    def _account(self, status: int) -> None:
+        """
+        The request is over, however it ended: account for it once, from
+        its record (the access log and the metrics), and let go of its
+        exchange and its body.
+        """
+        if self._accounted:
+            return
+        self._accounted = True
+        self.exchange = None
+        stream = self.bodyStream
+        if stream is not None:
+            stream.close()
+        site = self.site
+        if self._inFlight:
+            self._inFlight = False
+            site.inFlight -= 1
+            self._metrics.inFlight -= 1
+        record = self.record
+        record.requestId = self.requestId
+        record.client = self.peerAddress
+        record.method = self.method
+        record.path = self.uri
+        if not record.tunnelled:
+            record.bytesOut = self.sentLength
+        record.finished(status, site.reactor.seconds(), self.code)
+        site.requestDone(record)
 
     def tunnelDone(self) -> None:
         """

@@ -594,29 +594,6 @@ class HTTP1Request(SharedRequest):
             return
         self._account(CLIENT_CLOSED if not self.record.errorCode else self.code)
 
-    def _account(self, status: int) -> None:
-        if self._accounted:
-            return
-        self._accounted = True
-        self.exchange = None
-        stream = self.bodyStream
-        if stream is not None:
-            stream.close()
-        site = self.site
-        if self._inFlight:
-            self._inFlight = False
-            site.inFlight -= 1
-            self._metrics.inFlight -= 1
-        record = self.record
-        record.requestId = self.requestId
-        record.client = self.peerAddress
-        record.method = self.method
-        record.path = self.uri
-        if not record.tunnelled:
-            record.bytesOut = self.sentLength
-        record.finished(status, site.reactor.seconds(), self.code)
-        site.requestDone(record)
-
 
 _HEAD, _BODY = range(2)
 

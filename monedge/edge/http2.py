@@ -767,28 +767,6 @@ class H2Request(SharedRequest):
             exchange.clientLost(reason)
         self._account(CLIENT_CLOSED if not self.record.errorCode else self.code)
 
-    def _account(self, status: int) -> None:
-        if self._accounted:
-            return
-        self._accounted = True
-        self.exchange = None
-        stream = self.bodyStream
-        if stream is not None:
-            stream.close()
-        site = self.site
-        if self._inFlight:
-            self._inFlight = False
-            site.inFlight -= 1
-            self._metrics.inFlight -= 1
-        record = self.record
-        record.requestId = self.requestId
-        record.client = self.peerAddress
-        record.method = self.method
-        record.path = self.uri
-        record.bytesOut = self.sentLength
-        record.finished(status, site.reactor.seconds(), self.code)
-        site.requestDone(record)
-
 
 class _Malformed(Exception):
     """
