@@ -34,8 +34,8 @@ def _run(*command: str, timeout: float) -> str:
 
 class BenchToolTests(TestCase):
     """
-    bench/inprocess.py, bench/instructions.sh, bench/upload.py and
-    bench/h2load.py, on small counts.
+    bench/inprocess.py, bench/instructions.sh, bench/upload.py,
+    bench/h2load.py and bench/grpc.py, on small counts.
     """
 
     def test_inprocess(self) -> None:
@@ -170,3 +170,49 @@ class BenchToolTests(TestCase):
         self.assertEqual(run["loggedStatuses"], {"200": 200})
         self.assertEqual(document["errorsLogged"], {"monedge": []})
         self.assertIn("monedge's log: no error logged", out)
+
+    def test_grpc(self) -> None:
+        """
+        bench/grpc.py, on a tiny run, makes unary gRPC calls with h2load to
+        the grpcio server directly and through monedge (an h2c service):
+        every call answered 200 and served by the server (its own count),
+        grpcio's sample calls succeeding, monedge's access log holding no
+        failed call; it prints and writes a row for each target with
+        calls/s and p99, monedge's CPU per call, and the ratio of the two.
+        """
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "grpc.json")
+            out = _run(
+                sys.executable,
+                "bench/grpc.py",
+                "--calls",
+                "200",
+                "--warmup",
+                "50",
+                "--rounds",
+                "1",
+                "--json",
+                path,
+                timeout=60,
+            )
+            with open(path) as f:
+                document = json.load(f)
+        summary = {row["target"]: row for row in document["summary"]}
+        self.assertEqual(sorted(summary), ["direct", "monedge"])
+        for target, row in summary.items():
+            self.assertEqual((row["calls"], row["errors"]), (200, 0), target)
+            self.assertGreater(row["callsPerSecond"], 0, target)
+            self.assertGreater(row["p99ms"], 0, target)
+            self.assertGreater(row["upstreamCpuMicrosecondsPerCall"], 0, target)
+            self.assertRegex(out, rf"\| {target} +\| +[\d,]+ .*\| 0 of 200 \|")
+            (run,) = document["runs"][target]
+            self.assertEqual(run["protocol"], "h2c")
+            self.assertEqual(run["loggedStatuses"], {"200": 200})
+            self.assertEqual(run["servedByUpstream"], 200)
+        self.assertGreater(summary["monedge"]["monedgeCpuMicrosecondsPerCall"], 0)
+        self.assertGreater(document["monedgeAgainstDirect"], 0)
+        self.assertRegex(out, r"monedge / direct = [\d.]+x the calls/s")
+        # The warm-up, the measured calls and the checks all went through.
+        self.assertGreaterEqual(sum(document["accessLog"].values()), 250)
+        self.assertEqual(document["accessLogBad"], 0)
+        self.assertEqual(document["errorsLogged"], {"monedge": [], "gRPC server": []})
