@@ -135,15 +135,20 @@ class ServiceResource(Resource):
             except ProxyError as e:
                 return renderError(request, e, request.requestId)
         deadline: float | None = None
-        if b"Grpc-Timeout" in request.headerTable and isGrpcRequest(request):
-            # The call's deadline bounds the wait for the upstream's answer.
-            deadline = parseGrpcTimeout(request.headerTable[b"Grpc-Timeout"][0])
-            if deadline is None:
-                return renderError(
-                    request, ProxyError("grpc_timeout_invalid"), request.requestId
-                )
+        grpc = isGrpcRequest(request)
+        if grpc:
+            if b"Grpc-Timeout" in request.headerTable:
+                # The call's deadline, counted from its arrival.
+                deadline = parseGrpcTimeout(request.headerTable[b"Grpc-Timeout"][0])
+                if deadline is None:
+                    return renderError(
+                        request, ProxyError("grpc_timeout_invalid"), request.requestId
+                    )
+            # A call may stream for long: the stream idle timeout governs
+            # its body, not the front end's body timeout.
+            request.stopBodyTimeout()
         policy = self.policy
-        if policy.stripPrefix and not isGrpcRequest(request):
+        if policy.stripPrefix and not grpc:
             # (strip-prefix never applies to a gRPC call: its path is its
             # method's name.)
             target = routed.rest + routed.query
@@ -183,6 +188,7 @@ class ServiceResource(Resource):
             target,
         )
         exchange.upgradeKey = upgradeKey
+        exchange.grpc = grpc
         exchange.deadline = deadline
         exchange.tls = self._tls
         chain = self.hooks

@@ -77,6 +77,8 @@ CATALOGUE: dict[str, tuple[int, str]] = {
         504,
         "the upstream did not accept the connection in time",
     ),
+    "grpc_deadline_exceeded": (504, "the call's grpc-timeout passed"),
+    "stream_idle_timeout": (504, "the call carried no data for too long"),
 }
 
 

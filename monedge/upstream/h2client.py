@@ -337,8 +337,12 @@ class _Stream:
 
     # The response
 
-    def gotResponse(self, code: int, headers: Headers, length: int | object) -> None:
+    def gotResponse(
+        self, code: int, headers: Headers, length: int | object, ended: bool = False
+    ) -> None:
         response = self.response = _Response(self, code, headers, length)
+        if ended:
+            self.ended()
         result, self.result = self.result, None
         if result is not None:
             result.callback(response)
@@ -695,7 +699,7 @@ class _H2Connection(Protocol):
                 if stream.response is None:
                     self.streams.pop(event.stream_id, None)
                     stream.lost(ResponseNeverReceived([Failure(ResponseDone())]))
-                else:
+                elif not stream.complete:
                     stream.ended()
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.pop(event.stream_id, None)
@@ -742,7 +746,10 @@ class _H2Connection(Protocol):
                 headers.addRawHeader(name, value)
         if stream.method == b"HEAD" or code in (204, 304):
             length = 0
-        stream.gotResponse(code, headers, length)
+        # A head that ends the stream (a trailers-only gRPC answer, a
+        # bodiless one) gives a response complete as it is given, so that
+        # it goes on as one piece too.
+        stream.gotResponse(code, headers, length, event.stream_ended is not None)
 
     def _goAway(self, lastStreamId: int) -> None:
         self.goingAway = True
