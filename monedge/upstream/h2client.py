@@ -41,8 +41,11 @@ Its contract, beside L{monedge.upstream.client.FastUpstreamClient}'s:
   L{ResponseFailed} after it), and no stream goes on it any more.  A
   connection with no stream is not pinged (as gRPC clients by default:
   C{keepalive_permit_without_calls} is off; the pool's idle timeout closes
-  it instead).  One timer per connection, re-armed lazily: each read only
-  records the time.
+  it instead).  Once a PING has gone with no HEADERS or DATA from the
+  upstream since, the next waits L{QUIET_PING_INTERVAL} (5 minutes), so
+  that gRPC servers' ping policing never closes a quiet call's connection.
+  One timer per connection, re-armed lazily: each read only records the
+  time.
 """
 
 from __future__ import annotations
@@ -120,6 +123,16 @@ DEFAULT_PING_INTERVAL = 30.0
 #: Seconds a PING may go unanswered (no frame at all) before the
 #: connection is taken for dead.
 DEFAULT_PING_TIMEOUT = 10.0
+
+#: The fewest seconds between PINGs once one has gone since the upstream
+#: last sent a HEADERS or DATA frame: gRPC servers' default
+#: C{grpc.http2.min_ping_interval_without_data_ms} (grpc-core) and
+#: C{EnforcementPolicy.MinTime} (grpc-go), 5 minutes.  Such a server counts
+#: a PING closer to the last than that as a strike, unless it has sent data
+#: or headers since, and at the third strike closes the connection with
+#: GOAWAY C{too_many_pings}, failing every call on it: PINGs every 30 s on
+#: a call that is quiet for two minutes would kill it.
+QUIET_PING_INTERVAL = 300.0
 
 #: How many times a request goes out at most, when the upstream leaves it
 #: unprocessed (GOAWAY, REFUSED_STREAM) each time.
@@ -505,6 +518,15 @@ class _Stream:
         self.client._submit(self)
 
 
+#: What an upstream sends that resets gRPC servers' PING strikes.
+_DATA_OR_HEADERS = (
+    h2.events.ResponseReceived,
+    h2.events.InformationalResponseReceived,
+    h2.events.DataReceived,
+    h2.events.TrailersReceived,
+)
+
+
 class _ClientConnection(h2.connection.H2Connection):
     """
     h2's connection, which closes itself on a GOAWAY it receives: the
@@ -546,6 +568,10 @@ class _H2Connection(Protocol):
         self._heardAt = 0.0
         #: When the PING in flight went, if one is.
         self._pingSentAt: float | None = None
+        #: When the last PING went, and whether one has gone since the
+        #: upstream last sent HEADERS or DATA (L{QUIET_PING_INTERVAL}).
+        self._lastPingAt = 0.0
+        self._pingedSinceData = False
 
     # Room
 
@@ -704,10 +730,23 @@ class _H2Connection(Protocol):
             self.abort()
             return
         for event in events:
+            if self._pingedSinceData and isinstance(event, _DATA_OR_HEADERS):
+                self._dataAfterPing()
             self._event(event)
             if self.transport is None:
                 return
         self._write()
+
+    def _dataAfterPing(self) -> None:
+        """
+        HEADERS or DATA came after a PING: the next may go after the
+        interval again, so a timer waiting out L{QUIET_PING_INTERVAL} is
+        brought forward (once per PING at most).
+        """
+        self._pingedSinceData = False
+        call = self._pingCall
+        if call is not None and self._pingSentAt is None and call.active():
+            call.reset(self.client.pingInterval)
 
     def _event(self, event: Any) -> None:
         if isinstance(event, h2.events.ResponseReceived):
@@ -843,6 +882,8 @@ class _H2Connection(Protocol):
             # Something came: the connection is alive.
             self._pingSentAt = None
         due = self._heardAt + client.pingInterval
+        if self._pingedSinceData:
+            due = max(due, self._lastPingAt + QUIET_PING_INTERVAL)
         if now < due:
             self._pingCall = client.reactor.callLater(due - now, self._keepalive)
             return
@@ -851,7 +892,8 @@ class _H2Connection(Protocol):
         except H2Error:
             return
         self._write()
-        self._pingSentAt = now
+        self._pingSentAt = self._lastPingAt = now
+        self._pingedSinceData = True
         self._pingCall = client.reactor.callLater(client.pingTimeout, self._keepalive)
 
     def _cancelKeepalive(self) -> None:

@@ -584,19 +584,36 @@ class KeepaliveTests(SynchronousTestCase):
     def test_ackKeepsTheConnection(self) -> None:
         """
         A PING answered within the timeout keeps the connection and its
-        stream; the next PING goes after another interval of silence, and
-        the answer, when it comes, is delivered.
+        stream, and the answer, when it comes, is delivered.
         """
         d, peer = self.started()
         self.reactor.advance(30)
         self.assertEqual(len(self.pings(peer)), 1)  # h2 sends the ACK
         self.reactor.advance(10.5)
         self.assertFalse(peer.transport.disconnecting)
-        self.assertEqual(len(self.pings(peer)), 1)
-        self.reactor.advance(20)
-        self.assertEqual(len(self.pings(peer)), 2)
         peer.respond(1, b"late")
         self.assertEqual(self.successResultOf(d).code, 200)
+
+    def test_quietPingsSpaced(self) -> None:
+        """
+        Once a PING has gone with no HEADERS or DATA from the upstream
+        since, the next waits five minutes (gRPC servers' default ping
+        policing), however short the interval; HEADERS or DATA from the
+        upstream make the interval the rule again.
+        """
+        d, peer = self.started()
+        self.reactor.advance(30)
+        self.assertEqual(len(self.pings(peer)), 1)
+        self.reactor.advance(299.9)
+        self.assertEqual(len(self.pings(peer)), 1)
+        self.reactor.advance(0.2)
+        self.assertEqual(len(self.pings(peer)), 2)
+        self.reactor.advance(10)
+        self.assertFalse(peer.transport.disconnecting)
+        peer.respond(1, end=False)
+        self.reactor.advance(30.5)
+        self.assertEqual(len(self.pings(peer)), 3)
+        self.successResultOf(d)
 
     def test_noAckDropsTheConnection(self) -> None:
         """
