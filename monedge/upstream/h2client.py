@@ -908,7 +908,7 @@ class _H2Connection(Protocol):
         still queued, never sent, go to another connection.
         """
         self._log.warn(
-            "upstream {endpoint} answered no PING within {timeout}s;"
+            "upstream {endpoint} answered no PING within {timeout:g}s;"
             " connection dropped",
             endpoint=self.client.describe(self.key),
             timeout=self.client.pingTimeout,
