@@ -63,7 +63,7 @@ def dechunk(body: bytes) -> bytes:
     """
     A chunked HTTP/1.1 body, decoded.
     """
-    out = []
+    out: list[bytes] = []
     while True:
         line, body = body.split(b"\r\n", 1)
         size = int(line.split(b";")[0], 16)
