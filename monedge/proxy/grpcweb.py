@@ -276,6 +276,18 @@ class GrpcWebResponse:
         else:
             self.headers = headers
 
+    @property
+    def monedgeUpstreamTrailers(self) -> list[tuple[bytes, bytes]] | None:
+        """
+        The upstream's own trailers (C{grpc-status} among them), for what
+        records the call: they reach the client in the body, not as
+        L{monedgeTrailers}.
+        """
+        trailers: list[tuple[bytes, bytes]] | None = getattr(
+            self._response, "monedgeTrailers", None
+        )
+        return trailers
+
     def encode(self, data: bytes) -> bytes:
         """
         C{data}, a piece of the upstream's body, as the client's.

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
-from monedge.proxy.grpcweb import DecodingBody, GrpcWebCall
+from monedge.proxy.grpcweb import DecodingBody, GrpcWebCall, GrpcWebResponse
 from monedge.rules.grpcweb import grpcWebType
 from monedge.testing import BodySink, FakeResponse
 from monedge.upstream.streaming import HeldBody
@@ -191,6 +191,19 @@ class ResponseTests(SynchronousTestCase):
             body(transport),
             frame(b"echo") + b"\x80" + struct.pack(">I", len(block)) + block,
         )
+
+    def test_upstreamTrailersKeptForTheRecord(self) -> None:
+        """
+        The translated response has no HTTP trailers, but still tells what
+        records the call the upstream's own (C{grpc-status} among them).
+        """
+        kind = grpcWebType(b"application/grpc-web")
+        assert kind is not None
+        upstream = grpcResponse()
+        upstream.monedgeTrailers = [(b"grpc-status", b"6")]  # type: ignore[attr-defined]
+        response = GrpcWebResponse(upstream, GrpcWebCall(kind))
+        self.assertIsNone(response.monedgeTrailers)
+        self.assertEqual(response.monedgeUpstreamTrailers, [(b"grpc-status", b"6")])
 
     def test_text(self) -> None:
         """
