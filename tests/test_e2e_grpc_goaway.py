@@ -308,6 +308,14 @@ class KeepaliveTests(ProxyTestCase):
         self.assertLess(elapsed, 5)
         self.assertGreater(elapsed, 1.5)
         self.assertEqual(requests, [b"/wait"])
-        [record] = proxy.accessLog()
+        records: list[dict[str, Any]] = []
+
+        def logged() -> bool:
+            records[:] = proxy.accessLog()
+            return bool(records)
+
+        # (The access log is written a moment after the answer.)
+        await proxy.waitFor(logged, 5, "the access log")
+        [record] = records
         self.assertEqual(record["error"], "upstream_reset")
         self.assertIn("answered no PING within 1s", proxy.log())

@@ -73,6 +73,7 @@ from monedge.record import RequestRecord
 from monedge.rules.errors import (
     CATALOGUE,
     ProxyError,
+    grpcRefusalType,
     isGrpcRequest,
     rawErrorResponse,
     renderError,
@@ -1350,7 +1351,12 @@ class HTTP1Channel(SharedChannel, Protocol):
         path = current.uri if current is not None else None
         head = method == b"HEAD"
         grpc = request is not None and isGrpcRequest(request)
-        transport.write(rawErrorResponse(code, rid, message, head, grpc))
+        grpcType = (
+            grpcRefusalType(request)
+            if grpc and request is not None
+            else b"application/grpc"
+        )
+        transport.write(rawErrorResponse(code, rid, message, head, grpc, grpcType))
         if grpc:
             record.grpcStatus = grpcStatus(code, CATALOGUE[code][0])
         record.requestId = rid
@@ -1389,7 +1395,12 @@ class HTTP1Channel(SharedChannel, Protocol):
         request.code = status
         transport.write(
             rawErrorResponse(
-                code, request.requestId, message, request.method == b"HEAD", grpc
+                code,
+                request.requestId,
+                message,
+                request.method == b"HEAD",
+                grpc,
+                grpcRefusalType(request),
             )
         )
         request._account(status)

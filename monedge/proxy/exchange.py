@@ -53,6 +53,7 @@ from monedge.upstream.upgrade import isWebSocketAccept
 
 if TYPE_CHECKING:
     from monedge.observe.metrics import ServiceMetrics
+    from monedge.proxy.grpcweb import GrpcWebCall
     from monedge.rules.policy import Policy
 
 
@@ -322,6 +323,8 @@ class ProxyExchange:
         #: when that check saw them grow.
         self._progress = 0
         self._quietSince = 0.0
+        #: A gRPC-Web call's translation to gRPC (HTTP/2 services only).
+        self.grpcWeb: GrpcWebCall | None = None
 
     def start(self) -> None:
         """
@@ -402,15 +405,19 @@ class ProxyExchange:
             # An HTTP/2 service: the client dispatches by protocol
             # (monedge.upstream.dispatch.ProtocolDispatch).
             dispatch: Any = self.context.client
+            web = self.grpcWeb
+            body = self._body()
             d = dispatch.request(
                 self.request.method,
                 state.base + self._target,
                 self._headers,
-                self._body(),
+                body if web is None else web.body(body),
                 self._policy.connectTimeout,
                 self.tls,
                 protocol=self._policy.protocol,
             )
+            if web is not None:
+                d = web.watch(d)
         self._pending = d
         if self.grpc:
             # A stream: no wait for the head (a client stream's comes at
@@ -731,7 +738,9 @@ class ProxyExchange:
         """
         trailers = getattr(response, "monedgeTrailers", None)
         if self.grpc:
-            self._recordStatus(trailers)
+            # (A gRPC-Web call's trailers travel in its body.)
+            upstream = getattr(response, "monedgeUpstreamTrailers", trailers)
+            self._recordStatus(upstream)
         if trailers:
             kept = trailerFields(trailers, "allow")
             if kept:
@@ -809,6 +818,11 @@ class ProxyExchange:
             self.context.balancer.connectFailed(state)
             kind, error = "connect_refused", "upstream_connect_failed"
         elif failure.check(CancelledError):
+            return
+        elif failure.check(ProxyError):
+            # The request itself could not go (a gRPC-Web text body that
+            # is not base64): the client's fault, not the upstream's.
+            self._fail(cast(ProxyError, failure.value))
             return
         elif failure.check(UpstreamHeadersTooLarge):
             # Logged by the client, naming the endpoint and the limit.

@@ -28,6 +28,7 @@ from monedge.proxy.exchange import (
     ProxyExchange,
     writeHookResponse,
 )
+from monedge.proxy.grpcweb import grpcWebCall
 from monedge.record import RequestRecord
 from monedge.registry import ServiceEntry
 from monedge.rules.convention import HostTiers, isValidName, normaliseHost, serviceName
@@ -174,6 +175,10 @@ class ServiceResource(Resource):
             # The client takes trailers, so monedge passes them on: the
             # upstream may send them (TE is hop-by-hop: this is monedge's).
             headers.setRawHeaders(b"te", [b"trailers"])
+        web = grpcWebCall(request.requestHeaders, policy.protocol) if grpc else None
+        if web is not None:
+            # A gRPC-Web call to a gRPC server: it goes as gRPC.
+            web.requestHeaders(headers)
         if upgradeKey is not None:
             # The one upgrade monedge carries, on a connection of its own.
             headers.setRawHeaders(b"connection", [b"Upgrade"])
@@ -190,6 +195,7 @@ class ServiceResource(Resource):
         exchange.upgradeKey = upgradeKey
         exchange.grpc = grpc
         exchange.deadline = deadline
+        exchange.grpcWeb = web
         exchange.tls = self._tls
         chain = self.hooks
         if chain is None:
