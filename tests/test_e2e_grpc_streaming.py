@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -106,14 +107,16 @@ class _GrpcStreamingBase(ProxyTestCase):
 
     timeout = 120
 
-    async def startBoth(self, *args: str) -> ProxyProcess:
+    async def startBoth(
+        self, *args: str, policy: dict[str, str] | None = None
+    ) -> ProxyProcess:
         self.upstream = _Upstream()
         self.addCleanup(self.upstream.stop)
         return await self.startProxy(
             {
                 "service.api.payments": {
                     "endpoints": [f"127.0.0.1:{self.upstream.port}"],
-                    "policy": {"protocol": "h2c"},
+                    "policy": {"protocol": "h2c", **(policy or {})},
                 }
             },
             self.proxyArgs(*args),
@@ -242,6 +245,56 @@ class _GrpcStreamingBase(ProxyTestCase):
 
         answers = await self.onChannel(proxy, work)
         self.assertEqual(answers, [b"re:%d" % (i,) for i in range(MESSAGES)])
+
+    async def test_quietStreamOutlivesHTTPTimeouts(self) -> None:
+        """
+        A bidirectional call with 1.5 s pauses both ways lives on past a
+        1 s timeout, idle-timeout and --body-timeout, which are HTTP's:
+        the stream idle timeout governs it.
+        """
+        proxy = await self.startBoth(
+            "--body-timeout",
+            "1s",
+            policy={"timeout": "1s", "idle-timeout": "1s"},
+        )
+
+        def work(channel: grpc.Channel) -> list[bytes]:
+            stub = channel.stream_stream(f"/{SERVICE}/Chat")
+
+            def requests() -> Iterator[bytes]:
+                for i in range(3):
+                    time.sleep(1.5)
+                    yield b"%d" % (i,)
+
+            return list(stub(requests(), timeout=30))
+
+        answers = await self.onChannel(proxy, work)
+        self.assertEqual(answers, [b"re:0", b"re:1", b"re:2"])
+
+    async def test_streamIdleTimeout(self) -> None:
+        """
+        A call that carries nothing either way for the service's
+        stream-idle-timeout (1 s here) ends UNAVAILABLE, with monedge's
+        code as its message, and the server sees it end.
+        """
+        proxy = await self.startBoth(policy={"stream-idle-timeout": "1s"})
+
+        def work(channel: grpc.Channel) -> tuple[Any, str, float]:
+            stub = channel.unary_unary(f"/{SERVICE}/Slow")
+            started = time.monotonic()
+            try:
+                stub(b"", timeout=30)
+            except grpc.RpcError as e:
+                return e.code(), e.details(), time.monotonic() - started
+            raise AssertionError("the call succeeded")
+
+        code, details, elapsed = await self.onChannel(proxy, work)
+        self.assertEqual(code, grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(details, "stream_idle_timeout")
+        self.assertGreaterEqual(elapsed, 0.9)
+        self.assertLess(elapsed, 5)
+        cancelled = await threads.deferToThread(self.upstream.cancelled.wait, 10)
+        self.assertTrue(cancelled, "the server did not see the call end")
 
     async def test_deadlineExceeded(self) -> None:
         """
