@@ -67,8 +67,9 @@ class RequestRecord:
     @ivar tunnelled: whether it became a tunnel (a WebSocket).
     @ivar origin: who chose the status (L{UPSTREAM} or L{MONEDGE}), once
         finished.
-    @ivar grpcStatus: the C{grpc-status} monedge answered a gRPC call with
-        (a refusal in gRPC's form), else L{None}.
+    @ivar grpcStatus: a gRPC call's C{grpc-status}: the upstream's (in its
+        trailers, or its head for a trailers-only answer), or the one
+        monedge answered with (a refusal in gRPC's form); else L{None}.
     """
 
     __slots__ = (

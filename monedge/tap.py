@@ -48,6 +48,7 @@ from monedge.runtime.workers import (
 )
 from monedge.twistedseam import checkTwistedVersion, leanDispatch
 from monedge.upstream.client import DEFAULT_MAX_PER_HOST, DEFAULT_POOL_IDLE
+from monedge.upstream.h2client import DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT
 
 #: The listen backlog for a bare port number: large enough for bursts.
 BACKLOG = 1024
@@ -283,6 +284,20 @@ class Options(usage.Options):
             " the upstreams' keep-alive.",
         ],
         [
+            "upstream-ping-interval",
+            None,
+            f"{DEFAULT_PING_INTERVAL:g}s",
+            "Silence on an HTTP/2 upstream connection with requests in flight"
+            " before monedge sends a PING; 0 for none.",
+        ],
+        [
+            "upstream-ping-timeout",
+            None,
+            f"{DEFAULT_PING_TIMEOUT:g}s",
+            "How long an HTTP/2 upstream connection may answer nothing to a PING"
+            " before it is dropped, its requests failing.",
+        ],
+        [
             "tls-port",
             None,
             None,
@@ -458,8 +473,12 @@ class Options(usage.Options):
             "send-timeout",
             "keepalive-timeout",
             "upstream-idle-timeout",
+            "upstream-ping-timeout",
         ):
             self[option] = _duration(option, self[option])
+        self["upstream-ping-interval"] = _duration(
+            "upstream-ping-interval", self["upstream-ping-interval"], True
+        )
         self["initial-sync-timeout"] = _duration(
             "initial-sync-timeout", self["initial-sync-timeout"], True
         )
@@ -554,6 +573,8 @@ class Options(usage.Options):
             ),
             upstreamPoolSize=self["upstream-pool-size"],
             upstreamIdleTimeout=self["upstream-idle-timeout"],
+            upstreamPingInterval=self["upstream-ping-interval"],
+            upstreamPingTimeout=self["upstream-ping-timeout"],
             maxUpstreamHeadersSize=self["max-upstream-headers-size"],
             maxUpstreamHeaderCount=self["max-upstream-header-count"],
             accessLog=self["access-log"],

@@ -73,6 +73,7 @@ from monedge.record import RequestRecord
 from monedge.rules.errors import (
     CATALOGUE,
     ProxyError,
+    grpcRefusalType,
     isGrpcRequest,
     rawErrorResponse,
     renderError,
@@ -502,6 +503,16 @@ class HTTP1Request(SharedRequest):
             else:
                 channel.write(data)
 
+    def stopBodyTimeout(self) -> None:
+        """
+        This request's body is a stream that another timer governs (a
+        gRPC call's stream idle timeout): C{--body-timeout} does not apply.
+        """
+        channel = self.channel
+        channel._bodyUnwatched = True
+        if channel._inBody:
+            channel._stopDeadline()
+
     def setTrailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
         """
         Fields to send after the response body, already checked: sent only
@@ -669,6 +680,9 @@ class HTTP1Channel(SharedChannel, Protocol):
         #: The last response closes the connection.
         self._closing = False
         self._inBody = False
+        #: The request's body is a stream the exchange times (a gRPC
+        #: call's): the body timeout does not apply to it.
+        self._bodyUnwatched = False
         self._host: Any = None
         self._peer: Any = None
         self._secure: bool | None = None
@@ -822,7 +836,7 @@ class HTTP1Channel(SharedChannel, Protocol):
             return
         now = self.site.reactor.seconds()
         self._lastActive = now
-        if self._inBody:
+        if self._inBody and not self._bodyUnwatched:
             # The body moved: its idle deadline starts again (or starts: a
             # client asked to wait for 100 Continue may send it anyway).
             if self._deadlineAt is None:
@@ -884,7 +898,7 @@ class HTTP1Channel(SharedChannel, Protocol):
         if reason not in pauses:
             return
         pauses.discard(reason)
-        if isinstance(reason, _BodySource) and self._inBody:
+        if isinstance(reason, _BodySource) and self._inBody and not self._bodyUnwatched:
             self._startDeadline(self.limits.bodyTimeout)
         if not pauses:
             transport: Any = self.transport
@@ -1100,7 +1114,8 @@ class HTTP1Channel(SharedChannel, Protocol):
             return
         transport: Any = self.transport
         transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._startDeadline(self.limits.bodyTimeout)
+        if not self._bodyUnwatched:
+            self._startDeadline(self.limits.bodyTimeout)
 
     def _readBody(self, data: bytes) -> bytes:
         """
@@ -1204,6 +1219,7 @@ class HTTP1Channel(SharedChannel, Protocol):
         the next request's, held until this one is answered.
         """
         self._inBody = False
+        self._bodyUnwatched = False
         self._stopDeadline()
         self._state = _HEAD
         self._inRequestLine = True
@@ -1335,7 +1351,12 @@ class HTTP1Channel(SharedChannel, Protocol):
         path = current.uri if current is not None else None
         head = method == b"HEAD"
         grpc = request is not None and isGrpcRequest(request)
-        transport.write(rawErrorResponse(code, rid, message, head, grpc))
+        grpcType = (
+            grpcRefusalType(request)
+            if grpc and request is not None
+            else b"application/grpc"
+        )
+        transport.write(rawErrorResponse(code, rid, message, head, grpc, grpcType))
         if grpc:
             record.grpcStatus = grpcStatus(code, CATALOGUE[code][0])
         record.requestId = rid
@@ -1374,7 +1395,12 @@ class HTTP1Channel(SharedChannel, Protocol):
         request.code = status
         transport.write(
             rawErrorResponse(
-                code, request.requestId, message, request.method == b"HEAD", grpc
+                code,
+                request.requestId,
+                message,
+                request.method == b"HEAD",
+                grpc,
+                grpcRefusalType(request),
             )
         )
         request._account(status)

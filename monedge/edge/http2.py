@@ -323,6 +323,8 @@ class H2Request(SharedRequest):
     _accounted = False
     _inFlight = False
     _bodyPaused = False
+    #: The body is a stream another timer governs (a gRPC call's).
+    _bodyUnwatched = False
     _held = 0
     _trailers: list[tuple[bytes, bytes]] | None = None
     #: The response's END_STREAM (or trailers) is queued.
@@ -653,6 +655,13 @@ class H2Request(SharedRequest):
             return
         self.sentLength += len(data)
         self._connection._queue(self, data)
+
+    def stopBodyTimeout(self) -> None:
+        """
+        This request's body is a stream that another timer governs (a
+        gRPC call's stream idle timeout): C{--body-timeout} does not apply.
+        """
+        self._bodyUnwatched = True
 
     def setTrailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
         """
@@ -1287,7 +1296,11 @@ class H2Channel(Protocol):
                 return
             nearest.append(at)
         for request in list(self.requests.values()):
-            if request._bodyAt is not None and not request._bodyPaused:
+            if (
+                request._bodyAt is not None
+                and not request._bodyPaused
+                and not request._bodyUnwatched
+            ):
                 at = request._bodyAt + limits.bodyTimeout
                 if at <= now:
                     request._bodyAt = None

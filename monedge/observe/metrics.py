@@ -171,9 +171,10 @@ class ServiceMetrics:
             self.upstream.observe(upstreamSeconds)
         grpc = record.grpcStatus
         if grpc is not None:
-            self._metrics.grpcRefusals.labels(
-                self._service, STATUS_NAMES.get(grpc, "UNKNOWN")
-            ).inc()
+            name = STATUS_NAMES.get(grpc, "UNKNOWN")
+            self._metrics.grpcCalls.labels(self._service, name, record.origin).inc()
+            if record.origin == MONEDGE:
+                self._metrics.grpcRefusals.labels(self._service, name).inc()
 
     def observe(
         self,
@@ -379,6 +380,13 @@ class Metrics:
         self.connectionsRefused = Counter(
             "monedge_connections_refused",
             "Client connections refused because their listener had too many.",
+            registry=self.registry,
+        )
+        self.grpcCalls = Counter(
+            "monedge_grpc_calls",
+            "gRPC calls ended with a grpc-status, by service, status name and"
+            " origin (upstream or monedge).",
+            ["service", "grpc_status", "origin"],
             registry=self.registry,
         )
         self.grpcRefusals = Counter(

@@ -39,6 +39,7 @@ from monedge.rules.errors import (
     renderError,
     setGrpcRefusal,
 )
+from monedge.rules.grpc import UNKNOWN, formatGrpcTimeout
 from monedge.rules.headers import downstreamHeaders, trailerFields
 from monedge.rules.limits import DEFAULT_LIMITS
 from monedge.twistedseam import HeaderTable
@@ -52,6 +53,7 @@ from monedge.upstream.upgrade import isWebSocketAccept
 
 if TYPE_CHECKING:
     from monedge.observe.metrics import ServiceMetrics
+    from monedge.proxy.grpcweb import GrpcWebCall
     from monedge.rules.policy import Policy
 
 
@@ -115,6 +117,8 @@ class ClientRequest(typing.Protocol):
     def tunnelDone(self) -> None: ...
 
     def setTrailers(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
+
+    def stopBodyTimeout(self) -> None: ...
 
 
 class TunnelChannel(typing.Protocol):
@@ -225,11 +229,18 @@ class _BodyRelay(Protocol):
             wait = min(self._idleTimeout, self._sendTimeout - stalled)
             self._idleCall = self._clock.callLater(wait, self._checkIdle)
             return
-        idle = now - self._last
+        last = self._last
+        exchange = self._exchange
+        if exchange.grpc:
+            # A gRPC call is idle only if its client is quiet too; that is
+            # checked each quarter of the timeout.
+            last = max(last, exchange.clientQuietSince(now))
+        idle = now - last
         if idle < self._idleTimeout:
-            self._idleCall = self._clock.callLater(
-                self._idleTimeout - idle, self._checkIdle
-            )
+            wait = self._idleTimeout - idle
+            if exchange.grpc:
+                wait = min(wait, self._idleTimeout / 4)
+            self._idleCall = self._clock.callLater(wait, self._checkIdle)
             return
         self._idleCall = None
         self._exchange.bodyStalled()
@@ -289,7 +300,8 @@ class ProxyExchange:
         self._state: EndpointState | None = None
         self._pending: Deferred[IResponse] | None = None
         self._timeoutCall: IDelayedCall | None = None
-        self._timedOut = False
+        #: The error code of the timeout that ended the exchange, if one did.
+        self._timedOut: str | None = None
         self._relay: _BodyRelay | None = None
         self._response: IResponse | None = None
         self._clientGone = False
@@ -299,9 +311,20 @@ class ProxyExchange:
         self.upgradeKey: bytes | None = None
         #: TLS settings for https endpoints (the service's policy).
         self.tls: UpstreamTLS | None = None
-        #: A gRPC call's C{grpc-timeout}, seconds: the wait for the
-        #: upstream's answer when shorter than the policy's C{timeout}.
+        #: Whether the request is a gRPC call: a stream, which the policy's
+        #: C{stream-idle-timeout} and its own deadline govern rather than
+        #: the HTTP timeouts, and whose grpc-status is recorded.
+        self.grpc = False
+        #: A gRPC call's C{grpc-timeout}, seconds: its deadline, counted
+        #: from its arrival.
         self.deadline: float | None = None
+        self._deadlineCall: IDelayedCall | None = None
+        #: The request body bytes received at the last idle check, and
+        #: when that check saw them grow.
+        self._progress = 0
+        self._quietSince = 0.0
+        #: A gRPC-Web call's translation to gRPC (HTTP/2 services only).
+        self.grpcWeb: GrpcWebCall | None = None
 
     def start(self) -> None:
         """
@@ -311,6 +334,8 @@ class ProxyExchange:
         # a notifyFinish Deferred on every request).
         request = self.request
         request.exchange = self
+        if self.deadline is not None:
+            self._startDeadline(self.deadline)
         stream = request.bodyStream
         if (
             stream is not None
@@ -329,6 +354,10 @@ class ProxyExchange:
 
     def _pick(self) -> None:
         if self._clientGone:
+            return
+        if self._timedOut is not None:
+            # The call's deadline passed while its body was being held.
+            self._fail(ProxyError(self._timedOut))
             return
         state = self.context.balancer.pick(self._candidates)
         if state is None:
@@ -376,21 +405,33 @@ class ProxyExchange:
             # An HTTP/2 service: the client dispatches by protocol
             # (monedge.upstream.dispatch.ProtocolDispatch).
             dispatch: Any = self.context.client
+            web = self.grpcWeb
+            body = self._body()
             d = dispatch.request(
                 self.request.method,
                 state.base + self._target,
                 self._headers,
-                self._body(),
+                body if web is None else web.body(body),
                 self._policy.connectTimeout,
                 self.tls,
                 protocol=self._policy.protocol,
             )
+            if web is not None:
+                d = web.watch(d)
         self._pending = d
-        timeout = self._policy.timeout
-        deadline = self.deadline
-        if deadline is not None and deadline < timeout:
-            timeout = deadline
-        self._timeoutCall = clock.callLater(timeout, self._headersTimedOut)
+        if self.grpc:
+            # A stream: no wait for the head (a client stream's comes at
+            # its end), but no silence longer than the stream idle timeout.
+            stream = self.request.bodyStream
+            self._progress = stream.received if stream is not None else 0
+            self._quietSince = clock.seconds()
+            self._timeoutCall = clock.callLater(
+                self._policy.streamIdleTimeout / 4, self._callQuiet
+            )
+        else:
+            self._timeoutCall = clock.callLater(
+                self._policy.timeout, self._headersTimedOut
+            )
         d.addCallbacks(self._gotResponse, self._failed, errbackArgs=(state, canRetry))
 
     def _release(self) -> None:
@@ -405,15 +446,83 @@ class ProxyExchange:
 
     def _headersTimedOut(self) -> None:
         self._timeoutCall = None
-        self._timedOut = True
+        self._timedOut = "upstream_timeout"
         if self._pending is not None:
             self._pending.cancel()
+
+    # gRPC calls' timers
+
+    def _callQuiet(self) -> None:
+        """
+        Check, each quarter of the stream idle timeout, that a gRPC call
+        waiting for its upstream's answer is not idle: once its client has
+        sent nothing for the timeout either, the call ends.
+        """
+        clock = self.context.clock
+        now = clock.seconds()
+        timeout = self._policy.streamIdleTimeout
+        quiet = now - self.clientQuietSince(now)
+        if quiet < timeout:
+            self._timeoutCall = clock.callLater(
+                min(timeout - quiet, timeout / 4), self._callQuiet
+            )
+            return
+        self._timeoutCall = None
+        self._timedOut = "stream_idle_timeout"
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def clientQuietSince(self, now: float) -> float:
+        """
+        Since when a gRPC call's client has sent nothing of its stream, as
+        far as the checks made (the first that saw its body grow; C{now}
+        is this check's time).
+        """
+        stream = self.request.bodyStream
+        if stream is not None and stream.received != self._progress:
+            self._progress = stream.received
+            self._quietSince = now
+        return self._quietSince
+
+    def _startDeadline(self, deadline: float) -> None:
+        """
+        Arm a gRPC call's deadline, C{deadline} seconds from its arrival.
+        """
+        clock = self.context.clock
+        start = self.request.record.start
+        elapsed = clock.seconds() - start if start is not None else 0.0
+        remaining = max(deadline - elapsed, 0.0)
+        self._deadlineCall = clock.callLater(remaining, self._deadlinePassed)
+        # The upstream is told what is left of the call's time.
+        self._headers.setRawHeaders(b"grpc-timeout", [formatGrpcTimeout(remaining)])
+
+    def _stopDeadline(self) -> None:
+        call = self._deadlineCall
+        if call is not None:
+            self._deadlineCall = None
+            if call.active():
+                call.cancel()
+
+    def _deadlinePassed(self) -> None:
+        """
+        A gRPC call's deadline passed: it ends, before its answer with
+        C{grpc_deadline_exceeded} (DEADLINE_EXCEEDED), during it with its
+        stream reset, and the upstream's call is cancelled either way.
+        """
+        self._deadlineCall = None
+        self._timedOut = "grpc_deadline_exceeded"
+        if self._pending is not None:
+            self._pending.cancel()
+        elif self._relay is not None:
+            self.request.record.failed("grpc_deadline_exceeded")
+            self._relay.stopProducing()
 
     def clientLost(self, reason: Failure) -> None:
         """
         The client connection was lost before the response was finished.
         """
         self._clientGone = True
+        self._stopDeadline()
         if self._pending is not None:
             self._pending.cancel()
         elif self._relay is not None:
@@ -573,7 +682,10 @@ class ProxyExchange:
             # is over, with no relay, producer or idle timer to set up.
             self._cancelTimeout()
             self._release()
-            request.write(body)
+            if body:
+                # (With none, the head goes with the end: a trailers-only
+                # gRPC answer stays one HEADERS frame.)
+                request.write(body)
             self._passTrailers(response)
             request.finish()
             return
@@ -582,7 +694,12 @@ class ProxyExchange:
         request.write(b"")
         timer, self._timeoutCall = self._timeoutCall, None
         self._response = response
-        self._relay = _BodyRelay(self, self._policy.idleTimeout, timer)
+        policy = self._policy
+        self._relay = _BodyRelay(
+            self,
+            policy.streamIdleTimeout if self.grpc else policy.idleTimeout,
+            timer,
+        )
         response.deliverBody(self._relay)
         # The head went out with the body's first bytes if they were here
         # already; if not, it goes now, alone.
@@ -594,6 +711,7 @@ class ProxyExchange:
         """
         self._relay = None
         self._release()
+        self._stopDeadline()
         request = self.request
         if self._clientGone:
             self._response = None
@@ -608,7 +726,7 @@ class ProxyExchange:
             return
         # The upstream failed mid-body: the client must see a cut-off
         # response, never one that looks complete.
-        if not self._timedOut:
+        if self._timedOut is None:
             self._metrics.upstreamError("reset_mid_body")
             request.record.failed("reset_mid_body")
         request.loseConnection()
@@ -619,6 +737,10 @@ class ProxyExchange:
         may cross, if it had any.
         """
         trailers = getattr(response, "monedgeTrailers", None)
+        if self.grpc:
+            # (A gRPC-Web call's trailers travel in its body.)
+            upstream = getattr(response, "monedgeUpstreamTrailers", trailers)
+            self._recordStatus(upstream)
         if trailers:
             kept = trailerFields(trailers, "allow")
             if kept:
@@ -638,13 +760,40 @@ class ProxyExchange:
         if self._relay is not None:
             self._relay.stopProducing()
 
+    def _recordStatus(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
+        """
+        Record a gRPC call's grpc-status: its trailers', or its head's (a
+        trailers-only answer).
+        """
+        fields: Any = trailers
+        if not fields:
+            fields = self.request.responseHeaders.getRawHeaders(b"grpc-status")
+            fields = [(b"grpc-status", fields[0])] if fields else ()
+        for name, value in fields:
+            if name.lower() == b"grpc-status":
+                try:
+                    status = int(value)
+                except ValueError:
+                    status = -1
+                # A status no gRPC client would read is UNKNOWN.
+                self.request.record.grpcStatus = (
+                    status if 0 <= status <= 16 else UNKNOWN
+                )
+                return
+
     def bodyStalled(self) -> None:
         """
         The upstream body made no progress for the idle timeout.
         """
-        self._timedOut = True
-        self._metrics.upstreamError("body_idle_timeout")
-        self.request.record.failed("body_idle_timeout")
+        record = self.request.record
+        if self.grpc:
+            self._timedOut = "stream_idle_timeout"
+            self._metrics.upstreamError("stream_idle_timeout")
+            record.failed("stream_idle_timeout")
+        else:
+            self._timedOut = "body_idle_timeout"
+            self._metrics.upstreamError("body_idle_timeout")
+            record.failed("body_idle_timeout")
 
     def _failed(self, failure: Failure, state: EndpointState, canRetry: bool) -> None:
         self._pending = None
@@ -652,9 +801,15 @@ class ProxyExchange:
         self._release()
         if self._clientGone:
             return
-        if self._timedOut:
-            self._metrics.upstreamError("timeout")
-            self._fail(ProxyError("upstream_timeout"))
+        timedOut = self._timedOut
+        if timedOut is not None:
+            self._stopDeadline()
+            # (A call's own deadline passing is not the upstream's failing.)
+            if timedOut == "upstream_timeout":
+                self._metrics.upstreamError("timeout")
+            elif timedOut == "stream_idle_timeout":
+                self._metrics.upstreamError("stream_idle_timeout")
+            self._fail(ProxyError(timedOut))
             return
         if failure.check(ConnectTimeoutError):
             self.context.balancer.connectFailed(state)
@@ -663,6 +818,11 @@ class ProxyExchange:
             self.context.balancer.connectFailed(state)
             kind, error = "connect_refused", "upstream_connect_failed"
         elif failure.check(CancelledError):
+            return
+        elif failure.check(ProxyError):
+            # The request itself could not go (a gRPC-Web text body that
+            # is not base64): the client's fault, not the upstream's.
+            self._fail(cast(ProxyError, failure.value))
             return
         elif failure.check(UpstreamHeadersTooLarge):
             # Logged by the client, naming the endpoint and the limit.
@@ -692,6 +852,7 @@ class ProxyExchange:
         self._fail(ProxyError(error))
 
     def _fail(self, error: ProxyError) -> None:
+        self._stopDeadline()
         request = self.request
         request.record.failed(error.code)
         if request.startedWriting:

@@ -28,6 +28,7 @@ from monedge.proxy.exchange import (
     ProxyExchange,
     writeHookResponse,
 )
+from monedge.proxy.grpcweb import grpcWebCall
 from monedge.record import RequestRecord
 from monedge.registry import ServiceEntry
 from monedge.rules.convention import HostTiers, isValidName, normaliseHost, serviceName
@@ -135,15 +136,20 @@ class ServiceResource(Resource):
             except ProxyError as e:
                 return renderError(request, e, request.requestId)
         deadline: float | None = None
-        if b"Grpc-Timeout" in request.headerTable and isGrpcRequest(request):
-            # The call's deadline bounds the wait for the upstream's answer.
-            deadline = parseGrpcTimeout(request.headerTable[b"Grpc-Timeout"][0])
-            if deadline is None:
-                return renderError(
-                    request, ProxyError("grpc_timeout_invalid"), request.requestId
-                )
+        grpc = isGrpcRequest(request)
+        if grpc:
+            if b"Grpc-Timeout" in request.headerTable:
+                # The call's deadline, counted from its arrival.
+                deadline = parseGrpcTimeout(request.headerTable[b"Grpc-Timeout"][0])
+                if deadline is None:
+                    return renderError(
+                        request, ProxyError("grpc_timeout_invalid"), request.requestId
+                    )
+            # A call may stream for long: the stream idle timeout governs
+            # its body, not the front end's body timeout.
+            request.stopBodyTimeout()
         policy = self.policy
-        if policy.stripPrefix and not isGrpcRequest(request):
+        if policy.stripPrefix and not grpc:
             # (strip-prefix never applies to a gRPC call: its path is its
             # method's name.)
             target = routed.rest + routed.query
@@ -169,6 +175,10 @@ class ServiceResource(Resource):
             # The client takes trailers, so monedge passes them on: the
             # upstream may send them (TE is hop-by-hop: this is monedge's).
             headers.setRawHeaders(b"te", [b"trailers"])
+        web = grpcWebCall(request.requestHeaders, policy.protocol) if grpc else None
+        if web is not None:
+            # A gRPC-Web call to a gRPC server: it goes as gRPC.
+            web.requestHeaders(headers)
         if upgradeKey is not None:
             # The one upgrade monedge carries, on a connection of its own.
             headers.setRawHeaders(b"connection", [b"Upgrade"])
@@ -183,7 +193,9 @@ class ServiceResource(Resource):
             target,
         )
         exchange.upgradeKey = upgradeKey
+        exchange.grpc = grpc
         exchange.deadline = deadline
+        exchange.grpcWeb = web
         exchange.tls = self._tls
         chain = self.hooks
         if chain is None:

@@ -17,6 +17,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
 from monedge.rules.grpc import grpcMessage, grpcStatus, isGrpcContentType
+from monedge.rules.grpcweb import grpcWebType
 
 if TYPE_CHECKING:
     from twisted.web.server import Request
@@ -46,6 +47,7 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "path_double_encoding": (400, "the path has a doubly encoded separator or dot"),
     "bad_upgrade": (400, "the WebSocket handshake is malformed"),
     "grpc_timeout_invalid": (400, "the grpc-timeout header is malformed"),
+    "grpc_web_bad_base64": (400, "the gRPC-Web text body is not valid base64"),
     "route_not_found": (404, "no service serves this path"),
     "unknown_host": (404, "this host serves no services"),
     "method_not_allowed": (405, "this method is not proxied"),
@@ -77,6 +79,8 @@ CATALOGUE: dict[str, tuple[int, str]] = {
         504,
         "the upstream did not accept the connection in time",
     ),
+    "grpc_deadline_exceeded": (504, "the call's grpc-timeout passed"),
+    "stream_idle_timeout": (504, "the call carried no data for too long"),
 }
 
 
@@ -122,6 +126,7 @@ def rawErrorResponse(
     message: str | None = None,
     head: bool = False,
     grpc: bool = False,
+    grpcType: bytes = b"application/grpc",
 ) -> bytes:
     """
     A complete HTTP/1.1 error response that closes the connection, for
@@ -132,13 +137,16 @@ def rawErrorResponse(
         headers a C{GET} would get, and no body (RFC 9110 9.3.2).
     @param grpc: the refused request is a gRPC call: the refusal takes
         gRPC's form (L{setGrpcRefusal}), its fields as headers.
+    @param grpcType: its content-type then (L{grpcRefusalType}).
     """
     status, default = CATALOGUE[code]
     if grpc:
         return b"".join(
             [
                 b"HTTP/1.1 200 OK\r\n",
-                b"Content-Type: application/grpc\r\n",
+                b"Content-Type: ",
+                grpcType,
+                b"\r\n",
                 b"Grpc-Status: %d\r\n" % (grpcStatus(code, status),),
                 b"Grpc-Message: ",
                 grpcMessage(code),
@@ -177,19 +185,32 @@ def isGrpcRequest(request: Answerable) -> bool:
     return bool(types) and isGrpcContentType(types[0])
 
 
+def grpcRefusalType(request: Answerable) -> bytes:
+    """
+    The content-type of a gRPC-form refusal of C{request}: the gRPC-Web
+    type answering its own for a gRPC-Web call (C{application/grpc-web+proto}
+    or C{application/grpc-web-text+proto}, say), else C{application/grpc}.
+    """
+    headers = getattr(request, "requestHeaders", None)
+    types = headers.getRawHeaders(b"content-type") if headers is not None else None
+    web = grpcWebType(types[0]) if types else None
+    return b"application/grpc" if web is None else web.response()
+
+
 def setGrpcRefusal(
     request: Answerable, code: str | None, status: int, message: str, requestId: bytes
 ) -> None:
     """
     Set C{request}'s status and headers for a refusal in gRPC's form: 200,
-    C{application/grpc}, and a C{grpc-status} (from the table in
+    C{application/grpc} (or the call's gRPC-Web type: L{grpcRefusalType}),
+    and a C{grpc-status} (from the table in
     docs/errors.md) and C{grpc-message} (monedge's code, else the message)
     in the head, with no body: a trailers-only response.
     """
     grpc = grpcStatus(code, status)
     request.setResponseCode(200)
     headers = request.responseHeaders
-    headers.setRawHeaders(b"content-type", [b"application/grpc"])
+    headers.setRawHeaders(b"content-type", [grpcRefusalType(request)])
     headers.setRawHeaders(b"grpc-status", [b"%d" % (grpc,)])
     headers.setRawHeaders(b"grpc-message", [grpcMessage(code or message)])
     headers.setRawHeaders(b"x-request-id", [requestId])

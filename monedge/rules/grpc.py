@@ -156,6 +156,7 @@ _BY_CODE = {
     "upstream_connect_timeout": UNAVAILABLE,
     "upstream_headers_too_large": INTERNAL,
     "grpc_timeout_invalid": INVALID_ARGUMENT,
+    "grpc_deadline_exceeded": DEADLINE_EXCEEDED,
 }
 
 
@@ -203,3 +204,21 @@ def parseGrpcTimeout(value: bytes) -> float | None:
     if match is None:
         return None
     return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def formatGrpcTimeout(seconds: float) -> bytes:
+    """
+    C{seconds} as a C{grpc-timeout} value: whole milliseconds, rounded up
+    (so a deadline never looks passed before it has), or whole seconds,
+    hours beyond what 8 digits of them hold.
+
+    >>> formatGrpcTimeout(0.25)
+    b'250m'
+    """
+    millis = -(-seconds * 1000 // 1)
+    if millis < 100_000_000:
+        return b"%dm" % (millis,)
+    whole = -(-seconds // 1)
+    if whole < 100_000_000:
+        return b"%dS" % (whole,)
+    return b"%dH" % (min(-(-seconds // 3600), 99_999_999),)

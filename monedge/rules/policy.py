@@ -176,6 +176,9 @@ class Policy:
     @ivar upstreamClientCertificate: for C{https} endpoints, a PEM file
         (key and certificate) to present (None: none).
     @ivar protocol: what the endpoints speak: C{http1}, C{h2c} or C{h2}.
+    @ivar streamIdleTimeout: seconds a gRPC call may carry no byte in
+        either direction; it replaces C{timeout}, C{idleTimeout} and the
+        request body timeout for gRPC calls, which may be long-lived.
     """
 
     connectTimeout: float = 5.0
@@ -191,6 +194,7 @@ class Policy:
     upstreamServerName: str | None = None
     upstreamClientCertificate: str | None = None
     protocol: str = "http1"
+    streamIdleTimeout: float = 300.0
 
     def asJSON(self) -> dict[str, Any]:
         """
@@ -219,6 +223,7 @@ POLICY_KEYS: dict[str, tuple[str, Any]] = {
     "upstream-server-name": ("upstreamServerName", parseServerName),
     "upstream-client-certificate": ("upstreamClientCertificate", parsePath),
     "protocol": ("protocol", parseProtocol),
+    "stream-idle-timeout": ("streamIdleTimeout", parseDuration),
 }
 
 DEFAULT_POLICY = Policy()

@@ -291,7 +291,12 @@ def buildProxy(
                 maxHeadersSize=config.maxUpstreamHeadersSize,
                 maxHeaderCount=config.maxUpstreamHeaderCount,
             ),
-            H2UpstreamClient(reactor, poolIdle=config.upstreamIdleTimeout),
+            H2UpstreamClient(
+                reactor,
+                poolIdle=config.upstreamIdleTimeout,
+                pingInterval=config.upstreamPingInterval,
+                pingTimeout=config.upstreamPingTimeout,
+            ),
         )
     if isinstance(upgrader, Build):
         upgrader = client if IUpstreamUpgrader.providedBy(client) else None

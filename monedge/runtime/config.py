@@ -74,6 +74,10 @@ class Configuration:
     upstreamPoolSize: int = 256
     #: C{--upstream-idle-timeout}, seconds.
     upstreamIdleTimeout: float = 4.0
+    #: C{--upstream-ping-interval} (0 for none) and C{--upstream-ping-timeout},
+    #: seconds: the HTTP/2 upstream keepalive.
+    upstreamPingInterval: float = 30.0
+    upstreamPingTimeout: float = 10.0
     #: C{--max-upstream-headers-size}, bytes.
     maxUpstreamHeadersSize: int = 65536
     #: C{--max-upstream-header-count}.

@@ -31,7 +31,21 @@ Its contract, beside L{monedge.upstream.client.FastUpstreamClient}'s:
 - failures are those the HTTP/1.1 client has: the connect's own errors,
   L{ResponseNeverReceived} before the response's head, L{ResponseFailed}
   after it;
-- a connection with no stream for the pool's idle timeout is closed.
+- a connection with no stream for the pool's idle timeout is closed;
+- PING keepalive: while a connection has streams open, once nothing has
+  been received on it for the ping interval a PING is sent, and if nothing
+  at all (its ACK or any other frame) arrives within the ping timeout the
+  connection is taken for dead: it is aborted, its streams fail
+  (L{UpstreamPingTimeout}: L{ResponseNeverReceived} before a response's
+  head, never sent again, since the upstream may have processed them;
+  L{ResponseFailed} after it), and no stream goes on it any more.  A
+  connection with no stream is not pinged (as gRPC clients by default:
+  C{keepalive_permit_without_calls} is off; the pool's idle timeout closes
+  it instead).  Once a PING has gone with no HEADERS or DATA from the
+  upstream since, the next waits L{QUIET_PING_INTERVAL} (5 minutes), so
+  that gRPC servers' ping policing never closes a quiet call's connection.
+  One timer per connection, re-armed lazily: each read only records the
+  time.
 """
 
 from __future__ import annotations
@@ -62,7 +76,7 @@ from monedge.upstream.client import DEFAULT_POOL_IDLE, Key, parseURL
 from monedge.upstream.endpoints import EndpointCache, UpstreamTLS, UpstreamTLSError
 from monedge.upstream.replay import NotReplayable, bodyAgain
 
-__all__ = ["H2UpstreamClient", "StreamNotProcessed"]
+__all__ = ["H2UpstreamClient", "StreamNotProcessed", "UpstreamPingTimeout"]
 
 _RESPONSE_DONE = Failure(ResponseDone())
 
@@ -103,9 +117,33 @@ _REQUEST_FLAGS = HeaderValidationFlags(
     is_client=True, is_trailer=False, is_response_header=False, is_push_promise=False
 )
 
+#: Seconds of silence on a connection with streams open before a PING.
+DEFAULT_PING_INTERVAL = 30.0
+
+#: Seconds a PING may go unanswered (no frame at all) before the
+#: connection is taken for dead.
+DEFAULT_PING_TIMEOUT = 10.0
+
+#: The fewest seconds between PINGs once one has gone since the upstream
+#: last sent a HEADERS or DATA frame: gRPC servers' default
+#: C{grpc.http2.min_ping_interval_without_data_ms} (grpc-core) and
+#: C{EnforcementPolicy.MinTime} (grpc-go), 5 minutes.  Such a server counts
+#: a PING closer to the last than that as a strike, unless it has sent data
+#: or headers since, and at the third strike closes the connection with
+#: GOAWAY C{too_many_pings}, failing every call on it: PINGs every 30 s on
+#: a call that is quiet for two minutes would kill it.
+QUIET_PING_INTERVAL = 300.0
+
 #: How many times a request goes out at most, when the upstream leaves it
 #: unprocessed (GOAWAY, REFUSED_STREAM) each time.
 MAX_ATTEMPTS = 3
+
+
+class UpstreamPingTimeout(Exception):
+    """
+    The upstream connection answered no PING, nor sent anything else, within
+    the ping timeout: it was taken for dead and dropped.
+    """
 
 
 class StreamNotProcessed(Exception):
@@ -337,8 +375,12 @@ class _Stream:
 
     # The response
 
-    def gotResponse(self, code: int, headers: Headers, length: int | object) -> None:
+    def gotResponse(
+        self, code: int, headers: Headers, length: int | object, ended: bool = False
+    ) -> None:
         response = self.response = _Response(self, code, headers, length)
+        if ended:
+            self.ended()
         result, self.result = self.result, None
         if result is not None:
             result.callback(response)
@@ -480,6 +522,15 @@ class _Stream:
         self.client._submit(self)
 
 
+#: What an upstream sends that resets gRPC servers' PING strikes.
+_DATA_OR_HEADERS = (
+    h2.events.ResponseReceived,
+    h2.events.InformationalResponseReceived,
+    h2.events.DataReceived,
+    h2.events.TrailersReceived,
+)
+
+
 class _ClientConnection(h2.connection.H2Connection):
     """
     h2's connection, which closes itself on a GOAWAY it receives: the
@@ -514,6 +565,17 @@ class _H2Connection(Protocol):
         self.goingAway = False
         self.settingsReceived = False
         self._idleCall: IDelayedCall | None = None
+        #: The keepalive timer: at most one, running while streams are open.
+        self._pingCall: IDelayedCall | None = None
+        #: When the keepalive's silence is counted from: the last read, or
+        #: when the timer started.
+        self._heardAt = 0.0
+        #: When the PING in flight went, if one is.
+        self._pingSentAt: float | None = None
+        #: When the last PING went, and whether one has gone since the
+        #: upstream last sent HEADERS or DATA (L{QUIET_PING_INTERVAL}).
+        self._lastPingAt = 0.0
+        self._pingedSinceData = False
 
     # Room
 
@@ -557,6 +619,8 @@ class _H2Connection(Protocol):
                 self.abort()
                 return
         self._write()
+        if self.streams:
+            self._armKeepalive()
         if self.goingAway and self.queued:
             queued, self.queued = self.queued, []
             for stream in queued:
@@ -657,6 +721,7 @@ class _H2Connection(Protocol):
         self._checkIdle()
 
     def dataReceived(self, data: bytes) -> None:
+        self._heardAt = self.client.reactor.seconds()
         try:
             events = self.h2.receive_data(data)
         except H2Error as e:
@@ -669,10 +734,23 @@ class _H2Connection(Protocol):
             self.abort()
             return
         for event in events:
+            if self._pingedSinceData and isinstance(event, _DATA_OR_HEADERS):
+                self._dataAfterPing()
             self._event(event)
             if self.transport is None:
                 return
         self._write()
+
+    def _dataAfterPing(self) -> None:
+        """
+        HEADERS or DATA came after a PING: the next may go after the
+        interval again, so a timer waiting out L{QUIET_PING_INTERVAL} is
+        brought forward (once per PING at most).
+        """
+        self._pingedSinceData = False
+        call = self._pingCall
+        if call is not None and self._pingSentAt is None and call.active():
+            call.reset(self.client.pingInterval)
 
     def _event(self, event: Any) -> None:
         if isinstance(event, h2.events.ResponseReceived):
@@ -695,7 +773,7 @@ class _H2Connection(Protocol):
                 if stream.response is None:
                     self.streams.pop(event.stream_id, None)
                     stream.lost(ResponseNeverReceived([Failure(ResponseDone())]))
-                else:
+                elif not stream.complete:
                     stream.ended()
         elif isinstance(event, h2.events.StreamReset):
             stream = self.streams.pop(event.stream_id, None)
@@ -742,7 +820,10 @@ class _H2Connection(Protocol):
                 headers.addRawHeader(name, value)
         if stream.method == b"HEAD" or code in (204, 304):
             length = 0
-        stream.gotResponse(code, headers, length)
+        # A head that ends the stream (a trailers-only gRPC answer, a
+        # bodiless one) gives a response complete as it is given, so that
+        # it goes on as one piece too.
+        stream.gotResponse(code, headers, length, event.stream_ended is not None)
 
     def _goAway(self, lastStreamId: int) -> None:
         self.goingAway = True
@@ -768,6 +849,85 @@ class _H2Connection(Protocol):
                 self.client.poolIdle, self.close
             )
 
+    # Keepalive
+
+    def _armKeepalive(self) -> None:
+        """
+        Start the keepalive timer, unless it runs, is off, or the
+        connection is closing.
+        """
+        interval = self.client.pingInterval
+        if interval <= 0 or self._pingCall is not None or self.transport is None:
+            return
+        now = self.client.reactor.seconds()
+        # Silence while no stream was open does not count.
+        self._heardAt = max(self._heardAt, now)
+        self._pingSentAt = None
+        self._pingCall = self.client.reactor.callLater(interval, self._keepalive)
+
+    def _keepalive(self) -> None:
+        """
+        The keepalive timer: send a PING after the interval's silence, drop
+        the connection when one goes unanswered for the timeout, or wait
+        for whichever comes next.
+        """
+        self._pingCall = None
+        if self.transport is None or not self.streams:
+            # Started again by the next stream.
+            return
+        client = self.client
+        now = client.reactor.seconds()
+        sentAt = self._pingSentAt
+        if sentAt is not None:
+            if self._heardAt < sentAt:
+                due = sentAt + client.pingTimeout
+                if now >= due:
+                    self._dead()
+                    return
+                self._pingCall = client.reactor.callLater(due - now, self._keepalive)
+                return
+            # Something came: the connection is alive.
+            self._pingSentAt = None
+        due = self._heardAt + client.pingInterval
+        if self._pingedSinceData:
+            due = max(due, self._lastPingAt + QUIET_PING_INTERVAL)
+        if now < due:
+            self._pingCall = client.reactor.callLater(due - now, self._keepalive)
+            return
+        try:
+            self.h2.ping(b"monedge\0")
+        except H2Error:
+            return
+        self._write()
+        self._pingSentAt = self._lastPingAt = now
+        self._pingedSinceData = True
+        self._pingCall = client.reactor.callLater(client.pingTimeout, self._keepalive)
+
+    def _cancelKeepalive(self) -> None:
+        call, self._pingCall = self._pingCall, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _dead(self) -> None:
+        """
+        A PING went unanswered: drop the connection and fail its streams
+        (never sent again: the upstream may have processed them); those
+        still queued, never sent, go to another connection.
+        """
+        self._log.warn(
+            "upstream {endpoint} answered no PING within {timeout:g}s;"
+            " connection dropped",
+            endpoint=self.client.describe(self.key),
+            timeout=self.client.pingTimeout,
+        )
+        self.abort()
+        streams, self.streams = self.streams, {}
+        queued, self.queued = self.queued, []
+        for stream in streams.values():
+            stream.lost(UpstreamPingTimeout())
+        for stream in queued:
+            stream.notProcessed()
+
     def _cancelIdle(self) -> None:
         call, self._idleCall = self._idleCall, None
         if call is not None and call.active():
@@ -789,6 +949,7 @@ class _H2Connection(Protocol):
             self.transport.loseConnection()
 
     def abort(self) -> None:
+        self._cancelKeepalive()
         self.goingAway = True
         self.client._forget(self)
         if self.transport is not None:
@@ -808,6 +969,7 @@ class _H2Connection(Protocol):
 
     def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
         self._cancelIdle()
+        self._cancelKeepalive()
         self.goingAway = True
         self.connected = False
         self.client._forget(self)
@@ -879,6 +1041,10 @@ class H2UpstreamClient:
     @param endpointFor: the endpoint for C{(scheme, host, port, timeout,
         tls)}; by default an L{EndpointCache}'s.
     @param poolIdle: seconds a connection with no stream is kept.
+    @param pingInterval: seconds of silence on a connection with streams
+        open before a PING is sent; 0 for no keepalive.
+    @param pingTimeout: seconds a PING may go unanswered (nothing at all
+        received) before the connection is dropped.
     """
 
     def __init__(
@@ -886,9 +1052,13 @@ class H2UpstreamClient:
         reactor: Any,
         poolIdle: float = DEFAULT_POOL_IDLE,
         endpointFor: EndpointFor | None = None,
+        pingInterval: float = DEFAULT_PING_INTERVAL,
+        pingTimeout: float = DEFAULT_PING_TIMEOUT,
     ) -> None:
         self.reactor = reactor
         self.poolIdle = poolIdle
+        self.pingInterval = pingInterval
+        self.pingTimeout = pingTimeout
         if endpointFor is None:
             cache = EndpointCache(reactor)
 

@@ -159,6 +159,7 @@ class PolicyJSONTests(SynchronousTestCase):
             expose=False,
             tunnelIdleTimeout=5.0,
             protocol="h2c",
+            streamIdleTimeout=6.0,
         )
         self.assertEqual(
             policy.asJSON(),
@@ -175,6 +176,7 @@ class PolicyJSONTests(SynchronousTestCase):
                 "upstream-server-name": None,
                 "upstream-client-certificate": None,
                 "protocol": "h2c",
+                "stream-idle-timeout": 6.0,
                 "hooks": [],
             },
         )

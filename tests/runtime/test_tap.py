@@ -302,6 +302,35 @@ class MakeServiceTests(OptionsTestCase):
         self.assertIs(context.client, client)
         self.assertIs(context.upgrader, client)
 
+    def test_upstreamPing(self) -> None:
+        """
+        --upstream-ping-interval and --upstream-ping-timeout reach the
+        HTTP/2 upstream client (30 s and 10 s by default); the interval may
+        be 0 (no keepalive), the timeout may not.
+        """
+
+        def http2(*args: str) -> H2UpstreamClient:
+            service = makeService(self.parse(*args), MemoryReactorClock())
+            assert isinstance(service, ProxyService)
+            client = service.client
+            assert isinstance(client, ProtocolDispatch)
+            assert isinstance(client.http2, H2UpstreamClient)
+            return client.http2
+
+        default = http2()
+        self.assertEqual((default.pingInterval, default.pingTimeout), (30.0, 10.0))
+        given = http2(
+            "--upstream-ping-interval", "2m", "--upstream-ping-timeout", "500ms"
+        )
+        self.assertEqual((given.pingInterval, given.pingTimeout), (120.0, 0.5))
+        self.assertEqual(http2("--upstream-ping-interval", "0").pingInterval, 0.0)
+        self.assertUsageError(
+            ["--upstream-ping-timeout", "0"], "--upstream-ping-timeout"
+        )
+        self.assertUsageError(
+            ["--upstream-ping-interval", "often"], "--upstream-ping-interval"
+        )
+
 
 class CommandLineTests(SynchronousTestCase):
     """

@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseDone, ResponseNeverReceived
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from zope.interface import implementer
@@ -511,3 +511,197 @@ class H2UpstreamClientTests(SynchronousTestCase):
         peer.read()
         peer.respond(1)
         self.assertEqual(self.successResultOf(good).code, 200)
+
+
+class KeepaliveTests(SynchronousTestCase):
+    """
+    The PING keepalive of L{H2UpstreamClient}'s connections, on a memory
+    reactor's clock.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.endpoint = _Endpoint()
+        self.client = H2UpstreamClient(
+            self.reactor,
+            endpointFor=lambda *args: self.endpoint,
+            pingInterval=30.0,
+            pingTimeout=10.0,
+        )
+
+    def request(self) -> Deferred[IResponse]:
+        return self.client.request(
+            b"GET",
+            b"http://10.0.0.1:8080/path",
+            Headers({b"Host": [b"example.com"]}),
+            None,
+            5.0,
+        )
+
+    def started(self) -> tuple[Deferred[IResponse], _Peer]:
+        """
+        A request whose stream is open on its connection, its answer
+        awaited.
+        """
+        d = self.request()
+        peer = self.endpoint.peers[0]
+        peer.start()
+        peer.read()
+        return d, peer
+
+    def pings(self, peer: _Peer) -> list[Any]:
+        peer.read()
+        return peer.of(h2.events.PingReceived)
+
+    def test_pingAfterSilence(self) -> None:
+        """
+        A connection with a stream open, from which nothing has come for
+        the ping interval, is sent a PING then, not before.
+        """
+        d, peer = self.started()
+        self.reactor.advance(29.9)
+        self.assertEqual(self.pings(peer), [])
+        self.reactor.advance(0.2)
+        self.assertEqual(len(self.pings(peer)), 1)
+        self.assertNoResult(d)
+
+    def test_noPingWhileFramesArrive(self) -> None:
+        """
+        Frames that keep arriving (here, response body DATA every 20
+        seconds) put the PING off: none is sent.
+        """
+        d, peer = self.started()
+        peer.respond(1, end=False)
+        reader = _Reader()
+        self.successResultOf(d).deliverBody(reader)
+        for _ in range(6):
+            self.reactor.advance(20)
+            peer.h2.send_data(1, b"tick")
+            peer.flush()
+        self.assertEqual(self.pings(peer), [])
+        self.assertEqual(b"".join(reader.data), b"tick" * 6)
+
+    def test_ackKeepsTheConnection(self) -> None:
+        """
+        A PING answered within the timeout keeps the connection and its
+        stream, and the answer, when it comes, is delivered.
+        """
+        d, peer = self.started()
+        self.reactor.advance(30)
+        self.assertEqual(len(self.pings(peer)), 1)  # h2 sends the ACK
+        self.reactor.advance(10.5)
+        self.assertFalse(peer.transport.disconnecting)
+        peer.respond(1, b"late")
+        self.assertEqual(self.successResultOf(d).code, 200)
+
+    def test_quietPingsSpaced(self) -> None:
+        """
+        Once a PING has gone with no HEADERS or DATA from the upstream
+        since, the next waits five minutes (gRPC servers' default ping
+        policing), however short the interval; HEADERS or DATA from the
+        upstream make the interval the rule again.
+        """
+        d, peer = self.started()
+        self.reactor.advance(30)
+        self.assertEqual(len(self.pings(peer)), 1)
+        self.reactor.advance(299.9)
+        self.assertEqual(len(self.pings(peer)), 1)
+        self.reactor.advance(0.2)
+        self.assertEqual(len(self.pings(peer)), 2)
+        self.reactor.advance(10)
+        self.assertFalse(peer.transport.disconnecting)
+        peer.respond(1, end=False)
+        self.reactor.advance(30.5)
+        self.assertEqual(len(self.pings(peer)), 3)
+        self.successResultOf(d)
+
+    def test_noAckDropsTheConnection(self) -> None:
+        """
+        A PING that nothing answers within the timeout: the connection is
+        aborted, the request waiting on it fails with
+        L{ResponseNeverReceived} (it is not sent again: it may have been
+        processed), and the next request opens a new connection.
+        """
+        d = self.request()
+        peer = self.endpoint.peers[0]
+        peer.start()
+        peer.read()
+        silent = peer.transport
+        self.reactor.advance(30)
+        self.assertIn(b"monedge\0", silent.value())
+        self.reactor.advance(9.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.2)
+        failure = self.failureResultOf(d, ResponseNeverReceived)
+        self.assertTrue(failure.value.reasons[0].check(h2client.UpstreamPingTimeout))
+        self.assertTrue(silent.disconnecting)
+        self.assertEqual(len(self.endpoint.peers), 1)
+        again = self.request()
+        self.assertEqual(len(self.endpoint.peers), 2)
+        other = self.endpoint.peers[1]
+        other.start()
+        other.read()
+        other.respond(1, b"ok")
+        self.assertEqual(self.successResultOf(again).code, 200)
+        self.flushLoggedErrors()
+
+    def test_noAckFailsStartedBody(self) -> None:
+        """
+        A response whose head came but whose body then stalls with the
+        connection dead ends with L{ResponseFailed} once the PING goes
+        unanswered.
+        """
+        d, peer = self.started()
+        peer.respond(1, b"part", end=False)
+        reader = _Reader()
+        self.successResultOf(d).deliverBody(reader)
+        self.reactor.advance(30)
+        self.reactor.advance(10)
+        assert reader.reason is not None
+        self.assertTrue(reader.reason.check(ResponseFailed))
+        self.assertEqual(reader.data, [b"part"])
+
+    def test_idleConnectionNotPinged(self) -> None:
+        """
+        A connection with no stream open is not pinged (the pool's idle
+        timeout closes it), and the silence before a new stream does not
+        count towards the next PING.
+        """
+        self.client.poolIdle = 1000.0
+        d, peer = self.started()
+        peer.respond(1, b"x")
+        response: Any = self.successResultOf(d)
+        self.assertEqual(response.monedgeTakeBody(), b"x")
+        self.reactor.advance(100)
+        self.assertEqual(self.pings(peer), [])
+        self.request()
+        peer.read()
+        self.reactor.advance(29)
+        self.assertEqual(self.pings(peer), [])
+        self.reactor.advance(1.5)
+        self.assertEqual(len(self.pings(peer)), 1)
+
+    def test_disabled(self) -> None:
+        """
+        With a ping interval of 0, no PING is ever sent and no timer runs.
+        """
+        self.client.pingInterval = 0
+        d, peer = self.started()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.reactor.advance(1000)
+        self.assertEqual(self.pings(peer), [])
+        self.assertNoResult(d)
+
+    def test_oneTimer(self) -> None:
+        """
+        One keepalive timer per connection, however many streams and
+        frames: reads only record the time.
+        """
+        first, peer = self.started()
+        self.request()
+        self.request()
+        peer.read()
+        for _ in range(5):
+            peer.h2.ping(b"12345678")
+            peer.flush()
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
