@@ -203,7 +203,8 @@ class BenchToolTests(TestCase):
             self.assertEqual((row["calls"], row["errors"]), (200, 0), target)
             self.assertGreater(row["callsPerSecond"], 0, target)
             self.assertGreater(row["p99ms"], 0, target)
-            self.assertGreater(row["upstreamCpuMicrosecondsPerCall"], 0, target)
+            # /proc counts CPU in ticks: a tiny run may show none.
+            self.assertGreaterEqual(row["upstreamCpuMicrosecondsPerCall"], 0, target)
             self.assertRegex(out, rf"\| {target} +\| +[\d,]+ .*\| 0 of 200 \|")
             (run,) = document["runs"][target]
             self.assertEqual(run["protocol"], "h2c")
