@@ -621,8 +621,13 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
                     f"round {number}/{args.rounds}  {target.label:8} "
                     f"{result.requestsPerSecond:9,.0f} calls/s  "
                     f"p99 {latest['p99ms']:7.2f} ms  "
-                    f"monedge {latest['monedgeCpuMicrosecondsPerCall']:5.0f} µs "
-                    f"CPU/call  server {latest['upstreamCpuMicrosecondsPerCall']:4.0f}"
+                    + (
+                        f"monedge {latest['monedgeCpuMicrosecondsPerCall']:4.0f} µs "
+                        "CPU/call  "
+                        if target.label == MONEDGE
+                        else ""
+                    )
+                    + f"server {latest['upstreamCpuMicrosecondsPerCall']:4.0f}"
                     f" µs CPU/call  served {counted:,}  failed {errors}",
                     flush=True,
                 )
