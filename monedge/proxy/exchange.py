@@ -895,7 +895,9 @@ def writeHookResponse(request: ClientRequest, answer: HookResponse) -> None:
         request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
     request.setResponseCode(answer.status)
     _addHookHeaders(request, answer)
-    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
+    if answer.status not in NO_BODY_CODES:
+        # (A 204 or 304 has no body, and no Content-Length: RFC 9110 8.6.)
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
     request.responseHeaders.setRawHeaders(b"x-request-id", [request.requestId])
     request.record.failed(answer.code)
     request.write(body)
