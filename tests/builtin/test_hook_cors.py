@@ -7,15 +7,24 @@ cross-origin requests.
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import yaml
 from twisted.internet.task import Clock
 from twisted.plugin import IPlugin
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from zope.interface.verify import verifyObject
 
+from monedge.builtin.cors import (
+    DEFAULT_ALLOW_HEADERS,
+    DEFAULT_EXPOSE_HEADERS,
+    DEFAULT_MAX_AGE,
+    DEFAULT_METHODS,
+    OPTIONS,
+)
 from monedge.hooks import (
     HookConfigError,
     HookContext,
@@ -26,7 +35,10 @@ from monedge.hooks import (
 )
 from monedge.interfaces import IHookFactory, IRequestHook, IResponseHook
 from monedge.rules.policy import HookSpec
+from monedge.rules.syntax import parseDuration
+from monedge.tap import Options
 from monedge.testing.hooks import HookOutcome, buildHook, hookRequest, runHooks
+from tests.test_docs import block, readDoc, span, table
 
 APP = b"https://app.example.com"
 PATH = b"/payments.v1.Payments/Create"
@@ -326,3 +338,44 @@ class ResponseTests(CorsTestCase):
             headers = outcome.responseHeaders
             assert headers is not None
             self.assertEqual(list(headers.getAllRawHeaders()), [(b"X-A", [b"1"])])
+
+
+class DocsTests(SynchronousTestCase):
+    """
+    docs/hooks.md and docs/protocols.md say what the hook does.
+    """
+
+    def test_optionsTable(self) -> None:
+        """
+        hooks.md's cors-options table lists every option the hook reads,
+        in order, with the defaults the code has.
+        """
+        rows = table(readDoc("hooks.md"), "cors-options")
+        self.assertEqual(tuple(span(row["Option"]) for row in rows), OPTIONS)
+        defaults = {span(row["Option"]): row["Default"].strip("`") for row in rows}
+        self.assertEqual(defaults["allow-origins"], "required")
+        for name, value in [
+            ("allow-methods", DEFAULT_METHODS),
+            ("allow-headers", DEFAULT_ALLOW_HEADERS),
+            ("expose-headers", DEFAULT_EXPOSE_HEADERS),
+        ]:
+            self.assertEqual(defaults[name], "[" + ", ".join(value) + "]")
+        self.assertEqual(parseDuration(defaults["max-age"]), DEFAULT_MAX_AGE)
+        self.assertEqual(defaults["allow-credentials"], "false")
+
+    def test_examples(self) -> None:
+        """
+        hooks.md's policy example and protocols.md's --hook example build
+        a cors hook, the latter through monedge's own option parsing.
+        """
+        [hook] = yaml.safe_load(block(readDoc("hooks.md"), "cors-options"))["hooks"]
+        self.assertEqual(hook["name"], "cors")
+        buildHook("cors", hook["options"])
+        command = block(readDoc("protocols.md"), "cors-hook").replace("\\\n", " ")
+        words = shlex.split(command)
+        options = Options()
+        options.opt_hook(words[words.index("--hook") + 1])
+        hooks = HookSet(HookContext(reactor=Clock()), globalSpecs=options["hook"])
+        chain = hooks.chain(())
+        assert chain is not None
+        self.assertEqual(chain.names, ["cors"])
