@@ -216,6 +216,8 @@ class GrpcWebTests(ProxyTestCase):
                 "service.api.legacy": {
                     "endpoints": [f"127.0.0.1:{self.legacy.portNumber}"],
                 },
+                # No endpoint: every call is refused, UNAVAILABLE.
+                "service.api.empty": {"endpoints": [], "policy": {"protocol": "h2c"}},
             },
             args,
         )
@@ -360,9 +362,11 @@ class GrpcWebTests(ProxyTestCase):
         service and is answered 204 by the hook with the CORS headers and
         no Content-Length, never reaching the upstream; the call itself
         reaches grpcio and its answer exposes grpc-status and grpc-message
-        to the page.  A preflight for an unknown gRPC service is refused in
-        the HTTP form (JSON); a call to one is refused in gRPC form, which
-        no response hook sees, so without CORS headers.
+        to the page.  monedge's own refusal of a call after the hook ran
+        (no endpoint) is readable by the page too.  A preflight for an
+        unknown gRPC service is refused in the HTTP form (JSON); a call to
+        one is refused in gRPC form before any hook runs, so without CORS
+        headers.
         """
         hook = {"name": "cors", "options": {"allow-origins": [APP]}}
         proxy = await self.startGrpc(["--hook", json.dumps(hook)])
@@ -412,6 +416,19 @@ class GrpcWebTests(ProxyTestCase):
         self.assertIn("grpc-status", exposed)
         self.assertIn("grpc-message", exposed)
         self.assertEqual(answer.headers["vary"], "Origin")
+        answer = await http1Call(
+            proxy.port,
+            "/empty.v1.Empty/Get",
+            "application/grpc-web+proto",
+            frame(b""),
+            f"Origin: {APP}\r\n",
+        )
+        self.assertEqual(answer.headers["grpc-status"], "14")
+        self.assertEqual(answer.headers["grpc-message"], "no_ready_endpoint")
+        self.assertEqual(answer.headers["access-control-allow-origin"], APP)
+        self.assertIn(
+            "grpc-status", answer.headers["access-control-expose-headers"].split(", ")
+        )
         status, headers, body = await http1Raw(
             proxy.port, preflight.replace(path, "/nosuch.v1.Nope/Get")
         )

@@ -246,6 +246,10 @@ class CorsHook:
         if not isCorsPreflight(request.method, origin, asked):
             if self.policy.allows(origin):
                 request.state[self._key] = origin
+                # Any answer but the upstream's (a later hook's refusal,
+                # monedge's own) is readable too: a gRPC-Web page sees its
+                # grpc-status, not a network error.
+                self._markReadable(request.answerHeaders, origin)
             return None
         assert asked is not None
         answer = [(b"Vary", _VARY)]
@@ -295,7 +299,12 @@ class CorsHook:
         origin = request.state.get(self._key)
         if origin is None:
             return
-        headers = response.headers
+        self._markReadable(response.headers, origin)
+
+    def _markReadable(self, headers: Headers, origin: bytes) -> None:
+        """
+        Set the headers that let C{origin} read an answer in C{headers}.
+        """
         for name, value in self._allowOrigin(origin):
             # Set, not added: two values (the upstream's own and this one)
             # would make the browser refuse the answer.

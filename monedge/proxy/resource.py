@@ -212,6 +212,7 @@ class ServiceResource(Resource):
             service=self.entry.name,
             requestId=request.requestId.decode("ascii"),
         )
+        exchange.answerHeaders = hookRequest.answerHeaders
         if chain.hasResponseHooks:
             exchange.responseHooks = lambda head: chain.runResponse(hookRequest, head)
         chain.runRequest(hookRequest).addCallbacks(
@@ -231,7 +232,7 @@ class ServiceResource(Resource):
         if answer is None:
             exchange.start()
         else:
-            writeHookResponse(request, answer)
+            writeHookResponse(request, answer, exchange.answerHeaders)
 
 
 class RootResource(Resource):
