@@ -111,6 +111,7 @@ class HookRequest:
     service: str
     requestId: str
     state: dict[str, Any] = field(default_factory=dict)
+    answerHeaders: Headers = field(default_factory=Headers)
 
 
 @implementer(IHookResponse)

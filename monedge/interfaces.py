@@ -215,6 +215,13 @@ class IHookRequest(Interface):
         " its own state from onRequest to onResponse.  Key it by something"
         " unique to the hook object."
     )
+    answerHeaders: Headers = Attribute(
+        "Headers added to any answer given instead of the upstream's: a"
+        " later hook's response, or monedge's own refusal (no endpoint, a"
+        " timeout, a limit), on which no response hook runs.  Empty at"
+        " first; request hooks may add to it.  The upstream's responses are"
+        " for response hooks to change."
+    )
 
 
 class IHookResponse(Interface):

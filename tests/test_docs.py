@@ -362,7 +362,9 @@ class ConventionDocTests(SynchronousTestCase):
     def test_grpcExamples(self) -> None:
         """
         Every row of the gRPC example table is what the real routing code
-        does with that content-type, --grpc-package-prefix and --host-tier:
+        does with that method (a preflight: with Origin and
+        Access-Control-Request-Method), content-type (or none),
+        --grpc-package-prefix and --host-tier:
         the service (or the error), its Kubernetes Service name, and the
         path the upstream receives (strip-prefix never applied).
         """
@@ -386,13 +388,19 @@ class ConventionDocTests(SynchronousTestCase):
             ).root
             headers = Headers()
             headers.addRawHeader(b"host", span(row["Host"]).encode("ascii"))
-            headers.addRawHeader(
-                b"content-type", span(row["Content-type"]).encode("ascii")
-            )
+            if row["Content-type"] != "none":
+                headers.addRawHeader(
+                    b"content-type", span(row["Content-type"]).encode("ascii")
+                )
+            if row["Method"].endswith(" preflight"):
+                # A browser's CORS preflight for a call.
+                headers.addRawHeader(b"origin", b"https://app.example.com")
+                headers.addRawHeader(b"access-control-request-method", b"POST")
             record = RequestRecord(0.0)
             target = span(row["Path"]).encode("ascii")
+            method = span(row["Method"].split(" ")[0]).encode("ascii")
             leaf = root.decide(
-                b"POST", target, b"HTTP/1.1", rawHeaderTable(headers), record
+                method, target, b"HTTP/1.1", rawHeaderTable(headers), record
             )
             if isinstance(leaf, ErrorResource):
                 outcome = Outcome(status=leaf.error.status, code=leaf.error.code)

@@ -4,13 +4,15 @@ C{protocol: h2c}) served by the real grpcio server, and gRPC-Web calls
 made from raw bytes, over HTTP/1.1 (a plain socket) and over HTTP/2 with
 prior knowledge (an C{h2} client), binary and C{-text}: monedge
 translates them to gRPC and the answers back, the trailers framed in the
-body.
+body.  With the C{cors} hook, a browser's preflight and cross-origin call.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import struct
+from collections.abc import Sequence
 from concurrent import futures
 from typing import Any
 
@@ -146,6 +148,25 @@ def text(*messages: bytes) -> bytes:
     return b"".join(base64.b64encode(frame(message)) for message in messages)
 
 
+async def http1Raw(port: int, request: str) -> tuple[int, dict[str, str], bytes]:
+    """
+    One raw HTTP/1.1 exchange on its own connection: the status, the
+    headers (lowercase names) and the body.
+    """
+    raw = await deferRaw(port, request.encode("ascii"), timeout=10)
+    head, body = raw.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, value = line.split(":", 1)
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+#: The page's origin in the CORS tests.
+APP = "https://app.example.com"
+
+
 class GrpcWebTests(ProxyTestCase):
     """
     gRPC-Web calls through monedge to a grpcio server behind an h2c
@@ -154,12 +175,12 @@ class GrpcWebTests(ProxyTestCase):
 
     timeout = 60
 
-    async def startGrpc(self) -> ProxyProcess:
+    async def startGrpc(self, args: Sequence[str] = ()) -> ProxyProcess:
         """
         A grpcio server with C{payments.v1.Payments}: C{Create} (unary: echo,
         ALREADY_EXISTS with a message and trailing metadata) and C{List}
         (server streaming: three messages), and a proxy whose
-        C{service.api.payments} is it over h2c.
+        C{service.api.payments} is it over h2c (with C{args}).
         """
 
         def create(request: bytes, context: Any) -> bytes:
@@ -195,7 +216,10 @@ class GrpcWebTests(ProxyTestCase):
                 "service.api.legacy": {
                     "endpoints": [f"127.0.0.1:{self.legacy.portNumber}"],
                 },
-            }
+                # No endpoint: every call is refused, UNAVAILABLE.
+                "service.api.empty": {"endpoints": [], "policy": {"protocol": "h2c"}},
+            },
+            args,
         )
 
     def assertCreated(self, answer: WebAnswer, contentType: str) -> None:
@@ -330,3 +354,93 @@ class GrpcWebTests(ProxyTestCase):
         seen = self.legacy.received[-1]
         self.assertEqual(seen.header(b"content-type"), [b"application/grpc-web-text"])
         self.assertEqual(seen.body, body)
+
+    async def test_corsPreflightAndCall(self) -> None:
+        """
+        With --hook cors allowing https://app.example.com: the preflight of
+        a gRPC-Web call (OPTIONS, no content-type) routes to the gRPC
+        service and is answered 204 by the hook with the CORS headers and
+        no Content-Length, never reaching the upstream; the call itself
+        reaches grpcio and its answer exposes grpc-status and grpc-message
+        to the page.  monedge's own refusal of a call after the hook ran
+        (no endpoint) is readable by the page too.  A preflight for an
+        unknown gRPC service is refused in the HTTP form (JSON); a call to
+        one is refused in gRPC form before any hook runs, so without CORS
+        headers.
+        """
+        hook = {"name": "cors", "options": {"allow-origins": [APP]}}
+        proxy = await self.startGrpc(["--hook", json.dumps(hook)])
+        path = "/payments.v1.Payments/Create"
+        preflight = (
+            f"OPTIONS {path} HTTP/1.1\r\nHost: {HOST}\r\nOrigin: {APP}\r\n"
+            "Access-Control-Request-Method: POST\r\n"
+            "Access-Control-Request-Headers:"
+            " content-type,x-grpc-web,x-user-agent,grpc-timeout\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        status, headers, body = await http1Raw(proxy.port, preflight)
+        self.assertEqual((status, body), (204, b""))
+        self.assertEqual(headers["access-control-allow-origin"], APP)
+        self.assertIn("POST", headers["access-control-allow-methods"].split(", "))
+        self.assertEqual(
+            headers["access-control-allow-headers"],
+            "content-type, x-grpc-web, x-user-agent, grpc-timeout, authorization",
+        )
+        self.assertEqual(headers["access-control-max-age"], "600")
+        self.assertIn("Origin", headers["vary"])
+        self.assertNotIn("content-length", headers)
+        self.assertNotIn("transfer-encoding", headers)
+        records: list[dict[str, Any]] = []
+
+        def logged() -> bool:
+            records[:] = proxy.accessLog()
+            return bool(records)
+
+        await proxy.waitFor(logged, 5, "the access log")
+        [record] = records
+        self.assertEqual(record["method"], "OPTIONS")
+        self.assertEqual(record["service"], "service.api.payments")
+        self.assertEqual(record["status"], 204)
+        # Answered by the hook: no endpoint was ever asked.
+        self.assertIsNone(record["endpoint"])
+        answer = await http1Call(
+            proxy.port,
+            path,
+            "application/grpc-web+proto",
+            frame(b"hi"),
+            f"X-Caller: me\r\nOrigin: {APP}\r\n",
+        )
+        self.assertCreated(answer, "application/grpc-web+proto")
+        self.assertEqual(answer.headers["access-control-allow-origin"], APP)
+        exposed = answer.headers["access-control-expose-headers"].split(", ")
+        self.assertIn("grpc-status", exposed)
+        self.assertIn("grpc-message", exposed)
+        self.assertEqual(answer.headers["vary"], "Origin")
+        answer = await http1Call(
+            proxy.port,
+            "/empty.v1.Empty/Get",
+            "application/grpc-web+proto",
+            frame(b""),
+            f"Origin: {APP}\r\n",
+        )
+        self.assertEqual(answer.headers["grpc-status"], "14")
+        self.assertEqual(answer.headers["grpc-message"], "no_ready_endpoint")
+        self.assertEqual(answer.headers["access-control-allow-origin"], APP)
+        self.assertIn(
+            "grpc-status", answer.headers["access-control-expose-headers"].split(", ")
+        )
+        status, headers, body = await http1Raw(
+            proxy.port, preflight.replace(path, "/nosuch.v1.Nope/Get")
+        )
+        self.assertEqual(status, 404)
+        self.assertEqual(headers["content-type"], "application/json")
+        self.assertEqual(json.loads(body)["code"], "route_not_found")
+        answer = await http1Call(
+            proxy.port,
+            "/nosuch.v1.Nope/Get",
+            "application/grpc-web+proto",
+            frame(b""),
+            f"Origin: {APP}\r\n",
+        )
+        self.assertEqual(answer.headers["grpc-status"], "12")
+        self.assertNotIn("access-control-allow-origin", answer.headers)

@@ -447,10 +447,11 @@ class TutorialConfigurationTests(SynchronousTestCase):
     def test_builtinSections(self) -> None:
         """
         The reference has a section for each hook monedge ships (headers,
-        auth, ratelimit), each naming the module (or package) it documents.
+        auth, ratelimit, cors), each naming the module (or package) it
+        documents.
         """
         text = hooksDoc()
-        for name in ["headers", "auth", "ratelimit"]:
+        for name in ["headers", "auth", "ratelimit", "cors"]:
             module = f"monedge/builtin/{name}.py"
             if not os.path.exists(os.path.join(ROOT, module)):
                 module = f"monedge/builtin/{name}/"
@@ -458,13 +459,13 @@ class TutorialConfigurationTests(SynchronousTestCase):
 
     def test_builtinOptionTables(self) -> None:
         """
-        Every option in the auth and ratelimit reference tables is one the
-        hook reads, and the YAML examples under them build.
+        Every option in the auth, ratelimit and cors reference tables is
+        one the hook reads, and the YAML examples under them build.
         """
         from monedge.hooks import HookContext, availableFactories
 
         text = hooksDoc()
-        for name in ["auth", "ratelimit"]:
+        for name in ["auth", "ratelimit", "cors"]:
             # The hook's module, or every module of its package.
             package = os.path.join(ROOT, "monedge", "builtin", name)
             paths = [package + ".py"]
@@ -489,6 +490,11 @@ class TutorialConfigurationTests(SynchronousTestCase):
         )
         [spec] = ratelimit["hooks"]
         factories["ratelimit"].build(spec["options"], HookContext(reactor=Clock()))
+        cors = yaml.safe_load(
+            section(text, "## cors").split("```yaml\n")[1].split("```")[0]
+        )
+        [spec] = cors["hooks"]
+        factories["cors"].build(spec["options"], HookContext(reactor=Clock()))
 
 
 class SecretsDocTests(SynchronousTestCase):

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.plugin import IPlugin
 from twisted.trial.unittest import SynchronousTestCase
@@ -46,14 +47,19 @@ class Recorder:
     A hook that records its calls in a shared log, and answers as told.
     """
 
-    def __init__(self, name: str, log: list[str], answer: object = None) -> None:
+    def __init__(
+        self, name: str, log: list[str], answer: object = None, mark: bool = False
+    ) -> None:
         self.name = name
         self.log = log
         self.answer = answer
+        self.mark = mark
 
     def onRequest(self, request: IHookRequest) -> object:
         self.log.append(f"request:{self.name}")
         request.upstreamHeaders.addRawHeader(b"x-seen", self.name.encode())
+        if self.mark:
+            request.answerHeaders.addRawHeader(b"x-answer", self.name.encode())
         return self.answer
 
     def onResponse(self, request: IHookRequest, response: IHookResponse) -> None:
@@ -64,7 +70,9 @@ class Recorder:
 @implementer(IHookFactory, IPlugin)
 class RecorderFactory:
     """
-    Builds L{Recorder}s; C{answer} in the options makes it answer 403.
+    Builds L{Recorder}s; C{answer} in the options makes it answer 403,
+    C{mark} makes it add C{X-Answer} to answers given instead of the
+    upstream's.
     """
 
     name = "recorder"
@@ -81,7 +89,9 @@ class RecorderFactory:
             if options.get("answer")
             else None
         )
-        return Recorder(options.get("label", "r"), self.log, answer)
+        return Recorder(
+            options.get("label", "r"), self.log, answer, bool(options.get("mark"))
+        )
 
 
 class ChainTests(SynchronousTestCase):
@@ -415,6 +425,32 @@ class ProxyHookTests(SynchronousTestCase):
         body = _jsonBody(transport)
         self.assertEqual(body["code"], "forbidden")
         self.assertTrue(body["request_id"])
+
+    def test_answerHeadersOnOtherAnswers(self) -> None:
+        """
+        Headers a request hook adds to answerHeaders go on a later hook's
+        answer and on monedge's own refusals after the hooks ran, never on
+        the upstream's response (response hooks own that).
+        """
+        marking = HookSpec("recorder", '{"label": "m", "mark": true}')
+        answering = HookSpec("recorder", '{"label": "a", "answer": true}')
+        h = Harness([])
+        _withHooks(h, [], marking, service=(answering,))
+        _, transport = h.send(GET)
+        self.assertEqual(_status(transport), 403)
+        self.assertIn(b"X-Answer: m\r\n", transport.value())
+        h = Harness([])
+        _withHooks(h, [], marking)
+        _, transport = h.send(GET)
+        h.client.calls[0].result.errback(ConnectionRefusedError())
+        self.assertEqual(_status(transport), 502)
+        self.assertIn(b"X-Answer: m\r\n", transport.value())
+        _, transport = h.send(GET)
+        response = FakeResponse(200, length=0)
+        h.client.calls[1].result.callback(response)
+        response.end()
+        self.assertEqual(_status(transport), 200)
+        self.assertNotIn(b"X-Answer", transport.value())
 
     def test_failingHookIs500(self) -> None:
         """

@@ -323,6 +323,8 @@ class ProxyExchange:
         #: when that check saw them grow.
         self._progress = 0
         self._quietSince = 0.0
+        #: Headers request hooks gave for any answer but the upstream's.
+        self.answerHeaders: Headers | None = None
         #: A gRPC-Web call's translation to gRPC (HTTP/2 services only).
         self.grpcWeb: GrpcWebCall | None = None
 
@@ -859,15 +861,23 @@ class ProxyExchange:
             request.loseConnection()
             return
         body = renderError(request, error, request.requestId)
+        if self.answerHeaders is not None:
+            addAnswerHeaders(request, self.answerHeaders)
         if body:
             request.write(body)
         request.finish()
 
 
-def writeHookResponse(request: ClientRequest, answer: HookResponse) -> None:
+def writeHookResponse(
+    request: ClientRequest, answer: HookResponse, answerHeaders: Headers | None = None
+) -> None:
     """
-    Answer C{request} with a request hook's response.
+    Answer C{request} with a request hook's response, with the
+    C{answerHeaders} earlier hooks gave (L{IHookRequest.answerHeaders})
+    under the hook's own.
     """
+    if answerHeaders is not None:
+        addAnswerHeaders(request, answerHeaders)
     body = answer.body
     if body is None and answer.code is None:
         body = b""
@@ -895,11 +905,23 @@ def writeHookResponse(request: ClientRequest, answer: HookResponse) -> None:
         request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
     request.setResponseCode(answer.status)
     _addHookHeaders(request, answer)
-    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
+    if answer.status not in NO_BODY_CODES:
+        # (A 204 or 304 has no body, and no Content-Length: RFC 9110 8.6.)
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
     request.responseHeaders.setRawHeaders(b"x-request-id", [request.requestId])
     request.record.failed(answer.code)
     request.write(body)
     request.finish()
+
+
+def addAnswerHeaders(request: ClientRequest, answerHeaders: Headers) -> None:
+    """
+    Set the headers request hooks gave for any answer but the upstream's
+    (L{IHookRequest.answerHeaders}) on C{request}'s response.
+    """
+    headers = request.responseHeaders
+    for name, values in answerHeaders.getAllRawHeaders():
+        headers.setRawHeaders(name, values)
 
 
 def _addHookHeaders(request: ClientRequest, answer: HookResponse) -> None:

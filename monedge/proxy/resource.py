@@ -40,6 +40,7 @@ from monedge.rules.errors import (
 )
 from monedge.rules.grpc import (
     grpcServiceLabel,
+    isCorsPreflight,
     isGrpcContentType,
     parseGrpcTimeout,
 )
@@ -149,9 +150,9 @@ class ServiceResource(Resource):
             # its body, not the front end's body timeout.
             request.stopBodyTimeout()
         policy = self.policy
-        if policy.stripPrefix and not grpc:
+        if policy.stripPrefix and not grpc and isValidName(routed.name):
             # (strip-prefix never applies to a gRPC call: its path is its
-            # method's name.)
+            # method's name; nor to a preflight routed by the gRPC rule.)
             target = routed.rest + routed.query
             prefix: bytes | None = self._prefix
         else:
@@ -211,6 +212,7 @@ class ServiceResource(Resource):
             service=self.entry.name,
             requestId=request.requestId.decode("ascii"),
         )
+        exchange.answerHeaders = hookRequest.answerHeaders
         if chain.hasResponseHooks:
             exchange.responseHooks = lambda head: chain.runResponse(hookRequest, head)
         chain.runRequest(hookRequest).addCallbacks(
@@ -230,7 +232,7 @@ class ServiceResource(Resource):
         if answer is None:
             exchange.start()
         else:
-            writeHookResponse(request, answer)
+            writeHookResponse(request, answer, exchange.answerHeaders)
 
 
 class RootResource(Resource):
@@ -370,7 +372,11 @@ class RootResource(Resource):
             # Not an HTTP route: a gRPC call's, if it is one (a dot or a
             # capital in the first segment; the content-type read only then).
             types = headers.get(b"Content-Type")
-            if not types or not isGrpcContentType(types[0]):
+            if not (types and isGrpcContentType(types[0])) and not isCorsPreflight(
+                method,
+                headers.get(b"Origin"),
+                headers.get(b"Access-Control-Request-Method"),
+            ):
                 raise ProxyError("route_not_found")
             label = grpcServiceLabel(routed.path, self.grpcPrefixes)
             if label is None:

@@ -50,6 +50,19 @@ def isGrpcContentType(value: bytes | None) -> bool:
     return not rest or rest.startswith(b"+")
 
 
+def isCorsPreflight(
+    method: bytes, origin: object | None, requestMethod: object | None
+) -> bool:
+    """
+    Is a request a CORS preflight: C{OPTIONS} with an C{Origin} and an
+    C{Access-Control-Request-Method} (their values, or L{None} when absent)?
+    A browser sends one, without a content-type, before a cross-origin
+    gRPC-Web call, so its path routes by the gRPC rule too: the preflight
+    reaches the service (and its hooks) the call it precedes would.
+    """
+    return method == b"OPTIONS" and bool(origin) and bool(requestMethod)
+
+
 def checkPackagePrefix(prefix: str) -> str:
     """
     A C{--grpc-package-prefix}, checked: dotted identifiers

@@ -108,6 +108,30 @@ class GrpcRoutingTests(SynchronousTestCase):
         self.assertEqual(_status(transport), 404)
         self.assertIsNone(h.records()[-1]["grpc_status"])
 
+    def test_corsPreflight(self) -> None:
+        """
+        A CORS preflight (OPTIONS, Origin, Access-Control-Request-Method,
+        no content-type) on a gRPC method's path routes to the call's
+        service, its path whole although the service strips its prefix;
+        one for an unknown service is refused in the HTTP form (404, JSON),
+        not in gRPC's.
+        """
+        preflight = (
+            b"OPTIONS %s HTTP/1.1\r\nHost: api.example.com\r\n"
+            b"Origin: https://app.example.com\r\n"
+            b"Access-Control-Request-Method: POST\r\n\r\n"
+        )
+        h = Harness([_service("service.api.payments")])
+        h.send(preflight % (b"/payments.v1.Payments/Create",))
+        [sent] = h.client.calls
+        self.assertEqual(sent.method, b"OPTIONS")
+        self.assertEqual(sent.url, b"http://10.0.0.1:80/payments.v1.Payments/Create")
+        _, transport = h.send(preflight % (b"/nothing.v1.Nothing/Get",))
+        self.assertEqual(_status(transport), 404)
+        fields = head(transport)
+        self.assertEqual(fields[b"content-type"], b"application/json")
+        self.assertNotIn(b"grpc-status", fields)
+
 
 class GrpcTimeoutTests(SynchronousTestCase):
     """

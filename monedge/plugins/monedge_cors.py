@@ -1,0 +1,3 @@
+from monedge.builtin.cors import CorsHookFactory
+
+cors = CorsHookFactory()
