@@ -1,5 +1,5 @@
 """
-The gRPC upstream of bench/grpc.py: a grpcio server as fast as grpcio
+The gRPC upstream of bench/grpcunary.py: a grpcio server as fast as grpcio
 makes one, so that what the bench measures is what sits in front of it.
 
     .venv/bin/python bench/grpcupstream.py --port PORT [--kind sync|aio]
@@ -27,15 +27,9 @@ import sys
 import threading
 from collections.abc import Sequence
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
-# Run as a script, this file's directory comes first on sys.path, and in it
-# bench/grpc.py would stand for grpcio's package.
-_BENCH = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH]
-
-import grpc  # noqa: E402
+import grpc
 
 SERVICE = "payments.v1.Payments"
 

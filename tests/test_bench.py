@@ -35,7 +35,7 @@ def _run(*command: str, timeout: float) -> str:
 class BenchToolTests(TestCase):
     """
     bench/inprocess.py, bench/instructions.sh, bench/upload.py,
-    bench/h2load.py and bench/grpc.py, on small counts.
+    bench/h2load.py and bench/grpcunary.py, on small counts.
     """
 
     def test_inprocess(self) -> None:
@@ -173,7 +173,7 @@ class BenchToolTests(TestCase):
 
     def test_grpc(self) -> None:
         """
-        bench/grpc.py, on a tiny run, makes unary gRPC calls with h2load to
+        bench/grpcunary.py, on a tiny run, makes unary gRPC calls with h2load to
         the grpcio server directly and through monedge (an h2c service):
         every call answered 200 and served by the server (its own count),
         grpcio's sample calls succeeding, monedge's access log holding no
@@ -184,7 +184,7 @@ class BenchToolTests(TestCase):
             path = os.path.join(directory, "grpc.json")
             out = _run(
                 sys.executable,
-                "bench/grpc.py",
+                "bench/grpcunary.py",
                 "--calls",
                 "200",
                 "--warmup",

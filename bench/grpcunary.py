@@ -2,7 +2,7 @@
 Unary gRPC calls through monedge, against a direct connection to the same
 gRPC server, loaded with h2load on loopback.
 
-    .venv/bin/python bench/grpc.py [--calls N] [--rounds R] [--connections C]
+    .venv/bin/python bench/grpcunary.py [--calls N] [--rounds R] [--connections C]
                                    [--streams M]
 
 It starts bench/grpcupstream.py, a grpcio server (C{--upstream-kind sync}:
@@ -65,14 +65,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import grpc
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-# Run as a script, this file's directory comes first on sys.path, where this
-# very file would stand for grpcio's package: import grpcio without it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
-
-import grpc  # noqa: E402
-
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
 
