@@ -7,6 +7,14 @@ its own, and what it learns (a list, each watch event, how a watch ended)
 is handed to the reactor thread.  Lists are read in pages; a watch asks
 for bookmarks and for the server to end it after C{watchTimeout} seconds.
 
+A L{monedge.registry.kubeapi.Compactor} given with a list or watch runs in
+the pool thread, right after each page or event is decoded: the raw
+objects never reach the reactor thread, and the dropped ones cost it
+nothing.  Watch events are handed over in batches: one reactor call for all
+the events decoded since the last one was run, in order.  L{run} lends the
+pool to other work that must stay off the reactor (the registry's relist
+diff).
+
     v1 Services                        CoreV1Api.list_*service*
     discovery.k8s.io/v1 EndpointSlices DiscoveryV1Api.list_*endpoint_slice*
 """
@@ -16,6 +24,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,11 +38,13 @@ from zope.interface import implementer
 from monedge.interfaces import IKubernetesAPI
 from monedge.registry.kubeapi import (
     SERVICES,
+    Compactor,
     KubeObject,
     KubernetesAPIError,
     ObjectList,
     ResourceExpired,
     WatchEvent,
+    compactEvent,
 )
 
 if TYPE_CHECKING:
@@ -115,6 +126,53 @@ def _shutdown(response: Any) -> None:
             pass
 
 
+class _Batch:
+    """
+    A watch's events on their way from its pool thread to the reactor
+    thread: one reactor call delivers every event queued before it runs,
+    in order, so a burst costs the reactor one wake-up, not one per event.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        stream: _Stream,
+        receive: Callable[[WatchEvent], None],
+    ) -> None:
+        self._reactor = reactor
+        self._stream = stream
+        self._receive = receive
+        self._lock = threading.Lock()
+        self._queue: deque[WatchEvent] = deque()
+        self._scheduled = False
+
+    def add(self, event: WatchEvent) -> None:
+        """
+        Queue C{event} (in the pool thread).  The call that delivers it is
+        scheduled before the thread's call returns, so every event arrives
+        before the watch's end does.
+        """
+        with self._lock:
+            self._queue.append(event)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._reactor.callFromThread(self._deliver)
+
+    def _deliver(self) -> None:
+        """
+        Deliver every queued event (on the reactor thread), unless the watch
+        was stopped.
+        """
+        with self._lock:
+            events, self._queue = self._queue, deque()
+            self._scheduled = False
+        for event in events:
+            if self._stream.stopped:
+                return
+            self._receive(event)
+
+
 def _daemonThread(*args: Any, **kwargs: Any) -> threading.Thread:
     """
     Pool threads are daemons: one stuck in a read must not keep the
@@ -165,10 +223,17 @@ class KubernetesClientAPI:
 
     # IKubernetesAPI
 
-    def listObjects(self, kind: str, namespace: str | None) -> Deferred[ObjectList]:
+    def listObjects(
+        self,
+        kind: str,
+        namespace: str | None,
+        labelSelector: str | None = None,
+        compact: Compactor | None = None,
+    ) -> Deferred[ObjectList]:
         stopped = threading.Event()
         return self._operation(
-            lambda: self._list(kind, namespace, stopped), stopped.set
+            lambda: self._list(kind, namespace, stopped, labelSelector, compact),
+            stopped.set,
         )
 
     def watchObjects(
@@ -177,17 +242,26 @@ class KubernetesClientAPI:
         namespace: str | None,
         resourceVersion: str,
         receive: Callable[[WatchEvent], None],
+        labelSelector: str | None = None,
+        compact: Compactor | None = None,
     ) -> Deferred[None]:
         stream = _Stream()
-
-        def deliver(event: WatchEvent) -> None:
-            if not stream.stopped:
-                receive(event)
-
+        batch = _Batch(self._reactor, stream, receive)
         return self._operation(
-            lambda: self._watch(kind, namespace, resourceVersion, stream, deliver),
+            lambda: self._watch(
+                kind, namespace, resourceVersion, stream, batch, labelSelector, compact
+            ),
             stream.stop,
         )
+
+    # Off the reactor
+
+    def run(self, call: Callable[[], T]) -> Deferred[T]:
+        """
+        Run C{call} in this API's pool (C{close} waits for it too); the
+        L{Deferred} fires with its result, on the reactor thread.
+        """
+        return self._inThread(call)
 
     # Lifecycle
 
@@ -284,12 +358,17 @@ class KubernetesClientAPI:
         return function, (() if namespace is None else (namespace,))
 
     def _list(
-        self, kind: str, namespace: str | None, stopped: threading.Event
+        self,
+        kind: str,
+        namespace: str | None,
+        stopped: threading.Event,
+        labelSelector: str | None,
+        compact: Compactor | None,
     ) -> ObjectList:
         from kubernetes.client.exceptions import ApiException
 
         function, arguments = self._function(kind, namespace)
-        items: list[KubeObject] = []
+        items: list[Any] = []
         token: str | None = None
         while True:
             if stopped.is_set():
@@ -301,6 +380,8 @@ class KubernetesClientAPI:
             }
             if token:
                 kwargs["_continue"] = token
+            if labelSelector is not None:
+                kwargs["label_selector"] = labelSelector
             try:
                 response = function(*arguments, **kwargs)
             except ApiException as e:
@@ -309,7 +390,14 @@ class KubernetesClientAPI:
                 document = json.loads(response.data)
             finally:
                 response.release_conn()
-            items.extend(document.get("items") or [])
+            page: list[KubeObject] = document.get("items") or []
+            if compact is None:
+                items.extend(page)
+            else:
+                for item in page:
+                    kept = compact(kind, item)
+                    if kept is not None:
+                        items.append(kept)
             metadata = document.get("metadata") or {}
             token = metadata.get("continue")
             if not token:
@@ -322,7 +410,9 @@ class KubernetesClientAPI:
         namespace: str | None,
         resourceVersion: str,
         stream: _Stream,
-        deliver: Callable[[WatchEvent], None],
+        batch: _Batch,
+        labelSelector: str | None,
+        compact: Compactor | None,
     ) -> None:
         from kubernetes.client.exceptions import ApiException
         from kubernetes.watch.watch import iter_resp_lines
@@ -330,6 +420,9 @@ class KubernetesClientAPI:
         function, arguments = self._function(kind, namespace)
         if stream.stopped:
             return
+        kwargs: dict[str, Any] = {}
+        if labelSelector is not None:
+            kwargs["label_selector"] = labelSelector
         try:
             response = function(
                 *arguments,
@@ -339,6 +432,7 @@ class KubernetesClientAPI:
                 allow_watch_bookmarks=True,
                 timeout_seconds=int(self.watchTimeout),
                 _request_timeout=self.watchRequestTimeout,
+                **kwargs,
             )
         except ApiException as e:
             raise _refusal(e) from None
@@ -358,7 +452,10 @@ class KubernetesClientAPI:
                 if type_ == "ERROR":
                     raise _streamError(obj)
                 if isinstance(type_, str) and isinstance(obj, dict):
-                    self._reactor.callFromThread(deliver, WatchEvent(type_, obj))
+                    if compact is None:
+                        batch.add(WatchEvent(type_, obj))
+                    elif (kept := compactEvent(kind, type_, obj, compact)) is not None:
+                        batch.add(kept)
         finally:
             response.close()
             response.release_conn()
