@@ -140,8 +140,10 @@ class IKubernetesAPI(Interface):
             seen), or fails as the interface says: with
             L{monedge.registry.kubeapi.ResourceExpired} if
             C{resourceVersion} is older than the server's history (at once
-            or mid-watch).  Cancelling it stops the watch: C{receive} is
-            not called again.
+            or mid-watch).  C{receive} is not called once it has fired (a
+            watch from the last version C{receive} was given hears again
+            what it was not given).  Cancelling it stops the watch:
+            C{receive} is not called again.
         """
 
 

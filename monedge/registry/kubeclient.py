@@ -22,10 +22,11 @@ diff).
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -39,7 +40,6 @@ from monedge.interfaces import IKubernetesAPI
 from monedge.registry.kubeapi import (
     SERVICES,
     Compactor,
-    KubeObject,
     KubernetesAPIError,
     ObjectList,
     ResourceExpired,
@@ -50,7 +50,7 @@ from monedge.registry.kubeapi import (
 if TYPE_CHECKING:
     from kubernetes.client.exceptions import ApiException
 
-__all__ = ["KubernetesClientAPI", "apiClientFromConfig"]
+__all__ = ["KubernetesClientAPI", "apiClientFromConfig", "decodeList"]
 
 T = TypeVar("T")
 
@@ -126,11 +126,19 @@ def _shutdown(response: Any) -> None:
             pass
 
 
+#: The most watch events one reactor call delivers (see L{_Batch}).
+EVENTS_PER_TURN = 100
+
+
 class _Batch:
     """
     A watch's events on their way from its pool thread to the reactor
-    thread: one reactor call delivers every event queued before it runs,
-    in order, so a burst costs the reactor one wake-up, not one per event.
+    thread: one reactor call delivers the events queued before it runs, in
+    order, so a burst costs the reactor one wake-up, not one per event; at
+    most L{EVENTS_PER_TURN} of them, the rest in the next reactor turn, so
+    a burst never holds the reactor long.  Once the watch has ended
+    (L{close}), nothing more is delivered: the next watch resumes from the
+    last event delivered, so what was left is heard again.
     """
 
     def __init__(
@@ -145,6 +153,13 @@ class _Batch:
         self._lock = threading.Lock()
         self._queue: deque[WatchEvent] = deque()
         self._scheduled = False
+        self._closed = False
+
+    def close(self) -> None:
+        """
+        The watch ended (on the reactor thread): deliver nothing more.
+        """
+        self._closed = True
 
     def add(self, event: WatchEvent) -> None:
         """
@@ -165,12 +180,84 @@ class _Batch:
         was stopped.
         """
         with self._lock:
-            events, self._queue = self._queue, deque()
-            self._scheduled = False
+            queue = self._queue
+            count = min(len(queue), EVENTS_PER_TURN)
+            events = [queue.popleft() for _ in range(count)]
+            more = bool(queue)
+            self._scheduled = more
+        if more:
+            # The rest in the next turn (a call queued from the reactor
+            # thread runs in the next iteration).
+            self._reactor.callFromThread(self._deliver)
         for event in events:
-            if self._stream.stopped:
+            if self._stream.stopped or self._closed:
                 return
             self._receive(event)
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def decodeList(data: bytes | str) -> Iterator[tuple[str, Any]]:
+    """
+    A list's JSON document, one piece at a time: C{("items", item)} for
+    each item, in order, and C{(key, value)} for each other top-level
+    member.
+
+    Each item is decoded alone (one short C call), and can be compacted
+    and dropped before the next is decoded: a page of large objects never
+    holds the GIL in one long call, as C{json.loads} of the whole page
+    would, stalling the reactor thread; nor is it alive all at once, which
+    would push it into the collector's older generations and trigger full
+    collections.
+
+    @raise ValueError: if C{data} is not a JSON object.
+    """
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    decoder = _DECODER
+
+    def skip(index: int) -> int:
+        match = _WHITESPACE.match(text, index)
+        assert match is not None
+        return match.end()
+
+    def expect(index: int, character: str) -> int:
+        index = skip(index)
+        if text[index : index + 1] != character:
+            raise ValueError(f"expected {character!r} at {index}")
+        return index + 1
+
+    index = expect(0, "{")
+    if text[skip(index) : skip(index) + 1] == "}":
+        return
+    while True:
+        key, index = decoder.raw_decode(text, skip(index))
+        if not isinstance(key, str):
+            raise ValueError(f"expected a member name at {index}")
+        index = skip(expect(index, ":"))
+        if key == "items" and text[index : index + 1] == "[":
+            index = skip(index + 1)
+            if text[index : index + 1] == "]":
+                index += 1
+            else:
+                while True:
+                    item, index = decoder.raw_decode(text, index)
+                    yield key, item
+                    index = skip(index)
+                    if text[index : index + 1] == "]":
+                        index += 1
+                        break
+                    index = skip(expect(index, ","))
+        else:
+            value, index = decoder.raw_decode(text, index)
+            yield key, value
+        index = skip(index)
+        if text[index : index + 1] == "}":
+            return
+        index = expect(index, ",")
+
+
+_DECODER = json.JSONDecoder()
 
 
 def _daemonThread(*args: Any, **kwargs: Any) -> threading.Thread:
@@ -252,6 +339,7 @@ class KubernetesClientAPI:
                 kind, namespace, resourceVersion, stream, batch, labelSelector, compact
             ),
             stream.stop,
+            batch.close,
         )
 
     # Off the reactor
@@ -288,12 +376,16 @@ class KubernetesClientAPI:
     # On the reactor thread
 
     def _operation(
-        self, call: Callable[[], T], stop: Callable[[], None]
+        self,
+        call: Callable[[], T],
+        stop: Callable[[], None],
+        ended: Callable[[], None] | None = None,
     ) -> Deferred[T]:
         """
         Run C{call} in the pool; the L{Deferred} returned has its result,
         and cancelling it calls C{stop} (in this thread) and fails it at
-        once, whatever the pool thread is doing.
+        once, whatever the pool thread is doing.  C{ended}, if given, is
+        called just before the result is given.
         """
         outer: Deferred[T] = Deferred(lambda _: stop())
         self._operations.add(outer)
@@ -305,6 +397,8 @@ class KubernetesClientAPI:
         outer.addBoth(forget)
 
         def settle(result: T | Failure) -> None:
+            if ended is not None:
+                ended()
             if not outer.called:
                 if isinstance(result, Failure):
                     outer.errback(result)
@@ -387,18 +481,19 @@ class KubernetesClientAPI:
             except ApiException as e:
                 raise _refusal(e) from None
             try:
-                document = json.loads(response.data)
+                data = response.data
             finally:
                 response.release_conn()
-            page: list[KubeObject] = document.get("items") or []
-            if compact is None:
-                items.extend(page)
-            else:
-                for item in page:
-                    kept = compact(kind, item)
-                    if kept is not None:
-                        items.append(kept)
-            metadata = document.get("metadata") or {}
+            metadata: dict[str, Any] = {}
+            for key, value in decodeList(data):
+                if key == "metadata" and isinstance(value, dict):
+                    metadata = value
+                elif key != "items" or not isinstance(value, dict):
+                    continue
+                elif compact is None:
+                    items.append(value)
+                elif (kept := compact(kind, value)) is not None:
+                    items.append(kept)
             token = metadata.get("continue")
             if not token:
                 break

@@ -9,9 +9,10 @@ frozen after each sync, and the C{--selector} label selector.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.trial.unittest import SynchronousTestCase
 
 from monedge.registry import Endpoint
@@ -26,6 +27,7 @@ from monedge.registry.kubeapi import (
     checkLabelSelector,
     compactEvent,
 )
+from monedge.registry.kubeclient import EVENTS_PER_TURN, _Batch, _Stream
 from monedge.registry.kubernetes import (
     ENDPOINT_SLICES,
     SERVICES,
@@ -505,3 +507,59 @@ class LabelSelectorSyntaxTests(SynchronousTestCase):
             with self.assertRaises(ValueError) as caught:
                 checkLabelSelector(text)
             self.assertNotIn("\n", str(caught.exception))
+
+
+class ThreadCalls:
+    """
+    A reactor's C{callFromThread}, run when the test says, one reactor
+    iteration at a time.
+    """
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        self.queue.append((f, args))
+
+    def iterate(self) -> None:
+        """
+        Run the calls queued before this iteration.
+        """
+        calls, self.queue = self.queue, []
+        for f, args in calls:
+            f(*args)
+
+
+class BatchTests(SynchronousTestCase):
+    """
+    The real API hands watch events to the reactor in bounded batches.
+    """
+
+    def test_boundedPerTurn(self) -> None:
+        """
+        250 events queued by the watch thread arrive in order, 100 per
+        reactor iteration, from one wake-up each; none after the watch
+        has ended.
+        """
+        calls = ThreadCalls()
+        received: list[str] = []
+        batch = _Batch(
+            cast(IReactorFromThreads, calls),
+            _Stream(),
+            lambda event: received.append(event.type),
+        )
+        for index in range(250):
+            batch.add(WatchEvent(str(index), {}))
+        self.assertEqual(len(calls.queue), 1)
+        counts = []
+        while calls.queue:
+            calls.iterate()
+            counts.append(len(received))
+        self.assertEqual(counts, [EVENTS_PER_TURN, 2 * EVENTS_PER_TURN, 250])
+        self.assertEqual(received, [str(i) for i in range(250)])
+        for _ in range(150):
+            batch.add(WatchEvent("late", {}))
+        calls.iterate()
+        batch.close()
+        calls.iterate()
+        self.assertEqual(len(received), 250 + EVENTS_PER_TURN)
