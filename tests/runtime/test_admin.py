@@ -329,7 +329,7 @@ class RoutesPageTests(SynchronousTestCase):
         parameter, or one that is not UTF-8 is a 400 with a JSON error body
         (status, code bad_request and a message saying what is wrong).
         """
-        for query, reason in [
+        cases: list[tuple[dict[str, str | list[str] | bytes], str]] = [
             ({"limit": "0"}, "limit"),
             ({"limit": "1001"}, "limit"),
             ({"limit": "ten"}, "limit"),
@@ -337,7 +337,8 @@ class RoutesPageTests(SynchronousTestCase):
             ({"services": "x"}, "unknown parameter 'services'"),
             ({"q": ["a", "b"]}, "more than once"),
             ({"service": b"\xff"}, "not UTF-8"),
-        ]:
+        ]
+        for query, reason in cases:
             status, document = self.get(**query)
             self.assertEqual(status, 400, query)
             self.assertEqual(document["status"], 400)

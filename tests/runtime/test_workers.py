@@ -1717,6 +1717,36 @@ class GroupAdminTests(SynchronousTestCase):
             document["workers"], [worker.asJSON() for worker in self.group.workers]
         )
 
+    def test_routesQueryForwarded(self) -> None:
+        """
+        The group's /routes asks the workers for the same page (the query
+        as given, re-encoded), refuses a bad query itself with a 400 and
+        asks no worker, and passes on a worker's 400.
+        """
+        request = _Request([b"routes"])
+        request.args = {b"q": [b"pay ments"], b"limit": [b"5"]}
+        request.render(self.site.getResourceFor(request))
+        self.assertEqual(
+            self.fetch.asked(),
+            [(0, "/routes?limit=5&q=pay+ments"), (1, "/routes?limit=5&q=pay+ments")],
+        )
+        self.fetch.answer(0, 200, b'{"services": [], "next": null}')
+        self.fetch.answer(1, 200, b"{}")
+        self.assertEqual(self.document(request)["next"], None)
+        calls = len(self.fetch.calls)
+        request = _Request([b"routes"])
+        request.args = {b"limit": [b"0"]}
+        request.render(self.site.getResourceFor(request))
+        self.assertEqual(request.responseCode, 400)
+        self.assertEqual(self.document(request)["code"], "bad_request")
+        self.assertEqual(len(self.fetch.calls), calls)
+        request = self.get(b"routes")
+        refusal = {"status": 400, "code": "bad_request", "message": "no"}
+        self.fetch.answer(0, 400, json.dumps(refusal).encode())
+        self.fetch.answer(1, 200, b"{}")
+        self.assertEqual(request.responseCode, 400)
+        self.assertEqual(self.document(request), refusal)
+
     def test_routesPrefersFirstWorker(self) -> None:
         """
         When several workers answer, worker order decides, not answer order;
