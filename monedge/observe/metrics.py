@@ -252,52 +252,53 @@ def _number(value: float) -> str:
     return str(floatToGoString(value))
 
 
-class _Snapshot:
-    """
-    One service's numbers at one moment, copied so that the exposition can
-    be written over several reactor turns while requests go on being
-    counted.
-    """
+#: One service's numbers at one moment, copied so that the exposition can be
+#: written over several reactor turns while requests go on being counted:
+#: its label, status classes, latency buckets and sum, upstream buckets and
+#: sum, requests in flight, upstream errors and tunnels opened. A tuple of
+#: tuples, numbers and strings, which the garbage collector stops tracking
+#: at its first pass, so that a large exposition does not bring a full
+#: collection on.
+_Snapshot = tuple[
+    str,
+    tuple[tuple[tuple[int, str], int], ...],
+    tuple[int, ...],
+    float,
+    tuple[int, ...],
+    float,
+    int,
+    tuple[tuple[str, int], ...],
+    int,
+]
 
-    __slots__ = (
-        "label",
-        "service",
-        "classes",
-        "latency",
-        "latencyTotal",
-        "upstream",
-        "upstreamTotal",
-        "inFlight",
-        "errors",
-        "tunnels",
+
+def _snapshot(children: ServiceMetrics) -> _Snapshot:
+    return (
+        children.label,
+        tuple(children.classes.items()),
+        tuple(children.latency.buckets),
+        children.latency.total,
+        tuple(children.upstream.buckets),
+        children.upstream.total,
+        children.inFlight,
+        tuple(children.errors.items()) if children.errors else (),
+        children.tunnels,
     )
-
-    def __init__(self, service: str, children: ServiceMetrics) -> None:
-        self.service = service
-        self.label = children.label
-        self.classes = list(children.classes.items())
-        self.latency = children.latency.buckets[:]
-        self.latencyTotal = children.latency.total
-        self.upstream = children.upstream.buckets[:]
-        self.upstreamTotal = children.upstream.total
-        self.inFlight = children.inFlight
-        self.errors = list(children.errors.items()) if children.errors else []
-        self.tunnels = children.tunnels
 
 
 def _requestLines(snapshot: _Snapshot) -> str:
-    label = snapshot.label
+    label = snapshot[0]
     return "".join(
         [
             f'monedge_requests_total{{code_class="{statusClass}xx",'
             f'origin="{_escapeLabel(origin)}",{label}}} {_number(counted)}\n'
-            for (statusClass, origin), counted in snapshot.classes
+            for (statusClass, origin), counted in snapshot[1]
         ]
     )
 
 
 def _histogramLines(
-    name: str, label: str, buckets: list[int], total: float
+    name: str, label: str, buckets: tuple[int, ...], total: float
 ) -> list[str]:
     lines = []
     cumulative = 0
@@ -313,9 +314,9 @@ def _latencyLines(snapshot: _Snapshot) -> str:
     return "".join(
         _histogramLines(
             "monedge_request_duration_seconds",
-            snapshot.label,
-            snapshot.latency,
-            snapshot.latencyTotal,
+            snapshot[0],
+            snapshot[2],
+            snapshot[3],
         )
     )
 
@@ -324,34 +325,32 @@ def _upstreamLines(snapshot: _Snapshot) -> str:
     return "".join(
         _histogramLines(
             "monedge_upstream_response_seconds",
-            snapshot.label,
-            snapshot.upstream,
-            snapshot.upstreamTotal,
+            snapshot[0],
+            snapshot[4],
+            snapshot[5],
         )
     )
 
 
 def _inFlightLines(snapshot: _Snapshot) -> str:
-    return (
-        f"monedge_requests_in_flight{{{snapshot.label}}} {_number(snapshot.inFlight)}\n"
-    )
+    return f"monedge_requests_in_flight{{{snapshot[0]}}} {_number(snapshot[6])}\n"
 
 
 def _errorLines(snapshot: _Snapshot) -> str:
-    label = snapshot.label
+    label = snapshot[0]
     return "".join(
         [
             f'monedge_upstream_errors_total{{kind="{_escapeLabel(kind)}",{label}}}'
             f" {_number(counted)}\n"
-            for kind, counted in snapshot.errors
+            for kind, counted in snapshot[7]
         ]
     )
 
 
 def _tunnelLines(snapshot: _Snapshot) -> str:
-    if not snapshot.tunnels:
+    if not snapshot[8]:
         return ""
-    return f"monedge_tunnels_opened_total{{{snapshot.label}}} {_number(snapshot.tunnels)}\n"
+    return f"monedge_tunnels_opened_total{{{snapshot[0]}}} {_number(snapshot[8])}\n"
 
 
 #: The per-service families: name, help, type, and each service's lines.
@@ -402,10 +401,7 @@ class _RequestCollector(Collector):
             yield Metric(name, help, kind)
 
     def collect(self) -> Iterator[Metric]:
-        snapshots = [
-            _Snapshot(service, children)
-            for service, children in list(self._services.items())
-        ]
+        snapshots = [_snapshot(children) for children in list(self._services.values())]
         for name, help, kind, lines in _SERVICE_FAMILIES:
             text = "".join([lines(snapshot) for snapshot in snapshots])
             if text:
@@ -573,15 +569,12 @@ class Metrics:
         same moment, so its series agree with each other (its requests
         counted with the histograms' counts) however long the rest takes.
         """
-        services = list(self._services.items())
+        services = list(self._services.values())
         yield b""
         snapshots: list[_Snapshot] = []
         for start in range(0, len(services), batch):
             snapshots.extend(
-                [
-                    _Snapshot(service, children)
-                    for service, children in services[start : start + batch]
-                ]
+                [_snapshot(children) for children in services[start : start + batch]]
             )
             yield b""
         for name, help, kind, lines in _SERVICE_FAMILIES:
