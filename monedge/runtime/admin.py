@@ -53,8 +53,15 @@ if TYPE_CHECKING:
 Fetch = Callable[["Worker", str], Deferred[tuple[int, bytes]]]
 
 
+def _jsonBody(document: object) -> bytes:
+    """
+    C{document} as the admin site writes JSON.
+    """
+    return json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+
+
 def _json(request: Request, status: int, document: object) -> bytes:
-    body = json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+    body = _jsonBody(document)
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
@@ -126,21 +133,27 @@ def metricsCooperator(
 
 
 @implementer(IPushProducer)
-class _MetricsStream:
+class _StreamedBody:
     """
-    Writes one exposition to one request, a few services at a time over
-    reactor turns (see L{Metrics.exposition}), pausing while the client
+    Writes one long body (a /metrics exposition, a /routes page) to one
+    request, a few services at a time over reactor turns (see
+    L{Metrics.exposition}, L{Routes.chunks}), pausing while the client
     reads slowly and stopping if it goes.
     """
 
     _log = Logger()
 
     def __init__(
-        self, request: Request, chunks: Iterator[bytes], cooperator: Cooperator
+        self,
+        request: Request,
+        chunks: Iterator[bytes],
+        cooperator: Cooperator,
+        what: str = "/metrics",
     ) -> None:
         self._request = request
         self._chunks = chunks
         self._cooperator = cooperator
+        self._what = what
         self._paused = False
         self._stopped = False
 
@@ -167,7 +180,7 @@ class _MetricsStream:
     def _failed(self, reason: Failure) -> None:
         if reason.check(TaskStopped):
             return
-        self._log.failure("rendering /metrics failed", reason)
+        self._log.failure("rendering {what} failed", reason, what=self._what)
         # Part of the body is sent: cut the connection rather than end a
         # truncated exposition that would parse.
         self._request.unregisterProducer()
@@ -208,7 +221,7 @@ class PrometheusMetrics(_Leaf):
     def render_GET(self, request: Request) -> int:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
-        _MetricsStream(request, self._metrics.exposition(), self._cooperator).start()
+        _StreamedBody(request, self._metrics.exposition(), self._cooperator).start()
         return NOT_DONE_YET
 
     def render_HEAD(self, request: Request) -> bytes:
@@ -303,19 +316,50 @@ class Routes(_Leaf):
         hostTiers: HostTiers,
         balancer: Balancer,
         globalHooks: Sequence[HookSpec] = (),
+        cooperator: Cooperator | None = None,
     ) -> None:
         super().__init__()
         self._registry = registry
         self._hostTiers = hostTiers
         self._balancer = balancer
         self._globalHooks = tuple(globalHooks)
+        self._cooperator = cooperator or Cooperator()
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         try:
             query = RoutesQuery.fromArgs(request.args or {})
         except BadQuery as error:
             return _badQuery(request, error)
-        return _json(request, 200, self.document(query))
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        # A page of a thousand services takes a quarter of a second to
+        # describe: it is written a slice at a time, as /metrics is.
+        _StreamedBody(request, self.chunks(query), self._cooperator, "/routes").start()
+        return NOT_DONE_YET
+
+    def render_HEAD(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return b""
+
+    def chunks(self, query: RoutesQuery | None = None) -> Iterator[bytes]:
+        """
+        L{document}'s JSON, as the admin site writes JSON, in pieces: the
+        document around its services, then each service (each piece some
+        work, so a cooperator can interleave them with traffic).
+        """
+        page, following, describe = self._select(query or RoutesQuery())
+        marker = "\0services\0"
+        outline = _jsonBody(self._outline([marker], following))
+        before, after = outline.split(json.dumps(marker).encode("ascii"), 1)
+        yield before
+        for index, name in enumerate(page):
+            text = json.dumps(describe(name), indent=2, sort_keys=True)
+            # Nested two levels down: "services", then the list.
+            piece = text.replace("\n", "\n    ").encode("utf-8")
+            yield piece if index == 0 else b",\n    " + piece
+        yield after
 
     def document(self, query: RoutesQuery | None = None) -> dict[str, Any]:
         """
@@ -323,7 +367,36 @@ class Routes(_Leaf):
         (by default, every one), in name order, and in C{next} the last
         one's name when more remain (L{None} otherwise).
         """
-        query = query or RoutesQuery()
+        page, following, describe = self._select(query or RoutesQuery())
+        return self._outline([describe(name) for name in page], following)
+
+    def _outline(self, services: list[Any], following: str | None) -> dict[str, Any]:
+        """
+        The document with C{services} as its services (already redacted).
+        """
+        # Redacted on the way out: hook options by their hook's rule, then
+        # the whole document (URL user-info and queries in registry errors,
+        # sources and options; secret-named options): see monedge.rules.redact.
+        document: dict[str, Any] = redactValue(
+            {
+                "registry": dict(self._registry.describe()),
+                "global_hooks": [
+                    redactHook(spec.asJSON()) for spec in self._globalHooks
+                ],
+                "tiers": sorted(self._hostTiers.tiers()),
+            }
+        )
+        document["services"] = services
+        document["next"] = following
+        return document
+
+    def _select(
+        self, query: RoutesQuery
+    ) -> tuple[list[str], str | None, Callable[[str], dict[str, Any]]]:
+        """
+        The names of the services on C{query}'s page, the C{next} cursor,
+        and what describes one of them (redacted).
+        """
         tiers = self._hostTiers.tiers()
         hostsByTier: dict[str, list[str]] = {}
         for host, tier in self._hostTiers.mapping.items():
@@ -345,8 +418,8 @@ class Routes(_Leaf):
             page = list(islice(matching, query.limit + 1))
             following = page[query.limit - 1] if len(page) > query.limit else None
             del page[query.limit :]
-        services = []
-        for name in page:
+
+        def describe(name: str) -> dict[str, Any]:
             entry = table[name]
             parsed = parseServiceName(name)
             routable = parsed is not None and parsed[0] in tiers and entry.policy.expose
@@ -366,7 +439,7 @@ class Routes(_Leaf):
                 hosts = ["*"]
             policy = entry.policy.asJSON()
             policy["hooks"] = [redactHook(hook) for hook in policy["hooks"]]
-            services.append(
+            described: dict[str, Any] = redactValue(
                 {
                     "name": name,
                     "routable": routable,
@@ -377,21 +450,9 @@ class Routes(_Leaf):
                     "source": dict(entry.source),
                 }
             )
-        # Redacted on the way out: hook options by their hook's rule, then
-        # the whole document (URL user-info and queries in registry errors,
-        # sources and options; secret-named options): see monedge.rules.redact.
-        document: dict[str, Any] = redactValue(
-            {
-                "registry": dict(self._registry.describe()),
-                "global_hooks": [
-                    redactHook(spec.asJSON()) for spec in self._globalHooks
-                ],
-                "tiers": sorted(tiers),
-                "services": services,
-            }
-        )
-        document["next"] = following
-        return document
+            return described
+
+        return page, following, describe
 
 
 class AdminRoot(Resource):
@@ -430,8 +491,12 @@ def adminSite(
     root = AdminRoot()
     root.putChild(b"healthz", Health())
     root.putChild(b"readyz", Ready(readiness))
-    root.putChild(b"metrics", PrometheusMetrics(metrics, metricsCooperator(reactor)))
-    root.putChild(b"routes", Routes(registry, hostTiers, balancer, globalHooks))
+    # One cooperator shares the reactor's turns out among long pages.
+    cooperator = metricsCooperator(reactor)
+    root.putChild(b"metrics", PrometheusMetrics(metrics, cooperator))
+    root.putChild(
+        b"routes", Routes(registry, hostTiers, balancer, globalHooks, cooperator)
+    )
     return _AdminSite(root, reactor=reactor)
 
 

@@ -20,6 +20,7 @@ from monedge.runtime.admin import (
     ROUTES_LIMIT,
     PrometheusMetrics,
     Routes,
+    RoutesQuery,
     metricsCooperator,
 )
 from monedge.testing import MemoryRegistry
@@ -216,7 +217,7 @@ class MetricsPageTests(SynchronousTestCase):
         self.assertEqual(self.reactor.pending, [])
 
 
-def _routes(count: int) -> Routes:
+def _routes(count: int, turns: _Turns | None = None) -> Routes:
     registry = MemoryRegistry()
     for number in range(count):
         registry.put(
@@ -226,7 +227,8 @@ def _routes(count: int) -> Routes:
             )
         )
     registry.put(ServiceEntry("payments", ()))
-    return Routes(registry, HostTiers({}), Balancer(Clock()))
+    cooperator = metricsCooperator(turns or _Turns(), lambda: lambda: True)
+    return Routes(registry, HostTiers({}), Balancer(Clock()), (), cooperator)
 
 
 class RoutesPageTests(SynchronousTestCase):
@@ -236,7 +238,8 @@ class RoutesPageTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.routes = _routes(250)
+        self.turns = _Turns()
+        self.routes = _routes(250, self.turns)
 
     def get(self, **args: str | list[str] | bytes) -> tuple[int, Any]:
         request = _Request([b""])
@@ -246,11 +249,38 @@ class RoutesPageTests(SynchronousTestCase):
                 v if isinstance(v, bytes) else v.encode() for v in values
             ]
         request.render(self.routes)
+        while self.turns.pending:
+            self.turns.turn()
         body = b"".join(request.written)
         return request.responseCode or 200, json.loads(body)
 
     def names(self, document: Any) -> list[str]:
         return [service["name"] for service in document["services"]]
+
+    def test_streamedAsDocument(self) -> None:
+        """
+        A page is written a service per step, each on its own reactor turn,
+        and the body is exactly the document as the admin site writes JSON.
+        """
+        request = _Request([b""])
+        request.args[b"limit"] = [b"50"]
+        request.render(self.routes)
+        turns = 0
+        while self.turns.pending:
+            self.turns.turn()
+            turns += 1
+        self.assertGreaterEqual(turns, 50)
+        expected = json.dumps(
+            self.routes.document(RoutesQuery(limit=50)), indent=2, sort_keys=True
+        )
+        self.assertEqual(b"".join(request.written), expected.encode() + b"\n")
+        self.assertEqual(request.finished, 1)
+        empty = _Request([b""])
+        empty.args[b"q"] = [b"nothing"]
+        empty.render(self.routes)
+        while self.turns.pending:
+            self.turns.turn()
+        self.assertEqual(json.loads(b"".join(empty.written))["services"], [])
 
     def test_defaultPage(self) -> None:
         """
