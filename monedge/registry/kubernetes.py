@@ -780,7 +780,8 @@ class KubernetesRegistry(TableRegistry, Service):
         once per this many seconds, for every name changed meanwhile (0:
         at once, for each event).
     @param relistBatch: how many objects a list applies per reactor turn
-        (every object of one registry name goes in the same turn).
+        (every object of one registry name goes in the same turn), and how
+        many names the end of a coalescing window rebuilds per turn.
     @param offReactor: runs a pure computation (a relist's diff) off the
         reactor thread, returning a L{Deferred} of its result; L{None}
         runs it at once (tests).  The composition root passes the API's
@@ -949,7 +950,14 @@ class KubernetesRegistry(TableRegistry, Service):
         subscribers, once for every name changed in it.
         """
         self._flushCall = None
-        names, self._pendingNames = self._pendingNames, set()
+        pending = self._pendingNames
+        if len(pending) <= self.relistBatch:
+            self._pendingNames = set()
+            self._rebuild(pending)
+            return
+        # A burst larger than a relist slice: a slice per reactor turn.
+        names = [pending.pop() for _ in range(self.relistBatch)]
+        self._flushCall = self.clock.callLater(0, self._flush)
         self._rebuild(names)
 
     def heardFrom(self, watcher: _Watcher) -> None:

@@ -404,6 +404,35 @@ class CoalesceTests(RegistryTestCase):
         self.assertIsNone(registry.lookup("service.api.b"))
         self.assertEqual(len(recorder.calls), 2)
 
+    def test_largeBurstInSlices(self) -> None:
+        """
+        More names changed in a window than a slice holds: the table is
+        updated a slice per reactor turn, starting at the window's end.
+        """
+        for name in "abcde":
+            self.api.apply(service(f"service-api-{name}"))
+        registry = self.startRegistry(coalesceWindow=0.05, relistBatch=2)
+        self.clock.advance(0)
+        recorder = Recorder()
+        registry.subscribe(recorder)
+        for name in "abcde":
+            self.api.apply(
+                endpointSlice(f"{name}-1", f"service-api-{name}", [ep("10.0.0.1")])
+            )
+        self.clock.advance(0.049)
+        self.assertEqual(recorder.calls, [])
+        # Each update after the first is a call of its own, a turn later
+        # (the Clock runs them all in this one advance).
+        turns = []
+        registry.subscribe(lambda _: turns.append(registry._flushCall is not None))
+        self.clock.advance(0.001)
+        self.assertEqual([len(c) for c in recorder.calls], [2, 2, 1])
+        self.assertEqual(turns, [True, True, False])
+        for name in "abcde":
+            entry = registry.lookup(f"service.api.{name}")
+            assert entry is not None
+            self.assertEqual(entry.endpoints, (Endpoint("10.0.0.1", 8080),))
+
     def test_stopDropsPending(self) -> None:
         """
         Stopping cancels a pending window.
