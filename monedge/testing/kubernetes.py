@@ -71,6 +71,7 @@ import json
 import re
 import secrets
 import uuid
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -493,6 +494,11 @@ class FakeCluster:
         # after it is retained.
         self._oldestResumable = self._rv
         self._objects: dict[_Key, dict[str, Any]] = {}
+        #: Every key, sorted, while no object has come or gone since.
+        self._sortedKeys: list[_Key] | None = None
+        #: Each object's JSON as a list item (no apiVersion, no kind), with
+        #: the object it was made from: stored objects are never changed.
+        self._itemJSON: dict[_Key, tuple[dict[str, Any], bytes]] = {}
         self._events: deque[_Event] = deque()
         self._watchWaiters: list[tuple[int, Deferred[None]]] = []
         self._forbidden: set[str] = set()
@@ -559,6 +565,8 @@ class FakeCluster:
             metadata["creationTimestamp"] = old["metadata"]["creationTimestamp"]
         self._rv += 1
         metadata["resourceVersion"] = str(self._rv)
+        if old is None:
+            self._sortedKeys = None
         self._objects[key] = stored
         self._record(
             _Event(self._rv, key, "ADDED" if old is None else "MODIFIED", stored, old)
@@ -576,6 +584,8 @@ class FakeCluster:
         """
         key = (_kindNamed(kind).plural, namespace, name)
         old = self._objects.pop(key)
+        self._sortedKeys = None
+        self._itemJSON.pop(key, None)
         self._rv += 1
         last = copy.deepcopy(old)
         last["metadata"]["resourceVersion"] = str(self._rv)
@@ -604,6 +614,30 @@ class FakeCluster:
         Tell the open watches of C{event}, just recorded.
         """
         raise NotImplementedError()
+
+    def _keys(self) -> list[_Key]:
+        """
+        Every key, sorted (kept until an object comes or goes).
+        """
+        keys = self._sortedKeys
+        if keys is None:
+            keys = self._sortedKeys = sorted(self._objects)
+        return keys
+
+    def _item(self, key: _Key, obj: dict[str, Any]) -> bytes:
+        """
+        C{obj}'s JSON as an item of a list (without apiVersion and kind),
+        made once per stored object: a list of thousands of objects, page
+        after page, costs what a real API server's watch cache does, not a
+        copy and an encoding of each object each time.
+        """
+        cached = self._itemJSON.get(key)
+        if cached is not None and cached[0] is obj:
+            return cached[1]
+        item = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}
+        encoded = json.dumps(item).encode()
+        self._itemJSON[key] = (obj, encoded)
+        return encoded
 
     def _stateAt(self, rv: int) -> dict[_Key, dict[str, Any]]:
         """
@@ -1023,35 +1057,55 @@ class FakeKubernetes(FakeCluster):
         else:
             rv, start = self._rv, ("", "")
             state = self._objects
-        matching = [
-            (key, obj)
-            for key, obj in sorted(state.items())
-            if selector.selectsKey(key)
-            and (key[1], key[2]) > start
-            and selector.matches(obj)
-        ]
+        # The keys in order: the current ones' kept order, or, for a page
+        # of a list that began before later changes, that moment's.
+        keys = self._keys() if state is self._objects else sorted(state)
+        plural = selector.kind.plural
+        first = bisect_right(keys, (plural, *start))
+        # Keys sort by kind, namespace and name: this kind's (and this
+        # namespace's) are one run.
+        if selector.namespace is None:
+            end = bisect_left(keys, (plural + "\0",))
+        else:
+            end = bisect_left(keys, (plural, selector.namespace + "\0"))
+            first = max(first, bisect_left(keys, (plural, selector.namespace)))
+        matching: list[tuple[_Key, dict[str, Any]]] = []
+        remaining = 0
+        for index in range(first, end):
+            key = keys[index]
+            obj = state[key]
+            if not selector.selectsKey(key) or not selector.matches(obj):
+                continue
+            if limit and len(matching) == limit:
+                # One more: there is a next page.
+                remaining = (end - index) if not selector.requirements else 1
+                break
+            matching.append((key, obj))
         metadata: dict[str, Any] = {"resourceVersion": str(rv)}
-        if limit and len(matching) > limit:
-            metadata["continue"] = _encodeContinue(rv, matching[limit - 1][0])
+        if remaining:
+            metadata["continue"] = _encodeContinue(rv, matching[-1][0])
             if not selector.requirements:
-                metadata["remainingItemCount"] = len(matching) - limit
-            matching = matching[:limit]
-        items = []
-        for _, obj in matching:
-            item = copy.deepcopy(obj)
-            item.pop("apiVersion", None)
-            item.pop("kind", None)
-            items.append(item)
-        return self._json(
-            request,
-            200,
+                metadata["remainingItemCount"] = remaining
+        head = json.dumps(
             {
                 "kind": selector.kind.listKind,
                 "apiVersion": selector.kind.apiVersion,
                 "metadata": metadata,
-                "items": items,
-            },
+            }
+        ).encode()
+        items = b", ".join(
+            [
+                self._item(key, obj)
+                if state is self._objects
+                else json.dumps(
+                    {k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}
+                ).encode()
+                for key, obj in matching
+            ]
         )
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/json")
+        return head[:-1] + b', "items": [' + items + b"]}"
 
     def _watch(
         self, request: Request, selector: _Selector, query: dict[str, list[str]]
