@@ -35,7 +35,7 @@ def _run(*command: str, timeout: float) -> str:
 class BenchToolTests(TestCase):
     """
     bench/inprocess.py, bench/instructions.sh, bench/upload.py,
-    bench/h2load.py and bench/grpcunary.py, on small counts.
+    bench/h2load.py, bench/grpcunary.py and bench/scale.py, on small counts.
     """
 
     def test_inprocess(self) -> None:
@@ -219,3 +219,61 @@ class BenchToolTests(TestCase):
         self.assertGreaterEqual(document["accessLog"]["200 0"], 250)
         self.assertEqual(document["accessLogBad"], 0)
         self.assertEqual(document["errorsLogged"], {"monedge": [], "gRPC server": []})
+
+    def test_scale(self) -> None:
+        """
+        bench/scale.py, on 50 routable Services and one-second phases,
+        starts the fake API server and monedge on the Kubernetes registry,
+        and reports every phase with every request answered: ready time and
+        RSS, wrk over all 50 routes, paced traffic quiet and under /metrics
+        and /routes scrapes (which answer 200), a relist after 410 Gone
+        (monedge watches both kinds again), and EndpointSlice churn with
+        change-to-routing lags measured; it prints the two tables.
+        """
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "scale.json")
+            out = _run(
+                sys.executable,
+                "bench/scale.py",
+                "--sizes",
+                "50",
+                "--duration",
+                "1",
+                "--warmup",
+                "1",
+                "--settle",
+                "0.2",
+                "--churn-seconds",
+                "2",
+                "--json",
+                path,
+                timeout=90,
+            )
+            with open(path) as f:
+                document = json.load(f)
+        (size,) = document["sizes"]
+        self.assertEqual(size["services"], 50)
+        self.assertEqual(size["fake"]["services"], 100)
+        self.assertGreater(size["readySeconds"], 0)
+        self.assertGreater(size["rssMiB"], 10)
+        saturation = size["saturation"]
+        self.assertGreater(saturation["requests"], 0)
+        self.assertEqual(saturation["errors"], 0)
+        for label in ("quiet", "metrics", "routes"):
+            paced = size["paced"][label]
+            self.assertEqual((paced["requests"], paced["failed"]), (1000, 0), label)
+            self.assertGreater(paced["p99ms"], 0, label)
+        for label in ("metrics", "routes"):
+            self.assertEqual(size["scrapes"][label]["statuses"], [200], label)
+            self.assertGreater(size["scrapes"][label]["bytes"], 0, label)
+        relist = size["relist"]
+        self.assertGreater(relist["listPages"], 0)
+        self.assertEqual(relist["whole"]["failed"], 0)
+        self.assertGreater(relist["window"]["requests"], 0)
+        churn = size["churn"]
+        self.assertGreater(churn["updates"], 0)
+        self.assertEqual(churn["whole"]["failed"], 0)
+        self.assertGreater(len(churn["lagsMs"]), 0)
+        self.assertEqual(churn["lagTimeouts"], 0)
+        self.assertRegex(out, r"\| 50 +\| [\d.]+ s +\| \d+ MiB +\| [\d,]+ +\|")
+        self.assertIn("churn lag p99", out)
