@@ -12,7 +12,15 @@ import subprocess
 import sys
 import tempfile
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from monedge.registry import Endpoint
+from monedge.registry.kubernetes import endpointsFor
+from monedge.testing.kubernetes import (
+    MemoryKubernetes,
+    realisticEndpointSlice,
+    realisticService,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -277,3 +285,60 @@ class BenchToolTests(TestCase):
         self.assertEqual(churn["lagTimeouts"], 0)
         self.assertRegex(out, r"\| 50 +\| [\d.]+ s +\| \d+ MiB +\| [\d,]+ +\|")
         self.assertIn("churn lag p99", out)
+
+
+class RealisticObjectsTests(SynchronousTestCase):
+    """
+    The API objects bench/scale.py fills its fake with.
+    """
+
+    def test_shapes(self) -> None:
+        """
+        L{realisticService} and L{realisticEndpointSlice} are shaped like a
+        cluster's objects (managed fields, kubectl's last-applied
+        configuration of a few KB, a uid, a cluster IP, each endpoint's
+        Pod, node and zone), the fake stores them, and the registry reads
+        the slice's three endpoints, on its C{http} port, with the
+        readiness asked for.
+        """
+        service = realisticService("service-api-s7", "shop", 7)
+        slice_ = realisticEndpointSlice(
+            "service-api-s7",
+            ["127.0.0.1", "127.0.0.2", "127.0.0.3"],
+            9000,
+            "shop",
+            7,
+            ready=[True, True, False],
+        )
+        metadata = service["metadata"]
+        self.assertEqual(len(metadata["managedFields"]), 3)
+        applied = metadata["annotations"][
+            "kubectl.kubernetes.io/last-applied-configuration"
+        ]
+        self.assertGreater(len(applied), 2000)
+        self.assertEqual(json.loads(applied)["metadata"]["name"], "service-api-s7")
+        self.assertTrue(metadata["uid"])
+        self.assertTrue(service["spec"]["clusterIP"].startswith("10."))
+        self.assertEqual(
+            slice_["metadata"]["labels"]["kubernetes.io/service-name"],
+            "service-api-s7",
+        )
+        self.assertEqual(
+            [e["targetRef"]["kind"] for e in slice_["endpoints"]], ["Pod"] * 3
+        )
+        self.assertTrue(all(e["nodeName"] and e["zone"] for e in slice_["endpoints"]))
+        self.assertEqual(realisticService("service-api-s7", "shop", 7), service)
+        cluster = MemoryKubernetes()
+        cluster.apply(service)
+        cluster.apply(slice_)
+        self.assertEqual(len(cluster.services()), 1)
+        self.assertEqual(len(cluster.endpointSlices()), 1)
+        self.assertEqual(
+            [(e.host, e.port, e.ready) for e in endpointsFor(service, [slice_])],
+            [
+                ("127.0.0.1", 9000, True),
+                ("127.0.0.2", 9000, True),
+                ("127.0.0.3", 9000, False),
+            ],
+        )
+        self.assertIsInstance(endpointsFor(service, [slice_])[0], Endpoint)
