@@ -41,9 +41,10 @@ then measures, phase by phase, each bounded in time:
      the scrapes;
   5. relist: paced traffic, and 2 s in, the fake compacts its history and
      ends both watches with 410 Gone; monedge lists again and watches
-     again.  The largest latency and the failures among the requests due
-     from the 410 until 1 s after both watches are open again; the
-     largest latency is an upper bound of the reactor's stall;
+     again; the traffic goes on until 2 s after both watches are open
+     again (at most 60 s).  The largest latency and the failures among the
+     requests due from the 410 until 1 s after both watches are open
+     again; the largest latency is an upper bound of the reactor's stall;
   6. churn: paced traffic, and 1 s in, C{--churn-rate} (1,000)
      EndpointSlice updates a second for C{--churn-seconds} (10), cycling
      over all 2N slices, each flipping one of its three endpoints'
@@ -114,6 +115,7 @@ START_TIMEOUT = 300.0
 SCRAPE_EVERY = 2.0
 LAG_POLL = 0.002
 LAG_TIMEOUT = 5.0
+RELIST_LIMIT = 60.0
 
 
 class Helper:
@@ -357,10 +359,12 @@ class Bench:
         routes: int,
         seconds: float,
         during: Callable[[float], dict[str, Any]] | None = None,
+        stopAfterDuring: bool = False,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """
         Run the paced client for C{seconds}; meanwhile, C{during(started)}
-        in this thread.  The client's record, and what C{during} returned.
+        in this thread, after which, if C{stopAfterDuring}, the client is
+        stopped.  The client's record, and what C{during} returned.
         """
         out = self.directory / f"paced-{time.monotonic_ns()}.json"
         command = [
@@ -390,6 +394,8 @@ class Bench:
         try:
             if during is not None:
                 extra = during(started)
+                if stopAfterDuring and process.poll() is None:
+                    process.send_signal(signal.SIGUSR1)
             _, errors = process.communicate(timeout=seconds + 60)
             extra["cpu"] = usage.done()
         finally:
@@ -646,16 +652,18 @@ end
         }
 
     def relist(self, fake: Helper, port: int, n: int) -> dict[str, Any]:
-        seconds = max(self.args.duration, 5.0)
+        # Until both watches are open again and 2 s more, or RELIST_LIMIT.
+        seconds = RELIST_LIMIT
 
         def during(started: float) -> dict[str, Any]:
             time.sleep(max(0.0, started + 2.0 - time.monotonic()))
             id = fake.send("relist")
             at = fake.answer(id, 30)["at"]
-            watching = fake.answer(id, seconds + 60)
+            watching = fake.answer(id, seconds)
+            time.sleep(max(0.0, watching["at"] + 2.0 - time.monotonic()))
             return {"at": at, "watching": watching}
 
-        record, extra = self.paced(port, n, seconds, during)
+        record, extra = self.paced(port, n, seconds, during, stopAfterDuring=True)
         at, watching = extra["at"], extra["watching"]
         if watching["watches"] < 2:
             raise BenchError(f"monedge did not watch again after the 410: {watching}")
@@ -920,10 +928,10 @@ def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def benchmark(args: argparse.Namespace, directory: Path) -> None:
     proxyPin, loadPin = pinning(not args.no_pin)
+    about = machine(ensureWrk(), None, None)
     if loadPin:
         # This script, and everything it starts but monedge, on the other CPU.
         os.sched_setaffinity(0, {int(loadPin[-1])})
-    about = machine(ensureWrk(), None, None)
     invocation = shlex.join([sys.executable, *sys.argv])
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     upstreamPort, markerPort = freePort(), freePort()

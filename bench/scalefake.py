@@ -35,7 +35,7 @@ monedge routed to.
 C{paced} is an open-loop client: R requests a second for S seconds, on
 keep-alive HTTP/1.1 connections (as many as are busy, up to
 C{--connections}), cycling over C{/s<i>/} in a shuffled order with
-C{Host: api.example.com}.  Each request's latency counts from the time it
+C{Host: api.example.com}; SIGUSR1 ends it early.  Each request's latency counts from the time it
 was due, not from when a connection was free, so a stall shows in full.
 It writes, as JSON, each request's due time (C{time.monotonic()}, shared
 with the other processes), latency and status (0 for a failure).
@@ -48,6 +48,7 @@ import asyncio
 import bisect
 import json
 import random
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -365,8 +366,15 @@ async def _paced(args: argparse.Namespace) -> dict[str, Any]:
                     connection[1].close()
 
     running: set[asyncio.Task[None]] = set()
+    stopped = asyncio.Event()
+    # SIGUSR1 ends the run early: no request is sent after it.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, stopped.set)
     start = time.monotonic() + 0.05
+    sent = 0
     for index in range(total):
+        if stopped.is_set():
+            break
+        sent += 1
         due[index] = start + index / args.rate
         wait = due[index] - time.monotonic()
         if wait > 0:
@@ -386,9 +394,9 @@ async def _paced(args: argparse.Namespace) -> dict[str, Any]:
         "rate": args.rate,
         "duration": args.duration,
         "connectionsOpened": opened[0],
-        "due": due,
-        "latencyMs": [round(s * 1000, 3) for s in latency],
-        "status": status,
+        "due": due[:sent],
+        "latencyMs": [round(s * 1000, 3) for s in latency[:sent]],
+        "status": status[:sent],
     }
 
 
