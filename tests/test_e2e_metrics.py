@@ -5,6 +5,7 @@ C{twistd monedge}'s /metrics while real clients use it.
 
 from __future__ import annotations
 
+import json
 import socket
 from typing import Any
 
@@ -188,3 +189,79 @@ class OperatorMetricsTests(ProxyTestCase):
             samples = await self.scrape(proxy)
             ages.append(samples[("monedge_registry_last_sync_age_seconds", ())])
         self.assertTrue(all(0 <= age < 2.5 for age in ages), ages)
+
+
+class AdminPagesAtScaleTests(ProxyTestCase):
+    """
+    On a real C{twistd monedge}, /metrics is streamed whole for many
+    services and /routes answers a page at a time.
+    """
+
+    timeout = 60
+
+    async def test_metricsAndRoutesPages(self) -> None:
+        """
+        With 300 services of which 60 were routed to, /metrics parses and
+        has every routed service's request count and histogram (no
+        C{_created} series); /routes gives C{limit} services and a C{next}
+        cursor that leads to the rest, C{service} and C{q} filter, and a
+        bad limit is a 400 with a JSON error.
+        """
+        upstream = self.startUpstream()
+        services = {
+            f"service.api.s{number:03d}": {"endpoints": [upstream.address]}
+            for number in range(300)
+        }
+        proxy = await self.startProxy(services)
+        for number in range(0, 300, 5):
+            response, _ = await self.get(f"{proxy.url}/s{number:03d}/x")
+            self.assertEqual(response.code, 200)
+        response, body = await self.get(proxy.adminURL + "/metrics")
+        self.assertEqual(response.code, 200)
+        text = body.decode()
+        self.assertNotIn("_created", text)
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+        for number in range(0, 300, 5):
+            labels = (("service", f"service.api.s{number:03d}"),)
+            self.assertEqual(
+                samples[("monedge_request_duration_seconds_count", labels)], 1.0
+            )
+            self.assertEqual(
+                samples[
+                    (
+                        "monedge_requests_total",
+                        (("code_class", "2xx"), ("origin", "upstream")) + labels,
+                    )
+                ],
+                1.0,
+            )
+        self.assertIn(("process_resident_memory_bytes", ()), samples)
+
+        names: list[str] = []
+        url = proxy.adminURL + "/routes?limit=120"
+        while True:
+            response, body = await self.get(url)
+            self.assertEqual(response.code, 200)
+            document = json.loads(body)
+            self.assertLessEqual(len(document["services"]), 120)
+            names.extend(service["name"] for service in document["services"])
+            if document["next"] is None:
+                break
+            url = proxy.adminURL + "/routes?limit=120&after=" + document["next"]
+        self.assertEqual(names, sorted(services))
+        response, body = await self.get(
+            proxy.adminURL + "/routes?service=service.api.s007"
+        )
+        document = json.loads(body)
+        self.assertEqual(
+            [s["name"] for s in document["services"]], ["service.api.s007"]
+        )
+        response, body = await self.get(proxy.adminURL + "/routes?q=s29")
+        self.assertEqual(len(json.loads(body)["services"]), 10)
+        response, body = await self.get(proxy.adminURL + "/routes?limit=5000")
+        self.assertEqual(response.code, 400)
+        self.assertEqual(json.loads(body)["code"], "bad_request")

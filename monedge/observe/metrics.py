@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,6 +19,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -49,6 +50,14 @@ BUCKETS = (
     30,
     60,
 )
+
+#: Per-service latency buckets, in seconds, from 5 ms to 10 s: those of
+#: ingress-nginx's request and upstream histograms. Every service carries
+#: two histograms, so each bound costs two series a service; hooks, few,
+#: keep L{BUCKETS}.
+SERVICE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+_C = TypeVar("_C", bound="Collector")
 
 #: The service label for requests that reached no service.
 NO_SERVICE = "-"
@@ -100,17 +109,16 @@ class _Histogram:
         those above every bound.
     """
 
-    __slots__ = ("buckets", "total", "since")
+    __slots__ = ("buckets", "total")
 
     def __init__(self) -> None:
-        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.buckets = [0] * (len(SERVICE_BUCKETS) + 1)
         self.total = 0.0
-        self.since = time.time()
 
     def observe(self, seconds: float) -> None:
         # A bucket counts what is at most its bound: the first bound not
         # below the value.
-        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.buckets[bisect_left(SERVICE_BUCKETS, seconds)] += 1
         self.total += seconds
 
 
@@ -125,31 +133,37 @@ class ServiceMetrics:
     @ivar classes: requests answered, by status class (2 for 2xx, ...) and
         origin (L{monedge.record.UPSTREAM} when the upstream sent the status, L{monedge.record.MONEDGE}
         when monedge or a hook chose it).
-    @ivar created: when each of those was first counted.
     @ivar latency: time from the request's arrival to its last byte.
     @ivar upstream: time from sending the request upstream to the
         response's head.
     @ivar inFlight: requests received and not yet answered.
+    @ivar errors: upstream failures, by kind.
+    @ivar tunnels: upgraded connections opened.
+    @ivar label: the C{service} label, as the exposition writes it.
     """
 
     __slots__ = (
         "_metrics",
         "_service",
         "classes",
-        "created",
         "latency",
         "upstream",
         "inFlight",
+        "errors",
+        "tunnels",
+        "label",
     )
 
     def __init__(self, metrics: Metrics, service: str) -> None:
         self._metrics = metrics
         self._service = service
         self.classes: dict[tuple[int, str], int] = {}
-        self.created: dict[tuple[int, str], float] = {}
         self.latency = _Histogram()
         self.upstream = _Histogram()
         self.inFlight = 0
+        self.errors: dict[str, int] = {}
+        self.tunnels = 0
+        self.label = f'service="{_escapeLabel(service)}"'
 
     def count(self, record: RequestRecord) -> None:
         """
@@ -159,11 +173,7 @@ class ServiceMetrics:
         """
         key = (record.status // 100, record.origin)
         classes = self.classes
-        counted = classes.get(key)
-        if counted is None:
-            self.created[key] = time.time()
-            counted = 0
-        classes[key] = counted + 1
+        classes[key] = classes.get(key, 0) + 1
         total = record.totalLatency
         self.latency.observe(0.0 if total is None else total)
         upstreamSeconds = record.upstreamLatency
@@ -198,17 +208,18 @@ class ServiceMetrics:
         """
         Count an upstream failure of C{kind}.
         """
-        self._metrics.upstreamErrors.labels(self._service, kind).inc()
+        errors = self.errors
+        errors[kind] = errors.get(kind, 0) + 1
 
     def tunnelOpened(self) -> None:
         """
         Count an upgraded connection that became a tunnel.
         """
-        self._metrics.tunnelsOpened.labels(self._service).inc()
+        self.tunnels += 1
 
 
-#: The C{le} label of each latency bucket, as C{prometheus_client} writes it.
-_BOUNDS = [floatToGoString(bound) for bound in BUCKETS] + ["+Inf"]
+#: The C{le} label of each per-service bucket, as C{prometheus_client} writes it.
+_BOUNDS = [floatToGoString(bound) for bound in SERVICE_BUCKETS] + ["+Inf"]
 
 _REQUESTS_HELP = (
     "Requests answered, by service, status class and origin (upstream: the"
@@ -219,79 +230,200 @@ _UPSTREAM_HELP = (
     "Time from sending a request upstream to the response's head, by service."
 )
 _IN_FLIGHT_HELP = "Requests received and not yet answered, by service."
+_ERRORS_HELP = "Upstream failures, by service and kind."
+_TUNNELS_HELP = "Upgraded (WebSocket) connections opened, by service."
 
 
-def _histogram(
-    name: str, help: str, services: list[tuple[str, ServiceMetrics]], which: str
-) -> Metric:
+def _escapeLabel(value: str) -> str:
     """
-    One histogram family of every service, as C{prometheus_client}'s
-    C{Histogram} writes it.
+    C{value} as a label value of the text format: backslash, double quote
+    and newline escaped.
     """
-    family = Metric(name, help, "histogram")
-    for service, children in services:
-        histogram: _Histogram = getattr(children, which)
-        cumulative = 0
-        for bound, inBucket in zip(_BOUNDS, list(histogram.buckets), strict=True):
-            cumulative += inBucket
-            family.add_sample(
-                f"{name}_bucket", {"service": service, "le": bound}, float(cumulative)
-            )
-        family.add_sample(f"{name}_count", {"service": service}, float(cumulative))
-        family.add_sample(f"{name}_sum", {"service": service}, histogram.total)
-        family.add_sample(f"{name}_created", {"service": service}, histogram.since)
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    """
+    C{value} as C{prometheus_client} writes a sample's value, quickly for
+    the common case of a count.
+    """
+    if type(value) is int and 0 <= value < 1_000_000:
+        return f"{value}.0"
+    return str(floatToGoString(value))
+
+
+#: One service's numbers at one moment, copied so that the exposition can be
+#: written over several reactor turns while requests go on being counted:
+#: its label, status classes, latency buckets and sum, upstream buckets and
+#: sum, requests in flight, upstream errors and tunnels opened. A tuple of
+#: tuples, numbers and strings, which the garbage collector stops tracking
+#: at its first pass, so that a large exposition does not bring a full
+#: collection on.
+_Snapshot = tuple[
+    str,
+    tuple[tuple[tuple[int, str], int], ...],
+    tuple[int, ...],
+    float,
+    tuple[int, ...],
+    float,
+    int,
+    tuple[tuple[str, int], ...],
+    int,
+]
+
+
+def _snapshot(children: ServiceMetrics) -> _Snapshot:
+    return (
+        children.label,
+        tuple(children.classes.items()),
+        tuple(children.latency.buckets),
+        children.latency.total,
+        tuple(children.upstream.buckets),
+        children.upstream.total,
+        children.inFlight,
+        tuple(children.errors.items()) if children.errors else (),
+        children.tunnels,
+    )
+
+
+def _requestLines(snapshot: _Snapshot) -> str:
+    label = snapshot[0]
+    return "".join(
+        [
+            f'monedge_requests_total{{code_class="{statusClass}xx",'
+            f'origin="{_escapeLabel(origin)}",{label}}} {_number(counted)}\n'
+            for (statusClass, origin), counted in snapshot[1]
+        ]
+    )
+
+
+def _histogramLines(
+    name: str, label: str, buckets: tuple[int, ...], total: float
+) -> list[str]:
+    lines = []
+    cumulative = 0
+    for bound, inBucket in zip(_BOUNDS, buckets, strict=True):
+        cumulative += inBucket
+        lines.append(f'{name}_bucket{{le="{bound}",{label}}} {_number(cumulative)}\n')
+    lines.append(f"{name}_count{{{label}}} {_number(cumulative)}\n")
+    lines.append(f"{name}_sum{{{label}}} {floatToGoString(total)}\n")
+    return lines
+
+
+def _latencyLines(snapshot: _Snapshot) -> str:
+    return "".join(
+        _histogramLines(
+            "monedge_request_duration_seconds",
+            snapshot[0],
+            snapshot[2],
+            snapshot[3],
+        )
+    )
+
+
+def _upstreamLines(snapshot: _Snapshot) -> str:
+    return "".join(
+        _histogramLines(
+            "monedge_upstream_response_seconds",
+            snapshot[0],
+            snapshot[4],
+            snapshot[5],
+        )
+    )
+
+
+def _inFlightLines(snapshot: _Snapshot) -> str:
+    return f"monedge_requests_in_flight{{{snapshot[0]}}} {_number(snapshot[6])}\n"
+
+
+def _errorLines(snapshot: _Snapshot) -> str:
+    label = snapshot[0]
+    return "".join(
+        [
+            f'monedge_upstream_errors_total{{kind="{_escapeLabel(kind)}",{label}}}'
+            f" {_number(counted)}\n"
+            for kind, counted in snapshot[7]
+        ]
+    )
+
+
+def _tunnelLines(snapshot: _Snapshot) -> str:
+    if not snapshot[8]:
+        return ""
+    return f"monedge_tunnels_opened_total{{{snapshot[0]}}} {_number(snapshot[8])}\n"
+
+
+#: The per-service families: name, help, type, and each service's lines.
+_SERVICE_FAMILIES: tuple[tuple[str, str, str, Callable[[_Snapshot], str]], ...] = (
+    ("monedge_requests", _REQUESTS_HELP, "counter", _requestLines),
+    ("monedge_request_duration_seconds", _LATENCY_HELP, "histogram", _latencyLines),
+    ("monedge_upstream_response_seconds", _UPSTREAM_HELP, "histogram", _upstreamLines),
+    ("monedge_requests_in_flight", _IN_FLIGHT_HELP, "gauge", _inFlightLines),
+    ("monedge_upstream_errors", _ERRORS_HELP, "counter", _errorLines),
+    ("monedge_tunnels_opened", _TUNNELS_HELP, "counter", _tunnelLines),
+)
+
+
+def _header(name: str, help: str, kind: str) -> str:
+    """
+    A family's HELP and TYPE lines, as C{prometheus_client} writes them.
+    """
+    exposed = f"{name}_total" if kind == "counter" else name
+    escaped = help.replace("\\", "\\\\").replace("\n", "\\n")
+    return f"# HELP {exposed} {escaped}\n# TYPE {exposed} {kind}\n"
+
+
+def _parseLines(name: str, help: str, kind: str, lines: str) -> Metric:
+    """
+    A family of the per-service lines, for L{_RequestCollector.collect}.
+    """
+    [family] = text_string_to_metric_families(_header(name, help, kind) + lines)
     return family
 
 
 class _RequestCollector(Collector):
     """
-    Exports every service's L{ServiceMetrics}: the counter
-    C{monedge_requests}, the histograms C{monedge_request_duration_seconds}
-    and C{monedge_upstream_response_seconds}, sample for sample as
-    C{prometheus_client}'s C{Counter} and C{Histogram} would, and the gauge
-    C{monedge_requests_in_flight}.
+    Exports every service's L{ServiceMetrics} to C{prometheus_client}
+    (tests, and a registry's C{generate_latest}): the counters
+    C{monedge_requests}, C{monedge_upstream_errors} and
+    C{monedge_tunnels_opened}, the histograms
+    C{monedge_request_duration_seconds} and
+    C{monedge_upstream_response_seconds}, and the gauge
+    C{monedge_requests_in_flight}. The admin site writes the same lines
+    directly, in slices: see L{Metrics.exposition}.
     """
 
     def __init__(self, services: dict[str, ServiceMetrics]) -> None:
         self._services = services
 
     def describe(self) -> Iterator[Metric]:
-        yield Metric("monedge_requests", _REQUESTS_HELP, "counter")
-        yield Metric("monedge_request_duration_seconds", _LATENCY_HELP, "histogram")
-        yield Metric("monedge_upstream_response_seconds", _UPSTREAM_HELP, "histogram")
-        yield Metric("monedge_requests_in_flight", _IN_FLIGHT_HELP, "gauge")
+        for name, help, kind, _ in _SERVICE_FAMILIES:
+            yield Metric(name, help, kind)
 
     def collect(self) -> Iterator[Metric]:
-        services = list(self._services.items())
-        requests = Metric("monedge_requests", _REQUESTS_HELP, "counter")
-        for service, children in services:
-            for (statusClass, origin), counted in list(children.classes.items()):
-                labels = {
-                    "service": service,
-                    "code_class": f"{statusClass}xx",
-                    "origin": origin,
-                }
-                requests.add_sample("monedge_requests_total", labels, float(counted))
-                requests.add_sample(
-                    "monedge_requests_created",
-                    labels,
-                    children.created[(statusClass, origin)],
-                )
-        yield requests
-        yield _histogram(
-            "monedge_request_duration_seconds", _LATENCY_HELP, services, "latency"
-        )
-        yield _histogram(
-            "monedge_upstream_response_seconds", _UPSTREAM_HELP, services, "upstream"
-        )
-        inFlight = Metric("monedge_requests_in_flight", _IN_FLIGHT_HELP, "gauge")
-        for service, children in services:
-            inFlight.add_sample(
-                "monedge_requests_in_flight",
-                {"service": service},
-                float(children.inFlight),
-            )
-        yield inFlight
+        snapshots = [_snapshot(children) for children in list(self._services.values())]
+        for name, help, kind, lines in _SERVICE_FAMILIES:
+            text = "".join([lines(snapshot) for snapshot in snapshots])
+            if text:
+                yield _parseLines(name, help, kind, text)
+            else:
+                yield Metric(name, help, kind)
+
+
+class _WithoutCreated:
+    """
+    Some families, without C{prometheus_client}'s C{_created} samples.
+    """
+
+    def __init__(self, families: Sequence[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._families:
+            copy = Metric(family.name, family.documentation, family.type, family.unit)
+            created = family.name + "_created"
+            copy.samples = [s for s in family.samples if s.name != created]
+            yield copy
 
 
 class _ConnectionCollector(Collector):
@@ -348,65 +480,115 @@ class _BuildCollector(Collector):
 class Metrics:
     """
     Every metric monedge exports.
+
+    @ivar registry: every collector, for C{prometheus_client}
+        (C{generate_latest}); the admin site writes L{exposition} instead.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self._services: dict[str, ServiceMetrics] = {}
+        # The collectors after the per-service ones, in registration order.
+        self._collectors: list[Collector] = []
         self.registry.register(_RequestCollector(self._services))
-        self._connections = _ConnectionCollector()
-        self.registry.register(self._connections)
-        self.registry.register(_BuildCollector())
-        ProcessCollector(registry=self.registry)
-        self.upstreamErrors = Counter(
-            "monedge_upstream_errors",
-            "Upstream failures, by service and kind.",
-            ["service", "kind"],
-            registry=self.registry,
+        self._connections = self._register(_ConnectionCollector())
+        self._register(_BuildCollector())
+        self._register(ProcessCollector(registry=None))
+        self.hookDecisions = self._register(
+            Counter(
+                "monedge_hook_decisions",
+                "Hook runs, by hook and decision (pass, respond, error).",
+                ["hook", "decision"],
+                registry=None,
+            )
         )
-        self.hookDecisions = Counter(
-            "monedge_hook_decisions",
-            "Hook runs, by hook and decision (pass, respond, error).",
-            ["hook", "decision"],
-            registry=self.registry,
+        self.hookDuration = self._register(
+            Histogram(
+                "monedge_hook_duration_seconds",
+                "Time each hook took, by hook.",
+                ["hook"],
+                buckets=BUCKETS,
+                registry=None,
+            )
         )
-        self.hookDuration = Histogram(
-            "monedge_hook_duration_seconds",
-            "Time each hook took, by hook.",
-            ["hook"],
-            buckets=BUCKETS,
-            registry=self.registry,
+        self.connectionsRefused = self._register(
+            Counter(
+                "monedge_connections_refused",
+                "Client connections refused because their listener had too many.",
+                registry=None,
+            )
         )
-        self.connectionsRefused = Counter(
-            "monedge_connections_refused",
-            "Client connections refused because their listener had too many.",
-            registry=self.registry,
+        self.grpcCalls = self._register(
+            Counter(
+                "monedge_grpc_calls",
+                "gRPC calls ended with a grpc-status, by service, status name and"
+                " origin (upstream or monedge).",
+                ["service", "grpc_status", "origin"],
+                registry=None,
+            )
         )
-        self.grpcCalls = Counter(
-            "monedge_grpc_calls",
-            "gRPC calls ended with a grpc-status, by service, status name and"
-            " origin (upstream or monedge).",
-            ["service", "grpc_status", "origin"],
-            registry=self.registry,
+        self.grpcRefusals = self._register(
+            Counter(
+                "monedge_grpc_refusals",
+                "gRPC calls monedge refused itself, by service and grpc-status"
+                " name (docs/errors.md).",
+                ["service", "grpc_status"],
+                registry=None,
+            )
         )
-        self.grpcRefusals = Counter(
-            "monedge_grpc_refusals",
-            "gRPC calls monedge refused itself, by service and grpc-status"
-            " name (docs/errors.md).",
-            ["service", "grpc_status"],
-            registry=self.registry,
+        self.tunnelsOpen = self._register(
+            Gauge(
+                "monedge_tunnels_open",
+                "Upgraded (WebSocket) connections open now.",
+                registry=None,
+            )
         )
-        self.tunnelsOpen = Gauge(
-            "monedge_tunnels_open",
-            "Upgraded (WebSocket) connections open now.",
-            registry=self.registry,
-        )
-        self.tunnelsOpened = Counter(
-            "monedge_tunnels_opened",
-            "Upgraded (WebSocket) connections opened, by service.",
-            ["service"],
-            registry=self.registry,
-        )
+
+    def _register(self, collector: _C) -> _C:
+        """
+        Register C{collector}, and export it after the per-service families.
+        """
+        self.registry.register(collector)
+        self._collectors.append(collector)
+        return collector
+
+    def exposition(self, batch: int = 100) -> Iterator[bytes]:
+        """
+        Every metric in the Prometheus text format (version 0.0.4), as
+        chunks of bytes to write one after the other, with no C{_created}
+        samples.
+
+        Each step of the iterator does a bounded amount of work, so that a
+        cooperator can spread a large exposition over many reactor turns:
+        it copies or writes at most C{batch} services, or collects one of
+        the other collectors (which export a few series each, or one a
+        service for the few that failed or speak gRPC). A step that has
+        nothing to write yet yields C{b""}.
+
+        Each service's numbers are copied first, all of a service's at the
+        same moment, so its series agree with each other (its requests
+        counted with the histograms' counts) however long the rest takes.
+        """
+        services = list(self._services.values())
+        yield b""
+        snapshots: list[_Snapshot] = []
+        for start in range(0, len(services), batch):
+            snapshots.extend(
+                [_snapshot(children) for children in services[start : start + batch]]
+            )
+            yield b""
+        for name, help, kind, lines in _SERVICE_FAMILIES:
+            header = _header(name, help, kind)
+            for start in range(0, len(snapshots), batch):
+                text = "".join(
+                    [lines(snapshot) for snapshot in snapshots[start : start + batch]]
+                )
+                yield (header + text).encode("utf-8")
+                header = ""
+            if header:
+                yield header.encode("utf-8")
+        for collector in list(self._collectors):
+            yield generate_latest(_WithoutCreated(list(collector.collect())))
 
     def observeHook(self, hook: str, decision: str, seconds: float) -> None:
         """
@@ -439,7 +621,7 @@ class Metrics:
         Export C{registry}'s size, reload counts and sync age (measured with
         C{clock}, by default the wall clock, as the reactor's is).
         """
-        self.registry.register(_RegistryCollector(registry, clock or time.time))
+        self._register(_RegistryCollector(registry, clock or time.time))
 
 
 #: Gauges that describe shared state rather than a share of the work: a

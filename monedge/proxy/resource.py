@@ -55,7 +55,8 @@ from monedge.upstream.upgrade import checkWebSocketRequest, wantsWebSocket
 #: reflects headers (cookies, auth) back to scripts.
 _REFUSED_METHODS = frozenset([b"CONNECT", b"TRACE"])
 
-#: The most routes kept at once.
+#: The fewest routes kept at once: the cache grows to hold every service
+#: of a larger registry, so that a request is never for an evicted route.
 ROUTE_CACHE_SIZE = 10_000
 
 #: The most normalised Host values remembered at once.
@@ -260,7 +261,7 @@ class RootResource(Resource):
         #: gRPC call's package before its first label names the service.
         self.grpcPrefixes = grpcPrefixes
         self._cache: OrderedDict[str, ServiceResource] = OrderedDict()
-        self._cacheSize = cacheSize
+        self._cacheSize = self._cacheLimit = cacheSize
         self._hosts: dict[bytes, str | None] = {}
         self._retainCall: IDelayedCall | None = None
         self._unsubscribe = registry.subscribe(self._registryChanged)
@@ -275,8 +276,12 @@ class RootResource(Resource):
 
     def _retain(self) -> None:
         self._retainCall = None
+        services = self._registry.services()
+        # The cache holds every service the registry has (a route evicted
+        # by the traffic of others would be rebuilt on its next request).
+        self._cacheLimit = max(self._cacheSize, len(services))
         self._context.balancer.retain(
-            e for entry in self._registry.services().values() for e in entry.endpoints
+            e for entry in services.values() for e in entry.endpoints
         )
 
     def _hostname(self, host: bytes) -> str | None:
@@ -308,7 +313,7 @@ class RootResource(Resource):
             return None
         leaf = ServiceResource(entry, self._context, self._metrics.forService(service))
         cache[service] = leaf
-        if len(cache) > self._cacheSize:
+        if len(cache) > self._cacheLimit:
             cache.popitem(last=False)
         return leaf
 

@@ -6,11 +6,13 @@ would for the same observations.
 
 from __future__ import annotations
 
+import re
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from monedge.observe.metrics import BUCKETS, Metrics
+from monedge.observe.metrics import SERVICE_BUCKETS, Metrics
 from monedge.record import RequestRecord
 
 #: (service, status, seconds, origin, upstream seconds): on and around
@@ -39,15 +41,16 @@ _FAMILIES = {
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """
     Every sample of the request families in an exposition, by name and
-    labels; C{_created} timestamps as 0 (they are times, not counts).
+    labels, but C{_created} timestamps (monedge exports none).
     """
     found = {}
     for family in text_string_to_metric_families(text):
         if family.name not in _FAMILIES:
             continue
         for sample in family.samples:
-            value = 0.0 if sample.name.endswith("_created") else sample.value
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = value
+            if not sample.name.endswith("_created"):
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                found[key] = sample.value
     return found
 
 
@@ -60,8 +63,9 @@ class RequestMetricsTests(SynchronousTestCase):
         """
         The same observations give the same sample names, labels and
         values (and the same HELP and TYPE lines) as
-        C{prometheus_client}'s C{Counter} and C{Histogram}, a C{_created}
-        sample included for every child.
+        C{prometheus_client}'s C{Counter} and C{Histogram} with the
+        per-service buckets, but no C{_created} samples; the admin site's
+        exposition has the same lines as C{generate_latest}.
         """
         reference = CollectorRegistry()
         requests = Counter(
@@ -75,14 +79,14 @@ class RequestMetricsTests(SynchronousTestCase):
             "monedge_request_duration_seconds",
             "Time from the request's arrival to its last byte, by service.",
             ["service"],
-            buckets=BUCKETS,
+            buckets=SERVICE_BUCKETS,
             registry=reference,
         )
         upstream = Histogram(
             "monedge_upstream_response_seconds",
             "Time from sending a request upstream to the response's head, by service.",
             ["service"],
-            buckets=BUCKETS,
+            buckets=SERVICE_BUCKETS,
             registry=reference,
         )
         metrics = Metrics()
@@ -101,12 +105,19 @@ class RequestMetricsTests(SynchronousTestCase):
         latency.labels("service.api.idle")
         upstream.labels("service.api.idle")
         expected = generate_latest(reference).decode()
-        actual = generate_latest(metrics.registry).decode()
+        actual = b"".join(metrics.exposition(batch=2)).decode()
         self.assertEqual(_samples(actual), _samples(expected))
-        self.assertGreater(len(_samples(expected)), 120)
-        comments = [line for line in expected.splitlines() if line.startswith("#")]
+        self.assertEqual(_samples(generate_latest(metrics.registry).decode()),
+                         _samples(expected))  # fmt: skip
+        self.assertGreater(len(_samples(expected)), 90)
+        comments = [
+            line
+            for line in expected.splitlines()
+            if line.startswith("#") and "_created" not in line
+        ]
         for line in comments:
             self.assertIn(line, actual)
+        self.assertNotIn("_created", actual)
 
     def test_countReadsTheRecord(self) -> None:
         """
@@ -130,30 +141,47 @@ class RequestMetricsTests(SynchronousTestCase):
         self.assertEqual(children.classes[(4, "monedge")], 1)
         self.assertEqual(children.upstream.total, record.upstreamLatency)
 
-    def test_createdIsWhenFirstCounted(self) -> None:
+    def test_expositionIsGenerateLatest(self) -> None:
         """
-        A status class's C{_created} is the time it was first counted, and
-        a service's histogram's the time its metrics were made.
+        The admin site's exposition, written in small steps, is byte for
+        byte what C{prometheus_client}'s C{generate_latest} writes for the
+        same families without their C{_created} samples: every family
+        once, its samples together, label values escaped.
         """
         metrics = Metrics()
-        children = metrics.forService("service.api.a")
-        children.observe(200, 0.01)
-        created = children.created[(2, "monedge")]
-        children.observe(200, 0.01)
-        self.assertEqual(children.created[(2, "monedge")], created)
-        families = {f.name: f for f in metrics.registry.collect()}
-        [total] = [
-            s
-            for s in families["monedge_requests"].samples
-            if s.name == "monedge_requests_created"
-        ]
-        self.assertEqual(total.value, created)
-        [since] = [
-            s
-            for s in families["monedge_request_duration_seconds"].samples
-            if s.name.endswith("_created")
-        ]
-        self.assertEqual(since.value, children.latency.since)
+        for service, status, seconds, origin, upstreamSeconds in OBSERVATIONS:
+            metrics.forService(service).observe(
+                status, seconds, origin, upstreamSeconds
+            )
+        odd = metrics.forService('service.api.we"ird\\name\n')
+        odd.upstreamError("reset")
+        odd.tunnelOpened()
+        metrics.forService("service.api.a").upstreamError("timeout")
+        metrics.observeHook("auth", "pass", 0.003)
+        metrics.connectionsRefused.inc()
+        steps = list(metrics.exposition(batch=1))
+        self.assertGreater(len(steps), 20)
+        actual = b"".join(steps).decode()
+        created = re.compile(r"^# (HELP|TYPE) \w+_created |^\w+_created[{ ]")
+        expected = "".join(
+            line
+            for line in generate_latest(metrics.registry)
+            .decode()
+            .splitlines(keepends=True)
+            if not created.match(line)
+        )
+
+        def steady(text: str) -> list[str]:
+            return [line for line in text.splitlines() if "process_" not in line]
+
+        self.assertEqual(steady(actual), steady(expected))
+        names = [family.name for family in text_string_to_metric_families(actual)]
+        self.assertEqual(len(names), len(set(names)))
+        self.assertIn(
+            'monedge_upstream_errors_total{kind="reset",'
+            'service="service.api.we\\"ird\\\\name\\n"} 1.0',
+            actual,
+        )
 
 
 class OperatorMetricsTests(SynchronousTestCase):

@@ -989,3 +989,46 @@ class UpstreamHeadersTooLargeTests(SynchronousTestCase):
         ]
         self.assertIn('kind="headers_too_large"', line)
         self.assertTrue(line.endswith(" 1.0"), line)
+
+
+class RouteCacheTests(SynchronousTestCase):
+    """
+    The route cache grows with the registry: no service's route is evicted
+    by the traffic of others.
+    """
+
+    def test_sizedToRegistry(self) -> None:
+        """
+        With a floor of 2 routes and a registry of 5 services, once the
+        registry change has been taken in, all 5 routes stay cached: each
+        is the same leaf on every request.
+        """
+        names = [f"service.api.s{i}" for i in range(5)]
+        h = Harness([_service(names[0])])
+        root = h.root
+        root._cacheSize = root._cacheLimit = 2
+        h.registry.replaceAll([_service(name) for name in names])
+        h.clock.advance(1.0)
+        first = [root.route(name) for name in names]
+        again = [root.route(name) for name in names]
+        self.assertEqual([id(leaf) for leaf in first], [id(leaf) for leaf in again])
+        self.assertEqual(len(root._cache), 5)
+        h.registry.replaceAll([_service(names[0])])
+        h.clock.advance(1.0)
+        root.route(names[0])
+        self.assertEqual(root._cacheLimit, 2)
+
+    def test_floor(self) -> None:
+        """
+        Below the floor, a smaller registry keeps the floor: the cache is
+        bounded by the larger of the two, and evicts the least recently
+        used route beyond it.
+        """
+        h = Harness([_service(f"service.api.s{i}") for i in range(3)])
+        root = h.root
+        root._cacheSize = root._cacheLimit = 2
+        a = root.route("service.api.s0")
+        root.route("service.api.s1")
+        root.route("service.api.s2")
+        self.assertEqual(len(root._cache), 2)
+        self.assertIsNot(root.route("service.api.s0"), a)
