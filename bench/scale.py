@@ -36,7 +36,7 @@ then measures, phase by phase, each bounded in time:
   4. paced: bench/scalefake.py C{paced}, an open-loop client sending 1,000
      requests a second over the N routes (latency counted from when each
      request was due), for C{--duration} seconds: quiet; while
-     C{/metrics} is read every 2 s (curl); while C{/routes} is read every
+     C{/metrics} is read every 2 s; while C{/routes} is read every
      2 s; p50, p99, max and failures for each, and the size and time of
      the scrapes;
   5. relist: paced traffic, and 2 s in, the fake compacts its history and
@@ -58,7 +58,7 @@ then measures, phase by phase, each bounded in time:
      poll plus one request's latency.
 
 monedge runs pinned to one CPU; the fake, the upstreams, wrk, the paced
-client, curl and this script to the other (as bench/run.py pins).  The
+client and this script (which reads the admin pages) to the other (as bench/run.py pins).  The
 load average is recorded before and after each N.  Results go to
 bench/results/scale-<time>.json (or C{--json PATH}); see
 docs/performance.md, "Scale (issue 17)".
@@ -413,8 +413,8 @@ class Bench:
 
     def scraping(self, url: str, seconds: float) -> Callable[[float], dict[str, Any]]:
         """
-        A C{during} for L{paced}: GET C{url} with curl every
-        L{SCRAPE_EVERY} seconds for C{seconds}.
+        A C{during} for L{paced}: GET C{url} every L{SCRAPE_EVERY} seconds
+        for C{seconds}, one at a time.
         """
 
         def during(started: float) -> dict[str, Any]:
@@ -422,26 +422,20 @@ class Bench:
             next = started + 0.25
             while next < started + seconds - 0.1:
                 time.sleep(max(0.0, next - time.monotonic()))
-                done = subprocess.run(
-                    [
-                        "curl",
-                        "-s",
-                        "-o",
-                        "/dev/null",
-                        "--max-time",
-                        "30",
-                        "-w",
-                        "%{http_code} %{size_download} %{time_total}",
-                        url,
-                    ],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                code, size, total = (done.stdout.split() + ["0", "0", "0"])[:3]
-                statuses.append(int(code))
-                sizes.append(int(size))
-                times.append(float(total))
+                began = time.monotonic()
+                code, size = 0, 0
+                try:
+                    with urllib.request.urlopen(url, timeout=30) as response:
+                        code = response.status
+                        while chunk := response.read(1 << 16):
+                            size += len(chunk)
+                except urllib.error.HTTPError as e:
+                    code = e.code
+                except OSError:
+                    pass
+                statuses.append(code)
+                sizes.append(size)
+                times.append(time.monotonic() - began)
                 next += SCRAPE_EVERY
             return {
                 "scrapes": len(times),
