@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from twisted.web.iweb import IBodyProducer, IResponse
 
     from monedge.registry import ServiceEntry
-    from monedge.registry.kubeapi import ObjectList, WatchEvent
+    from monedge.registry.kubeapi import Compactor, ObjectList, WatchEvent
     from monedge.upstream.endpoints import UpstreamTLS
 
 
@@ -97,10 +97,19 @@ class IKubernetesAPI(Interface):
     not be reached or the connection broke.
     """
 
-    def listObjects(kind: str, namespace: str | None) -> Deferred[ObjectList]:
+    def listObjects(
+        kind: str,
+        namespace: str | None,
+        labelSelector: str | None = None,
+        compact: Compactor | None = None,
+    ) -> Deferred[ObjectList]:
         """
-        Every object of C{kind} (in C{namespace}), as of one
-        C{resourceVersion}; paging, if any, is the implementation's own.
+        Every object of C{kind} (in C{namespace}, with labels matching
+        C{labelSelector} if given), as of one C{resourceVersion}; paging,
+        if any, is the implementation's own.  With C{compact}, each object
+        is what C{compact} makes of it, run where the object is decoded
+        (never on the reactor thread for a real API), and those it drops
+        are left out.
 
         @return: a L{Deferred} that fires with a
             L{monedge.registry.kubeapi.ObjectList}, or fails as the
@@ -112,20 +121,29 @@ class IKubernetesAPI(Interface):
         namespace: str | None,
         resourceVersion: str,
         receive: Callable[[WatchEvent], None],
+        labelSelector: str | None = None,
+        compact: Compactor | None = None,
     ) -> Deferred[None]:
         """
-        Watch C{kind} (in C{namespace}) from C{resourceVersion}: call
-        C{receive} with each L{monedge.registry.kubeapi.WatchEvent} after
-        that version, in order: C{ADDED}, C{MODIFIED}, C{DELETED} and
-        C{BOOKMARK}.  C{receive} may be called before this returns.
+        Watch C{kind} (in C{namespace}, with labels matching
+        C{labelSelector} if given: an object that stops matching is
+        C{DELETED}) from C{resourceVersion}: call C{receive} with each
+        L{monedge.registry.kubeapi.WatchEvent} after that version, in
+        order: C{ADDED}, C{MODIFIED}, C{DELETED} and C{BOOKMARK}.
+        C{receive} may be called before this returns.  With C{compact},
+        each event's object is compacted as
+        L{monedge.registry.kubeapi.compactEvent} says (where it is
+        decoded, as for a list).
 
         @return: a L{Deferred} that fires with L{None} when the server ends
             the watch (its timeout: watch again from the last version
             seen), or fails as the interface says: with
             L{monedge.registry.kubeapi.ResourceExpired} if
             C{resourceVersion} is older than the server's history (at once
-            or mid-watch).  Cancelling it stops the watch: C{receive} is
-            not called again.
+            or mid-watch).  C{receive} is not called once it has fired (a
+            watch from the last version C{receive} was given hears again
+            what it was not given).  Cancelling it stops the watch:
+            C{receive} is not called again.
         """
 
 

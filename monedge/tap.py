@@ -8,6 +8,7 @@ from it.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import gc
 import json
@@ -23,6 +24,7 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from monedge.registry.kubeapi import checkLabelSelector
 from monedge.rules.convention import HostTiers
 from monedge.rules.grpc import checkPackagePrefix
 from monedge.rules.headers import (
@@ -188,6 +190,13 @@ class Options(usage.Options):
             None,
             "With --registry kubernetes: a kubeconfig file (default: in-cluster"
             " configuration in a pod, else ~/.kube/config).",
+        ],
+        [
+            "selector",
+            None,
+            None,
+            "With --registry kubernetes: a label selector; only the Services"
+            " it matches are listed and watched (default: all).",
         ],
         [
             "initial-sync-timeout",
@@ -462,6 +471,11 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--host-tier: {e}") from None
         self._trustOptions()
+        if self["selector"] is not None:
+            try:
+                self["selector"] = checkLabelSelector(self["selector"])
+            except ValueError as e:
+                raise usage.UsageError(f"--selector: {e}") from None
         self["drain-delay"] = _duration("drain-delay", self["drain-delay"], True)
         self["max-connections"] = _positive(
             "max-connections", self["max-connections"], int
@@ -549,6 +563,7 @@ class Options(usage.Options):
             registry=self["registry"],
             kubeconfig=self["kubeconfig"],
             namespaces=tuple(self["namespace"]),
+            selector=self["selector"],
             initialSyncTimeout=self["initial-sync-timeout"],
             hostTiers=self["host-tiers"],
             grpcPackagePrefixes=tuple(self["grpc-package-prefix"]),
@@ -720,8 +735,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # not validate, a bad hook, a TLS directory or access log that does
         # not open) is found while building; twistd's log has not started,
         # so it too ends the process with its one line and nothing else.
+        # The Kubernetes registry freezes again after each full sync, so
+        # that the state it builds (long-lived) leaves the collector's
+        # generations too.
+        config = dataclasses.replace(options.config, freezeAfterSync=True)
         try:
-            return compose.makeService(options.config, reactor)
+            return compose.makeService(config, reactor)
         except usage.UsageError as e:
             exitAtStartup(str(e))
     return compose.makeService(options.config, reactor)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 
 from monedge.testing import ProxyProcess, RecordingUpstream, freePort
 from monedge.testing.kubernetes import (
@@ -334,3 +334,123 @@ class WatchFailureTests(KubernetesTestCase):
         fake.start(port)
         await self.waitForStatus(proxy, "/new/", 200, within=15)
         self.assertEqual(await self.status(proxy, "/keep/"), 200)
+
+
+#: Routable Services in the scale test (and as many that are not).
+SCALE = 2000
+
+
+class ScaleTests(KubernetesTestCase):
+    """
+    The registry at thousands of Services: behaviour, not timing.
+    """
+
+    async def sweep(
+        self,
+        proxy: ProxyProcess,
+        indices: Sequence[int],
+        tag: str,
+        concurrency: int = 8,
+    ) -> list[str]:
+        """
+        GET C{/sNNNN/TAG-NNNN} for each index, C{concurrency} at a time;
+        return a line for each request that did not answer 200.
+        """
+        failed: list[str] = []
+        queue = list(indices)
+
+        async def worker() -> None:
+            while queue:
+                index = queue.pop()
+                path = f"/s{index:04d}/{tag}-{index:04d}"
+                try:
+                    response, _ = await self.get(proxy.url + path)
+                except Exception as e:
+                    failed.append(f"{path}: {e!r}")
+                    continue
+                if response.code != 200:
+                    failed.append(f"{path}: {response.code}")
+
+        await DeferredList(
+            [Deferred.fromCoroutine(worker()) for _ in range(concurrency)]
+        )
+        return failed
+
+    async def test_thousandsOfServices(self) -> None:
+        """
+        2,000 routable Services (and 2,000 that are not) all become
+        routable; a relist after 410 Gone (with changes made while the API
+        was away: slices moved to another upstream, a Service deleted,
+        another added) keeps every route that is in both lists answering
+        200 while requests are in flight, and applies the changes; and a
+        burst of 500 EndpointSlice updates ends with every one of them
+        routed.
+        """
+        fake = self.startFake()
+        first = self.startUpstream()
+        second = self.startUpstream()
+        for index in range(SCALE):
+            name = f"service-api-s{index:04d}"
+            fake.apply(kService(name))
+            fake.apply(kSlice(f"{name}-1", name, [(first, READY)]))
+            other = f"other-{index:04d}"
+            fake.apply(kService(other))
+            fake.apply(kSlice(f"{other}-1", other, [(first, READY)]))
+        proxy = await self.startKubernetesProxy(fake)
+        await self.waitForReady(proxy, within=30)
+        everyone = range(SCALE)
+        self.assertEqual(await self.sweep(proxy, everyone, "synced"), [])
+        self.assertEqual(len(first.received), SCALE)
+
+        # The API goes away; meanwhile 500 slices move to the second
+        # upstream, one Service goes and one comes; the history is
+        # compacted, so the watches are refused with 410 Gone on return.
+        port = fake.port
+        await fake.stop()
+        moved = range(500)
+        for index in moved:
+            name = f"service-api-s{index:04d}"
+            fake.apply(kSlice(f"{name}-1", name, [(second, READY)]))
+        fake.delete("Service", "shop", f"service-api-s{SCALE - 1:04d}")
+        fake.apply(kService("service-api-snew"))
+        fake.apply(kSlice("snew-1", "service-api-snew", [(second, READY)]))
+        fake.compact()
+        fake.start(port)
+        # Requests to every Service in both lists, in flight throughout
+        # (sweep after sweep until the relist has been applied).
+        kept = range(SCALE - 1)
+        relisted = False
+
+        async def traffic() -> list[str]:
+            failed: list[str] = []
+            while not relisted:
+                failed += await self.sweep(proxy, kept, "relist", 4)
+            return failed
+
+        during = Deferred.fromCoroutine(traffic())
+        await self.waitForStatus(proxy, "/snew/", 200, within=20)
+        relisted = True
+        self.assertEqual(await during, [])
+        self.assertIn("410 Gone", proxy.log())
+        await self.waitForStatus(proxy, f"/s{SCALE - 1:04d}/", 404, within=5)
+        before = len(second.received)
+        self.assertEqual(await self.sweep(proxy, moved, "moved"), [])
+        self.assertEqual(len(second.received) - before, len(moved))
+
+        # A burst of slice updates: the moved ones come back to the first
+        # upstream, all at once.
+        for index in moved:
+            name = f"service-api-s{index:04d}"
+            fake.apply(kSlice(f"{name}-1", name, [(first, READY)]))
+        last = f"/s{moved[-1]:04d}/"
+        started = time.monotonic()
+        while True:
+            count = len(first.received)
+            await self.get(proxy.url + last)
+            if len(first.received) > count:
+                break
+            self.assertLess(time.monotonic() - started, 10, "burst never applied")
+            await _later(0.05)
+        before = len(first.received)
+        self.assertEqual(await self.sweep(proxy, moved, "burst"), [])
+        self.assertEqual(len(first.received) - before, len(moved))

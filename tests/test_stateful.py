@@ -43,6 +43,7 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from monedge.registry import RegistryTable, ServiceEntry
+from monedge.registry.kubeapi import ServiceRecord, SliceRecord
 from monedge.registry.kubernetes import (
     ENDPOINT_SLICES,
     SERVICE_NAME_LABEL,
@@ -586,48 +587,52 @@ class RegistryMachine(RuleBasedStateMachine):
     @invariant()
     def storesHoldTheKeptObjects(self) -> None:
         """
-        The state holds exactly the kept objects, as last seen.
+        The state holds exactly the kept objects, as last seen, in compact
+        form.
         """
-        check(
-            self.state.services == self.kept(SERVICES),
-            f"Services stored {sorted(self.state.services)},"
-            f" kept {sorted(self.kept(SERVICES))}",
-        )
-        check(
-            self.state.slices == self.kept(ENDPOINT_SLICES),
-            f"slices stored {sorted(self.state.slices)},"
-            f" kept {sorted(self.kept(ENDPOINT_SLICES))}",
-        )
+        for kind, store in (
+            (SERVICES, self.state.services),
+            (ENDPOINT_SLICES, self.state.slices),
+        ):
+            kept = {
+                key: self.state.compact(kind, obj)
+                for key, obj in self.kept(kind).items()
+            }
+            check(
+                dict(store) == kept,
+                f"{kind} stored {sorted(store)}, kept {sorted(kept)}",
+            )
 
     @invariant()
     def indexesAreTidy(self) -> None:
         """
         The name index has only valid names for configured tiers, no empty
-        sets, and no key of an object that is not stored; the reverse map
-        agrees with it.
+        sets, and no key of an object that is not stored; each stored
+        record is indexed under its own registry name.
         """
         state = self.state
-        stores = {SERVICES: state.services, ENDPOINT_SLICES: state.slices}
+        stores: dict[str, Mapping[ObjectKey, ServiceRecord | SliceRecord]] = {
+            SERVICES: state.services,
+            ENDPOINT_SLICES: state.slices,
+        }
         for name, kinds in state._index.items():
             check(name in KEPT.values(), f"unroutable name indexed: {name}")
             check(bool(kinds), f"{name}: an empty index entry")
             for kind, keys in kinds.items():
                 check(bool(keys), f"{name}: an empty set of {kind}")
                 for key in keys:
-                    check(key in stores[kind], f"{name}: {kind} {key} not stored")
+                    record = stores[kind].get(key)
+                    check(record is not None, f"{name}: {kind} {key} not stored")
                     check(
-                        state._names.get((kind, key)) == name,
+                        record is None or record.registryName == name,
                         f"{kind} {key}: indexed under {name}, named otherwise",
                     )
-        for (kind, key), name in state._names.items():
-            check(key in stores[kind], f"{kind} {key}: named, not stored")
-            check(
-                key in state._index.get(name, {}).get(kind, set()),
-                f"{kind} {key}: named {name}, not indexed",
-            )
         for kind, store in stores.items():
-            for key in store:
-                check((kind, key) in state._names, f"{kind} {key}: stored, unnamed")
+            for key, record in store.items():
+                check(
+                    key in state._index.get(record.registryName, {}).get(kind, set()),
+                    f"{kind} {key}: stored, not indexed",
+                )
 
 
 class RegistryMachineTests(RegistryMachine.TestCase):  # type: ignore[misc,valid-type]

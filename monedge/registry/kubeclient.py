@@ -7,6 +7,14 @@ its own, and what it learns (a list, each watch event, how a watch ended)
 is handed to the reactor thread.  Lists are read in pages; a watch asks
 for bookmarks and for the server to end it after C{watchTimeout} seconds.
 
+A L{monedge.registry.kubeapi.Compactor} given with a list or watch runs in
+the pool thread, right after each page or event is decoded: the raw
+objects never reach the reactor thread, and the dropped ones cost it
+nothing.  Watch events are handed over in batches: one reactor call for all
+the events decoded since the last one was run, in order.  L{run} lends the
+pool to other work that must stay off the reactor (the registry's relist
+diff).
+
     v1 Services                        CoreV1Api.list_*service*
     discovery.k8s.io/v1 EndpointSlices DiscoveryV1Api.list_*endpoint_slice*
 """
@@ -14,9 +22,11 @@ for bookmarks and for the server to end it after C{watchTimeout} seconds.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -29,17 +39,18 @@ from zope.interface import implementer
 from monedge.interfaces import IKubernetesAPI
 from monedge.registry.kubeapi import (
     SERVICES,
-    KubeObject,
+    Compactor,
     KubernetesAPIError,
     ObjectList,
     ResourceExpired,
     WatchEvent,
+    compactEvent,
 )
 
 if TYPE_CHECKING:
     from kubernetes.client.exceptions import ApiException
 
-__all__ = ["KubernetesClientAPI", "apiClientFromConfig"]
+__all__ = ["KubernetesClientAPI", "apiClientFromConfig", "decodeList"]
 
 T = TypeVar("T")
 
@@ -115,6 +126,140 @@ def _shutdown(response: Any) -> None:
             pass
 
 
+#: The most watch events one reactor call delivers (see L{_Batch}).
+EVENTS_PER_TURN = 100
+
+
+class _Batch:
+    """
+    A watch's events on their way from its pool thread to the reactor
+    thread: one reactor call delivers the events queued before it runs, in
+    order, so a burst costs the reactor one wake-up, not one per event; at
+    most L{EVENTS_PER_TURN} of them, the rest in the next reactor turn, so
+    a burst never holds the reactor long.  Once the watch has ended
+    (L{close}), nothing more is delivered: the next watch resumes from the
+    last event delivered, so what was left is heard again.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        stream: _Stream,
+        receive: Callable[[WatchEvent], None],
+    ) -> None:
+        self._reactor = reactor
+        self._stream = stream
+        self._receive = receive
+        self._lock = threading.Lock()
+        self._queue: deque[WatchEvent] = deque()
+        self._scheduled = False
+        self._closed = False
+
+    def close(self) -> None:
+        """
+        The watch ended (on the reactor thread): deliver nothing more.
+        """
+        self._closed = True
+
+    def add(self, event: WatchEvent) -> None:
+        """
+        Queue C{event} (in the pool thread).  The call that delivers it is
+        scheduled before the thread's call returns, so every event arrives
+        before the watch's end does.
+        """
+        with self._lock:
+            self._queue.append(event)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._reactor.callFromThread(self._deliver)
+
+    def _deliver(self) -> None:
+        """
+        Deliver every queued event (on the reactor thread), unless the watch
+        was stopped.
+        """
+        with self._lock:
+            queue = self._queue
+            count = min(len(queue), EVENTS_PER_TURN)
+            events = [queue.popleft() for _ in range(count)]
+            more = bool(queue)
+            self._scheduled = more
+        if more:
+            # The rest in the next turn (a call queued from the reactor
+            # thread runs in the next iteration).
+            self._reactor.callFromThread(self._deliver)
+        for event in events:
+            if self._stream.stopped or self._closed:
+                return
+            self._receive(event)
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def decodeList(data: bytes | str) -> Iterator[tuple[str, Any]]:
+    """
+    A list's JSON document, one piece at a time: C{("items", item)} for
+    each item, in order, and C{(key, value)} for each other top-level
+    member.
+
+    Each item is decoded alone (one short C call), and can be compacted
+    and dropped before the next is decoded: a page of large objects never
+    holds the GIL in one long call, as C{json.loads} of the whole page
+    would, stalling the reactor thread; nor is it alive all at once, which
+    would push it into the collector's older generations and trigger full
+    collections.
+
+    @raise ValueError: if C{data} is not a JSON object.
+    """
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    decoder = _DECODER
+
+    def skip(index: int) -> int:
+        match = _WHITESPACE.match(text, index)
+        assert match is not None
+        return match.end()
+
+    def expect(index: int, character: str) -> int:
+        index = skip(index)
+        if text[index : index + 1] != character:
+            raise ValueError(f"expected {character!r} at {index}")
+        return index + 1
+
+    index = expect(0, "{")
+    if text[skip(index) : skip(index) + 1] == "}":
+        return
+    while True:
+        key, index = decoder.raw_decode(text, skip(index))
+        if not isinstance(key, str):
+            raise ValueError(f"expected a member name at {index}")
+        index = skip(expect(index, ":"))
+        if key == "items" and text[index : index + 1] == "[":
+            index = skip(index + 1)
+            if text[index : index + 1] == "]":
+                index += 1
+            else:
+                while True:
+                    item, index = decoder.raw_decode(text, index)
+                    yield key, item
+                    index = skip(index)
+                    if text[index : index + 1] == "]":
+                        index += 1
+                        break
+                    index = skip(expect(index, ","))
+        else:
+            value, index = decoder.raw_decode(text, index)
+            yield key, value
+        index = skip(index)
+        if text[index : index + 1] == "}":
+            return
+        index = expect(index, ",")
+
+
+_DECODER = json.JSONDecoder()
+
+
 def _daemonThread(*args: Any, **kwargs: Any) -> threading.Thread:
     """
     Pool threads are daemons: one stuck in a read must not keep the
@@ -165,10 +310,17 @@ class KubernetesClientAPI:
 
     # IKubernetesAPI
 
-    def listObjects(self, kind: str, namespace: str | None) -> Deferred[ObjectList]:
+    def listObjects(
+        self,
+        kind: str,
+        namespace: str | None,
+        labelSelector: str | None = None,
+        compact: Compactor | None = None,
+    ) -> Deferred[ObjectList]:
         stopped = threading.Event()
         return self._operation(
-            lambda: self._list(kind, namespace, stopped), stopped.set
+            lambda: self._list(kind, namespace, stopped, labelSelector, compact),
+            stopped.set,
         )
 
     def watchObjects(
@@ -177,17 +329,27 @@ class KubernetesClientAPI:
         namespace: str | None,
         resourceVersion: str,
         receive: Callable[[WatchEvent], None],
+        labelSelector: str | None = None,
+        compact: Compactor | None = None,
     ) -> Deferred[None]:
         stream = _Stream()
-
-        def deliver(event: WatchEvent) -> None:
-            if not stream.stopped:
-                receive(event)
-
+        batch = _Batch(self._reactor, stream, receive)
         return self._operation(
-            lambda: self._watch(kind, namespace, resourceVersion, stream, deliver),
+            lambda: self._watch(
+                kind, namespace, resourceVersion, stream, batch, labelSelector, compact
+            ),
             stream.stop,
+            batch.close,
         )
+
+    # Off the reactor
+
+    def run(self, call: Callable[[], T]) -> Deferred[T]:
+        """
+        Run C{call} in this API's pool (C{close} waits for it too); the
+        L{Deferred} fires with its result, on the reactor thread.
+        """
+        return self._inThread(call)
 
     # Lifecycle
 
@@ -214,12 +376,16 @@ class KubernetesClientAPI:
     # On the reactor thread
 
     def _operation(
-        self, call: Callable[[], T], stop: Callable[[], None]
+        self,
+        call: Callable[[], T],
+        stop: Callable[[], None],
+        ended: Callable[[], None] | None = None,
     ) -> Deferred[T]:
         """
         Run C{call} in the pool; the L{Deferred} returned has its result,
         and cancelling it calls C{stop} (in this thread) and fails it at
-        once, whatever the pool thread is doing.
+        once, whatever the pool thread is doing.  C{ended}, if given, is
+        called just before the result is given.
         """
         outer: Deferred[T] = Deferred(lambda _: stop())
         self._operations.add(outer)
@@ -231,6 +397,8 @@ class KubernetesClientAPI:
         outer.addBoth(forget)
 
         def settle(result: T | Failure) -> None:
+            if ended is not None:
+                ended()
             if not outer.called:
                 if isinstance(result, Failure):
                     outer.errback(result)
@@ -284,12 +452,17 @@ class KubernetesClientAPI:
         return function, (() if namespace is None else (namespace,))
 
     def _list(
-        self, kind: str, namespace: str | None, stopped: threading.Event
+        self,
+        kind: str,
+        namespace: str | None,
+        stopped: threading.Event,
+        labelSelector: str | None,
+        compact: Compactor | None,
     ) -> ObjectList:
         from kubernetes.client.exceptions import ApiException
 
         function, arguments = self._function(kind, namespace)
-        items: list[KubeObject] = []
+        items: list[Any] = []
         token: str | None = None
         while True:
             if stopped.is_set():
@@ -301,16 +474,26 @@ class KubernetesClientAPI:
             }
             if token:
                 kwargs["_continue"] = token
+            if labelSelector is not None:
+                kwargs["label_selector"] = labelSelector
             try:
                 response = function(*arguments, **kwargs)
             except ApiException as e:
                 raise _refusal(e) from None
             try:
-                document = json.loads(response.data)
+                data = response.data
             finally:
                 response.release_conn()
-            items.extend(document.get("items") or [])
-            metadata = document.get("metadata") or {}
+            metadata: dict[str, Any] = {}
+            for key, value in decodeList(data):
+                if key == "metadata" and isinstance(value, dict):
+                    metadata = value
+                elif key != "items" or not isinstance(value, dict):
+                    continue
+                elif compact is None:
+                    items.append(value)
+                elif (kept := compact(kind, value)) is not None:
+                    items.append(kept)
             token = metadata.get("continue")
             if not token:
                 break
@@ -322,7 +505,9 @@ class KubernetesClientAPI:
         namespace: str | None,
         resourceVersion: str,
         stream: _Stream,
-        deliver: Callable[[WatchEvent], None],
+        batch: _Batch,
+        labelSelector: str | None,
+        compact: Compactor | None,
     ) -> None:
         from kubernetes.client.exceptions import ApiException
         from kubernetes.watch.watch import iter_resp_lines
@@ -330,6 +515,9 @@ class KubernetesClientAPI:
         function, arguments = self._function(kind, namespace)
         if stream.stopped:
             return
+        kwargs: dict[str, Any] = {}
+        if labelSelector is not None:
+            kwargs["label_selector"] = labelSelector
         try:
             response = function(
                 *arguments,
@@ -339,6 +527,7 @@ class KubernetesClientAPI:
                 allow_watch_bookmarks=True,
                 timeout_seconds=int(self.watchTimeout),
                 _request_timeout=self.watchRequestTimeout,
+                **kwargs,
             )
         except ApiException as e:
             raise _refusal(e) from None
@@ -358,7 +547,10 @@ class KubernetesClientAPI:
                 if type_ == "ERROR":
                     raise _streamError(obj)
                 if isinstance(type_, str) and isinstance(obj, dict):
-                    self._reactor.callFromThread(deliver, WatchEvent(type_, obj))
+                    if compact is None:
+                        batch.add(WatchEvent(type_, obj))
+                    elif (kept := compactEvent(kind, type_, obj, compact)) is not None:
+                        batch.add(kept)
         finally:
             response.close()
             response.release_conn()

@@ -29,12 +29,13 @@ the official client.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from sys import intern
+from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -51,7 +52,11 @@ from monedge.registry.kubeapi import (
     KubernetesAPIError,
     ObjectList,
     ResourceExpired,
+    ServiceRecord,
+    SliceRecord,
+    Tombstone,
     WatchEvent,
+    tombstoneOf,
 )
 from monedge.rules.convention import parseServiceName, serviceFromKubernetesName
 from monedge.rules.policy import (
@@ -65,13 +70,18 @@ from monedge.rules.policy import (
 
 __all__ = [
     "ANNOTATION_PREFIX",
+    "COALESCE_WINDOW",
     "ENDPOINT_SLICES",
     "INVALID_HOOKS",
+    "RELIST_BATCH",
     "SERVICES",
     "SERVICE_NAME_LABEL",
     "ClusterState",
     "KubernetesRegistry",
     "ObjectKey",
+    "compactService",
+    "compactSlice",
+    "diffRecords",
     "endpointsFor",
     "policyFromAnnotations",
 ]
@@ -86,6 +96,15 @@ INVALID_HOOKS = "invalid-monedge.io/hooks-annotation"
 #: The label an EndpointSlice names its Service with.
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
+#: Seconds watch events are coalesced for before the table is updated (see
+#: L{KubernetesRegistry}): the most a change waits to be routed.
+COALESCE_WINDOW = 0.02
+
+#: Objects a list applies per reactor turn (see L{KubernetesRegistry}).
+RELIST_BATCH = 200
+
+T = TypeVar("T")
+
 ObjectKey = tuple[str, str]
 
 
@@ -94,13 +113,16 @@ def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-def _key(obj: Mapping[str, Any]) -> ObjectKey:
-    meta = _meta(obj)
-    return (str(meta.get("namespace", "")), str(meta.get("name", "")))
+#: A record as the state keeps it.
+Record = ServiceRecord | SliceRecord
+
+#: One change a relist makes: an object's key, and its new record (L{None}:
+#: it is gone).
+Change = tuple[ObjectKey, Record | None]
 
 
 def policyFromAnnotations(
-    annotations: Mapping[str, str] | None,
+    annotations: Mapping[str, str] | Iterable[tuple[str, str]] | None,
     base: Policy = DEFAULT_POLICY,
 ) -> tuple[Policy, list[str]]:
     """
@@ -112,7 +134,8 @@ def policyFromAnnotations(
     values: dict[str, str] = {}
     problems: list[str] = []
     hooksInvalid = False
-    for name, value in (annotations or {}).items():
+    pairs = annotations.items() if isinstance(annotations, Mapping) else annotations
+    for name, value in pairs or ():
         if not name.startswith(ANNOTATION_PREFIX):
             continue
         key = name[len(ANNOTATION_PREFIX) :]
@@ -147,23 +170,83 @@ def _conditions(endpoint: Mapping[str, Any]) -> tuple[bool, bool, bool]:
     return ready, (ready if serving is None else bool(serving)), terminating
 
 
+def compactService(obj: Mapping[str, Any], registryName: str) -> ServiceRecord:
+    """
+    The L{ServiceRecord} of a raw Service: what routing and C{/routes}
+    need, nothing else (repeated short strings interned).
+    """
+    meta = _meta(obj)
+    annotations = meta.get("annotations") or {}
+    ports = []
+    for port in (obj.get("spec") or {}).get("ports") or []:
+        number = port.get("port")
+        ports.append(
+            (
+                intern(str(port.get("name") or "")),
+                number if isinstance(number, int) else 0,
+                intern(str(port.get("appProtocol") or "")),
+            )
+        )
+    return ServiceRecord(
+        namespace=intern(str(meta.get("namespace", ""))),
+        name=str(meta.get("name", "")),
+        resourceVersion=str(meta.get("resourceVersion") or ""),
+        registryName=registryName,
+        annotations=tuple(
+            sorted(
+                (intern(str(k)), str(v))
+                for k, v in annotations.items()
+                if str(k).startswith(ANNOTATION_PREFIX)
+            )
+        ),
+        ports=tuple(ports),
+    )
+
+
+def compactSlice(obj: Mapping[str, Any], registryName: str) -> SliceRecord:
+    """
+    The L{SliceRecord} of a raw EndpointSlice (see L{compactService}).
+    """
+    meta = _meta(obj)
+    ports = []
+    for port in obj.get("ports") or []:
+        number = port.get("port")
+        if isinstance(number, int):
+            ports.append((intern(str(port.get("name") or "")), number))
+    endpoints = []
+    for item in obj.get("endpoints") or []:
+        addresses = item.get("addresses") or []
+        if addresses:
+            endpoints.append((str(addresses[0]), *_conditions(item)))
+    return SliceRecord(
+        namespace=intern(str(meta.get("namespace", ""))),
+        name=str(meta.get("name", "")),
+        resourceVersion=str(meta.get("resourceVersion") or ""),
+        registryName=registryName,
+        serviceName=str((meta.get("labels") or {}).get(SERVICE_NAME_LABEL, "")),
+        addressType=intern(str(obj.get("addressType") or "")),
+        ports=tuple(ports),
+        endpoints=tuple(endpoints),
+    )
+
+
 #: A Service port's C{appProtocol} -> the upstream protocol it means.
 APP_PROTOCOLS = {"kubernetes.io/h2c": "h2c", "h2c": "h2c", "h2": "h2"}
 
 
-def basePolicy(service: Mapping[str, Any]) -> Policy:
+def basePolicy(service: ServiceRecord) -> Policy:
     """
     The policy a Service's port gives before its annotations: C{protocol}
     from the port's C{appProtocol} (L{APP_PROTOCOLS}).
     """
     port = _chosenPort(service)
-    protocol = APP_PROTOCOLS.get(str((port or {}).get("appProtocol") or ""))
+    protocol = APP_PROTOCOLS.get(port[2] if port is not None else "")
     if protocol is None:
         return DEFAULT_POLICY
     return replace(DEFAULT_POLICY, protocol=protocol)
 
 
-def _servicePort(service: Mapping[str, Any]) -> tuple[str, str] | None:
+def _servicePort(service: ServiceRecord) -> tuple[str, str] | None:
     """
     The name of the port traffic goes to, and its scheme: the port named
     C{http}, else the one named C{https}, else the only one (C{""} if it
@@ -173,34 +256,26 @@ def _servicePort(service: Mapping[str, Any]) -> tuple[str, str] | None:
     chosen = _chosenPort(service)
     if chosen is None:
         return None
-    name = str(chosen.get("name") or "")
-    secure = name == "https" or chosen.get("appProtocol") == "https"
+    name, _, appProtocol = chosen
+    secure = name == "https" or appProtocol == "https"
     return name, "https" if secure else "http"
 
 
-def _chosenPort(service: Mapping[str, Any]) -> Mapping[str, Any] | None:
+def _chosenPort(service: ServiceRecord) -> tuple[str, int, str] | None:
     """
     The Service port traffic goes to (see L{_servicePort}).
     """
-    ports = (service.get("spec") or {}).get("ports") or []
-    chosen = None
     for wanted in ("http", "https"):
-        for port in ports:
-            if port.get("name") == wanted:
-                chosen = port
-                break
-        if chosen is not None:
-            break
-    if chosen is None:
-        if len(ports) != 1:
-            return None
-        chosen = ports[0]
-    result: Mapping[str, Any] = chosen
-    return result
+        for port in service.ports:
+            if port[0] == wanted:
+                return port
+    if len(service.ports) != 1:
+        return None
+    return service.ports[0]
 
 
 def endpointsFor(
-    service: Mapping[str, Any], slices: Iterable[Mapping[str, Any]]
+    service: ServiceRecord, slices: Iterable[SliceRecord]
 ) -> tuple[Endpoint, ...]:
     """
     The endpoints of C{service} from its EndpointSlices: the Service port
@@ -213,61 +288,79 @@ def endpointsFor(
     portName, scheme = chosen
     found: dict[tuple[str, int], Endpoint] = {}
     for slice_ in slices:
-        if slice_.get("addressType") not in ("IPv4", "IPv6"):
+        if slice_.addressType not in ("IPv4", "IPv6"):
             continue
         port = None
-        for candidate in slice_.get("ports") or []:
-            if str(candidate.get("name") or "") == portName:
-                port = candidate.get("port")
-        if not isinstance(port, int):
+        for name, number in slice_.ports:
+            if name == portName:
+                port = number
+        if port is None:
             continue
-        for item in slice_.get("endpoints") or []:
-            addresses = item.get("addresses") or []
-            if not addresses:
-                continue
-            ready, serving, terminating = _conditions(item)
+        for host, ready, serving, terminating in slice_.endpoints:
             endpoint = Endpoint(
-                host=str(addresses[0]),
+                host=host,
                 port=port,
                 scheme=scheme,
                 ready=ready,
                 serving=serving,
                 terminating=terminating,
             )
-            known = found.get((endpoint.host, port))
+            known = found.get((host, port))
             # The same address in two slices (as a slice is replaced): keep
             # the more usable view of it.
-            if known is None or (endpoint.ready, endpoint.serving) > (
-                known.ready,
-                known.serving,
-            ):
-                found[(endpoint.host, port)] = endpoint
+            if known is None or (ready, serving) > (known.ready, known.serving):
+                found[(host, port)] = endpoint
     return tuple(found[k] for k in sorted(found))
+
+
+def diffRecords(
+    known: Mapping[ObjectKey, Record], items: Iterable[Record]
+) -> list[list[Change]]:
+    """
+    The changes that turn C{known} into C{items} (a full list of the same
+    scope), grouped by registry name, so that applying one group at a time
+    never shows a name half changed; unchanged records make no change.
+    Pure, and reads only its arguments: it runs off the reactor.
+    """
+    groups: dict[str, list[Change]] = {}
+    seen: set[ObjectKey] = set()
+    for record in items:
+        key = (record.namespace, record.name)
+        seen.add(key)
+        if known.get(key) != record:
+            groups.setdefault(record.registryName, []).append((key, record))
+    for key, record in known.items():
+        if key not in seen:
+            groups.setdefault(record.registryName, []).append((key, None))
+    return list(groups.values())
 
 
 @dataclass
 class ClusterState:
     """
-    The Services and EndpointSlices monedge keeps, and the registry entries
-    they make.  Pure: fed list snapshots and watch events, it says which
-    entries changed.
+    The Services and EndpointSlices monedge keeps, in compact form
+    (L{ServiceRecord}, L{SliceRecord}), and the registry entries they make.
+    Pure: fed lists and watch events, it says which entries changed.
+
+    Raw API objects given to it are compacted first (and dropped if they
+    are not kept); the registry asks the API to compact them where they
+    are decoded, with L{compact}.
 
     @ivar tiers: the tiers some host serves; other Services are ignored.
     """
 
     tiers: frozenset[str]
-    services: dict[ObjectKey, dict[str, Any]] = field(default_factory=dict)
-    slices: dict[ObjectKey, dict[str, Any]] = field(default_factory=dict)
+    services: dict[ObjectKey, ServiceRecord] = field(default_factory=dict)
+    slices: dict[ObjectKey, SliceRecord] = field(default_factory=dict)
     invalidAnnotations: int = 0
     _problems: dict[ObjectKey, tuple[str, list[str]]] = field(default_factory=dict)
-    #: (kind, key) -> registry name, and registry name -> kind -> keys.
-    _names: dict[tuple[str, ObjectKey], str] = field(default_factory=dict)
+    #: registry name -> kind -> keys.
     _index: dict[str, dict[str, set[ObjectKey]]] = field(default_factory=dict)
     _log = Logger()
 
     def registryName(self, kind: str, obj: Mapping[str, Any]) -> str | None:
         """
-        The registry name an object belongs to, or L{None} if it is not
+        The registry name a raw object belongs to, or L{None} if it is not
         kept.
         """
         meta = _meta(obj)
@@ -285,61 +378,110 @@ class ClusterState:
             return None
         return name
 
-    def _store(self, kind: str) -> dict[ObjectKey, dict[str, Any]]:
+    def compact(self, kind: str, obj: Mapping[str, Any]) -> Record | None:
+        """
+        The L{Compactor} of this state: a raw object's record, or L{None}
+        if it is not kept.  Reads only C{tiers}, so any thread may call it.
+        """
+        name = self.registryName(kind, obj)
+        if name is None:
+            return None
+        if kind == SERVICES:
+            return compactService(obj, name)
+        return compactSlice(obj, name)
+
+    def _compacted(self, kind: str, obj: Any) -> Record | Tombstone:
+        if isinstance(obj, dict):
+            return self.compact(kind, obj) or tombstoneOf(obj)
+        assert isinstance(obj, (ServiceRecord, SliceRecord, Tombstone))
+        return obj
+
+    def _store(self, kind: str) -> dict[ObjectKey, Any]:
         return self.services if kind == SERVICES else self.slices
 
-    def _put(self, kind: str, obj: dict[str, Any], name: str) -> None:
-        key = _key(obj)
+    def _put(self, kind: str, key: ObjectKey, record: Record) -> None:
         self._drop(kind, key)
-        self._store(kind)[key] = obj
-        self._names[(kind, key)] = name
-        self._index.setdefault(name, {}).setdefault(kind, set()).add(key)
+        self._store(kind)[key] = record
+        self._index.setdefault(record.registryName, {}).setdefault(kind, set()).add(key)
 
     def _drop(self, kind: str, key: ObjectKey) -> str | None:
-        name = self._names.pop((kind, key), None)
-        self._store(kind).pop(key, None)
-        if name is not None:
-            keys = self._index[name][kind]
-            keys.discard(key)
-            if not keys:
-                del self._index[name][kind]
-                if not self._index[name]:
-                    del self._index[name]
+        record = self._store(kind).pop(key, None)
+        if record is None:
+            return None
+        name: str = record.registryName
+        keys = self._index[name][kind]
+        keys.discard(key)
+        if not keys:
+            del self._index[name][kind]
+            if not self._index[name]:
+                del self._index[name]
+        if kind == SERVICES:
+            self._problems.pop(key, None)
         return name
 
+    def snapshot(self, kind: str, namespace: str | None) -> dict[ObjectKey, Record]:
+        """
+        The records of C{kind} kept (in C{namespace}, or everywhere): a copy
+        another thread may read.
+        """
+        store = self._store(kind)
+        if namespace is None:
+            return dict(store)
+        return {key: r for key, r in store.items() if key[0] == namespace}
+
+    def diff(
+        self, kind: str, known: Mapping[ObjectKey, Record], items: Iterable[Any]
+    ) -> list[list[Change]]:
+        """
+        L{diffRecords} of a list of C{kind} against C{known} (its
+        L{snapshot}), raw objects among C{items} compacted first.  Reads
+        only its arguments and C{tiers}: it runs off the reactor.
+        """
+        records = []
+        for item in items:
+            record = self._compacted(kind, item)
+            if not isinstance(record, Tombstone):
+                records.append(record)
+        return diffRecords(known, records)
+
+    def apply(self, kind: str, changes: Iterable[Change]) -> set[str]:
+        """
+        Apply changes from L{diff}; return the registry names they may
+        change.
+        """
+        touched = set()
+        for key, record in changes:
+            previous = self._drop(kind, key)
+            if previous is not None:
+                touched.add(previous)
+            if record is not None:
+                self._put(kind, key, record)
+                touched.add(record.registryName)
+        return touched
+
     def replace(
-        self, kind: str, namespace: str | None, items: Iterable[dict[str, Any]]
+        self, kind: str, namespace: str | None, items: Iterable[Any]
     ) -> set[str]:
         """
         A fresh list of C{kind} (in C{namespace}, or everywhere): replace
-        what was known.  Returns the registry names that may have changed.
+        what was known, at once.  Returns the registry names that may have
+        changed.
         """
         touched: set[str] = set()
-        for key in list(self._store(kind)):
-            if namespace is None or key[0] == namespace:
-                name = self._drop(kind, key)
-                if name is not None:
-                    touched.add(name)
-        for obj in items:
-            name = self.registryName(kind, obj)
-            if name is not None:
-                self._put(kind, obj, name)
-                touched.add(name)
+        for group in self.diff(kind, self.snapshot(kind, namespace), items):
+            touched |= self.apply(kind, group)
         return touched
 
-    def event(self, kind: str, type_: str, obj: dict[str, Any]) -> set[str]:
+    def event(self, kind: str, type_: str, obj: Any) -> set[str]:
         """
-        Apply one watch event; return the registry names it may change.
+        Apply one watch event (its object raw, a record, or a
+        L{Tombstone}); return the registry names it may change.
         """
-        touched = set()
-        previous = self._drop(kind, _key(obj))
-        if previous is not None:
-            touched.add(previous)
-        name = self.registryName(kind, obj)
-        if name is not None and type_ != "DELETED":
-            self._put(kind, obj, name)
-            touched.add(name)
-        return touched
+        record = self._compacted(kind, obj)
+        key = (record.namespace, record.name)
+        if type_ == DELETED or isinstance(record, Tombstone):
+            return self.apply(kind, [(key, None)])
+        return self.apply(kind, [(key, record)])
 
     def entry(self, name: str) -> ServiceEntry | None:
         """
@@ -367,11 +509,10 @@ class ClusterState:
             for key in index.get(ENDPOINT_SLICES, ())
             if key[0] == namespace
         ]
-        meta = _meta(service)
         policy, problems = policyFromAnnotations(
-            meta.get("annotations"), basePolicy(service)
+            service.annotations, basePolicy(service)
         )
-        self._noteProblems(owners[0], str(meta.get("resourceVersion", "")), problems)
+        self._noteProblems(owners[0], service.resourceVersion, problems)
         return ServiceEntry(
             name=name,
             endpoints=endpointsFor(service, slices),
@@ -380,7 +521,7 @@ class ClusterState:
                 "kind": "kubernetes",
                 "namespace": namespace,
                 "name": owners[0][1],
-                "resourceVersion": meta.get("resourceVersion"),
+                "resourceVersion": service.resourceVersion or None,
                 "annotation_errors": problems,
             },
         )
@@ -392,6 +533,9 @@ class ClusterState:
         Log and count invalid annotations once per Service version, not at
         every rebuild.
         """
+        if not problems:
+            self._problems.pop(key, None)
+            return
         if self._problems.get(key, ("", []))[0] == resourceVersion:
             return
         self._problems[key] = (resourceVersion, problems)
@@ -477,27 +621,53 @@ class _Watcher:
         self._retry = None
         if not self._running:
             return
-        api = self.registry.api
+        registry = self.registry
+        api = registry.api
+        selector = registry.selector if self.kind == SERVICES else None
         d: Deferred[Any]
         # The API may answer before it returns: each callback that runs
         # then sets _pending to the next call, so this one is set first.
         if self._needList:
-            d = self._pending = api.listObjects(self.kind, self.namespace)
+            d = self._pending = api.listObjects(
+                self.kind, self.namespace, selector, registry.state.compact
+            )
             d.addCallbacks(self._listed, self._failed)
         else:
             assert self.resourceVersion is not None
             d = self._pending = api.watchObjects(
-                self.kind, self.namespace, self.resourceVersion, self._received
+                self.kind,
+                self.namespace,
+                self.resourceVersion,
+                self._received,
+                selector,
+                registry.state.compact,
             )
             d.addCallbacks(self._watchEnded, self._failed)
         d.addErrback(self._crashed)
 
     def _listed(self, listed: ObjectList) -> None:
+        """
+        A full list arrived: the registry applies it (maybe over several
+        reactor turns); watch once it has.
+        """
+        self.resourceVersion = listed.resourceVersion
+        d = self._pending = self.registry.listed(
+            self, listed.items, listed.resourceVersion
+        )
+        d.addCallbacks(self._applied, self._applyFailed)
+        d.addErrback(self._crashed)
+
+    def _applied(self, _: None) -> None:
         self._pending = None
         self._needList = False
-        self.resourceVersion = listed.resourceVersion
-        self.registry.listed(self, list(listed.items), listed.resourceVersion)
         self._next()
+
+    def _applyFailed(self, failure: Failure) -> None:
+        if self._running and not failure.check(CancelledError):
+            self._log.failure(
+                "applying a list of {kind} failed", failure, kind=self.kind
+            )
+        self._failed(failure)
 
     def _received(self, event: WatchEvent) -> None:
         """
@@ -548,6 +718,39 @@ class _Watcher:
         self._log.failure("Kubernetes {kind} watcher crashed", failure, kind=self.kind)
 
 
+class OffReactor(Protocol):
+    """
+    Runs a computation off the reactor thread: see L{KubernetesRegistry}.
+    """
+
+    def __call__(self, call: Callable[[], T], /) -> Deferred[T]: ...
+
+
+def _atOnce(call: Callable[[], T]) -> Deferred[T]:
+    """
+    The L{OffReactor} that is not: C{call} now, in this thread.
+    """
+    return maybeDeferred(call)
+
+
+class _Turns:
+    """
+    Runs one step per reactor turn (C{callLater(0)}), cancellably.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._call: IDelayedCall | None = None
+
+    def next(self, step: Callable[[int], None], index: int) -> None:
+        self._call = self._clock.callLater(0, step, index)
+
+    def cancel(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+
 @implementer(IServiceRegistry)
 class KubernetesRegistry(TableRegistry, Service):
     """
@@ -569,6 +772,24 @@ class KubernetesRegistry(TableRegistry, Service):
     @param maxBackoff: the longest wait before retrying a failed list or
         watch.
     @param rng: the source of back-off jitter.
+    @param selector: a label selector (already checked) Services are
+        listed and watched with, or L{None} for all; EndpointSlices are
+        never filtered by it (they do not carry their Service's labels).
+    @param coalesceWindow: watch events change the cluster state as they
+        come, but the table is updated, and its subscribers told, at most
+        once per this many seconds, for every name changed meanwhile (0:
+        at once, for each event).
+    @param relistBatch: how many objects a list applies per reactor turn
+        (every object of one registry name goes in the same turn), and how
+        many names the end of a coalescing window rebuilds per turn.
+    @param offReactor: runs a pure computation (a relist's diff) off the
+        reactor thread, returning a L{Deferred} of its result; L{None}
+        runs it at once (tests).  The composition root passes the API's
+        pool (L{monedge.registry.kubeclient.KubernetesClientAPI.run}).
+    @param freeze: called once the first full sync, and each relist after
+        it, is applied: the composition root passes C{gc.freeze}, so the
+        state just built (long-lived) leaves the collected generations and
+        full collections stop scanning it.
     """
 
     _log = Logger()
@@ -583,8 +804,22 @@ class KubernetesRegistry(TableRegistry, Service):
         initialSyncTimeout: float = 30.0,
         maxBackoff: float = 30.0,
         rng: random.Random | None = None,
+        selector: str | None = None,
+        coalesceWindow: float = COALESCE_WINDOW,
+        relistBatch: int = RELIST_BATCH,
+        offReactor: OffReactor | None = None,
+        freeze: Callable[[], None] | None = None,
     ) -> None:
         self.clock = clock
+        self.selector = selector
+        self.coalesceWindow = coalesceWindow
+        self.relistBatch = max(1, relistBatch)
+        self._offReactor: OffReactor = offReactor or _atOnce
+        self._freeze = freeze
+        self.freezes = 0
+        self.tableUpdates = 0
+        self._pendingNames: set[str] = set()
+        self._flushCall: IDelayedCall | None = None
         self.state = ClusterState(tiers=tiers)
         self._table = RegistryTable()
         self.namespaces = tuple(sorted(set(namespaces)))
@@ -628,6 +863,7 @@ class KubernetesRegistry(TableRegistry, Service):
                 round(now - self.lastSync, 3) if self.lastSync is not None else None
             ),
             "invalid_annotations": self.state.invalidAnnotations,
+            "selector": self.selector,
             "watches": [w.describe() for w in self._watchers],
         }
 
@@ -642,13 +878,43 @@ class KubernetesRegistry(TableRegistry, Service):
     # What the watchers report
 
     def listed(
-        self, watcher: _Watcher, items: list[dict[str, Any]], version: str
-    ) -> None:
+        self, watcher: _Watcher, items: Sequence[Any], version: str
+    ) -> Deferred[None]:
         """
-        A full list arrived: replace that kind and scope.
+        A full list arrived: replace that kind and scope.  The diff against
+        what is kept is computed off the reactor, then applied in slices of
+        L{relistBatch} objects, one per reactor turn (the first at once);
+        a name in both the old and the new list stays in the table
+        throughout.  Fires once all of it is applied; cancelling it stops
+        there.
         """
-        touched = self.state.replace(watcher.kind, watcher.namespace, items)
-        self._rebuild(touched)
+        kind = watcher.kind
+        known = self.state.snapshot(kind, watcher.namespace)
+        state = self.state
+        diffed = self._offReactor(lambda: state.diff(kind, known, items))
+        applied = diffed.addCallback(self._applyInSlices, kind)
+        return applied.addCallback(self._listApplied, watcher)
+
+    def _applyInSlices(self, groups: list[list[Change]], kind: str) -> Deferred[None]:
+        done: Deferred[None] = Deferred(lambda _: turn.cancel())
+        turn = _Turns(self.clock)
+
+        def step(start: int) -> None:
+            batch: list[Change] = []
+            index = start
+            while index < len(groups) and len(batch) < self.relistBatch:
+                batch.extend(groups[index])
+                index += 1
+            self._rebuild(self.state.apply(kind, batch))
+            if index < len(groups):
+                turn.next(step, index)
+            else:
+                done.callback(None)
+
+        step(0)
+        return done
+
+    def _listApplied(self, _: None, watcher: _Watcher) -> None:
         watcher.synced = True
         self.reloadsSucceeded += 1
         self._heard()
@@ -658,13 +924,41 @@ class KubernetesRegistry(TableRegistry, Service):
                 "Kubernetes registry synced: {count} services",
                 count=len(self._table.services()),
             )
+        if self._syncedAll and self._freeze is not None:
+            # The state just built lives until the next relist: out of the
+            # collected generations, full collections stop scanning it.
+            self._freeze()
+            self.freezes += 1
 
-    def changed(self, watcher: _Watcher, type_: str, obj: dict[str, Any]) -> None:
+    def changed(self, watcher: _Watcher, type_: str, obj: Any) -> None:
         """
-        One watch event.
+        One watch event: the state changes now, the table within the
+        coalescing window.
         """
-        self._rebuild(self.state.event(watcher.kind, type_, obj))
+        touched = self.state.event(watcher.kind, type_, obj)
         self._heard()
+        if self.coalesceWindow <= 0:
+            self._rebuild(touched)
+            return
+        self._pendingNames |= touched
+        if self._pendingNames and self._flushCall is None:
+            self._flushCall = self.clock.callLater(self.coalesceWindow, self._flush)
+
+    def _flush(self) -> None:
+        """
+        The coalescing window ended: update the table, and tell its
+        subscribers, once for every name changed in it.
+        """
+        self._flushCall = None
+        pending = self._pendingNames
+        if len(pending) <= self.relistBatch:
+            self._pendingNames = set()
+            self._rebuild(pending)
+            return
+        # A burst larger than a relist slice: a slice per reactor turn.
+        names = [pending.pop() for _ in range(self.relistBatch)]
+        self._flushCall = self.clock.callLater(0, self._flush)
+        self._rebuild(names)
 
     def heardFrom(self, watcher: _Watcher) -> None:
         """
@@ -698,7 +992,10 @@ class KubernetesRegistry(TableRegistry, Service):
             self._log.info("Kubernetes API reachable again")
 
     def _rebuild(self, names: Iterable[str]) -> None:
-        self._table.update({name: self.state.entry(name) for name in names})
+        entries = {name: self.state.entry(name) for name in names}
+        if entries:
+            self.tableUpdates += 1
+            self._table.update(entries)
 
     # Service
 
@@ -727,6 +1024,10 @@ class KubernetesRegistry(TableRegistry, Service):
         self._timeoutCall = None
         for watcher in self._watchers:
             watcher.stop()
+        if self._flushCall is not None and self._flushCall.active():
+            self._flushCall.cancel()
+        self._flushCall = None
+        self._pendingNames = set()
         close = getattr(self.api, "close", None)
         if close is not None:
             # Not waited for: a thread in the middle of a blocking list

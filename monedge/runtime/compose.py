@@ -20,6 +20,7 @@ the process's last words.
 from __future__ import annotations
 
 import enum
+import gc
 import signal
 import sys
 import tempfile
@@ -115,6 +116,11 @@ def buildRegistry(config: Configuration, reactor: Any) -> IServiceRegistry:
             tiers=config.hostTiers.tiers(),
             namespaces=list(config.namespaces),
             initialSyncTimeout=config.initialSyncTimeout,
+            selector=config.selector,
+            # Relists are diffed in the API's threads, and what a sync
+            # built is frozen out of the collector's generations.
+            offReactor=api.run,
+            freeze=gc.freeze if config.freezeAfterSync else None,
         )
     raise usage.UsageError(
         f"--registry: unknown registry {spec!r} (expected static:PATH or kubernetes)"

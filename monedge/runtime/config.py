@@ -44,6 +44,13 @@ class Configuration:
     kubeconfig: str | None = None
     #: Each C{--namespace}: the namespaces watched (none: all).
     namespaces: tuple[str, ...] = ()
+    #: C{--selector}: the label selector Services are listed and watched
+    #: with (checked), or None for all.
+    selector: str | None = None
+    #: Whether the registry calls C{gc.freeze()} after each full sync: only
+    #: in monedge's own process (L{monedge.tap.makeService}), never in a
+    #: test's.
+    freezeAfterSync: bool = False
     #: C{--initial-sync-timeout}, seconds; 0 to wait for the first sync.
     initialSyncTimeout: float = 30.0
     #: Each C{--host-tier}: which tier each Host serves.

@@ -92,10 +92,12 @@ from zope.interface import implementer
 
 from monedge.interfaces import IKubernetesAPI
 from monedge.registry.kubeapi import (
+    Compactor,
     KubernetesAPIError,
     ObjectList,
     ResourceExpired,
     WatchEvent,
+    compactEvent,
 )
 
 __all__ = [
@@ -1138,6 +1140,21 @@ class _MemoryWatch:
     done: Deferred[None]
 
 
+def _compacting(
+    kind: str, receive: Callable[[WatchEvent], None], compact: Compactor
+) -> Callable[[WatchEvent], None]:
+    """
+    C{receive}, given each event as L{compactEvent} makes it.
+    """
+
+    def compacting(event: WatchEvent) -> None:
+        compacted = compactEvent(kind, event.type, event.object, compact)
+        if compacted is not None:
+            receive(compacted)
+
+    return compacting
+
+
 @implementer(IKubernetesAPI)
 class MemoryKubernetes(FakeCluster):
     """
@@ -1158,6 +1175,8 @@ class MemoryKubernetes(FakeCluster):
         L{Clock} by default).
     @ivar requests: every call, in order, refused or not: C{("list", kind,
         namespace)} or C{("watch", kind, namespace, resourceVersion)}.
+    @ivar selectors: C{("list" or "watch", kind, labelSelector)} for each
+        call that had a label selector.
     """
 
     def __init__(
@@ -1165,25 +1184,49 @@ class MemoryKubernetes(FakeCluster):
     ) -> None:
         super().__init__(clock if clock is not None else Clock(), retainEvents)
         self.requests: list[tuple[str | None, ...]] = []
+        self.selectors: list[tuple[str, str, str]] = []
         self._watches: list[_MemoryWatch] = []
         self._down = False
 
     # IKubernetesAPI
 
-    def listObjects(self, kind: str, namespace: str | None) -> Deferred[ObjectList]:
+    def listObjects(
+        self,
+        kind: str,
+        namespace: str | None,
+        labelSelector: str | None = None,
+        compact: Compactor | None = None,
+    ) -> Deferred[ObjectList]:
         self.requests.append(("list", kind, namespace))
+        if labelSelector is not None:
+            self.selectors.append(("list", kind, labelSelector))
         refusal = self._refusal(kind)
         if refusal is not None:
             return fail(refusal)
-        selector = _Selector(_kindNamed(kind), namespace)
-        items = []
+        try:
+            selector = self._selector(kind, namespace, labelSelector)
+        except KubernetesAPIError as e:
+            return fail(e)
+        items: list[Any] = []
         for key, obj in sorted(self._objects.items()):
-            if selector.selectsKey(key):
+            if selector.selectsKey(key) and selector.matches(obj):
                 item = copy.deepcopy(obj)
                 item.pop("apiVersion", None)
                 item.pop("kind", None)
-                items.append(item)
+                if compact is None:
+                    items.append(item)
+                elif (kept := compact(kind, item)) is not None:
+                    items.append(kept)
         return succeed(ObjectList(items, self.resourceVersion))
+
+    def _selector(
+        self, kind: str, namespace: str | None, labelSelector: str | None
+    ) -> _Selector:
+        query = {} if labelSelector is None else {"labelSelector": [labelSelector]}
+        try:
+            return _Selector.parse(_kindNamed(kind), namespace, query)
+        except _HTTPError as e:
+            raise KubernetesAPIError(400, str(e.status.get("message"))) from None
 
     def watchObjects(
         self,
@@ -1191,11 +1234,21 @@ class MemoryKubernetes(FakeCluster):
         namespace: str | None,
         resourceVersion: str,
         receive: Callable[[WatchEvent], None],
+        labelSelector: str | None = None,
+        compact: Compactor | None = None,
     ) -> Deferred[None]:
         self.requests.append(("watch", kind, namespace, resourceVersion))
+        if labelSelector is not None:
+            self.selectors.append(("watch", kind, labelSelector))
         refusal = self._refusal(kind)
         if refusal is not None:
             return fail(refusal)
+        try:
+            selector = self._selector(kind, namespace, labelSelector)
+        except KubernetesAPIError as e:
+            return fail(e)
+        if compact is not None:
+            receive = _compacting(kind, receive, compact)
         since: int | None = None
         if resourceVersion not in ("", "0"):
             try:
@@ -1217,12 +1270,10 @@ class MemoryKubernetes(FakeCluster):
         def cancel(_: Deferred[None]) -> None:
             self._forget(watch)
 
-        watch = _MemoryWatch(
-            _Selector(_kindNamed(kind), namespace), receive, Deferred(cancel)
-        )
+        watch = _MemoryWatch(selector, receive, Deferred(cancel))
         if since is None:
             for key, obj in sorted(self._objects.items()):
-                if watch.selector.selectsKey(key):
+                if watch.selector.selectsKey(key) and watch.selector.matches(obj):
                     receive(WatchEvent("ADDED", copy.deepcopy(obj)))
         else:
             for event in list(self._events):

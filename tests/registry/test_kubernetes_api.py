@@ -22,9 +22,11 @@ from monedge.interfaces import IKubernetesAPI
 from monedge.registry.kubeapi import (
     ENDPOINT_SLICES,
     SERVICES,
+    KubeObject,
     KubernetesAPIError,
     ObjectList,
     ResourceExpired,
+    ServiceRecord,
     WatchEvent,
 )
 from monedge.registry.kubeclient import KubernetesClientAPI, apiClientFromConfig
@@ -245,6 +247,88 @@ class KubernetesAPIContractMixin:
         )
         self.assertEqual(events.events[1].object["spec"]["ports"], [{"port": 81}])
         self.assertEqual(events.events[2].object["spec"]["ports"], [{"port": 81}])
+
+    async def test_labelSelector(self) -> None:
+        """
+        With a label selector, a list has only the matching objects, and a
+        watch reports only changes to them: an object that starts matching
+        is ADDED, one that stops is DELETED.
+        """
+        edge = serviceObject("a", "shop")
+        edge["metadata"]["labels"] = {"edge": "true"}
+        self.cluster.apply(edge)
+        self.cluster.apply(serviceObject("b", "shop"))
+        listed = await self.bounded(
+            self.api.listObjects(SERVICES, None, labelSelector="edge=true")
+        )
+        self.assertEqual(names(listed), ["shop/a"])
+        events = Events()
+        d = self.api.watchObjects(
+            SERVICES, None, listed.resourceVersion, events, labelSelector="edge"
+        )
+        self.addCleanup(self._cancel, d)
+        await self.opened()
+        other = serviceObject("b", "shop")
+        other["metadata"]["labels"] = {"edge": "false"}
+        self.cluster.apply(other)
+        self.cluster.apply(serviceObject("c", "shop"))
+        self.cluster.apply(serviceObject("a", "shop"))
+        await self.bounded(events.atLeast(2))
+        self.assertEqual(events.summary(), [("ADDED", "shop/b"), ("DELETED", "shop/a")])
+
+    async def test_compact(self) -> None:
+        """
+        With a compactor, a list has what it makes of each object, without
+        those it drops, and a watch reports compacted objects; an object it
+        drops is not reported as ADDED, and a modification of one (which
+        may have been kept before) is reported as DELETED with a
+        L{Tombstone}.
+        """
+
+        def compact(kind: str, obj: KubeObject) -> ServiceRecord | None:
+            meta = obj["metadata"]
+            if not meta["name"].startswith("keep"):
+                return None
+            labels = meta.get("labels") or {}
+            if labels.get("drop"):
+                return None
+            return ServiceRecord(
+                meta["namespace"], meta["name"], meta["resourceVersion"], kind
+            )
+
+        self.cluster.apply(serviceObject("keep-a", "shop"))
+        self.cluster.apply(serviceObject("other", "shop"))
+        listed = await self.bounded(
+            self.api.listObjects(SERVICES, None, compact=compact)
+        )
+        self.assertEqual(
+            [(r.name, r.registryName) for r in listed.items], [("keep-a", SERVICES)]
+        )
+        events: list[WatchEvent] = []
+        received = Events()
+        d = self.api.watchObjects(
+            SERVICES, None, listed.resourceVersion, received, compact=compact
+        )
+        self.addCleanup(self._cancel, d)
+        await self.opened()
+        self.cluster.apply(serviceObject("other", "shop", ports=[{"port": 1}]))
+        self.cluster.apply(serviceObject("keep-b", "shop"))
+        dropped = serviceObject("keep-a", "shop")
+        dropped["metadata"]["labels"] = {"drop": "yes"}
+        self.cluster.apply(dropped)
+        self.cluster.apply(serviceObject("dropped-at-once", "shop"))
+        self.cluster.apply(serviceObject("keep-c", "shop"))
+        events = await self.bounded(received.atLeast(4))
+        self.assertEqual(
+            [(e.type, type(e.object).__name__, e.object.name) for e in events],
+            [
+                ("DELETED", "Tombstone", "other"),
+                ("ADDED", "ServiceRecord", "keep-b"),
+                ("DELETED", "Tombstone", "keep-a"),
+                ("ADDED", "ServiceRecord", "keep-c"),
+            ],
+        )
+        self.assertEqual(events[-1].resourceVersion, self.cluster.resourceVersion)
 
     async def test_watchNamespace(self) -> None:
         """

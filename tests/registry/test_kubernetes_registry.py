@@ -18,11 +18,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from monedge.interfaces import IServiceRegistry
 from monedge.registry import Endpoint
 from monedge.registry.kubernetes import (
+    COALESCE_WINDOW,
     ENDPOINT_SLICES,
     INVALID_HOOKS,
     SERVICES,
     ClusterState,
     KubernetesRegistry,
+    compactService,
+    compactSlice,
     endpointsFor,
     policyFromAnnotations,
 )
@@ -61,6 +64,18 @@ def endpointSlice(
     """
     return endpointSliceObject(
         name, serviceName, endpoints, namespace, ports, addressType
+    )
+
+
+def endpointsOf(
+    svc: Mapping[str, Any], slices: Sequence[Mapping[str, Any]]
+) -> tuple[Endpoint, ...]:
+    """
+    L{endpointsFor} raw objects: compacted as the API would.
+    """
+    return endpointsFor(
+        compactService(svc, "service.api.x"),
+        [compactSlice(s, "service.api.x") for s in slices],
     )
 
 
@@ -134,7 +149,7 @@ class EndpointsTests(SynchronousTestCase):
             [ep("10.0.0.1", ready=True)],
             ports=[{"name": "metrics", "port": 9091}, {"name": "http", "port": 8080}],
         )
-        self.assertEqual(endpointsFor(svc, [slice_]), (Endpoint("10.0.0.1", 8080),))
+        self.assertEqual(endpointsOf(svc, [slice_]), (Endpoint("10.0.0.1", 8080),))
 
     def test_onlyPortUnnamed(self) -> None:
         """
@@ -144,7 +159,7 @@ class EndpointsTests(SynchronousTestCase):
         slice_ = endpointSlice(
             "s1", "service-api-foo", [ep("10.0.0.1")], ports=[{"port": 3000}]
         )
-        self.assertEqual(endpointsFor(svc, [slice_])[0].port, 3000)
+        self.assertEqual(endpointsOf(svc, [slice_])[0].port, 3000)
 
     def test_httpsPort(self) -> None:
         """
@@ -163,14 +178,14 @@ class EndpointsTests(SynchronousTestCase):
             ports=[{"name": "metrics", "port": 9090}, {"name": "https", "port": 443}],
         )
         self.assertEqual(
-            endpointsFor(https, [slice_]),
+            endpointsOf(https, [slice_]),
             (Endpoint("10.0.0.1", 8443, scheme="https"),),
         )
         both = service(
             "service-api-foo",
             ports=[{"name": "https", "port": 443}, {"name": "http", "port": 80}],
         )
-        self.assertEqual(endpointsFor(both, [slice_]), (Endpoint("10.0.0.1", 8080),))
+        self.assertEqual(endpointsOf(both, [slice_]), (Endpoint("10.0.0.1", 8080),))
         single = service(
             "service-api-foo",
             ports=[{"name": "web", "port": 443, "appProtocol": "https"}],
@@ -181,7 +196,7 @@ class EndpointsTests(SynchronousTestCase):
             [ep("10.0.0.1")],
             ports=[{"name": "web", "port": 8443}],
         )
-        self.assertEqual(endpointsFor(single, [webSlice])[0].scheme, "https")
+        self.assertEqual(endpointsOf(single, [webSlice])[0].scheme, "https")
 
     def test_noUsablePort(self) -> None:
         """
@@ -192,7 +207,7 @@ class EndpointsTests(SynchronousTestCase):
             ports=[{"name": "a", "port": 1}, {"name": "b", "port": 2}],
         )
         slice_ = endpointSlice("s1", "service-api-foo", [ep("10.0.0.1")])
-        self.assertEqual(endpointsFor(svc, [slice_]), ())
+        self.assertEqual(endpointsOf(svc, [slice_]), ())
 
     def test_conditions(self) -> None:
         """
@@ -215,7 +230,7 @@ class EndpointsTests(SynchronousTestCase):
                 "s2", "service-api-foo", [ep("db.example.com")], addressType="FQDN"
             ),
         ]
-        found = {e.host: e for e in endpointsFor(svc, slices)}
+        found = {e.host: e for e in endpointsOf(svc, slices)}
         self.assertEqual(sorted(found), ["10.0.0.1", "10.0.0.2", "10.0.0.3"])
         self.assertTrue(found["10.0.0.1"].ready and found["10.0.0.1"].serving)
         self.assertEqual(
@@ -238,7 +253,7 @@ class EndpointsTests(SynchronousTestCase):
             endpointSlice("old", "service-api-foo", [ep("10.0.0.1", ready=False)]),
             endpointSlice("new", "service-api-foo", [ep("10.0.0.1", ready=True)]),
         ]
-        self.assertEqual(endpointsFor(svc, slices), (Endpoint("10.0.0.1", 8080),))
+        self.assertEqual(endpointsOf(svc, slices), (Endpoint("10.0.0.1", 8080),))
 
 
 class ClusterStateTests(SynchronousTestCase):
@@ -474,10 +489,13 @@ class RegistryTestCase(SynchronousTestCase):
         initialSyncTimeout: float = 30.0,
         maxBackoff: float = 30.0,
         tiers: Sequence[str] = ("api",),
+        coalesceWindow: float = 0.0,
+        **kwargs: Any,
     ) -> KubernetesRegistry:
         """
         A registry (not started) on the test's API and clock, with no
-        back-off jitter; stopped after the test.
+        back-off jitter, and (unless C{coalesceWindow} says) each watch
+        event applied to the table at once; stopped after the test.
         """
         registry = KubernetesRegistry(
             self.api,
@@ -487,6 +505,8 @@ class RegistryTestCase(SynchronousTestCase):
             initialSyncTimeout=initialSyncTimeout,
             maxBackoff=maxBackoff,
             rng=_Ceiling(),
+            coalesceWindow=coalesceWindow,
+            **kwargs,
         )
         self.addCleanup(self._stop, registry)
         return registry
@@ -560,13 +580,20 @@ class KubernetesRegistryContractTests(RegistryContractMixin, SynchronousTestCase
                     api.delete(kind, "default", key[1])
                     del applied[key]
 
+        clock = Clock()
+
+        def updateAndWait(services: Mapping[str, Any]) -> None:
+            # Watch events reach the table once the coalescing window ends.
+            update(services)
+            clock.advance(COALESCE_WINDOW)
+
         update(services)
         registry = KubernetesRegistry(
-            api, tiers=frozenset(["api", "webhooks"]), clock=Clock()
+            api, tiers=frozenset(["api", "webhooks"]), clock=clock
         )
         registry.startService()
         self.addCleanup(registry.stopService)
-        return registry, update
+        return registry, updateAndWait
 
 
 class FirstSyncTests(RegistryTestCase):

@@ -7,6 +7,7 @@ the root builds the proxy from them, with any part passed in instead.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import textwrap
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 import tests
@@ -294,6 +296,35 @@ class BuildRegistryTests(SynchronousTestCase):
         api.close = close  # type: ignore[method-assign]
         registry.stopService()
         self.assertEqual(closed, [True])
+        # Relists are diffed in the API's threads; no freeze unless the
+        # process's own makeService asks for it.
+        self.assertEqual(registry._offReactor, api.run)
+        self.assertIsNone(registry._freeze)
+        self.assertIsNone(registry.selector)
+        frozen = buildRegistry(
+            dataclasses.replace(config, selector="edge=true", freezeAfterSync=True),
+            reactor,
+        )
+        assert isinstance(frozen, KubernetesRegistry)
+        self.assertIs(frozen._freeze, gc.freeze)
+        self.assertEqual(frozen.selector, "edge=true")
+
+    def test_selectorOption(self) -> None:
+        """
+        C{--selector} reaches the configuration checked; one that does not
+        parse is refused with a one-line message naming the option.
+        """
+        options = Options()
+        options.parseOptions(
+            ["--registry", "kubernetes", "--selector", " team in (a, b),!internal "]
+        )
+        self.assertEqual(options.config.selector, "team in (a, b),!internal")
+        for bad in ["a in x", "a b", ""]:
+            with self.assertRaises(usage.UsageError) as caught:
+                Options().parseOptions(["--selector", bad])
+            message = str(caught.exception)
+            self.assertTrue(message.startswith("--selector: "), message)
+            self.assertNotIn("\n", message)
 
     def test_staticOnTheReactor(self) -> None:
         """
