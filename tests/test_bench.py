@@ -15,7 +15,7 @@ import tempfile
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from monedge.registry import Endpoint
-from monedge.registry.kubernetes import endpointsFor
+from monedge.registry.kubernetes import compactService, compactSlice, endpointsFor
 from monedge.testing.kubernetes import (
     MemoryKubernetes,
     realisticEndpointSlice,
@@ -333,12 +333,16 @@ class RealisticObjectsTests(SynchronousTestCase):
         cluster.apply(slice_)
         self.assertEqual(len(cluster.services()), 1)
         self.assertEqual(len(cluster.endpointSlices()), 1)
+        name = "service.api.s7"
+        endpoints = endpointsFor(
+            compactService(service, name), [compactSlice(slice_, name)]
+        )
         self.assertEqual(
-            [(e.host, e.port, e.ready) for e in endpointsFor(service, [slice_])],
+            [(e.host, e.port, e.ready) for e in endpoints],
             [
                 ("127.0.0.1", 9000, True),
                 ("127.0.0.2", 9000, True),
                 ("127.0.0.3", 9000, False),
             ],
         )
-        self.assertIsInstance(endpointsFor(service, [slice_])[0], Endpoint)
+        self.assertIsInstance(endpoints[0], Endpoint)
