@@ -477,6 +477,26 @@ class _BuildCollector(Collector):
         yield info
 
 
+class _OrderedRegistry(CollectorRegistry):
+    """
+    A collector registry that remembers its collectors in the order they
+    were registered, monedge's own and those hooks add (the ratelimit
+    hook's, a plugin's), so that the admin site exports every one.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(auto_describe=True)
+        self.collectors: list[Collector] = []
+
+    def register(self, collector: Collector) -> None:
+        super().register(collector)
+        self.collectors.append(collector)
+
+    def unregister(self, collector: Collector) -> None:
+        super().unregister(collector)
+        self.collectors.remove(collector)
+
+
 class Metrics:
     """
     Every metric monedge exports.
@@ -485,12 +505,11 @@ class Metrics:
         (C{generate_latest}); the admin site writes L{exposition} instead.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry(auto_describe=True)
+    def __init__(self) -> None:
+        self.registry = _OrderedRegistry()
         self._services: dict[str, ServiceMetrics] = {}
-        # The collectors after the per-service ones, in registration order.
-        self._collectors: list[Collector] = []
-        self.registry.register(_RequestCollector(self._services))
+        self._requests = _RequestCollector(self._services)
+        self.registry.register(self._requests)
         self._connections = self._register(_ConnectionCollector())
         self._register(_BuildCollector())
         self._register(ProcessCollector(registry=None))
@@ -546,10 +565,9 @@ class Metrics:
 
     def _register(self, collector: _C) -> _C:
         """
-        Register C{collector}, and export it after the per-service families.
+        Register C{collector}: it is exported after the per-service families.
         """
         self.registry.register(collector)
-        self._collectors.append(collector)
         return collector
 
     def exposition(self, batch: int = 100) -> Iterator[bytes]:
@@ -587,8 +605,11 @@ class Metrics:
                 header = ""
             if header:
                 yield header.encode("utf-8")
-        for collector in list(self._collectors):
-            yield generate_latest(_WithoutCreated(list(collector.collect())))
+        # Then every other collector, monedge's and those hooks registered,
+        # in the order they came.
+        for collector in list(self.registry.collectors):
+            if collector is not self._requests:
+                yield generate_latest(_WithoutCreated(list(collector.collect())))
 
     def observeHook(self, hook: str, decision: str, seconds: float) -> None:
         """

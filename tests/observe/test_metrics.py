@@ -269,3 +269,27 @@ class OperatorMetricsTests(SynchronousTestCase):
         self.assertEqual(labels["version"], monedge.__version__)
         self.assertGreater(samples[("process_resident_memory_bytes", ())], 0)
         self.assertGreater(samples[("process_start_time_seconds", ())], 0)
+
+
+class RegisteredCollectorTests(SynchronousTestCase):
+    """
+    Collectors a hook registers on C{Metrics.registry} are exported by the
+    admin site's exposition, after monedge's own, until unregistered.
+    """
+
+    def test_hookCollectorExported(self) -> None:
+        """
+        A counter registered after monedge's is on the page, with no
+        C{_created} sample; once unregistered it is gone.
+        """
+        metrics = Metrics()
+        counter = Counter(
+            "plugin_things", "Things a plugin counted.", registry=metrics.registry
+        )
+        counter.inc(3)
+        body = b"".join(metrics.exposition()).decode()
+        self.assertIn("plugin_things_total 3.0\n", body)
+        self.assertNotIn("plugin_things_created", body)
+        self.assertLess(body.index("monedge_requests"), body.index("plugin_things"))
+        metrics.registry.unregister(counter)
+        self.assertNotIn("plugin_things", b"".join(metrics.exposition()).decode())
