@@ -12,7 +12,15 @@ import subprocess
 import sys
 import tempfile
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from monedge.registry import Endpoint
+from monedge.registry.kubernetes import compactService, compactSlice, endpointsFor
+from monedge.testing.kubernetes import (
+    MemoryKubernetes,
+    realisticEndpointSlice,
+    realisticService,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +43,7 @@ def _run(*command: str, timeout: float) -> str:
 class BenchToolTests(TestCase):
     """
     bench/inprocess.py, bench/instructions.sh, bench/upload.py,
-    bench/h2load.py and bench/grpcunary.py, on small counts.
+    bench/h2load.py, bench/grpcunary.py and bench/scale.py, on small counts.
     """
 
     def test_inprocess(self) -> None:
@@ -219,3 +227,122 @@ class BenchToolTests(TestCase):
         self.assertGreaterEqual(document["accessLog"]["200 0"], 250)
         self.assertEqual(document["accessLogBad"], 0)
         self.assertEqual(document["errorsLogged"], {"monedge": [], "gRPC server": []})
+
+    def test_scale(self) -> None:
+        """
+        bench/scale.py, on 50 routable Services and one-second phases,
+        starts the fake API server and monedge on the Kubernetes registry,
+        and reports every phase with every request answered: ready time and
+        RSS, wrk over all 50 routes, paced traffic quiet and under /metrics
+        and /routes scrapes (which answer 200), a relist after 410 Gone
+        (monedge watches both kinds again), and EndpointSlice churn with
+        change-to-routing lags measured; it prints the two tables.
+        """
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "scale.json")
+            out = _run(
+                sys.executable,
+                "bench/scale.py",
+                "--sizes",
+                "50",
+                "--duration",
+                "1",
+                "--warmup",
+                "1",
+                "--settle",
+                "0.2",
+                "--churn-seconds",
+                "2",
+                "--json",
+                path,
+                timeout=90,
+            )
+            with open(path) as f:
+                document = json.load(f)
+        (size,) = document["sizes"]
+        self.assertEqual(size["services"], 50)
+        self.assertEqual(size["fake"]["services"], 100)
+        self.assertGreater(size["readySeconds"], 0)
+        self.assertGreater(size["rssMiB"], 10)
+        saturation = size["saturation"]
+        self.assertGreater(saturation["requests"], 0)
+        self.assertEqual(saturation["errors"], 0)
+        for label in ("quiet", "metrics", "routes"):
+            paced = size["paced"][label]
+            self.assertEqual((paced["requests"], paced["failed"]), (1000, 0), label)
+            self.assertGreater(paced["p99ms"], 0, label)
+        for label in ("metrics", "routes"):
+            self.assertEqual(size["scrapes"][label]["statuses"], [200], label)
+            self.assertGreater(size["scrapes"][label]["bytes"], 0, label)
+        relist = size["relist"]
+        self.assertGreater(relist["listPages"], 0)
+        self.assertEqual(relist["whole"]["failed"], 0)
+        self.assertGreater(relist["window"]["requests"], 0)
+        churn = size["churn"]
+        self.assertGreater(churn["updates"], 0)
+        self.assertEqual(churn["whole"]["failed"], 0)
+        self.assertGreater(len(churn["lagsMs"]), 0)
+        self.assertEqual(churn["lagTimeouts"], 0)
+        self.assertRegex(out, r"\| 50 +\| [\d.]+ s +\| \d+ MiB +\| [\d,]+ +\|")
+        self.assertIn("churn lag p99", out)
+
+
+class RealisticObjectsTests(SynchronousTestCase):
+    """
+    The API objects bench/scale.py fills its fake with.
+    """
+
+    def test_shapes(self) -> None:
+        """
+        L{realisticService} and L{realisticEndpointSlice} are shaped like a
+        cluster's objects (managed fields, kubectl's last-applied
+        configuration of a few KB, a uid, a cluster IP, each endpoint's
+        Pod, node and zone), the fake stores them, and the registry reads
+        the slice's three endpoints, on its C{http} port, with the
+        readiness asked for.
+        """
+        service = realisticService("service-api-s7", "shop", 7)
+        slice_ = realisticEndpointSlice(
+            "service-api-s7",
+            ["127.0.0.1", "127.0.0.2", "127.0.0.3"],
+            9000,
+            "shop",
+            7,
+            ready=[True, True, False],
+        )
+        metadata = service["metadata"]
+        self.assertEqual(len(metadata["managedFields"]), 3)
+        applied = metadata["annotations"][
+            "kubectl.kubernetes.io/last-applied-configuration"
+        ]
+        self.assertGreater(len(applied), 2000)
+        self.assertEqual(json.loads(applied)["metadata"]["name"], "service-api-s7")
+        self.assertTrue(metadata["uid"])
+        self.assertTrue(service["spec"]["clusterIP"].startswith("10."))
+        self.assertEqual(
+            slice_["metadata"]["labels"]["kubernetes.io/service-name"],
+            "service-api-s7",
+        )
+        self.assertEqual(
+            [e["targetRef"]["kind"] for e in slice_["endpoints"]], ["Pod"] * 3
+        )
+        self.assertTrue(all(e["nodeName"] and e["zone"] for e in slice_["endpoints"]))
+        self.assertEqual(realisticService("service-api-s7", "shop", 7), service)
+        cluster = MemoryKubernetes()
+        cluster.apply(service)
+        cluster.apply(slice_)
+        self.assertEqual(len(cluster.services()), 1)
+        self.assertEqual(len(cluster.endpointSlices()), 1)
+        name = "service.api.s7"
+        endpoints = endpointsFor(
+            compactService(service, name), [compactSlice(slice_, name)]
+        )
+        self.assertEqual(
+            [(e.host, e.port, e.ready) for e in endpoints],
+            [
+                ("127.0.0.1", 9000, True),
+                ("127.0.0.2", 9000, True),
+                ("127.0.0.3", 9000, False),
+            ],
+        )
+        self.assertIsInstance(endpoints[0], Endpoint)

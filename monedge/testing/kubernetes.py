@@ -106,6 +106,8 @@ __all__ = [
     "FakeKubernetes",
     "MemoryKubernetes",
     "endpointSliceObject",
+    "realisticEndpointSlice",
+    "realisticService",
     "serviceObject",
 ]
 
@@ -1486,4 +1488,310 @@ def endpointSliceObject(
         "addressType": addressType,
         "ports": ports if ports is not None else [{"name": "http", "port": 8080}],
         "endpoints": endpoints,
+    }
+
+
+# Objects shaped like a real cluster's, for benchmarks of scale.
+
+
+def _timestamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _fieldsV1(*paths: str) -> dict[str, Any]:
+    """
+    A C{fieldsV1} set, as the API server tracks fields: each path is
+    C{|}-separated C{f:}/C{k:} elements; a leaf is C{{}}, and a map below
+    the top level that is itself owned holds C{".": {}}.
+    """
+    root: dict[str, Any] = {}
+    for path in paths:
+        node = root
+        elements = path.split("|")
+        for depth, element in enumerate(elements):
+            node = node.setdefault(element, {})
+            if 0 < depth < len(elements) - 1:
+                node.setdefault(".", {})
+    return root
+
+
+def _hexOf(seed: str, length: int) -> str:
+    return uuid.uuid5(uuid.NAMESPACE_URL, seed).hex[:length]
+
+
+def realisticService(
+    name: str,
+    namespace: str = "default",
+    index: int = 0,
+    port: int = 80,
+    targetPort: int = 8080,
+    created: float = 1_700_000_000.0,
+) -> dict[str, Any]:
+    """
+    A v1 Service shaped like one a cluster serves, for benchmarks of scale:
+    labels, a few annotations with kubectl's
+    C{last-applied-configuration} (a few KB of JSON), three
+    C{managedFields} entries, a C{uid} and C{creationTimestamp}, a spec with
+    a cluster IP, an C{http} and a C{metrics} port and a selector, and an
+    empty load-balancer status.  Deterministic for (C{name},
+    C{namespace}, C{index}); L{FakeCluster.apply} replaces its C{uid},
+    C{creationTimestamp} and C{resourceVersion} with its own.
+    """
+    app = name.removeprefix("service-")
+    labels = {
+        "app": app,
+        "app.kubernetes.io/name": app,
+        "app.kubernetes.io/instance": f"{app}-{namespace}",
+        "app.kubernetes.io/part-of": namespace,
+        "app.kubernetes.io/managed-by": "kubectl",
+        "app.kubernetes.io/version": f"v1.{index % 97}.{index % 13}",
+        "team": f"team-{index % 37}",
+        "cost-centre": f"cc-{1000 + index % 211}",
+    }
+    annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9090",
+        "prometheus.io/path": "/metrics",
+        "owner": f"team-{index % 37}@example.com",
+        "runbook": f"https://runbooks.example.com/{namespace}/{app}",
+        "description": (
+            f"The {app} service of {namespace}: serves its API to the other "
+            "services of the platform and to the edge, with its metrics on "
+            "port 9090.  Deployed by the platform pipeline; see the runbook "
+            "for alerts, dashboards and escalation."
+        ),
+        "deploy.example.com/commit": _hexOf(f"{namespace}/{name}/commit", 32) * 2,
+        "deploy.example.com/pipeline": (
+            f"https://ci.example.com/{namespace}/{app}/pipelines/{100000 + index}"
+        ),
+        "alerts.example.com/rules": json.dumps(
+            [
+                {
+                    "alert": f"{app}-{signal}",
+                    "expr": (
+                        f'sum(rate(http_requests_total{{service="{app}",'
+                        f'code=~"5.."}}[5m])) / sum(rate(http_requests_total'
+                        f'{{service="{app}"}}[5m])) > 0.0{1 + n}'
+                    ),
+                    "for": f"{5 * (n + 1)}m",
+                    "labels": {"severity": severity, "team": f"team-{index % 37}"},
+                    "annotations": {
+                        "summary": f"{app}: {signal} above its objective",
+                        "dashboard": (
+                            f"https://grafana.example.com/d/{app}?var-ns={namespace}"
+                        ),
+                    },
+                }
+                for n, (signal, severity) in enumerate(
+                    (("errors", "page"), ("latency", "page"), ("saturation", "ticket"))
+                )
+            ],
+            separators=(",", ":"),
+        ),
+    }
+    selector = {"app": app, "app.kubernetes.io/instance": f"{app}-{namespace}"}
+    ports = [
+        {"name": "http", "port": port, "protocol": "TCP", "targetPort": targetPort},
+        {"name": "metrics", "port": 9090, "protocol": "TCP", "targetPort": 9090},
+    ]
+    clusterIP = f"10.{96 + index // 65536 % 16}.{index // 256 % 256}.{index % 256}"
+    applied = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "annotations": {
+                key: annotations[key]
+                for key in sorted(annotations)
+                if not key.startswith("deploy.")
+            },
+            "labels": labels,
+            "name": name,
+            "namespace": namespace,
+        },
+        "spec": {"ports": ports, "selector": selector, "type": "ClusterIP"},
+    }
+    time = _timestamp(created)
+    managedFields = [
+        {
+            "manager": "kubectl-client-side-apply",
+            "operation": "Update",
+            "apiVersion": "v1",
+            "time": time,
+            "fieldsType": "FieldsV1",
+            "fieldsV1": _fieldsV1(
+                *(f"f:metadata|f:annotations|f:{key}" for key in sorted(annotations)),
+                "f:metadata|f:annotations|"
+                "f:kubectl.kubernetes.io/last-applied-configuration",
+                *(f"f:metadata|f:labels|f:{key}" for key in sorted(labels)),
+                *(
+                    f'f:spec|f:ports|k:{{"port":{p["port"]},"protocol":"TCP"}}|f:{f}'
+                    for p in ports
+                    for f in ("name", "port", "protocol", "targetPort")
+                ),
+                *(f"f:spec|f:selector|f:{key}" for key in sorted(selector)),
+                "f:spec|f:internalTrafficPolicy",
+                "f:spec|f:sessionAffinity",
+                "f:spec|f:type",
+            ),
+        },
+        {
+            "manager": "kubectl-annotate",
+            "operation": "Update",
+            "apiVersion": "v1",
+            "time": time,
+            "fieldsType": "FieldsV1",
+            "fieldsV1": _fieldsV1(
+                "f:metadata|f:annotations|f:deploy.example.com/commit",
+                "f:metadata|f:annotations|f:deploy.example.com/pipeline",
+            ),
+        },
+        {
+            "manager": "kube-controller-manager",
+            "operation": "Update",
+            "apiVersion": "v1",
+            "time": time,
+            "fieldsType": "FieldsV1",
+            "fieldsV1": _fieldsV1("f:status|f:loadBalancer"),
+            "subresource": "status",
+        },
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{namespace}/{name}")),
+            "creationTimestamp": time,
+            "labels": labels,
+            "annotations": {
+                **annotations,
+                "kubectl.kubernetes.io/last-applied-configuration": json.dumps(
+                    applied, separators=(",", ":"), sort_keys=True
+                )
+                + "\n",
+            },
+            "managedFields": managedFields,
+        },
+        "spec": {
+            "clusterIP": clusterIP,
+            "clusterIPs": [clusterIP],
+            "internalTrafficPolicy": "Cluster",
+            "ipFamilies": ["IPv4"],
+            "ipFamilyPolicy": "SingleStack",
+            "ports": ports,
+            "selector": selector,
+            "sessionAffinity": "None",
+            "type": "ClusterIP",
+        },
+        "status": {"loadBalancer": {}},
+    }
+
+
+def realisticEndpointSlice(
+    serviceName: str,
+    addresses: list[str],
+    port: int,
+    namespace: str = "default",
+    index: int = 0,
+    ready: list[bool] | None = None,
+    created: float = 1_700_000_000.0,
+) -> dict[str, Any]:
+    """
+    A discovery.k8s.io/v1 EndpointSlice for C{serviceName} shaped like the
+    EndpointSlice controller's: one endpoint per address (ready or not as
+    C{ready} says, all ready by default), each with its conditions, a
+    C{targetRef} to its Pod, a C{nodeName} and a zone, an C{http} port
+    (C{port}) and a C{metrics} port, the controller's labels and
+    annotation, an owner reference to the Service and a C{managedFields}
+    entry.  Named C{<serviceName>-<5 characters>}; deterministic for its
+    arguments.
+    """
+    app = serviceName.removeprefix("service-")
+    readiness = ready if ready is not None else [True] * len(addresses)
+    suffix = _hexOf(f"{namespace}/{serviceName}/slice", 5)
+    replicaSet = _hexOf(f"{namespace}/{serviceName}/rs", 10)
+    endpoints = []
+    for i, (address, isReady) in enumerate(zip(addresses, readiness, strict=True)):
+        pod = f"{app}-{replicaSet}-{_hexOf(f'{namespace}/{serviceName}/{i}', 5)}"
+        endpoints.append(
+            {
+                "addresses": [address],
+                "conditions": {
+                    "ready": isReady,
+                    "serving": isReady,
+                    "terminating": False,
+                },
+                "nodeName": f"node-{(index + i) % 50:03d}.eu-west-1.compute.internal",
+                "targetRef": {
+                    "kind": "Pod",
+                    "name": pod,
+                    "namespace": namespace,
+                    "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{namespace}/{pod}")),
+                },
+                "zone": f"eu-west-1{'abc'[(index + i) % 3]}",
+            }
+        )
+    name = f"{serviceName}-{suffix}"
+    time = _timestamp(created)
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "generateName": f"{serviceName}-",
+            "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{namespace}/{name}")),
+            "creationTimestamp": time,
+            "generation": 1,
+            "labels": {
+                "app": app,
+                "app.kubernetes.io/name": app,
+                "endpointslice.kubernetes.io/managed-by": (
+                    "endpointslice-controller.k8s.io"
+                ),
+                "kubernetes.io/service-name": serviceName,
+            },
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": time},
+            "ownerReferences": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "name": serviceName,
+                    "uid": str(
+                        uuid.uuid5(uuid.NAMESPACE_URL, f"{namespace}/{serviceName}")
+                    ),
+                    "blockOwnerDeletion": True,
+                    "controller": True,
+                }
+            ],
+            "managedFields": [
+                {
+                    "manager": "kube-controller-manager",
+                    "operation": "Update",
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "time": time,
+                    "fieldsType": "FieldsV1",
+                    "fieldsV1": _fieldsV1(
+                        "f:addressType",
+                        "f:endpoints",
+                        "f:metadata|f:annotations|"
+                        "f:endpoints.kubernetes.io/last-change-trigger-time",
+                        "f:metadata|f:generateName",
+                        "f:metadata|f:labels|f:app",
+                        "f:metadata|f:labels|f:app.kubernetes.io/name",
+                        "f:metadata|f:labels|f:endpointslice.kubernetes.io/managed-by",
+                        "f:metadata|f:labels|f:kubernetes.io/service-name",
+                        "f:metadata|f:ownerReferences",
+                        "f:ports",
+                    ),
+                }
+            ],
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [
+            {"name": "http", "port": port, "protocol": "TCP"},
+            {"name": "metrics", "port": 9090, "protocol": "TCP"},
+        ],
     }
