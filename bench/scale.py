@@ -142,7 +142,10 @@ class Helper:
             stdout=subprocess.PIPE if commands else self._log,
             stderr=self._log,
             start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={
+                **os.environ,
+                "PYTHONPATH": os.environ.get("BENCH_PYTHONPATH", "") + str(ROOT),
+            },
         )
         self._answers: dict[Any, queue.Queue[dict[str, Any]]] = {}
         self._lock = threading.Lock()
@@ -386,7 +389,10 @@ class Bench:
             command,
             stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={
+                **os.environ,
+                "PYTHONPATH": os.environ.get("BENCH_PYTHONPATH", "") + str(ROOT),
+            },
         )
         started = time.monotonic()
         usage = Usage(self.monedgePid)

@@ -9,7 +9,7 @@ survive registry changes while requests are still in flight.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -94,10 +94,29 @@ class Balancer:
         Forget idle endpoints that no service lists any more, so memory
         follows the registry.
         """
-        keep = {(e.scheme, e.host, e.port) for e in endpoints}
-        for key, state in list(self._states.items()):
-            if key not in keep and state.outstanding == 0:
-                del self._states[key]
+        for _ in self.retainSteps([endpoints], batch=1 << 62):
+            pass
+
+    def retainSteps(
+        self, groups: Iterable[Iterable[Endpoint]], batch: int = 1000
+    ) -> Iterator[None]:
+        """
+        L{retain}, a step at a time: iterating does the work, yielding
+        after each C{batch} groups of endpoints (a service's) read and each
+        C{batch} endpoint states checked, so that a caller can spread the
+        work of a registry of thousands of services over reactor turns.
+        """
+        keep: set[EndpointKey] = set()
+        for index, endpoints in enumerate(groups, 1):
+            keep.update((e.scheme, e.host, e.port) for e in endpoints)
+            if index % batch == 0:
+                yield None
+        states = self._states
+        for index, (key, state) in enumerate(list(states.items()), 1):
+            if key not in keep and state.outstanding == 0 and states.get(key) is state:
+                del states[key]
+            if index % batch == 0:
+                yield None
 
     def pick(
         self, candidates: Sequence[EndpointState], exclude: EndpointState | None = None

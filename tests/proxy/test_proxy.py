@@ -1032,3 +1032,48 @@ class RouteCacheTests(SynchronousTestCase):
         root.route("service.api.s2")
         self.assertEqual(len(root._cache), 2)
         self.assertIsNot(root.route("service.api.s0"), a)
+
+
+class RetainTests(SynchronousTestCase):
+    """
+    Endpoints no service lists are forgotten by a walk over the registry
+    spread over reactor turns.
+    """
+
+    def test_walkInTurns(self) -> None:
+        """
+        A second after a registry change, the walk runs, a reactor turn
+        per thousand services; a departed endpoint is forgotten at its end,
+        and a change during the walk brings another walk after it.
+        """
+        services = [
+            _service(f"service.api.s{i}", f"10.0.{i // 250}.{i % 250}:80")
+            for i in range(2500)
+        ]
+        h = Harness(services)
+        balancer = h.balancer
+        balancer.states([endpoint("10.0.0.0:80"), endpoint("10.0.0.1:80")])
+        root = h.root
+        steps: list[bool] = []
+        step = root._retainStep
+
+        def counted() -> None:
+            # Whether the departed endpoint was still known at this turn.
+            steps.append(("http", "10.0.0.0", 80) in balancer._states)
+            step()
+            if len(steps) == 1:
+                # A change while the walk runs.
+                h.registry.replaceAll(services[1:2])
+
+        root._retainStep = counted  # type: ignore[method-assign]
+        h.registry.replaceAll(services[1:])
+        h.clock.advance(1.0)
+        # 2,499 services, a thousand a turn, then the 2 states: 3 turns,
+        # the departed endpoint forgotten in the last.
+        self.assertEqual(steps, [True, True, True])
+        self.assertNotIn(("http", "10.0.0.0", 80), balancer._states)
+        self.assertIsNone(root._retaining)
+        # Another walk, a second later, for the change made during this one.
+        balancer.states([endpoint("10.0.0.2:80")])
+        h.clock.advance(1.0)
+        self.assertEqual(list(balancer._states), [("http", "10.0.0.1", 80)])

@@ -168,6 +168,27 @@ class StatesTests(BalancerTestCase):
         [fresh] = self.balancer.states([ep(1)])
         self.assertIsNot(fresh, busy)
 
+    def test_retainSteps(self) -> None:
+        """
+        L{Balancer.retainSteps} does L{Balancer.retain}'s work a batch at a
+        time: nothing is forgotten until the last step, and each step reads
+        at most C{batch} services or checks at most C{batch} states.
+        """
+        states = self.balancer.states([ep(n) for n in range(10)])
+        steps = self.balancer.retainSteps(([ep(n)] for n in range(5)), batch=2)
+        taken = 0
+        for _ in steps:
+            taken += 1
+            if taken < 3:
+                self.assertEqual(len(self.balancer._states), 10)
+        # 5 services in batches of 2 (2 steps), 10 states in batches of 2
+        # (5 steps).
+        self.assertEqual(taken, 7)
+        self.assertEqual(
+            [s.key[2] for s in self.balancer._states.values()], [0, 1, 2, 3, 4]
+        )
+        self.assertEqual(self.balancer.states([ep(0)]), states[:1])
+
 
 class PickTests(BalancerTestCase):
     """
