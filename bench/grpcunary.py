@@ -54,15 +54,12 @@ import datetime
 import json
 import resource
 import shlex
-import signal
 import statistics
 import struct
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import grpc
@@ -88,6 +85,7 @@ from run import (  # type: ignore[import-not-found]  # noqa: E402
     pinning,
     processTree,
     run,
+    runBench,
     runWatching,
     stopAll,
 )
@@ -708,31 +706,11 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
         print(f"\nresults: {path}")
 
 
-def _terminated(signum: int, frame: FrameType | None) -> None:
-    """
-    On SIGTERM, exit through the C{finally} that stops the servers.
-    """
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """
     Run the benchmark; the exit status.
     """
-    args = parseArguments(argv)
-    signal.signal(signal.SIGTERM, _terminated)
-    # Even when started in the background with SIGINT ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with tempfile.TemporaryDirectory(prefix="monedge-grpc-") as directory:
-            benchmark(args, Path(directory))
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return runBench(benchmark, parseArguments(argv), "monedge-grpc-")
 
 
 if __name__ == "__main__":

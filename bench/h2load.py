@@ -41,14 +41,11 @@ import json
 import math
 import re
 import shlex
-import signal
 import statistics
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
@@ -68,6 +65,7 @@ from run import (  # noqa: E402
     pinning,
     processTree,
     run,
+    runBench,
     runWatching,
     stopAll,
     writeNginxConfig,
@@ -770,31 +768,11 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
         print(f"\nresults: {path}")
 
 
-def _terminated(signum: int, frame: FrameType | None) -> None:
-    """
-    On SIGTERM, exit through the C{finally} that stops the servers.
-    """
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """
     Run the benchmark; the exit status.
     """
-    args = parseArguments(argv)
-    signal.signal(signal.SIGTERM, _terminated)
-    # Even when started in the background with SIGINT ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with tempfile.TemporaryDirectory(prefix="monedge-h2load-") as directory:
-            benchmark(args, Path(directory))
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return runBench(benchmark, parseArguments(argv), "monedge-h2load-")
 
 
 if __name__ == "__main__":

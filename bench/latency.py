@@ -59,14 +59,11 @@ import datetime
 import json
 import re
 import shlex
-import signal
 import statistics
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
@@ -86,6 +83,7 @@ from run import (  # noqa: E402
     parseWrk,
     pinning,
     processTree,
+    runBench,
     stopAll,
     writeRegistry,
 )
@@ -537,25 +535,11 @@ def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminated(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parseArguments(argv)
-    signal.signal(signal.SIGTERM, _terminated)
-    # Even when started in the background with SIGINT ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with tempfile.TemporaryDirectory(prefix="monedge-latency-") as directory:
-            measure(args, Path(directory))
-    except BenchError as e:
-        print(f"latency: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("latency: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    """
+    Run the benchmark; the exit status.
+    """
+    return runBench(measure, parseArguments(argv), "monedge-latency-", "latency")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -1193,24 +1193,41 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
 
 
 def _terminated(signum: int, frame: FrameType | None) -> None:
+    """
+    On SIGTERM, exit through the C{finally} that stops the servers.
+    """
     raise SystemExit(128 + signum)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parseArguments(argv)
+def runBench(
+    benchmark: Callable[[Any, Path], None],
+    args: Any,
+    prefix: str,
+    name: str = "bench",
+) -> int:
+    """
+    Run C{benchmark(args, directory)} in a temporary directory named with
+    C{prefix}, as every script in bench/ does: SIGTERM and SIGINT end it
+    through its own clean-up; a L{BenchError} or an interrupt is one line
+    on stderr, starting with C{name}.  Returns the exit status.
+    """
     signal.signal(signal.SIGTERM, _terminated)
     # Even when started in the background with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with tempfile.TemporaryDirectory(prefix="monedge-bench-") as directory:
+        with tempfile.TemporaryDirectory(prefix=prefix) as directory:
             benchmark(args, Path(directory))
     except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return runBench(benchmark, parseArguments(argv), "monedge-bench-")
 
 
 if __name__ == "__main__":

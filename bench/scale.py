@@ -78,7 +78,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -86,7 +85,6 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
 
 BENCH = Path(__file__).resolve().parent
@@ -104,6 +102,7 @@ from run import (  # noqa: E402
     parseWrk,
     pinning,
     rssBytes,
+    runBench,
     runWatching,
 )
 
@@ -983,24 +982,11 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
         print(f"\nresults: {path}")
 
 
-def _terminated(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parseArguments(argv)
-    signal.signal(signal.SIGTERM, _terminated)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with tempfile.TemporaryDirectory(prefix="monedge-scale-") as directory:
-            benchmark(args, Path(directory))
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    """
+    Run the benchmark; the exit status.
+    """
+    return runBench(benchmark, parseArguments(argv), "monedge-scale-")
 
 
 if __name__ == "__main__":
