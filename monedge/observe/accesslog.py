@@ -4,8 +4,8 @@ The access log: one JSON object per line per request, on its own stream
 
 Fields: time, request_id, client, method, path, status, service, endpoint,
 upstream_latency, total_latency, bytes_in, bytes_out, error (the
-refusal or upstream failure code, if any), and grpc_status (the
-C{grpc-status} of monedge's refusal of a gRPC call, if any).
+refusal or upstream failure code, if any), and grpc_status (a gRPC
+call's C{grpc-status}: the upstream's, or that of monedge's refusal).
 
 Lines are formatted directly (the same bytes C{json.dumps} with compact
 separators would give) and, given a reactor, written once per reactor

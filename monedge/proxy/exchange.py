@@ -13,7 +13,7 @@ any response byte came back).
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -39,7 +39,7 @@ from monedge.rules.errors import (
     renderError,
     setGrpcRefusal,
 )
-from monedge.rules.grpc import UNKNOWN, formatGrpcTimeout
+from monedge.rules.grpc import formatGrpcTimeout, parseGrpcStatus
 from monedge.rules.headers import downstreamHeaders, trailerFields
 from monedge.rules.limits import DEFAULT_LIMITS
 from monedge.twistedseam import HeaderTable
@@ -767,21 +767,15 @@ class ProxyExchange:
         Record a gRPC call's grpc-status: its trailers', or its head's (a
         trailers-only answer).
         """
-        fields: Any = trailers
-        if not fields:
-            fields = self.request.responseHeaders.getRawHeaders(b"grpc-status")
-            fields = [(b"grpc-status", fields[0])] if fields else ()
-        for name, value in fields:
-            if name.lower() == b"grpc-status":
-                try:
-                    status = int(value)
-                except ValueError:
-                    status = -1
-                # A status no gRPC client would read is UNKNOWN.
-                self.request.record.grpcStatus = (
-                    status if 0 <= status <= 16 else UNKNOWN
-                )
-                return
+        values: Sequence[bytes]
+        if trailers:
+            values = [
+                value for name, value in trailers if name.lower() == b"grpc-status"
+            ]
+        else:
+            values = self.request.responseHeaders.getRawHeaders(b"grpc-status", [])
+        if values:
+            self.request.record.grpcStatus = parseGrpcStatus(values[0])
 
     def bodyStalled(self) -> None:
         """

@@ -194,6 +194,21 @@ def grpcMessage(text: str) -> bytes:
     return quote(text, safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~").encode("ascii")
 
 
+def parseGrpcStatus(value: bytes) -> int:
+    """
+    The status a C{grpc-status} value stands for: a number from 0 to 16;
+    anything else, which no gRPC client would read, is UNKNOWN.
+
+    >>> parseGrpcStatus(b"5"), parseGrpcStatus(b"99")
+    (5, 2)
+    """
+    try:
+        status = int(value)
+    except ValueError:
+        return UNKNOWN
+    return status if 0 <= status <= 16 else UNKNOWN
+
+
 #: grpc-timeout: up to 8 digits and a unit.
 _TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])\Z")
 _UNITS = {
