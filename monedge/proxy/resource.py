@@ -96,7 +96,9 @@ class ServiceResource(Resource):
         self.metrics = metrics
         self._context = context
         self._candidates = context.balancer.states(eligible(entry.endpoints))
-        self._prefix = b"/" + entry.name.rsplit(".", 1)[1].encode("ascii")
+        #: The service's name in paths (C{foo} of C{service.api.foo}).
+        self._label = entry.name.rsplit(".", 1)[1]
+        self._prefix = b"/" + self._label.encode("ascii")
         policy = entry.policy
         self._tls = UpstreamTLS(
             policy.upstreamCA,
@@ -152,9 +154,10 @@ class ServiceResource(Resource):
             # its body, not the front end's body timeout.
             request.stopBodyTimeout()
         policy = self.policy
-        if policy.stripPrefix and not grpc and isValidName(routed.name):
+        if policy.stripPrefix and not grpc and routed.name == self._label:
             # (strip-prefix never applies to a gRPC call: its path is its
-            # method's name; nor to a preflight routed by the gRPC rule.)
+            # method's name; nor to a preflight routed by the gRPC rule,
+            # whose first segment is not the service's name.)
             target = routed.rest + routed.query
             prefix: bytes | None = self._prefix
         else:
