@@ -111,6 +111,20 @@ def fake(args: argparse.Namespace) -> None:
             self._sorted: dict[str, list[tuple[str, str, str]]] = {}
             self.listPages = 0
 
+        def encoded(self, key: tuple[str, str, str]) -> bytes:
+            """
+            The object at C{key} as a list item, from the cache (refreshed
+            when its version has changed).
+            """
+            obj = self._objects[key]
+            version = obj["metadata"]["resourceVersion"]
+            cached = self._encoded.get(key)
+            if cached is None or cached[0] != version:
+                item = {k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}
+                cached = (version, json.dumps(item).encode())
+                self._encoded[key] = cached
+            return cached[1]
+
         def _list(
             self, request: Request, selector: _Selector, query: dict[str, list[str]]
         ) -> bytes:
@@ -141,18 +155,7 @@ def fake(args: argparse.Namespace) -> None:
 
                 metadata["continue"] = _encodeContinue(self._rv, chosen[-1])
                 metadata["remainingItemCount"] = len(keys) - first - limit
-            items = []
-            for key in chosen:
-                obj = self._objects[key]
-                version = obj["metadata"]["resourceVersion"]
-                cached = self._encoded.get(key)
-                if cached is None or cached[0] != version:
-                    item = {
-                        k: v for k, v in obj.items() if k not in ("apiVersion", "kind")
-                    }
-                    cached = (version, json.dumps(item).encode())
-                    self._encoded[key] = cached
-                items.append(cached[1])
+            items = [self.encoded(key) for key in chosen]
             head = json.dumps(
                 {
                     "kind": selector.kind.listKind,
@@ -178,6 +181,11 @@ def fake(args: argparse.Namespace) -> None:
             slices.append(piece)
             if keep:
                 routable.append(piece)
+    # Encoded before monedge starts, as the API server's watch cache holds
+    # its objects ready: the time the fake's Python takes to encode them is
+    # not monedge's.
+    for key in list(api._objects):
+        api.encoded(key)
     api.start()
     api.writeKubeconfig(args.kubeconfig)
 

@@ -9,6 +9,8 @@ API does.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any, TypeVar, cast
 
 from twisted.internet import reactor
@@ -544,6 +546,73 @@ class KubernetesClientAPITests(KubernetesAPIContractMixin, TestCase):
         pages = [q for _, path, q in self.server.requests if path.endswith("/services")]
         self.assertEqual([q["limit"] for q in pages], [["2"]] * 3)
         self.assertEqual(["continue" in q for q in pages], [False, True, True])
+
+    def pageRequests(self) -> int:
+        """
+        How many list requests for Services the server has had.
+        """
+        return sum(
+            1
+            for _, path, q in self.server.requests
+            if path.endswith("/services") and "watch" not in q
+        )
+
+    async def test_nextPageAskedBeforeDecoding(self) -> None:
+        """
+        A list asks for its next page as soon as it has read this page's
+        continue token, while it is still decoding this page's items: the
+        compactor, called on the first page's first item, sees the server
+        receive the second page's request without the list going on.
+        """
+        for name in "abcde":
+            self.server.apply(serviceObject(name, "shop"))
+        seen: list[bool] = []
+        asked = threading.Event()
+
+        def compact(kind: str, obj: KubeObject) -> ServiceRecord:
+            if not seen:
+                deadline = time.monotonic() + STEP_TIMEOUT
+                while self.pageRequests() < 2 and time.monotonic() < deadline:
+                    asked.wait(0.005)
+                seen.append(self.pageRequests() >= 2)
+            meta = obj["metadata"]
+            return ServiceRecord(meta["namespace"], meta["name"], "", meta["name"])
+
+        listed = await self.bounded(
+            self.client.listObjects(SERVICES, "shop", compact=compact)
+        )
+        self.assertEqual(seen, [True])
+        self.assertEqual(
+            [r.name for r in listed.items if isinstance(r, ServiceRecord)],
+            list("abcde"),
+        )
+        self.assertEqual(self.pageRequests(), 3)
+
+    async def test_nextPageRefused(self) -> None:
+        """
+        If the page asked for ahead is refused (here its snapshot expired:
+        410), the list fails with that refusal, and no thread of it is left
+        running.
+        """
+        for name in "abcde":
+            self.server.apply(serviceObject(name, "shop"))
+        server = self.server
+
+        class Requests(list[tuple[str, str, dict[str, list[str]]]]):
+            def append(self, request: tuple[str, str, dict[str, list[str]]]) -> None:
+                super().append(request)
+                if "continue" in request[2] and len(self) == 2:
+                    server.apply(serviceObject("f", "shop"))
+                    server.compact()
+
+        server.requests = Requests()
+        error = await self.failureOf(self.client.listObjects(SERVICES, "shop"))
+        self.assertIsInstance(error, ResourceExpired)
+        self.assertEqual(len(server.requests), 2)
+        self.assertEqual(
+            [t for t in threading.enumerate() if t.name == "monedge-kubernetes-page"],
+            [],
+        )
 
     async def test_watchRequest(self) -> None:
         """
