@@ -31,12 +31,14 @@ produce a page overlaps monedge's time to decode the last one.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -89,6 +91,48 @@ def _continue(metadata: dict[str, Any]) -> str | None:
     """
     token = metadata.get("continue")
     return token if isinstance(token, str) and token else None
+
+
+class _CollectionPause:
+    """
+    The cyclic garbage collector held off while any list page is decoded.
+
+    Decoding a page allocates tens of thousands of dicts and lists, which
+    set off a young collection every L{gc.get_threshold} allocations; each
+    one traverses every young object, the page's included, for 15 to 40 ms
+    (measured at 10,000 Services), holding the interpreter while the
+    reactor thread waits.  JSON values make no reference cycles, and what
+    the page does not keep dies by reference count, so those collections
+    find nothing.  The process's other cycles wait for the page to be
+    decoded (about 20 ms for 500 Services), not for the server.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pages = 0
+        self._wasEnabled = False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """
+        Decode a page: the first list to start turns the collector off,
+        and the last to end turns it back on, if it was on before.
+        """
+        with self._lock:
+            if not self._pages:
+                self._wasEnabled = gc.isenabled()
+                gc.disable()
+            self._pages += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pages -= 1
+                if not self._pages and self._wasEnabled:
+                    gc.enable()
+
+
+_collection = _CollectionPause()
 
 
 class _PageAhead:
@@ -564,17 +608,18 @@ class KubernetesClientAPI:
         try:
             while True:
                 metadata: dict[str, Any] = {}
-                for key, value in decodeList(data):
-                    if key == "metadata" and isinstance(value, dict):
-                        metadata = value
-                        if ahead is None and (token := _continue(metadata)):
-                            ahead = _PageAhead(fetch, token)
-                    elif key != "items" or not isinstance(value, dict):
-                        continue
-                    elif compact is None:
-                        items.append(value)
-                    elif (kept := compact(kind, value)) is not None:
-                        items.append(kept)
+                with _collection.paused():
+                    for key, value in decodeList(data):
+                        if key == "metadata" and isinstance(value, dict):
+                            metadata = value
+                            if ahead is None and (token := _continue(metadata)):
+                                ahead = _PageAhead(fetch, token)
+                        elif key != "items" or not isinstance(value, dict):
+                            continue
+                        elif compact is None:
+                            items.append(value)
+                        elif (kept := compact(kind, value)) is not None:
+                            items.append(kept)
                 if ahead is None:
                     token = _continue(metadata)
                     if not token:

@@ -9,6 +9,7 @@ API does.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from typing import Any, TypeVar, cast
@@ -587,6 +588,34 @@ class KubernetesClientAPITests(KubernetesAPIContractMixin, TestCase):
             list("abcde"),
         )
         self.assertEqual(self.pageRequests(), 3)
+
+    async def test_noCollectionWhileDecoding(self) -> None:
+        """
+        The cyclic garbage collector is off while a list's pages are
+        decoded (their objects make no cycles, and a young collection
+        would hold the interpreter for every young object), and on again
+        once the list has ended, whether it succeeded or failed.
+        """
+        for name in "abc":
+            self.server.apply(serviceObject(name, "shop"))
+        self.assertTrue(gc.isenabled())
+        enabled: list[bool] = []
+
+        def compact(kind: str, obj: KubeObject) -> None:
+            enabled.append(gc.isenabled())
+
+        await self.bounded(self.client.listObjects(SERVICES, "shop", compact=compact))
+        self.assertEqual(enabled, [False] * 3)
+        self.assertTrue(gc.isenabled())
+
+        def fail(kind: str, obj: KubeObject) -> None:
+            raise ValueError("compactor failed")
+
+        error = await self.failureOf(
+            self.client.listObjects(SERVICES, "shop", compact=fail)
+        )
+        self.assertIsInstance(error, ValueError)
+        self.assertTrue(gc.isenabled())
 
     async def test_nextPageRefused(self) -> None:
         """
