@@ -44,7 +44,13 @@ then measures, phase by phase, each bounded in time:
      again; the traffic goes on until 2 s after both watches are open
      again (at most 60 s).  The largest latency and the failures among the
      requests due from the 410 until 1 s after both watches are open
-     again; the largest latency is an upper bound of the reactor's stall;
+     again (an upper bound of the reactor's stall, which also counts the
+     upstreams and the paced client, which share a CPU with the fake while
+     it serves the lists); and the reactor's own stalls, from monedge's
+     C{monedge_reactor_lag_seconds} read before and after the phase: how
+     many timers ran over 40 ms late (with timers 10 ms apart, each a
+     possible stall over 50 ms), and the smallest bucket bound that holds
+     every lag;
   6. churn: paced traffic, and 1 s in, C{--churn-rate} (1,000)
      EndpointSlice updates a second for C{--churn-seconds} (10), cycling
      over all 2N slices, each flipping one of its three endpoints'
@@ -569,10 +575,13 @@ class Bench:
                 )
             monedge.checkAlive()
             # 5. relist
-            size.relist = self.relist(fake, port, n)
+            size.relist = self.relist(fake, port, n, admin)
             print(
                 f"  relist: watching again {size.relist['watchingAfterSeconds']:.2f} s "
-                f"after the 410; in that window max {size.relist['window']['maxms']:.0f} ms, "
+                f"after the 410; reactor stalls over 50 ms: "
+                f"{size.relist['stallsOver50ms']:.0f} (every lag at most "
+                f"{size.relist['worstStallBucket']} s); "
+                f"in that window max {size.relist['window']['maxms']:.0f} ms, "
                 f"p99 {size.relist['window']['p99ms']:.1f} ms, "
                 f"{size.relist['window']['failed']} failed; whole run "
                 f"{size.relist['whole']['failed']} failed "
@@ -650,9 +659,10 @@ end
             "wrk": output,
         }
 
-    def relist(self, fake: Helper, port: int, n: int) -> dict[str, Any]:
+    def relist(self, fake: Helper, port: int, n: int, admin: str) -> dict[str, Any]:
         # Until both watches are open again and 2 s more, or RELIST_LIMIT.
         seconds = RELIST_LIMIT
+        lagsBefore = reactorLags(admin)
 
         def during(started: float) -> dict[str, Any]:
             time.sleep(max(0.0, started + 2.0 - time.monotonic()))
@@ -666,7 +676,17 @@ end
         at, watching = extra["at"], extra["watching"]
         if watching["watches"] < 2:
             raise BenchError(f"monedge did not watch again after the 410: {watching}")
+        lags = {
+            bound: count - lagsBefore.get(bound, 0)
+            for bound, count in reactorLags(admin).items()
+        }
         return {
+            "reactorLags": lags,
+            # Timers 10 ms apart: a lag over 40 ms may be a stall over 50.
+            "stallsOver50ms": lags.get("+Inf", 0) - lags.get("0.04", 0),
+            "worstStallBucket": next(
+                (b for b, c in lags.items() if c == lags.get("+Inf", 0)), "+Inf"
+            ),
             "watchingAfterSeconds": watching["at"] - at,
             "listPages": watching["listPages"],
             "window": asdict(Paced.of(record, at, watching["at"] + 1.0)),
@@ -759,6 +779,20 @@ def get(
             connection.close()
 
 
+def reactorLags(admin: str) -> dict[str, float]:
+    """
+    monedge's C{monedge_reactor_lag_seconds} histogram from its C{/metrics}:
+    the cumulative count at each bucket's bound (C{"0.05"}, ..., C{"+Inf"}).
+    """
+    counts: dict[str, float] = {}
+    with urllib.request.urlopen(admin + "/metrics", timeout=30) as response:
+        for line in response:
+            if line.startswith(b"monedge_reactor_lag_seconds_bucket{"):
+                bound = line.split(b'le="', 1)[1].split(b'"', 1)[0].decode()
+                counts[bound] = float(line.rsplit(b" ", 1)[1])
+    return counts
+
+
 def cpuText(cpu: dict[str, float]) -> str:
     """
     monedge's CPU use and each CPU's, for the progress lines.
@@ -832,7 +866,7 @@ def tables(sizes: Sequence[Size]) -> str:
             "paced 1,000/s p99 / max: quiet",
             "/metrics every 2 s",
             "/routes every 2 s",
-            "relist: max, failed",
+            "relist: reactor stalls > 50 ms, max latency, failed",
             "churn: p99 / max",
             "churn lag p99",
         ],
@@ -846,7 +880,7 @@ def tables(sizes: Sequence[Size]) -> str:
                 cell(s.paced["routes"])
                 + f" ({s.scrapes['routes']['bytes'] / 1e6:.1f} MB, "
                 f"{s.scrapes['routes']['secondsMax']:.2f} s)",
-                f"{s.relist['window']['maxms']:.0f} ms, {s.relist['whole']['failed']}",
+                f"{s.relist['stallsOver50ms']:.0f}, {s.relist['window']['maxms']:.0f} ms, {s.relist['whole']['failed']}",
                 cell(s.churn["during"])
                 + f" ({s.churn['updatesPerSecond']:,.0f} updates/s)",
                 f"{s.churn['lagP99ms']:.0f} ms",

@@ -235,7 +235,8 @@ class BenchToolTests(TestCase):
         and reports every phase with every request answered: ready time and
         RSS, wrk over all 50 routes, paced traffic quiet and under /metrics
         and /routes scrapes (which answer 200), a relist after 410 Gone
-        (monedge watches both kinds again), and EndpointSlice churn with
+        (monedge watches both kinds again; its reactor lag histogram counts
+        the phase), and EndpointSlice churn with
         change-to-routing lags measured; it prints the two tables.
         """
         with tempfile.TemporaryDirectory() as directory:
@@ -278,6 +279,10 @@ class BenchToolTests(TestCase):
         self.assertGreater(relist["listPages"], 0)
         self.assertEqual(relist["whole"]["failed"], 0)
         self.assertGreater(relist["window"]["requests"], 0)
+        # monedge's reactor lag histogram, read around the relist: its
+        # timers ran about 100 times a second meanwhile.
+        self.assertGreater(relist["reactorLags"]["+Inf"], 100)
+        self.assertIn("stallsOver50ms", relist)
         churn = size["churn"]
         self.assertGreater(churn["updates"], 0)
         self.assertEqual(churn["whole"]["failed"], 0)

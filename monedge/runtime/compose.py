@@ -40,6 +40,7 @@ from monedge.edge.tls import CertificateFileError, CertificateStore
 from monedge.hooks import HookConfigError, HookContext, HookSet
 from monedge.interfaces import IServiceRegistry, IUpstreamClient, IUpstreamUpgrader
 from monedge.observe.accesslog import AccessLog, AccessLogFileError, openAccessLog
+from monedge.observe.lag import ReactorLag
 from monedge.observe.metrics import Metrics
 from monedge.proxy.exchange import ProxyContext
 from monedge.proxy.resource import RootResource
@@ -460,6 +461,7 @@ def makeProxyService(
     )
     if IService.providedBy(registry):
         registry.setServiceParent(top)
+    ReactorLag(reactor, proxy.metrics.reactorLag.observe).setServiceParent(top)
     reloads = [r for r in [getattr(registry, "reload", None)] if r is not None]
     if store is not None:
         CertificatePolling(store).setServiceParent(top)
