@@ -24,9 +24,11 @@ startup.
     v1 Services                        /api/v1[/namespaces/NS]/services
     discovery.k8s.io/v1 EndpointSlices /apis/discovery.k8s.io/v1[/namespaces/NS]/endpointslices
 
-A list's next page is asked for as soon as this page's C{continue} token
-is read, before its items are decoded, so that the server's time to
-produce a page overlaps monedge's time to decode the last one.
+A kind's first list (the startup sync) asks for its next page as soon as
+this page's C{continue} token is read, before its items are decoded, so
+that the server's time to produce a page overlaps monedge's time to
+decode the last one; later lists, which run beside traffic, read one page
+at a time.
 """
 
 from __future__ import annotations
@@ -407,6 +409,7 @@ class KubernetesClientAPI:
     ) -> None:
         self._reactor = reactor
         self._apiClient = apiClient
+        self._listed: set[str] = set()
         self.watchTimeout = watchTimeout
         self.requestTimeout = (min(5.0, requestTimeout), requestTimeout)
         self.watchRequestTimeout = (min(5.0, requestTimeout), watchTimeout + 30.0)
@@ -602,6 +605,13 @@ class KubernetesClientAPI:
             finally:
                 response.release_conn()
 
+        # Only a kind's first list reads ahead: before the first sync no
+        # traffic waits on the reactor, and sooner is better; a relist
+        # runs beside traffic, and a second thread wanting the interpreter
+        # would delay the reactor thread more (measured at 1,000 Services:
+        # a relist's paced latency reached 82 to 156 ms reading ahead, 41
+        # to 87 ms not).
+        readAhead = kind not in self._listed
         items: list[Any] = []
         data = fetch(None)
         ahead: _PageAhead | None = None
@@ -612,7 +622,8 @@ class KubernetesClientAPI:
                     for key, value in decodeList(data):
                         if key == "metadata" and isinstance(value, dict):
                             metadata = value
-                            if ahead is None and (token := _continue(metadata)):
+                            token = _continue(metadata)
+                            if readAhead and ahead is None and token:
                                 ahead = _PageAhead(fetch, token)
                         elif key != "items" or not isinstance(value, dict):
                             continue
@@ -624,11 +635,13 @@ class KubernetesClientAPI:
                     token = _continue(metadata)
                     if not token:
                         break
-                    ahead = _PageAhead(fetch, token)
-                data, ahead = ahead.result(), None
+                    data = fetch(token)
+                else:
+                    data, ahead = ahead.result(), None
         finally:
             if ahead is not None:
                 ahead.join()
+        self._listed.add(kind)
         return ObjectList(items, str(metadata.get("resourceVersion", "")))
 
     def _watch(

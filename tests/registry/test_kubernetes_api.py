@@ -589,6 +589,30 @@ class KubernetesClientAPITests(KubernetesAPIContractMixin, TestCase):
         )
         self.assertEqual(self.pageRequests(), 3)
 
+    async def test_relistReadsPageByPage(self) -> None:
+        """
+        A kind's later lists (relists, which run beside traffic) do not
+        read ahead: while the first page is decoded, the server has had no
+        request for the second.
+        """
+        for name in "abcde":
+            self.server.apply(serviceObject(name, "shop"))
+        await self.bounded(self.client.listObjects(SERVICES, "shop"))
+        before = self.pageRequests()
+        seen: list[int] = []
+
+        def compact(kind: str, obj: KubeObject) -> None:
+            if not seen:
+                time.sleep(0.2)
+                seen.append(self.pageRequests() - before)
+
+        listed = await self.bounded(
+            self.client.listObjects(SERVICES, "shop", compact=compact)
+        )
+        self.assertEqual(seen, [1])
+        self.assertEqual(listed.items, [])
+        self.assertEqual(self.pageRequests() - before, 3)
+
     async def test_noCollectionWhileDecoding(self) -> None:
         """
         The cyclic garbage collector is off while a list's pages are
