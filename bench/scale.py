@@ -492,6 +492,7 @@ class Bench:
             port, adminPort = freePort(), freePort()
             admin = f"http://127.0.0.1:{adminPort}"
             twistd = str(Path(sys.executable).parent / "twistd")
+            accessLog = log / "access.log"
             monedge = Helper(
                 "monedge",
                 [
@@ -511,7 +512,7 @@ class Bench:
                     "--initial-sync-timeout",
                     "0s",
                     "--access-log",
-                    str(log / "access.log"),
+                    str(accessLog),
                     "--drain-delay",
                     "0s",
                 ],
@@ -557,9 +558,13 @@ class Bench:
                 during = (
                     None if path is None else self.scraping(admin + path, args.duration)
                 )
+                logged = accessLog.stat().st_size
                 record, scrapes = self.paced(port, n, args.duration, during)
                 size.paced[label] = asdict(Paced.of(record))
                 size.paced[label]["cpu"] = scrapes.pop("cpu")
+                size.paced[label]["monedge"] = ownLatency(
+                    accessLog, logged, 0.0, float("inf")
+                )
                 if path is not None:
                     size.scrapes[label] = scrapes
                 described = describe(size.paced[label])
@@ -590,7 +595,9 @@ class Bench:
                 flush=True,
             )
             # 6. churn
-            size.churn = self.churn(fake, port, n, upstreamPort, markerPort, admin)
+            size.churn = self.churn(
+                fake, port, n, upstreamPort, markerPort, admin, accessLog
+            )
             print(
                 f"  churn: {size.churn['updatesPerSecond']:,.0f} updates/s; traffic "
                 f"p99 {size.churn['during']['p99ms']:.1f} ms (quiet "
@@ -598,7 +605,10 @@ class Bench:
                 f"{size.churn['during']['maxms']:.0f} ms, "
                 f"{size.churn['during']['failed']} failed; lag p99 "
                 f"{size.churn['lagP99ms']:.0f} ms over "
-                f"{len(size.churn['lagsMs'])} changes; reactor lag p99 at most "
+                f"{len(size.churn['lagsMs'])} changes; monedge's own p99 "
+                f"{size.churn['monedgeDuring']['p99ms']:.1f} ms (quiet "
+                f"{size.paced['quiet']['monedge']['p99ms']:.1f} ms); "
+                "reactor lag p99 at most "
                 f"{size.churn['lagP99Bucket']} s, every lag at most "
                 f"{size.churn['worstStallBucket']} s " + cpuText(size.churn["cpu"]),
                 flush=True,
@@ -696,6 +706,7 @@ end
         upstreamPort: int,
         markerPort: int,
         admin: str,
+        accessLog: Path,
     ) -> dict[str, Any]:
         args = self.args
         seconds = args.churn_seconds + 2.0
@@ -737,11 +748,18 @@ end
             }
 
         lagsBefore = reactorLags(admin)
+        logged = accessLog.stat().st_size
         record, extra = self.paced(port, n, seconds, during)
         done = extra["done"]
         lags = extra["lags"]
         return {
             **lagSummary(lagsBefore, reactorLags(admin)),
+            "monedgeDuring": ownLatency(
+                accessLog,
+                logged,
+                extra["started"],
+                extra["started"] + args.churn_seconds,
+            ),
             "updates": done["updates"],
             "updatesPerSecond": done["updates"] / done["seconds"],
             "during": asdict(
@@ -793,6 +811,39 @@ def reactorLags(admin: str) -> dict[str, float]:
                 bound = line.split(b'le="', 1)[1].split(b'"', 1)[0].decode()
                 counts[bound] = float(line.rsplit(b" ", 1)[1])
     return counts
+
+
+def ownLatency(
+    accessLog: Path, offset: int, since: float, until: float
+) -> dict[str, float]:
+    """
+    monedge's own share of the requests in its access log from byte
+    C{offset} on that ended between C{since} and C{until}
+    (C{time.monotonic()}) with a 200: each one's C{total_latency} less its
+    C{upstream_latency}, so neither the upstreams nor the paced client (on
+    the other CPU) count.  Its p50, p99 and largest, in milliseconds.
+    """
+    wall = time.time() - time.monotonic()
+    own = []
+    with open(accessLog, "rb") as f:
+        f.seek(offset)
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("status") != 200 or entry.get("total_latency") is None:
+                continue
+            ended = datetime.datetime.fromisoformat(entry["time"]).timestamp() - wall
+            if since <= ended <= until:
+                upstream = entry.get("upstream_latency") or 0.0
+                own.append((entry["total_latency"] - upstream) * 1000)
+    return {
+        "requests": len(own),
+        "p50ms": percentile(own, 0.5),
+        "p99ms": percentile(own, 0.99),
+        "maxms": max(own, default=0.0),
+    }
 
 
 def lagSummary(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
