@@ -21,7 +21,12 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -129,17 +134,63 @@ class _Histogram:
         those above every bound.
     """
 
-    __slots__ = ("buckets", "total")
+    __slots__ = ("bounds", "buckets", "total")
 
-    def __init__(self) -> None:
-        self.buckets = [0] * (len(SERVICE_BUCKETS) + 1)
+    def __init__(self, bounds: Sequence[float] = SERVICE_BUCKETS) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
         # A bucket counts what is at most its bound: the first bound not
         # below the value.
-        self.buckets[bisect_left(SERVICE_BUCKETS, seconds)] += 1
+        self.buckets[bisect_left(self.bounds, seconds)] += 1
         self.total += seconds
+
+
+_HOOK_DECISIONS_HELP = "Hook runs, by hook and decision (pass, respond, error)."
+_HOOK_DURATION_HELP = "Time each hook took, by hook."
+
+
+class _HookCollector(Collector):
+    """
+    Exports each hook's decisions and durations, kept as plain numbers by
+    L{Metrics.observeHook}: counting a hook run is two additions and a
+    bisection, where C{prometheus_client}'s labelled children took a lock
+    and a lookup for each of its two metrics (3.3 microseconds a run).
+    """
+
+    def __init__(
+        self, decisions: dict[tuple[str, str], int], durations: dict[str, _Histogram]
+    ) -> None:
+        self._decisions = decisions
+        self._durations = durations
+
+    def describe(self) -> Iterator[Metric]:
+        yield Metric("monedge_hook_decisions", _HOOK_DECISIONS_HELP, "counter")
+        yield Metric("monedge_hook_duration_seconds", _HOOK_DURATION_HELP, "histogram")
+
+    def collect(self) -> Iterator[Metric]:
+        decisions = CounterMetricFamily(
+            "monedge_hook_decisions",
+            _HOOK_DECISIONS_HELP,
+            labels=["hook", "decision"],
+        )
+        for (hook, decision), count in list(self._decisions.items()):
+            decisions.add_metric([hook, decision], count)
+        yield decisions
+        durations = HistogramMetricFamily(
+            "monedge_hook_duration_seconds",
+            _HOOK_DURATION_HELP,
+            labels=["hook"],
+        )
+        for hook, histogram in list(self._durations.items()):
+            cumulative, buckets = 0, []
+            for bound, inBucket in zip(_HOOK_BOUNDS, histogram.buckets, strict=True):
+                cumulative += inBucket
+                buckets.append((bound, cumulative))
+            durations.add_metric([hook], buckets, histogram.total)
+        yield durations
 
 
 class ServiceMetrics:
@@ -240,6 +291,9 @@ class ServiceMetrics:
 
 #: The C{le} label of each per-service bucket, as C{prometheus_client} writes it.
 _BOUNDS = [floatToGoString(bound) for bound in SERVICE_BUCKETS] + ["+Inf"]
+
+#: The C{le} label of each hook duration bucket.
+_HOOK_BOUNDS = [floatToGoString(bound) for bound in BUCKETS] + ["+Inf"]
 
 _REQUESTS_HELP = (
     "Requests answered, by service, status class and origin (upstream: the"
@@ -533,23 +587,9 @@ class Metrics:
         self._connections = self._register(_ConnectionCollector())
         self._register(_BuildCollector())
         self._register(ProcessCollector(registry=None))
-        self.hookDecisions = self._register(
-            Counter(
-                "monedge_hook_decisions",
-                "Hook runs, by hook and decision (pass, respond, error).",
-                ["hook", "decision"],
-                registry=None,
-            )
-        )
-        self.hookDuration = self._register(
-            Histogram(
-                "monedge_hook_duration_seconds",
-                "Time each hook took, by hook.",
-                ["hook"],
-                buckets=BUCKETS,
-                registry=None,
-            )
-        )
+        self._hookDecisions: dict[tuple[str, str], int] = {}
+        self._hookDurations: dict[str, _Histogram] = {}
+        self._register(_HookCollector(self._hookDecisions, self._hookDurations))
         self.connectionsRefused = self._register(
             Counter(
                 "monedge_connections_refused",
@@ -644,8 +684,13 @@ class Metrics:
         """
         Count one hook run.
         """
-        self.hookDecisions.labels(hook, decision).inc()
-        self.hookDuration.labels(hook).observe(seconds)
+        key = (hook, decision)
+        decisions = self._hookDecisions
+        decisions[key] = decisions.get(key, 0) + 1
+        durations = self._hookDurations.get(hook)
+        if durations is None:
+            durations = self._hookDurations[hook] = _Histogram(BUCKETS)
+        durations.observe(seconds)
 
     def forService(self, service: str) -> ServiceMetrics:
         """

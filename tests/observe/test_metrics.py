@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from monedge.observe.metrics import SERVICE_BUCKETS, Metrics
+from monedge.observe.metrics import BUCKETS, SERVICE_BUCKETS, Metrics
 from monedge.record import RequestRecord
 
 #: (service, status, seconds, origin, upstream seconds): on and around
@@ -38,14 +38,20 @@ _FAMILIES = {
 }
 
 
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+#: The families hooks' runs are counted in.
+_HOOK_FAMILIES = {"monedge_hook_decisions", "monedge_hook_duration_seconds"}
+
+
+def _samples(
+    text: str, families: set[str] = _FAMILIES
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """
-    Every sample of the request families in an exposition, by name and
-    labels, but C{_created} timestamps (monedge exports none).
+    Every sample of C{families} (the request families) in an exposition,
+    by name and labels, but C{_created} timestamps (monedge exports none).
     """
     found = {}
     for family in text_string_to_metric_families(text):
-        if family.name not in _FAMILIES:
+        if family.name not in families:
             continue
         for sample in family.samples:
             if not sample.name.endswith("_created"):
@@ -117,6 +123,50 @@ class RequestMetricsTests(SynchronousTestCase):
         ]
         for line in comments:
             self.assertIn(line, actual)
+        self.assertNotIn("_created", actual)
+
+    def test_hooksSameAsPrometheusClient(self) -> None:
+        """
+        Hook runs, counted as plain numbers, give the same samples and the
+        same HELP and TYPE lines as C{prometheus_client}'s labelled
+        C{Counter} and C{Histogram} (with L{BUCKETS}) given the same runs,
+        and no C{_created} samples.
+        """
+        reference = CollectorRegistry()
+        decisions = Counter(
+            "monedge_hook_decisions",
+            "Hook runs, by hook and decision (pass, respond, error).",
+            ["hook", "decision"],
+            registry=reference,
+        )
+        durations = Histogram(
+            "monedge_hook_duration_seconds",
+            "Time each hook took, by hook.",
+            ["hook"],
+            buckets=BUCKETS,
+            registry=reference,
+        )
+        metrics = Metrics()
+        runs = [
+            ("auth", "pass", 0.003),
+            ("auth", "pass", 0.0025),
+            ("auth", "respond", 0.2),
+            ("auth", "error", 61.0),
+            ("headers", "pass", 0.0),
+        ]
+        for hook, decision, seconds in runs:
+            decisions.labels(hook, decision).inc()
+            durations.labels(hook).observe(seconds)
+            metrics.observeHook(hook, decision, seconds)
+        expected = generate_latest(reference).decode()
+        actual = b"".join(metrics.exposition()).decode()
+        hooks = _samples(actual, _HOOK_FAMILIES)
+        self.assertEqual(hooks, _samples(expected, _HOOK_FAMILIES))
+        # Four (hook, decision) pairs; two hooks' buckets, count and sum.
+        self.assertEqual(len(hooks), 4 + 2 * (len(BUCKETS) + 3))
+        for line in expected.splitlines():
+            if line.startswith("#") and "_created" not in line:
+                self.assertIn(line, actual)
         self.assertNotIn("_created", actual)
 
     def test_countReadsTheRecord(self) -> None:
