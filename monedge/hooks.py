@@ -205,74 +205,118 @@ class HookChain:
     def hasResponseHooks(self) -> bool:
         return bool(self._response)
 
-    def _call(
-        self, step: _Step, call: Callable[[], object], answers: bool
+    def _checked(
+        self, step: _Step, result: object, started: float, answers: bool
+    ) -> object:
+        """
+        A hook's result, once it is known: checked, and its run counted.
+
+        @raise TypeError: if a request hook returned anything but L{None}
+            or a L{HookResponse}, or a response hook anything but L{None}.
+        """
+        if result is not None and not (answers and isinstance(result, HookResponse)):
+            # A hook that returns anything else has a bug: fail closed
+            # rather than guess whether it meant to refuse.
+            what = "a request" if answers else "a response"
+            raise TypeError(
+                f"{what} hook returned {type(result).__name__}; expected None"
+                + (" or a HookResponse" if answers else "")
+            )
+        decision = "respond" if isinstance(result, HookResponse) else "pass"
+        self._observe(step.name, decision, self._reactor.seconds() - started)
+        return result
+
+    def _failed(self, step: _Step, reason: Failure, started: float) -> Failure:
+        """
+        A hook raised, failed or timed out: count it, log it (with its
+        traceback at most once a minute per hook), and fail closed.
+        """
+        now = self._reactor.seconds()
+        self._observe(step.name, "error", now - started)
+        # One traceback per hook per minute: an identity provider that
+        # is down must not write one per request.
+        last = self._lastTraceback.get(step.name)
+        if last is None or now - last >= TRACEBACK_INTERVAL:
+            self._lastTraceback[step.name] = now
+            self._log.failure(
+                "hook {hook} failed; the request fails closed",
+                failure=reason,
+                hook=step.name,
+            )
+        else:
+            self._log.warn(
+                "hook {hook} failed ({error}); the request fails closed",
+                hook=step.name,
+                error=reason.getErrorMessage(),
+            )
+        return Failure(HookFailed(step.name, reason))
+
+    def _run(
+        self,
+        steps: Sequence[_Step],
+        call: Callable[[object], object],
+        answers: bool,
     ) -> Deferred[Any]:
-        started = self._reactor.seconds()
-        d = _invoke(call)
+        """
+        Run C{call(hook)} for each of C{steps} in order, until a request
+        hook answers.
+
+        Hooks that return at once (most: the built-in ones with what they
+        need in hand) are run in a plain loop, with no L{Deferred} or
+        timer of their own: the result is one fired L{Deferred}.  From the
+        first hook that returns a L{Deferred} or a coroutine that has not
+        finished, the rest are chained to it, and it gets the timeout.
+        """
+        for index, step in enumerate(steps):
+            started = self._reactor.seconds()
+            try:
+                result = call(step.hook)
+                if isinstance(result, Coroutine):
+                    result = Deferred.fromCoroutine(result)
+                if isinstance(result, Deferred):
+                    return self._waitFor(step, result, started, answers).addCallback(
+                        self._rest, steps[index + 1 :], call, answers
+                    )
+                result = self._checked(step, result, started, answers)
+            except BaseException:
+                return fail(self._failed(step, Failure(), started))
+            if isinstance(result, HookResponse):
+                return succeed(result)
+        return succeed(None)
+
+    def _waitFor(
+        self, step: _Step, d: Deferred[Any], started: float, answers: bool
+    ) -> Deferred[Any]:
+        """
+        A hook's L{Deferred}: bounded by the timeout unless it has fired,
+        its result checked and counted, its failure failing closed.
+        """
         if not d.called:
             d.addTimeout(self._timeout, self._reactor)
+        d.addCallback(lambda result: self._checked(step, result, started, answers))
+        d.addErrback(lambda reason: self._failed(step, reason, started))
+        return d
 
-        def done(result: object) -> object:
-            if result is not None and not (
-                answers and isinstance(result, HookResponse)
-            ):
-                # A hook that returns anything else has a bug: fail closed
-                # rather than guess whether it meant to refuse.
-                what = "a request" if answers else "a response"
-                raise TypeError(
-                    f"{what} hook returned {type(result).__name__}; expected None"
-                    + (" or a HookResponse" if answers else "")
-                )
-            decision = "respond" if isinstance(result, HookResponse) else "pass"
-            self._observe(step.name, decision, self._reactor.seconds() - started)
+    def _rest(
+        self,
+        result: object,
+        steps: Sequence[_Step],
+        call: Callable[[object], object],
+        answers: bool,
+    ) -> object:
+        if isinstance(result, HookResponse):
             return result
-
-        def failed(reason: Failure) -> Failure:
-            now = self._reactor.seconds()
-            self._observe(step.name, "error", now - started)
-            # One traceback per hook per minute: an identity provider that
-            # is down must not write one per request.
-            last = self._lastTraceback.get(step.name)
-            if last is None or now - last >= TRACEBACK_INTERVAL:
-                self._lastTraceback[step.name] = now
-                self._log.failure(
-                    "hook {hook} failed; the request fails closed",
-                    failure=reason,
-                    hook=step.name,
-                )
-            else:
-                self._log.warn(
-                    "hook {hook} failed ({error}); the request fails closed",
-                    hook=step.name,
-                    error=reason.getErrorMessage(),
-                )
-            return Failure(HookFailed(step.name, reason))
-
-        return d.addCallback(done).addErrback(failed)
+        return self._run(steps, call, answers)
 
     def runRequest(self, request: IHookRequest) -> Deferred[HookResponse | None]:
         """
         Run the request hooks in order until one answers.
         """
-        steps = iter(self._request)
-
-        def next_(result: Any) -> Any:
-            if isinstance(result, HookResponse):
-                return result
-            step = next(steps, None)
-            if step is None:
-                return None
-            hook = step.hook
-            return self._call(
-                step,
-                lambda: hook.onRequest(request),  # type: ignore[attr-defined]
-                True,
-            ).addCallback(next_)
-
-        d: Deferred[Any] = succeed(None)
-        d.addCallback(next_)
-        return d
+        return self._run(
+            self._request,
+            lambda hook: hook.onRequest(request),  # type: ignore[attr-defined]
+            True,
+        )
 
     def runResponse(
         self, request: IHookRequest, response: IHookResponse
@@ -280,22 +324,11 @@ class HookChain:
         """
         Run the response hooks, last configured first.
         """
-        steps = iter(self._response)
-
-        def next_(result: Any) -> Any:
-            step = next(steps, None)
-            if step is None:
-                return None
-            hook = step.hook
-            return self._call(
-                step,
-                lambda: hook.onResponse(request, response),  # type: ignore[attr-defined]
-                False,
-            ).addCallback(next_)
-
-        d: Deferred[Any] = succeed(None)
-        d.addCallback(next_)
-        return d
+        return self._run(
+            self._response,
+            lambda hook: hook.onResponse(request, response),  # type: ignore[attr-defined]
+            False,
+        )
 
 
 @dataclass

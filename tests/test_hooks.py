@@ -227,6 +227,54 @@ class ChainTests(SynchronousTestCase):
         waiting.callback(None)
         self.assertIsNone(self.successResultOf(d))
 
+    def test_synchronousHooksSetNoTimer(self) -> None:
+        """
+        Hooks that return at once leave nothing pending: the chain's result has
+        fired by the time C{runRequest} and C{runResponse} return, and no
+        timeout was scheduled for any of them.
+        """
+        log: list[str] = []
+        clock = Clock()
+        chain, observed = self.chain([Recorder("a", log), Recorder("b", log)], clock)
+        request = hookRequest()
+        self.assertIsNone(self.successResultOf(chain.runRequest(request)))
+        self.successResultOf(
+            chain.runResponse(request, HookResponseHead(200, Headers()))
+        )
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(len(observed), 4)
+
+    def test_asynchronousHookInTheMiddle(self) -> None:
+        """
+        In a chain of a synchronous hook, one that waits, and another
+        synchronous one, the third runs only once the second's Deferred
+        fires; only the second is given a timeout, and the third's answer
+        is the chain's.
+        """
+        log: list[str] = []
+        waiting: Deferred[None] = Deferred()
+        answer = HookResponse.error(403, "forbidden", "no")
+
+        @implementer(IRequestHook)
+        class Waits:
+            def onRequest(self, request: IHookRequest) -> Deferred[None]:
+                log.append("request:waits")
+                return waiting
+
+        clock = Clock()
+        chain, observed = self.chain(
+            [Recorder("a", log), Waits(), Recorder("c", log, answer)], clock
+        )
+        d = chain.runRequest(hookRequest())
+        self.assertNoResult(d)
+        self.assertEqual(log, ["request:a", "request:waits"])
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        waiting.callback(None)
+        self.assertEqual(self.successResultOf(d), answer)
+        self.assertEqual(log, ["request:a", "request:waits", "request:c"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(observed, [("h0", "pass"), ("h1", "pass"), ("h2", "respond")])
+
 
 class HookSetTests(SynchronousTestCase):
     """
