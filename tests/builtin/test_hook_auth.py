@@ -28,6 +28,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface.verify import verifyObject
 
+import monedge.builtin.auth.jwt as jwtmode
 from monedge.builtin.auth import (
     CHALLENGE,
     CHALLENGE_INVALID,
@@ -925,6 +926,82 @@ class JWTTests(Refused):
         self.assertRefused(self.ask(token()))
         self.assertIsNone(self.ask(token(EC_KEY, "ec1", "ES256")).response)
         self.assertEqual(len(self.http.gets), 2)
+
+    def countDecodes(self) -> list[bytes]:
+        """
+        Count PyJWT's verifications from now on: the list of tokens it was
+        asked to decode.
+        """
+        decoded: list[bytes] = []
+        real = jwt.decode
+
+        def decode(token: bytes, *args: Any, **kwargs: Any) -> Any:
+            decoded.append(token)
+            return real(token, *args, **kwargs)
+
+        self.patch(jwt, "decode", decode)
+        return decoded
+
+    def test_verifiedTokenRemembered(self) -> None:
+        """
+        A token verified once is not verified again: the same token passes
+        from memory, with the same identity headers, the forged one
+        removed each time; another token is verified.
+        """
+        decoded = self.countDecodes()
+        signed = token(scp=["read"])
+        for _ in range(3):
+            outcome = self.ask(signed)
+            self.assertIsNone(outcome.response)
+            headers = outcome.upstreamHeaders
+            self.assertEqual(headers.getRawHeaders(b"x-user-id"), [b"alice"])
+            self.assertEqual(headers.getRawHeaders(b"x-scopes"), [b"read"])
+        self.assertEqual(decoded, [signed])
+        other = token(sub="bob")
+        self.assertEqual(
+            self.ask(other).upstreamHeaders.getRawHeaders(b"x-user-id"), [b"bob"]
+        )
+        self.assertEqual(decoded, [signed, other])
+
+    def test_rememberedTokenExpires(self) -> None:
+        """
+        A remembered token is remembered until its exp plus the leeway
+        (30 s) on the hook's clock; then it is verified again.
+        """
+        decoded = self.countDecodes()
+        now = int(time.time())
+        self.clock.advance(now - self.clock.seconds())
+        signed = token(exp=now + 60)
+        self.assertIsNone(self.ask(signed).response)
+        self.clock.advance(89)
+        self.assertIsNone(self.ask(signed).response)
+        self.assertEqual(len(decoded), 1)
+        self.clock.advance(1)
+        self.ask(signed)
+        self.assertEqual(len(decoded), 2)
+
+    def test_rememberedBounded(self) -> None:
+        """
+        At most MAX_VERIFIED tokens are remembered: a new one past that
+        makes the oldest forgotten, so it is verified again.
+        """
+        self.patch(jwtmode, "MAX_VERIFIED", 2)
+        decoded = self.countDecodes()
+        first, second, third = (token(sub=name) for name in ("a", "b", "c"))
+        for signed in (first, second, third, third, second, first):
+            self.assertIsNone(self.ask(signed).response)
+        self.assertEqual(decoded, [first, second, third, first])
+
+    def test_refusalsNotRemembered(self) -> None:
+        """
+        A token refused (here for its audience) is verified, and refused,
+        each time it comes.
+        """
+        decoded = self.countDecodes()
+        wrong = token(aud="someone-else")
+        for _ in range(2):
+            self.assertRefused(self.ask(wrong))
+        self.assertEqual(len(decoded), 2)
 
     def test_concurrentRequestsShareAFetch(self) -> None:
         """

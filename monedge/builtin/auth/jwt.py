@@ -3,10 +3,18 @@ The C{auth} hook's C{jwt} mode: a C{Authorization: Bearer} JSON Web Token,
 verified with PyJWT against the keys of a JWK set fetched with the hook HTTP
 client, cached by C{kid} and refreshed within floors clients cannot lower;
 its verified claims set identity headers.
+
+A token verified once is remembered, by its SHA-256 digest, with its
+C{exp} and the identity headers it set, until it expires (by the same rule
+as PyJWT's, C{leeway} included) or the JWK set is fetched again: the same
+token again costs a hash and a lookup instead of a JOSE decode and a
+signature check.  At most L{MAX_VERIFIED} are remembered, the oldest
+forgotten first; refusals are not remembered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -42,6 +50,9 @@ ALGORITHMS = ("RS256", "ES256")
 #: fetch may start, and the least C{jwks-refresh-interval}.
 MIN_JWKS_REFRESH = 1.0
 MIN_JWKS_REFRESH_INTERVAL = 10.0
+
+#: How many verified tokens a hook remembers (about 200 bytes each).
+MAX_VERIFIED = 10_000
 
 #: The options of the C{jwt} mode, beside those every mode has.
 OPTIONS = frozenset(
@@ -126,6 +137,8 @@ class JWTAuthHook(Authenticator):
         self._lastSuccess: float | None = None
         self._lastError: str | None = "never fetched"
         self._waiters: list[Deferred[None]] | None = None
+        #: token digest -> (exp, the identity headers its claims set).
+        self._verified: dict[bytes, tuple[int, tuple[tuple[bytes, bytes], ...]]] = {}
 
     def authenticate(
         self, request: IHookRequest
@@ -137,6 +150,16 @@ class JWTAuthHook(Authenticator):
         token = bearer(request.headers)
         if token is None:
             return missing("a bearer token is required")
+        digest = hashlib.sha256(token).digest()
+        known = self._verified.get(digest)
+        if known is not None:
+            exp, headers = known
+            if exp > self._reactor.seconds() - self._leeway:
+                self._refreshIfStale()
+                for name, value in headers:
+                    request.upstreamHeaders.setRawHeaders(name, [value])
+                return None
+            del self._verified[digest]
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -149,9 +172,11 @@ class JWTAuthHook(Authenticator):
             return invalid("the token's kid is malformed")
         key = self._key(kid)
         if key is None:
-            return Deferred.fromCoroutine(self._verifyUnknown(request, token, alg, kid))
+            return Deferred.fromCoroutine(
+                self._verifyUnknown(request, token, digest, alg, kid)
+            )
         self._refreshIfStale()
-        return self._verify(request, token, alg, key)
+        return self._verify(request, token, digest, alg, key)
 
     def _key(self, kid: str | None) -> jwt.PyJWK | None:
         """
@@ -163,7 +188,12 @@ class JWTAuthHook(Authenticator):
         return self._keys.get(kid)
 
     async def _verifyUnknown(
-        self, request: IHookRequest, token: bytes, alg: str, kid: str | None
+        self,
+        request: IHookRequest,
+        token: bytes,
+        digest: bytes,
+        alg: str,
+        kid: str | None,
     ) -> HookResponse | None:
         if self._waiters is not None or self._mayFetch():
             await self._refresh()
@@ -180,10 +210,15 @@ class JWTAuthHook(Authenticator):
                     f" failed: {self._lastError}"
                 )
             return invalid("the token's signing key is unknown")
-        return self._verify(request, token, alg, key)
+        return self._verify(request, token, digest, alg, key)
 
     def _verify(
-        self, request: IHookRequest, token: bytes, alg: str, key: jwt.PyJWK
+        self,
+        request: IHookRequest,
+        token: bytes,
+        digest: bytes,
+        alg: str,
+        key: jwt.PyJWK,
     ) -> HookResponse | None:
         try:
             claims = jwt.decode(
@@ -209,10 +244,17 @@ class JWTAuthHook(Authenticator):
             return invalid("the token's signature is invalid")
         except jwt.PyJWTError:
             return invalid("the token is invalid")
+        headers = []
         for claim, name in self._claims:
             value = claimValue(claims.get(claim))
             if value is not None:
+                headers.append((name, value))
                 request.upstreamHeaders.setRawHeaders(name, [value])
+        verified = self._verified
+        if verified and len(verified) >= MAX_VERIFIED:
+            del verified[next(iter(verified))]
+        # PyJWT checked that int(exp) works and is not past.
+        verified[digest] = (int(claims["exp"]), tuple(headers))
         return None
 
     # The JWK set
@@ -252,6 +294,9 @@ class JWTAuthHook(Authenticator):
             await response.content()
             raise AuthUnavailable(f"the JWK set answered {response.code}")
         self._keys = usableKeys(await response.json(), self._algorithms)
+        # A token verified with a key that has left the set, or changed,
+        # must not pass on its memory.
+        self._verified.clear()
 
     def _fetched(self, result: object) -> None:
         waiters, self._waiters = self._waiters or [], None
