@@ -13,14 +13,16 @@
 # exactly REQUESTS requests over 50 keep-alive connections
 # (h2load --h1 -c50), switches it off and prints the user-space
 # instructions executed per request.  Kernel time (the system calls
-# themselves) is not counted.  Example, from the repository root with the
-# venv installed:
+# themselves) is not counted.  BENCH_HEADER, if set, is a header every
+# request carries (for hooks that need one), as in
+# BENCH_HEADER="Authorization: Bearer $token".  Example, from the
+# repository root with the venv installed:
 #
 #   bench/instructions.sh /bench/ 2000 env PYTHONPATH=. .venv/bin/python .venv/bin/twistd
 #       -n --pidfile= monedge --port tcp:{PORT}:interface=127.0.0.1 --admin-port tcp:0:interface=127.0.0.1
 #       --registry static:{REGISTRY} --access-log /tmp/a.log --drain-delay 0s
 set -eu
-[ $# -ge 3 ] || { sed -n '2,21p' "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,23p' "$0"; exit 2; }
 path=$1; requests=$2; shift 2
 command -v valgrind >/dev/null 2>&1 && command -v h2load >/dev/null 2>&1 || scripts/system-deps.sh
 . bench/loopback.sh
@@ -31,11 +33,11 @@ command=$(substitute "$@")
 sh -c "exec valgrind --tool=callgrind --trace-children=yes --instr-atstart=no --callgrind-out-file=$out/cg.out $command" >"$out/server.log" 2>&1 &
 server=$!
 trap 'kill $server $upstream 2>/dev/null || true; rm -rf "$out" "$registry"' EXIT INT TERM
-for _ in $(seq 600); do curl -s -m 2 -o /dev/null "http://127.0.0.1:$port$path" && break; sleep 0.5; done
-curl -sf -m 10 -o /dev/null "http://127.0.0.1:$port$path" || { echo "the server does not answer $path:" >&2; cat "$out/server.log" >&2; exit 1; }
-h2load --h1 -n 1000 -c 50 "http://127.0.0.1:$port$path" >/dev/null
+for _ in $(seq 600); do curl -s -m 2 -o /dev/null ${BENCH_HEADER:+-H "$BENCH_HEADER"} "http://127.0.0.1:$port$path" && break; sleep 0.5; done
+curl -sf -m 10 -o /dev/null ${BENCH_HEADER:+-H "$BENCH_HEADER"} "http://127.0.0.1:$port$path" || { echo "the server does not answer $path:" >&2; cat "$out/server.log" >&2; exit 1; }
+h2load --h1 -n 1000 -c 50 ${BENCH_HEADER:+-H "$BENCH_HEADER"} "http://127.0.0.1:$port$path" >/dev/null
 callgrind_control -i on $server >/dev/null 2>&1
-summary=$(h2load --h1 -n "$requests" -c 50 "http://127.0.0.1:$port$path" | grep -E '^requests:')
+summary=$(h2load --h1 -n "$requests" -c 50 ${BENCH_HEADER:+-H "$BENCH_HEADER"} "http://127.0.0.1:$port$path" | grep -E '^requests:')
 callgrind_control -i off $server >/dev/null 2>&1
 callgrind_control -d $server >/dev/null 2>&1
 sleep 1
