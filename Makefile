@@ -6,7 +6,8 @@
 #                     Debian tools the tests drive (as root, if missing)
 #   make install      monedge into .venv
 #   make install-dev  monedge with its dev extras, and the test tools
-PYTHON ?= python3
+# The interpreter: Debian's own 3.11 where there is one (scripts/python.sh).
+PYTHON ?= $(shell scripts/python.sh)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
@@ -15,7 +16,7 @@ BIN    := $(VENV)/bin
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 	    || { echo "monedge needs Python 3.11 or later ($(PYTHON) is older)" >&2; exit 1; }
-	@scripts/system-deps.sh run
+	@PYTHON=$(PYTHON) scripts/system-deps.sh run
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
@@ -26,7 +27,7 @@ install: $(BIN)/python
 	@rm -rf build monedge.egg-info
 
 install-dev: $(BIN)/python
-	@scripts/system-deps.sh test
+	@PYTHON=$(PYTHON) scripts/system-deps.sh test
 	$(BIN)/python -m pip install -q '.[dev]'
 	@rm -rf build monedge.egg-info
 

@@ -12,8 +12,9 @@
 set -eu
 what="${1:-test}"
 missing=""
-# The venv module and the pip it bootstraps (Debian splits them out).
-python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
+# The venv module and the pip it bootstraps (Debian splits them out), for
+# the interpreter make builds the venv with.
+"${PYTHON:-python3}" -c 'import venv, ensurepip' >/dev/null 2>&1 || missing="$missing python3-venv"
 case "$what" in
 run) ;;
 test)

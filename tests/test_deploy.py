@@ -984,9 +984,22 @@ class DockerfileTests(SynchronousTestCase):
 
     def test_base(self) -> None:
         """
-        One stage, from python:3.11-slim.
+        One stage, from debian:bookworm-slim, whose python3 (Debian's own
+        3.11 build, the one scripts/python.sh picks and the benchmarks
+        measure) is installed with its venv module; monedge is installed
+        into a venv that is first on PATH, before the system's python.
         """
-        self.assertEqual(dockerArguments("FROM"), ["python:3.11-slim"])
+        self.assertEqual(dockerArguments("FROM"), ["debian:bookworm-slim"])
+        setup = self.index(lambda k, a: k == "RUN" and "apt-get install" in a)
+        arguments = dockerInstructions()[setup][1]
+        self.assertIn("python3 python3-venv", arguments)
+        self.assertIn("python3 -m venv /opt/monedge", arguments)
+        install = self.index(
+            lambda k, a: k == "RUN" and "pip install --no-cache-dir ." in a
+        )
+        self.assertLess(setup, install)
+        env = " ".join(dockerArguments("ENV"))
+        self.assertIn("PATH=/opt/monedge/bin:$PATH", env)
 
     def test_user(self) -> None:
         """

@@ -107,6 +107,29 @@ class MakeTargetTests(SynchronousTestCase):
         ]:
             self.assertIn(expected, commands)
 
+    def test_venvInterpreter(self) -> None:
+        """
+        The venv is built with the interpreter scripts/python.sh names:
+        Debian's own /usr/bin/python3.11 where there is one, else python3;
+        and system-deps.sh checks that one for its venv module.
+        """
+        chosen = subprocess.run(
+            [os.path.join(ROOT, "scripts", "python.sh")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        expected = (
+            "/usr/bin/python3.11"
+            if os.path.exists("/usr/bin/python3.11")
+            else "python3"
+        )
+        self.assertEqual(chosen, expected)
+        commands = dryRun("run")
+        self.assertIn(f"{chosen} -m venv /nonexistent/monedge-venv", commands)
+        self.assertIn(f"PYTHON={chosen} scripts/system-deps.sh run", commands)
+
     def test_devToolsOnlyInTheExtras(self) -> None:
         """
         The package itself requires none of the dev tools; the dev extra
@@ -133,10 +156,11 @@ class SystemDepsTests(SynchronousTestCase):
         what: str,
         uid: int,
         present: list[str] = (),  # type: ignore[assignment]
+        python: str | None = None,
     ) -> tuple[int, str, list[str]]:
         """
         Run C{system-deps.sh WHAT} as user C{uid} with the commands
-        C{present}; its exit status, its error output, and every argument
+        C{present} (and C{PYTHON} set to C{python}, if given); its exit status, its error output, and every argument
         of every apt-get call.
         """
         directory = os.path.abspath(self.mktemp())
@@ -156,7 +180,7 @@ class SystemDepsTests(SynchronousTestCase):
             os.chmod(path, stat.S_IRWXU)
         result = subprocess.run(
             ["/bin/sh", os.path.join(ROOT, "scripts", "system-deps.sh"), what],
-            env={"PATH": directory},
+            env={"PATH": directory, **({} if python is None else {"PYTHON": python})},
             capture_output=True,
             text=True,
             timeout=30,
@@ -225,6 +249,30 @@ class SystemDepsTests(SynchronousTestCase):
         status, error, calls = self.deps("test", 1000, ["python3", "curl"])
         self.assertEqual((status, calls), (1, []))
         self.assertIn("redis-server nghttp2-client slowhttptest valgrind", error)
+
+    def test_checksTheGivenInterpreter(self) -> None:
+        """
+        The venv module is looked for in the interpreter PYTHON names (the
+        one make builds the venv with), not in whatever python3 is first
+        on PATH: python3-venv is installed when that one lacks it, and not
+        when only python3 lacks it.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        for name, code in [("good-python", 0), ("bad-python", 1)]:
+            path = os.path.join(directory, name)
+            with open(path, "w") as f:
+                f.write(f"#!/bin/sh\nexit {code}\n")
+            os.chmod(path, stat.S_IRWXU)
+        for interpreter, expected in [
+            ("good-python", set()),
+            ("bad-python", {"python3-venv"}),
+        ]:
+            status, _, calls = self.deps(
+                "run", 0, python=os.path.join(directory, interpreter)
+            )
+            self.assertEqual(status, 0)
+            self.assertEqual(self.installed(calls), expected)
 
     def test_unknownArgument(self) -> None:
         """
