@@ -689,8 +689,7 @@ class H2Request(SharedRequest):
         self._account(self.code)
         if not self._closed:
             self._ending = True
-            self._connection._drain(self)
-            self._connection._flush()
+            self._connection._soon(self)
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         if self.producer is not None:
@@ -737,7 +736,7 @@ class H2Request(SharedRequest):
 
     def flushHead(self) -> None:
         if not self._closed:
-            self._connection._flush()
+            self._connection._soon(self)
 
     def _reset(self, code: ErrorCodes) -> None:
         """
@@ -840,6 +839,10 @@ class H2Channel(Protocol):
             limits.maxHeadersSize + limits.maxRequestLine + HEADER_BLOCK_SLACK
         )
         self.requests: dict[int, H2Request] = {}
+        #: Streams with a response written to since the last send, framed
+        #: and sent together at the end of the reactor turn (L{_soon}).
+        self._dirty: dict[int, H2Request] = {}
+        self._turn: IDelayedCall | None = None
         self._closing = False
         self._goneAway = False
         self._lastStreamId = 0
@@ -908,10 +911,11 @@ class H2Channel(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
-        for call in (self._timer, self._aborting):
+        self._dirty = {}
+        for call in (self._timer, self._aborting, self._turn):
             if call is not None and call.active():
                 call.cancel()
-        self._timer = self._aborting = None
+        self._timer = self._aborting = self._turn = None
         requests = list(self.requests.values())
         self.requests = {}
         for request in requests:
@@ -1333,7 +1337,31 @@ class H2Channel(Protocol):
 
     # Sending
 
+    def _soon(self, request: H2Request) -> None:
+        """
+        C{request} wrote to its response (or ended it): frame and send it
+        at the end of this reactor turn, with whatever else the connection
+        has to send by then.  Responses that arrive together (a turn's
+        upstream reads) leave in one send, and a response written and
+        finished in one turn ends with END_STREAM on its last DATA frame.
+        """
+        self._dirty[request.streamId] = request
+        if self._turn is None and not self._closing:
+            self._turn = self.site.reactor.callLater(0, self._endOfTurn)
+
+    def _endOfTurn(self) -> None:
+        self._turn = None
+        self._flush()
+
     def _flush(self) -> None:
+        """
+        Frame what the streams have written (within the flow-control
+        windows), and send everything the connection has to send.
+        """
+        while self._dirty:
+            dirty, self._dirty = self._dirty, {}
+            for request in dirty.values():
+                self._drain(request)
         data = self.conn.data_to_send()
         if data and self.transport is not None:
             self.transport.write(data)
@@ -1349,8 +1377,8 @@ class H2Channel(Protocol):
     def _queue(self, request: H2Request, data: bytes) -> None:
         request._out.append(data)
         request._outBytes += len(data)
-        self._drain(request)
-        self._flush()
+        request._checkProducer()
+        self._soon(request)
 
     def _drain(self, request: H2Request) -> None:
         """
@@ -1363,6 +1391,8 @@ class H2Channel(Protocol):
         streamId = request.streamId
         out = request._out
         sent = False
+        # The last DATA frame carries END_STREAM when nothing follows it.
+        endsWithData = request._ending and not request._trailers
         try:
             while out:
                 window = conn.local_flow_control_window(streamId)
@@ -1376,12 +1406,16 @@ class H2Channel(Protocol):
                 else:
                     out.pop(0)
                 request._outBytes -= take
-                conn.send_data(streamId, chunk)
+                last = endsWithData and not out
+                conn.send_data(streamId, chunk, end_stream=last)
                 sent = True
             if not out and request._ending:
                 request._closed = True
                 trailers = request._trailers
-                if request._headOnly:
+                if sent and endsWithData:
+                    # Ended with its last DATA frame.
+                    pass
+                elif request._headOnly:
                     conn.send_headers(
                         streamId, request._head(), end_stream=not trailers
                     )

@@ -106,6 +106,8 @@ class Client:
         self.read()
 
     def read(self) -> None:
+        # What the streams wrote goes at the end of the reactor turn.
+        self.h.clock.advance(0)
         out = self.transport.value()
         self.transport.clear()
         if out:
@@ -116,6 +118,7 @@ class Client:
             data = self.conn.data_to_send()
             if data and not self.transport.disconnecting:
                 self.protocol.dataReceived(data)
+            self.h.clock.advance(0)
             out = self.transport.value()
             if not data and not out:
                 return
@@ -176,6 +179,7 @@ def _rawRequest(c: Client, stream: int, fields: list[tuple[str, str]]) -> list[A
     frame.flags.add("END_STREAM")
     c.transport.clear()
     c.protocol.dataReceived(frame.serialize())
+    c.h.clock.advance(0)
     frames = _frames(c.transport.value())
     c.transport.clear()
     return frames
@@ -749,6 +753,97 @@ class LimitTests(SynchronousTestCase):
         self.assertNotIn(c.channel, h.site.channels)
 
 
+class SendingTests(SynchronousTestCase):
+    """
+    What the streams write is framed and sent at the end of the reactor
+    turn: one send for all the responses a turn produced.
+    """
+
+    def writes(self, c: Client) -> list[bytes]:
+        """
+        Record every write to C{c}'s transport from now on.
+        """
+        written: list[bytes] = []
+        write = c.transport.write
+
+        def recording(data: bytes) -> None:
+            written.append(data)
+            write(data)
+
+        c.transport.write = recording  # type: ignore[method-assign]
+        return written
+
+    def test_endStreamOnTheLastData(self) -> None:
+        """
+        A response whose body is written and finished in one turn is one
+        HEADERS frame and one DATA frame carrying END_STREAM (no empty DATA
+        frame after it), sent at the end of the turn, in one write.
+        """
+        h = _harness()
+        c = Client(h)
+        stream = c.get(_request())
+        c.transport.clear()
+        written = self.writes(c)
+        _answer(h.client.calls[0], b"hello")
+        self.assertEqual(written, [])
+        h.clock.advance(0)
+        self.assertEqual(len(written), 1)
+        frames = _frames(written[0])
+        self.assertEqual(
+            [type(f).__name__ for f in frames], ["HeadersFrame", "DataFrame"]
+        )
+        self.assertEqual(frames[1].data, b"hello")
+        self.assertIn("END_STREAM", frames[1].flags)
+        c.read()
+        self.assertEqual(c.status(stream), 200)
+        self.assertEqual(c.body(stream), b"hello")
+
+    def test_oneSendPerTurn(self) -> None:
+        """
+        Responses to several streams answered in one turn leave together,
+        in one write, each complete.
+        """
+        h = _harness()
+        c = Client(h)
+        streams = [c.get(_request()) for _ in range(3)]
+        c.transport.clear()
+        written = self.writes(c)
+        for call, body in zip(h.client.calls, [b"a", b"b", b"c"], strict=True):
+            _answer(call, body)
+        h.clock.advance(0)
+        self.assertEqual(len(written), 1)
+        c.read()
+        self.assertEqual([c.body(s) for s in streams], [b"a", b"b", b"c"])
+        self.assertEqual([c.status(s) for s in streams], [200, 200, 200])
+
+    def test_streamedBodyInTurns(self) -> None:
+        """
+        A body written over several turns goes out turn by turn, without
+        waiting for its end, and ends with END_STREAM on its last DATA
+        frame.
+        """
+        h = _harness()
+        c = Client(h)
+        stream = c.get(_request())
+        response = FakeResponse(200, length=6)
+        h.client.calls[0].result.callback(response)
+        response.deliver(b"abc")
+        c.read()
+        self.assertEqual(c.body(stream), b"abc")
+        self.assertEqual(c.of(h2.events.StreamEnded, stream), [])
+        c.transport.clear()
+        written = self.writes(c)
+        response.deliver(b"def")
+        response.end()
+        h.clock.advance(0)
+        frames = _frames(b"".join(written))
+        self.assertEqual([type(f).__name__ for f in frames], ["DataFrame"])
+        self.assertIn("END_STREAM", frames[0].flags)
+        c.read()
+        self.assertEqual(c.body(stream), b"abcdef")
+        self.assertEqual(len(c.of(h2.events.StreamEnded, stream)), 1)
+
+
 class DrainTests(SynchronousTestCase):
     """
     Draining: GOAWAY(NO_ERROR, last stream), the open streams answered,
@@ -765,6 +860,7 @@ class DrainTests(SynchronousTestCase):
         first = c.get(_request())
         h.site.startDraining()
         _answer(h.client.calls[0])
+        c.h.clock.advance(0)
         frames = _frames(c.transport.value())
         kinds = [type(f).__name__ for f in frames]
         self.assertEqual(kinds[0], "GoAwayFrame")
