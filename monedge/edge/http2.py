@@ -72,6 +72,7 @@ from monedge.proxy.exchange import ClientRequest, ProxyExchange
 from monedge.record import RequestRecord
 from monedge.rules.errors import ProxyError, renderError
 from monedge.rules.headers import trailerFields
+from monedge.rules.hpack import LeanEncoder
 from monedge.rules.limits import Limits
 from monedge.twistedseam import (
     HeaderTable,
@@ -814,8 +815,12 @@ class H2Channel(Protocol):
             # error, not the connection's.
             validate_inbound_headers=False,
             normalize_inbound_headers=False,
+            # Checked as they are encoded (LeanEncoder).
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         conn = self.conn = _ServerConnection(config=config)
+        conn.encoder = LeanEncoder()
         limits = self.limits
         #: The header list size past which a header block is a connection
         #: error (HPACK's limit, and SETTINGS_MAX_HEADER_LIST_SIZE): twice

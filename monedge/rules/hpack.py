@@ -1,0 +1,154 @@
+"""
+The header blocks monedge sends over HTTP/2, HPACK-encoded (RFC 7541)
+without the dynamic table, and checked as they are encoded.
+
+HPACK lets an encoder choose its representations: this one sends a field
+whose name and value are both in the static table as its index, and every
+other field as a literal that is never added to the dynamic table (with
+the name's static index when it has one), its value not Huffman-coded.
+Nothing it sends depends on what it sent before, so the bytes of a name's
+representation are kept and reused, and a field costs a dictionary lookup
+and a concatenation, where C{hpack}'s own encoder searches both tables and
+Huffman-codes each value.  The peer's dynamic table stays empty; a change
+of its size (SETTINGS_HEADER_TABLE_SIZE) is still signalled at the start of
+the next block, as RFC 7541 (4.2) requires.
+
+The checks are the ones C{h2} makes of what it sends (with its outbound
+validation and normalisation off, which this replaces): names are
+lowercase tokens, pseudo-header fields come first, no field is HTTP/1.1's
+connection management, C{te} may only be C{trailers}, and no value holds
+NUL, CR or LF; whitespace around a value is dropped.  A field that breaks
+them raises L{h2.exceptions.ProtocolError}, as C{h2} does.  Credentials
+(C{authorization}, C{proxy-authorization}, C{cookie}, C{set-cookie}) are
+sent as never-indexed literals, so that no intermediary indexes them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from h2.exceptions import ProtocolError
+from hpack import Encoder
+from hpack.hpack import encode_integer
+from hpack.table import HeaderTable
+
+__all__ = ["LeanEncoder"]
+
+#: Each static (name, value) pair's index, and each static name's first.
+_STATIC_FIELDS: dict[tuple[bytes, bytes], int] = {}
+_STATIC_NAMES: dict[bytes, int] = {}
+for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, 1):
+    if _value:
+        _STATIC_FIELDS.setdefault((_name, _value), _index)
+    _STATIC_NAMES.setdefault(_name, _index)
+
+#: A lowercase token (RFC 9110, 5.6.2), as an HTTP/2 field name must be.
+_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+
+#: HTTP/1.1's connection management: never in an HTTP/2 header block
+#: (RFC 9113, 8.2.2).
+_CONNECTION = frozenset(
+    [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+    ]
+)
+
+#: Fields sent as never-indexed literals (RFC 7541, 7.1.3).
+_SENSITIVE = frozenset(
+    [b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"]
+)
+
+#: Pseudo-header fields a response block may carry.
+_PSEUDO = frozenset([b":status"])
+
+#: Names whose representation is kept, at most (any name a response may
+#: carry is kept until then; past it, names are encoded each time).
+MAX_NAMES = 4096
+
+
+def _length(value: bytes) -> bytes:
+    """
+    A string's length prefix, with the Huffman bit clear (RFC 7541, 5.2).
+    """
+    size = len(value)
+    if size < 127:
+        return bytes((size,))
+    return bytes(encode_integer(size, 7))
+
+
+class LeanEncoder(Encoder):
+    """
+    An HPACK encoder for response (and trailer) blocks that never uses the
+    dynamic table, and checks each field as C{h2}'s outbound validation
+    does.  Give it to an C{h2} connection as its C{encoder}, with
+    C{validate_outbound_headers} and C{normalize_outbound_headers} off.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Each checked name's representation prefix, by name.
+        self._names: dict[bytes, bytes] = {}
+
+    def encode(self, headers: Iterable[Any], huffman: bool = True) -> bytes:
+        """
+        The header block for C{headers}: (name, value) pairs of bytes,
+        pseudo-header fields first.
+
+        @raise ProtocolError: for a field C{h2} would refuse to send.
+        """
+        block: list[bytes] = []
+        table = self.header_table
+        if table.resized:
+            block.append(self._encode_table_size_change())
+            table.resized = False
+        names = self._names
+        regular = False
+        for header in headers:
+            name: bytes = header[0]
+            value: bytes = header[1]
+            if name[:1] == b":":
+                if regular or name not in _PSEUDO:
+                    raise ProtocolError(f"pseudo-header field {name!r} out of place")
+            else:
+                regular = True
+            stripped = value.strip(b" \t")
+            if len(stripped.translate(None, b"\x00\r\n")) != len(stripped):
+                raise ProtocolError(f"header field {name!r} has NUL, CR or LF")
+            if name == b"te" and stripped.lower() != b"trailers":
+                raise ProtocolError("te may only be trailers")
+            static = _STATIC_FIELDS.get((name, stripped))
+            if static is not None:
+                block.append(bytes((0x80 | static,)))
+                continue
+            prefix = names.get(name)
+            if prefix is None:
+                prefix = self._prefix(name)
+            block.append(prefix + _length(stripped) + stripped)
+        return b"".join(block)
+
+    def _prefix(self, name: bytes) -> bytes:
+        """
+        Check C{name}; its representation without the value: a literal
+        without indexing (never indexed, for credentials) with the static
+        index of the name, or the name itself.
+        """
+        bare = name[1:] if name[:1] == b":" else name
+        if not _NAME.fullmatch(bare) or name in _CONNECTION:
+            raise ProtocolError(f"header name {name!r} may not be sent")
+        pattern = 0x10 if name in _SENSITIVE else 0x00
+        index = _STATIC_NAMES.get(name)
+        if index is not None:
+            encoded = encode_integer(index, 4)
+            encoded[0] |= pattern
+            prefix = bytes(encoded)
+        else:
+            prefix = bytes((pattern,)) + _length(name) + name
+        if len(self._names) < MAX_NAMES:
+            self._names[name] = prefix
+        return prefix

@@ -1,0 +1,163 @@
+"""
+L{monedge.rules.hpack.LeanEncoder}: header blocks any HPACK decoder reads
+back to the fields given, never touching the dynamic table, and the fields
+C{h2} would refuse to send refused.
+"""
+
+from __future__ import annotations
+
+from h2.exceptions import ProtocolError
+from hpack import Decoder, HeaderTuple, NeverIndexedHeaderTuple
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from monedge.rules.hpack import LeanEncoder
+
+TOKEN = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def decode(decoder: Decoder, block: bytes) -> list[tuple[bytes, bytes]]:
+    """
+    C{block} decoded, as (name, value) pairs of bytes.
+    """
+    return [(bytes(n), bytes(v)) for n, v in decoder.decode(block, raw=True)]
+
+
+class EncodeTests(SynchronousTestCase):
+    """
+    Blocks decode to what was given, with no dynamic table.
+    """
+
+    def test_roundTrip(self) -> None:
+        """
+        A response head (a static pair, static names, names not in the
+        table, a value over 127 bytes) decodes to the same fields, in
+        order, and leaves the decoder's dynamic table empty.
+        """
+        fields = [
+            (b":status", b"200"),
+            (b"content-type", b"text/plain"),
+            (b"content-length", b"6"),
+            (b"x-request-id", b"9db0c36d6b494acd5d1efca96f78b762"),
+            (b"x-long", b"v" * 300),
+            (b"x-empty", b""),
+        ]
+        encoder = LeanEncoder()
+        decoder = Decoder()
+        for _ in range(2):
+            self.assertEqual(decode(decoder, encoder.encode(fields)), fields)
+        self.assertEqual(len(decoder.header_table.dynamic_entries), 0)
+
+    def test_staticPairIsOneByte(self) -> None:
+        """
+        A field whose name and value are in the static table is its index:
+        C{:status: 200} is the one byte 0x88.
+        """
+        self.assertEqual(LeanEncoder().encode([(b":status", b"200")]), b"\x88")
+
+    def test_whitespaceStripped(self) -> None:
+        """
+        Whitespace around a value is dropped, as h2's normalisation did.
+        """
+        block = LeanEncoder().encode([(b":status", b"204"), (b"x-a", b" \tb \t")])
+        self.assertEqual(
+            decode(Decoder(), block), [(b":status", b"204"), (b"x-a", b"b")]
+        )
+
+    def test_credentialsNeverIndexed(self) -> None:
+        """
+        authorization, proxy-authorization, cookie and set-cookie are
+        never-indexed literals; other fields are plain literals.
+        """
+        fields = [
+            (b"set-cookie", b"a=b"),
+            (b"cookie", b"c=d"),
+            (b"authorization", b"Bearer x"),
+            (b"proxy-authorization", b"Basic y"),
+            (b"x-other", b"z"),
+        ]
+        decoded = Decoder().decode(LeanEncoder().encode(fields), raw=True)
+        kinds = [type(field) for field in decoded]
+        self.assertEqual(kinds, [NeverIndexedHeaderTuple] * 4 + [HeaderTuple])
+
+    def test_tableSizeChangeSignalled(self) -> None:
+        """
+        A new dynamic table size (the peer's SETTINGS_HEADER_TABLE_SIZE) is
+        signalled at the start of the next block only.
+        """
+        encoder = LeanEncoder()
+        encoder.header_table_size = 0
+        first = encoder.encode([(b":status", b"200")])
+        self.assertEqual(first, b"\x20\x88")
+        self.assertEqual(encoder.encode([(b":status", b"200")]), b"\x88")
+        decoder = Decoder()
+        self.assertEqual(decode(decoder, first), [(b":status", b"200")])
+
+    @given(
+        st.lists(
+            st.tuples(
+                st.text(TOKEN, min_size=1, max_size=40).map(str.encode),
+                st.binary(max_size=300).map(
+                    lambda v: v.translate(None, b"\x00\r\n").strip(b" \t")
+                ),
+            ),
+            max_size=20,
+        )
+    )
+    def test_anyFieldsRoundTrip(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """
+        Any lowercase-token names with any values h2 may send decode back
+        to themselves.
+        """
+        fields = [f for f in fields if f[0] not in CONNECTION and f[0] != b"te"]
+        encoder = LeanEncoder()
+        decoder = Decoder()
+        self.assertEqual(decode(decoder, encoder.encode(fields)), fields)
+        self.assertEqual(decode(decoder, encoder.encode(fields)), fields)
+
+
+CONNECTION = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"transfer-encoding",
+    b"upgrade",
+}
+
+
+class RefusalTests(SynchronousTestCase):
+    """
+    What h2's outbound validation refused, this refuses: ProtocolError.
+    """
+
+    def test_refused(self) -> None:
+        """
+        Uppercase or non-token names, a colon inside a name, pseudo-header
+        fields after regular ones or unknown, connection management
+        fields, te other than trailers, and NUL, CR or LF in a value.
+        """
+        for fields in [
+            [(b"X-Upper", b"a")],
+            [(b"x a", b"a")],
+            [(b"x:a", b"a")],
+            [(b"", b"a")],
+            [(b"x-a", b"a"), (b":status", b"200")],
+            [(b":path", b"/")],
+            [(b"connection", b"close")],
+            [(b"transfer-encoding", b"chunked")],
+            [(b"upgrade", b"h2c")],
+            [(b"te", b"gzip")],
+            [(b"x-a", b"a\r\nb: c")],
+            [(b"x-a", b"a\nb")],
+            [(b"x-a", b"a\x00b")],
+        ]:
+            encoder = LeanEncoder()
+            self.assertRaises(ProtocolError, encoder.encode, fields)
+
+    def test_teTrailers(self) -> None:
+        """
+        te: trailers may be sent.
+        """
+        block = LeanEncoder().encode([(b"te", b"trailers")])
+        self.assertEqual(decode(Decoder(), block), [(b"te", b"trailers")])
