@@ -423,6 +423,141 @@ def waitForPort(server: Server, port: int) -> None:
     dataclasses.replace(server, port=port).waitUntilListening()
 
 
+def tlsListen(tlsPort: int) -> str:
+    """
+    The arguments of nginx's C{listen} directive for h2 and HTTP/1.1 over
+    TLS on C{tlsPort} (ALPN chooses).
+    """
+    return f"127.0.0.1:{tlsPort} ssl http2 backlog=1024"
+
+
+def monedgeTls(tlsPort: int, certificate: Path) -> list[str]:
+    """
+    monedge's options for a TLS listener on C{tlsPort} serving
+    C{certificate} (see L{writeCertificate}): h2 and HTTP/1.1 by ALPN.
+    """
+    return [
+        "--tls-port",
+        f"tcp:{tlsPort}:interface=127.0.0.1:backlog=1024",
+        "--tls-dir",
+        str(certificate.parent),
+    ]
+
+
+def checkTarget(h2load: H2load, target: Target) -> None:
+    """
+    Fail unless one request to C{target} gets a 2xx answer over the
+    protocol meant.
+    """
+    output = h2load.run(target.protocol, target.url, 1, {}, None, 1)[0]
+    check = parseH2load(output)
+    spoken = APPLICATION_PROTOCOL[target.protocol]
+    if check.status["2xx"] != 1 or check.protocol != spoken:
+        raise BenchError(
+            f"{target.label}: one request to {target.url} did not get a "
+            f"2xx answer over {spoken}:\n"
+            f"{output}\n{target.server.logTail()}"
+        )
+
+
+def measure(
+    h2load: H2load,
+    target: Target,
+    requests: int,
+    warmup: int,
+    upstream: Server,
+    logFile: Path,
+) -> dict[str, Any]:
+    """
+    Load C{target} with C{warmup} untimed requests (none if 0), then with
+    C{requests} measured ones, logging each to C{logFile} (removed after);
+    add the run to C{target.runs} and return it.
+    """
+    if warmup:
+        h2load.run(target.protocol, target.url, warmup, {})
+    watch = {
+        "server": processTree(target.server.pid),
+        "upstream": [upstream.pid],
+    }
+    output, elapsed, cpu, peak = h2load.run(
+        target.protocol, target.url, requests, watch, logFile
+    )
+    result = parseH2load(output)
+    times, statuses = requestTimes(logFile)
+    logFile.unlink()
+    if result.protocol != APPLICATION_PROTOCOL[target.protocol]:
+        raise BenchError(f"{target.label}: h2load spoke {result.protocol}:\n{output}")
+    target.runs.append(
+        {
+            **asdict(result),
+            "errors": result.errors,
+            "loggedStatuses": statuses,
+            "p50ms": percentile(times, 0.50),
+            "p99ms": percentile(times, 0.99),
+            "elapsedSeconds": elapsed,
+            "cpuSeconds": cpu["server"],
+            "cpuMicrosecondsPerRequest": 1e6 * cpu["server"] / max(result.total, 1),
+            "cpuPercent": 100.0 * cpu["server"] / elapsed,
+            "upstreamCpuPercent": 100.0 * cpu["upstream"] / elapsed,
+            "rssBytes": peak["server"],
+            "serverPids": watch["server"],
+            "h2loadOutput": output,
+        }
+    )
+    return target.runs[-1]
+
+
+def progress(number: int, rounds: int, target: Target) -> str:
+    """
+    The line saying how C{target}'s latest run went, in round C{number}
+    of C{rounds}; with h2load's report and the server's log after it if
+    any request failed.
+    """
+    latest = target.runs[-1]
+    line = (
+        f"round {number}/{rounds}  {target.label:22} "
+        f"{latest['requestsPerSecond']:10,.0f} req/s  "
+        f"{latest['cpuMicrosecondsPerRequest']:6.0f} µs CPU/request  "
+        f"p99 {latest['p99ms']:6.2f} ms  failed {latest['errors']}"
+    )
+    if not latest["errors"]:
+        return line
+    return (
+        f"{line}\n  {target.label}: {latest['errors']} of {latest['total']} "
+        f"requests failed; statuses {latest['loggedStatuses']}; h2load said:\n"
+        f"{latest['h2loadOutput']}\n  {target.server.name}'s log ends:\n"
+        f"{target.server.logTail()}"
+    )
+
+
+def ratioLines(summaries: Sequence[Summary]) -> list[str]:
+    """
+    For each protocol measured on both, monedge's CPU per request as a
+    multiple of nginx's, overall and within each round; then the TLS
+    versions and ciphers negotiated.
+    """
+    lines = []
+    byKey = {(s.server, s.protocol): s for s in summaries}
+    for protocol, ratio in againstNginx(summaries).items():
+        each = [
+            m / n
+            for m, n in zip(
+                byKey[MONEDGE, protocol].cpuPerRequestRounds,
+                byKey[NGINX, protocol].cpuPerRequestRounds,
+                strict=True,
+            )
+            if n
+        ]
+        lines.append(
+            f"monedge / nginx, {protocol:14} = {ratio:5.2f}x CPU per request; "
+            "per round " + " / ".join(f"{r:.2f}" for r in each)
+        )
+    tls = sorted({f"{s.tls} ({s.server})" for s in summaries if s.tls})
+    if tls:
+        lines.append(f"TLS negotiated: {', '.join(tls)}")
+    return lines
+
+
 def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
     """
     The command line's options, checked.
@@ -526,10 +661,7 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
             *monedgeCommand(
                 serverPin, port, freePort(), registry, str(directory / "access.log")
             ),
-            "--tls-port",
-            f"tcp:{tlsPort}:interface=127.0.0.1:backlog=1024",
-            "--tls-dir",
-            str(certificate.parent),
+            *monedgeTls(tlsPort, certificate),
         ],
         port,
         directory / "monedge.log",
@@ -553,7 +685,7 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
             port,
             upstreamPort,
             listen=[
-                f"127.0.0.1:{tlsPort} ssl http2 backlog=1024",
+                tlsListen(tlsPort),
                 f"127.0.0.1:{h2cPort} http2 backlog=1024",
                 f"127.0.0.1:{port} backlog=1024",
             ],
@@ -592,15 +724,7 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
                 if name == server.name:
                     waitForPort(server, port)
         for target in targets:
-            output = h2load.run(target.protocol, target.url, 1, {}, None, 1)[0]
-            check = parseH2load(output)
-            spoken = APPLICATION_PROTOCOL[target.protocol]
-            if check.status["2xx"] != 1 or check.protocol != spoken:
-                raise BenchError(
-                    f"{target.label}: one request to {target.url} did not get a "
-                    f"2xx answer over {spoken}:\n"
-                    f"{output}\n{target.server.logTail()}"
-                )
+            checkTarget(h2load, target)
 
         print("monedge HTTP/2 benchmark")
         print(f"  command:  {invocation}")
@@ -642,59 +766,15 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
             for target in targets:
                 for server in servers:
                     server.checkAlive()
-                if args.warmup:
-                    h2load.run(target.protocol, target.url, args.warmup, {})
-                watch = {
-                    "server": processTree(target.server.pid),
-                    "upstream": [upstream.pid],
-                }
-                logFile = directory / "requests.log"
-                output, elapsed, cpu, peak = h2load.run(
-                    target.protocol, target.url, args.requests, watch, logFile
+                measure(
+                    h2load,
+                    target,
+                    args.requests,
+                    args.warmup,
+                    upstream,
+                    directory / "requests.log",
                 )
-                result = parseH2load(output)
-                times, statuses = requestTimes(logFile)
-                logFile.unlink()
-                if result.protocol != APPLICATION_PROTOCOL[target.protocol]:
-                    raise BenchError(
-                        f"{target.label}: h2load spoke {result.protocol}:\n{output}"
-                    )
-                target.runs.append(
-                    {
-                        **asdict(result),
-                        "errors": result.errors,
-                        "loggedStatuses": statuses,
-                        "p50ms": percentile(times, 0.50),
-                        "p99ms": percentile(times, 0.99),
-                        "elapsedSeconds": elapsed,
-                        "cpuSeconds": cpu["server"],
-                        "cpuMicrosecondsPerRequest": 1e6
-                        * cpu["server"]
-                        / max(result.total, 1),
-                        "cpuPercent": 100.0 * cpu["server"] / elapsed,
-                        "upstreamCpuPercent": 100.0 * cpu["upstream"] / elapsed,
-                        "rssBytes": peak["server"],
-                        "serverPids": watch["server"],
-                        "h2loadOutput": output,
-                    }
-                )
-                latest = target.runs[-1]
-                print(
-                    f"round {number}/{args.rounds}  {target.label:22} "
-                    f"{result.requestsPerSecond:10,.0f} req/s  "
-                    f"{latest['cpuMicrosecondsPerRequest']:6.0f} µs CPU/request  "
-                    f"p99 {latest['p99ms']:6.2f} ms  failed {result.errors}",
-                    flush=True,
-                )
-                if result.errors:
-                    print(
-                        f"  {target.label}: {result.errors} of {result.total} "
-                        f"requests failed; statuses {statuses}; h2load said:\n"
-                        + output
-                        + f"\n  {target.server.name}'s log ends:\n"
-                        + target.server.logTail(),
-                        flush=True,
-                    )
+                print(progress(number, args.rounds, target), flush=True)
         for server in servers:
             server.checkAlive()
     finally:
@@ -709,29 +789,8 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
     print()
     print(table(summaries))
     print()
-    for protocol, ratio in ratios.items():
-        each = [
-            m / n
-            for m, n in zip(
-                *(
-                    next(
-                        s.cpuPerRequestRounds
-                        for s in summaries
-                        if (s.server, s.protocol) == (name, protocol)
-                    )
-                    for name in (MONEDGE, NGINX)
-                ),
-                strict=True,
-            )
-            if n
-        ]
-        print(
-            f"monedge / nginx, {protocol:14} = {ratio:5.2f}x CPU per request; "
-            "per round " + " / ".join(f"{r:.2f}" for r in each)
-        )
-    tls = sorted({f"{s.tls} ({s.server})" for s in summaries if s.tls})
-    if tls:
-        print(f"TLS negotiated: {', '.join(tls)}")
+    for line in ratioLines(summaries):
+        print(line)
     for name, lines in trouble.items():
         if lines:
             print(f"{name}'s log has lines that look like errors:")
