@@ -218,6 +218,20 @@ class H2load:
             options.append(f"--log-file={logFile}")
         return [*self.prefix, self.path, *options, url]
 
+    def shown(self, protocols: Sequence[str], requests: int) -> str:
+        """
+        The command lines for C{requests} requests over each of
+        C{protocols}, without the pinning prefix, for a port named C{PORT}.
+        """
+        return "; ".join(
+            shlex.join(
+                self.command(p, f"{SCHEME[p]}://127.0.0.1:PORT/bench/", requests)[
+                    len(self.prefix) :
+                ]
+            )
+            for p in protocols
+        )
+
     def run(
         self,
         protocol: str,
@@ -530,6 +544,29 @@ def progress(number: int, rounds: int, target: Target) -> str:
     )
 
 
+def measureRound(
+    h2load: H2load,
+    targets: Sequence[Target],
+    servers: Sequence[Server],
+    upstream: Server,
+    requests: int,
+    warmup: int,
+    directory: Path,
+    number: int,
+    rounds: int,
+) -> None:
+    """
+    Round C{number} of C{rounds}: L{measure} each of C{targets} in turn,
+    checking first that every one of C{servers} still runs, and print how
+    each went.
+    """
+    for target in targets:
+        for server in servers:
+            server.checkAlive()
+        measure(h2load, target, requests, warmup, upstream, directory / "requests.log")
+        print(progress(number, rounds, target), flush=True)
+
+
 def ratioLines(summaries: Sequence[Summary]) -> list[str]:
     """
     For each protocol measured on both, monedge's CPU per request as a
@@ -731,19 +768,8 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
         for key, value in about.items():
             print(f"  {key + ':':9} {value}")
         print(
-            "  load:     "
-            + "; ".join(
-                shlex.join(
-                    h2load.command(
-                        p,
-                        f"{SCHEME[p]}://127.0.0.1:PORT/bench/",
-                        args.requests,
-                    )[len(loadPin) :]
-                )
-                for p in PROTOCOLS
-            )
-            + f" (each after {args.warmup:,} requests of warm-up), "
-            f"{args.rounds} round(s)"
+            f"  load:     {h2load.shown(PROTOCOLS, args.requests)} (each after "
+            f"{args.warmup:,} requests of warm-up), {args.rounds} round(s)"
         )
         print(
             "  pinning:  "
@@ -763,18 +789,17 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
         print(flush=True)
 
         for number in range(1, args.rounds + 1):
-            for target in targets:
-                for server in servers:
-                    server.checkAlive()
-                measure(
-                    h2load,
-                    target,
-                    args.requests,
-                    args.warmup,
-                    upstream,
-                    directory / "requests.log",
-                )
-                print(progress(number, args.rounds, target), flush=True)
+            measureRound(
+                h2load,
+                targets,
+                servers,
+                upstream,
+                args.requests,
+                args.warmup,
+                directory,
+                number,
+                args.rounds,
+            )
         for server in servers:
             server.checkAlive()
     finally:
