@@ -61,7 +61,7 @@ import re
 import shlex
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -166,8 +166,10 @@ class PacedWrk(Wrk):
 
     script: str = ""
 
-    def command(self, url: str, seconds: float) -> list[str]:
-        *options, last = super().command(url, seconds)
+    def command(
+        self, url: str, seconds: float, headers: Mapping[str, str] | None = None
+    ) -> list[str]:
+        *options, last = super().command(url, seconds, headers)
         return [*options, "-s", self.script, last]
 
 

@@ -465,13 +465,16 @@ def stopAll(servers: Sequence[Server]) -> None:
         server.close()
 
 
-def fetch(port: int, path: str) -> tuple[int, bytes]:
+def fetch(
+    port: int, path: str, headers: Mapping[str, str] | None = None
+) -> tuple[int, bytes]:
     """
-    One GET to 127.0.0.1:C{port}; its status and body.
+    One GET to 127.0.0.1:C{port}, with C{headers} if given; its status and
+    body.
     """
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        connection.request("GET", path)
+        connection.request("GET", path, headers=dict(headers or {}))
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -549,7 +552,13 @@ class Wrk:
     threads: int
     connections: int
 
-    def command(self, url: str, seconds: float) -> list[str]:
+    def command(
+        self, url: str, seconds: float, headers: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """
+        The command line loading C{url} for C{seconds}, every request
+        carrying C{headers} (C{-H}) if given.
+        """
         return [
             *self.prefix,
             self.path,
@@ -557,6 +566,7 @@ class Wrk:
             f"-c{self.connections}",
             f"-d{seconds:g}s",
             "--latency",
+            *(f"-H{name}: {value}" for name, value in (headers or {}).items()),
             url,
         ]
 
@@ -565,14 +575,15 @@ class Wrk:
         url: str,
         seconds: float,
         watch: Mapping[str, Sequence[int]] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[str, dict[str, float], dict[str, int]]:
         """
-        Run wrk against C{url}; its output, and for each named group of
-        processes in C{watch} their CPU use in percent of one CPU and the
-        peak of their summed RSS.
+        Run wrk against C{url}, sending C{headers} if given; its output,
+        and for each named group of processes in C{watch} their CPU use in
+        percent of one CPU and the peak of their summed RSS.
         """
         output, elapsed, used, peak = runWatching(
-            "wrk", self.command(url, seconds), seconds + 30, watch or {}
+            "wrk", self.command(url, seconds, headers), seconds + 30, watch or {}
         )
         percent = {name: 100.0 * spent / elapsed for name, spent in used.items()}
         return output, percent, peak
