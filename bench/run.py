@@ -8,6 +8,14 @@ request with C{hello\\n}, then loads it with wrk through:
 
   - monedge with every default feature on, its access log written to a
     file; and with C{--access-log none}, to show what the log costs;
+  - monedge as deployed with issue 18's three built-in hooks on
+    (C{--hooks}: C{auth} in jwt mode, C{ratelimit} in memory at a rate it
+    never refuses, C{headers} with two request and two response rules, as
+    docs/performance.md's "Hooks" shows them), every request carrying
+    C{Authorization: Bearer TOKEN} (wrk's C{-H}): an RS256 token signed by
+    an RSA key made for the run, whose JWK set a thread of the bench serves
+    on loopback.  Before loading, a request with the token must answer 200
+    and one without it 401.  C{--no-hooks} leaves it out;
   - a minimal ~100-line Agent proxy (bench/minimal.py), and the same on
     monedge's own upstream client (C{--client fast}): the floor of a
     C{twisted.web} resource-tree proxy with none of monedge's features;
@@ -18,15 +26,31 @@ request with C{hello\\n}, then loads it with wrk through:
     if missing; C{--no-haproxy} leaves it out);
   - nothing at all ("direct": wrk at the upstream itself).
 
+Then, unless C{--no-h2}, monedge (the first row's process, which also
+listens for TLS) and nginx (which also listens with C{ssl http2}) are
+loaded with h2load over TLS, with bench/h2load.py's functions and a
+throwaway certificate: C{h2load -c50 -m10} (HTTP/2, ALPN h2) and
+C{h2load --h1 -c50} (HTTP/1.1), C{--h2-requests} requests a run (h2load
+is installed with apt-get, Debian's C{nghttp2-client}, if missing).
+
 nginx and HAProxy run as the bench's own foreground instances, with
 configurations written to its temporary directory; their system services
 are neither enabled nor started.
 
-The proxy under test runs pinned to one CPU, the upstream and wrk to another.
-Every target is run once per round, after a short warm-up; the table shows
-the median over rounds, the server's CPU (all its processes: nginx's master
-and worker) and peak RSS, its req/s per CPU second, and monedge's req/s as
-a multiple of each target's.  See docs/performance.md.
+The proxy under test runs pinned to one CPU, the upstream and the load
+generator to another.  Every target is run once per round, after a short
+warm-up; the table shows the median over rounds, the server's CPU (all its
+processes: nginx's master and worker) and peak RSS, its req/s per CPU
+second, and monedge's req/s as a multiple of each target's.  The h2load
+table shows req/s, the server's CPU time per request, p50 and p99, failed
+requests, and monedge's CPU per request as a multiple of nginx's.  Last,
+each of issue 18's targets that the run's rows measure, as a ratio, and
+whether the run met it: monedge's req/s against ReverseProxyResource's
+(at least 3x), its requests per CPU second against nginx's (at least
+0.6x), its p99 against nginx's (at most 2x), the hooks row's req/s against
+ReverseProxyResource's (at least 2x), and over TLS monedge's CPU per
+request against nginx's (at most 2x, for HTTP/2 and HTTP/1.1).  The JSON in
+bench/results holds all of it.  See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -46,19 +70,28 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 # The tree's monedge, as for the servers it starts (PYTHONPATH=ROOT).
 sys.path.insert(0, str(ROOT))
+# Run as a script, this module is __main__, and bench/h2load.py, which it
+# imports for the HTTP/2 and TLS rows, imports it as run: make that this
+# very module, so that both share its classes (a BenchError above all).
+sys.modules.setdefault("run", sys.modules[__name__])
 
 from monedge.testing import freePort  # noqa: E402
+
+if TYPE_CHECKING:
+    import h2load
 
 RESULTS = BENCH / "results"
 SERVICE = "service.api.bench"
@@ -70,12 +103,20 @@ STOP_TIMEOUT = 10.0
 
 MONEDGE = "monedge"
 MONEDGE_QUIET = "monedge (access log off)"
+HOOKED = "monedge (auth, ratelimit, headers)"
 RPR = "ReverseProxyResource"
 MINIMAL = "minimal Agent proxy"
 FLOOR = "minimal proxy, monedge's client"
 NGINX = "nginx"
 HAPROXY = "HAProxy"
 DIRECT = "direct"
+
+# h2load's clients and streams per HTTP/2 connection for the TLS rows, as
+# issue 18 states its HTTP/2 target.
+H2_CONNECTIONS = 50
+H2_STREAMS = 10
+# The key id of the JWK set the hooks row's auth hook fetches.
+KID = "bench"
 
 
 class BenchError(Exception):
@@ -650,19 +691,131 @@ def runWatching(
     return output, elapsed, used, peak
 
 
+# -- the hooks row -----------------------------------------------------------
+
+
+def jwtCredentials(lifetime: float = 86400.0) -> tuple[dict[str, Any], str]:
+    """
+    A fresh RSA key's JWK set (one RS256 signing key, key id L{KID}), and a
+    token that key signs, RS256, for subject C{bench}, expiring in
+    C{lifetime} seconds.
+    """
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = dict(RSAAlgorithm.to_jwk(key.public_key(), as_dict=True))
+    jwk.update(kid=KID, alg="RS256", use="sig")
+    token = jwt.encode(
+        {"sub": "bench", "exp": int(time.time() + lifetime)},
+        key,
+        algorithm="RS256",
+        headers={"kid": KID},
+    )
+    return {"keys": [jwk]}, token
+
+
+def hooksDocument(jwksUrl: str) -> dict[str, Any]:
+    """
+    The C{--hooks} file of the hooks row, as docs/performance.md's "Hooks"
+    shows it: C{auth} in jwt mode against the JWK set at C{jwksUrl},
+    C{ratelimit} in memory at a rate it never refuses, and C{headers}, two
+    rules on the request and two on the response.
+    """
+    return {
+        "hooks": [
+            {
+                "name": "auth",
+                "options": {
+                    "mode": "jwt",
+                    "jwks-url": jwksUrl,
+                    "identity-headers": ["X-User-Id"],
+                    "claims-to-headers": {"sub": "X-User-Id"},
+                },
+            },
+            {"name": "ratelimit", "options": {"rate": "1000000/s"}},
+            {
+                "name": "headers",
+                "options": {
+                    "request": {
+                        "set": {"X-Env": "prod", "X-Client": "{client_address}"}
+                    },
+                    "response": {"set": {"X-A": "a"}, "add": {"X-B": "b"}},
+                },
+            },
+        ]
+    }
+
+
+class JwksServer:
+    """
+    Serves one JSON document at C{/jwks.json} on 127.0.0.1, from a thread
+    of the bench's own process; everything else is 404.  It listens as soon
+    as it is made, and answers once started.
+    """
+
+    def __init__(self, document: Mapping[str, Any]) -> None:
+        body = json.dumps(document).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                found = self.path == "/jwks.json"
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body) if found else 0))
+                self.end_headers()
+                if found:
+                    self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """
+        The document's URL.
+        """
+        return f"http://127.0.0.1:{self._server.server_address[1]}/jwks.json"
+
+    def start(self) -> None:
+        """
+        Answer requests, in a daemon thread.
+        """
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="jwks", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """
+        Stop answering, and close the listening socket.
+        """
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()
+
+
 # -- the benchmark -----------------------------------------------------------
 
 
 @dataclass
 class Target:
     """
-    One thing to load: a URL and the server process that answers it.
+    One thing to load: a URL and the server process that answers it, and
+    the headers every request to it carries.
     """
 
     label: str
     server: Server
     path: str
     runs: list[dict[str, Any]] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -790,10 +943,125 @@ def _perRound(base: Summary, other: Summary) -> str:
     return f"; per round {shown} (median {statistics.median(each):.2f}x)"
 
 
+@dataclass
+class Goal:
+    """
+    One of issue 18's targets, and what a run measured for it: a ratio that
+    must be at least (C{atLeast}) or at most C{bound}.
+    """
+
+    name: str
+    measured: float
+    bound: float
+    atLeast: bool
+    detail: str
+    met: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.met = (
+            self.measured >= self.bound if self.atLeast else self.measured <= self.bound
+        )
+
+    def line(self) -> str:
+        """
+        The goal, the ratio measured and what it compares, and whether the
+        run met it.
+        """
+        return (
+            f"{self.name} ({'≥' if self.atLeast else '≤'} {self.bound:g}x): "
+            f"{self.measured:.2f}x, {self.detail}: "
+            + ("met" if self.met else "NOT met")
+        )
+
+
+def issue18Goals(
+    summaries: Sequence[Summary],
+    tls: Sequence[h2load.Summary] = (),
+    connections: int = 50,
+) -> list[Goal]:
+    """
+    Issue 18's targets that this run's rows measure (any whose rows are
+    missing are left out): from the wrk rows C{summaries}, at C{connections}
+    connections, and the h2load rows C{tls}.
+    """
+    from h2load import H1_TLS, H2
+
+    wrk = {s.target: s for s in summaries}
+    goals = []
+    monedge, rpr = wrk.get(MONEDGE), wrk.get(RPR)
+    nginx, hooked = wrk.get(NGINX), wrk.get(HOOKED)
+    if monedge and rpr:
+        goals.append(
+            Goal(
+                "monedge, every default feature on: req/s ÷ ReverseProxyResource's",
+                monedge.requestsPerSecond / rpr.requestsPerSecond,
+                3.0,
+                True,
+                f"{monedge.requestsPerSecond:,.0f} against "
+                f"{rpr.requestsPerSecond:,.0f} req/s",
+            )
+        )
+    if monedge and nginx:
+        goals.append(
+            Goal(
+                "monedge, every default feature on: req per CPU second ÷ nginx's",
+                monedge.requestsPerCpuSecond / nginx.requestsPerCpuSecond,
+                0.6,
+                True,
+                f"{monedge.requestsPerCpuSecond:,.0f} against "
+                f"{nginx.requestsPerCpuSecond:,.0f}",
+            )
+        )
+        goals.append(
+            Goal(
+                f"monedge, every default feature on: p99 at c={connections} ÷ nginx's",
+                monedge.p99ms / nginx.p99ms,
+                2.0,
+                False,
+                f"{monedge.p99ms:.2f} against {nginx.p99ms:.2f} ms",
+            )
+        )
+    if hooked and rpr:
+        goals.append(
+            Goal(
+                "auth (jwt), ratelimit (memory) and headers on: req/s "
+                "÷ ReverseProxyResource's bare req/s",
+                hooked.requestsPerSecond / rpr.requestsPerSecond,
+                2.0,
+                True,
+                f"{hooked.requestsPerSecond:,.0f} against "
+                f"{rpr.requestsPerSecond:,.0f} req/s",
+            )
+        )
+    rows = {(s.server, s.protocol): s for s in tls}
+    for protocol, load in (
+        (H2, f"HTTP/2 over TLS (h2load -c{H2_CONNECTIONS} -m{H2_STREAMS})"),
+        (H1_TLS, f"HTTP/1.1 over TLS (h2load --h1 -c{H2_CONNECTIONS})"),
+    ):
+        mine, theirs = rows.get((MONEDGE, protocol)), rows.get((NGINX, protocol))
+        if mine and theirs and theirs.cpuMicrosecondsPerRequest:
+            goals.append(
+                Goal(
+                    f"{load}: CPU per request ÷ nginx's",
+                    mine.cpuMicrosecondsPerRequest / theirs.cpuMicrosecondsPerRequest,
+                    2.0,
+                    False,
+                    f"{mine.cpuMicrosecondsPerRequest:.0f} against "
+                    f"{theirs.cpuMicrosecondsPerRequest:.0f} µs",
+                )
+            )
+    return goals
+
+
 def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    """
+    The command line's options, checked.
+    """
     parser = argparse.ArgumentParser(
-        description="Load monedge, ReverseProxyResource, nginx, HAProxy and the "
-        "bare upstream with wrk on loopback, and compare them."
+        description="Load monedge (bare, and with the auth, ratelimit and headers "
+        "hooks), ReverseProxyResource, nginx, HAProxy and the bare upstream with "
+        "wrk on loopback, then monedge and nginx with h2load over HTTP/2 and "
+        "HTTP/1.1 over TLS, and compare them."
     )
     parser.add_argument(
         "--duration", type=float, default=10, help="seconds per measured run (10)"
@@ -815,6 +1083,29 @@ def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="leave HAProxy out of the comparison",
     )
     parser.add_argument(
+        "--no-hooks",
+        action="store_true",
+        help=f"leave out the {HOOKED} row",
+    )
+    parser.add_argument(
+        "--no-h2",
+        action="store_true",
+        help="leave out the h2load rows: HTTP/2 and HTTP/1.1 over TLS",
+    )
+    parser.add_argument(
+        "--h2-requests",
+        type=int,
+        default=20000,
+        help="requests per measured h2load run (20000)",
+    )
+    parser.add_argument(
+        "--h2-warmup",
+        type=int,
+        default=None,
+        help="requests of the untimed h2load run before each measured one "
+        "(a fifth of --h2-requests; 0: none)",
+    )
+    parser.add_argument(
         "--no-pin", action="store_true", help="do not pin processes to CPUs"
     )
     parser.add_argument(
@@ -825,6 +1116,15 @@ def parseArguments(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--duration and --rounds must be positive, --warmup not negative")
     if args.connections < args.threads or args.threads < 1:
         parser.error("--connections must be at least --threads, which must be >= 1")
+    if args.h2_warmup is None:
+        args.h2_warmup = max(H2_CONNECTIONS, args.h2_requests // 5)
+    if args.h2_requests < H2_CONNECTIONS or (
+        args.h2_warmup and args.h2_warmup < H2_CONNECTIONS
+    ):
+        parser.error(
+            f"--h2-requests and --h2-warmup (unless 0) must be at least "
+            f"{H2_CONNECTIONS}, h2load's clients"
+        )
     return args
 
 
@@ -833,6 +1133,15 @@ def writeRegistry(path: Path, upstreamPort: int) -> None:
 
     document = {"services": {SERVICE: {"endpoints": [f"127.0.0.1:{upstreamPort}"]}}}
     path.write_text(yaml.safe_dump(document))
+
+
+def writeHooks(path: Path, jwksUrl: str) -> None:
+    """
+    Write the hooks row's C{--hooks} file (L{hooksDocument}) to C{path}.
+    """
+    import yaml
+
+    path.write_text(yaml.safe_dump(hooksDocument(jwksUrl), sort_keys=False))
 
 
 _NGINX_TEMP_PATHS = {
@@ -1005,12 +1314,34 @@ def monedgeCommand(
 
 
 def benchmark(args: argparse.Namespace, directory: Path) -> None:
+    """
+    Start the upstream and every target, with their files in C{directory},
+    check that each answers, load each in every round, stop them, then
+    print the tables, the ratios and issue 18's targets, and write the JSON.
+    """
+    import h2load
+
     wrkPath = ensureWrk()
     nginxPath = None if args.no_nginx else ensureNginx()
     haproxyPath = None if args.no_haproxy else ensureHaproxy()
+    h2loadPath = (
+        None if args.no_h2 else ensureCommand("h2load", ["nghttp2-client"], "--no-h2")
+    )
     proxyPin, loadPin = pinning(not args.no_pin)
-    about = machine(wrkPath, nginxPath, haproxyPath)
+    about = machine(
+        wrkPath,
+        nginxPath,
+        haproxyPath,
+        None
+        if h2loadPath is None
+        else {"h2load": run([h2loadPath, "--version"]) or "unknown"},
+    )
     invocation = shlex.join([sys.executable, *sys.argv])
+    # For the h2load rows: monedge's and nginx's TLS listeners, by name.
+    certificate = (
+        None if h2loadPath is None else h2load.writeCertificate(directory / "tls")
+    )
+    tlsPorts: dict[str, int] = {}
 
     upstreamPort = freePort()
     registry = directory / "services.yaml"
@@ -1037,14 +1368,49 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
         (MONEDGE_QUIET, "none"),
     ):
         port = freePort()
+        command = monedgeCommand(proxyPin, port, freePort(), registry, accessLog)
+        if label == MONEDGE and certificate is not None:
+            # The same process serves the TLS rows, on a listener of its own.
+            tlsPorts[label] = freePort()
+            command += h2load.monedgeTls(tlsPorts[label], certificate)
+        server = Server(label, command, port, directory / f"monedge-{port}.log")
+        servers.append(server)
+        targets.append(Target(label, server, "/bench/"))
+    jwks = None
+    if not args.no_hooks:
+        # As deployed, and the three built-in hooks of issue 18 on every
+        # request, each of which carries the token the auth hook checks.
+        document, token = jwtCredentials()
+        jwks = JwksServer(document)
+        hooks = directory / "hooks.yaml"
+        writeHooks(hooks, jwks.url)
+        port = freePort()
         server = Server(
-            label,
-            monedgeCommand(proxyPin, port, freePort(), registry, accessLog),
+            HOOKED,
+            [
+                *monedgeCommand(
+                    proxyPin,
+                    port,
+                    freePort(),
+                    registry,
+                    str(directory / "access-hooks.log"),
+                ),
+                "--hooks",
+                str(hooks),
+            ],
             port,
             directory / f"monedge-{port}.log",
         )
         servers.append(server)
-        targets.append(Target(label, server, "/bench/"))
+        configs.append(hooks)
+        targets.append(
+            Target(
+                HOOKED,
+                server,
+                "/bench/",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        )
     # The two Twisted baselines: a script each, taking the same options.
     for label, script, more in (
         (RPR, "rpr.py", []),
@@ -1071,8 +1437,20 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
         targets.append(Target(label, server, "/bench/"))
     if nginxPath is not None:
         nginxPort = freePort()
+        listen = None
+        if certificate is not None:
+            tlsPorts[NGINX] = freePort()
+            listen = [
+                f"127.0.0.1:{nginxPort} backlog=1024",
+                h2load.tlsListen(tlsPorts[NGINX]),
+            ]
         config = writeNginxConfig(
-            nginxPath, directory / "nginx", nginxPort, upstreamPort
+            nginxPath,
+            directory / "nginx",
+            nginxPort,
+            upstreamPort,
+            listen=listen,
+            certificate=certificate,
         )
         nginx = Server(
             NGINX,
@@ -1097,19 +1475,47 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
         targets.append(Target(HAPROXY, haproxy, "/bench/"))
     targets.append(Target(DIRECT, upstream, "/"))
     wrk = Wrk(wrkPath, loadPin, args.threads, args.connections)
+    # Interleaved: each protocol on monedge, then on nginx.
+    named = {server.name: server for server in servers}
+    tlsTargets = [
+        h2load.Target(named[name], protocol, f"https://127.0.0.1:{port}/bench/")
+        for protocol in (h2load.H2, h2load.H1_TLS)
+        for name, port in tlsPorts.items()
+    ]
+    loader = (
+        None
+        if h2loadPath is None
+        else h2load.H2load(h2loadPath, loadPin, H2_CONNECTIONS, H2_STREAMS)
+    )
+    width = max(len(target.label) for target in targets)
 
     try:
+        if jwks is not None:
+            jwks.start()
         for server in servers:
             server.start()
         for server in servers:
             server.waitUntilListening()
+            if server.name in tlsPorts:
+                h2load.waitForPort(server, tlsPorts[server.name])
         for target in targets:
-            status, body = fetch(target.server.port, target.path)
+            status, body = fetch(target.server.port, target.path, target.headers)
             if status != 200 or body != BODY:
                 raise BenchError(
                     f"{target.label}: GET {target.url} answered {status} "
                     f"{body[:200]!r}, not 200 {BODY!r}"
                 )
+            if target.label == HOOKED:
+                # Without the token, the auth hook refuses: the hooks are on.
+                status, body = fetch(target.server.port, target.path)
+                if status != 401:
+                    raise BenchError(
+                        f"{target.label}: GET {target.url} without a token "
+                        f"answered {status} {body[:200]!r}, not 401"
+                    )
+        if loader is not None:
+            for tlsTarget in tlsTargets:
+                h2load.checkTarget(loader, tlsTarget)
 
         print("monedge benchmark")
         print(f"  command:  {invocation}")
@@ -1119,10 +1525,21 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
             f"  load:     {shlex.join(wrk.command('URL', args.duration))} "
             f"(after a {args.warmup:g} s warm-up), {args.rounds} round(s)"
         )
+        if jwks is not None:
+            print(
+                f"            {HOOKED}: every request with "
+                "-H 'Authorization: Bearer TOKEN', an RS256 token made for "
+                f"this run, its JWK set served at {jwks.url}"
+            )
+        if loader is not None:
+            print(
+                f"  h2load:   {loader.shown((h2load.H2, h2load.H1_TLS), args.h2_requests)}"
+                f" (each after {args.h2_warmup:,} requests of warm-up)"
+            )
         print(
             "  pinning:  "
             + (
-                f"proxy on CPU {proxyPin[-1]}, upstream and wrk on CPU {loadPin[-1]}"
+                f"proxy on CPU {proxyPin[-1]}, upstream and load on CPU {loadPin[-1]}"
                 if proxyPin
                 else "none"
             )
@@ -1140,12 +1557,14 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
                 for server in servers:
                     server.checkAlive()
                 if args.warmup:
-                    wrk.run(target.url, args.warmup)
+                    wrk.run(target.url, args.warmup, headers=target.headers)
                 watch = {
                     "server": processTree(target.server.pid),
                     "upstream": [upstream.pid],
                 }
-                output, cpu, peak = wrk.run(target.url, args.duration, watch)
+                output, cpu, peak = wrk.run(
+                    target.url, args.duration, watch, target.headers
+                )
                 result = parseWrk(output)
                 target.runs.append(
                     {
@@ -1161,23 +1580,50 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
                     }
                 )
                 print(
-                    f"round {number}/{args.rounds}  {target.label:24} "
+                    f"round {number}/{args.rounds}  {target.label:{width}} "
                     f"{result.requestsPerSecond:10,.0f} req/s  "
                     f"p50 {result.p50ms:6.2f} ms  p99 {result.p99ms:6.2f} ms  "
                     f"errors {result.errors}",
                     flush=True,
                 )
+            if loader is not None:
+                h2load.measureRound(
+                    loader,
+                    tlsTargets,
+                    servers,
+                    upstream,
+                    args.h2_requests,
+                    args.h2_warmup,
+                    directory,
+                    number,
+                    args.rounds,
+                )
         for server in servers:
             server.checkAlive()
     finally:
         stopAll(servers)
+        if jwks is not None:
+            jwks.stop()
 
     summaries = [Summary.of(target) for target in targets]
+    tlsSummaries = [h2load.Summary.of(target) for target in tlsTargets]
+    goals = issue18Goals(summaries, tlsSummaries, args.connections)
     print()
     print(table(summaries))
     print()
     for line in ratios(summaries):
         print(line)
+    if tlsSummaries:
+        print()
+        print(h2load.table(tlsSummaries))
+        print()
+        for line in h2load.ratioLines(tlsSummaries):
+            print(line)
+    if goals:
+        print()
+        print("issue 18's targets, in this run:")
+        for goal in goals:
+            print(f"  {goal.line()}")
 
     if not args.no_json:
         RESULTS.mkdir(exist_ok=True)
@@ -1193,11 +1639,23 @@ def benchmark(args: argparse.Namespace, directory: Path) -> None:
                 "connections": args.connections,
                 "threads": args.threads,
                 "pinned": not args.no_pin,
+                "hooks": not args.no_hooks,
+                "h2": loader is not None,
+                "h2Requests": args.h2_requests,
+                "h2Warmup": args.h2_warmup,
+                "h2Connections": H2_CONNECTIONS,
+                "h2Streams": H2_STREAMS,
             },
             "configs": {config.name: config.read_text() for config in configs},
             "servers": {server.name: server.command for server in servers},
             "summary": [asdict(s) for s in summaries],
             "runs": {target.label: target.runs for target in targets},
+            "h2load": {
+                "summary": [asdict(s) for s in tlsSummaries],
+                "cpuPerRequestAgainstNginx": h2load.againstNginx(tlsSummaries),
+                "runs": {target.label: target.runs for target in tlsTargets},
+            },
+            "issue18": [asdict(goal) for goal in goals],
         }
         path.write_text(json.dumps(document, indent=2) + "\n")
         print(f"\nresults: {path.relative_to(ROOT)}")
