@@ -62,6 +62,7 @@ FOREIGN = {
     "--target-group-arn": "aws",
     "--strict": "mypy",
     "--tree": "callgrind_annotate",
+    "--enable-shared": "configure",
 }
 
 #: Repository paths the docs name that are not in the repository, and why.
