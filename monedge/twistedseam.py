@@ -32,6 +32,7 @@ from typing import Any
 from twisted.copyright import version as installedTwisted
 from twisted.internet.tcp import Connection
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.usage import UsageError
 from twisted.web._abnf import _hexint
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
@@ -139,8 +140,10 @@ requestDisconnected: Callable[[HTTPRequest], bool] = attrgetter("_disconnected")
 def sendAtOnce(transport: Any) -> None:
     """
     Make C{transport} send what it is given at once when its buffer is
-    empty.  A transport that is not a plain Twisted TCP connection (TLS, a
-    test's L{StringTransport}) is left as it is.
+    empty.  For a TLS transport (Twisted's L{TLSMemoryBIOProtocol}), the
+    TCP connection beneath it sends the TLS records at once.  Any other
+    transport (a test's L{StringTransport}) is left as it is, and so is a
+    connection already changed.
 
     Twisted's TCP transports buffer every C{write} and send it on the next
     reactor iteration: C{startWriting} asks epoll to watch the socket for
@@ -155,9 +158,13 @@ def sendAtOnce(transport: Any) -> None:
     Twisted's: a failed or partial send falls back to the buffered path,
     which finds the error or sends the rest as before.
     """
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        # TLS: its records are written to the TCP connection beneath it
+        # (its transport), one write for each write made of it.
+        transport = transport.transport
     # Not hasattr(transport, "socket"): a TLS transport hands attribute
     # lookups on to the TCP connection beneath it.
-    if not isinstance(transport, Connection):
+    if not isinstance(transport, Connection) or "write" in vars(transport):
         return
     send = transport.socket.send
     buffered = type(transport).write.__get__(transport)

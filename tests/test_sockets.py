@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.trial.unittest import SynchronousTestCase
 
 from monedge.twistedseam import sendAtOnce
@@ -115,3 +116,26 @@ class SendAtOnceTests(SynchronousTestCase):
         self.assertNotIn("write", vars(transport))
         transport.write(b"x")
         self.assertEqual(transport.value(), b"x")
+
+    def test_underTLS(self) -> None:
+        """
+        Given a TLS transport, the TCP connection beneath it is the one
+        that sends at once (the TLS records); the TLS transport keeps its
+        own C{write}, and a second call changes nothing more.
+        """
+        near, far = socket.socketpair()
+        self.addCleanup(near.close)
+        self.addCleanup(far.close)
+        far.setblocking(False)
+        connection = tcp.Connection(near, Protocol(), self.reactor)  # type: ignore[arg-type]
+        connection.connected = True
+        tls = TLSMemoryBIOProtocol(None, Protocol())
+        tls.transport = connection
+        sendAtOnce(tls)
+        self.assertNotIn("write", vars(tls))
+        write = vars(connection)["write"]
+        sendAtOnce(tls)
+        self.assertIs(vars(connection)["write"], write)
+        connection.write(b"record")
+        self.assertEqual(far.recv(100), b"record")
+        self.assertEqual(self.reactor.writers, set())
