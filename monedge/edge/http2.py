@@ -42,7 +42,7 @@ and close; stream errors reset the one stream.
 from __future__ import annotations
 
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import IO, Any
 
 import h2.config
@@ -55,6 +55,7 @@ from h2.stream import StreamClosedBy
 from h2.utilities import HeaderValidationFlags, validate_headers
 from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
+from hpack.table import HeaderTable as HPACKTable
 from hyperframe.frame import DataFrame, GoAwayFrame, RstStreamFrame
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, ISSLTransport
@@ -165,19 +166,78 @@ class _CompressionError(ProtocolError):
     error_code = ErrorCodes.COMPRESSION_ERROR
 
 
+#: Header blocks a connection keeps decoded (L{_Decoder}), at most, and
+#: the most bytes of fields one may decode to.
+KEPT_BLOCKS = 4
+KEPT_BLOCK_SIZE = 2048
+
+
+class _CountedTable(HPACKTable):
+    """
+    HPACK's dynamic table, counting its changes (an entry added, a new
+    size).
+    """
+
+    changes = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.changes += 1
+        super().add(name, value)
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @maxsize.setter
+    def maxsize(self, newmax: int) -> None:
+        self.changes += 1
+        table: Any = HPACKTable
+        table.maxsize.fset(self, newmax)
+
+
 class _Decoder(Decoder):
     """
     HPACK's decoder, whose decoding errors are compression errors.
+
+    A block that changed nothing in the dynamic table is kept decoded, with
+    the table's state it was read in: the same bytes again, the table
+    unchanged since, decode to the same fields without HPACK's work (a
+    client that repeats a request, as load generators and gRPC clients
+    do, sends the same few bytes of indexed fields each time).  At most
+    L{KEPT_BLOCKS} blocks of at most L{KEPT_BLOCK_SIZE} decoded bytes are
+    kept.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.header_table = _CountedTable()
+        self._kept: dict[bytes, tuple[int, list[Any]]] = {}
+
     def decode(self, data: bytes, raw: bool = False) -> Any:
+        table = self.header_table
+        assert isinstance(table, _CountedTable)
+        changes = table.changes
+        key = bytes(data)
+        kept = self._kept.get(key)
+        if kept is not None and kept[0] == changes and raw:
+            return list(kept[1])
         try:
-            return super().decode(data, raw)
+            headers: list[Any] = list(super().decode(data, raw))
         except OversizedHeaderListError:
             # h2 turns it into ENHANCE_YOUR_CALM.
             raise
         except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as e:
             raise _CompressionError(f"cannot decode a header block: {e}") from e
+        if (
+            raw
+            and table.changes == changes
+            and sum(len(n) + len(v) for n, v in headers) <= KEPT_BLOCK_SIZE
+        ):
+            if len(self._kept) >= KEPT_BLOCKS:
+                self._kept.clear()
+            self._kept[key] = (changes, headers)
+            return list(headers)
+        return headers
 
 
 class _ServerConnection(h2.connection.H2Connection):
@@ -381,7 +441,10 @@ class H2Request(SharedRequest):
     # Receiving
 
     def headersReceived(
-        self, fields: list[tuple[bytes, bytes]], authority: bytes | None, ended: bool
+        self,
+        fields: Sequence[tuple[bytes, bytes]],
+        authority: bytes | None,
+        ended: bool,
     ) -> None:
         """
         The stream's header block is in (its pseudo-header fields taken
@@ -403,7 +466,10 @@ class H2Request(SharedRequest):
         self.process()
 
     def _readHeaders(
-        self, fields: list[tuple[bytes, bytes]], authority: bytes | None, ended: bool
+        self,
+        fields: Sequence[tuple[bytes, bytes]],
+        authority: bytes | None,
+        ended: bool,
     ) -> int | None:
         """
         Check and keep the header fields; the body's declared length.
@@ -844,6 +910,11 @@ class H2Channel(Protocol):
             limits.maxHeadersSize + limits.maxRequestLine + HEADER_BLOCK_SLACK
         )
         self.requests: dict[int, H2Request] = {}
+        #: The last few requests' fields, checked (L{_checkFields}).
+        self._checked: dict[
+            tuple[Any, ...],
+            tuple[dict[bytes, bytes], tuple[tuple[bytes, bytes], ...]],
+        ] = {}
         #: Streams with a response written to since the last send, framed
         #: and sent together at the end of the reactor turn (L{_soon}).
         self._dirty: dict[int, H2Request] = {}
@@ -1184,24 +1255,8 @@ class H2Channel(Protocol):
             self._resetStream(streamId, ErrorCodes.REFUSED_STREAM)
             self._countReset()
             return
-        headers = list(event.headers or [])
-        pseudo: dict[bytes, bytes] = {}
-        fields: list[tuple[bytes, bytes]] = []
         try:
-            # h2's checks of a request's fields (RFC 9113, 8.2 and 8.3),
-            # with host set apart: a host that differs from :authority is
-            # HTTP/1.1's 400, not a malformed request.
-            checked = [
-                (b"x-host", value) if name == b"host" else (name, value)
-                for name, value in headers
-            ]
-            for name, value in validate_headers(checked, _REQUEST_FLAGS):
-                name = bytes(name)
-                value = bytes(value)
-                if name.startswith(b":"):
-                    pseudo[name] = value
-                else:
-                    fields.append((b"host" if name == b"x-host" else name, value))
+            pseudo, fields = self._checkFields(event.headers or [])
         except ProtocolError:
             self._malformed(streamId)
             return
@@ -1219,6 +1274,45 @@ class H2Channel(Protocol):
             request._closed = True
             self.requests.pop(streamId, None)
             self._malformed(streamId)
+
+    def _checkFields(
+        self, headers: Iterable[Any]
+    ) -> tuple[dict[bytes, bytes], tuple[tuple[bytes, bytes], ...]]:
+        """
+        A request's header fields checked: its pseudo-header fields, and
+        the others, in order.  The same fields as one of the last few
+        requests' (a repeated request) are not checked again.
+
+        @raise ProtocolError: for a malformed request.
+        """
+        key = tuple(headers)
+        known = self._checked.get(key)
+        if known is not None:
+            return known
+        pseudo: dict[bytes, bytes] = {}
+        fields: list[tuple[bytes, bytes]] = []
+        # h2's checks of a request's fields (RFC 9113, 8.2 and 8.3), with
+        # host set apart: a host that differs from :authority is HTTP/1.1's
+        # 400, not a malformed request.
+        checked = [
+            (b"x-host", value) if name == b"host" else (name, value)
+            for name, value in key
+        ]
+        size = 0
+        for name, value in validate_headers(checked, _REQUEST_FLAGS):
+            name = bytes(name)
+            value = bytes(value)
+            size += len(name) + len(value)
+            if name.startswith(b":"):
+                pseudo[name] = value
+            else:
+                fields.append((b"host" if name == b"x-host" else name, value))
+        result = (pseudo, tuple(fields))
+        if size <= KEPT_BLOCK_SIZE:
+            if len(self._checked) >= KEPT_BLOCKS:
+                self._checked.clear()
+            self._checked[key] = result
+        return result
 
     def _malformed(self, streamId: int) -> None:
         self._resetStream(streamId, ErrorCodes.PROTOCOL_ERROR)
