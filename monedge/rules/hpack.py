@@ -34,7 +34,7 @@ from hpack import Encoder
 from hpack.hpack import encode_integer
 from hpack.table import HeaderTable
 
-__all__ = ["LeanEncoder"]
+__all__ = ["REQUEST_PSEUDO", "RESPONSE_PSEUDO", "LeanEncoder"]
 
 #: Each static (name, value) pair's index, and each static name's first.
 _STATIC_FIELDS: dict[tuple[bytes, bytes], int] = {}
@@ -64,8 +64,9 @@ _SENSITIVE = frozenset(
     [b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"]
 )
 
-#: Pseudo-header fields a response block may carry.
-_PSEUDO = frozenset([b":status"])
+#: Pseudo-header fields a response block may carry, and a request block.
+RESPONSE_PSEUDO = frozenset([b":status"])
+REQUEST_PSEUDO = frozenset([b":method", b":scheme", b":authority", b":path"])
 
 #: Names whose representation is kept, at most (any name a response may
 #: carry is kept until then; past it, names are encoded each time).
@@ -84,14 +85,19 @@ def _length(value: bytes) -> bytes:
 
 class LeanEncoder(Encoder):
     """
-    An HPACK encoder for response (and trailer) blocks that never uses the
-    dynamic table, and checks each field as C{h2}'s outbound validation
-    does.  Give it to an C{h2} connection as its C{encoder}, with
-    C{validate_outbound_headers} and C{normalize_outbound_headers} off.
+    An HPACK encoder that never uses the dynamic table, and checks each
+    field as C{h2}'s outbound validation does.  Give it to an C{h2}
+    connection as its C{encoder}, with C{validate_outbound_headers} and
+    C{normalize_outbound_headers} off.
+
+    @param pseudo: the pseudo-header fields a block may carry:
+        L{RESPONSE_PSEUDO} (a server's, the default) or L{REQUEST_PSEUDO}
+        (a client's).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pseudo: frozenset[bytes] = RESPONSE_PSEUDO) -> None:
         super().__init__()
+        self._pseudo = pseudo
         #: Each checked name's representation prefix, by name.
         self._names: dict[bytes, bytes] = {}
 
@@ -108,12 +114,13 @@ class LeanEncoder(Encoder):
             block.append(self._encode_table_size_change())
             table.resized = False
         names = self._names
+        pseudo = self._pseudo
         regular = False
         for header in headers:
             name: bytes = header[0]
             value: bytes = header[1]
             if name[:1] == b":":
-                if regular or name not in _PSEUDO:
+                if regular or name not in pseudo:
                     raise ProtocolError(f"pseudo-header field {name!r} out of place")
             else:
                 regular = True

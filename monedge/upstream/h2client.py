@@ -72,6 +72,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from monedge.interfaces import IUpstreamClient
+from monedge.rules.hpack import REQUEST_PSEUDO, LeanEncoder
 from monedge.upstream.client import DEFAULT_POOL_IDLE, Key, parseURL
 from monedge.upstream.endpoints import EndpointCache, UpstreamTLS, UpstreamTLSError
 from monedge.upstream.replay import NotReplayable, bodyAgain
@@ -557,8 +558,15 @@ class _H2Connection(Protocol):
     def __init__(self, client: H2UpstreamClient, key: Key) -> None:
         self.client = client
         self.key = key
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            # Checked as they are encoded (LeanEncoder).
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = _ClientConnection(config=config)
+        self.h2.encoder = LeanEncoder(REQUEST_PSEUDO)
         self.streams: dict[int, _Stream] = {}
         self.queued: list[_Stream] = []
         self.connected = False

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from monedge.rules.hpack import LeanEncoder
+from monedge.rules.hpack import REQUEST_PSEUDO, LeanEncoder
 
 TOKEN = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -161,3 +161,36 @@ class RefusalTests(SynchronousTestCase):
         """
         block = LeanEncoder().encode([(b"te", b"trailers")])
         self.assertEqual(decode(Decoder(), block), [(b"te", b"trailers")])
+
+
+class RequestBlockTests(SynchronousTestCase):
+    """
+    A client's encoder (L{REQUEST_PSEUDO}) sends a request's pseudo-header
+    fields and no response's; a server's, the reverse.
+    """
+
+    def test_requestRoundTrip(self) -> None:
+        """
+        A gRPC request's block decodes to its fields, GET's and POST's
+        methods being static pairs.
+        """
+        fields = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", b"api.example.com"),
+            (b":path", b"/payments.v1.Payments/Echo"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        ]
+        block = LeanEncoder(REQUEST_PSEUDO).encode(fields)
+        self.assertEqual(decode(Decoder(), block), fields)
+        self.assertEqual(block[:2], b"\x83\x86")
+
+    def test_pseudoBySide(self) -> None:
+        """
+        :status is refused in a request, :method in a response.
+        """
+        self.assertRaises(
+            ProtocolError, LeanEncoder(REQUEST_PSEUDO).encode, [(b":status", b"200")]
+        )
+        self.assertRaises(ProtocolError, LeanEncoder().encode, [(b":method", b"GET")])

@@ -187,7 +187,8 @@ class H2UpstreamClientTests(SynchronousTestCase):
         """
         The request's head is one HEADERS frame: the method, target and
         C{Host} as pseudo-headers, names lower-cased, hop-by-hop fields
-        dropped and C{te: trailers} kept.
+        dropped and C{te: trailers} kept.  It is encoded without HPACK's
+        dynamic table (monedge.rules.hpack): the upstream's stays empty.
         """
         headers = Headers(
             {
@@ -215,6 +216,7 @@ class H2UpstreamClientTests(SynchronousTestCase):
             ],
         )
         self.assertTrue(received.stream_ended)
+        self.assertEqual(len(peer.h2.decoder.header_table.dynamic_entries), 0)
 
     def test_responseAndTrailers(self) -> None:
         """
