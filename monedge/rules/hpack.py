@@ -6,10 +6,10 @@ HPACK lets an encoder choose its representations: this one sends a field
 whose name and value are both in the static table as its index, and every
 other field as a literal that is never added to the dynamic table (with
 the name's static index when it has one), its value not Huffman-coded.
-Nothing it sends depends on what it sent before, so the bytes of a name's
-representation are kept and reused, and a field costs a dictionary lookup
-and a concatenation, where C{hpack}'s own encoder searches both tables and
-Huffman-codes each value.  The peer's dynamic table stays empty; a change
+Nothing it sends depends on what it sent before, on any connection, so
+the bytes of each field it encoded (with a short value) are kept, for every
+connection, and a field seen before costs a dictionary lookup, where
+C{hpack}'s own encoder searches both tables and Huffman-codes each value.  The peer's dynamic table stays empty; a change
 of its size (SETTINGS_HEADER_TABLE_SIZE) is still signalled at the start of
 the next block, as RFC 7541 (4.2) requires.
 
@@ -68,9 +68,16 @@ _SENSITIVE = frozenset(
 RESPONSE_PSEUDO = frozenset([b":status"])
 REQUEST_PSEUDO = frozenset([b":method", b":scheme", b":authority", b":path"])
 
-#: Names whose representation is kept, at most (any name a response may
-#: carry is kept until then; past it, names are encoded each time).
+#: What is kept of encoded fields, shared by every connection (an encoding
+#: that uses no dynamic table is the same on any): each checked name's
+#: representation without its value, at most L{MAX_NAMES}; and each whole
+#: field with a value of at most L{KEPT_VALUE} bytes, at most L{MAX_FIELDS}
+#: (past which they are forgotten, and kept again as they come).
 MAX_NAMES = 4096
+MAX_FIELDS = 4096
+KEPT_VALUE = 128
+_names: dict[bytes, bytes] = {}
+_fields: dict[tuple[bytes, bytes], bytes] = {}
 
 
 def _length(value: bytes) -> bytes:
@@ -98,8 +105,6 @@ class LeanEncoder(Encoder):
     def __init__(self, pseudo: frozenset[bytes] = RESPONSE_PSEUDO) -> None:
         super().__init__()
         self._pseudo = pseudo
-        #: Each checked name's representation prefix, by name.
-        self._names: dict[bytes, bytes] = {}
 
     def encode(self, headers: Iterable[Any], huffman: bool = True) -> bytes:
         """
@@ -113,7 +118,7 @@ class LeanEncoder(Encoder):
         if table.resized:
             block.append(self._encode_table_size_change())
             table.resized = False
-        names = self._names
+        fields = _fields
         pseudo = self._pseudo
         regular = False
         for header in headers:
@@ -124,38 +129,56 @@ class LeanEncoder(Encoder):
                     raise ProtocolError(f"pseudo-header field {name!r} out of place")
             else:
                 regular = True
-            stripped = value.strip(b" \t")
-            if len(stripped.translate(None, b"\x00\r\n")) != len(stripped):
-                raise ProtocolError(f"header field {name!r} has NUL, CR or LF")
-            if name == b"te" and stripped.lower() != b"trailers":
-                raise ProtocolError("te may only be trailers")
-            static = _STATIC_FIELDS.get((name, stripped))
-            if static is not None:
-                block.append(bytes((0x80 | static,)))
-                continue
-            prefix = names.get(name)
-            if prefix is None:
-                prefix = self._prefix(name)
-            block.append(prefix + _length(stripped) + stripped)
+            encoded = fields.get((name, value))
+            if encoded is None:
+                encoded = _field(name, value)
+            block.append(encoded)
         return b"".join(block)
 
-    def _prefix(self, name: bytes) -> bytes:
-        """
-        Check C{name}; its representation without the value: a literal
-        without indexing (never indexed, for credentials) with the static
-        index of the name, or the name itself.
-        """
-        bare = name[1:] if name[:1] == b":" else name
-        if not _NAME.fullmatch(bare) or name in _CONNECTION:
-            raise ProtocolError(f"header name {name!r} may not be sent")
-        pattern = 0x10 if name in _SENSITIVE else 0x00
-        index = _STATIC_NAMES.get(name)
-        if index is not None:
-            encoded = encode_integer(index, 4)
-            encoded[0] |= pattern
-            prefix = bytes(encoded)
-        else:
-            prefix = bytes((pattern,)) + _length(name) + name
-        if len(self._names) < MAX_NAMES:
-            self._names[name] = prefix
-        return prefix
+
+def _field(name: bytes, value: bytes) -> bytes:
+    """
+    Check a field; its representation (kept if its value is short).
+
+    @raise ProtocolError: for a field C{h2} would refuse to send.
+    """
+    stripped = value.strip(b" \t")
+    if len(stripped.translate(None, b"\x00\r\n")) != len(stripped):
+        raise ProtocolError(f"header field {name!r} has NUL, CR or LF")
+    if name == b"te" and stripped.lower() != b"trailers":
+        raise ProtocolError("te may only be trailers")
+    static = _STATIC_FIELDS.get((name, stripped))
+    if static is not None:
+        encoded = bytes((0x80 | static,))
+    else:
+        prefix = _names.get(name)
+        if prefix is None:
+            prefix = _prefix(name)
+        encoded = prefix + _length(stripped) + stripped
+    if len(value) <= KEPT_VALUE:
+        if len(_fields) >= MAX_FIELDS:
+            _fields.clear()
+        _fields[name, value] = encoded
+    return encoded
+
+
+def _prefix(name: bytes) -> bytes:
+    """
+    Check C{name}; its representation without the value: a literal
+    without indexing (never indexed, for credentials) with the static
+    index of the name, or the name itself.
+    """
+    bare = name[1:] if name[:1] == b":" else name
+    if not _NAME.fullmatch(bare) or name in _CONNECTION:
+        raise ProtocolError(f"header name {name!r} may not be sent")
+    pattern = 0x10 if name in _SENSITIVE else 0x00
+    index = _STATIC_NAMES.get(name)
+    if index is not None:
+        encoded = encode_integer(index, 4)
+        encoded[0] |= pattern
+        prefix = bytes(encoded)
+    else:
+        prefix = bytes((pattern,)) + _length(name) + name
+    if len(_names) < MAX_NAMES:
+        _names[name] = prefix
+    return prefix

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from monedge.rules import hpack
 from monedge.rules.hpack import REQUEST_PSEUDO, LeanEncoder
 
 TOKEN = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
@@ -194,3 +195,42 @@ class RequestBlockTests(SynchronousTestCase):
             ProtocolError, LeanEncoder(REQUEST_PSEUDO).encode, [(b":status", b"200")]
         )
         self.assertRaises(ProtocolError, LeanEncoder().encode, [(b":method", b"GET")])
+
+
+class KeptFieldsTests(SynchronousTestCase):
+    """
+    Encoded fields are kept, for every connection, within bounds.
+    """
+
+    def test_keptAndShared(self) -> None:
+        """
+        A field one encoder encoded is kept, and another encoder sends the
+        same bytes for it.
+        """
+        first = LeanEncoder().encode([(b"x-shared", b"v")])
+        self.assertIn((b"x-shared", b"v"), hpack._fields)
+        self.assertEqual(LeanEncoder().encode([(b"x-shared", b"v")]), first)
+
+    def test_bounded(self) -> None:
+        """
+        At most MAX_FIELDS fields are kept, and none with a value over
+        KEPT_VALUE bytes; forgotten fields still encode the same.
+        """
+        self.patch(hpack, "_fields", {})
+        self.patch(hpack, "MAX_FIELDS", 3)
+        encoder = LeanEncoder()
+        blocks = [encoder.encode([(b"x-n", b"%d" % i)]) for i in range(10)]
+        self.assertLessEqual(len(hpack._fields), 3)
+        again = [encoder.encode([(b"x-n", b"%d" % i)]) for i in range(10)]
+        self.assertEqual(again, blocks)
+        long = b"v" * (hpack.KEPT_VALUE + 1)
+        encoder.encode([(b"x-long", long)])
+        self.assertNotIn((b"x-long", long), hpack._fields)
+
+    def test_refusedEveryTime(self) -> None:
+        """
+        A refused field is never kept: it is refused again.
+        """
+        encoder = LeanEncoder()
+        for _ in range(2):
+            self.assertRaises(ProtocolError, encoder.encode, [(b"x-a", b"a\rb")])
