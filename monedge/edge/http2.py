@@ -53,9 +53,7 @@ from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, ProtocolError, StreamClosedError
 from h2.stream import StreamClosedBy
 from h2.utilities import HeaderValidationFlags, validate_headers
-from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
-from hpack.table import HeaderTable as HPACKTable
 from hyperframe.frame import DataFrame, GoAwayFrame, RstStreamFrame
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, ISSLTransport
@@ -73,7 +71,7 @@ from monedge.proxy.exchange import ClientRequest, ProxyExchange
 from monedge.record import RequestRecord
 from monedge.rules.errors import ProxyError, renderError
 from monedge.rules.headers import trailerFields
-from monedge.rules.hpack import LeanEncoder
+from monedge.rules.hpack import KEPT_BLOCK_SIZE, KEPT_BLOCKS, KeptDecoder, LeanEncoder
 from monedge.rules.limits import Limits
 from monedge.twistedseam import (
     HeaderTable,
@@ -166,78 +164,20 @@ class _CompressionError(ProtocolError):
     error_code = ErrorCodes.COMPRESSION_ERROR
 
 
-#: Header blocks a connection keeps decoded (L{_Decoder}), at most, and
-#: the most bytes of fields one may decode to.
-KEPT_BLOCKS = 4
-KEPT_BLOCK_SIZE = 2048
-
-
-class _CountedTable(HPACKTable):
+class _Decoder(KeptDecoder):
     """
-    HPACK's dynamic table, counting its changes (an entry added, a new
-    size).
+    The connection's HPACK decoder (which keeps repeated blocks decoded),
+    whose decoding errors are compression errors.
     """
-
-    changes = 0
-
-    def add(self, name: bytes, value: bytes) -> None:
-        self.changes += 1
-        super().add(name, value)
-
-    @property
-    def maxsize(self) -> int:
-        return self._maxsize
-
-    @maxsize.setter
-    def maxsize(self, newmax: int) -> None:
-        self.changes += 1
-        table: Any = HPACKTable
-        table.maxsize.fset(self, newmax)
-
-
-class _Decoder(Decoder):
-    """
-    HPACK's decoder, whose decoding errors are compression errors.
-
-    A block that changed nothing in the dynamic table is kept decoded, with
-    the table's state it was read in: the same bytes again, the table
-    unchanged since, decode to the same fields without HPACK's work (a
-    client that repeats a request, as load generators and gRPC clients
-    do, sends the same few bytes of indexed fields each time).  At most
-    L{KEPT_BLOCKS} blocks of at most L{KEPT_BLOCK_SIZE} decoded bytes are
-    kept.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.header_table = _CountedTable()
-        self._kept: dict[bytes, tuple[int, list[Any]]] = {}
 
     def decode(self, data: bytes, raw: bool = False) -> Any:
-        table = self.header_table
-        assert isinstance(table, _CountedTable)
-        changes = table.changes
-        key = bytes(data)
-        kept = self._kept.get(key)
-        if kept is not None and kept[0] == changes and raw:
-            return list(kept[1])
         try:
-            headers: list[Any] = list(super().decode(data, raw))
+            return super().decode(data, raw)
         except OversizedHeaderListError:
             # h2 turns it into ENHANCE_YOUR_CALM.
             raise
         except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as e:
             raise _CompressionError(f"cannot decode a header block: {e}") from e
-        if (
-            raw
-            and table.changes == changes
-            and sum(len(n) + len(v) for n, v in headers) <= KEPT_BLOCK_SIZE
-        ):
-            if len(self._kept) >= KEPT_BLOCKS:
-                self._kept.clear()
-            self._kept[key] = (changes, headers)
-            return list(headers)
-        return headers
 
 
 class _ServerConnection(h2.connection.H2Connection):

@@ -30,11 +30,18 @@ from collections.abc import Iterable
 from typing import Any
 
 from h2.exceptions import ProtocolError
-from hpack import Encoder
+from hpack import Decoder, Encoder
 from hpack.hpack import encode_integer
 from hpack.table import HeaderTable
 
-__all__ = ["REQUEST_PSEUDO", "RESPONSE_PSEUDO", "LeanEncoder"]
+__all__ = [
+    "KEPT_BLOCKS",
+    "KEPT_BLOCK_SIZE",
+    "REQUEST_PSEUDO",
+    "RESPONSE_PSEUDO",
+    "KeptDecoder",
+    "LeanEncoder",
+]
 
 #: Each static (name, value) pair's index, and each static name's first.
 _STATIC_FIELDS: dict[tuple[bytes, bytes], int] = {}
@@ -182,3 +189,71 @@ def _prefix(name: bytes) -> bytes:
     if len(_names) < MAX_NAMES:
         _names[name] = prefix
     return prefix
+
+
+#: Header blocks a connection keeps decoded (L{KeptDecoder}), at most, and
+#: the most bytes of fields one may decode to.
+KEPT_BLOCKS = 4
+KEPT_BLOCK_SIZE = 2048
+
+
+class _CountedTable(HeaderTable):
+    """
+    HPACK's dynamic table, counting its changes (an entry added, a new
+    size).
+    """
+
+    changes = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.changes += 1
+        super().add(name, value)
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @maxsize.setter
+    def maxsize(self, newmax: int) -> None:
+        self.changes += 1
+        table: Any = HeaderTable
+        table.maxsize.fset(self, newmax)
+
+
+class KeptDecoder(Decoder):
+    """
+    HPACK's decoder, keeping the blocks that changed nothing decoded.
+
+    A block that changed nothing in the dynamic table is kept decoded, with
+    the table's state it was read in: the same bytes again, the table
+    unchanged since, decode to the same fields without HPACK's work (a peer
+    that repeats a request or a response, as load generators, gRPC clients
+    and servers do, sends the same few bytes of indexed fields each time).
+    At most L{KEPT_BLOCKS} blocks of at most L{KEPT_BLOCK_SIZE} decoded
+    bytes are kept, for the connection's one decoder.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.header_table = _CountedTable()
+        self._kept: dict[bytes, tuple[int, list[Any]]] = {}
+
+    def decode(self, data: bytes, raw: bool = False) -> Any:
+        table = self.header_table
+        assert isinstance(table, _CountedTable)
+        changes = table.changes
+        key = bytes(data)
+        kept = self._kept.get(key)
+        if kept is not None and kept[0] == changes and raw:
+            return list(kept[1])
+        headers: list[Any] = list(super().decode(data, raw))
+        if (
+            raw
+            and table.changes == changes
+            and sum(len(n) + len(v) for n, v in headers) <= KEPT_BLOCK_SIZE
+        ):
+            if len(self._kept) >= KEPT_BLOCKS:
+                self._kept.clear()
+            self._kept[key] = (changes, headers)
+            return list(headers)
+        return headers

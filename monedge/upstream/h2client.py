@@ -60,7 +60,11 @@ import h2.settings
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, TooManyStreamsError
-from h2.utilities import HeaderValidationFlags, validate_outbound_headers
+from h2.utilities import (
+    HeaderValidationFlags,
+    validate_headers,
+    validate_outbound_headers,
+)
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -72,7 +76,13 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from monedge.interfaces import IUpstreamClient
-from monedge.rules.hpack import REQUEST_PSEUDO, LeanEncoder
+from monedge.rules.hpack import (
+    KEPT_BLOCK_SIZE,
+    KEPT_BLOCKS,
+    REQUEST_PSEUDO,
+    KeptDecoder,
+    LeanEncoder,
+)
 from monedge.upstream.client import DEFAULT_POOL_IDLE, Key, parseURL
 from monedge.upstream.endpoints import EndpointCache, UpstreamTLS, UpstreamTLSError
 from monedge.upstream.replay import NotReplayable, bodyAgain
@@ -117,6 +127,16 @@ CONNECTION_WINDOW = 16 * 1024 * 1024
 _REQUEST_FLAGS = HeaderValidationFlags(
     is_client=True, is_trailer=False, is_response_header=False, is_push_promise=False
 )
+
+#: How a response's head, and its trailer section, are checked
+#: (L{validate_headers}, in L{_Connection._checkHeads}).
+_RESPONSE_FLAGS = HeaderValidationFlags(
+    is_client=True, is_trailer=False, is_response_header=True, is_push_promise=False
+)
+_TRAILER_FLAGS = HeaderValidationFlags(
+    is_client=True, is_trailer=True, is_response_header=False, is_push_promise=False
+)
+_HEAD_EVENTS = (h2.events.ResponseReceived, h2.events.InformationalResponseReceived)
 
 #: Seconds of silence on a connection with streams open before a PING.
 DEFAULT_PING_INTERVAL = 30.0
@@ -564,9 +584,17 @@ class _H2Connection(Protocol):
             # Checked as they are encoded (LeanEncoder).
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
+            # Checked here (_checkHeads), the last few remembered.
+            validate_inbound_headers=False,
         )
         self.h2 = _ClientConnection(config=config)
         self.h2.encoder = LeanEncoder(REQUEST_PSEUDO)
+        decoder = KeptDecoder()
+        decoder.max_header_list_size = self.h2.decoder.max_header_list_size
+        self.h2.decoder = decoder
+        #: The last few response heads and trailer sections checked, by
+        #: their kind and fields.
+        self._checked: set[tuple[bool, tuple[Any, ...]]] = set()
         self.streams: dict[int, _Stream] = {}
         self.queued: list[_Stream] = []
         self.connected = False
@@ -732,6 +760,7 @@ class _H2Connection(Protocol):
         self._heardAt = self.client.reactor.seconds()
         try:
             events = self.h2.receive_data(data)
+            self._checkHeads(events)
         except H2Error as e:
             self._log.warn(
                 "upstream {endpoint} broke HTTP/2: {error}; connection dropped",
@@ -748,6 +777,35 @@ class _H2Connection(Protocol):
             if self.transport is None:
                 return
         self._write()
+
+    def _checkHeads(self, events: list[Any]) -> None:
+        """
+        Check the response heads and trailer sections among C{events} as
+        h2's inbound validation would (RFC 9113, 8.2 and 8.3), before any
+        event is acted on; a section like one of the last few checked (a
+        server answering alike, as gRPC servers do) is not checked again.
+
+        @raise ProtocolError: for a malformed one, which breaks the
+            connection as h2's own check would have.
+        """
+        for event in events:
+            if isinstance(event, _HEAD_EVENTS):
+                trailer = False
+            elif isinstance(event, h2.events.TrailersReceived):
+                trailer = True
+            else:
+                continue
+            key = (trailer, tuple(event.headers or ()))
+            if key in self._checked:
+                continue
+            flags = _TRAILER_FLAGS if trailer else _RESPONSE_FLAGS
+            size = 0
+            for name, value in validate_headers(key[1], flags):
+                size += len(name) + len(value)
+            if size <= KEPT_BLOCK_SIZE:
+                if len(self._checked) >= KEPT_BLOCKS:
+                    self._checked.clear()
+                self._checked.add(key)
 
     def _dataAfterPing(self) -> None:
         """

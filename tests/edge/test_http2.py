@@ -16,8 +16,6 @@ import h2.events
 import h2.settings
 import h2.utilities
 from h2.errors import ErrorCodes
-from hpack import Decoder
-from hpack.hpack import encode_integer
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -754,80 +752,6 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual([r["status"] for r in h.records()], [499])
         self.assertEqual(h.site.inFlight, 0)
         self.assertNotIn(c.channel, h.site.channels)
-
-
-class DecoderTests(SynchronousTestCase):
-    """
-    The connection's HPACK decoder keeps the blocks that left the dynamic
-    table as it was, decoded, and reads them again only when the table
-    changed since.
-    """
-
-    def test_repeatedBlockKept(self) -> None:
-        """
-        The same bytes, the table unchanged, decode to the same fields
-        (the kept ones: HPACK's decoder is not run again).
-        """
-        decoder = http2._Decoder()
-        block = b"\x82\x84\x86"  # :method GET, :path /, :scheme http
-        first = decoder.decode(block, raw=True)
-        self.assertEqual(
-            first, [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")]
-        )
-        calls: list[bytes] = []
-        parent = Decoder.decode
-
-        def counting(this: Any, data: bytes, raw: bool = False) -> Any:
-            calls.append(data)
-            return parent(this, data, raw)
-
-        self.patch(Decoder, "decode", counting)
-        again = decoder.decode(block, raw=True)
-        self.assertEqual(again, first)
-        self.assertIsNot(again, first)
-        self.assertEqual(calls, [])
-
-    def test_tableChangeDecodesAgain(self) -> None:
-        """
-        A block that refers to the dynamic table is decoded again once the
-        table changed: the same index names another entry after one more
-        is added.
-        """
-        decoder = http2._Decoder()
-        decoder.decode(b"\x40\x01a\x011", raw=True)  # a: 1, indexed
-        newest = b"\xbe"  # index 62: the newest dynamic entry
-        self.assertEqual(decoder.decode(newest, raw=True), [(b"a", b"1")])
-        self.assertEqual(decoder.decode(newest, raw=True), [(b"a", b"1")])
-        decoder.decode(b"\x40\x01b\x012", raw=True)  # b: 2, indexed
-        self.assertEqual(decoder.decode(newest, raw=True), [(b"b", b"2")])
-
-    def test_blocksThatChangeTheTableNotKept(self) -> None:
-        """
-        A block that adds to the table is decoded each time: the second
-        copy adds its entry again.
-        """
-        decoder = http2._Decoder()
-        block = b"\x40\x01a\x011"
-        decoder.decode(block, raw=True)
-        decoder.decode(block, raw=True)
-        self.assertEqual(len(decoder.header_table.dynamic_entries), 2)
-
-    def test_bounded(self) -> None:
-        """
-        At most KEPT_BLOCKS blocks are kept, and none whose fields exceed
-        KEPT_BLOCK_SIZE bytes.
-        """
-        decoder = http2._Decoder()
-        for i in range(http2.KEPT_BLOCKS * 3):
-            value = b"%d" % (i,)
-            decoder.decode(b"\x00\x01x" + bytes([len(value)]) + value, raw=True)
-            self.assertLessEqual(len(decoder._kept), http2.KEPT_BLOCKS)
-        decoder._kept.clear()
-        value = b"v" * http2.KEPT_BLOCK_SIZE
-        decoder.decode(
-            b"\x00\x01x" + bytes(encode_integer(len(value), 7)) + value, raw=True
-        )
-        self.assertEqual(decoder._kept, {})
 
 
 class CheckedFieldsTests(SynchronousTestCase):

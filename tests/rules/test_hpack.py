@@ -6,14 +6,17 @@ C{h2} would refuse to send refused.
 
 from __future__ import annotations
 
+from typing import Any
+
 from h2.exceptions import ProtocolError
 from hpack import Decoder, HeaderTuple, NeverIndexedHeaderTuple
+from hpack.hpack import encode_integer
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from monedge.rules import hpack
-from monedge.rules.hpack import REQUEST_PSEUDO, LeanEncoder
+from monedge.rules.hpack import REQUEST_PSEUDO, KeptDecoder, LeanEncoder
 
 TOKEN = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -234,3 +237,77 @@ class KeptFieldsTests(SynchronousTestCase):
         encoder = LeanEncoder()
         for _ in range(2):
             self.assertRaises(ProtocolError, encoder.encode, [(b"x-a", b"a\rb")])
+
+
+class DecoderTests(SynchronousTestCase):
+    """
+    L{KeptDecoder} (an HTTP/2 connection's, both ways) keeps the blocks
+    that left the dynamic table as it was, decoded, and reads them again
+    only when the table changed since.
+    """
+
+    def test_repeatedBlockKept(self) -> None:
+        """
+        The same bytes, the table unchanged, decode to the same fields
+        (the kept ones: HPACK's decoder is not run again).
+        """
+        decoder = KeptDecoder()
+        block = b"\x82\x84\x86"  # :method GET, :path /, :scheme http
+        first = decoder.decode(block, raw=True)
+        self.assertEqual(
+            first, [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http")]
+        )
+        calls: list[bytes] = []
+        parent = Decoder.decode
+
+        def counting(this: Any, data: bytes, raw: bool = False) -> Any:
+            calls.append(data)
+            return parent(this, data, raw)
+
+        self.patch(Decoder, "decode", counting)
+        again = decoder.decode(block, raw=True)
+        self.assertEqual(again, first)
+        self.assertIsNot(again, first)
+        self.assertEqual(calls, [])
+
+    def test_tableChangeDecodesAgain(self) -> None:
+        """
+        A block that refers to the dynamic table is decoded again once the
+        table changed: the same index names another entry after one more
+        is added.
+        """
+        decoder = KeptDecoder()
+        decoder.decode(b"\x40\x01a\x011", raw=True)  # a: 1, indexed
+        newest = b"\xbe"  # index 62: the newest dynamic entry
+        self.assertEqual(decoder.decode(newest, raw=True), [(b"a", b"1")])
+        self.assertEqual(decoder.decode(newest, raw=True), [(b"a", b"1")])
+        decoder.decode(b"\x40\x01b\x012", raw=True)  # b: 2, indexed
+        self.assertEqual(decoder.decode(newest, raw=True), [(b"b", b"2")])
+
+    def test_blocksThatChangeTheTableNotKept(self) -> None:
+        """
+        A block that adds to the table is decoded each time: the second
+        copy adds its entry again.
+        """
+        decoder = KeptDecoder()
+        block = b"\x40\x01a\x011"
+        decoder.decode(block, raw=True)
+        decoder.decode(block, raw=True)
+        self.assertEqual(len(decoder.header_table.dynamic_entries), 2)
+
+    def test_bounded(self) -> None:
+        """
+        At most KEPT_BLOCKS blocks are kept, and none whose fields exceed
+        KEPT_BLOCK_SIZE bytes.
+        """
+        decoder = KeptDecoder()
+        for i in range(hpack.KEPT_BLOCKS * 3):
+            value = b"%d" % (i,)
+            decoder.decode(b"\x00\x01x" + bytes([len(value)]) + value, raw=True)
+            self.assertLessEqual(len(decoder._kept), hpack.KEPT_BLOCKS)
+        decoder._kept.clear()
+        value = b"v" * hpack.KEPT_BLOCK_SIZE
+        decoder.decode(
+            b"\x00\x01x" + bytes(encode_integer(len(value), 7)) + value, raw=True
+        )
+        self.assertEqual(decoder._kept, {})

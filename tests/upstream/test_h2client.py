@@ -11,10 +11,11 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import h2.utilities
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -459,6 +460,48 @@ class H2UpstreamClientTests(SynchronousTestCase):
         peer.read()
         self.assertTrue(peer.of(h2.events.ConnectionTerminated))
         self.assertTrue(peer.transport.disconnecting)
+
+    def test_malformedHeadBreaksTheConnection(self) -> None:
+        """
+        A response head h2 would refuse (here, a connection-specific field)
+        drops the connection and fails the request, as h2's own check did.
+        """
+        d = self.request()
+        peer = self.endpoint.peers[0]
+        peer.h2.config.validate_outbound_headers = False
+        peer.h2.config.normalize_outbound_headers = False
+        peer.start()
+        peer.read()
+        peer.h2.send_headers(1, [(b":status", b"200"), (b"connection", b"close")])
+        peer.flush()
+        self.assertTrue(peer.transport.disconnecting)
+        self.assertNoResult(d)
+        peer.protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, ResponseNeverReceived)
+
+    def test_repeatedHeadsCheckedOnce(self) -> None:
+        """
+        Response heads and trailer sections like one of the last few are
+        not checked again; each kind is checked once.
+        """
+        checks: list[Any] = []
+        validate = h2.utilities.validate_headers
+
+        def counting(headers: Any, flags: Any) -> Any:
+            checks.append(flags.is_trailer)
+            return validate(headers, flags)
+
+        self.patch(h2client, "validate_headers", counting)
+        calls = [self.request() for _ in range(3)]
+        peer = self.endpoint.peers[0]
+        peer.start()
+        peer.read()
+        for stream in (1, 3, 5):
+            peer.respond(stream, b"x", trailers=[(b"grpc-status", b"0")])
+        for d in calls:
+            response: Any = self.successResultOf(d)
+            self.assertEqual(response.monedgeTrailers, [(b"grpc-status", b"0")])
+        self.assertEqual(sorted(checks), [False, True])
 
     def test_goAwayRetriesBounded(self) -> None:
         """
