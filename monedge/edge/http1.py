@@ -609,6 +609,16 @@ class HTTP1Request(SharedRequest):
 _HEAD, _BODY = range(2)
 
 
+class _HeadCheck:
+    """
+    What llhttp reads a head for when it only checks it: nothing to call
+    back (no C{on_*} method).
+    """
+
+
+_HEAD_CHECK = _HeadCheck()
+
+
 @implementer(IPushProducer)
 class HTTP1Channel(SharedChannel, Protocol):
     """
@@ -1059,7 +1069,11 @@ class HTTP1Channel(SharedChannel, Protocol):
         self._stopDeadline()
         request = self.requests[-1]
         version = self._version
-        parser = httptools.HttpRequestParser(self)
+        # Only a chunked body is read through the parser (its callbacks);
+        # any other head is only checked, with no callback into Python.
+        parser = httptools.HttpRequestParser(
+            self if self._framing == "chunked" else _HEAD_CHECK
+        )
         self._messageDone = False
         head = b"\r\n".join([b"PUT / " + version, *self._headerLines, b"", b""])
         self._headerLines = []
