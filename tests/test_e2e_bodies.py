@@ -40,6 +40,18 @@ MIB = 1 << 20
 BLOCK = bytes(range(256)) * 256
 
 
+def socketBufferMaxima() -> int:
+    """
+    The most a receive buffer and a send buffer may grow to together, in
+    bytes: the maxima of C{net.ipv4.tcp_rmem} and C{tcp_wmem}.
+    """
+    total = 0
+    for name in ("tcp_rmem", "tcp_wmem"):
+        with open(f"/proc/sys/net/ipv4/{name}") as f:
+            total += int(f.read().split()[2])
+    return total
+
+
 def pattern(size: int) -> bytes:
     """
     C{size} bytes of L{BLOCK}, repeated.
@@ -731,22 +743,25 @@ class StreamedBodyCorpusTests(BodiesTestCase):
 
     async def test_upstreamReadsSlowly(self) -> None:
         """
-        An upstream that reads an 8 MiB body at 2 MiB/s gets it whole and
+        An upstream that reads a body slowly (16 MiB/s) gets it whole and
         intact, and the client is paused meanwhile rather than monedge
         buffering: its sends block (sending takes at least 0.8 of the time
         the upstream takes to read what it has read by the end, not a few
-        milliseconds), what the upstream has not read when
-        the client is done is no more than the kernel's socket buffers on
-        the way hold (monedge's send buffer to the upstream grows to
-        C{tcp_wmem}'s 4 MiB; its receive buffer from the client, the 64 KiB
-        buffers at both ends, and monedge's own high water and one 256 KiB
-        read add up to well under 2 MiB more), and monedge's RSS grows by
-        less than 16 MiB.
+        milliseconds); what the upstream has not read when the client is
+        done is no more than the kernel's socket buffers on the way may
+        hold (monedge's receive buffer from the client and its send buffer
+        to the upstream grow to C{tcp_rmem}'s and C{tcp_wmem}'s maxima;
+        the 64 KiB buffers at both ends, monedge's own high water and one
+        read add up to under 2 MiB more); and monedge's RSS grows by less
+        than 16 MiB.  The body is 16 MiB more than those buffers, so that
+        neither the kernel nor monedge could take it all.
         """
-        rate = 2 * MIB
-        total = 8 * MIB
+        rate = 16 * MIB
+        kernel = socketBufferMaxima()
+        total = kernel + 16 * MIB
         upstream, proxy = await self.startBodies(
-            upstream=BodyUpstream(rate=rate, receiveBuffer=64 * KIB)
+            policy={"max-body-size": 2 * total},
+            upstream=BodyUpstream(rate=rate, receiveBuffer=64 * KIB),
         )
         baseline = proxy.rss()
         peak = [baseline]
@@ -779,7 +794,9 @@ class StreamedBodyCorpusTests(BodiesTestCase):
             {"length": total, "sha256": hashlib.sha256(pattern(total)).hexdigest()},
         )
         self.assertLess(
-            unread[0], 6 * MIB, f"the client sent it all in {sending:.2f} s"
+            unread[0],
+            kernel + 2 * MIB,
+            f"the client sent it all in {sending:.2f} s",
         )
         # The client's sends took about as long as the upstream took to
         # read what it had read by then: it was held back, not buffered.
