@@ -265,13 +265,16 @@ class ProxyPathTests(SynchronousTestCase):
         [record] = h.records()
         self.assertEqual((record["status"], record["bytes_out"]), (200, 4))
         self.assertEqual(h.site.inFlight, 0)
-        # Only the connection's own timers (header deadline, keep-alive)
-        # are left: none of the exchange's.
+        # Only the connection's own timers (header deadline, keep-alive,
+        # the one for response heads, no longer armed) are left: none of
+        # the exchange's.
+        channel = protocol._channel
         pending = [c for c in h.clock.getDelayedCalls() if c.active()]
         self.assertEqual(
             {getattr(getattr(c, "func", None), "__self__", None) for c in pending},
-            {protocol._channel},
+            {channel, channel.responseTimer},
         )
+        self.assertFalse(channel.responseTimer.armed)
 
     def test_bodyNotTakenIsRelayed(self) -> None:
         """
@@ -390,6 +393,51 @@ class ProxyPathTests(SynchronousTestCase):
         self.assertTrue(call.cancelled)
         self.assertEqual(_status(transport), 504)
         self.assertEqual(_jsonBody(transport)["code"], "upstream_timeout")
+
+    def test_responseHeaderTimeoutOnAKeptConnection(self) -> None:
+        """
+        On a kept-alive connection, each request gets the service's whole
+        timeout from its own start: a request answered in time leaves no
+        deadline behind, and the next one, unanswered, gets 504 at its own
+        timeout, not at the first one's.
+        """
+        h = Harness([_service(timeout=2.0)])
+        protocol, transport = h.send(GET)
+        h.clock.advance(1.5)
+        response = FakeResponse(200, length=2)
+        h.client.calls[0].result.callback(response)
+        response.deliver(b"ok")
+        response.end()
+        self.assertEqual(_status(transport), 200)
+        transport.clear()
+        h.clock.advance(1.0)
+        protocol.dataReceived(GET)
+        second = h.client.calls[1]
+        h.clock.advance(1.9)
+        self.assertFalse(second.cancelled)
+        self.assertEqual(transport.value(), b"")
+        h.clock.advance(0.2)
+        self.assertTrue(second.cancelled)
+        self.assertEqual(_status(transport), 504)
+        self.assertEqual(_jsonBody(transport)["code"], "upstream_timeout")
+
+    def test_responseTimerGoesWithTheConnection(self) -> None:
+        """
+        A connection that closes cancels its timer for response heads:
+        nothing of it stays scheduled.
+        """
+        h = Harness([_service(timeout=2.0)])
+        protocol, transport = h.send(GET)
+        channel = protocol._channel
+        timer = channel.responseTimer
+        self.assertTrue(timer.armed)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(timer.armed)
+        pending = [c for c in h.clock.getDelayedCalls() if c.active()]
+        self.assertNotIn(
+            timer,
+            {getattr(getattr(c, "func", None), "__self__", None) for c in pending},
+        )
 
     def test_bodyIdleTimeout(self) -> None:
         """
