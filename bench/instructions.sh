@@ -15,14 +15,16 @@
 # instructions executed per request.  Kernel time (the system calls
 # themselves) is not counted.  BENCH_HEADER, if set, is a header every
 # request carries (for hooks that need one), as in
-# BENCH_HEADER="Authorization: Bearer $token".  Example, from the
-# repository root with the venv installed:
+# BENCH_HEADER="Authorization: Bearer $token".  BENCH_H2LOAD, if set,
+# replaces the load's "--h1 -c50": BENCH_H2LOAD="-c50 -m10" loads over
+# HTTP/2 with prior knowledge (h2c), 50 connections of 10 streams.
+# Example, from the repository root with the venv installed:
 #
 #   bench/instructions.sh /bench/ 2000 env PYTHONPATH=. .venv/bin/python .venv/bin/twistd
 #       -n --pidfile= monedge --port tcp:{PORT}:interface=127.0.0.1 --admin-port tcp:0:interface=127.0.0.1
 #       --registry static:{REGISTRY} --access-log /tmp/a.log --drain-delay 0s
 set -eu
-[ $# -ge 3 ] || { sed -n '2,23p' "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,25p' "$0"; exit 2; }
 path=$1; requests=$2; shift 2
 command -v valgrind >/dev/null 2>&1 && command -v h2load >/dev/null 2>&1 || scripts/system-deps.sh
 . bench/loopback.sh
@@ -35,9 +37,10 @@ server=$!
 trap 'kill $server $upstream 2>/dev/null || true; rm -rf "$out" "$registry"' EXIT INT TERM
 for _ in $(seq 600); do curl -s -m 2 -o /dev/null ${BENCH_HEADER:+-H "$BENCH_HEADER"} "http://127.0.0.1:$port$path" && break; sleep 0.5; done
 curl -sf -m 10 -o /dev/null ${BENCH_HEADER:+-H "$BENCH_HEADER"} "http://127.0.0.1:$port$path" || { echo "the server does not answer $path:" >&2; cat "$out/server.log" >&2; exit 1; }
-h2load --h1 -n 1000 -c 50 ${BENCH_HEADER:+-H "$BENCH_HEADER"} "http://127.0.0.1:$port$path" >/dev/null
+load=${BENCH_H2LOAD:---h1 -c 50}
+h2load $load -n 1000 ${BENCH_HEADER:+-H "$BENCH_HEADER"} "http://127.0.0.1:$port$path" >/dev/null
 callgrind_control -i on $server >/dev/null 2>&1
-summary=$(h2load --h1 -n "$requests" -c 50 ${BENCH_HEADER:+-H "$BENCH_HEADER"} "http://127.0.0.1:$port$path" | grep -E '^requests:')
+summary=$(h2load $load -n "$requests" ${BENCH_HEADER:+-H "$BENCH_HEADER"} "http://127.0.0.1:$port$path" | grep -E '^requests:')
 callgrind_control -i off $server >/dev/null 2>&1
 callgrind_control -d $server >/dev/null 2>&1
 sleep 1
