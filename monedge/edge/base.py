@@ -17,6 +17,7 @@ schedule its timer.
 
 from __future__ import annotations
 
+import math
 from typing import IO, TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IDelayedCall
@@ -168,6 +169,12 @@ class SharedChannel:
     requests: list[Any]
     _deadline: IDelayedCall | None
     _deadlineAt: float | None
+    #: The response-head deadline of the exchange waiting on this
+    #: connection's upstream, if one is (L{responseDeadline}): when, for
+    #: whom, and what to call then.
+    _responseAt: float | None = None
+    _responseOwner: object = None
+    _responseFunc: Any = None
     _heldHead: bytes | None
     _inBody: bool
 
@@ -200,12 +207,39 @@ class SharedChannel:
         self.setTimeout(None)
         self.site.channels.discard(self)
 
-    # The header deadline
+    # The header deadline, and the response deadline
 
-    # One timer serves many requests on a keep-alive connection: stopping
-    # the deadline only clears _deadlineAt, and the timer, when it fires,
-    # re-arms itself for a later deadline or lapses.  A request then costs
-    # no timer of its own.
+    # One timer serves many requests on a keep-alive connection, and both
+    # its deadlines: the head's or body's (_deadlineAt) and the response
+    # head's its exchange waits for (_responseAt).  Stopping a deadline
+    # only clears it, and the timer, when it fires, acts on the deadlines
+    # passed and re-arms itself for the nearest one left, or lapses.  A
+    # request then costs no timer of its own.
+
+    def responseDeadline(self, delay: float, owner: object, func: Any) -> None:
+        """
+        Call C{func} in C{delay} seconds, for C{owner} (an exchange waiting
+        for its upstream's response head), unless
+        L{stopResponseDeadline} is called first; on this connection's one
+        timer.
+        """
+        at = self.site.reactor.seconds() + delay
+        self._responseAt = at
+        self._responseOwner = owner
+        self._responseFunc = func
+        if self._deadline is None:
+            self._deadline = self._later(delay, self._deadlineFired)
+        elif self._deadline.getTime() > at:
+            self._deadline.reset(delay)
+
+    def stopResponseDeadline(self, owner: object) -> None:
+        """
+        Forget C{owner}'s response deadline (nothing, if another's is set).
+        """
+        if self._responseOwner is owner:
+            self._responseAt = None
+            self._responseOwner = None
+            self._responseFunc = None
 
     def _startDeadline(self, timeout: float | None = None) -> None:
         if self._deadlineAt is not None:
@@ -225,6 +259,9 @@ class SharedChannel:
 
     def _cancelDeadline(self) -> None:
         self._deadlineAt = None
+        self._responseAt = None
+        self._responseOwner = None
+        self._responseFunc = None
         if self._deadline is not None:
             if self._deadline.active():
                 self._deadline.cancel()
@@ -232,12 +269,20 @@ class SharedChannel:
 
     def _deadlineFired(self) -> None:
         self._deadline = None
+        now = self.site.reactor.seconds()
+        responseAt = self._responseAt
+        if responseAt is not None and responseAt <= now:
+            func = self._responseFunc
+            self._responseAt = None
+            self._responseOwner = None
+            self._responseFunc = None
+            func()
+            responseAt = self._responseAt
         at = self._deadlineAt
-        if at is None:
-            return
-        remaining = at - self.site.reactor.seconds()
-        if remaining > 0:
-            self._deadline = self._later(remaining, self._deadlineFired)
+        if at is None or at > now:
+            nearest = min(t for t in (at, responseAt, math.inf) if t is not None)
+            if nearest != math.inf and self._deadline is None:
+                self._deadline = self._later(nearest - now, self._deadlineFired)
             return
         self._deadlineAt = None
         request = self.requests[-1] if self.requests else None

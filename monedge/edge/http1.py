@@ -69,7 +69,6 @@ from monedge.edge.base import (
     SharedRequest,
 )
 from monedge.proxy.exchange import ClientRequest, ProxyExchange, TunnelChannel
-from monedge.proxy.timers import LazyTimer
 from monedge.record import RequestRecord
 from monedge.rules.errors import (
     CATALOGUE,
@@ -698,19 +697,6 @@ class HTTP1Channel(SharedChannel, Protocol):
         self._peer: Any = None
         self._secure: bool | None = None
         self._networkProducer: Any = None
-        self._responseTimer: LazyTimer | None = None
-
-    @property
-    def responseTimer(self) -> LazyTimer:
-        """
-        The one timer of this connection's exchanges for their upstreams'
-        response heads (L{monedge.proxy.timers}): its requests are answered
-        one after another.
-        """
-        timer = self._responseTimer
-        if timer is None:
-            timer = self._responseTimer = LazyTimer(self.site.reactor)
-        return timer
 
     def _later(self, delay: float, f: Any) -> IDelayedCall:
         call: IDelayedCall = self.site.reactor.callLater(delay, f)
@@ -805,10 +791,6 @@ class HTTP1Channel(SharedChannel, Protocol):
         side = self.tunnelSide
         if side is not None:
             side.lost(reason)
-        timer = self._responseTimer
-        if timer is not None:
-            self._responseTimer = None
-            timer.close()
         self._cancelDeadline()
         self.setTimeout(None)
         for call in (self._lingering, self._aborting):

@@ -54,7 +54,6 @@ from monedge.upstream.upgrade import isWebSocketAccept
 if TYPE_CHECKING:
     from monedge.observe.metrics import ServiceMetrics
     from monedge.proxy.grpcweb import GrpcWebCall
-    from monedge.proxy.timers import LazyTimer
     from monedge.rules.policy import Policy
 
 
@@ -301,9 +300,9 @@ class ProxyExchange:
         self._state: EndpointState | None = None
         self._pending: Deferred[IResponse] | None = None
         self._timeoutCall: IDelayedCall | None = None
-        #: The client connection's timer for the response head, when it
-        #: has one and it holds this exchange's deadline.
-        self._lazy: LazyTimer | None = None
+        #: The client connection whose one timer holds this exchange's
+        #: response-head deadline, if it has one (an HTTP/1.1 connection).
+        self._deadlineChannel: Any = None
         #: The error code of the timeout that ended the exchange, if one did.
         self._timedOut: str | None = None
         self._relay: _BodyRelay | None = None
@@ -435,14 +434,13 @@ class ProxyExchange:
                 self._policy.streamIdleTimeout / 4, self._callQuiet
             )
         else:
-            # The client connection's one timer for response heads, if it
-            # has one (HTTP/1.1's: its requests come one after another).
-            lazy: LazyTimer | None = getattr(
-                self.request.channel, "responseTimer", None
-            )
-            if lazy is not None:
-                lazy.start(self._policy.timeout, self, self._headersTimedOut)
-                self._lazy = lazy
+            # On the client connection's one timer, if it has one (an
+            # HTTP/1.1 connection's requests are answered one at a time).
+            channel = self.request.channel
+            setDeadline = getattr(channel, "responseDeadline", None)
+            if setDeadline is not None:
+                setDeadline(self._policy.timeout, self, self._headersTimedOut)
+                self._deadlineChannel = channel
             else:
                 self._timeoutCall = clock.callLater(
                     self._policy.timeout, self._headersTimedOut
@@ -458,14 +456,14 @@ class ProxyExchange:
         if self._timeoutCall is not None and self._timeoutCall.active():
             self._timeoutCall.cancel()
         self._timeoutCall = None
-        lazy = self._lazy
-        if lazy is not None:
-            self._lazy = None
-            lazy.stop(self)
+        channel = self._deadlineChannel
+        if channel is not None:
+            self._deadlineChannel = None
+            channel.stopResponseDeadline(self)
 
     def _headersTimedOut(self) -> None:
         self._timeoutCall = None
-        self._lazy = None
+        self._deadlineChannel = None
         self._timedOut = "upstream_timeout"
         if self._pending is not None:
             self._pending.cancel()
@@ -712,10 +710,10 @@ class ProxyExchange:
         # Send the headers now: a client waiting on a long poll or an event
         # stream must not wait for the first body byte to see them.
         request.write(b"")
-        lazy = self._lazy
-        if lazy is not None:
-            self._lazy = None
-            lazy.stop(self)
+        channel = self._deadlineChannel
+        if channel is not None:
+            self._deadlineChannel = None
+            channel.stopResponseDeadline(self)
         timer, self._timeoutCall = self._timeoutCall, None
         self._response = response
         policy = self._policy

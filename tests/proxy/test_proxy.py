@@ -265,16 +265,16 @@ class ProxyPathTests(SynchronousTestCase):
         [record] = h.records()
         self.assertEqual((record["status"], record["bytes_out"]), (200, 4))
         self.assertEqual(h.site.inFlight, 0)
-        # Only the connection's own timers (header deadline, keep-alive,
-        # the one for response heads, no longer armed) are left: none of
-        # the exchange's.
+        # Only the connection's own timers (its one deadline timer, which
+        # holds no response deadline any more, and keep-alive) are left:
+        # none of the exchange's.
         channel = protocol._channel
         pending = [c for c in h.clock.getDelayedCalls() if c.active()]
         self.assertEqual(
             {getattr(getattr(c, "func", None), "__self__", None) for c in pending},
-            {channel, channel.responseTimer},
+            {channel},
         )
-        self.assertFalse(channel.responseTimer.armed)
+        self.assertIsNone(channel._responseAt)
 
     def test_bodyNotTakenIsRelayed(self) -> None:
         """
@@ -421,23 +421,55 @@ class ProxyPathTests(SynchronousTestCase):
         self.assertEqual(_status(transport), 504)
         self.assertEqual(_jsonBody(transport)["code"], "upstream_timeout")
 
-    def test_responseTimerGoesWithTheConnection(self) -> None:
+    def test_responseDeadlineOnTheConnectionsTimer(self) -> None:
         """
-        A connection that closes cancels its timer for response heads:
-        nothing of it stays scheduled.
+        An HTTP/1.1 exchange's response deadline is held by its connection's
+        one deadline timer: a request adds no timer of its own, and a
+        connection that closes leaves none of its timers scheduled.
         """
         h = Harness([_service(timeout=2.0)])
         protocol, transport = h.send(GET)
         channel = protocol._channel
-        timer = channel.responseTimer
-        self.assertTrue(timer.armed)
+        self.assertIsNotNone(channel._responseAt)
+        pending = [c for c in h.clock.getDelayedCalls() if c.active()]
+        self.assertEqual(
+            {getattr(getattr(c, "func", None), "__self__", None) for c in pending},
+            {channel},
+        )
         protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertFalse(timer.armed)
+        self.assertIsNone(channel._responseAt)
         pending = [c for c in h.clock.getDelayedCalls() if c.active()]
         self.assertNotIn(
-            timer,
+            channel,
             {getattr(getattr(c, "func", None), "__self__", None) for c in pending},
         )
+
+    def test_responseAndBodyDeadlinesShareTheTimer(self) -> None:
+        """
+        While a request's body stalls, its body deadline and its exchange's
+        response deadline both run on the connection's one timer, and the
+        sooner fires at its own time: the response's (504) before a longer
+        body timeout, the body's (408) before a longer service timeout.
+        """
+        post = (
+            b"POST /echo/x HTTP/1.1\r\nHost: api.example.com\r\n"
+            b"Content-Length: 10\r\n\r\n12345"
+        )
+        h = Harness([_service(timeout=1.0)], Limits(bodyTimeout=5.0))
+        _, transport = h.send(post)
+        h.clock.advance(0.99)
+        self.assertEqual(transport.value(), b"")
+        h.clock.advance(0.01)
+        self.assertEqual(_status(transport), 504)
+        self.assertEqual(_jsonBody(transport)["code"], "upstream_timeout")
+
+        h = Harness([_service(timeout=10.0)], Limits(bodyTimeout=2.0))
+        _, transport = h.send(post)
+        h.clock.advance(1.99)
+        self.assertEqual(transport.value(), b"")
+        h.clock.advance(0.01)
+        self.assertEqual(_status(transport), 408)
+        self.assertEqual(_jsonBody(transport)["code"], "request_timeout")
 
     def test_bodyIdleTimeout(self) -> None:
         """
