@@ -63,6 +63,8 @@ FOREIGN = {
     "--strict": "mypy",
     "--tree": "callgrind_annotate",
     "--enable-shared": "configure",
+    "--tool": "valgrind",
+    "--instr-atstart": "valgrind",
 }
 
 #: Repository paths the docs name that are not in the repository, and why.
