@@ -337,9 +337,18 @@ class _Stream:
         body = self.body
         assert body is not None
         self._bodyStarted = True
-        writing = body.startProducing(_BodyConsumer(self))
+        # What the body writes as it starts waits for its end, if that
+        # comes at once (a body held whole): then its last DATA frame
+        # carries END_STREAM, with no empty DATA frame after it.
+        self._starting = True
+        try:
+            writing = body.startProducing(_BodyConsumer(self))
+        finally:
+            self._starting = False
         self._bodyWriting = writing
         writing.addBoth(self._bodyWritten)
+        if not self._bodyDone:
+            self.flush()
 
     def _bodyWritten(self, result: object) -> None:
         self._bodyWriting = None
@@ -351,11 +360,19 @@ class _Stream:
         self._bodyDone = True
         self.flush()
 
+    #: The body's producer is being started (see L{start}).
+    _starting = False
+
     def writeBody(self, data: bytes) -> None:
         if self.finished or self.localEnded or not data:
             return
         self._outbound.append(data)
-        self.flush()
+        connection = self.connection
+        if not self._starting and connection is not None:
+            # Framed at the end of the reactor turn: if the body ends in
+            # the same turn (its last bytes and its end came in one read),
+            # its last DATA frame carries END_STREAM.
+            connection.flushSoon(self)
 
     def flush(self) -> None:
         """
@@ -366,12 +383,19 @@ class _Stream:
         if connection is None or self.finished or self.localEnded:
             return
         outbound = self._outbound
+        # The last DATA frame carries END_STREAM when no trailers follow.
+        endsWithData = self._bodyDone and not getattr(self.body, "trailers", ())
         while outbound:
-            sent = connection.sendData(self, outbound[0])
-            if sent < len(outbound[0]):
-                outbound[0] = outbound[0][sent:]
+            last = endsWithData and len(outbound) == 1
+            chunk = outbound[0]
+            sent = connection.sendData(self, chunk, last)
+            if sent < len(chunk):
+                outbound[0] = chunk[sent:]
                 break
             outbound.pop(0)
+            if last:
+                self.localEnded = True
+                return
         body = self.body
         if outbound:
             if not self._bodyPaused and body is not None:
@@ -601,6 +625,10 @@ class _H2Connection(Protocol):
         self.goingAway = False
         self.settingsReceived = False
         self._idleCall: IDelayedCall | None = None
+        #: Streams with body bytes written since the last flush, and the
+        #: call that flushes them at the end of the reactor turn.
+        self._dirty: dict[int, _Stream] = {}
+        self._turnCall: IDelayedCall | None = None
         #: The keepalive timer: at most one, running while streams are open.
         self._pingCall: IDelayedCall | None = None
         #: When the keepalive's silence is counted from: the last read, or
@@ -676,9 +704,10 @@ class _H2Connection(Protocol):
         self.h2.send_headers(streamId, headers, end_stream=endStream)
         self._write()
 
-    def sendData(self, stream: _Stream, data: bytes) -> int:
+    def sendData(self, stream: _Stream, data: bytes, end: bool = False) -> int:
         """
         Send as much of C{data} as the windows allow; how much that was.
+        With C{end}, the frame that sends the last of it ends the stream.
         """
         streamId = stream.streamId
         assert streamId is not None
@@ -692,8 +721,8 @@ class _H2Connection(Protocol):
                 if room <= 0:
                     break
                 piece = data[sent : sent + room]
-                self.h2.send_data(streamId, piece)
                 sent += len(piece)
+                self.h2.send_data(streamId, piece, end_stream=end and sent == len(data))
         except H2Error:
             # The stream closed under the body: what is left goes nowhere.
             return len(data)
@@ -1033,7 +1062,28 @@ class _H2Connection(Protocol):
             if result is not None:
                 result.errback(reason)
 
+    def flushSoon(self, stream: _Stream) -> None:
+        """
+        Send what C{stream}'s body wrote at the end of this reactor turn.
+        """
+        streamId = stream.streamId
+        if streamId is None:
+            return
+        self._dirty[streamId] = stream
+        if self._turnCall is None:
+            self._turnCall = self.client.reactor.callLater(0, self._endOfTurn)
+
+    def _endOfTurn(self) -> None:
+        self._turnCall = None
+        dirty, self._dirty = self._dirty, {}
+        for stream in dirty.values():
+            stream.flush()
+
     def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
+        call, self._turnCall = self._turnCall, None
+        if call is not None and call.active():
+            call.cancel()
+        self._dirty = {}
         self._cancelIdle()
         self._cancelKeepalive()
         self.goingAway = True

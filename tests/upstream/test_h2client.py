@@ -300,6 +300,8 @@ class H2UpstreamClientTests(SynchronousTestCase):
         peer.read()
         for _ in range(3):
             body.write(b"a" * 10)
+            # What the body wrote is framed at the end of the reactor turn.
+            self.reactor.advance(0)
         peer.read()
         self.assertEqual(
             b"".join(e.data for e in peer.of(h2.events.DataReceived)), b"a" * 10
@@ -317,6 +319,25 @@ class H2UpstreamClientTests(SynchronousTestCase):
         self.assertEqual(len(peer.of(h2.events.StreamEnded)), 1)
         [received] = peer.of(h2.events.RequestReceived)
         self.assertIn((b"content-length", b"30"), received.headers)
+        peer.respond(1)
+        self.assertEqual(self.successResultOf(d).code, 200)
+
+    def test_wholeBodyEndsWithItsData(self) -> None:
+        """
+        A body already whole when its stream starts goes in one DATA frame
+        that carries END_STREAM: no empty DATA frame follows it.
+        """
+        body = StreamingBody(3, _Source())
+        body.write(b"abc")
+        body.finish([])
+        d = self.request(b"POST", body)
+        peer = self.endpoint.peers[0]
+        peer.start()
+        peer.read()
+        [data] = peer.of(h2.events.DataReceived)
+        self.assertEqual(data.data, b"abc")
+        self.assertIsNotNone(data.stream_ended)
+        self.assertEqual(len(peer.of(h2.events.StreamEnded)), 1)
         peer.respond(1)
         self.assertEqual(self.successResultOf(d).code, 200)
 
