@@ -258,14 +258,30 @@ class HookChain:
         answers: bool,
     ) -> Deferred[Any]:
         """
+        L{_runNow}'s result, always as a L{Deferred}.
+        """
+        result = self._runNow(steps, call, answers)
+        if isinstance(result, Deferred):
+            return result
+        return succeed(result)
+
+    def _runNow(
+        self,
+        steps: Sequence[_Step],
+        call: Callable[[object], object],
+        answers: bool,
+    ) -> object:
+        """
         Run C{call(hook)} for each of C{steps} in order, until a request
         hook answers.
 
         Hooks that return at once (most: the built-in ones with what they
         need in hand) are run in a plain loop, with no L{Deferred} or
-        timer of their own: the result is one fired L{Deferred}.  From the
-        first hook that returns a L{Deferred} or a coroutine that has not
-        finished, the rest are chained to it, and it gets the timeout.
+        timer of their own: the result is the answer (L{None} or a
+        L{HookResponse}) itself.  From the first hook that returns a
+        L{Deferred} or a coroutine that has not finished, the rest are
+        chained to it, it gets the timeout, and the result is a
+        L{Deferred}; a hook that fails makes it a failed one.
         """
         for index, step in enumerate(steps):
             started = self._reactor.seconds()
@@ -281,8 +297,8 @@ class HookChain:
             except BaseException:
                 return fail(self._failed(step, Failure(), started))
             if isinstance(result, HookResponse):
-                return succeed(result)
-        return succeed(None)
+                return result
+        return None
 
     def _waitFor(
         self, step: _Step, d: Deferred[Any], started: float, answers: bool
@@ -306,7 +322,7 @@ class HookChain:
     ) -> object:
         if isinstance(result, HookResponse):
             return result
-        return self._run(steps, call, answers)
+        return self._runNow(steps, call, answers)
 
     def runRequest(self, request: IHookRequest) -> Deferred[HookResponse | None]:
         """
@@ -329,6 +345,35 @@ class HookChain:
             lambda hook: hook.onResponse(request, response),  # type: ignore[attr-defined]
             False,
         )
+
+    def runRequestNow(
+        self, request: IHookRequest
+    ) -> HookResponse | None | Deferred[HookResponse | None]:
+        """
+        L{runRequest}, its answer given as it is when every hook answered
+        at once (no L{Deferred} to make and fire on every request), and as
+        a L{Deferred} otherwise (a hook that waits, or fails).
+        """
+        result: Any = self._runNow(
+            self._request,
+            lambda hook: hook.onRequest(request),  # type: ignore[attr-defined]
+            True,
+        )
+        return result  # type: ignore[no-any-return]
+
+    def runResponseNow(
+        self, request: IHookRequest, response: IHookResponse
+    ) -> Deferred[None] | None:
+        """
+        L{runResponse}: L{None} when every hook returned at once, else a
+        L{Deferred}.
+        """
+        result: Any = self._runNow(
+            self._response,
+            lambda hook: hook.onResponse(request, response),  # type: ignore[attr-defined]
+            False,
+        )
+        return result  # type: ignore[no-any-return]
 
 
 @dataclass

@@ -244,6 +244,53 @@ class ChainTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertEqual(len(observed), 4)
 
+    def test_answersNowWhenEveryHookDid(self) -> None:
+        """
+        runRequestNow and runResponseNow give the chain's answer itself
+        when every hook returned at once (None, or the answering hook's
+        HookResponse), and a Deferred when one waits or fails.
+        """
+        log: list[str] = []
+        chain, _ = self.chain([Recorder("a", log), Recorder("b", log)])
+        request = hookRequest()
+        self.assertIsNone(chain.runRequestNow(request))
+        self.assertIsNone(
+            chain.runResponseNow(request, HookResponseHead(200, Headers()))
+        )
+        answer = HookResponse.error(403, "forbidden", "no")
+        chain, _ = self.chain([Recorder("a", log, answer), Recorder("b", log)])
+        self.assertIs(chain.runRequestNow(hookRequest()), answer)
+
+        waiting: Deferred[None] = Deferred()
+
+        @implementer(IRequestHook, IResponseHook)
+        class Waits:
+            def onRequest(self, request: IHookRequest) -> Deferred[None]:
+                return waiting
+
+            def onResponse(
+                self, request: IHookRequest, response: IHookResponse
+            ) -> Deferred[None]:
+                return waiting
+
+        chain, _ = self.chain([Waits()])
+        pending = chain.runRequestNow(hookRequest())
+        assert isinstance(pending, Deferred)
+        self.assertNoResult(pending)
+        waiting.callback(None)
+        self.assertIsNone(self.successResultOf(pending))
+
+        @implementer(IRequestHook)
+        class Raises:
+            def onRequest(self, request: IHookRequest) -> None:
+                raise RuntimeError("broken")
+
+        chain, _ = self.chain([Raises()])
+        failed = chain.runRequestNow(hookRequest())
+        assert isinstance(failed, Deferred)
+        self.failureResultOf(failed, HookFailed)
+        self.flushLoggedErrors(RuntimeError)
+
     def test_asynchronousHookInTheMiddle(self) -> None:
         """
         In a chain of a synchronous hook, one that waits, and another

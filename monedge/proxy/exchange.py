@@ -309,7 +309,10 @@ class ProxyExchange:
         self._response: IResponse | None = None
         self._clientGone = False
         #: Runs the response hooks on the response's head, if there are any.
-        self.responseHooks: Callable[[HookResponseHead], Deferred[None]] | None = None
+        #: (L{None} when they all returned at once, else a L{Deferred}).
+        self.responseHooks: (
+            Callable[[HookResponseHead], Deferred[None] | None] | None
+        ) = None
         #: The Sec-WebSocket-Key of a WebSocket handshake, else None.
         self.upgradeKey: bytes | None = None
         #: TLS settings for https endpoints (the service's policy).
@@ -590,6 +593,9 @@ class ProxyExchange:
         raw[b"X-Request-Id"] = [request.requestId]
         if self.responseHooks is not None:
             done = self.responseHooks(HookResponseHead(response.code, out))
+            if done is None:
+                self._relayBody(response)
+                return
             if not done.called:
                 done.addCallbacks(
                     lambda _: self._relayBody(response),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
@@ -219,11 +220,18 @@ class ServiceResource(Resource):
         )
         exchange.answerHeaders = hookRequest.answerHeaders
         if chain.hasResponseHooks:
-            exchange.responseHooks = lambda head: chain.runResponse(hookRequest, head)
-        chain.runRequest(hookRequest).addCallbacks(
-            lambda answer: self._hooksDone(request, exchange, answer),
-            lambda failure: exchange.hookFailed(failure),
-        )
+            exchange.responseHooks = lambda head: chain.runResponseNow(
+                hookRequest, head
+            )
+        answered = chain.runRequestNow(hookRequest)
+        if isinstance(answered, Deferred):
+            answered.addCallbacks(
+                lambda answer: self._hooksDone(request, exchange, answer),
+                lambda failure: exchange.hookFailed(failure),
+            )
+        else:
+            # Every hook answered at once: no Deferred to wait on.
+            self._hooksDone(request, exchange, answered)
         return NOT_DONE_YET
 
     def _hooksDone(
