@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
@@ -354,12 +354,14 @@ class HookChain:
         at once (no L{Deferred} to make and fire on every request), and as
         a L{Deferred} otherwise (a hook that waits, or fails).
         """
-        result: Any = self._runNow(
-            self._request,
-            lambda hook: hook.onRequest(request),  # type: ignore[attr-defined]
-            True,
+        return cast(
+            "HookResponse | None | Deferred[HookResponse | None]",
+            self._runNow(
+                self._request,
+                lambda hook: hook.onRequest(request),  # type: ignore[attr-defined]
+                True,
+            ),
         )
-        return result  # type: ignore[no-any-return]
 
     def runResponseNow(
         self, request: IHookRequest, response: IHookResponse
@@ -368,12 +370,14 @@ class HookChain:
         L{runResponse}: L{None} when every hook returned at once, else a
         L{Deferred}.
         """
-        result: Any = self._runNow(
-            self._response,
-            lambda hook: hook.onResponse(request, response),  # type: ignore[attr-defined]
-            False,
+        return cast(
+            "Deferred[None] | None",
+            self._runNow(
+                self._response,
+                lambda hook: hook.onResponse(request, response),  # type: ignore[attr-defined]
+                False,
+            ),
         )
-        return result  # type: ignore[no-any-return]
 
 
 @dataclass

@@ -17,7 +17,6 @@ schedule its timer.
 
 from __future__ import annotations
 
-import math
 from typing import IO, TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IDelayedCall
@@ -280,9 +279,9 @@ class SharedChannel:
             responseAt = self._responseAt
         at = self._deadlineAt
         if at is None or at > now:
-            nearest = min(t for t in (at, responseAt, math.inf) if t is not None)
-            if nearest != math.inf and self._deadline is None:
-                self._deadline = self._later(nearest - now, self._deadlineFired)
+            left = [t for t in (at, responseAt) if t is not None]
+            if left and self._deadline is None:
+                self._deadline = self._later(min(left) - now, self._deadlineFired)
             return
         self._deadlineAt = None
         request = self.requests[-1] if self.requests else None

@@ -1451,10 +1451,7 @@ class H2Channel(Protocol):
             if not out and request._ending:
                 request._closed = True
                 trailers = request._trailers
-                if sent and endsWithData:
-                    # Ended with its last DATA frame.
-                    pass
-                elif request._headOnly:
+                if request._headOnly:
                     conn.send_headers(
                         streamId, request._head(), end_stream=not trailers
                     )
@@ -1462,7 +1459,8 @@ class H2Channel(Protocol):
                         conn.send_headers(streamId, trailers, end_stream=True)
                 elif trailers:
                     conn.send_headers(streamId, trailers, end_stream=True)
-                else:
+                elif not sent:
+                    # (Sent, the last DATA frame ended the stream.)
                     conn.end_stream(streamId)
                 stream = conn.streams.get(streamId)
                 if request._resetWhenSent and stream is not None and not stream.closed:

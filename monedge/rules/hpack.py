@@ -246,7 +246,7 @@ class KeptDecoder(Decoder):
         kept = self._kept.get(key)
         if kept is not None and kept[0] == changes and raw:
             return list(kept[1])
-        headers: list[Any] = list(super().decode(data, raw))
+        headers: list[Any] = super().decode(data, raw)  # type: ignore[assignment]
         if (
             raw
             and table.changes == changes

@@ -337,18 +337,9 @@ class _Stream:
         body = self.body
         assert body is not None
         self._bodyStarted = True
-        # What the body writes as it starts waits for its end, if that
-        # comes at once (a body held whole): then its last DATA frame
-        # carries END_STREAM, with no empty DATA frame after it.
-        self._starting = True
-        try:
-            writing = body.startProducing(_BodyConsumer(self))
-        finally:
-            self._starting = False
+        writing = body.startProducing(_BodyConsumer(self))
         self._bodyWriting = writing
         writing.addBoth(self._bodyWritten)
-        if not self._bodyDone:
-            self.flush()
 
     def _bodyWritten(self, result: object) -> None:
         self._bodyWriting = None
@@ -360,18 +351,15 @@ class _Stream:
         self._bodyDone = True
         self.flush()
 
-    #: The body's producer is being started (see L{start}).
-    _starting = False
-
     def writeBody(self, data: bytes) -> None:
         if self.finished or self.localEnded or not data:
             return
         self._outbound.append(data)
         connection = self.connection
-        if not self._starting and connection is not None:
+        if connection is not None:
             # Framed at the end of the reactor turn: if the body ends in
-            # the same turn (its last bytes and its end came in one read),
-            # its last DATA frame carries END_STREAM.
+            # the same turn (a body held whole, or its last bytes and its
+            # end in one read), its last DATA frame carries END_STREAM.
             connection.flushSoon(self)
 
     def flush(self) -> None:
